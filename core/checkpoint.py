@@ -1,0 +1,208 @@
+"""Checkpoints: a directory with safetensors weights, the tokenizer and a JSON manifest.
+
+    manifest.json       version, parent, architecture + hyperparameters, sha256 of every file,
+                        creation time, parameter count, a free-form training summary
+    weights.safetensors tensors only: loading never executes code (no pickle anywhere)
+    tokenizer.json      the vocabulary, so nothing is rebuilt at load time
+
+`load_checkpoint` verifies all of it (checksums, architecture, shapes, vocabulary, finite
+weights) and raises one CheckpointError that says what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from feedloop.core.errors import CheckpointError
+from feedloop.core.gru import GRUConfig, GRUPolicy
+from feedloop.core.policy import Policy
+from feedloop.core.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+TOKENIZER = "tokenizer.json"
+FORMAT_VERSION = 1
+
+
+def _build_gru(hyperparameters: dict[str, Any], tokenizer: Tokenizer) -> Policy:
+    return GRUPolicy(GRUConfig(**hyperparameters), tokenizer)
+
+
+# Architecture name -> builder from (hyperparameters, tokenizer). A new policy is added here.
+ARCHITECTURES = {GRUPolicy.architecture: _build_gru}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    parent_version: str | None
+    architecture: str
+    hyperparameters: dict[str, Any]
+    files: dict[str, str]
+    created_at: str
+    parameter_count: int
+    training_summary: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(**data)
+
+    def with_version(self, version: str) -> Manifest:
+        return Manifest(**{**self.__dict__, "version": version})
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write the manifest durably (temporary file, fsync, rename)."""
+    tmp = directory / (MANIFEST + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def save_checkpoint(
+    policy: Policy,
+    directory: Path,
+    *,
+    version: str = "unpublished",
+    parent_version: str | None = None,
+    training_summary: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write policy to directory (created; must be empty or absent), every file fsynced."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"architecture": policy.architecture})
+    policy.tokenizer.save(directory / TOKENIZER)
+    for name in (WEIGHTS, TOKENIZER):
+        with (directory / name).open("rb") as f:
+            os.fsync(f.fileno())
+    manifest = Manifest(
+        version=version,
+        parent_version=parent_version,
+        architecture=policy.architecture,
+        hyperparameters=policy.hyperparameters(),
+        files={name: sha256_of(directory / name) for name in (WEIGHTS, TOKENIZER)},
+        created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        parameter_count=policy.parameter_count(),
+        training_summary=training_summary or {},
+    )
+    write_manifest(directory, manifest)
+    fsync_dir(directory)
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest = Manifest.from_dict(data)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing manifest") from exc
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest: {exc}") from exc
+    if manifest.format != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {manifest.format}")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Check that every file the manifest names exists and matches its sha256."""
+    for name in (WEIGHTS, TOKENIZER):
+        if name not in manifest.files:
+            raise CheckpointError(f"{directory / MANIFEST}: no checksum for {name}")
+    for name, expected in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file named in the manifest is missing")
+        actual = sha256_of(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…"
+            )
+
+
+def load_checkpoint(directory: Path) -> tuple[Policy, Manifest]:
+    """Load and verify a checkpoint; the policy comes back in eval() mode."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    try:
+        tokenizer = Tokenizer.load(directory / TOKENIZER)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{directory / TOKENIZER}: bad tokenizer: {exc}") from exc
+    if tokenizer.tokens[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+        raise CheckpointError(f"{directory / TOKENIZER}: special tokens out of place")
+    build = ARCHITECTURES.get(manifest.architecture)
+    if build is None:
+        raise CheckpointError(
+            f"{directory / MANIFEST}: unknown architecture {manifest.architecture!r} "
+            f"(known: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    try:
+        policy = build(manifest.hyperparameters, tokenizer)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / MANIFEST}: hyperparameters do not fit: {exc}") from exc
+    try:
+        weights = load_file(str(directory / WEIGHTS))
+    except (SafetensorsError, OSError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights: {exc}") from exc
+    expected = policy.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS}: tensors do not match the architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{directory / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, the architecture "
+                f"needs {tuple(expected[name].shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{directory / WEIGHTS}: {name} has non-finite values")
+    policy.load_state_dict(weights)
+    if policy.parameter_count() != manifest.parameter_count:
+        raise CheckpointError(
+            f"{directory / MANIFEST}: parameter_count {manifest.parameter_count} != "
+            f"{policy.parameter_count()}"
+        )
+    return policy.eval(), manifest
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: training summaries store non-finite figures as null."""
+    return x if math.isfinite(x) else None

@@ -1,0 +1,37 @@
+"""The core's named errors. Each part maps them to its own edge (gRPC codes, CLI exit codes)."""
+
+
+class FeedloopError(Exception):
+    """Base class of every error feedloop raises on purpose."""
+
+
+class ConfigError(FeedloopError):
+    """A configuration key is unknown or its value is invalid; the message names the key."""
+
+
+class CorpusError(FeedloopError):
+    """A corpus file cannot be used; the message names the file and line."""
+
+
+class CheckpointError(FeedloopError):
+    """A checkpoint failed verification; the message says what is wrong and where."""
+
+
+class RegistryError(FeedloopError):
+    """A registry operation cannot be done (unknown version, nothing to roll back to, ...)."""
+
+
+class UnknownVersionError(RegistryError):
+    """The registry has no version of that name."""
+
+
+class StoreError(FeedloopError):
+    """The replay store failed in a way the caller cannot fix (disk, connection)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The replay store cannot be reached or written now; retrying later may succeed."""
+
+
+class StoreFullError(StoreUnavailableError):
+    """The replay store's disk is full: writes are refused until space returns."""

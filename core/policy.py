@@ -1,0 +1,151 @@
+"""The policy interface: the one surface through which the server and trainer use a model.
+
+A policy maps a prompt to a distribution over phrases. The server only samples; the trainer
+samples, scores logged outputs and differentiates through teacher-forced passes. Another
+architecture is added by implementing this class and naming it in `checkpoint.ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from feedloop.core.sampling import SamplingParams
+from feedloop.core.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One prompt to sample num_candidates outputs for, with its own sampling parameters."""
+
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    num_candidates: int = 1
+
+
+@dataclass(frozen=True)
+class SampledOutput:
+    """One sampled phrase.
+
+    token_ids include the final <eos> when `finished`; behaviour_logprobs and policy_logprobs
+    have one entry per token id: the first under the distribution sampled from (after
+    temperature/top-k/top-p), the second under the raw policy (temperature 1, no filtering).
+    """
+
+    token_ids: list[int]
+    behaviour_logprobs: list[float]
+    policy_logprobs: list[float]
+    finished: bool
+
+    @property
+    def phrase_ids(self) -> list[int]:
+        """The output without its <eos>."""
+        return self.token_ids[:-1] if self.finished else self.token_ids
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Padded prompts and outputs for teacher-forced passes.
+
+    prompt_ids (B, S) and output_ids (B, T) are right-padded with <pad>; output_ids include
+    <eos> where the phrase finished. Lengths are the unpadded lengths.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+    output_ids: torch.Tensor
+    output_lengths: torch.Tensor
+
+    @property
+    def output_mask(self) -> torch.Tensor:
+        """(B, T) float mask: 1 where output_ids holds a real token."""
+        steps = torch.arange(self.output_ids.shape[1]).unsqueeze(0)
+        return (steps < self.output_lengths.unsqueeze(1)).float()
+
+    @classmethod
+    def from_lists(
+        cls, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+    ) -> TokenBatch:
+        prompt_ids, prompt_lengths = pad([nonempty_prompt(p) for p in prompts])
+        output_ids, output_lengths = pad(outputs, min_length=1)
+        return cls(prompt_ids, prompt_lengths, output_ids, output_lengths)
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    """Teacher-forced pass: logits (B, T, V) for each output position and values (B, T).
+
+    values[b, t] estimates the return from the state before output token t is chosen.
+    """
+
+    logits: torch.Tensor
+    values: torch.Tensor
+
+
+def nonempty_prompt(prompt_ids: Sequence[int]) -> list[int]:
+    """A prompt with no known token is encoded as a single <unk> (encoders need one step)."""
+    return list(prompt_ids) if len(prompt_ids) else [UNK_ID]
+
+
+def pad(seqs: Sequence[Sequence[int]], *, min_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    width = max([min_length, *[len(s) for s in seqs]])
+    out = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out, lengths
+
+
+class Policy(ABC, torch.nn.Module):
+    """A generative policy with a value head. Subclasses are torch modules."""
+
+    architecture: str = ""
+    tokenizer: Tokenizer
+
+    @abstractmethod
+    def hyperparameters(self) -> dict[str, Any]:
+        """Everything needed, with the tokenizer, to rebuild this architecture."""
+
+    @abstractmethod
+    def sample(self, requests: Sequence[SampleRequest]) -> list[list[SampledOutput]]:
+        """Sample num_candidates outputs per request, in one batched pass, without gradients.
+
+        Each candidate's draw depends only on its request's seed and its candidate index, so a
+        request gives the same sample alone or inside any batch.
+        """
+
+    @abstractmethod
+    def teacher_forced(self, batch: TokenBatch) -> PolicyOutput:
+        """Differentiable logits and values for given outputs (for training)."""
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """Per-token log-probabilities of given outputs under the raw policy (no filtering)."""
+        batch = TokenBatch.from_lists(prompts, outputs)
+        logprobs = token_logprobs(self.teacher_forced(batch).logits, batch.output_ids)
+        return [logprobs[i, : len(o)].tolist() for i, o in enumerate(outputs)]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return nonempty_prompt(self.tokenizer.encode(prompt))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token_ids[b, t]) from logits (B, T, V): shape (B, T)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def is_eos(token_id: int) -> bool:
+    return token_id == EOS_ID

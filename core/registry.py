@@ -1,0 +1,283 @@
+"""The model registry: published versions, the live pointer, and the history of every decision.
+
+Two backends behind one interface: a local directory (the embedded default, here) and
+PostgreSQL (`feedloop.core.registry_pg`), chosen by `open_registry`.
+
+Directory layout:
+    versions/v0001/   one verified checkpoint per published version (never modified again)
+    LIVE              {"live": "v0003", "previous": ["v0001", "v0002"]}: the atomic pointer
+    history.jsonl     one decision per line (published, promoted, refused, rolled_back)
+    .staging/         where a publish is written before its atomic rename into versions/
+    .lock             flock serialising writers (server replicas and the trainer)
+
+A publish writes into .staging, fsyncs, and renames into versions/ in one step, so a reader
+never sees a half-written version and a publish killed at any instant leaves the registry valid
+and the live version unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from feedloop.core.checkpoint import (
+    MANIFEST,
+    Manifest,
+    fsync_dir,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from feedloop.core.errors import RegistryError, UnknownVersionError
+
+PUBLISHED, PROMOTED, REFUSED, ROLLED_BACK = "published", "promoted", "refused", "rolled_back"
+ACTIONS = (PUBLISHED, PROMOTED, REFUSED, ROLLED_BACK)
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One entry of the registry's history."""
+
+    version: str
+    action: str
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    at: str = field(default_factory=now_iso)
+
+
+@dataclass(frozen=True)
+class LivePointer:
+    live: str | None
+    previous: tuple[str, ...] = ()  # earlier live versions, oldest first: the rollback stack
+
+
+class ModelRegistry(ABC):
+    """Where the trainer publishes and the server finds what to serve."""
+
+    @abstractmethod
+    def publish(
+        self, checkpoint_dir: Path, *, reason: str = "", details: dict[str, Any] | None = None,
+        make_live: bool = False,
+    ) -> str:
+        """Copy a verified checkpoint in as the next version; optionally make it live."""
+
+    @abstractmethod
+    def versions(self) -> list[str]:
+        """Published versions, oldest first."""
+
+    @abstractmethod
+    def manifest(self, version: str) -> Manifest: ...
+
+    @abstractmethod
+    def checkpoint_dir(self, version: str) -> Path:
+        """A local directory holding the version's checkpoint files (not yet verified)."""
+
+    @abstractmethod
+    def pointer(self) -> LivePointer: ...
+
+    def live(self) -> str | None:
+        return self.pointer().live
+
+    @abstractmethod
+    def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
+        """Make a published version live; the old live one goes on the rollback stack."""
+
+    @abstractmethod
+    def rollback(self, *, reason: str = "") -> LivePointer:
+        """Make the previously live version live again."""
+
+    @abstractmethod
+    def record(self, decision: Decision) -> None:
+        """Append a decision to the history (refusals of candidates that were never published)."""
+
+    @abstractmethod
+    def history(self, limit: int | None = None) -> list[Decision]:
+        """Decisions, newest first."""
+
+    @abstractmethod
+    def wait_for_change(self, last_seen: str | None, timeout_s: float) -> str | None:
+        """Block up to timeout_s until the live version differs from last_seen; return it."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends that hold no resources
+        pass
+
+
+class DirectoryRegistry(ModelRegistry):
+    def __init__(self, root: Path, *, poll_interval_s: float = 0.1) -> None:
+        self.root = Path(root)
+        self.poll_interval_s = poll_interval_s
+        self._versions_dir = self.root / "versions"
+        self._staging = self.root / ".staging"
+        for d in (self.root, self._versions_dir, self._staging):
+            d.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            # Leftovers of publishes killed before their rename; safe to drop under the lock.
+            for leftover in self._staging.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        found = []
+        for entry in self._versions_dir.iterdir():
+            m = _VERSION_RE.match(entry.name)
+            if m and (entry / MANIFEST).is_file():
+                found.append((int(m.group(1)), entry.name))
+        return [name for _, name in sorted(found)]
+
+    def checkpoint_dir(self, version: str) -> Path:
+        path = self._versions_dir / version
+        if not _VERSION_RE.match(version) or not path.is_dir():
+            raise UnknownVersionError(f"no version {version!r} in the registry at {self.root}")
+        return path
+
+    def manifest(self, version: str) -> Manifest:
+        return read_manifest(self.checkpoint_dir(version))
+
+    def publish(
+        self, checkpoint_dir: Path, *, reason: str = "", details: dict[str, Any] | None = None,
+        make_live: bool = False,
+    ) -> str:
+        source = Path(checkpoint_dir)
+        manifest = read_manifest(source)
+        verify_files(source, manifest)
+        with self._locked():
+            existing = self.versions()
+            number = int(existing[-1][1:]) + 1 if existing else 1
+            version = version_name(number)
+            staging = self._staging / uuid.uuid4().hex
+            staging.mkdir()
+            for name in manifest.files:
+                shutil.copyfile(source / name, staging / name)
+                with (staging / name).open("rb") as f:
+                    os.fsync(f.fileno())
+            write_manifest(staging, manifest.with_version(version))
+            fsync_dir(staging)
+            os.rename(staging, self._versions_dir / version)
+            fsync_dir(self._versions_dir)
+            self._append(Decision(version, PUBLISHED, reason, details or {}))
+            if make_live:
+                self._set_live_locked(version, reason=reason, action=PROMOTED)
+        return version
+
+    # -- the live pointer ----------------------------------------------------------------------
+
+    def pointer(self) -> LivePointer:
+        try:
+            data = json.loads((self.root / "LIVE").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return LivePointer(None)
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"{self.root / 'LIVE'}: unreadable live pointer: {exc}") from exc
+        return LivePointer(data.get("live"), tuple(data.get("previous", ())))
+
+    def _write_pointer(self, pointer: LivePointer) -> None:
+        tmp = self.root / "LIVE.tmp"
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump({"live": pointer.live, "previous": list(pointer.previous)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / "LIVE")
+        fsync_dir(self.root)
+
+    def _set_live_locked(self, version: str, *, reason: str, action: str) -> LivePointer:
+        self.checkpoint_dir(version)  # raises for an unknown version
+        current = self.pointer()
+        if current.live == version:
+            return current
+        previous = current.previous + ((current.live,) if current.live else ())
+        pointer = LivePointer(version, previous[-20:])
+        self._write_pointer(pointer)
+        self._append(Decision(version, action, reason, {"previous": current.live}))
+        return pointer
+
+    def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
+        with self._locked():
+            return self._set_live_locked(version, reason=reason, action=action)
+
+    def rollback(self, *, reason: str = "") -> LivePointer:
+        with self._locked():
+            current = self.pointer()
+            if not current.previous:
+                raise RegistryError("nothing to roll back to: no earlier live version")
+            target = current.previous[-1]
+            pointer = LivePointer(target, current.previous[:-1])
+            self._write_pointer(pointer)
+            self._append(Decision(target, ROLLED_BACK, reason, {"from": current.live}))
+            return pointer
+
+    def wait_for_change(self, last_seen: str | None, timeout_s: float) -> str | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = self.live()
+            if live != last_seen or time.monotonic() >= deadline:
+                return live
+            time.sleep(min(self.poll_interval_s, max(0.0, deadline - time.monotonic())))
+
+    # -- history -------------------------------------------------------------------------------
+
+    def _append(self, decision: Decision) -> None:
+        with open(self.root / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(decision), sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def record(self, decision: Decision) -> None:
+        if decision.action not in ACTIONS:
+            raise ValueError(f"unknown action {decision.action!r}")
+        with self._locked():
+            self._append(decision)
+
+    def history(self, limit: int | None = None) -> list[Decision]:
+        try:
+            lines = (self.root / "history.jsonl").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        decisions = []
+        for line in lines:
+            try:
+                decisions.append(Decision(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue  # a line torn by a crash mid-append; every whole line is kept
+        decisions.reverse()
+        return decisions[:limit] if limit else decisions
+
+
+def open_registry(location: str | Path) -> ModelRegistry:
+    """A registry from a directory path or a postgresql:// URL."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from feedloop.core.registry_pg import PostgresRegistry
+
+        return PostgresRegistry(text)
+    return DirectoryRegistry(Path(text))

@@ -1,0 +1,100 @@
+"""Sampling from a policy's next-token logits: temperature, top-k, top-p, and seeded draws.
+
+Two properties matter to the rest of feedloop:
+- The log-probabilities returned are those of the distribution actually sampled from (after
+  temperature, top-k and top-p): that is the behaviour policy the trainer's importance ratios
+  divide by. Logging the raw policy's log-probabilities instead would silently bias every ratio.
+- Draws are counter-based: row r's uniform at step t is a hash of (row seed, t). A candidate's
+  sample therefore depends only on its own seed, never on which other rows share its batch, and
+  inverse-CDF sampling (cumsum + searchsorted) is much cheaper here than torch.multinomial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+SEED_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. Defaults are the server's defaults."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0  # 1.0: no nucleus filtering
+    max_tokens: int = 16
+    seed: int = 0  # the caller resolves 0 to a concrete seed before sampling
+
+    def validate(self) -> None:
+        if not (self.temperature > 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def candidate_seeds(seed: int, num_candidates: int) -> np.ndarray:
+    """Independent 64-bit seeds for the candidates of one request."""
+    base = _splitmix64(np.array([seed & SEED_MASK], dtype=np.uint64))
+    index = np.arange(1, num_candidates + 1, dtype=np.uint64)
+    return _splitmix64(base ^ _splitmix64(index))
+
+
+def row_uniforms(row_seeds: np.ndarray, steps: int) -> torch.Tensor:
+    """Uniforms in (0, 1), shape (rows, steps), a pure function of each row's seed and step."""
+    with np.errstate(over="ignore"):
+        counters = row_seeds[:, None] + np.arange(1, steps + 1, dtype=np.uint64)[None, :] * _GOLDEN
+    bits = (_splitmix64(counters) >> np.uint64(40)).astype(np.float64)  # 24 random bits
+    return torch.from_numpy(((bits + 0.5) / float(1 << 24)).astype(np.float32))
+
+
+def filtered_logprobs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution, -inf for filtered tokens.
+
+    logits (B, V); temperature, top_p (B,) float; top_k (B,) int (0 = off). Top-k keeps the k
+    most likely tokens; top-p then keeps the smallest most-likely prefix whose mass reaches
+    top_p (always at least one token), as in Holtzman et al. (2020).
+    """
+    scaled = logits / temperature.unsqueeze(-1)
+    needs_filter = bool((top_k > 0).any()) or bool((top_p < 1).any())
+    if not needs_filter:
+        return torch.log_softmax(scaled, dim=-1)
+    vocab = scaled.shape[-1]
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    positions = torch.arange(vocab).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    remove_sorted = positions >= k.unsqueeze(-1)
+    sorted_logits = sorted_logits.masked_fill(remove_sorted, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove_sorted |= mass_before >= top_p.unsqueeze(-1)
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return torch.log_softmax(scaled.masked_fill(remove, float("-inf")), dim=-1)
+
+
+def draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one token per row. logprobs (B, V), uniforms (B,) in (0, 1)."""
+    cdf = logprobs.exp().cumsum(dim=-1)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, targets).squeeze(-1)
+    return tokens.clamp_(max=logprobs.shape[-1] - 1)

@@ -1,0 +1,150 @@
+"""The replay store's records and interface: where the server logs and the trainer reads.
+
+Backends (`open_store` picks one from a path or URL):
+- SQLite in WAL mode (`feedloop.core.store.sqlite`): the embedded default, no set-up;
+- PostgreSQL via psycopg 3 (`feedloop.core.store.postgres`): shared by server replicas and the
+  trainer.
+
+Promises every backend keeps (one test suite runs on both):
+- `insert_feedback` returns only after its events are durable (committed with fsync), and a
+  repeated event_id is reported as a duplicate and stored once.
+- `append_generations` writes a batch in one transaction (the server's group commit).
+- Every row gets a store-assigned, strictly increasing `seq`: the trainer's cursors use it.
+- Write failures raise StoreUnavailableError (StoreFullError when the disk is full), so the
+  server can answer UNAVAILABLE/RESOURCE_EXHAUSTED; nothing half-written remains.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FeedbackKind = Literal["rating", "ranking", "comparison", "correction"]
+RatingScaleName = Literal["unit", "thumbs", "stars5"]
+FEEDBACK_KINDS: tuple[str, ...] = ("rating", "ranking", "comparison", "correction")
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One served candidate, with everything off-policy learning needs."""
+
+    generation_id: str
+    request_id: str
+    prompt: str
+    prompt_ids: list[int]
+    # Output token ids, including the final <eos> when `finished`.
+    output_ids: list[int]
+    # Per output token: log-prob under the distribution actually sampled from (behaviour
+    # policy, after temperature/top-k/top-p) and under the raw policy.
+    behaviour_logprobs: list[float]
+    policy_logprobs: list[float]
+    finished: bool
+    text: str
+    # temperature, top_k, top_p, max_tokens, seed (the resolved seed of the request).
+    sampling: dict[str, Any]
+    model_version: str
+    client_id: str
+    created_at: float  # Unix seconds
+    candidate_index: int = 0
+    num_candidates: int = 1
+    seq: int = 0  # assigned by the store; 0 before it is stored
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One feedback event as stored.
+
+    generation_ids: rating and correction: [the id]; ranking: best first; comparison:
+    [preferred, rejected].
+    """
+
+    event_id: str
+    kind: FeedbackKind
+    generation_ids: list[str]
+    client_id: str
+    received_at: float  # Unix seconds, server clock
+    score: float | None = None  # rating only, on its own scale
+    scale: RatingScaleName | None = None  # rating only
+    text: str | None = None  # correction only
+    given_at: float | None = None  # when the user gave it, if the app said
+    seq: int = 0  # assigned by the store
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    generations: int
+    feedback: int
+    feedback_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class ReplayStore(ABC):
+    """Durable log of generations and feedback. Methods are blocking: call them off the loop."""
+
+    @abstractmethod
+    def append_generations(self, records: Sequence[GenerationRecord]) -> None:
+        """Store a batch of generations in one transaction (ids are unique; repeats ignored)."""
+
+    @abstractmethod
+    def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
+        """Store events durably in one transaction; True per event if new, False if duplicate.
+
+        Returns only once the events are committed. Validation (ids exist etc.) is the caller's.
+        """
+
+    @abstractmethod
+    def get_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRecord]:
+        """The stored generations among these ids."""
+
+    @abstractmethod
+    def generations_after(self, seq: int, limit: int) -> list[GenerationRecord]:
+        """Generations with seq > seq, oldest first, at most limit."""
+
+    @abstractmethod
+    def sample_generations(self, before_seq: int, n: int, seed: int) -> list[GenerationRecord]:
+        """A uniform random sample (seeded) of up to n generations with seq <= before_seq."""
+
+    @abstractmethod
+    def feedback_after(self, seq: int, limit: int) -> list[FeedbackRecord]:
+        """Feedback events with seq > seq, oldest first, at most limit."""
+
+    @abstractmethod
+    def feedback_for(self, generation_ids: Sequence[str]) -> list[FeedbackRecord]:
+        """Every event that names any of these generations, oldest first."""
+
+    @abstractmethod
+    def max_seq(self) -> tuple[int, int]:
+        """(highest generation seq, highest feedback seq); 0 when empty."""
+
+    @abstractmethod
+    def counts(self) -> StoreCounts: ...
+
+    @abstractmethod
+    def get_cursor(self, name: str) -> dict[str, Any] | None:
+        """A named cursor (the trainer's progress), or None."""
+
+    @abstractmethod
+    def set_cursor(self, name: str, value: dict[str, Any]) -> None:
+        """Durably set a named cursor."""
+
+    @abstractmethod
+    def iter_export(self) -> Iterator[dict[str, Any]]:
+        """Every generation with its feedback events, oldest first, as JSON-ready dicts."""
+
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - backends without resources need nothing
+        pass
+
+
+def open_store(location: str) -> ReplayStore:
+    """A replay store from a SQLite path or a postgresql:// URL (schema migrated on open)."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from feedloop.core.store.postgres import PostgresStore
+
+        return PostgresStore(location)
+    from feedloop.core.store.sqlite import SQLiteStore
+
+    return SQLiteStore(location)

@@ -1,0 +1,5 @@
+import sys
+
+from feedloop.client.cli import main
+
+sys.exit(main())
