@@ -1,0 +1,160 @@
+"""The replay store's versioned schema: ordered migrations per backend, and the export format.
+
+Each backend keeps a one-row `schema_version` table. At open, every migration past the stored
+version runs, in order, inside ONE transaction with the version bump, so a store is either at
+the old version or the new one, never between (a crash mid-migration rolls back). Reopening an
+up-to-date store runs nothing. A migration, once released, is never edited: changes are new
+entries appended to the list.
+
+Both backends carry the same tables with the same meaning:
+    generations           seq (store-assigned, strictly increasing), generation_id unique, and
+                          every field of GenerationRecord
+    feedback              seq, event_id unique, every field of FeedbackRecord
+    feedback_generations  (SQLite) generation id -> feedback seq, so `feedback_for` is an
+                          indexed lookup; PostgreSQL uses a GIN index on the id array instead
+    cursors               name -> JSON value (the trainer's progress)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord
+
+SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the initial schema. Lists are compact JSON text: exact for floats (repr round-trips)
+    # and readable with the sqlite3 shell when debugging a production store.
+    (
+        """CREATE TABLE generations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            generation_id TEXT NOT NULL UNIQUE,
+            request_id TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            prompt_ids TEXT NOT NULL,
+            output_ids TEXT NOT NULL,
+            behaviour_logprobs TEXT NOT NULL,
+            policy_logprobs TEXT NOT NULL,
+            finished INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            sampling TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            candidate_index INTEGER NOT NULL,
+            num_candidates INTEGER NOT NULL
+        )""",
+        """CREATE TABLE feedback (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            generation_ids TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            score REAL,
+            scale TEXT,
+            text TEXT,
+            given_at REAL
+        )""",
+        """CREATE TABLE feedback_generations (
+            generation_id TEXT NOT NULL,
+            feedback_seq INTEGER NOT NULL REFERENCES feedback(seq),
+            PRIMARY KEY (generation_id, feedback_seq)
+        ) WITHOUT ROWID""",
+        "CREATE TABLE cursors (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    # 2: the trainer reads windows by model version (staleness bounds).
+    ("CREATE INDEX generations_model_version ON generations (model_version, seq)",),
+)
+
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE generations (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            generation_id TEXT NOT NULL UNIQUE,
+            request_id TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            prompt_ids INTEGER[] NOT NULL,
+            output_ids INTEGER[] NOT NULL,
+            behaviour_logprobs DOUBLE PRECISION[] NOT NULL,
+            policy_logprobs DOUBLE PRECISION[] NOT NULL,
+            finished BOOLEAN NOT NULL,
+            text TEXT NOT NULL,
+            sampling JSONB NOT NULL,
+            model_version TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            candidate_index INTEGER NOT NULL,
+            num_candidates INTEGER NOT NULL
+        )""",
+        """CREATE TABLE feedback (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            generation_ids TEXT[] NOT NULL,
+            client_id TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            score DOUBLE PRECISION,
+            scale TEXT,
+            text TEXT,
+            given_at DOUBLE PRECISION
+        )""",
+        # `generation_ids && ARRAY[...]` is answered from this index: feedback_for stays indexed.
+        "CREATE INDEX feedback_generation_ids ON feedback USING GIN (generation_ids)",
+        "CREATE TABLE cursors (name TEXT PRIMARY KEY, value JSONB NOT NULL)",
+    ),
+    ("CREATE INDEX generations_model_version ON generations (model_version, seq)",),
+)
+
+LATEST_VERSION = len(SQLITE_MIGRATIONS)
+assert len(POSTGRES_MIGRATIONS) == LATEST_VERSION, "both backends share one schema version"
+
+GENERATION_COLUMNS: tuple[str, ...] = (
+    "generation_id",
+    "request_id",
+    "prompt",
+    "prompt_ids",
+    "output_ids",
+    "behaviour_logprobs",
+    "policy_logprobs",
+    "finished",
+    "text",
+    "sampling",
+    "model_version",
+    "client_id",
+    "created_at",
+    "candidate_index",
+    "num_candidates",
+)
+FEEDBACK_COLUMNS: tuple[str, ...] = (
+    "event_id",
+    "kind",
+    "generation_ids",
+    "client_id",
+    "received_at",
+    "score",
+    "scale",
+    "text",
+    "given_at",
+)
+
+
+def sample_seqs(candidate_seqs: Sequence[int], n: int, seed: int) -> list[int]:
+    """A seeded uniform sample (without replacement) of up to n seqs, in ascending order.
+
+    Both backends draw from the same ascending list with the same generator, so one seed gives
+    the same sample on SQLite and PostgreSQL holding the same rows.
+    """
+    if n <= 0 or not candidate_seqs:
+        return []
+    chosen = random.Random(seed).sample(list(candidate_seqs), min(n, len(candidate_seqs)))
+    return sorted(chosen)
+
+
+def export_row(generation: GenerationRecord, feedback: Sequence[FeedbackRecord]) -> dict[str, Any]:
+    """One JSON Lines row of `feedloop store export`: a generation with its events, oldest first."""
+    row = dataclasses.asdict(generation)
+    row["feedback"] = [dataclasses.asdict(event) for event in feedback]
+    return row

@@ -1,0 +1,387 @@
+"""The replay store's promises, run against every backend (SQLite file, PostgreSQL schema)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from feedloop.core.errors import StoreFullError, StoreUnavailableError
+from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore, open_store
+from feedloop.core.store.schema import LATEST_VERSION, SQLITE_MIGRATIONS
+from feedloop.core.store.sqlite import SQLiteStore
+from pg_support import fresh_schema, schema_url
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def generation(gid: str, *, version: str = "v0001", t: float = 1000.0) -> GenerationRecord:
+    return GenerationRecord(
+        generation_id=gid,
+        request_id=f"req-{gid}",
+        prompt=f"prompt of {gid}",
+        prompt_ids=[2, 17, 33],
+        output_ids=[5, 9, 3],
+        behaviour_logprobs=[-0.25, -1.125, -0.1],
+        policy_logprobs=[-0.5, -1.0, -0.2],
+        finished=True,
+        text=f"text of {gid}",
+        sampling={"temperature": 0.8, "top_k": 20, "top_p": 0.95, "max_tokens": 16, "seed": 7},
+        model_version=version,
+        client_id="app-1",
+        created_at=t,
+        candidate_index=0,
+        num_candidates=1,
+    )
+
+
+def rating(event_id: str, gid: str, score: float = 0.75) -> FeedbackRecord:
+    return FeedbackRecord(
+        event_id=event_id,
+        kind="rating",
+        generation_ids=[gid],
+        client_id="app-1",
+        received_at=2000.0,
+        score=score,
+        scale="unit",
+        given_at=1999.5,
+    )
+
+
+def comparison(event_id: str, preferred: str, rejected: str) -> FeedbackRecord:
+    return FeedbackRecord(
+        event_id=event_id,
+        kind="comparison",
+        generation_ids=[preferred, rejected],
+        client_id="app-2",
+        received_at=2001.0,
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield str(tmp_path / "replay.db")
+    else:
+        with fresh_schema("store") as schema:
+            yield schema_url(schema)
+
+
+@pytest.fixture
+def opener(location: str) -> Iterator[Callable[[], ReplayStore]]:
+    opened: list[ReplayStore] = []
+
+    def open_one() -> ReplayStore:
+        store = open_store(location)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(opener: Callable[[], ReplayStore]) -> ReplayStore:
+    return opener()
+
+
+def test_acked_feedback_survives_sigkill(location: str, opener: Callable[[], ReplayStore]) -> None:
+    writer = textwrap.dedent(
+        """
+        import sys
+        from feedloop.core.store import open_store, FeedbackRecord, GenerationRecord
+        store = open_store(sys.argv[1])
+        store.append_generations([GenerationRecord("g", "r", "p", [1], [2], [-0.5], [-0.5],
+            True, "t", {}, "v0001", "c", 1.0)])
+        batch = 0
+        while True:
+            events = [FeedbackRecord(f"e{batch}-{i}", "rating", ["g"], "c", 2.0, score=1.0,
+                scale="unit") for i in range(10)]
+            store.insert_feedback(events)
+            print(" ".join(e.event_id for e in events), flush=True)
+            batch += 1
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer, location], stdout=subprocess.PIPE, text=True
+    )
+    acked: list[str] = []
+    try:
+        assert proc.stdout is not None
+        while len(acked) < 200:
+            line = proc.stdout.readline()
+            assert line, "the writer died before acknowledging 200 events"
+            acked += line.split()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    stored = {event.event_id for event in opener().feedback_after(0, 1_000_000)}
+    assert set(acked) <= stored
+
+
+def test_repeated_event_id_is_reported_duplicate_and_stored_once(store: ReplayStore) -> None:
+    store.append_generations([generation("g1")])
+    assert store.insert_feedback([rating("e1", "g1"), rating("e2", "g1")]) == [True, True]
+    assert store.insert_feedback([rating("e1", "g1", score=0.1)]) == [False]
+    assert store.insert_feedback([rating("e3", "g1"), rating("e3", "g1")]) == [True, False]
+    events = store.feedback_after(0, 100)
+    assert [e.event_id for e in events] == ["e1", "e2", "e3"]
+    assert events[0].score == 0.75  # the first write wins; the duplicate changed nothing
+    assert store.counts().feedback == 3
+
+
+def test_repeated_generation_id_is_ignored(store: ReplayStore) -> None:
+    store.append_generations([generation("g1"), generation("g2")])
+    store.append_generations([generation("g2", version="v0009"), generation("g3")])
+    stored = store.generations_after(0, 100)
+    assert [g.generation_id for g in stored] == ["g1", "g2", "g3"]
+    assert stored[1].model_version == "v0001"
+
+
+def test_records_round_trip_every_field(store: ReplayStore) -> None:
+    original = generation("g1")
+    store.append_generations([original])
+    event = FeedbackRecord(
+        event_id="c1",
+        kind="correction",
+        generation_ids=["g1"],
+        client_id="app-3",
+        received_at=2002.25,
+        text="what it should have said",
+        given_at=None,
+    )
+    store.insert_feedback([event])
+    got = store.get_generations(["g1", "missing"])
+    assert list(got) == ["g1"]
+    assert got["g1"] == GenerationRecord(**{**original.__dict__, "seq": got["g1"].seq})
+    assert got["g1"].seq > 0
+    (stored_event,) = store.feedback_for(["g1"])
+    assert stored_event == FeedbackRecord(**{**event.__dict__, "seq": stored_event.seq})
+
+
+def test_seq_is_strictly_increasing_across_batches(store: ReplayStore) -> None:
+    for batch in range(4):
+        store.append_generations([generation(f"g{batch}-{i}") for i in range(5)])
+        store.insert_feedback([rating(f"e{batch}-{i}", f"g{batch}-{i}") for i in range(5)])
+    gen_seqs = [g.seq for g in store.generations_after(0, 100)]
+    fb_seqs = [e.seq for e in store.feedback_after(0, 100)]
+    assert len(gen_seqs) == len(fb_seqs) == 20
+    assert all(a < b for a, b in itertools.pairwise(gen_seqs))
+    assert all(a < b for a, b in itertools.pairwise(fb_seqs))
+    assert store.max_seq() == (gen_seqs[-1], fb_seqs[-1])
+
+
+def test_empty_store_reports_zero_everywhere(store: ReplayStore) -> None:
+    assert store.max_seq() == (0, 0)
+    assert store.counts().generations == 0 and store.counts().feedback == 0
+    assert store.generations_after(0, 10) == []
+    assert store.sample_generations(10, 5, seed=1) == []
+    assert store.feedback_for(["nothing"]) == []
+    assert store.get_cursor("trainer") is None
+    assert list(store.iter_export()) == []
+    assert store.append_generations([]) is None
+    assert store.insert_feedback([]) == []
+
+
+def test_cursors_persist_across_reopen(opener: Callable[[], ReplayStore]) -> None:
+    first = opener()
+    first.set_cursor("trainer", {"generation_seq": 12, "feedback_seq": 4})
+    first.set_cursor("trainer", {"generation_seq": 40, "feedback_seq": 9, "note": "é"})
+    first.set_cursor("other", {"x": [1, 2]})
+    first.close()
+    second = opener()
+    assert second.get_cursor("trainer") == {"generation_seq": 40, "feedback_seq": 9, "note": "é"}
+    assert second.get_cursor("other") == {"x": [1, 2]}
+
+
+def test_generations_after_pages_oldest_first(store: ReplayStore) -> None:
+    store.append_generations([generation(f"g{i:02d}") for i in range(25)])
+    seen: list[str] = []
+    last = 0
+    while page := store.generations_after(last, 10):
+        assert len(page) <= 10
+        seen += [g.generation_id for g in page]
+        last = page[-1].seq
+    assert seen == [f"g{i:02d}" for i in range(25)]
+
+
+def test_sample_generations_is_seeded_bounded_and_spread(store: ReplayStore) -> None:
+    store.append_generations([generation(f"g{i:03d}") for i in range(100)])
+    seqs = [g.seq for g in store.generations_after(0, 1000)]
+    bound = seqs[59]
+    first = store.sample_generations(bound, 20, seed=3)
+    again = store.sample_generations(bound, 20, seed=3)
+    other = store.sample_generations(bound, 20, seed=4)
+    assert [g.generation_id for g in first] == [g.generation_id for g in again]
+    assert [g.generation_id for g in first] != [g.generation_id for g in other]
+    assert len(first) == 20 and len({g.generation_id for g in first}) == 20
+    assert all(g.seq <= bound for g in first)
+    assert len(store.sample_generations(bound, 500, seed=3)) == 60  # capped by what exists
+    # Uniform: over many seeds every one of the 60 eligible rows gets drawn.
+    drawn = {g.seq for seed in range(30) for g in store.sample_generations(bound, 10, seed)}
+    assert drawn == set(seqs[:60])
+
+
+def test_feedback_after_and_feedback_for_find_every_event(store: ReplayStore) -> None:
+    store.append_generations([generation(g) for g in ("a", "b", "c", "d")])
+    ranking = FeedbackRecord(
+        event_id="r1",
+        kind="ranking",
+        generation_ids=["c", "a", "b"],
+        client_id="app-1",
+        received_at=2003.0,
+    )
+    store.insert_feedback([rating("e1", "a"), comparison("e2", "b", "a")])
+    store.insert_feedback([ranking, rating("e3", "d")])
+    assert [e.event_id for e in store.feedback_for(["a"])] == ["e1", "e2", "r1"]
+    assert [e.event_id for e in store.feedback_for(["d", "c"])] == ["r1", "e3"]
+    assert store.feedback_for(["zzz"]) == []
+    everything = store.feedback_after(0, 100)
+    assert [e.event_id for e in everything] == ["e1", "e2", "r1", "e3"]
+    assert [e.event_id for e in store.feedback_after(everything[1].seq, 1)] == ["r1"]
+    assert store.counts().feedback_by_kind == {"rating": 2, "comparison": 1, "ranking": 1}
+
+
+def test_export_joins_each_generation_with_its_feedback(store: ReplayStore) -> None:
+    store.append_generations([generation("a"), generation("b"), generation("c")])
+    store.insert_feedback([rating("e1", "a"), comparison("e2", "b", "a")])
+    rows = list(store.iter_export())
+    assert [r["generation_id"] for r in rows] == ["a", "b", "c"]
+    assert [e["event_id"] for e in rows[0]["feedback"]] == ["e1", "e2"]
+    assert [e["event_id"] for e in rows[1]["feedback"]] == ["e2"]
+    assert rows[2]["feedback"] == []
+    assert rows[0]["behaviour_logprobs"] == [-0.25, -1.125, -0.1]
+    assert json.loads(json.dumps(rows)) == rows  # JSON-ready as it is
+
+
+def test_schema_is_current_and_reopening_migrates_nothing(
+    opener: Callable[[], ReplayStore],
+) -> None:
+    first = opener()
+    assert first.schema_version() == LATEST_VERSION
+    first.append_generations([generation("g1")])
+    first.close()
+    for _ in range(2):
+        again = opener()
+        assert again.schema_version() == LATEST_VERSION
+        assert [g.generation_id for g in again.generations_after(0, 10)] == ["g1"]
+        again.close()
+
+
+def test_a_failing_batch_leaves_nothing_behind(store: ReplayStore) -> None:
+    store.append_generations([generation("g0")])
+    broken = GenerationRecord(**{**generation("g2").__dict__, "sampling": {"bad": object()}})
+    with pytest.raises(TypeError):
+        store.append_generations([generation("g1"), broken])
+    assert [g.generation_id for g in store.generations_after(0, 10)] == ["g0"]
+    store.append_generations([generation("g1")])  # and the store keeps working
+    assert store.counts().generations == 2
+
+
+def test_writes_from_threads_and_reads_beside_them(store: ReplayStore) -> None:
+    import threading
+
+    store.append_generations([generation("g")])
+    errors: list[BaseException] = []
+
+    def write(prefix: str) -> None:
+        try:
+            for i in range(20):
+                store.insert_feedback([rating(f"{prefix}{i}", "g")])
+                store.feedback_for(["g"])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in "xyz"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.counts().feedback == 60
+
+
+# -- SQLite specifics -------------------------------------------------------------------------
+
+
+def test_sqlite_full_database_raises_store_full_and_recovers(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "replay.db")
+    store.append_generations([generation("g")])
+    store.insert_feedback([rating("before", "g")])
+    size_bytes = (tmp_path / "replay.db").stat().st_size
+    store.set_max_size_bytes(size_bytes)  # no room to grow
+    big_batch = [
+        FeedbackRecord(f"big{i}", "correction", ["g"], "app", 1.0, text="x" * 2000)
+        for i in range(200)
+    ]
+    with pytest.raises(StoreFullError):
+        store.insert_feedback(big_batch)
+    assert [e.event_id for e in store.feedback_after(0, 1000)] == ["before"]
+    store.set_max_size_bytes(None)
+    assert store.insert_feedback(big_batch) == [True] * 200
+    store.close()
+
+
+def test_sqlite_uses_wal_with_full_sync(tmp_path: Path) -> None:
+    SQLiteStore(tmp_path / "replay.db").close()
+    conn = sqlite3.connect(tmp_path / "replay.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_sqlite_old_schema_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in SQLITE_MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.close()
+    store = SQLiteStore(path)
+    assert store.schema_version() == LATEST_VERSION
+    store.close()
+    conn = sqlite3.connect(path)
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(generations)")}
+    conn.close()
+    assert "generations_model_version" in indexes
+
+
+def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SQLiteStore(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE schema_version SET version = 999")
+    conn.close()
+    with pytest.raises(StoreUnavailableError, match="newer"):
+        SQLiteStore(path)
+
+
+def test_sqlite_unopenable_path_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreUnavailableError):
+        SQLiteStore(blocker / "replay.db")
+
+
+def test_sqlite_closed_store_refuses_calls(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "replay.db")
+    store.close()
+    with pytest.raises(StoreUnavailableError):
+        store.counts()
+
+
+def test_open_store_picks_backend_by_location(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "x.db"))
+    assert isinstance(store, SQLiteStore)
+    store.close()
+    assert os.path.exists(tmp_path / "x.db")
