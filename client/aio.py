@@ -1,0 +1,222 @@
+"""The asyncio feedloop client: the same calls as FeedloopClient, awaitable.
+
+from feedloop.client import AsyncFeedloopClient
+
+async with AsyncFeedloopClient("127.0.0.1:50051") as client:
+    result = await client.generate("ocean sunrise", n=3)
+    await client.compare(result.candidates[0].generation_id,
+                         result.candidates[1].generation_id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from feedloop.client import health
+from feedloop.client.errors import FeedloopClientError
+from feedloop.client.options import ClientOptions
+from feedloop.client.types import (
+    Comparison,
+    Correction,
+    FeedbackInput,
+    FeedbackResult,
+    GenerateResult,
+    ModelsResult,
+    Ranking,
+    Rating,
+    Sampling,
+    SetLiveResult,
+    StatusResult,
+    event_to_proto,
+    generate_request,
+)
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+def open_aio_channel(options: ClientOptions) -> grpc.aio.Channel:
+    if options.uses_tls:
+        return grpc.aio.secure_channel(
+            options.target, options.channel_credentials(), options=options.channel_args()
+        )
+    return grpc.aio.insecure_channel(options.target, options=options.channel_args())
+
+
+class AsyncFeedloopClient:
+    """An asyncio connection to one feedloop server. Create it inside the running loop."""
+
+    def __init__(self, target: str | None = None, **options: Any) -> None:
+        if target is not None:
+            options["target"] = target
+        self.options = ClientOptions(**options)
+        self._channel = open_aio_channel(self.options)
+        self._metadata = self.options.metadata()
+        self._generation = pb_grpc.GenerationStub(self._channel)
+        self._feedback = pb_grpc.FeedbackStub(self._channel)
+        self._admin = pb_grpc.ModelAdminStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            health.CHECK_METHOD,
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncFeedloopClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _with_retries(
+        self, attempt: Callable[[float], Awaitable[R]], timeout_s: float | None
+    ) -> R:
+        """Await attempt(remaining_s) until it succeeds, fails for good, or the deadline passes."""
+        policy = self.options.retry
+        deadline = time.monotonic() + (timeout_s or self.options.timeout_s)
+        number = 1
+        while True:
+            remaining_s = deadline - time.monotonic()
+            try:
+                return await attempt(max(remaining_s, 0.001))
+            except grpc.RpcError as exc:
+                error = FeedloopClientError.from_rpc_error(exc)
+            if error.code != grpc.StatusCode.UNAVAILABLE or number >= policy.max_attempts:
+                raise error
+            delay_s = policy.backoff_s(number)
+            if time.monotonic() + delay_s >= deadline:
+                raise error
+            await asyncio.sleep(delay_s)
+            number += 1
+
+    async def _unary(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+        async def attempt(remaining_s: float) -> Any:
+            return await method(request, timeout=remaining_s, metadata=self._metadata)
+
+        return await self._with_retries(attempt, timeout_s)
+
+    async def generate(
+        self,
+        prompt: str,
+        n: int = 1,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        model_version: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        request = generate_request(
+            prompt,
+            n,
+            Sampling(temperature, top_k, top_p, max_tokens, seed),
+            model_version,
+            request_id,
+        )
+        reply = await self._unary(self._generation.Generate, request, timeout_s)
+        return GenerateResult.from_proto(reply)
+
+    async def submit(
+        self, event: FeedbackInput, *, timeout_s: float | None = None
+    ) -> FeedbackResult:
+        message = event_to_proto(event)  # event_id fixed once, before any attempt
+        return FeedbackResult.from_proto(
+            await self._unary(self._feedback.Submit, message, timeout_s)
+        )
+
+    async def rate(
+        self,
+        generation_id: str,
+        score: float,
+        *,
+        scale: str = "unit",
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return await self.submit(Rating(generation_id, score, scale, event_id), timeout_s=timeout_s)
+
+    async def rank(
+        self,
+        generation_ids: Sequence[str],
+        *,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return await self.submit(Ranking(tuple(generation_ids), event_id), timeout_s=timeout_s)
+
+    async def compare(
+        self,
+        preferred_id: str,
+        rejected_id: str,
+        *,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return await self.submit(
+            Comparison(preferred_id, rejected_id, event_id), timeout_s=timeout_s
+        )
+
+    async def correct(
+        self,
+        generation_id: str,
+        text: str,
+        *,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return await self.submit(Correction(generation_id, text, event_id), timeout_s=timeout_s)
+
+    async def submit_many(
+        self, events: Iterable[FeedbackInput], *, timeout_s: float | None = None
+    ) -> list[FeedbackResult]:
+        """Send events over one stream; unacknowledged ones are resent (same ids) on UNAVAILABLE."""
+        messages = [event_to_proto(e) for e in events]
+        results: list[FeedbackResult] = []
+
+        async def attempt(remaining_s: float) -> list[FeedbackResult]:
+            pending = messages[len(results) :]
+            call = self._feedback.SubmitStream(
+                iter(pending), timeout=remaining_s, metadata=self._metadata
+            )
+            async for ack in call:
+                results.append(FeedbackResult.from_proto(ack))
+            return results
+
+        return await self._with_retries(attempt, timeout_s)
+
+    async def list_models(
+        self, *, max_decisions: int = 0, timeout_s: float | None = None
+    ) -> ModelsResult:
+        request = pb.ListModelsRequest(max_decisions=max_decisions)
+        return ModelsResult.from_proto(
+            await self._unary(self._admin.ListModels, request, timeout_s)
+        )
+
+    async def status(self, *, timeout_s: float | None = None) -> StatusResult:
+        reply = await self._unary(self._admin.GetStatus, pb.GetStatusRequest(), timeout_s)
+        return StatusResult.from_proto(reply)
+
+    async def set_live(
+        self, version: str, *, reason: str = "", timeout_s: float | None = None
+    ) -> SetLiveResult:
+        request = pb.SetLiveRequest(version=version, reason=reason)
+        return SetLiveResult.from_proto(await self._unary(self._admin.SetLive, request, timeout_s))
+
+    async def rollback(self, *, reason: str = "", timeout_s: float | None = None) -> SetLiveResult:
+        request = pb.RollbackRequest(reason=reason)
+        return SetLiveResult.from_proto(await self._unary(self._admin.Rollback, request, timeout_s))
+
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        reply = await self._unary(self._health_check, health.encode_request(service), timeout_s)
+        return health.decode_response(reply)

@@ -1,0 +1,248 @@
+"""The synchronous feedloop client.
+
+    from feedloop.client import FeedloopClient
+
+    with FeedloopClient("127.0.0.1:50051") as client:
+        result = client.generate("ocean sunrise", n=3, temperature=0.8)
+        best = result.candidates[0]
+        client.rate(best.generation_id, 1.0, scale="thumbs")
+
+Every call takes an optional `timeout_s` (default: the client's), retries UNAVAILABLE with
+backoff within that deadline, and raises FeedloopClientError on failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from feedloop.client import health
+from feedloop.client.errors import FeedloopClientError
+from feedloop.client.options import ClientOptions
+from feedloop.client.types import (
+    Comparison,
+    Correction,
+    FeedbackInput,
+    FeedbackResult,
+    GenerateResult,
+    ModelsResult,
+    Ranking,
+    Rating,
+    Sampling,
+    SetLiveResult,
+    StatusResult,
+    event_to_proto,
+    generate_request,
+)
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+def open_channel(options: ClientOptions) -> grpc.Channel:
+    if options.uses_tls:
+        return grpc.secure_channel(
+            options.target, options.channel_credentials(), options=options.channel_args()
+        )
+    return grpc.insecure_channel(options.target, options=options.channel_args())
+
+
+class FeedloopClient:
+    """A connection to one feedloop server (or a load balancer in front of several)."""
+
+    def __init__(self, target: str | None = None, **options: Any) -> None:
+        """`options` are ClientOptions fields (api_key, tls, root_ca_path, timeout_s, retry)."""
+        if target is not None:
+            options["target"] = target
+        self.options = ClientOptions(**options)
+        self._channel = open_channel(self.options)
+        self._metadata = self.options.metadata()
+        self._generation = pb_grpc.GenerationStub(self._channel)
+        self._feedback = pb_grpc.FeedbackStub(self._channel)
+        self._admin = pb_grpc.ModelAdminStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            health.CHECK_METHOD,
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FeedloopClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _with_retries(self, attempt: Callable[[float], R], timeout_s: float | None) -> R:
+        """Run attempt(remaining_s) until it succeeds, fails for good, or the deadline passes."""
+        policy = self.options.retry
+        deadline = time.monotonic() + (timeout_s or self.options.timeout_s)
+        number = 1
+        while True:
+            remaining_s = deadline - time.monotonic()
+            try:
+                return attempt(max(remaining_s, 0.001))
+            except grpc.RpcError as exc:
+                error = FeedloopClientError.from_rpc_error(exc)
+            if error.code != grpc.StatusCode.UNAVAILABLE or number >= policy.max_attempts:
+                raise error
+            delay_s = policy.backoff_s(number)
+            if time.monotonic() + delay_s >= deadline:
+                raise error
+            time.sleep(delay_s)
+            number += 1
+
+    def _unary(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+        return self._with_retries(
+            lambda remaining_s: method(request, timeout=remaining_s, metadata=self._metadata),
+            timeout_s,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt: str,
+        n: int = 1,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        model_version: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        """n candidate phrases for a prompt, all from one model version (named in the result)."""
+        request = generate_request(
+            prompt,
+            n,
+            Sampling(temperature, top_k, top_p, max_tokens, seed),
+            model_version,
+            request_id,
+        )
+        return GenerateResult.from_proto(self._unary(self._generation.Generate, request, timeout_s))
+
+    # ------------------------------------------------------------------ feedback
+
+    def submit(self, event: FeedbackInput, *, timeout_s: float | None = None) -> FeedbackResult:
+        """Store one event durably; a retry with the same event_id is acknowledged as duplicate."""
+        message = event_to_proto(event)  # event_id fixed once, before any attempt
+        return FeedbackResult.from_proto(self._unary(self._feedback.Submit, message, timeout_s))
+
+    def rate(
+        self,
+        generation_id: str,
+        score: float,
+        *,
+        scale: str = "unit",
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return self.submit(Rating(generation_id, score, scale, event_id), timeout_s=timeout_s)
+
+    def rank(
+        self,
+        generation_ids: Sequence[str],
+        *,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        """An order over candidates of one reply, best first."""
+        return self.submit(Ranking(tuple(generation_ids), event_id), timeout_s=timeout_s)
+
+    def compare(
+        self,
+        preferred_id: str,
+        rejected_id: str,
+        *,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return self.submit(Comparison(preferred_id, rejected_id, event_id), timeout_s=timeout_s)
+
+    def correct(
+        self,
+        generation_id: str,
+        text: str,
+        *,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> FeedbackResult:
+        return self.submit(Correction(generation_id, text, event_id), timeout_s=timeout_s)
+
+    def submit_many(
+        self, events: Iterable[FeedbackInput], *, timeout_s: float | None = None
+    ) -> list[FeedbackResult]:
+        """Send events over one stream; one result per event, in order.
+
+        If the stream breaks with UNAVAILABLE, the events not yet acknowledged are sent again
+        with the same ids, so none is lost and none is stored twice.
+        """
+        messages = [event_to_proto(e) for e in events]
+        results: list[FeedbackResult] = []
+
+        def attempt(remaining_s: float) -> list[FeedbackResult]:
+            pending = messages[len(results) :]
+            replies = self._feedback.SubmitStream(
+                iter(pending), timeout=remaining_s, metadata=self._metadata
+            )
+            for ack in replies:
+                results.append(FeedbackResult.from_proto(ack))
+            return results
+
+        return self._with_retries(attempt, timeout_s)
+
+    # ------------------------------------------------------------------ admin
+
+    def list_models(
+        self, *, max_decisions: int = 0, timeout_s: float | None = None
+    ) -> ModelsResult:
+        request = pb.ListModelsRequest(max_decisions=max_decisions)
+        return ModelsResult.from_proto(self._unary(self._admin.ListModels, request, timeout_s))
+
+    def status(self, *, timeout_s: float | None = None) -> StatusResult:
+        reply = self._unary(self._admin.GetStatus, pb.GetStatusRequest(), timeout_s)
+        return StatusResult.from_proto(reply)
+
+    def set_live(
+        self, version: str, *, reason: str = "", timeout_s: float | None = None
+    ) -> SetLiveResult:
+        request = pb.SetLiveRequest(version=version, reason=reason)
+        return SetLiveResult.from_proto(self._unary(self._admin.SetLive, request, timeout_s))
+
+    def rollback(self, *, reason: str = "", timeout_s: float | None = None) -> SetLiveResult:
+        request = pb.RollbackRequest(reason=reason)
+        return SetLiveResult.from_proto(self._unary(self._admin.Rollback, request, timeout_s))
+
+    # ------------------------------------------------------------------ health
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The grpc.health.v1 status: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
+        reply = self._unary(self._health_check, health.encode_request(service), timeout_s)
+        return health.decode_response(reply)
+
+    def wait_until_serving(self, timeout_s: float = 30.0, service: str = "") -> None:
+        """Block until the health check says SERVING; FeedloopClientError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health(service, timeout_s=max(deadline - time.monotonic(), 0.05))
+            except FeedloopClientError as exc:
+                last = str(exc)
+            if last == "SERVING":
+                return
+            time.sleep(0.05)
+        raise FeedloopClientError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"{self.options.target} not serving after {timeout_s:g}s (last: {last})",
+        )

@@ -1,0 +1,188 @@
+"""An in-process feedloop.v1 server with scripted failures, for the client's own tests.
+
+It answers like the real server on the happy path (ids, versions, duplicate detection by
+event_id) and can be told to fail the next calls with given status codes, or to break a feedback
+stream after some acknowledgements, which the real server cannot be made to do on demand. The
+client's end-to-end behaviour against the real `feedloop serve` is tested separately.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+
+@dataclass
+class Script:
+    """What the fake does next; tests mutate it between calls."""
+
+    fail_next: deque[tuple[grpc.StatusCode, str]] = field(default_factory=deque)
+    break_stream_after_acks: int | None = None  # once: UNAVAILABLE after this many acks
+    required_api_key: str | None = None
+    calls: list[str] = field(default_factory=list)
+    metadata_seen: list[dict[str, str]] = field(default_factory=list)
+    stored_events: dict[str, pb.FeedbackEvent] = field(default_factory=dict)
+    live_version: str = "v0001"
+    previous_versions: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Base:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    def _enter(self, name: str, context: grpc.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata())
+        with self.script.lock:
+            self.script.calls.append(name)
+            self.script.metadata_seen.append(metadata)
+            failure = self.script.fail_next.popleft() if self.script.fail_next else None
+        key = self.script.required_api_key
+        if key is not None and metadata.get("authorization") != f"Bearer {key}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+        if failure is not None:
+            context.abort(*failure)
+
+
+class Generation(_Base, pb_grpc.GenerationServicer):
+    def Generate(self, request, context):
+        self._enter("Generate", context)
+        if not request.prompt.strip():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty")
+        if request.model_version and request.model_version != self.script.live_version:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model_version {request.model_version!r}")
+        words = request.prompt.split()
+        candidates = [
+            pb.Candidate(
+                generation_id=uuid.uuid4().hex,
+                text=" ".join([*words, f"#{i}"]),
+                tokens=[*words, f"#{i}"],
+                log_prob=-1.5 * (i + 1),
+                finished=True,
+            )
+            for i in range(request.num_candidates or 1)
+        ]
+        return pb.GenerateResponse(
+            request_id=request.request_id or uuid.uuid4().hex,
+            model_version=self.script.live_version,
+            candidates=candidates,
+            seed=request.sampling.seed or 42,
+        )
+
+
+class Feedback(_Base, pb_grpc.FeedbackServicer):
+    def _store(self, event: pb.FeedbackEvent) -> pb.FeedbackAck:
+        with self.script.lock:
+            if event.event_id in self.script.stored_events:
+                return pb.FeedbackAck(
+                    event_id=event.event_id, outcome=pb.FEEDBACK_OUTCOME_DUPLICATE
+                )
+            self.script.stored_events[event.event_id] = event
+        return pb.FeedbackAck(event_id=event.event_id, outcome=pb.FEEDBACK_OUTCOME_ACCEPTED)
+
+    def Submit(self, request, context):
+        self._enter("Submit", context)
+        return self._store(request)
+
+    def SubmitStream(self, request_iterator, context):
+        self._enter("SubmitStream", context)
+        for acks, event in enumerate(request_iterator):
+            with self.script.lock:
+                limit = self.script.break_stream_after_acks
+                if limit is not None and acks >= limit:
+                    self.script.break_stream_after_acks = None
+                    broke = True
+                else:
+                    broke = False
+            if broke:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "stream broken on purpose")
+            yield self._store(event)
+
+
+class Admin(_Base, pb_grpc.ModelAdminServicer):
+    def ListModels(self, request, context):
+        self._enter("ListModels", context)
+        versions = [
+            pb.ModelVersion(
+                version=v,
+                architecture="gru-seq2seq",
+                parameter_count=1234,
+                summary_json='{"perplexity": 12.5}',
+                live=v == self.script.live_version,
+            )
+            for v in sorted(
+                {self.script.live_version, *self.script.previous_versions}, reverse=True
+            )
+        ]
+        decision = pb.Decision(
+            version=self.script.live_version,
+            action="promoted",
+            reason="gate passed",
+            details_json='{"kl": 0.01}',
+        )
+        decision.at.GetCurrentTime()
+        return pb.ListModelsResponse(
+            versions=versions, live_version=self.script.live_version, decisions=[decision]
+        )
+
+    def GetStatus(self, request, context):
+        self._enter("GetStatus", context)
+        return pb.ServerStatus(
+            live_version=self.script.live_version,
+            loaded_versions=[self.script.live_version],
+            uptime_s=1.5,
+            generations_served=7,
+            feedback_accepted=len(self.script.stored_events),
+            server_version="fake",
+        )
+
+    def SetLive(self, request, context):
+        self._enter("SetLive", context)
+        if request.version not in ("v0001", "v0002"):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version!r} is unknown")
+        previous = self.script.live_version
+        self.script.previous_versions.append(previous)
+        self.script.live_version = request.version
+        return pb.SetLiveResponse(live_version=request.version, previous_version=previous)
+
+    def Rollback(self, request, context):
+        self._enter("Rollback", context)
+        if not self.script.previous_versions:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing to roll back to")
+        previous = self.script.live_version
+        self.script.live_version = self.script.previous_versions.pop()
+        return pb.SetLiveResponse(live_version=self.script.live_version, previous_version=previous)
+
+
+class FakeServer:
+    """Start with `with FakeServer() as fake:`; `fake.target` is its 127.0.0.1 address."""
+
+    def __init__(self, credentials: grpc.ServerCredentials | None = None) -> None:
+        self.script = Script()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        pb_grpc.add_GenerationServicer_to_server(Generation(self.script), self.server)
+        pb_grpc.add_FeedbackServicer_to_server(Feedback(self.script), self.server)
+        pb_grpc.add_ModelAdminServicer_to_server(Admin(self.script), self.server)
+        self.health = health.HealthServicer()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if credentials is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FakeServer:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop(grace=None).wait()

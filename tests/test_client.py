@@ -1,0 +1,268 @@
+"""The client library's promises, against an in-process server with scripted failures."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import grpc
+import pytest
+from client_fake_server import FakeServer
+from client_tls import make_certificates, openssl_available
+from feedloop.client import (
+    AsyncFeedloopClient,
+    Comparison,
+    Correction,
+    FeedloopClient,
+    FeedloopClientError,
+    Ranking,
+    Rating,
+    RetryPolicy,
+)
+from feedloop.client import health as health_wire
+from feedloop.client.types import event_to_proto
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
+UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "try again")
+
+
+@pytest.fixture
+def fake():
+    with FakeServer() as server:
+        yield server
+
+
+@pytest.fixture
+def client(fake):
+    with FeedloopClient(fake.target, retry=FAST_RETRY, timeout_s=5) as c:
+        yield c
+
+
+def test_generate_returns_typed_candidates_all_from_the_named_version(client, fake):
+    result = client.generate("ocean sunrise", n=3, temperature=0.7, top_k=5, seed=9)
+    assert result.model_version == "v0001"
+    assert result.seed == 9
+    assert len(result.candidates) == 3
+    assert len({c.generation_id for c in result.candidates}) == 3
+    first = result.candidates[0]
+    assert first.text == "ocean sunrise #0" and first.tokens == ("ocean", "sunrise", "#0")
+    assert first.log_prob == pytest.approx(-1.5) and first.finished is True
+
+
+def test_each_feedback_call_makes_an_event_id_and_reusing_it_is_acknowledged_as_duplicate(
+    client, fake
+):
+    ids = [c.generation_id for c in client.generate("sea", n=3).candidates]
+    results = [
+        client.rate(ids[0], 4, scale="stars5"),
+        client.rank(ids),
+        client.compare(ids[0], ids[1]),
+        client.correct(ids[2], "calm sea"),
+    ]
+    assert [r.outcome for r in results] == ["accepted"] * 4
+    assert len({r.event_id for r in results}) == 4
+    stored = fake.script.stored_events
+    assert stored[results[0].event_id].rating.score == 4
+    assert list(stored[results[1].event_id].ranking.generation_ids) == ids
+    assert stored[results[3].event_id].correction.text == "calm sea"
+
+    again = client.rate(ids[0], 4, scale="stars5", event_id=results[0].event_id)
+    assert again.duplicate and again.event_id == results[0].event_id
+    assert len(stored) == 4
+
+
+def test_unavailable_is_retried_with_the_same_event_id_until_it_succeeds(client, fake):
+    fake.script.fail_next.extend([UNAVAILABLE, UNAVAILABLE])
+    result = client.rate("g1", 1.0, scale="thumbs")
+    assert result.outcome == "accepted"
+    assert fake.script.calls == ["Submit"] * 3
+    assert list(fake.script.stored_events) == [result.event_id]
+
+
+def test_retries_stop_after_max_attempts_and_raise_unavailable(client, fake):
+    fake.script.fail_next.extend([UNAVAILABLE] * 10)
+    with pytest.raises(FeedloopClientError) as raised:
+        client.status()
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert raised.value.message == "try again"
+    assert fake.script.calls == ["GetStatus"] * FAST_RETRY.max_attempts
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+    ],
+)
+def test_codes_other_than_unavailable_are_raised_at_once_without_retry(client, fake, code):
+    fake.script.fail_next.append((code, "no"))
+    with pytest.raises(FeedloopClientError) as raised:
+        client.generate("x")
+    assert raised.value.code == code
+    assert fake.script.calls == ["Generate"]
+
+
+def test_server_errors_carry_the_grpc_code_and_the_servers_message(client):
+    with pytest.raises(FeedloopClientError) as raised:
+        client.generate("   ")
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in raised.value.message
+    with pytest.raises(FeedloopClientError) as raised:
+        client.set_live("v0099")
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_unreachable_server_is_unavailable_after_the_retries():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = FeedloopClient(f"127.0.0.1:{port}", retry=FAST_RETRY, timeout_s=3)
+    with client, pytest.raises(FeedloopClientError) as raised:
+        client.generate("x")
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_api_key_is_sent_as_a_bearer_token_and_a_wrong_key_is_unauthenticated(fake):
+    fake.script.required_api_key = "s3cret"
+    with FeedloopClient(fake.target, api_key="s3cret", retry=FAST_RETRY) as client:
+        client.status()
+    assert fake.script.metadata_seen[-1]["authorization"] == "Bearer s3cret"
+    client = FeedloopClient(fake.target, api_key="wrong", retry=FAST_RETRY)
+    with client, pytest.raises(FeedloopClientError) as raised:
+        client.status()
+    assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_submit_many_resends_only_unacknowledged_events_after_a_broken_stream(client, fake):
+    events = [Rating(f"g{i}", 0.5) for i in range(5)] + [
+        Ranking(("g1", "g2")),
+        Comparison("g1", "g2"),
+        Correction("g3", "better"),
+    ]
+    fake.script.break_stream_after_acks = 3
+    results = client.submit_many(events)
+    assert len(results) == len(events)
+    assert [r.outcome for r in results] == ["accepted"] * len(events)
+    assert fake.script.calls == ["SubmitStream", "SubmitStream"]
+    assert len(fake.script.stored_events) == len(events)
+    assert [r.event_id for r in results] == list(fake.script.stored_events)
+
+
+def test_admin_calls_return_typed_results(client, fake):
+    models = client.list_models()
+    assert models.live_version == "v0001"
+    assert models.versions[0].summary == {"perplexity": 12.5}
+    assert models.decisions[0].action == "promoted"
+    assert models.decisions[0].details == {"kl": 0.01} and models.decisions[0].at is not None
+    swapped = client.set_live("v0002", reason="test")
+    assert (swapped.live_version, swapped.previous_version) == ("v0002", "v0001")
+    assert client.status().live_version == "v0002"
+    back = client.rollback(reason="undo")
+    assert (back.live_version, back.previous_version) == ("v0001", "v0002")
+
+
+def test_health_check_speaks_grpc_health_v1_without_its_package(client, fake):
+    assert client.health() == "SERVING"
+    fake.health.set("feedloop.v1.Generation", 2)  # NOT_SERVING
+    assert client.health("feedloop.v1.Generation") == "NOT_SERVING"
+    client.wait_until_serving(timeout_s=5)
+
+
+def test_health_wire_format_round_trips_against_the_generated_messages():
+    from grpc_health.v1 import health_pb2
+
+    for service in ("", "feedloop.v1.Generation", "x" * 300):
+        parsed = health_pb2.HealthCheckRequest.FromString(health_wire.encode_request(service))
+        assert parsed.service == service
+    for status in (0, 1, 2, 3):
+        data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert health_wire.decode_response(data) == health_wire.STATUS_NAMES[status]
+
+
+def test_backoff_grows_exponentially_under_its_cap_with_jitter():
+    policy = RetryPolicy(max_attempts=6, initial_backoff_s=0.1, max_backoff_s=0.5, multiplier=2)
+    rng = random.Random(1)
+    for retry_number, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (5, 0.5)]:
+        delays = [policy.backoff_s(retry_number, rng) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > cap * 0.8  # jitter spreads over the whole range
+
+
+def test_events_without_an_id_get_a_fresh_uuid_and_given_ids_are_kept():
+    first, second = event_to_proto(Rating("g", 1.0)), event_to_proto(Rating("g", 1.0))
+    assert first.event_id != second.event_id and len(first.event_id) == 32
+    assert event_to_proto(Comparison("a", "b", event_id="mine")).event_id == "mine"
+    with pytest.raises(FeedloopClientError) as raised:
+        event_to_proto(Rating("g", 1.0, scale="percent"))
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.skipif(not openssl_available(), reason="the openssl command is not installed")
+def test_mutual_tls_connects_with_the_ca_and_client_certificate(tmp_path):
+    certs = make_certificates(tmp_path)
+    credentials = grpc.ssl_server_credentials(
+        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+        root_certificates=certs.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+    with FakeServer(credentials) as fake:
+        with FeedloopClient(
+            fake.target,
+            root_ca_path=certs.ca_cert,
+            client_cert_path=certs.client_cert,
+            client_key_path=certs.client_key,
+            retry=FAST_RETRY,
+        ) as client:
+            assert client.status().live_version == "v0001"
+        # Without the client certificate the handshake fails: the call never reaches a servicer.
+        with (
+            FeedloopClient(
+                fake.target,
+                root_ca_path=certs.ca_cert,
+                retry=RetryPolicy(max_attempts=1),
+                timeout_s=3,
+            ) as client,
+            pytest.raises(FeedloopClientError) as raised,
+        ):
+            client.status()
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        assert fake.script.calls == ["GetStatus"]
+
+
+# ------------------------------------------------------------------------------ asyncio
+
+
+async def test_async_client_generates_and_retries_feedback_with_one_event_id(fake):
+    async with AsyncFeedloopClient(fake.target, retry=FAST_RETRY) as client:
+        result = await client.generate("ocean", n=2)
+        assert len(result.candidates) == 2
+        fake.script.fail_next.append(UNAVAILABLE)
+        ack = await client.compare(
+            result.candidates[0].generation_id, result.candidates[1].generation_id
+        )
+        assert ack.outcome == "accepted"
+        assert fake.script.calls == ["Generate", "Submit", "Submit"]
+        assert list(fake.script.stored_events) == [ack.event_id]
+
+
+async def test_async_client_raises_codes_and_admin_calls_work(fake):
+    async with AsyncFeedloopClient(fake.target, retry=FAST_RETRY) as client:
+        with pytest.raises(FeedloopClientError) as raised:
+            await client.generate("x", model_version="v0042")
+        assert raised.value.code == grpc.StatusCode.NOT_FOUND
+        assert (await client.list_models()).live_version == "v0001"
+        assert (await client.set_live("v0002")).previous_version == "v0001"
+        assert (await client.status()).live_version == "v0002"
+        assert (await client.rollback()).live_version == "v0001"
+        assert await client.health() == "SERVING"
+
+
+async def test_async_submit_many_survives_a_broken_stream(fake):
+    fake.script.break_stream_after_acks = 2
+    async with AsyncFeedloopClient(fake.target, retry=FAST_RETRY) as client:
+        results = await client.submit_many([Rating(f"g{i}", 1.0) for i in range(4)])
+    assert [r.outcome for r in results] == ["accepted"] * 4
+    assert len(fake.script.stored_events) == 4
