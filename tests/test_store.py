@@ -385,3 +385,56 @@ def test_open_store_picks_backend_by_location(tmp_path: Path) -> None:
     assert isinstance(store, SQLiteStore)
     store.close()
     assert os.path.exists(tmp_path / "x.db")
+
+
+# -- PostgreSQL specifics ---------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_postgres_unreachable_server_fails_fast_with_unavailable() -> None:
+    from feedloop.core.store.postgres import PostgresStore
+
+    # Port 1 on loopback: nothing listens, so the connection is refused at once.
+    with pytest.raises(StoreUnavailableError, match="connecting"):
+        PostgresStore("postgresql://postgres@127.0.0.1:1/test?schema=nowhere&connect_timeout=2")
+
+
+@pytest.mark.postgres
+def test_postgres_reconnects_by_itself_after_losing_its_connections() -> None:
+    import uuid
+
+    import psycopg
+    from feedloop.core.store.postgres import PostgresStore
+    from pg_support import ADMIN_URL
+
+    app = f"feedloop-test-{uuid.uuid4().hex[:8]}"
+    with fresh_schema("store") as schema:
+        store = PostgresStore(f"{schema_url(schema)}&application_name={app}")
+        try:
+            store.append_generations([generation("g1")])
+            with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s",
+                    (app,),
+                ).fetchall()
+            assert killed, "the store held no connection to terminate"
+            assert store.insert_feedback([rating("e1", "g1")]) == [True]
+            assert store.counts().feedback == 1
+        finally:
+            store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_schemas_isolate_stores_in_one_database() -> None:
+    from feedloop.core.store.postgres import PostgresStore
+
+    with fresh_schema("store") as first, fresh_schema("store") as second:
+        a, b = PostgresStore(schema_url(first)), PostgresStore(schema_url(second))
+        try:
+            a.append_generations([generation("only-in-a")])
+            assert b.counts().generations == 0
+            assert a.counts().generations == 1
+        finally:
+            a.close()
+            b.close()

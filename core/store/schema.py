@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 
 SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the initial schema. Lists are compact JSON text: exact for floats (repr round-trips)
@@ -158,3 +158,16 @@ def export_row(generation: GenerationRecord, feedback: Sequence[FeedbackRecord])
     row = dataclasses.asdict(generation)
     row["feedback"] = [dataclasses.asdict(event) for event in feedback]
     return row
+
+
+def export_rows(store: ReplayStore, page_rows: int) -> Iterator[dict[str, Any]]:
+    """Every generation with its events, oldest first, read a page at a time (bounded memory)."""
+    last_seq = 0
+    while page := store.generations_after(last_seq, page_rows):
+        events: dict[str, list[FeedbackRecord]] = {}
+        for event in store.feedback_for([g.generation_id for g in page]):
+            for gid in dict.fromkeys(event.generation_ids):
+                events.setdefault(gid, []).append(event)
+        for generation in page:
+            yield export_row(generation, events.get(generation.generation_id, []))
+        last_seq = page[-1].seq

@@ -36,7 +36,7 @@ from feedloop.core.store.schema import (
     GENERATION_COLUMNS,
     LATEST_VERSION,
     SQLITE_MIGRATIONS,
-    export_row,
+    export_rows,
     sample_seqs,
 )
 
@@ -337,18 +337,7 @@ class SQLiteStore(ReplayStore):
         return json.loads(rows[0][0]) if rows else None
 
     def iter_export(self) -> Iterator[dict[str, Any]]:
-        last_seq = 0
-        while True:
-            page = self.generations_after(last_seq, _EXPORT_PAGE_ROWS)
-            if not page:
-                return
-            events: dict[str, list[FeedbackRecord]] = {}
-            for event in self.feedback_for([g.generation_id for g in page]):
-                for gid in dict.fromkeys(event.generation_ids):
-                    events.setdefault(gid, []).append(event)
-            for generation in page:
-                yield export_row(generation, events.get(generation.generation_id, []))
-            last_seq = page[-1].seq
+        return export_rows(self, _EXPORT_PAGE_ROWS)
 
     def schema_version(self) -> int:
         return int(self._read("schema_version", "SELECT version FROM schema_version")[0][0])

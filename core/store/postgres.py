@@ -1,0 +1,271 @@
+"""The shared replay store: PostgreSQL via psycopg 3, for many server replicas and the trainer.
+
+Same tables and meaning as the SQLite store (see feedloop.core.store.schema); the URL's
+`?schema=NAME` picks the schema (see feedloop.core.store.pg for URL, pool and reconnect).
+
+Durability: a batch is one transaction; COMMIT returns after the WAL flush (the server's
+synchronous_commit=on), and only then does insert_feedback return.
+
+Ordering: trainers read "seq > cursor". An identity column hands out numbers at INSERT time, so
+two writers committing in the other order would let a reader pass a row that commits later with
+a smaller seq, and that row would never be read. Each write transaction therefore takes a
+transaction-scoped advisory lock per table first: numbers are assigned in commit order. The
+lock is held only for the length of one batch insert (group commit keeps those few).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailableError
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, StoreCounts
+from feedloop.core.store.pg import Pool, is_disk_full
+from feedloop.core.store.schema import (
+    FEEDBACK_COLUMNS,
+    GENERATION_COLUMNS,
+    LATEST_VERSION,
+    POSTGRES_MIGRATIONS,
+    export_rows,
+    sample_seqs,
+)
+from psycopg.types.json import Jsonb
+
+_EXPORT_PAGE_ROWS = 500
+_INSERT_CHUNK_ROWS = 1000
+_GEN_SELECT = "SELECT seq, " + ", ".join(GENERATION_COLUMNS) + " FROM generations"
+_FB_SELECT = "SELECT seq, " + ", ".join(FEEDBACK_COLUMNS) + " FROM feedback"
+
+
+def _unavailable(message: str, exc: BaseException) -> FeedloopError:
+    return StoreFullError(message) if is_disk_full(exc) else StoreUnavailableError(message)
+
+
+def _lock_table(conn: psycopg.Connection, table: str) -> None:
+    # Keyed by schema and table, so stores in other schemas of the database never wait on us.
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))", (table,))
+
+
+def _values_clause(rows: int, columns: int) -> str:
+    one = "(" + ", ".join(["%s"] * columns) + ")"
+    return ", ".join([one] * rows)
+
+
+def _generation_params(record: GenerationRecord) -> tuple[Any, ...]:
+    return (
+        record.generation_id,
+        record.request_id,
+        record.prompt,
+        record.prompt_ids,
+        record.output_ids,
+        record.behaviour_logprobs,
+        record.policy_logprobs,
+        record.finished,
+        record.text,
+        Jsonb(record.sampling),
+        record.model_version,
+        record.client_id,
+        record.created_at,
+        record.candidate_index,
+        record.num_candidates,
+    )
+
+
+def _generation_from_row(row: Sequence[Any]) -> GenerationRecord:
+    seq, *fields = row
+    return GenerationRecord(**dict(zip(GENERATION_COLUMNS, fields, strict=True)), seq=seq)
+
+
+def _feedback_params(record: FeedbackRecord) -> tuple[Any, ...]:
+    return (
+        record.event_id,
+        record.kind,
+        list(record.generation_ids),
+        record.client_id,
+        record.received_at,
+        record.score,
+        record.scale,
+        record.text,
+        record.given_at,
+    )
+
+
+def _feedback_from_row(row: Sequence[Any]) -> FeedbackRecord:
+    seq, *fields = row
+    return FeedbackRecord(**dict(zip(FEEDBACK_COLUMNS, fields, strict=True)), seq=seq)
+
+
+class PostgresStore(ReplayStore):
+    """A replay store in a PostgreSQL schema (tables created or migrated on open)."""
+
+    def __init__(self, url: str, *, max_connections: int = 4) -> None:
+        self.url = url
+        self._pool = Pool(url, unavailable=_unavailable, max_connections=max_connections)
+        self._pool.run("migrate", self._migrate, transaction=True)
+
+    @staticmethod
+    def _migrate(conn: psycopg.Connection) -> None:
+        # Replicas starting together: one migrates, the others wait here and then find it done.
+        _lock_table(conn, "schema_version")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        current = row[0] if row else 0
+        if current > LATEST_VERSION:
+            raise StoreUnavailableError(
+                f"replay store has schema version {current}, newer than this feedloop knows "
+                f"({LATEST_VERSION}): upgrade feedloop"
+            )
+        for statements in POSTGRES_MIGRATIONS[current:]:
+            for statement in statements:
+                conn.execute(statement)
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (LATEST_VERSION,))
+        elif current != LATEST_VERSION:
+            conn.execute("UPDATE schema_version SET version = %s", (LATEST_VERSION,))
+
+    def _fetch(self, action: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._pool.run(
+            action, lambda conn: conn.execute(query, params).fetchall(), transaction=False
+        )
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def append_generations(self, records: Sequence[GenerationRecord]) -> None:
+        if not records:
+            return
+        rows = [_generation_params(r) for r in records]
+
+        def work(conn: psycopg.Connection) -> None:
+            _lock_table(conn, "generations")
+            for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
+                chunk = rows[start : start + _INSERT_CHUNK_ROWS]
+                conn.execute(
+                    f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) VALUES "
+                    f"{_values_clause(len(chunk), len(GENERATION_COLUMNS))} "
+                    "ON CONFLICT (generation_id) DO NOTHING",
+                    [value for row in chunk for value in row],
+                )
+
+        self._pool.run("append_generations", work, transaction=True)
+
+    def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
+        if not records:
+            return []
+        rows = [_feedback_params(r) for r in records]
+
+        def work(conn: psycopg.Connection) -> set[str]:
+            _lock_table(conn, "feedback")
+            inserted: set[str] = set()
+            for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
+                chunk = rows[start : start + _INSERT_CHUNK_ROWS]
+                # DO NOTHING also skips a repeat inside the same statement: the first one wins.
+                cursor = conn.execute(
+                    f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) VALUES "
+                    f"{_values_clause(len(chunk), len(FEEDBACK_COLUMNS))} "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+                    [value for row in chunk for value in row],
+                )
+                inserted.update(row[0] for row in cursor.fetchall())
+            return inserted
+
+        inserted = self._pool.run("insert_feedback", work, transaction=True)
+        accepted: list[bool] = []
+        for record in records:
+            accepted.append(record.event_id in inserted)
+            inserted.discard(record.event_id)  # a later repeat in this batch is a duplicate
+        return accepted
+
+    def set_cursor(self, name: str, value: dict[str, Any]) -> None:
+        self._pool.run(
+            "set_cursor",
+            lambda conn: conn.execute(
+                "INSERT INTO cursors (name, value) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (name, Jsonb(value)),
+            ),
+            transaction=True,
+        )
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRecord]:
+        rows = self._fetch(
+            "get_generations",
+            f"{_GEN_SELECT} WHERE generation_id = ANY(%s::text[])",
+            (list(dict.fromkeys(generation_ids)),),
+        )
+        records = [_generation_from_row(row) for row in rows]
+        return {r.generation_id: r for r in records}
+
+    def generations_after(self, seq: int, limit: int) -> list[GenerationRecord]:
+        rows = self._fetch(
+            "generations_after",
+            f"{_GEN_SELECT} WHERE seq > %s ORDER BY seq LIMIT %s",
+            (seq, limit),
+        )
+        return [_generation_from_row(row) for row in rows]
+
+    def sample_generations(self, before_seq: int, n: int, seed: int) -> list[GenerationRecord]:
+        seqs = self._fetch(
+            "sample_generations",
+            "SELECT seq FROM generations WHERE seq <= %s ORDER BY seq",
+            (before_seq,),
+        )
+        chosen = sample_seqs([row[0] for row in seqs], n, seed)
+        if not chosen:
+            return []
+        rows = self._fetch(
+            "sample_generations",
+            f"{_GEN_SELECT} WHERE seq = ANY(%s::bigint[]) ORDER BY seq",
+            (chosen,),
+        )
+        return [_generation_from_row(row) for row in rows]
+
+    def feedback_after(self, seq: int, limit: int) -> list[FeedbackRecord]:
+        rows = self._fetch(
+            "feedback_after",
+            f"{_FB_SELECT} WHERE seq > %s ORDER BY seq LIMIT %s",
+            (seq, limit),
+        )
+        return [_feedback_from_row(row) for row in rows]
+
+    def feedback_for(self, generation_ids: Sequence[str]) -> list[FeedbackRecord]:
+        if not generation_ids:
+            return []
+        rows = self._fetch(
+            "feedback_for",
+            f"{_FB_SELECT} WHERE generation_ids && %s::text[] ORDER BY seq",
+            (list(dict.fromkeys(generation_ids)),),
+        )
+        return [_feedback_from_row(row) for row in rows]
+
+    def max_seq(self) -> tuple[int, int]:
+        row = self._fetch(
+            "max_seq",
+            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM generations), "
+            "(SELECT COALESCE(MAX(seq), 0) FROM feedback)",
+        )[0]
+        return int(row[0]), int(row[1])
+
+    def counts(self) -> StoreCounts:
+        generations = self._fetch("counts", "SELECT COUNT(*) FROM generations")[0][0]
+        by_kind = dict(self._fetch("counts", "SELECT kind, COUNT(*) FROM feedback GROUP BY kind"))
+        return StoreCounts(int(generations), sum(by_kind.values()), by_kind)
+
+    def get_cursor(self, name: str) -> dict[str, Any] | None:
+        rows = self._fetch("get_cursor", "SELECT value FROM cursors WHERE name = %s", (name,))
+        if not rows:
+            return None
+        value = rows[0][0]
+        return json.loads(value) if isinstance(value, str) else value
+
+    def iter_export(self) -> Iterator[dict[str, Any]]:
+        return export_rows(self, _EXPORT_PAGE_ROWS)
+
+    def schema_version(self) -> int:
+        return int(self._fetch("schema_version", "SELECT version FROM schema_version")[0][0])
+
+    def close(self) -> None:
+        self._pool.close()
