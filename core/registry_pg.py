@@ -1,0 +1,379 @@
+"""The shared model registry: PostgreSQL tables, so replicas on several machines see one truth.
+
+Tables (in the URL's `?schema=`, beside the replay store's, all prefixed `registry_`):
+    registry_versions   number, version name, manifest (JSON)
+    registry_files      each checkpoint file's bytes (bytea) and sha256, per version
+    registry_live       one row: the live version and the rollback stack
+    registry_history    every decision (published, promoted, refused, rolled_back), in order
+
+Every change is one transaction under an advisory lock (writers are serialised like the
+directory backend's flock): a publish killed at any instant leaves no trace, and the live
+pointer never names a version whose files are not all there. Each live-pointer change sends
+NOTIFY on a channel named after the schema, delivered at commit; `wait_for_change` LISTENs on
+it and still re-reads the pointer every poll_interval_s, so a lost notification (a dropped
+listener connection) delays a swap by at most that long instead of forever.
+
+`checkpoint_dir(version)` materialises a version's files into a local cache folder, verified
+against the manifest's sha256, because the loader reads checkpoints from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from feedloop.core.checkpoint import (
+    Manifest,
+    fsync_dir,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from feedloop.core.config import default_data_dir
+from feedloop.core.errors import CheckpointError, FeedloopError, RegistryError, UnknownVersionError
+from feedloop.core.registry import (
+    ACTIONS,
+    PROMOTED,
+    PUBLISHED,
+    ROLLED_BACK,
+    Decision,
+    LivePointer,
+    ModelRegistry,
+    version_name,
+)
+from feedloop.core.store.pg import Pool, redact
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+_ROLLBACK_DEPTH = 20  # as the directory registry: the last 20 live versions can be restored
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE registry_versions (
+            number INTEGER PRIMARY KEY,
+            version TEXT NOT NULL UNIQUE,
+            manifest JSONB NOT NULL
+        )""",
+        """CREATE TABLE registry_files (
+            version TEXT NOT NULL REFERENCES registry_versions (version),
+            name TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (version, name)
+        )""",
+        """CREATE TABLE registry_live (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            live TEXT REFERENCES registry_versions (version),
+            previous TEXT[] NOT NULL
+        )""",
+        """CREATE TABLE registry_history (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            version TEXT NOT NULL,
+            action TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            details JSONB NOT NULL,
+            at TEXT NOT NULL
+        )""",
+    ),
+)
+
+
+def _registry_error(message: str, exc: BaseException) -> FeedloopError:
+    return RegistryError(message)
+
+
+def _lock(conn: psycopg.Connection, name: str = "registry") -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))", (name,))
+
+
+def _insert_decision(conn: psycopg.Connection, decision: Decision) -> None:
+    conn.execute(
+        "INSERT INTO registry_history (version, action, reason, details, at) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        (decision.version, decision.action, decision.reason, Jsonb(decision.details), decision.at),
+    )
+
+
+class PostgresRegistry(ModelRegistry):
+    """A model registry in a PostgreSQL schema (tables created on open).
+
+    cache_dir: where checkpoint_dir materialises versions (default: under the data folder, one
+    subfolder per registry URL). poll_interval_s: the fallback re-read of the live pointer
+    while waiting for a change, should a notification be lost.
+    """
+
+    def __init__(
+        self, url: str, *, cache_dir: Path | None = None, poll_interval_s: float = 1.0
+    ) -> None:
+        self.url = url
+        self.poll_interval_s = poll_interval_s
+        self._pool = Pool(url, unavailable=_registry_error, max_connections=4)
+        url_key = hashlib.sha256(redact(url).encode()).hexdigest()[:16]
+        self.cache_dir = (
+            Path(cache_dir) if cache_dir else default_data_dir() / "registry-cache" / url_key
+        )
+        self._listener: psycopg.Connection | None = None
+        self._listener_lock = threading.Lock()
+        self._pool.run("migrate", self._migrate, transaction=True)
+        schema = self._pool.schema or self._pool.run(
+            "schema",
+            lambda c: c.execute("SELECT current_schema()").fetchone()[0],
+            transaction=False,
+        )
+        # One channel per schema (channels are database-wide); names are at most 63 bytes.
+        self.channel = "feedloop_live_" + hashlib.sha256(schema.encode()).hexdigest()[:20]
+
+    @staticmethod
+    def _migrate(conn: psycopg.Connection) -> None:
+        _lock(conn, "registry_schema_version")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS registry_schema_version (version INTEGER NOT NULL)"
+        )
+        row = conn.execute("SELECT version FROM registry_schema_version").fetchone()
+        current = row[0] if row else 0
+        if current > len(_MIGRATIONS):
+            raise RegistryError(
+                f"registry schema version {current} is newer than this feedloop knows "
+                f"({len(_MIGRATIONS)}): upgrade feedloop"
+            )
+        for statements in _MIGRATIONS[current:]:
+            for statement in statements:
+                conn.execute(statement)
+        if row is None:
+            conn.execute("INSERT INTO registry_schema_version VALUES (%s)", (len(_MIGRATIONS),))
+        else:
+            conn.execute("UPDATE registry_schema_version SET version = %s", (len(_MIGRATIONS),))
+
+    def _fetch(self, action: str, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self._pool.run(
+            action, lambda conn: conn.execute(query, params).fetchall(), transaction=False
+        )
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        return [
+            row[0]
+            for row in self._fetch(
+                "versions", "SELECT version FROM registry_versions ORDER BY number"
+            )
+        ]
+
+    def manifest(self, version: str) -> Manifest:
+        rows = self._fetch(
+            "manifest", "SELECT manifest FROM registry_versions WHERE version = %s", (version,)
+        )
+        if not rows:
+            raise UnknownVersionError(
+                f"no version {version!r} in the registry at {redact(self.url)}"
+            )
+        return Manifest.from_dict(rows[0][0])
+
+    def publish(
+        self,
+        checkpoint_dir: Path,
+        *,
+        reason: str = "",
+        details: dict[str, Any] | None = None,
+        make_live: bool = False,
+    ) -> str:
+        source = Path(checkpoint_dir)
+        manifest = read_manifest(source)
+        verify_files(source, manifest)
+        blobs = {name: (source / name).read_bytes() for name in manifest.files}
+        for name, data in blobs.items():  # the files could have changed since verify_files
+            if hashlib.sha256(data).hexdigest() != manifest.files[name]:
+                raise CheckpointError(f"{source / name}: changed while being published")
+
+        def work(conn: psycopg.Connection) -> str:
+            _lock(conn)
+            (number,) = conn.execute(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM registry_versions"
+            ).fetchall()[0]
+            version = version_name(number)
+            stored = json.loads(manifest.with_version(version).to_json())
+            conn.execute(
+                "INSERT INTO registry_versions (number, version, manifest) VALUES (%s, %s, %s)",
+                (number, version, Jsonb(stored)),
+            )
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO registry_files (version, name, sha256, data) "
+                    "VALUES (%s, %s, %s, %s)",
+                    [(version, name, manifest.files[name], data) for name, data in blobs.items()],
+                )
+            _insert_decision(conn, Decision(version, PUBLISHED, reason, details or {}))
+            if make_live:
+                self._set_live_tx(conn, version, reason=reason, action=PROMOTED)
+            return version
+
+        return self._pool.run("publish", work, transaction=True)
+
+    def checkpoint_dir(self, version: str) -> Path:
+        manifest = self.manifest(version)  # raises UnknownVersionError
+        target = self.cache_dir / version
+        if target.is_dir():
+            try:
+                verify_files(target, read_manifest(target))
+                return target
+            except CheckpointError:
+                shutil.rmtree(target, ignore_errors=True)  # a damaged cache copy: fetch again
+        rows = self._fetch(
+            "checkpoint_dir",
+            "SELECT name, sha256, data FROM registry_files WHERE version = %s",
+            (version,),
+        )
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.cache_dir / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for name, _, data in rows:
+                (staging / name).write_bytes(bytes(data))
+            write_manifest(staging, manifest)
+            try:
+                verify_files(staging, manifest)
+            except CheckpointError as exc:
+                raise CheckpointError(
+                    f"version {version} in the registry at {redact(self.url)}: stored files "
+                    f"fail verification: {exc}"
+                ) from exc
+            fsync_dir(staging)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a concurrent materialisation of the same version
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    # -- the live pointer ----------------------------------------------------------------------
+
+    @staticmethod
+    def _pointer_tx(conn: psycopg.Connection) -> LivePointer:
+        row = conn.execute("SELECT live, previous FROM registry_live WHERE id = 1").fetchone()
+        return LivePointer(row[0], tuple(row[1])) if row else LivePointer(None)
+
+    def pointer(self) -> LivePointer:
+        return self._pool.run("pointer", self._pointer_tx, transaction=False)
+
+    def _write_pointer_tx(self, conn: psycopg.Connection, pointer: LivePointer) -> None:
+        conn.execute(
+            "INSERT INTO registry_live (id, live, previous) VALUES (1, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET live = EXCLUDED.live, previous = EXCLUDED.previous",
+            (pointer.live, list(pointer.previous)),
+        )
+        # Delivered to listeners only when this transaction commits.
+        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, pointer.live or ""))
+
+    def _set_live_tx(
+        self, conn: psycopg.Connection, version: str, *, reason: str, action: str
+    ) -> LivePointer:
+        known = conn.execute("SELECT 1 FROM registry_versions WHERE version = %s", (version,))
+        if known.fetchone() is None:
+            raise UnknownVersionError(
+                f"no version {version!r} in the registry at {redact(self.url)}"
+            )
+        current = self._pointer_tx(conn)
+        if current.live == version:
+            return current
+        previous = current.previous + ((current.live,) if current.live else ())
+        pointer = LivePointer(version, previous[-_ROLLBACK_DEPTH:])
+        self._write_pointer_tx(conn, pointer)
+        _insert_decision(conn, Decision(version, action, reason, {"previous": current.live}))
+        return pointer
+
+    def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
+        def work(conn: psycopg.Connection) -> LivePointer:
+            _lock(conn)
+            return self._set_live_tx(conn, version, reason=reason, action=action)
+
+        return self._pool.run("set_live", work, transaction=True)
+
+    def rollback(self, *, reason: str = "") -> LivePointer:
+        def work(conn: psycopg.Connection) -> LivePointer:
+            _lock(conn)
+            current = self._pointer_tx(conn)
+            if not current.previous:
+                raise RegistryError("nothing to roll back to: no earlier live version")
+            target = current.previous[-1]
+            pointer = LivePointer(target, current.previous[:-1])
+            self._write_pointer_tx(conn, pointer)
+            _insert_decision(conn, Decision(target, ROLLED_BACK, reason, {"from": current.live}))
+            return pointer
+
+        return self._pool.run("rollback", work, transaction=True)
+
+    def _listen(self) -> psycopg.Connection:
+        if self._listener is None or self._listener.closed or self._listener.broken:
+            conn = self._pool.connect()
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            self._listener = conn
+        return self._listener
+
+    def wait_for_change(self, last_seen: str | None, timeout_s: float) -> str | None:
+        # One waiter at a time owns the listening connection; a concurrent waiter polls.
+        if not self._listener_lock.acquire(blocking=False):
+            return self._wait(last_seen, timeout_s, listener=None)
+        try:
+            try:
+                listener = self._listen()  # LISTEN before reading: a change in between wakes us
+            except psycopg.Error:
+                listener = None  # the fallback poll still sees changes
+            return self._wait(last_seen, timeout_s, listener=listener)
+        finally:
+            self._listener_lock.release()
+
+    def _wait(
+        self, last_seen: str | None, timeout_s: float, *, listener: psycopg.Connection | None
+    ) -> str | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = self.live()
+            remaining = deadline - time.monotonic()
+            if live != last_seen or remaining <= 0:
+                return live
+            wait_s = min(self.poll_interval_s, remaining)
+            if listener is None:
+                time.sleep(wait_s)
+                continue
+            try:
+                for _ in listener.notifies(timeout=wait_s, stop_after=1):
+                    pass
+            except psycopg.Error:
+                listener.close()
+                self._listener = listener = None
+
+    # -- history -------------------------------------------------------------------------------
+
+    def record(self, decision: Decision) -> None:
+        if decision.action not in ACTIONS:
+            raise ValueError(f"unknown action {decision.action!r}")
+
+        def work(conn: psycopg.Connection) -> None:
+            _lock(conn)
+            _insert_decision(conn, decision)
+
+        self._pool.run("record", work, transaction=True)
+
+    def history(self, limit: int | None = None) -> list[Decision]:
+        rows = self._fetch(
+            "history",
+            "SELECT version, action, reason, details, at FROM registry_history "
+            "ORDER BY seq DESC LIMIT %s",
+            (limit if limit else None,),
+        )
+        return [Decision(v, a, r, d, at) for v, a, r, d, at in rows]
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._pool.close()
