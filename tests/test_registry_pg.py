@@ -173,7 +173,7 @@ def test_checkpoint_dir_refuses_bytes_that_do_not_match_the_manifest(
             f'UPDATE "{schema}".registry_files SET data = %s WHERE name = %s',
             (b"tampered", WEIGHTS),
         )
-    with pytest.raises(CheckpointError, match="fail verification.*does not match"):
+    with pytest.raises(CheckpointError, match=r"fail verification.*does not match"):
         registry.checkpoint_dir(version)
     assert not (registry.cache_dir / version).exists()
 

@@ -1,0 +1,159 @@
+"""`feedloop store`: replay store tools. `export` writes generations joined with their feedback.
+
+Exit codes: 0 done, 1 the store could not be read or the output written, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
+from feedloop.core.errors import ConfigError, StoreError
+from feedloop.core.store.base import open_store
+from tqdm import tqdm
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+EXAMPLES = """\
+examples:
+  feedloop store export                                  # the embedded store, to stdout
+  feedloop store export --store ~/replay.sqlite3 --output replay.jsonl
+  feedloop store export --store 'postgresql://feedloop@db:5432/feedloop?schema=prod' | head
+  FEEDLOOP_STORE=postgresql://feedloop@db/feedloop feedloop store export -o all.jsonl
+
+Each output line is one generation (every logged field: prompt, output tokens, behaviour and
+policy log-probabilities, sampling parameters, model version, ...) with a "feedback" list of
+every event that names it, oldest first.
+"""
+
+
+@dataclass(frozen=True)
+class StoreToolConfig:
+    """Where the store is: the same keys as the server's and trainer's configs."""
+
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata={"help": "feedloop's data directory (holds the embedded store)"},
+    )
+    store: str | None = field(
+        default=None,
+        metadata={
+            "help": "replay store: a SQLite path or a postgresql:// URL "
+            "(unset: DATA_DIR/replay.sqlite3)"
+        },
+    )
+
+    def store_location(self) -> str:
+        return self.store or str(self.data_dir / "replay.sqlite3")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as exit 2 without leaving our main()."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="feedloop store", description="Replay store tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    export = commands.add_parser(
+        "export",
+        help="write generations joined with their feedback as JSON Lines",
+        description="Write every generation with its feedback events as JSON Lines.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--config", metavar="FILE", help="TOML config file ([store] table)")
+    add_config_flags(export, StoreToolConfig)
+    export.add_argument(
+        "-o", "--output", metavar="FILE", help="write here instead of stdout (replaced whole)"
+    )
+    return parser
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[str]]:
+    """stdout, or FILE written beside itself and renamed in place: no half-written export."""
+    if path is None:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(location: str, output: str | None) -> tuple[int, int]:
+    """Export the store at location; (generations, feedback events) written."""
+    if not location.startswith(("postgresql://", "postgres://")) and not Path(location).is_file():
+        raise FileNotFoundError(f"no replay store at {location}")
+    store = open_store(location)
+    try:
+        total = store.counts().generations
+        generations = events = 0
+        with (
+            _output(output) as out,
+            tqdm(
+                total=total,
+                unit="gen",
+                desc="export",
+                file=sys.stderr,
+                disable=output is None or not sys.stderr.isatty(),
+            ) as progress,
+        ):
+            for row in store.iter_export():
+                out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+                generations += 1
+                events += len(row["feedback"])
+                progress.update(1)
+        return generations, events
+    finally:
+        store.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv[1:])
+        if args.command is None:
+            raise _UsageError(f"{parser.prog}: choose a command\n{parser.format_usage().strip()}")
+        config = config_from_args(StoreToolConfig, args, section="store")
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"feedloop store {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    try:
+        generations, events = export(config.store_location(), args.output)
+    except (StoreError, OSError) as exc:
+        print(f"feedloop store export: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"feedloop store export: {generations} generations, {events} feedback events "
+        f"-> {args.output or 'stdout'}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
