@@ -186,11 +186,25 @@ class AsyncFeedloopClient:
 
         async def attempt(remaining_s: float) -> list[FeedbackResult]:
             pending = messages[len(results) :]
-            call = self._feedback.SubmitStream(
-                iter(pending), timeout=remaining_s, metadata=self._metadata
-            )
-            async for ack in call:
+            call = self._feedback.SubmitStream(timeout=remaining_s, metadata=self._metadata)
+            # One write, then its ack, in lock-step: when a write is still in flight as the
+            # server ends the call (say INVALID_ARGUMENT on a bad event), grpc.aio can report
+            # INTERNAL "Internal error from Core" instead of the server's status (seen in about
+            # 3% of runs of the broken-stream test), and the caller must get the real code.
+            for message in pending:
+                await call.write(message)
+                ack = await call.read()
+                if ack is grpc.aio.EOF:
+                    break
                 results.append(FeedbackResult.from_proto(ack))
+            await call.done_writing()
+            if await call.read() is not grpc.aio.EOF:
+                raise FeedloopClientError(grpc.StatusCode.INTERNAL, "more acks than events")
+            status = await call.code()
+            if status != grpc.StatusCode.OK or len(results) < len(messages):
+                raise FeedloopClientError(
+                    status, await call.details() or "feedback stream ended before every ack"
+                )
             return results
 
         return await self._with_retries(attempt, timeout_s)
