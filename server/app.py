@@ -1,0 +1,285 @@
+"""Wiring and lifecycle of one feedloop server: open, seed, load, serve, drain, close.
+
+    store + registry ─▶ LiveModel (watcher thread) ─┐
+    GenerationService ─▶ Batcher (worker thread) ───┴▶ GenerationLog (writer thread) ─▶ store
+    FeedbackService ───▶ FeedbackWriter (writer thread) ────────────────────────────▶ store
+    ModelAdminService ─▶ registry          AuthInterceptor in front of all three
+    Health (NOT_SERVING until a model is loaded and while draining), reflection, /metrics
+
+Shutdown order matters: health goes NOT_SERVING, the gRPC server stops taking calls and lets
+in-flight ones finish, then the batcher, the feedback writer and the generation log drain into
+the store, and only then are the store and registry closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from feedloop.core.checkpoint import MANIFEST
+from feedloop.core.errors import FeedloopError
+from feedloop.core.registry import DirectoryRegistry, ModelRegistry, open_registry
+from feedloop.core.store.base import ReplayStore, open_store
+from feedloop.server.admin import ModelAdminService
+from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
+from feedloop.server.batcher import Batcher
+from feedloop.server.config import ServeConfig, is_loopback
+from feedloop.server.feedback import FeedbackService
+from feedloop.server.feedback_writer import FeedbackWriter
+from feedloop.server.generation import GenerationService
+from feedloop.server.genlog import GenerationLog
+from feedloop.server.live_model import LiveModel
+from feedloop.server.metrics import ServerMetrics
+from feedloop.server.ratelimit import RateLimiter
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("feedloop.server")
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("Generation", "Feedback", "ModelAdmin")
+)
+
+
+class StartupError(FeedloopError):
+    """The server cannot start; the message tells the operator what to do."""
+
+
+def seed_registry(registry: ModelRegistry, data_dir: Path, location: str) -> None:
+    """Give an empty registry a live version: the default pretrained checkpoint."""
+    if registry.live() is not None:
+        return
+    versions = registry.versions()
+    if versions:
+        registry.set_live(versions[-1], reason="no live version at server start: newest made live")
+        return
+    from feedloop.core.pretrain import default_checkpoint_dir
+
+    checkpoint = default_checkpoint_dir(data_dir)
+    if not (checkpoint / MANIFEST).is_file():
+        raise StartupError(
+            f"no model to serve: the registry at {location} is empty and there is no default "
+            f"checkpoint at {checkpoint}; run `feedloop pretrain` first"
+        )
+    registry.publish(checkpoint, reason="seed: the default pretrained checkpoint", make_live=True)
+
+
+def _read(path: Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+class FeedloopServer:
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        store: ReplayStore | None = None,
+        registry: ModelRegistry | None = None,
+    ) -> None:
+        """store/registry: already-open backends to use (tests); default: open the config's."""
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.store = store
+        self.registry = registry
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self.live_model: LiveModel | None = None
+        self.generation_log: GenerationLog | None = None
+        self.feedback_writer: FeedbackWriter | None = None
+        self.batcher: Batcher | None = None
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._started_at = time.monotonic()
+        self._stopped = False
+
+    @property
+    def live_version(self) -> str:
+        live = self.live_model.live if self.live_model else None
+        return live.version if live else ""
+
+    def banner(self) -> str:
+        config = self.config
+        metrics_host = config.metrics_host or config.host
+        return (
+            f"feedloop serve: listening grpc={config.host}:{self.grpc_port} "
+            f"metrics={metrics_host}:{self.metrics_port} live={self.live_version} "
+            f"auth={'on' if config.auth_enabled else 'off'}"
+        )
+
+    async def start(self) -> None:
+        config = self.config
+        if not config.auth_enabled and not is_loopback(config.host):
+            raise StartupError(
+                f"refusing to serve on {config.host} without auth: set auth_keys_file "
+                f"(--auth-keys-file) or bind to 127.0.0.1"
+            )
+        keys = load_keys(config.auth_keys_file) if config.auth_keys_file else None
+        if keys is None:
+            log.warning("auth is off: allowed only because %s is a loopback address", config.host)
+        torch.set_num_threads(config.torch_threads)
+        if self.store is None:
+            self.store = await asyncio.to_thread(open_store, config.store_location)
+        if self.registry is None:
+            self.registry = await asyncio.to_thread(open_registry, config.registry_location)
+        if isinstance(self.registry, DirectoryRegistry):
+            self.registry.poll_interval_s = config.registry_poll_interval_s
+        await asyncio.to_thread(
+            seed_registry, self.registry, config.data_dir, config.registry_location
+        )
+
+        loop = asyncio.get_running_loop()
+        metrics = self.metrics
+        self.live_model = LiveModel(self.registry, metrics, keep_versions=config.keep_versions)
+        self.generation_log = GenerationLog(
+            self.store,
+            metrics,
+            capacity=config.generation_buffer_size,
+            batch_max=config.write_batch_max,
+        )
+        live_model = self.live_model
+        self.feedback_writer = FeedbackWriter(
+            self.store,
+            self.generation_log,
+            metrics,
+            lambda: live_model.live.version if live_model.live else None,
+            capacity=config.feedback_queue_size,
+            batch_max=config.write_batch_max,
+        )
+        self.feedback_writer.start(loop)
+        self.batcher = Batcher(
+            self.live_model,
+            self.generation_log,
+            metrics,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_ms=config.max_queue_delay_ms,
+            max_queue_size=config.max_queue_size,
+            torch_threads=config.torch_threads,
+        )
+        self.batcher.start(loop)
+        authenticator = Authenticator(keys)
+
+        server = grpc.aio.server(
+            interceptors=[
+                AuthInterceptor(
+                    authenticator,
+                    RateLimiter(config.rate_limit_rps, config.rate_limit_burst),
+                    metrics,
+                )
+            ],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a taken port is an error, not a shared one
+            ],
+        )
+        self._server = server
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationService(
+                config,
+                self.batcher,
+                self.live_model,
+                self.generation_log,
+                authenticator,
+                metrics,
+            ),
+            server,
+        )
+        pb_grpc.add_FeedbackServicer_to_server(
+            FeedbackService(
+                self.feedback_writer,
+                authenticator,
+                metrics,
+                max_correction_chars=config.max_correction_chars,
+            ),
+            server,
+        )
+        pb_grpc.add_ModelAdminServicer_to_server(
+            ModelAdminService(
+                self.registry,
+                self.live_model,
+                self.batcher,
+                metrics,
+                started_at=self._started_at,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls_cert and config.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(_read(config.tls_key), _read(config.tls_cert))],
+                    root_certificates=_read(config.tls_client_ca),
+                    require_client_auth=config.tls_client_ca is not None,
+                )
+                self.grpc_port = server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind gRPC to {address}: {exc}") from None
+        if not self.grpc_port:
+            raise StartupError(f"cannot bind gRPC to {address}")
+        await server.start()
+        try:
+            self.metrics_port = metrics.serve_http(
+                config.metrics_host or config.host, config.metrics_port
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot bind metrics to {config.host}:{config.metrics_port}: {exc}"
+            ) from None
+
+        try:
+            await asyncio.to_thread(self.live_model.load_initial)
+        except FeedloopError as exc:
+            raise StartupError(f"cannot load the live model: {exc}") from None
+        self.live_model.start_watching()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and close everything (safe to call on a half-started server, and twice)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        # The watcher and the metrics endpoint each take up to a poll interval to notice.
+        stopping = [asyncio.to_thread(self.metrics.stop_http)]
+        if self.live_model is not None:
+            stopping.append(asyncio.to_thread(self.live_model.stop))
+        if self.batcher is not None:
+            stopping.append(asyncio.to_thread(self.batcher.stop))
+        await asyncio.gather(*stopping)
+        remaining_s = max(0.5, deadline - time.monotonic())
+        if self.feedback_writer is not None:
+            await asyncio.to_thread(self.feedback_writer.stop, remaining_s)
+        if self.generation_log is not None:
+            remaining_s = max(0.5, deadline - time.monotonic())
+            await asyncio.to_thread(self.generation_log.stop, remaining_s)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.close)

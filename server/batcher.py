@@ -1,0 +1,281 @@
+"""The dynamic batcher: concurrent Generate calls grouped into batched forward passes.
+
+The event loop appends a job to a bounded queue and awaits its future; ONE dedicated worker
+thread takes up to max_batch_size rows (a request counts num_candidates rows), waiting at most
+max_queue_delay_ms after the oldest job arrived for company, and runs them. While a batch
+computes, new jobs pile up, so under load batches fill without any waiting at all.
+
+Per batch the worker reads the live model once: the batch is served by that one version, and a
+swap lands between batches. Jobs pinned to another version are run as their own batch with that
+version. Jobs whose deadline passed or that were cancelled are dropped before compute. The worker
+also builds the response protos and hands the generation records to the generation log, and it
+resolves a whole batch's futures with a single call into the loop, which keeps the loop's
+per-request cost small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from feedloop.core.policy import SampleRequest
+from feedloop.core.sampling import SamplingParams
+from feedloop.core.store.base import GenerationRecord
+from feedloop.server.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
+from feedloop.server.genlog import GenerationLog
+from feedloop.server.live_model import LiveModel, LoadedModel
+from feedloop.server.metrics import ServerMetrics
+from feedloop.v1 import feedloop_pb2 as pb
+
+log = logging.getLogger("feedloop.server.batcher")
+
+
+@dataclass(eq=False, slots=True)
+class GenerateJob:
+    """One validated Generate request on its way through the batcher."""
+
+    prompt: str
+    params: SamplingParams  # seed already resolved (never 0)
+    num_candidates: int
+    request_id: str
+    client_id: str
+    pinned_version: str | None
+    deadline: float | None  # time.monotonic() after which the caller has given up
+    future: asyncio.Future[Any] | None = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class Batcher:
+    def __init__(
+        self,
+        live_model: LiveModel,
+        generation_log: GenerationLog,
+        metrics: ServerMetrics,
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_size: int,
+        torch_threads: int,
+    ) -> None:
+        self.live_model = live_model
+        self.generation_log = generation_log
+        self.metrics = metrics
+        self.max_batch_rows = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.torch_threads = torch_threads
+        self._jobs: collections.deque[GenerateJob] = collections.deque()
+        self._rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._jobs)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="feedloop-batcher", daemon=True)
+        self._thread.start()
+
+    async def generate(self, job: GenerateJob) -> pb.GenerateResponse:
+        """Queue job and wait for its reply (raises ServiceError subclasses)."""
+        if self._stopping:
+            raise Unavailable("the server is shutting down")
+        if len(self._jobs) >= self.max_queue_size:
+            raise Overloaded(
+                f"the generation queue is full ({self.max_queue_size} requests); retry later"
+            )
+        assert self._loop is not None
+        future = self._loop.create_future()
+        job.future = future
+        with self._cond:
+            self._jobs.append(job)
+            self._rows += job.num_candidates
+            self._cond.notify()
+        try:
+            return await future  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            job.cancelled = True  # the worker drops it if it has not started it yet
+            raise
+
+    def stop(self) -> None:
+        """Finish every queued job, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
+
+    # -- the worker thread -----------------------------------------------------------------------
+
+    def _take_batch(self) -> list[GenerateJob]:
+        with self._cond:
+            while not self._jobs:
+                if self._stopping:
+                    return []
+                self._cond.wait()
+            close_at = self._jobs[0].enqueued_at + self.max_queue_delay_s
+            while self._rows < self.max_batch_rows and not self._stopping:
+                remaining = close_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[GenerateJob] = []
+            rows = 0
+            while self._jobs:
+                job = self._jobs[0]
+                if batch and rows + job.num_candidates > self.max_batch_rows:
+                    break
+                self._jobs.popleft()
+                rows += job.num_candidates
+                batch.append(job)
+            self._rows -= rows
+            return batch
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.torch_threads)
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return
+            self.metrics.queue_depth.set(len(self._jobs))
+            try:
+                self._serve(batch)
+            except Exception:
+                log.exception("batch failed")
+                self._deliver([(job, ServiceError("generation failed")) for job in batch])
+
+    def _serve(self, batch: list[GenerateJob]) -> None:
+        now = time.monotonic()
+        results: list[tuple[GenerateJob, Any]] = []
+        live = self.live_model.live
+        groups: dict[str, tuple[LoadedModel, list[GenerateJob]]] = {}
+        for job in batch:
+            if job.cancelled or (job.future is not None and job.future.cancelled()):
+                self.metrics.dropped.labels("cancelled").inc()
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                self.metrics.dropped.labels("deadline").inc()
+                results.append((job, DeadlineExceeded("deadline passed while queued")))
+                continue
+            self.metrics.queue_wait.observe(now - job.enqueued_at)
+            try:
+                model = self.live_model.get(job.pinned_version) if job.pinned_version else live
+            except ServiceError as exc:
+                results.append((job, exc))
+                continue
+            if model is None:
+                results.append((job, Unavailable("no model is loaded yet")))
+                continue
+            groups.setdefault(model.version, (model, []))[1].append(job)
+        for model, jobs in groups.values():
+            results.extend(self._run_group(model, jobs))
+        self._deliver(results)
+
+    def _run_group(
+        self, model: LoadedModel, jobs: list[GenerateJob]
+    ) -> list[tuple[GenerateJob, Any]]:
+        policy = model.policy
+        tokenizer = policy.tokenizer
+        prompt_ids = [policy.encode_prompt(job.prompt) for job in jobs]
+        requests = [
+            SampleRequest(ids, job.params, job.num_candidates)
+            for ids, job in zip(prompt_ids, jobs, strict=True)
+        ]
+        started = time.perf_counter()
+        outputs = policy.sample(requests)
+        self.metrics.batch_duration.observe(time.perf_counter() - started)
+        self.metrics.batch_rows.observe(sum(job.num_candidates for job in jobs))
+        created_at = time.time()
+        records: list[GenerationRecord] = []
+        results: list[tuple[GenerateJob, Any]] = []
+        tokens_total = 0
+        for job, ids, samples in zip(jobs, prompt_ids, outputs, strict=True):
+            params = job.params
+            sampling = {
+                "temperature": params.temperature,
+                "top_k": params.top_k,
+                "top_p": params.top_p,
+                "max_tokens": params.max_tokens,
+                "seed": params.seed,
+            }
+            candidates = []
+            for index, sample in enumerate(samples):
+                generation_id = uuid.uuid4().hex
+                phrase_ids = sample.phrase_ids
+                text = tokenizer.decode(phrase_ids)
+                tokens_total += len(sample.token_ids)
+                candidates.append(
+                    pb.Candidate(
+                        generation_id=generation_id,
+                        text=text,
+                        tokens=tokenizer.token_strings(phrase_ids),
+                        log_prob=sum(sample.behaviour_logprobs),
+                        finished=sample.finished,
+                    )
+                )
+                records.append(
+                    GenerationRecord(
+                        generation_id=generation_id,
+                        request_id=job.request_id,
+                        prompt=job.prompt,
+                        prompt_ids=ids,
+                        output_ids=sample.token_ids,
+                        behaviour_logprobs=sample.behaviour_logprobs,
+                        policy_logprobs=sample.policy_logprobs,
+                        finished=sample.finished,
+                        text=text,
+                        sampling=sampling,
+                        model_version=model.version,
+                        client_id=job.client_id,
+                        created_at=created_at,
+                        candidate_index=index,
+                        num_candidates=job.num_candidates,
+                    )
+                )
+            results.append(
+                (
+                    job,
+                    pb.GenerateResponse(
+                        request_id=job.request_id,
+                        model_version=model.version,
+                        candidates=candidates,
+                        seed=params.seed,
+                    ),
+                )
+            )
+        # Logged before the replies go out: a client can only rate what the log already holds
+        # (in its buffer or in the store).
+        self.generation_log.add(records)
+        self.metrics.served(len(records), tokens_total)
+        return results
+
+    def _deliver(self, results: list[tuple[GenerateJob, Any]]) -> None:
+        if results and self._loop is not None:
+            # RuntimeError: the loop is closed, so nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve, results)
+
+
+def _resolve(results: list[tuple[GenerateJob, Any]]) -> None:
+    """Runs on the loop: one call resolves a whole batch's futures."""
+    for job, outcome in results:
+        future = job.future
+        if future is None or future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

@@ -1,0 +1,178 @@
+"""ServeConfig: every knob of `feedloop serve`, with its default and the reason behind it.
+
+Built once at start-up by feedloop.core.config (flags > FEEDLOOP_* env > TOML [serve] > these
+defaults) and passed down; nothing in the server reads the environment on its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from feedloop.core.config import default_data_dir
+from feedloop.core.errors import ConfigError
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata=_help("address to bind the gRPC server to"))
+    port: int = field(default=50051, metadata=_help("gRPC port; 0 picks a free one"))
+    metrics_port: int = field(
+        default=9464, metadata=_help("Prometheus /metrics HTTP port; 0 picks a free one")
+    )
+    metrics_host: str | None = field(
+        default=None, metadata=_help("address for the metrics endpoint; unset: same as host")
+    )
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata=_help("where the default checkpoint and the embedded store and registry live"),
+    )
+    store: str | None = field(
+        default=None,
+        metadata=_help(
+            "replay store: a SQLite path or a postgresql:// URL (unset: DATA_DIR/replay.sqlite3)"
+        ),
+    )
+    registry: str | None = field(
+        default=None,
+        metadata=_help(
+            "model registry: a directory or a postgresql:// URL (unset: DATA_DIR/registry)"
+        ),
+    )
+    # -- batching: one worker thread runs batches; latency is bounded by max_queue_delay_ms
+    max_batch_size: int = field(
+        default=64, metadata=_help("most rows (candidates) in one batched forward pass")
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0,
+        metadata=_help(
+            "how long the first request of a batch waits for company; trades "
+            "latency for throughput at low load"
+        ),
+    )
+    max_queue_size: int = field(
+        default=1024,
+        metadata=_help(
+            "most Generate requests waiting for the batcher; beyond it "
+            "RESOURCE_EXHAUSTED (bounded memory, fast failure)"
+        ),
+    )
+    # -- limits on what one request may ask for
+    max_candidates: int = field(default=8, metadata=_help("cap on num_candidates"))
+    max_prompt_chars: int = field(default=512, metadata=_help("cap on prompt length"))
+    max_tokens_cap: int = field(default=48, metadata=_help("cap on sampling.max_tokens"))
+    default_max_tokens: int = field(
+        default=16, metadata=_help("max_tokens when a request leaves it 0")
+    )
+    max_correction_chars: int = field(default=1024, metadata=_help("cap on correction text"))
+    max_message_bytes: int = field(
+        default=1 << 20, metadata=_help("largest gRPC message accepted or sent")
+    )
+    # -- security
+    auth_keys_file: Path | None = field(
+        default=None,
+        metadata=_help("TOML file of API keys and roles; unset: auth off (loopback only)"),
+    )
+    tls_cert: Path | None = field(default=None, metadata=_help("PEM server certificate"))
+    tls_key: Path | None = field(default=None, metadata=_help("PEM server private key"))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=_help("PEM CA bundle; set: clients must present a cert (mTLS)")
+    )
+    rate_limit_rps: float = field(
+        default=0.0, metadata=_help("requests per second per API key; 0: no rate limit")
+    )
+    rate_limit_burst: int = field(
+        default=100, metadata=_help("token bucket size per API key (requests)")
+    )
+    # -- model
+    torch_threads: int = field(
+        default=1,
+        metadata=_help("torch intra-op threads of the batch worker; 1 leaves a core for gRPC"),
+    )
+    keep_versions: int = field(
+        default=3, metadata=_help("model versions kept loaded (live + recent, for pins)")
+    )
+    registry_poll_interval_s: float = field(
+        default=0.2, metadata=_help("how often a directory registry is checked for a new live")
+    )
+    # -- writers
+    generation_buffer_size: int = field(
+        default=16384,
+        metadata=_help("generations waiting to be written; full: Generate answers UNAVAILABLE"),
+    )
+    feedback_queue_size: int = field(
+        default=8192, metadata=_help("feedback events waiting for commit; full: UNAVAILABLE")
+    )
+    write_batch_max: int = field(default=2048, metadata=_help("most rows per group commit"))
+    shutdown_grace_s: float = field(
+        default=10.0, metadata=_help("how long in-flight calls may take to finish on SIGTERM")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata=_help("logging level (logs go to stderr)")
+    )
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_batch_size",
+            "max_queue_size",
+            "max_candidates",
+            "max_prompt_chars",
+            "max_tokens_cap",
+            "default_max_tokens",
+            "max_correction_chars",
+            "max_message_bytes",
+            "rate_limit_burst",
+            "torch_threads",
+            "keep_versions",
+            "generation_buffer_size",
+            "feedback_queue_size",
+            "write_batch_max",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "max_queue_delay_ms",
+            "rate_limit_rps",
+            "registry_poll_interval_s",
+            "shutdown_grace_s",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ConfigError("default_max_tokens must not exceed max_tokens_cap")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in 0..65535")
+
+    @property
+    def store_location(self) -> str:
+        return self.store or str(self.data_dir / "replay.sqlite3")
+
+    @property
+    def registry_location(self) -> str:
+        return self.registry or str(self.data_dir / "registry")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_keys_file is not None
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (auth may be off only there)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

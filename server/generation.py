@@ -1,0 +1,100 @@
+"""The Generation service: validate, resolve defaults and the seed, hand over to the batcher.
+
+Everything here is cheap and runs on the loop; the model runs in the batcher's worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+
+import grpc
+from feedloop.core.sampling import SamplingParams
+from feedloop.server.auth import Authenticator
+from feedloop.server.batcher import Batcher, GenerateJob
+from feedloop.server.config import ServeConfig
+from feedloop.server.edge import unary
+from feedloop.server.errors import InvalidArgument
+from feedloop.server.genlog import GenerationLog
+from feedloop.server.live_model import LiveModel
+from feedloop.server.metrics import ServerMetrics
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+
+MAX_REQUEST_ID_CHARS = 128
+SEED_BITS = 63  # fits a signed 64-bit column in every store
+
+
+def resolve_params(request: pb.GenerateRequest, config: ServeConfig) -> SamplingParams:
+    """The request's sampling parameters, defaults filled in; InvalidArgument if out of range."""
+    s = request.sampling
+    temperature = s.temperature or 1.0
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidArgument("sampling.temperature", f"must be > 0, got {s.temperature}")
+    if s.top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {s.top_k}")
+    top_p = s.top_p or 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    max_tokens = s.max_tokens or config.default_max_tokens
+    if not 1 <= max_tokens <= config.max_tokens_cap:
+        raise InvalidArgument(
+            "sampling.max_tokens", f"must be 1 to {config.max_tokens_cap}, got {s.max_tokens}"
+        )
+    seed = s.seed or (random.getrandbits(SEED_BITS) or 1)
+    return SamplingParams(
+        temperature=temperature, top_k=s.top_k, top_p=top_p, max_tokens=max_tokens, seed=seed
+    )
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(
+        self,
+        config: ServeConfig,
+        batcher: Batcher,
+        live_model: LiveModel,
+        generation_log: GenerationLog,
+        auth: Authenticator,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.config = config
+        self.batcher = batcher
+        self.live_model = live_model
+        self.generation_log = generation_log
+        self.auth = auth
+        self.metrics = metrics
+
+    @unary("Generate")
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        config = self.config
+        if not request.prompt.strip():
+            raise InvalidArgument("prompt", "must not be empty")
+        if len(request.prompt) > config.max_prompt_chars:
+            raise InvalidArgument("prompt", f"at most {config.max_prompt_chars} characters")
+        num_candidates = request.num_candidates or 1
+        if not 1 <= num_candidates <= config.max_candidates:
+            raise InvalidArgument(
+                "num_candidates", f"must be 1 to {config.max_candidates}, got {num_candidates}"
+            )
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+        params = resolve_params(request, config)
+        pinned = request.model_version or None
+        if pinned is not None:
+            self.live_model.get(pinned)  # NotFound now rather than after queueing
+        self.generation_log.check_room()
+        remaining_s = context.time_remaining()
+        job = GenerateJob(
+            prompt=request.prompt,
+            params=params,
+            num_candidates=num_candidates,
+            request_id=request.request_id or uuid.uuid4().hex,
+            client_id=self.auth.client_id(context),
+            pinned_version=pinned,
+            deadline=None if remaining_s is None else time.monotonic() + remaining_s,
+        )
+        return await self.batcher.generate(job)

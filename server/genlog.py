@@ -1,0 +1,138 @@
+"""The generation log: a group-commit writer of served generations to the replay store.
+
+The batch worker hands over every batch's records; one writer thread commits whatever has
+accumulated in one `append_generations` transaction, so a slow commit simply makes the next one
+bigger. The buffer is bounded: when it holds `capacity` rows, Generate answers UNAVAILABLE
+(checked before compute) instead of growing memory. Records stay visible here until committed,
+so feedback on a generation still in the buffer is found (`lookup`) and can wait for its commit
+(`wait_committed`) before the feedback itself is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+from feedloop.core.store.base import GenerationRecord, ReplayStore
+from feedloop.server.errors import Unavailable
+from feedloop.server.metrics import ServerMetrics
+
+log = logging.getLogger("feedloop.server.genlog")
+RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class GenerationLog:
+    def __init__(
+        self, store: ReplayStore, metrics: ServerMetrics, *, capacity: int, batch_max: int
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.capacity = capacity
+        self.batch_max = batch_max
+        self._cond = threading.Condition()
+        self._queue: list[GenerationRecord] = []
+        # Every record not yet committed (queued or being written), by generation id.
+        self._pending: dict[str, GenerationRecord] = {}
+        self._stopping = False
+        self._depth = metrics.store_buffer_depth.labels("generations")
+        self._duration = metrics.store_write_duration.labels("generations")
+        self._errors = metrics.store_write_errors.labels("generations")
+        self._thread = threading.Thread(target=self._run, name="feedloop-genlog", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def check_room(self) -> None:
+        """Raise Unavailable when the buffer is full (the store is not keeping up)."""
+        if len(self._pending) >= self.capacity:
+            raise Unavailable(
+                f"the generation log is full ({self.capacity} rows waiting for the replay "
+                f"store); retry later"
+            )
+
+    def add(self, records: Sequence[GenerationRecord]) -> None:
+        with self._cond:
+            for record in records:
+                self._pending[record.generation_id] = record
+            self._queue.extend(records)
+            self._cond.notify_all()
+        self._depth.set(len(self._pending))
+
+    def lookup(self, generation_ids: Iterable[str]) -> dict[str, GenerationRecord]:
+        """The records among these ids that are not committed yet."""
+        pending = self._pending
+        return {gid: pending[gid] for gid in generation_ids if gid in pending}
+
+    def wait_committed(self, generation_ids: Iterable[str], timeout_s: float) -> None:
+        """Block until none of these generations is still waiting for its commit."""
+        ids = list(generation_ids)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while any(gid in self._pending for gid in ids):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Unavailable("the generation log is not being committed; retry later")
+                self._cond.wait(remaining)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything added so far is committed; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def stop(self, timeout_s: float) -> None:
+        """Commit what is buffered (up to timeout_s), then stop the writer."""
+        if not self.flush(timeout_s):
+            log.error("%d generations could not be written before shutdown", len(self._pending))
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=max(1.0, timeout_s))
+
+    # -- the writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[: self.batch_max]
+                del self._queue[: self.batch_max]
+            self._write(batch)
+            with self._cond:
+                for record in batch:
+                    self._pending.pop(record.generation_id, None)
+                self._cond.notify_all()
+            self._depth.set(len(self._pending))
+            self.metrics.generations_logged.inc(len(batch))
+
+    def _write(self, batch: list[GenerationRecord]) -> None:
+        """Commit one batch, retrying while the store is unavailable (the buffer keeps it)."""
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                self.store.append_generations(batch)
+            except Exception as exc:
+                self._errors.inc()
+                if self._stopping:
+                    log.error("dropping %d generations at shutdown: %s", len(batch), exc)
+                    return
+                wait_s = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                log.warning("generation log write failed (retry in %.2fs): %s", wait_s, exc)
+                attempt += 1
+                time.sleep(wait_s)
+                continue
+            self._duration.observe(time.perf_counter() - started)
+            return

@@ -1,0 +1,154 @@
+"""The live model and its hot swap: load, verify and warm up off the event loop, then swap.
+
+A background thread watches the registry's live pointer. A new live version is loaded with
+`load_checkpoint` (which verifies checksums, shapes, vocabulary and finite weights), warmed up
+with one sample call, and only then published to the batcher by replacing one reference. The
+batcher reads that reference once per batch, so a swap lands between batches and each batch is
+served by exactly one version. A checkpoint that fails verification is refused, counted, logged
+and recorded in the registry history; the old version keeps serving. The last `keep_versions`
+versions stay loaded so that requests pinned to a recent version can still be served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from feedloop.core.checkpoint import Manifest, load_checkpoint
+from feedloop.core.errors import CheckpointError, RegistryError
+from feedloop.core.policy import Policy, SampleRequest
+from feedloop.core.registry import REFUSED, Decision, ModelRegistry
+from feedloop.core.sampling import SamplingParams
+from feedloop.server.errors import NotFound
+from feedloop.server.metrics import ServerMetrics
+
+log = logging.getLogger("feedloop.server.live_model")
+
+# How long one wait_for_change call blocks; bounds how long stop() waits for the watcher.
+WATCH_TIMEOUT_S = 0.25
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    policy: Policy
+    manifest: Manifest
+    loaded_at: float  # Unix seconds
+
+
+def warm_up(policy: Policy) -> None:
+    """One small sample call: the first pass allocates, so users never pay for it."""
+    prompt = policy.encode_prompt("warm up")
+    policy.sample([SampleRequest(prompt, SamplingParams(max_tokens=4, seed=1), 2)])
+
+
+class LiveModel:
+    def __init__(
+        self, registry: ModelRegistry, metrics: ServerMetrics, *, keep_versions: int
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.keep_versions = keep_versions
+        self._lock = threading.Lock()  # guards _loaded; _live is swapped by one assignment
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._live: LoadedModel | None = None
+        self._seen: str | None = None  # last live pointer acted on (loaded or refused)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- reading (any thread) ------------------------------------------------------------------
+
+    @property
+    def live(self) -> LoadedModel | None:
+        return self._live
+
+    def get(self, version: str) -> LoadedModel:
+        """A loaded version, for a pinned request; NotFound names what is loaded."""
+        model = self._loaded.get(version)
+        if model is None:
+            raise NotFound(
+                f"model_version {version!r} is not loaded on this server "
+                f"(loaded: {', '.join(self.loaded_versions()) or 'none'})"
+            )
+        return model
+
+    def loaded_versions(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    # -- swapping (background thread; blocking) ------------------------------------------------
+
+    def swap_to(self, version: str) -> bool:
+        """Load, verify and warm up `version`, then make it live. False if it was refused."""
+        self._seen = version
+        started = time.perf_counter()
+        with self._lock:
+            model = self._loaded.get(version)
+        if model is None:
+            try:
+                policy, manifest = load_checkpoint(self.registry.checkpoint_dir(version))
+                warm_up(policy)
+            except (CheckpointError, RegistryError, ValueError, RuntimeError) as exc:
+                self._refuse(version, exc)
+                return False
+            model = LoadedModel(version, policy, manifest, time.time())
+        with self._lock:
+            self._loaded[version] = model
+            self._loaded.move_to_end(version)
+            while len(self._loaded) > self.keep_versions:
+                self._loaded.popitem(last=False)  # the live one is newest: never evicted
+            self._live = model
+            loaded = len(self._loaded)
+        self.metrics.swap_done(version, time.perf_counter() - started)
+        self.metrics.set_live(version)
+        self.metrics.loaded_versions.set(loaded)
+        log.info("serving model version %s", version)
+        return True
+
+    def _refuse(self, version: str, exc: BaseException) -> None:
+        self.metrics.swap_refused()
+        serving = self._live.version if self._live else "none"
+        log.error("refused model version %s (still serving %s): %s", version, serving, exc)
+        try:
+            self.registry.record(
+                Decision(version, REFUSED, f"server refused to load: {exc}", {"serving": serving})
+            )
+        except (RegistryError, OSError) as record_exc:
+            log.error("could not record the refusal of %s: %s", version, record_exc)
+
+    def load_initial(self) -> LoadedModel:
+        """Load the registry's live version at start-up; raise if there is none or it is bad."""
+        version = self.registry.live()
+        if version is None:
+            raise RegistryError("the registry has no live version")
+        if not self.swap_to(version):
+            raise CheckpointError(f"the live version {version} failed verification (see log)")
+        assert self._live is not None
+        return self._live
+
+    def start_watching(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="feedloop-swap", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                version = self.registry.wait_for_change(self._seen, WATCH_TIMEOUT_S)
+            except (RegistryError, OSError) as exc:
+                log.warning("registry watch failed, retrying: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            except Exception:
+                log.exception("registry watch failed, retrying")
+                self._stop.wait(1.0)
+                continue
+            if version is not None and version != self._seen and not self._stop.is_set():
+                self.swap_to(version)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)

@@ -1,0 +1,240 @@
+"""Every Prometheus series the server exports, declared once.
+
+Each server instance owns its own CollectorRegistry (not the process-global one), so tests can
+run several servers in one process and each /metrics shows only its own server. Names follow
+Prometheus conventions: prefix feedloop_, base units (seconds, rows), _total for counters, and no
+per-request or per-user labels (label values come from small fixed sets).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+BATCH_BUCKETS_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+RATING_BUCKETS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
+SWAP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Tallies:
+    """Plain counts for ModelAdmin.GetStatus (cheaper to read than the Prometheus series)."""
+
+    generations_served: int = 0
+    feedback_accepted: int = 0
+    feedback_duplicates: int = 0
+    swaps_succeeded: int = 0
+    swaps_refused: int = 0
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.tallies = Tallies()
+        self._lock = threading.Lock()
+        r = self.registry
+        self.requests = Counter(
+            "feedloop_requests",
+            "RPCs answered, by method and gRPC status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "feedloop_request_duration_seconds",
+            "Time from receiving an RPC to answering it",
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "feedloop_batch_queue_wait_seconds",
+            "Time a Generate request waited in the batcher before its batch started",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "feedloop_batch_rows",
+            "Rows (candidates) per batched forward pass",
+            buckets=BATCH_BUCKETS_ROWS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "feedloop_batch_duration_seconds",
+            "Time of one batched forward pass",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "feedloop_batch_queue_depth", "Generate requests waiting for the batcher", registry=r
+        )
+        self.dropped = Counter(
+            "feedloop_batch_dropped_requests",
+            "Requests dropped before compute, by reason (deadline, cancelled)",
+            ["reason"],
+            registry=r,
+        )
+        self.tokens_generated = Counter(
+            "feedloop_tokens_generated",
+            "Output tokens sampled (end-of-phrase included)",
+            registry=r,
+        )
+        self.generations_served = Counter(
+            "feedloop_generations_served", "Candidates returned to clients", registry=r
+        )
+        self.generations_logged = Counter(
+            "feedloop_generations_logged", "Generations committed to the replay store", registry=r
+        )
+        self.feedback_events = Counter(
+            "feedloop_feedback_events",
+            "Feedback events by kind and outcome (accepted, duplicate, invalid, not_found, error)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.ratings = Histogram(
+            "feedloop_feedback_rating_normalised",
+            "Accepted ratings normalised to [-1, 1], by whether the rated generation came from "
+            "the live version or an earlier one",
+            ["slot"],
+            buckets=RATING_BUCKETS,
+            registry=r,
+        )
+        self.live_version = Gauge(
+            "feedloop_live_model_version_number",
+            "Number of the live model version (v0003: 3)",
+            registry=r,
+        )
+        self.live_info = Info("feedloop_live_model", "The live model version", registry=r)
+        self.loaded_versions = Gauge(
+            "feedloop_loaded_model_versions", "Model versions held in memory", registry=r
+        )
+        self.swaps = Counter(
+            "feedloop_model_swaps",
+            "Model swaps by result (succeeded, refused)",
+            ["result"],
+            registry=r,
+        )
+        self.swap_duration = Histogram(
+            "feedloop_model_swap_duration_seconds",
+            "Load + verify + warm-up time of a new live version",
+            buckets=SWAP_BUCKETS_S,
+            registry=r,
+        )
+        self.store_write_duration = Histogram(
+            "feedloop_store_write_duration_seconds",
+            "Time of one group commit to the replay store, by table",
+            ["table"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.store_write_errors = Counter(
+            "feedloop_store_write_errors", "Failed group commits, by table", ["table"], registry=r
+        )
+        self.store_buffer_depth = Gauge(
+            "feedloop_store_buffer_rows",
+            "Rows waiting for their group commit, by table",
+            ["table"],
+            registry=r,
+        )
+        self.auth_denied = Counter(
+            "feedloop_auth_denied",
+            "Calls refused by auth or rate limit, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for table in ("generations", "feedback"):
+            self.store_buffer_depth.labels(table)
+            self.store_write_duration.labels(table)
+            self.store_write_errors.labels(table)
+        for result in ("succeeded", "refused"):
+            self.swaps.labels(result)
+        for slot in ("live", "previous"):
+            self.ratings.labels(slot)
+        self._http: object | None = None
+
+    # -- helpers that keep Tallies and the series in step ----------------------------------------
+
+    def swap_done(self, version: str, duration_s: float) -> None:
+        self.swaps.labels("succeeded").inc()
+        self.swap_duration.observe(duration_s)
+        with self._lock:
+            self.tallies.swaps_succeeded += 1
+
+    def swap_refused(self) -> None:
+        self.swaps.labels("refused").inc()
+        with self._lock:
+            self.tallies.swaps_refused += 1
+
+    def set_live(self, version: str) -> None:
+        digits = "".join(ch for ch in version if ch.isdigit())
+        self.live_version.set(int(digits) if digits else 0)
+        self.live_info.info({"version": version})
+
+    def served(self, candidates: int, tokens: int) -> None:
+        self.generations_served.inc(candidates)
+        self.tokens_generated.inc(tokens)
+        with self._lock:
+            self.tallies.generations_served += candidates
+
+    def feedback_outcome(self, kind: str, outcome: str) -> None:
+        self.feedback_events.labels(kind, outcome).inc()
+        if outcome in ("accepted", "duplicate"):
+            with self._lock:
+                if outcome == "accepted":
+                    self.tallies.feedback_accepted += 1
+                else:
+                    self.tallies.feedback_duplicates += 1
+
+    # -- the /metrics endpoint -------------------------------------------------------------------
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start /metrics on its own thread; returns the bound port (port 0 picks one)."""
+        server = make_server(
+            host,
+            port,
+            make_wsgi_app(self.registry),
+            ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
+        # A short poll interval lets shutdown (tests, SIGTERM) return promptly.
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="feedloop-metrics-http",
+            daemon=True,
+        ).start()
+        self._http = server
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()  # type: ignore[attr-defined]
+            self._http.server_close()  # type: ignore[attr-defined]
+            self._http = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr for every scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
