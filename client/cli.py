@@ -13,7 +13,11 @@ import sys
 # name: (module with a `main(argv) -> int`, extra that provides it, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("feedloop.client.commands", "", "ask the server for phrases"),
-    "feedback": ("feedloop.client.commands", "", "send a rating, ranking, comparison or correction"),
+    "feedback": (
+        "feedloop.client.commands",
+        "",
+        "send a rating, ranking, comparison or correction",
+    ),
     "models": ("feedloop.client.commands", "", "list model versions and registry decisions"),
     "status": ("feedloop.client.commands", "", "show a server's live version and counters"),
     "set-live": ("feedloop.client.commands", "", "make a published version live"),

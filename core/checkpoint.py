@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from feedloop.core.errors import CheckpointError
@@ -176,7 +176,7 @@ def load_checkpoint(directory: Path) -> tuple[Policy, Manifest]:
         raise CheckpointError(f"{directory / MANIFEST}: hyperparameters do not fit: {exc}") from exc
     try:
         weights = load_file(str(directory / WEIGHTS))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights: {exc}") from exc
     expected = policy.state_dict()
     missing = sorted(set(expected) - set(weights))

@@ -54,8 +54,11 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
             raise ConfigError(f"{key} (from {source}): expected a list, got {value!r}")
-        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item_type, key, source)
-                     for v in items if v != "")
+        return tuple(
+            _coerce(v.strip() if isinstance(v, str) else v, item_type, key, source)
+            for v in items
+            if v != ""
+        )
     if origin is typing.Literal:
         allowed = typing.get_args(kind)
         if value not in allowed:
@@ -148,14 +151,20 @@ def load_config(
     return config
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
+) -> None:
     """Add a --flag for every field of a config dataclass (default: not given)."""
     kinds = _field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
         )
         help_text = f.metadata.get("help", "")
         env_name = ENV_PREFIX + f.name.upper()
@@ -184,8 +193,11 @@ def config_from_args(
     flags = {k: v for k, v in vars(args).items() if k in kinds and v is not None}
     toml_path = getattr(args, "config", None)
     return load_config(
-        cls, flags=flags, env=os.environ if env is None else env,
-        toml_path=Path(toml_path) if toml_path else None, section=section,
+        cls,
+        flags=flags,
+        env=os.environ if env is None else env,
+        toml_path=Path(toml_path) if toml_path else None,
+        section=section,
     )
 
 

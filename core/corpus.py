@@ -20,15 +20,17 @@ MIN_PHRASES = 20
 
 # Words that never serve as keywords: function words carry no topic.
 STOPWORDS = frozenset(
-    """a about above after again against all am an and any are as at be because been before
-    being below between both but by can could did do does doing down during each even ever every
-    few for from further had has have having he her here hers herself him himself his how i if in
-    into is it it's its itself just let let's me more most my myself no nor not now of off on once
-    one only or other our ours ourselves out over own same she should so some such than that the
-    their theirs them themselves then there these they this those through to too under until up
-    us very was we were what when where which while who whom why will with would you your yours
-    yourself yourselves don't can't won't isn't aren't we're you're i'm i'll we'll you'll
-    that's there's here's what's get got make made go goes going new""".split()
+    """
+    a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each even ever every few
+    for from further had has have having he her here hers herself him himself his how i if in
+    into is it it's its itself just let let's me more most my myself no nor not now of off on
+    once one only or other our ours ourselves out over own same she should so some such than
+    that the their theirs them themselves then there these they this those through to too under
+    until up us very was we were what when where which while who whom why will with would you
+    your yours yourself yourselves don't can't won't isn't aren't we're you're i'm i'll we'll
+    you'll that's there's here's what's get got make made go goes going new
+    """.split()
 )
 
 
@@ -81,7 +83,10 @@ class CorpusSplit:
 
 
 def split_corpus(
-    phrases: Sequence[str], *, seed: int = 0, validation_share: float = 0.05,
+    phrases: Sequence[str],
+    *,
+    seed: int = 0,
+    validation_share: float = 0.05,
     test_share: float = 0.05,
 ) -> CorpusSplit:
     """A fixed split for a seed: the same phrases and seed always give the same three parts."""

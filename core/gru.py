@@ -1,14 +1,19 @@
 """The default policy: a GRU encoder-decoder (seq2seq) with a value head.
 
-    prompt tokens ─▶ embedding ─▶ encoder GRU ─▶ h_enc ─┬─▶ bridge ─▶ decoder's first state
-                                                        └─▶ context, fed to every decoder step
-    <bos> y1 y2 … ─▶ embedding ⊕ context ─▶ decoder GRU ─▶ h_t ─┬─▶ output layer ─▶ logits
-                                                               └─▶ value head  ─▶ V(s_t)
+    prompt tokens ─▶ embedding ─▶ encoder GRU ─▶ states e_1..e_S, summary h_enc
+    h_enc ─┬─▶ bridge ─▶ decoder's first state
+           └─▶ context, fed to every decoder step
+    <bos> y1 y2 … ─▶ embedding ⊕ context ─▶ decoder GRU ─▶ h_t
+    h_t attends over e_1..e_S ─▶ a_t;  o_t = tanh(W [h_t ; a_t])
+    o_t ─┬─▶ output layer ─▶ logits
+         └─▶ value head  ─▶ V(s_t)
 
 This is the classic architecture of sequence-to-sequence learning (Sutskever et al., 2014; Cho
-et al., 2014) with a critic on the decoder states, as actor-critic sequence generation uses it
-(Bahdanau et al., 2017). Feeding the prompt's summary to every step lets the decoder keep the
-keyword in view however long the phrase gets.
+et al., 2014) with Luong et al.'s (2015) "general" attention, and a critic on the decoder
+states, as actor-critic sequence generation uses it (Bahdanau et al., 2017). Feeding the
+prompt's summary to every step keeps the topic in view; attention lets each step look at the
+individual keywords, which is what makes two-keyword prompts come out with both words. Because
+attention reads the decoder's output (not its input), teacher forcing stays one parallel pass.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from feedloop.core import sampling
 from feedloop.core.policy import (
@@ -62,6 +67,8 @@ class GRUPolicy(Policy):
         self.encoder = nn.GRU(e, h, batch_first=True)
         self.bridge = nn.Linear(h, h)
         self.decoder = nn.GRU(e + h, h, batch_first=True)
+        self.attention = nn.Linear(h, h, bias=False)
+        self.combine = nn.Linear(2 * h, h)
         self.output = nn.Linear(h, config.vocab_size)
         self.value_head = nn.Sequential(
             nn.Linear(h, config.value_hidden_dim), nn.Tanh(), nn.Linear(config.value_hidden_dim, 1)
@@ -73,19 +80,37 @@ class GRUPolicy(Policy):
 
     # -- the network ---------------------------------------------------------------------------
 
-    def encode(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
-        """The prompt's summary h_enc, (B, H). Packing makes padding invisible to each row."""
+    def encode(
+        self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder states (B, S, H), their padding mask (B, S) and the summary h_enc (B, H).
+
+        Packing makes padding invisible to each row, so a prompt encodes the same in any batch.
+        """
         embedded = self.dropout(self.embedding(prompt_ids))
         packed = pack_padded_sequence(
             embedded, prompt_lengths.cpu(), batch_first=True, enforce_sorted=False
         )
-        _, h_n = self.encoder(packed)
-        return h_n[-1]
+        states, h_n = self.encoder(packed)
+        states, _ = pad_packed_sequence(states, batch_first=True, total_length=prompt_ids.shape[1])
+        mask = torch.arange(prompt_ids.shape[1]).unsqueeze(0) < prompt_lengths.unsqueeze(1)
+        return states, mask, h_n[-1]
+
+    def attend(
+        self, hidden: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """o_t = tanh(W [h_t ; a_t]) for decoder outputs (B, T, H) over encoder states."""
+        scores = torch.bmm(self.attention(hidden), states.transpose(1, 2))  # (B, T, S)
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        attended = torch.bmm(torch.softmax(scores, dim=-1), states)
+        return torch.tanh(self.combine(torch.cat([hidden, attended], dim=-1)))
 
     def initial_state(self, context: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.bridge(context)).unsqueeze(0)
 
-    def decode(self, inputs: torch.Tensor, context: torch.Tensor, state: torch.Tensor):  # type: ignore[override]
+    def decode_steps(
+        self, inputs: torch.Tensor, context: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the decoder over input tokens (B, T): hidden outputs (B, T, H) and the new state."""
         embedded = self.dropout(self.embedding(inputs))
         steps = context.unsqueeze(1).expand(-1, inputs.shape[1], -1)
@@ -93,11 +118,11 @@ class GRUPolicy(Policy):
         return outputs, state
 
     def teacher_forced(self, batch: TokenBatch) -> PolicyOutput:
-        context = self.encode(batch.prompt_ids, batch.prompt_lengths)
+        states, mask, context = self.encode(batch.prompt_ids, batch.prompt_lengths)
         bos = torch.full((batch.output_ids.shape[0], 1), BOS_ID, dtype=torch.long)
         inputs = torch.cat([bos, batch.output_ids[:, :-1]], dim=1)
-        hidden, _ = self.decode(inputs, context, self.initial_state(context))
-        hidden = self.dropout(hidden)
+        hidden, _ = self.decode_steps(inputs, context, self.initial_state(context))
+        hidden = self.dropout(self.attend(hidden, states, mask))
         return PolicyOutput(self.output(hidden), self.value_head(hidden).squeeze(-1))
 
     # -- sampling ------------------------------------------------------------------------------
@@ -110,21 +135,21 @@ class GRUPolicy(Policy):
             r.params.validate()
         rows = [(i, c) for i, r in enumerate(requests) for c in range(r.num_candidates)]
         n = len(rows)
-        prompt_ids, prompt_lengths = pad(
-            [nonempty_prompt(requests[i].prompt_ids) for i, _ in rows]
-        )
+        prompt_ids, prompt_lengths = pad([nonempty_prompt(requests[i].prompt_ids) for i, _ in rows])
         params = [requests[i].params for i, _ in rows]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         max_tokens = torch.tensor([p.max_tokens for p in params], dtype=torch.long)
         steps = int(max_tokens.max())
+        # With temperature 1 and no filtering the sampling distribution is the raw policy's.
+        unfiltered = bool((temperature == 1).all() and (top_k == 0).all() and (top_p >= 1).all())
         seeds = np.concatenate(
             [sampling.candidate_seeds(r.params.seed, r.num_candidates) for r in requests]
         )
         uniforms = sampling.row_uniforms(seeds, steps)
 
-        context = self.encode(prompt_ids, prompt_lengths)
+        states, mask, context = self.encode(prompt_ids, prompt_lengths)
         state = self.initial_state(context)
         token = torch.full((n,), BOS_ID, dtype=torch.long)
         tokens = torch.full((n, steps), PAD_ID, dtype=torch.long)
@@ -133,14 +158,17 @@ class GRUPolicy(Policy):
         done = torch.zeros(n, dtype=torch.bool)
         lengths = torch.zeros(n, dtype=torch.long)
         for t in range(steps):
-            hidden, state = self.decode(token.unsqueeze(1), context, state)
-            logits = self.output(hidden[:, 0])
+            hidden, state = self.decode_steps(token.unsqueeze(1), context, state)
+            logits = self.output(self.attend(hidden, states, mask)[:, 0])
             logprobs = sampling.filtered_logprobs(logits, temperature, top_k, top_p)
             token = sampling.draw(logprobs, uniforms[:, t])
             active = ~done
             tokens[:, t] = torch.where(active, token, PAD_ID)
             behaviour[:, t] = logprobs.gather(1, token.unsqueeze(1)).squeeze(1)
-            raw[:, t] = torch.log_softmax(logits, -1).gather(1, token.unsqueeze(1)).squeeze(1)
+            if unfiltered:
+                raw[:, t] = behaviour[:, t]
+            else:
+                raw[:, t] = torch.log_softmax(logits, -1).gather(1, token.unsqueeze(1)).squeeze(1)
             lengths += active.long()
             done |= (token == EOS_ID) | (lengths >= max_tokens)
             if bool(done.all()):
@@ -148,7 +176,10 @@ class GRUPolicy(Policy):
 
         out: list[list[SampledOutput]] = [[] for _ in requests]
         tokens_l, behaviour_l, raw_l, lengths_l = (
-            tokens.tolist(), behaviour.tolist(), raw.tolist(), lengths.tolist()
+            tokens.tolist(),
+            behaviour.tolist(),
+            raw.tolist(),
+            lengths.tolist(),
         )
         for row, (i, _) in enumerate(rows):
             k = lengths_l[row]

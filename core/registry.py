@@ -77,7 +77,11 @@ class ModelRegistry(ABC):
 
     @abstractmethod
     def publish(
-        self, checkpoint_dir: Path, *, reason: str = "", details: dict[str, Any] | None = None,
+        self,
+        checkpoint_dir: Path,
+        *,
+        reason: str = "",
+        details: dict[str, Any] | None = None,
         make_live: bool = False,
     ) -> str:
         """Copy a verified checkpoint in as the next version; optionally make it live."""
@@ -165,7 +169,11 @@ class DirectoryRegistry(ModelRegistry):
         return read_manifest(self.checkpoint_dir(version))
 
     def publish(
-        self, checkpoint_dir: Path, *, reason: str = "", details: dict[str, Any] | None = None,
+        self,
+        checkpoint_dir: Path,
+        *,
+        reason: str = "",
+        details: dict[str, Any] | None = None,
         make_live: bool = False,
     ) -> str:
         source = Path(checkpoint_dir)

@@ -1,0 +1,99 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from feedloop.core.sampling import (
+    SamplingParams,
+    candidate_seeds,
+    draw,
+    filtered_logprobs,
+    row_uniforms,
+)
+
+# Probabilities 0.5, 0.3, 0.15, 0.05 as logits.
+PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+LOGITS = PROBS.log()
+
+
+def run(temperature=1.0, top_k=0, top_p=1.0):
+    return filtered_logprobs(
+        LOGITS, torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p])
+    ).exp()[0]
+
+
+def test_no_filter_is_the_softmax():
+    assert torch.allclose(run(), PROBS[0], atol=1e-6)
+
+
+def test_top_k_keeps_the_k_most_likely_renormalised():
+    assert torch.allclose(run(top_k=2), torch.tensor([0.5 / 0.8, 0.3 / 0.8, 0, 0]), atol=1e-6)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    # 0.5 < 0.7, 0.5 + 0.3 = 0.8 >= 0.7: keep two tokens.
+    assert torch.allclose(run(top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=1e-6)
+    # Even a tiny p keeps the most likely token.
+    assert torch.allclose(run(top_p=0.01), torch.tensor([1.0, 0, 0, 0]), atol=1e-6)
+
+
+def test_temperature_two_takes_the_square_root_of_probabilities():
+    expected = PROBS[0].sqrt() / PROBS[0].sqrt().sum()
+    assert torch.allclose(run(temperature=2.0), expected, atol=1e-6)
+
+
+def test_rows_with_different_parameters_are_filtered_independently():
+    logits = LOGITS.repeat(2, 1)
+    out = filtered_logprobs(
+        logits, torch.tensor([1.0, 1.0]), torch.tensor([1, 0]), torch.tensor([1.0, 1.0])
+    ).exp()
+    assert torch.allclose(out[0], torch.tensor([1.0, 0, 0, 0]))
+    assert torch.allclose(out[1], PROBS[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("u", "token"), [(0.1, 0), (0.49, 0), (0.51, 1), (0.79, 1), (0.81, 2), (0.99, 3)]
+)
+def test_draw_is_the_inverse_cdf(u, token):
+    assert draw(LOGITS.log_softmax(-1), torch.tensor([u])).item() == token
+
+
+def test_draw_never_picks_a_filtered_token():
+    logprobs = filtered_logprobs(
+        LOGITS, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([1.0])
+    )
+    picks = {draw(logprobs, torch.tensor([u])).item() for u in np.linspace(0.001, 0.999, 200)}
+    assert picks == {0, 1}
+
+
+def test_uniforms_are_a_function_of_seed_and_step_only():
+    seeds = candidate_seeds(42, 3)
+    a = row_uniforms(seeds, 10)
+    b = row_uniforms(seeds[1:2], 5)
+    assert torch.equal(a[1, :5], b[0])
+    assert bool(((a > 0) & (a < 1)).all())
+    assert not torch.equal(a[0], a[1])
+    assert not np.array_equal(candidate_seeds(43, 3), seeds)
+
+
+def test_uniforms_look_uniform():
+    u = row_uniforms(candidate_seeds(1, 2000), 50).flatten()
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert abs(float(u.var()) - 1 / 12) < 0.005
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=math.nan),
+        SamplingParams(top_k=-1),
+        SamplingParams(top_p=0),
+        SamplingParams(top_p=1.5),
+        SamplingParams(max_tokens=0),
+    ],
+)
+def test_invalid_parameters_are_refused(params):
+    with pytest.raises(ValueError):
+        params.validate()
