@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
 from feedloop.client.options import ClientOptions

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
 from feedloop.client.options import ClientOptions

@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from feedloop.client.errors import FeedloopClientError
 from feedloop.v1 import feedloop_pb2 as pb
-from google.protobuf.timestamp_pb2 import Timestamp
 
 Outcome = Literal["accepted", "duplicate"]
 

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from client_fake_server import FakeServer
 from client_tls import make_certificates, openssl_available
+
 from feedloop.client import (
     AsyncFeedloopClient,
     Comparison,

@@ -1,0 +1,401 @@
+"""The client commands of `feedloop`: generate, feedback, models, status, set-live, rollback.
+
+Each is a thin edge over FeedloopClient: parse flags, make one call, print a table (or JSON with
+--json), and turn a FeedloopClientError into one line on stderr and an exit code a script can
+branch on. The target and API key may come from FEEDLOOP_TARGET / FEEDLOOP_API_KEY: reading them
+here, as argparse defaults, is this command line's configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from feedloop.client.client import FeedloopClient
+from feedloop.client.errors import FeedloopClientError
+from feedloop.client.options import DEFAULT_TARGET, RetryPolicy
+from feedloop.client.types import RATING_SCALES
+
+EXIT_OK, EXIT_OTHER, EXIT_USAGE = 0, 1, 2
+EXIT_UNAVAILABLE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_AUTH = 3, 4, 5, 6
+
+EXIT_CODES_BY_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_INVALID,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_INVALID,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
+}
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success
+  1  any other error
+  2  usage error (bad flags, unreadable certificate file)
+  3  server unavailable, busy or too slow (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)
+  4  not found (unknown generation id or model version)
+  5  invalid argument or failed precondition (the message names the field)
+  6  not authenticated or not allowed (missing or wrong API key)
+
+environment:
+  FEEDLOOP_TARGET   default for --target
+  FEEDLOOP_API_KEY  default for --api-key
+"""
+
+
+def exit_code_for(code: grpc.StatusCode) -> int:
+    return EXIT_CODES_BY_STATUS.get(code, EXIT_OTHER)
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned table: the base install has no rich, and pipes want plain text."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _short_json(value: dict[str, Any], limit: int = 60) -> str:
+    if not value:
+        return ""
+    text = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()
+    )
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def run_generate(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.generate(
+        args.prompt,
+        args.n,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        model_version=args.model_version,
+    )
+    if args.json:
+        return result
+    header = f"model {result.model_version}  request {result.request_id}  seed {result.seed}"
+    rows = [
+        (i, c.generation_id, f"{c.log_prob:.3f}", "" if c.finished else "cut", c.text)
+        for i, c in enumerate(result.candidates, 1)
+    ]
+    return header + "\n" + format_table(("#", "generation_id", "log_prob", "", "text"), rows)
+
+
+def run_feedback(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    kind, event_id = args.kind, args.event_id
+    if kind == "rate":
+        result = client.rate(args.generation_id, args.score, scale=args.scale, event_id=event_id)
+    elif kind == "rank":
+        result = client.rank(args.generation_ids, event_id=event_id)
+    elif kind == "compare":
+        result = client.compare(args.preferred_id, args.rejected_id, event_id=event_id)
+    else:
+        result = client.correct(args.generation_id, args.text, event_id=event_id)
+    if args.json:
+        return result
+    return f"{result.outcome}: event {result.event_id}"
+
+
+def run_models(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.list_models(max_decisions=args.max_decisions)
+    if args.json:
+        return result
+    versions = format_table(
+        ("", "version", "parent", "created", "params", "summary"),
+        [
+            (
+                "*" if v.live else "",
+                v.version,
+                v.parent_version,
+                _when(v.created_at),
+                v.parameter_count,
+                _short_json(v.summary),
+            )
+            for v in result.versions
+        ],
+    )
+    decisions = format_table(
+        ("at", "version", "action", "reason", "details"),
+        [
+            (_when(d.at), d.version, d.action, d.reason, _short_json(d.details))
+            for d in result.decisions
+        ],
+    )
+    return f"live: {result.live_version or '(none)'}\n\n{versions}\n\ndecisions:\n{decisions}"
+
+
+def run_status(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.status()
+    if args.json:
+        return result
+    rows = [(f.name, _status_value(getattr(result, f.name))) for f in dataclasses.fields(result)]
+    return format_table(("field", "value"), rows)
+
+
+def _status_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(value)
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def run_set_live(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.set_live(args.version, reason=args.reason)
+    return result if args.json else f"live: {result.live_version} (was {result.previous_version})"
+
+
+def run_rollback(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.rollback(reason=args.reason)
+    return result if args.json else f"live: {result.live_version} (was {result.previous_version})"
+
+
+# ------------------------------------------------------------------------------ parsers
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("FEEDLOOP_TARGET") or DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help="server address (default: $FEEDLOOP_TARGET or %(default)s)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("FEEDLOOP_API_KEY") or None,
+        metavar="KEY",
+        help="sent as 'authorization: Bearer KEY' (default: $FEEDLOOP_API_KEY)",
+    )
+    group.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
+    group.add_argument(
+        "--ca-cert",
+        type=Path,
+        metavar="PEM",
+        help="CA certificate that signed the server's (implies --tls)",
+    )
+    group.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="PEM",
+        help="client certificate for mutual TLS (with --client-key)",
+    )
+    group.add_argument("--client-key", type=Path, metavar="PEM", help="client private key")
+    group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name expected in the server certificate, when not the host",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="deadline for the call, retries included (default: %(default)s)",
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries on UNAVAILABLE, with backoff (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _parser(name: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"feedloop {name}",
+        description=description,
+        epilog=f"examples:\n{examples}\n{EXIT_CODES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    if name == "generate":
+        p = _parser(
+            name,
+            "Ask the server for phrases; prints each candidate with its generation id.",
+            '  feedloop generate "ocean sunrise" -n 3\n'
+            '  feedloop generate "quiet forest" -n 2 --temperature 0.7 --top-p 0.9 --seed 7\n'
+            '  feedloop generate "rain" --model-version v0002 --json\n',
+        )
+        p.add_argument("prompt", help="one to three keywords")
+        p.add_argument("-n", type=int, default=1, help="number of candidates (default: 1)")
+        p.add_argument("--temperature", type=float, help="softmax temperature (> 0)")
+        p.add_argument("--top-k", type=int, help="keep the k most likely tokens per step")
+        p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+        p.add_argument("--max-tokens", type=int, help="most output tokens per candidate")
+        p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+        p.add_argument("--model-version", help="serve from this loaded version, not the live one")
+    elif name == "feedback":
+        p = _parser(
+            name,
+            "Tell the server what a user thought of generated phrases.",
+            "  feedloop feedback rate GEN_ID 4 --scale stars5\n"
+            "  feedloop feedback rate GEN_ID 1 --scale thumbs\n"
+            "  feedloop feedback rank GEN_BEST GEN_MIDDLE GEN_WORST\n"
+            "  feedloop feedback compare GEN_PREFERRED GEN_REJECTED\n"
+            '  feedloop feedback correct GEN_ID "calm sea at dawn"\n'
+            "  feedloop feedback rate GEN_ID 0.8 --event-id my-key-1   # safe to repeat\n",
+        )
+        kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+        rate = kinds.add_parser("rate", help="a score for one generation")
+        rate.add_argument("generation_id")
+        rate.add_argument("score", type=float)
+        rate.add_argument(
+            "--scale",
+            choices=list(RATING_SCALES),
+            default="unit",
+            help="unit: [0, 1]; thumbs: 0 or 1; stars5: 1 to 5 (default: unit)",
+        )
+        rank = kinds.add_parser("rank", help="an order over generations of one reply, best first")
+        rank.add_argument("generation_ids", nargs="+", metavar="GENERATION_ID")
+        compare = kinds.add_parser("compare", help="one generation preferred over another")
+        compare.add_argument("preferred_id")
+        compare.add_argument("rejected_id")
+        correct = kinds.add_parser("correct", help="what the phrase should have been")
+        correct.add_argument("generation_id")
+        correct.add_argument("text")
+        for sub in (rate, rank, compare, correct):
+            sub.add_argument("--event-id", help="idempotency key (default: a new uuid4)")
+            add_connection_flags(sub)
+        return p
+    elif name == "models":
+        p = _parser(
+            name,
+            "List model versions (newest first, * = live) and the registry's decisions.",
+            "  feedloop models\n  feedloop models --max-decisions 20 --json\n",
+        )
+        p.add_argument(
+            "--max-decisions",
+            type=int,
+            default=10,
+            help="most recent decisions to show (default: %(default)s)",
+        )
+    elif name == "status":
+        p = _parser(
+            name,
+            "Show a server's live version and counters.",
+            "  feedloop status\n  feedloop status --target 10.0.0.5:50051 --json\n",
+        )
+    elif name == "set-live":
+        p = _parser(
+            name,
+            "Make a published version live (the server verifies, then swaps).",
+            '  feedloop set-live v0003 --reason "better rating in A/B"\n',
+        )
+        p.add_argument("version")
+        p.add_argument("--reason", default="", help="recorded in the registry history")
+    elif name == "rollback":
+        p = _parser(
+            name,
+            "Make the previously live version live again.",
+            '  feedloop rollback --reason "reward dropped after v0004"\n',
+        )
+        p.add_argument("--reason", default="", help="recorded in the registry history")
+    else:
+        raise KeyError(name)
+    add_connection_flags(p)
+    return p
+
+
+RUNNERS: dict[str, Callable[[FeedloopClient, argparse.Namespace], Any]] = {
+    "generate": run_generate,
+    "feedback": run_feedback,
+    "models": run_models,
+    "status": run_status,
+    "set-live": run_set_live,
+    "rollback": run_rollback,
+}
+
+
+def client_from_args(args: argparse.Namespace) -> FeedloopClient:
+    return FeedloopClient(
+        args.target,
+        api_key=args.api_key,
+        tls=args.tls,
+        root_ca_path=args.ca_cert,
+        client_cert_path=args.client_cert,
+        client_key_path=args.client_key,
+        tls_server_name=args.tls_server_name,
+        timeout_s=args.timeout,
+        retry=RetryPolicy(max_attempts=args.retries + 1),
+    )
+
+
+def main(argv: list[str]) -> int:
+    """Run one client command; argv[0] is its name (generate, feedback, models, ...)."""
+    name, rest = argv[0], argv[1:]
+    prog = f"feedloop {name}"
+    if name not in RUNNERS:
+        print(f"feedloop: {name!r} is not a client command", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        args = build_parser(name).parse_args(rest)
+    except SystemExit as exc:  # argparse has printed usage or help already
+        return int(exc.code or 0)
+    try:
+        if args.timeout <= 0 or args.retries < 0:
+            raise ValueError("--timeout must be positive and --retries at least 0")
+        client = client_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
+            output = RUNNERS[name](client, args)
+    except FeedloopClientError as exc:
+        print(f"{prog}: {exc.code.name}: {exc.message} (server {args.target})", file=sys.stderr)
+        return exit_code_for(exc.code)
+    except OSError as exc:  # a certificate file that cannot be read
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(to_jsonable(output), indent=2))
+    else:
+        print(output)
+    return EXIT_OK
