@@ -11,6 +11,8 @@ import time
 from datetime import datetime
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from feedloop import __version__
 from feedloop.core.registry import Decision, ModelRegistry
 from feedloop.server.batcher import Batcher
@@ -20,7 +22,6 @@ from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 DEFAULT_MAX_DECISIONS = 100
 

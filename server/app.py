@@ -20,6 +20,10 @@ from pathlib import Path
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
 from feedloop.core.checkpoint import MANIFEST
 from feedloop.core.errors import FeedloopError
 from feedloop.core.registry import DirectoryRegistry, ModelRegistry, open_registry
@@ -37,9 +41,6 @@ from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("feedloop.server")
 SERVICE_NAMES = tuple(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from feedloop.core.errors import ConfigError
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from feedloop.core.policy import SampleRequest
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import GenerationRecord

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from feedloop.server.errors import status_of
 from feedloop.server.metrics import ServerMetrics
 

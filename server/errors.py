@@ -7,6 +7,7 @@ them into (code, message) for the caller, with a message that says what to fix.
 from __future__ import annotations
 
 import grpc
+
 from feedloop.core.errors import (
     CheckpointError,
     RegistryError,

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
 from feedloop.server.edge import streaming, unary

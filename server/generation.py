@@ -11,6 +11,7 @@ import time
 import uuid
 
 import grpc
+
 from feedloop.core.sampling import SamplingParams
 from feedloop.server.auth import Authenticator
 from feedloop.server.batcher import Batcher, GenerateJob

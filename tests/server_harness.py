@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.server.app import FeedloopServer
 from feedloop.server.config import ServeConfig

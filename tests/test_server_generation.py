@@ -7,9 +7,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from server_harness import running_server, seeded_registry, test_config, wait_until
+
 from feedloop.core.store import open_store
 from feedloop.v1 import feedloop_pb2 as pb
-from server_harness import running_server, seeded_registry, test_config, wait_until
 
 
 @pytest.fixture
