@@ -92,29 +92,31 @@ def test_acknowledged_feedback_survives_sigkill_and_restart(
 ) -> None:
     seeded_data_dir(tmp_path, tiny_checkpoint)
     acked: list[str] = []
-    with serve_process(serve_args(tmp_path)) as proc:
-        with grpc.insecure_channel(proc.grpc_address) as channel:
-            generation = pb_grpc.GenerationStub(channel)
-            feedback = pb_grpc.FeedbackStub(channel)
-            ids = [
-                c.generation_id
-                for i in range(10)
-                for c in generation.Generate(
-                    pb.GenerateRequest(prompt=f"k {i}", num_candidates=4), timeout=20
-                ).candidates
-            ]
-            for i in range(50):
-                ack = feedback.Submit(rating(f"unary-{i}", ids[i % len(ids)], 1.0), timeout=20)
-                acked.append(ack.event_id)
-            events = (rating(f"stream-{i}", ids[i % len(ids)], 0.0) for i in range(500))
-            stream = feedback.SubmitStream(events, timeout=60)
-            for ack in stream:
-                acked.append(ack.event_id)
-                if len(acked) >= 400:
-                    break  # the last acks read; the process dies with more in flight
-            proc.process.send_signal(signal.SIGKILL)
-            proc.process.wait(timeout=20)
-            stream.cancel()
+    with (
+        serve_process(serve_args(tmp_path)) as proc,
+        grpc.insecure_channel(proc.grpc_address) as channel,
+    ):
+        generation = pb_grpc.GenerationStub(channel)
+        feedback = pb_grpc.FeedbackStub(channel)
+        ids = [
+            c.generation_id
+            for i in range(10)
+            for c in generation.Generate(
+                pb.GenerateRequest(prompt=f"k {i}", num_candidates=4), timeout=20
+            ).candidates
+        ]
+        for i in range(50):
+            ack = feedback.Submit(rating(f"unary-{i}", ids[i % len(ids)], 1.0), timeout=20)
+            acked.append(ack.event_id)
+        events = (rating(f"stream-{i}", ids[i % len(ids)], 0.0) for i in range(500))
+        stream = feedback.SubmitStream(events, timeout=60)
+        for ack in stream:
+            acked.append(ack.event_id)
+            if len(acked) >= 400:
+                break  # the last acks read; the process dies with more in flight
+        proc.process.send_signal(signal.SIGKILL)
+        proc.process.wait(timeout=20)
+        stream.cancel()
 
     store = open_store(str(tmp_path / "replay.sqlite3"))
     stored = {f.event_id for f in store.feedback_after(0, 100_000)}
