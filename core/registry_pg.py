@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
 from feedloop.core.checkpoint import (
     Manifest,
     fsync_dir,
@@ -49,8 +52,6 @@ from feedloop.core.registry import (
     version_name,
 )
 from feedloop.core.store.pg import Pool, redact
-from psycopg import sql
-from psycopg.types.json import Jsonb
 
 _ROLLBACK_DEPTH = 20  # as the directory registry: the last 20 live versions can be restored
 

@@ -24,7 +24,8 @@ def unreachable_reason() -> str | None:
         with psycopg.connect(ADMIN_URL, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
-        if "connection refused" in str(exc).lower() or "timeout" in str(exc).lower():
+        text = str(exc).lower()
+        if "connection refused" in text or "timeout" in text or "timed out" in text:
             return f"no PostgreSQL server reachable at {ADMIN_URL}: {exc}".splitlines()[0]
         raise
     return None

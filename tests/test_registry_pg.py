@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pg_support import ADMIN_URL, fresh_schema, schema_url
+
 from feedloop.core.checkpoint import TOKENIZER, WEIGHTS, Manifest, read_manifest, write_manifest
 from feedloop.core.errors import CheckpointError, RegistryError, UnknownVersionError
 from feedloop.core.registry import (
@@ -25,7 +27,6 @@ from feedloop.core.registry import (
     open_registry,
 )
 from feedloop.core.registry_pg import PostgresRegistry
-from pg_support import ADMIN_URL, fresh_schema, schema_url
 
 pytestmark = pytest.mark.postgres
 

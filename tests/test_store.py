@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pg_support import fresh_schema, schema_url
+
 from feedloop.core.errors import StoreFullError, StoreUnavailableError
 from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore, open_store
-from feedloop.core.store.schema import LATEST_VERSION, SQLITE_MIGRATIONS
+from feedloop.core.store.schema import LATEST_VERSION, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from feedloop.core.store.sqlite import SQLiteStore
-from pg_support import fresh_schema, schema_url
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -404,8 +405,9 @@ def test_postgres_reconnects_by_itself_after_losing_its_connections() -> None:
     import uuid
 
     import psycopg
-    from feedloop.core.store.postgres import PostgresStore
     from pg_support import ADMIN_URL
+
+    from feedloop.core.store.postgres import PostgresStore
 
     app = f"feedloop-test-{uuid.uuid4().hex[:8]}"
     with fresh_schema("store") as schema:
@@ -438,3 +440,33 @@ def test_postgres_schemas_isolate_stores_in_one_database() -> None:
         finally:
             a.close()
             b.close()
+
+
+@pytest.mark.postgres
+def test_postgres_old_schema_is_migrated_in_place() -> None:
+    import psycopg
+    from pg_support import ADMIN_URL
+
+    from feedloop.core.store.postgres import PostgresStore
+
+    with fresh_schema("store") as schema:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE SCHEMA "{schema}"')
+            admin.execute(f'SET search_path TO "{schema}"')
+            for statement in POSTGRES_MIGRATIONS[0]:
+                admin.execute(statement)
+            admin.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            admin.execute("INSERT INTO schema_version VALUES (1)")
+        store = PostgresStore(schema_url(schema))
+        try:
+            assert store.schema_version() == LATEST_VERSION
+            store.append_generations([generation("g1")])
+            assert store.counts().generations == 1
+        finally:
+            store.close()
+        with psycopg.connect(ADMIN_URL) as admin:
+            found = admin.execute(
+                "SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
+                (schema, "generations_model_version"),
+            ).fetchall()
+        assert found

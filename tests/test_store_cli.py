@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from feedloop.core.store import open_store
-from feedloop.core.store.cli import main
 from pg_support import fresh_schema, schema_url
 from test_store import comparison, generation, rating
+
+from feedloop.core.store import open_store
+from feedloop.core.store.cli import main
 
 
 def filled_store(location: str) -> None:

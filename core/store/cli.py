@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tqdm import tqdm
+
 from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
 from feedloop.core.errors import ConfigError, StoreError
 from feedloop.core.store.base import open_store
-from tqdm import tqdm
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -23,8 +23,9 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from feedloop.core.errors import FeedloopError
 from psycopg import sql
+
+from feedloop.core.errors import FeedloopError
 
 T = TypeVar("T")
 DEFAULT_CONNECT_TIMEOUT_S = 3
@@ -37,8 +38,11 @@ def parse_url(url: str) -> tuple[str, str | None]:
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = next((value for key, value in query if key == "schema"), None)
     kept = [(key, value) for key, value in query if key != "schema"]
-    if not any(key == "connect_timeout" for key, _ in kept):
+    given = {key for key, _ in kept}
+    if "connect_timeout" not in given:
         kept.append(("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT_S)))
+    if "application_name" not in given:  # so operators can tell us apart in pg_stat_activity
+        kept.append(("application_name", "feedloop"))
     return urlunsplit(parts._replace(query=urlencode(kept))), schema or None
 
 
@@ -83,6 +87,9 @@ class Pool:
         """A new autocommit connection with search_path set to our schema (created if needed)."""
         conn = psycopg.connect(self.conninfo, autocommit=True)
         try:
+            # An acknowledged write must survive a database crash, whatever the server's or
+            # role's default says: COMMIT returns only after the WAL is flushed.
+            conn.execute("SET synchronous_commit TO on")
             if self.schema:
                 ident = sql.Identifier(self.schema)
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
+
 from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailableError
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, StoreCounts
 from feedloop.core.store.pg import Pool, is_disk_full
@@ -31,7 +33,6 @@ from feedloop.core.store.schema import (
     export_rows,
     sample_seqs,
 )
-from psycopg.types.json import Jsonb
 
 _EXPORT_PAGE_ROWS = 500
 _INSERT_CHUNK_ROWS = 1000
