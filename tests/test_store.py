@@ -312,6 +312,43 @@ def test_writes_from_threads_and_reads_beside_them(store: ReplayStore) -> None:
     assert store.counts().feedback == 60
 
 
+def test_a_cursor_reader_never_skips_rows_committed_by_concurrent_writers(
+    opener: Callable[[], ReplayStore],
+) -> None:
+    import threading
+
+    writers = [opener() for _ in range(3)]  # separate connections, as separate replicas
+    reader = opener()
+    writers[0].append_generations([generation("g")])
+    done = threading.Event()
+    seen: list[str] = []
+
+    def write(index: int) -> None:
+        for batch in range(30):
+            writers[index].insert_feedback([rating(f"w{index}-{batch}-{i}", "g") for i in range(5)])
+
+    def read() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()  # read once more after the writers stop
+            for event in reader.feedback_after(cursor, 1000):
+                seen.append(event.event_id)
+                cursor = event.seq
+            if finished:
+                return
+
+    reading = threading.Thread(target=read)
+    reading.start()
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reading.join()
+    assert len(seen) == len(set(seen)) == 3 * 30 * 5
+
+
 # -- SQLite specifics -------------------------------------------------------------------------
 
 
@@ -330,6 +367,19 @@ def test_sqlite_full_database_raises_store_full_and_recovers(tmp_path: Path) -> 
     assert [e.event_id for e in store.feedback_after(0, 1000)] == ["before"]
     store.set_max_size_bytes(None)
     assert store.insert_feedback(big_batch) == [True] * 200
+    store.close()
+
+
+def test_sqlite_write_lock_held_elsewhere_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "replay.db", busy_timeout_ms=50)
+    store.append_generations([generation("g")])
+    other = sqlite3.connect(tmp_path / "replay.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    with pytest.raises(StoreUnavailableError, match="locked"):
+        store.insert_feedback([rating("e1", "g")])
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.insert_feedback([rating("e1", "g")]) == [True]
     store.close()
 
 
