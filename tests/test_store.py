@@ -520,3 +520,23 @@ def test_postgres_old_schema_is_migrated_in_place() -> None:
                 (schema, "generations_model_version"),
             ).fetchall()
         assert found
+
+
+@pytest.mark.postgres
+def test_postgres_search_path_in_options_also_picks_the_schema() -> None:
+    import psycopg
+    from pg_support import ADMIN_URL
+
+    from feedloop.core.store.postgres import PostgresStore
+
+    with fresh_schema("store") as schema:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE SCHEMA "{schema}"')  # options= does not create it
+        store = PostgresStore(f"{ADMIN_URL}?options=-csearch_path%3D{schema}")
+        try:
+            store.append_generations([generation("g1")])
+        finally:
+            store.close()
+        with psycopg.connect(ADMIN_URL) as admin:
+            rows = admin.execute(f'SELECT generation_id FROM "{schema}".generations').fetchall()
+        assert rows == [("g1",)]
