@@ -540,3 +540,26 @@ def test_postgres_search_path_in_options_also_picks_the_schema() -> None:
         with psycopg.connect(ADMIN_URL) as admin:
             rows = admin.execute(f'SELECT generation_id FROM "{schema}".generations').fetchall()
         assert rows == [("g1",)]
+
+
+def test_postgres_url_parameters_of_ours_are_stripped_and_defaults_added() -> None:
+    from feedloop.core.store.pg import parse_url, redact
+
+    conninfo, schema = parse_url("postgresql://u:secret@db:5432/app?schema=prod&sslmode=require")
+    assert schema == "prod"
+    assert "schema=" not in conninfo and "sslmode=require" in conninfo
+    assert "connect_timeout=3" in conninfo and "application_name=feedloop" in conninfo
+    conninfo, schema = parse_url("postgresql://db/app?connect_timeout=9&application_name=x")
+    assert schema is None and "connect_timeout=9" in conninfo and "application_name=x" in conninfo
+    assert redact("postgresql://u:secret@db/app") == "postgresql://u:***@db/app"
+    assert redact("postgresql://db/app") == "postgresql://db/app"
+
+
+def test_postgres_disk_full_maps_to_store_full() -> None:
+    import psycopg
+
+    from feedloop.core.store.postgres import _unavailable
+
+    assert isinstance(_unavailable("m", psycopg.errors.DiskFull()), StoreFullError)
+    other = _unavailable("m", psycopg.OperationalError())
+    assert isinstance(other, StoreUnavailableError) and not isinstance(other, StoreFullError)
