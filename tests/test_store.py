@@ -1,70 +1,28 @@
-"""The replay store's promises, run against every backend (SQLite file, PostgreSQL schema)."""
+"""The replay store's promises, run against every backend (SQLite file, PostgreSQL schema).
+
+Backend-specific behaviour lives in test_store_sqlite.py and test_store_pg.py.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pg_support import fresh_schema, schema_url
+from store_support import comparison, generation, rating
 
-from feedloop.core.errors import StoreFullError, StoreUnavailableError
 from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore, open_store
-from feedloop.core.store.schema import LATEST_VERSION, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
-from feedloop.core.store.sqlite import SQLiteStore
+from feedloop.core.store.schema import LATEST_VERSION
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-def generation(gid: str, *, version: str = "v0001", t: float = 1000.0) -> GenerationRecord:
-    return GenerationRecord(
-        generation_id=gid,
-        request_id=f"req-{gid}",
-        prompt=f"prompt of {gid}",
-        prompt_ids=[2, 17, 33],
-        output_ids=[5, 9, 3],
-        behaviour_logprobs=[-0.25, -1.125, -0.1],
-        policy_logprobs=[-0.5, -1.0, -0.2],
-        finished=True,
-        text=f"text of {gid}",
-        sampling={"temperature": 0.8, "top_k": 20, "top_p": 0.95, "max_tokens": 16, "seed": 7},
-        model_version=version,
-        client_id="app-1",
-        created_at=t,
-        candidate_index=0,
-        num_candidates=1,
-    )
-
-
-def rating(event_id: str, gid: str, score: float = 0.75) -> FeedbackRecord:
-    return FeedbackRecord(
-        event_id=event_id,
-        kind="rating",
-        generation_ids=[gid],
-        client_id="app-1",
-        received_at=2000.0,
-        score=score,
-        scale="unit",
-        given_at=1999.5,
-    )
-
-
-def comparison(event_id: str, preferred: str, rejected: str) -> FeedbackRecord:
-    return FeedbackRecord(
-        event_id=event_id,
-        kind="comparison",
-        generation_ids=[preferred, rejected],
-        client_id="app-2",
-        received_at=2001.0,
-    )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -290,8 +248,6 @@ def test_a_failing_batch_leaves_nothing_behind(store: ReplayStore) -> None:
 
 
 def test_writes_from_threads_and_reads_beside_them(store: ReplayStore) -> None:
-    import threading
-
     store.append_generations([generation("g")])
     errors: list[BaseException] = []
 
@@ -315,8 +271,6 @@ def test_writes_from_threads_and_reads_beside_them(store: ReplayStore) -> None:
 def test_a_cursor_reader_never_skips_rows_committed_by_concurrent_writers(
     opener: Callable[[], ReplayStore],
 ) -> None:
-    import threading
-
     writers = [opener() for _ in range(3)]  # separate connections, as separate replicas
     reader = opener()
     writers[0].append_generations([generation("g")])
@@ -347,219 +301,3 @@ def test_a_cursor_reader_never_skips_rows_committed_by_concurrent_writers(
     done.set()
     reading.join()
     assert len(seen) == len(set(seen)) == 3 * 30 * 5
-
-
-# -- SQLite specifics -------------------------------------------------------------------------
-
-
-def test_sqlite_full_database_raises_store_full_and_recovers(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "replay.db")
-    store.append_generations([generation("g")])
-    store.insert_feedback([rating("before", "g")])
-    size_bytes = (tmp_path / "replay.db").stat().st_size
-    store.set_max_size_bytes(size_bytes)  # no room to grow
-    big_batch = [
-        FeedbackRecord(f"big{i}", "correction", ["g"], "app", 1.0, text="x" * 2000)
-        for i in range(200)
-    ]
-    with pytest.raises(StoreFullError):
-        store.insert_feedback(big_batch)
-    assert [e.event_id for e in store.feedback_after(0, 1000)] == ["before"]
-    store.set_max_size_bytes(None)
-    assert store.insert_feedback(big_batch) == [True] * 200
-    store.close()
-
-
-def test_sqlite_write_lock_held_elsewhere_is_unavailable_then_recovers(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "replay.db", busy_timeout_ms=50)
-    store.append_generations([generation("g")])
-    other = sqlite3.connect(tmp_path / "replay.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
-    with pytest.raises(StoreUnavailableError, match="locked"):
-        store.insert_feedback([rating("e1", "g")])
-    other.execute("ROLLBACK")
-    other.close()
-    assert store.insert_feedback([rating("e1", "g")]) == [True]
-    store.close()
-
-
-def test_sqlite_uses_wal_with_full_sync(tmp_path: Path) -> None:
-    SQLiteStore(tmp_path / "replay.db").close()
-    conn = sqlite3.connect(tmp_path / "replay.db")
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
-
-
-def test_sqlite_old_schema_is_migrated_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    for statement in SQLITE_MIGRATIONS[0]:
-        conn.execute(statement)
-    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    conn.execute("INSERT INTO schema_version VALUES (1)")
-    conn.close()
-    store = SQLiteStore(path)
-    assert store.schema_version() == LATEST_VERSION
-    store.close()
-    conn = sqlite3.connect(path)
-    indexes = {row[1] for row in conn.execute("PRAGMA index_list(generations)")}
-    conn.close()
-    assert "generations_model_version" in indexes
-
-
-def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "future.db"
-    SQLiteStore(path).close()
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE schema_version SET version = 999")
-    conn.close()
-    with pytest.raises(StoreUnavailableError, match="newer"):
-        SQLiteStore(path)
-
-
-def test_sqlite_unopenable_path_is_unavailable(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    with pytest.raises(StoreUnavailableError):
-        SQLiteStore(blocker / "replay.db")
-
-
-def test_sqlite_closed_store_refuses_calls(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "replay.db")
-    store.close()
-    with pytest.raises(StoreUnavailableError):
-        store.counts()
-
-
-def test_open_store_picks_backend_by_location(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "x.db"))
-    assert isinstance(store, SQLiteStore)
-    store.close()
-    assert os.path.exists(tmp_path / "x.db")
-
-
-# -- PostgreSQL specifics ---------------------------------------------------------------------
-
-
-@pytest.mark.postgres
-def test_postgres_unreachable_server_fails_fast_with_unavailable() -> None:
-    from feedloop.core.store.postgres import PostgresStore
-
-    # Port 1 on loopback: nothing listens, so the connection is refused at once.
-    with pytest.raises(StoreUnavailableError, match="connecting"):
-        PostgresStore("postgresql://postgres@127.0.0.1:1/test?schema=nowhere&connect_timeout=2")
-
-
-@pytest.mark.postgres
-def test_postgres_reconnects_by_itself_after_losing_its_connections() -> None:
-    import uuid
-
-    import psycopg
-    from pg_support import ADMIN_URL
-
-    from feedloop.core.store.postgres import PostgresStore
-
-    app = f"feedloop-test-{uuid.uuid4().hex[:8]}"
-    with fresh_schema("store") as schema:
-        store = PostgresStore(f"{schema_url(schema)}&application_name={app}")
-        try:
-            store.append_generations([generation("g1")])
-            with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-                killed = admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = %s",
-                    (app,),
-                ).fetchall()
-            assert killed, "the store held no connection to terminate"
-            assert store.insert_feedback([rating("e1", "g1")]) == [True]
-            assert store.counts().feedback == 1
-        finally:
-            store.close()
-
-
-@pytest.mark.postgres
-def test_postgres_schemas_isolate_stores_in_one_database() -> None:
-    from feedloop.core.store.postgres import PostgresStore
-
-    with fresh_schema("store") as first, fresh_schema("store") as second:
-        a, b = PostgresStore(schema_url(first)), PostgresStore(schema_url(second))
-        try:
-            a.append_generations([generation("only-in-a")])
-            assert b.counts().generations == 0
-            assert a.counts().generations == 1
-        finally:
-            a.close()
-            b.close()
-
-
-@pytest.mark.postgres
-def test_postgres_old_schema_is_migrated_in_place() -> None:
-    import psycopg
-    from pg_support import ADMIN_URL
-
-    from feedloop.core.store.postgres import PostgresStore
-
-    with fresh_schema("store") as schema:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'CREATE SCHEMA "{schema}"')
-            admin.execute(f'SET search_path TO "{schema}"')
-            for statement in POSTGRES_MIGRATIONS[0]:
-                admin.execute(statement)
-            admin.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            admin.execute("INSERT INTO schema_version VALUES (1)")
-        store = PostgresStore(schema_url(schema))
-        try:
-            assert store.schema_version() == LATEST_VERSION
-            store.append_generations([generation("g1")])
-            assert store.counts().generations == 1
-        finally:
-            store.close()
-        with psycopg.connect(ADMIN_URL) as admin:
-            found = admin.execute(
-                "SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
-                (schema, "generations_model_version"),
-            ).fetchall()
-        assert found
-
-
-@pytest.mark.postgres
-def test_postgres_search_path_in_options_also_picks_the_schema() -> None:
-    import psycopg
-    from pg_support import ADMIN_URL
-
-    from feedloop.core.store.postgres import PostgresStore
-
-    with fresh_schema("store") as schema:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'CREATE SCHEMA "{schema}"')  # options= does not create it
-        store = PostgresStore(f"{ADMIN_URL}?options=-csearch_path%3D{schema}")
-        try:
-            store.append_generations([generation("g1")])
-        finally:
-            store.close()
-        with psycopg.connect(ADMIN_URL) as admin:
-            rows = admin.execute(f'SELECT generation_id FROM "{schema}".generations').fetchall()
-        assert rows == [("g1",)]
-
-
-def test_postgres_url_parameters_of_ours_are_stripped_and_defaults_added() -> None:
-    from feedloop.core.store.pg import parse_url, redact
-
-    conninfo, schema = parse_url("postgresql://u:secret@db:5432/app?schema=prod&sslmode=require")
-    assert schema == "prod"
-    assert "schema=" not in conninfo and "sslmode=require" in conninfo
-    assert "connect_timeout=3" in conninfo and "application_name=feedloop" in conninfo
-    conninfo, schema = parse_url("postgresql://db/app?connect_timeout=9&application_name=x")
-    assert schema is None and "connect_timeout=9" in conninfo and "application_name=x" in conninfo
-    assert redact("postgresql://u:secret@db/app") == "postgresql://u:***@db/app"
-    assert redact("postgresql://db/app") == "postgresql://db/app"
-
-
-def test_postgres_disk_full_maps_to_store_full() -> None:
-    import psycopg
-
-    from feedloop.core.store.postgres import _unavailable
-
-    assert isinstance(_unavailable("m", psycopg.errors.DiskFull()), StoreFullError)
-    other = _unavailable("m", psycopg.OperationalError())
-    assert isinstance(other, StoreUnavailableError) and not isinstance(other, StoreFullError)

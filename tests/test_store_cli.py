@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pg_support import fresh_schema, schema_url
-from test_store import comparison, generation, rating
+from store_support import comparison, generation, rating
 
 from feedloop.core.store import open_store
 from feedloop.core.store.cli import main
