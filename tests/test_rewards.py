@@ -1,0 +1,187 @@
+"""Feedback to learning signals: rating scales, aggregation, client caps, pairs, corrections."""
+
+from __future__ import annotations
+
+import pytest
+
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord
+from feedloop.trainer.rewards import (
+    aggregate,
+    client_weights,
+    correction_targets,
+    normalise_rating,
+    preference_pairs,
+    rated_generations,
+)
+
+
+def generation(gid: str, text: str, request: str = "r1") -> GenerationRecord:
+    return GenerationRecord(
+        generation_id=gid,
+        request_id=request,
+        prompt="sunny",
+        prompt_ids=[5],
+        output_ids=[6, 2],
+        behaviour_logprobs=[-1.0, -0.5],
+        policy_logprobs=[-1.0, -0.5],
+        finished=True,
+        text=text,
+        sampling={},
+        model_version="v0001",
+        client_id="app",
+        created_at=0.0,
+    )
+
+
+def event(
+    eid: str, kind: str, ids: list[str], client: str = "u1", at: float = 0.0, **kw: object
+) -> FeedbackRecord:
+    return FeedbackRecord(
+        event_id=eid,
+        kind=kind,
+        generation_ids=ids,
+        client_id=client,  # type: ignore[arg-type]
+        received_at=at,
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("score", "scale", "expected"),
+    [
+        (0.0, "unit", -1.0),
+        (1.0, "unit", 1.0),
+        (0.75, "unit", 0.5),
+        (0.5, None, 0.0),
+        (0.0, "thumbs", -1.0),
+        (1.0, "thumbs", 1.0),
+        (1.0, "stars5", -1.0),
+        (3.0, "stars5", 0.0),
+        (4.0, "stars5", 0.5),
+        (5.0, "stars5", 1.0),
+        (9.0, "stars5", 1.0),
+        (-3.0, "unit", -1.0),
+    ],
+)
+def test_ratings_are_normalised_from_their_scale_to_minus_one_one(
+    score: float, scale: str | None, expected: float
+) -> None:
+    assert normalise_rating(score, scale) == pytest.approx(expected)
+
+
+def test_an_unknown_rating_scale_is_an_error() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        normalise_rating(1.0, "percent")
+
+
+def test_aggregation_rules_combine_several_ratings_as_declared() -> None:
+    values = [(2.0, 0.5, 1.0), (1.0, -1.0, 1.0), (3.0, 1.0, 2.0)]  # (time, value, weight)
+    assert aggregate(values, "mean") == pytest.approx((0.5 - 1.0 + 2.0) / 4)
+    assert aggregate(values, "earliest") == -1.0
+    assert aggregate(values, "latest") == 1.0
+    assert aggregate(values, "sum") == pytest.approx(0.5 - 1.0 + 2.0)
+    with pytest.raises(ValueError, match="rule"):
+        aggregate(values, "median")
+
+
+def test_rated_generations_use_the_users_time_when_given() -> None:
+    events = [
+        event("a", "rating", ["g1"], at=10.0, score=1.0, scale="unit", given_at=1.0),
+        event("b", "rating", ["g1"], at=5.0, score=0.0, scale="unit"),
+    ]
+    rated = rated_generations(events, {}, "earliest")
+    assert rated["g1"].reward == 1.0  # given at 1.0, before the other's 5.0
+    assert rated["g1"].events == 2
+
+
+def test_no_client_carries_more_than_its_share_of_the_weight() -> None:
+    events = [event(f"a{i}", "rating", ["g"], client="flood") for i in range(8)]
+    events += [event("b", "rating", ["g"], client="b"), event("c", "rating", ["g"], client="c")]
+    weights = client_weights(events, 0.5)
+    flood = sum(w for eid, w in weights.items() if eid.startswith("a"))
+    assert flood / sum(weights.values()) == pytest.approx(0.5)
+    assert weights["b"] == weights["c"] == 1.0
+
+
+def test_client_cap_leaves_a_balanced_batch_alone() -> None:
+    events = [event(f"e{i}", "rating", ["g"], client=f"u{i % 4}") for i in range(8)]
+    assert set(client_weights(events, 0.3).values()) == {1.0}
+
+
+def test_with_too_few_clients_for_the_cap_every_client_weighs_the_same() -> None:
+    events = [event(f"a{i}", "rating", ["g"], client="a") for i in range(9)]
+    events.append(event("b", "rating", ["g"], client="b"))
+    weights = client_weights(events, 0.3)  # two clients cannot each stay under 30%
+    a_total = sum(w for eid, w in weights.items() if eid.startswith("a"))
+    assert a_total == pytest.approx(weights["b"])
+    assert all(w > 0 for w in weights.values())
+
+
+def test_a_single_client_keeps_full_weight() -> None:
+    events = [event(f"a{i}", "rating", ["g"]) for i in range(5)]
+    assert set(client_weights(events, 0.5).values()) == {1.0}
+
+
+def test_capped_weights_flow_into_the_mean_rating() -> None:
+    events = [
+        event(f"a{i}", "rating", ["g"], client="flood", score=0.0, scale="unit") for i in range(8)
+    ]
+    events += [
+        event("b", "rating", ["g"], client="b", score=1.0, scale="unit"),
+        event("c", "rating", ["g"], client="c", score=1.0, scale="unit"),
+    ]
+    rated = rated_generations(events, client_weights(events, 0.5), "mean")
+    assert rated["g"].reward == pytest.approx(0.0)  # half -1 (capped flood), half +1
+
+
+def test_rankings_expand_to_every_implied_pair_weighing_like_n_minus_one_comparisons() -> None:
+    gens = {g: generation(g, f"text {g}") for g in ("g1", "g2", "g3")}
+    pairs = preference_pairs([event("r", "ranking", ["g2", "g1", "g3"])], gens, {}, {})
+    assert {(p.preferred_text, p.rejected_text) for p in pairs} == {
+        ("text g2", "text g1"),
+        ("text g2", "text g3"),
+        ("text g1", "text g3"),
+    }
+    assert sum(p.weight for p in pairs) == pytest.approx(1.5)  # 3 pairs of weight 1/2
+
+
+def test_comparisons_and_corrections_become_preferences() -> None:
+    gens = {g: generation(g, f"text {g}") for g in ("g1", "g2")}
+    events = [
+        event("c", "comparison", ["g2", "g1"]),
+        event("x", "correction", ["g1"], text="a better text"),
+    ]
+    pairs = preference_pairs(events, gens, {}, {})
+    assert [(p.source, p.preferred_text, p.rejected_text) for p in pairs] == [
+        ("comparison", "text g2", "text g1"),
+        ("correction", "a better text", "text g1"),
+    ]
+    assert correction_targets(events, gens, {"x": 0.5})[0].weight == 0.5
+
+
+def test_ratings_of_one_request_give_pairs_only_past_the_noise_gap() -> None:
+    gens = {
+        "g1": generation("g1", "a"),
+        "g2": generation("g2", "b"),
+        "g3": generation("g3", "c"),
+        "g4": generation("g4", "d", request="other"),
+    }
+    events = [
+        event("1", "rating", ["g1"], score=1.0, scale="unit"),
+        event("2", "rating", ["g2"], score=0.95, scale="unit"),
+        event("3", "rating", ["g3"], score=0.0, scale="unit"),
+        event("4", "rating", ["g4"], score=0.5, scale="unit"),
+    ]
+    rated = rated_generations(events, {}, "mean")
+    pairs = preference_pairs(events, gens, {}, rated)
+    assert sorted((p.preferred_text, p.rejected_text) for p in pairs) == [("a", "c"), ("b", "c")]
+
+
+def test_events_naming_unknown_generations_are_ignored() -> None:
+    gens = {"g1": generation("g1", "a")}
+    events = [
+        event("c", "comparison", ["g1", "gone"]),
+        event("x", "correction", ["gone"], text="t"),
+    ]
+    assert preference_pairs(events, gens, {}, {}) == []
+    assert correction_targets(events, gens, {}) == []

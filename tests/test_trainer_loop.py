@@ -1,0 +1,209 @@
+"""The trainer's rounds through a real SQLite store and directory registry (tiny policy).
+
+These tests pin the mechanics (cursor, gate, publish, refusals, aborts, metrics); that the
+rounds actually improve the policy is test_trainer_learns.py's job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
+
+from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.simusers import IncludeWord, Length, Preference
+from feedloop.trainer.loop import Trainer
+
+__all__ = ["one_torch_thread"]
+PREF = IncludeWord("little")
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Env]:
+    environment = make_env(tmp_path, tiny_checkpoint)
+    yield environment
+    environment.close()
+
+
+def cursor(env: Env) -> dict:
+    return env.store.get_cursor("trainer") or {}
+
+
+def test_a_round_publishes_a_candidate_that_passes_the_gate_and_makes_it_live(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    result = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None).run_round()
+
+    assert result.outcome == "published", result.reason
+    assert env.registry.live() == result.version == "v0002"
+    manifest = env.registry.manifest("v0002")
+    assert manifest.parent_version == "v0001"
+    summary = manifest.training_summary
+    assert summary["window"]["feedback_seq_after"] == env.store.max_seq()[1]
+    for figure in (
+        "perplexity_ratio_live",
+        "kl_to_reference",
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "approx_kl",
+        "clipfrac",
+        "kl_coef",
+        "update_steps",
+    ):
+        assert summary[figure] is not None, figure
+    assert cursor(env)["feedback_seq"] == env.store.max_seq()[1]
+    assert env.registry.history()[0].action == "promoted"
+    load_checkpoint(env.registry.checkpoint_dir("v0002"))  # verifies
+
+
+def test_too_little_data_skips_the_round_says_so_and_keeps_the_cursor(env: Env) -> None:
+    sim = simulation(env, PREF, requests_per_batch=1)
+    sim.serve_batch()
+    config = fast_config(env.root, min_feedback_events=1000)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.outcome == "skipped"
+    assert "too little data" in result.reason
+    assert env.store.get_cursor("trainer") is None
+    assert env.registry.live() == "v0001"
+
+
+def test_a_refused_candidate_is_recorded_with_every_figure_and_live_is_unchanged(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    config = fast_config(env.root, gate_max_perplexity_ratio_live=0.5)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+
+    assert result.outcome == "refused"
+    assert "perplexity" in result.reason
+    assert env.registry.live() == "v0001" and env.registry.versions() == ["v0001"]
+    decision = env.registry.history()[0]
+    assert decision.action == "refused" and "perplexity" in decision.reason
+    for figure in (
+        "perplexity_candidate",
+        "perplexity_live",
+        "perplexity_ratio_reference",
+        "kl_to_reference",
+        "policy_loss",
+    ):
+        assert decision.details[figure] is not None, figure
+    # The window was consumed: the refusal is its outcome, durable before the cursor moved.
+    assert cursor(env)["feedback_seq"] == env.store.max_seq()[1]
+
+
+def test_an_exploding_loss_aborts_the_round_and_keeps_the_live_policy(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    config = fast_config(env.root, max_loss=1e-9)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.outcome == "aborted"
+    assert "round abandoned" in result.reason
+    assert env.registry.live() == "v0001"
+    assert env.registry.history()[0].reason.startswith("aborted")
+
+
+@pytest.mark.parametrize(
+    ("kind", "preference"),
+    # Length: the tiny policy's phrases vary in length, so comparisons carry signal; a word it
+    # never writes gives a correction for every request (with nothing to correct users rate).
+    [("comparison", Length(3)), ("ranking", Length(3)), ("correction", IncludeWord("little"))],
+)
+def test_a_window_of_a_single_feedback_kind_still_trains_and_says_so(
+    env: Env, kind: str, preference: Preference
+) -> None:
+    simulation(env, preference, mix={kind: 1.0}).serve_events(40)
+    config = fast_config(env.root, rm_min_pairs=4)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.outcome == "published", result.reason
+    assert any(f"only {kind} feedback" in note for note in result.figures["notes"])
+    assert result.figures["train_sequences"] + result.figures["corrections"] > 0
+
+
+def test_unrated_generations_are_left_out_or_given_the_default_as_configured(env: Env) -> None:
+    simulation(env, PREF, mix={"correction": 1.0}).serve_events(30)
+    left_out = Trainer(
+        fast_config(env.root, unrated="leave-out"), env.store, env.registry, log=lambda _: None
+    )._rewards
+    trainer = Trainer(
+        fast_config(env.root, unrated="default", unrated_default_reward=-0.2),
+        env.store,
+        env.registry,
+        log=lambda _: None,
+    )
+    from feedloop.trainer.data import Cursor, read_window
+
+    window = read_window(
+        env.store, Cursor(), trainer.config, now=time.time(), live_version="v0001", seed=0
+    )
+    live = trainer.policy("v0001")
+    examples, *_ = left_out(window, live, {})
+    assert examples == []  # corrections rate nothing
+    examples, *_ = trainer._rewards(window, live, {})
+    assert examples and {r for _, r, _ in examples} == {-0.2}
+
+
+def test_a_restart_after_a_publish_whose_cursor_write_was_lost_skips_the_window(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    config = fast_config(env.root)
+    Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    env.store.set_cursor("trainer", {"generation_seq": 0, "feedback_seq": 0})  # as if killed
+    restarted = Trainer(config, env.store, env.registry, log=lambda _: None)
+    assert restarted.cursor("v0002").feedback_seq == env.store.max_seq()[1]
+    result = restarted.run_round()
+    assert result.outcome == "skipped" and "too little data" in result.reason
+
+
+def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env: Env) -> None:
+    sim = simulation(env, PREF)
+    sim.serve_events(40)
+    config = fast_config(env.root, max_version_lag=0)
+    trainer = Trainer(config, env.store, env.registry, log=lambda _: None)
+    assert trainer.run_round().outcome == "published"
+    sim.serve_events(40)  # now served by v0002; the replay sample holds v0001's generations
+    result = trainer.run_round()
+    assert result.figures["replayed_generations"] + result.figures["dropped_stale"] > 0
+    assert result.figures["dropped_stale"] > 0  # v0001's data is 1 version behind, lag bound 0
+
+
+def test_reinforce_runs_a_round_through_the_same_interface(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    config = fast_config(env.root, algorithm="reinforce")
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.outcome == "published", result.reason
+    assert env.registry.manifest("v0002").training_summary["algorithm"] == "reinforce"
+
+
+def test_a_stop_request_abandons_the_round_and_keeps_nothing(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    stop = threading.Event()
+    stop.set()
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, stop=stop, log=lambda _: None)
+    assert trainer.run_round().outcome == "abandoned"
+    assert env.store.get_cursor("trainer") is None and env.registry.live() == "v0001"
+
+
+def test_metrics_export_rounds_by_outcome_and_the_rounds_figures(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
+    trainer.run_round()
+    text = generate_latest(trainer.metrics.registry).decode()
+    assert 'feedloop_trainer_rounds_total{outcome="published"} 1.0' in text
+    assert 'feedloop_trainer_rounds_total{outcome="refused"} 0.0' in text
+    assert 'feedloop_trainer_gate_decisions_total{decision="pass"} 1.0' in text
+    for series in (
+        "update_steps_total",
+        "policy_loss",
+        "value_loss",
+        "entropy_nats",
+        "kl_to_reference_nats",
+        "kl_coef",
+        "gate_perplexity_ratio",
+        "window_generations",
+        "newest_feedback_age_seconds",
+        "round_duration_seconds_count",
+        "last_publish_timestamp_seconds",
+        "reward_model_heldout_accuracy",
+    ):
+        assert f"feedloop_trainer_{series}" in text, series

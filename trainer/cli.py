@@ -1,0 +1,95 @@
+"""`feedloop train`: the trainer as its own process.
+
+    feedloop train --store replay.sqlite3 --registry registry/ --metrics-port 9466
+    feedloop train --once --algorithm reinforce      # one round, then exit (cron, tests)
+
+Prints one line when ready (`feedloop train: metrics=HOST:PORT store=... registry=...`), then
+one line per round. SIGTERM or SIGINT abandons the round in progress at its next step boundary
+(nothing of it is kept; the cursor stays) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from feedloop.core.config import add_config_flags, config_from_args
+from feedloop.core.errors import FeedloopError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from feedloop.trainer.config import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="feedloop train",
+        description="Improve the live policy from stored feedback: read, reward, update "
+        "(actor-critic or reinforce), gate, publish.",
+        epilog="Every option can also come from FEEDLOOP_<NAME> or the [train] table of --config.",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument("--once", action="store_true", help="run one round and exit")
+    add_config_flags(parser, TrainConfig)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv[1:])
+    import torch
+
+    from feedloop.core.registry import open_registry
+    from feedloop.core.store.base import open_store
+    from feedloop.trainer.config import TrainConfig
+    from feedloop.trainer.loop import Trainer
+    from feedloop.trainer.metrics import TrainerMetrics
+
+    try:
+        config = config_from_args(TrainConfig, args, section="train")
+    except FeedloopError as exc:
+        print(f"feedloop train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    torch.set_num_threads(config.torch_threads)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        store = open_store(config.store_location)
+        registry = open_registry(config.registry_location)
+    except FeedloopError as exc:
+        print(f"feedloop train: {exc}", file=sys.stderr)
+        return 1
+    metrics = TrainerMetrics()
+    try:
+        host, port = metrics.serve(config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        print(
+            f"feedloop train: cannot serve metrics on {config.metrics_host}:"
+            f"{config.metrics_port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"feedloop train: metrics={host}:{port} store={config.store_location} "
+        f"registry={config.registry_location} algorithm={config.algorithm}",
+        flush=True,
+    )
+    trainer = Trainer(
+        config,
+        store,
+        registry,
+        metrics=metrics,
+        stop=stop,
+        log=lambda line: print(f"feedloop train: {line}", flush=True),
+    )
+    try:
+        code = trainer.run(once=args.once)
+    finally:
+        store.close()
+        registry.close()
+    if stop.is_set():
+        print("feedloop train: stopped", flush=True)
+    return code

@@ -1,0 +1,263 @@
+"""The trainer's one config: every knob, its default (the one that works) and why.
+
+Built once at start-up by `feedloop.core.config` (flags > FEEDLOOP_* > TOML `[train]` > these
+defaults) and passed down. The defaults learn all of the simulated preferences of the
+benchmark (a word to include, a length, a word to avoid) with the default pretrained policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from feedloop.core.config import default_data_dir
+
+Algorithm = Literal["actor-critic", "reinforce"]
+Aggregation = Literal["mean", "earliest", "latest", "sum"]
+UnratedRule = Literal["reward-model", "default", "leave-out"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- where -------------------------------------------------------------------------------
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata=_help("feedloop's data directory (default store, registry, work space)"),
+    )
+    store: str | None = field(
+        default=None,
+        metadata=_help(
+            "replay store: SQLite path or postgresql:// URL "
+            "(unset: DATA_DIR/replay.sqlite3, the server's default)"
+        ),
+    )
+    registry: str | None = field(
+        default=None,
+        metadata=_help("model registry: directory or postgresql:// URL (unset: DATA_DIR/registry)"),
+    )
+    metrics_host: str = field(default="127.0.0.1", metadata=_help("address of /metrics"))
+    metrics_port: int = field(
+        default=9466, metadata=_help("port of the trainer's /metrics (0: any free port)")
+    )
+    algorithm: Algorithm = field(
+        default="actor-critic",
+        metadata=_help(
+            "actor-critic: PPO-style clipped, off-policy, value critic, KL leash; "
+            "reinforce: policy gradient with a learned baseline"
+        ),
+    )
+    reference_version: str | None = field(
+        default=None,
+        metadata=_help(
+            "version the KL leash pulls towards (unset: the root of the live "
+            "version's lineage, i.e. the pretrained policy)"
+        ),
+    )
+    cursor_name: str = field(
+        default="trainer", metadata=_help("name of the trainer's cursor in the store")
+    )
+    # -- when --------------------------------------------------------------------------------
+    interval_s: float = field(
+        default=60.0, metadata=_help("longest wait between rounds when feedback trickles in")
+    )
+    wake_after_feedback_events: int = field(
+        default=256, metadata=_help("start a round as soon as this many new events are stored")
+    )
+    poll_interval_s: float = field(
+        default=1.0, metadata=_help("how often the store is checked for new feedback")
+    )
+    pause_between_rounds_s: float = field(
+        default=0.0, metadata=_help("idle time after each round, to leave CPU to a server")
+    )
+    torch_threads: int = field(
+        default=1, metadata=_help("torch intra-op threads: 1 keeps a core free for the server")
+    )
+    seed: int = field(default=0, metadata=_help("seed of replay sampling and minibatch order"))
+    # -- the window --------------------------------------------------------------------------
+    max_feedback_events: int = field(
+        default=5000, metadata=_help("newest feedback events read per round (bounds round time)")
+    )
+    max_new_generations: int = field(
+        default=5000, metadata=_help("newest logged generations read per round")
+    )
+    replay_sample_size: int = field(
+        default=1024,
+        metadata=_help(
+            "older generations sampled back into each round (the replay buffer); "
+            "keeps early lessons from being forgotten"
+        ),
+    )
+    max_version_lag: int = field(
+        default=8, metadata=_help("drop data generated more than this many versions before live")
+    )
+    max_data_age_s: float = field(
+        default=7 * 24 * 3600.0, metadata=_help("drop data older than this (seconds)")
+    )
+    min_feedback_events: int = field(
+        default=32, metadata=_help("fewer new events than this: skip the round and wait")
+    )
+    # -- rewards -----------------------------------------------------------------------------
+    aggregation: Aggregation = field(
+        default="mean", metadata=_help("how several ratings of one generation combine")
+    )
+    client_share_cap: float = field(
+        default=0.5,
+        metadata=_help(
+            "most share of a round's feedback weight one client may carry "
+            "(a guard against floods and poisoning)"
+        ),
+    )
+    join_window_s: float = field(
+        default=30.0,
+        metadata=_help("a generation unrated this long after it was served counts as unrated"),
+    )
+    unrated: UnratedRule = field(
+        default="reward-model",
+        metadata=_help(
+            "reward of unrated generations: the reward model's score, a default "
+            "value, or leave them out"
+        ),
+    )
+    unrated_default_reward: float = field(
+        default=0.0, metadata=_help("reward of an unrated generation under unrated=default")
+    )
+    heldout_share: float = field(
+        default=0.1,
+        metadata=_help(
+            "share of generations (by id hash) kept out of training for the gate's "
+            "off-policy estimates and of pairs for reward-model accuracy"
+        ),
+    )
+    rm_steps: int = field(default=150, metadata=_help("reward-model optimiser steps per round"))
+    rm_learning_rate: float = field(default=0.05, metadata=_help("reward-model Adam step size"))
+    rm_l2: float = field(
+        default=1e-3, metadata=_help("reward-model weight decay: word features are sparse")
+    )
+    rm_min_pairs: int = field(
+        default=16, metadata=_help("fewer preference pairs than this: no reward model this round")
+    )
+    rm_min_accuracy: float = field(
+        default=0.55,
+        metadata=_help("held-out pairwise accuracy below this: the reward model scores nothing"),
+    )
+    # -- the update --------------------------------------------------------------------------
+    learning_rate: float = field(
+        default=3e-4,
+        metadata=_help(
+            "Adam step size of the policy; higher makes rounds jump past the perplexity bound"
+        ),
+    )
+    epochs: int = field(default=4, metadata=_help("passes over the round's data (PPO epochs)"))
+    minibatch_size: int = field(
+        default=128, metadata=_help("sequences per gradient step (~0.15 s each on one core)")
+    )
+    max_updates_per_round: int = field(
+        default=96, metadata=_help("cap on gradient steps per round (bounds round time)")
+    )
+    gamma: float = field(default=1.0, metadata=_help("discount: phrases are short episodes"))
+    gae_lambda: float = field(
+        default=0.95, metadata=_help("GAE lambda: bias (0) vs variance (1) of advantages")
+    )
+    clip_eps: float = field(default=0.2, metadata=_help("PPO ratio clip"))
+    value_clip: float = field(default=0.2, metadata=_help("value-loss clip around old values"))
+    value_coef: float = field(default=0.5, metadata=_help("weight of the value loss"))
+    entropy_coef: float = field(
+        default=0.01, metadata=_help("entropy bonus: keeps sampling diverse as reward sharpens")
+    )
+    kl_coef: float = field(
+        default=0.05, metadata=_help("initial coefficient of the per-token KL penalty")
+    )
+    kl_target: float = field(
+        default=1.5,
+        metadata=_help(
+            "target KL(policy || reference) per phrase in nats for the adaptive "
+            "coefficient; ~1.5 nats leaves room to learn yet keeps phrases fluent"
+        ),
+    )
+    kl_horizon: float = field(
+        default=2000.0, metadata=_help("horizon of the adaptive KL controller (sequences)")
+    )
+    adaptive_kl: bool = field(default=True, metadata=_help("adapt the KL coefficient to target"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient-norm clip"))
+    importance_weight_max: float = field(
+        default=1.0,
+        metadata=_help(
+            "truncation of behaviour importance weights pi_old/mu (V-trace's "
+            "rho-bar): stale data can only count less, never explode"
+        ),
+    )
+    correction_loss_weight: float = field(
+        default=0.5, metadata=_help("weight of the teacher-forced loss on users' corrections")
+    )
+    max_loss: float = field(
+        default=1e3, metadata=_help("a loss above this (or NaN) aborts the round")
+    )
+    # -- the gate ----------------------------------------------------------------------------
+    corpus: Path | None = field(
+        default=None,
+        metadata=_help(
+            "the corpus whose test split measures perplexity (unset: the shipped corpus)"
+        ),
+    )
+    corpus_seed: int = field(default=0, metadata=_help("seed of the corpus split (pretraining's)"))
+    gate_max_perplexity_ratio_live: float = field(
+        default=1.15, metadata=_help("candidate / live held-out perplexity may not exceed this")
+    )
+    gate_max_perplexity_ratio_reference: float = field(
+        default=1.3,
+        metadata=_help("candidate / reference perplexity bound, so drift cannot accumulate"),
+    )
+    gate_max_kl: float = field(
+        default=4.0, metadata=_help("KL(candidate || reference) per phrase, nats, at most")
+    )
+    gate_kl_prompts: int = field(
+        default=256, metadata=_help("held-out prompts sampled to measure the KL")
+    )
+    gate_min_ope_samples: int = field(
+        default=20, metadata=_help("fewer held-out rated generations: no off-policy check")
+    )
+    gate_ope_weight_max: float = field(
+        default=20.0, metadata=_help("clip of sequence importance weights in the estimates")
+    )
+    work_dir: Path | None = field(
+        default=None, metadata=_help("scratch space for candidates (unset: DATA_DIR/trainer)")
+    )
+
+    def __post_init__(self) -> None:
+        positive = (
+            "learning_rate",
+            "epochs",
+            "minibatch_size",
+            "rm_steps",
+            "torch_threads",
+            "kl_target",
+            "kl_horizon",
+            "interval_s",
+            "poll_interval_s",
+            "importance_weight_max",
+            "gate_ope_weight_max",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.client_share_cap <= 1:
+            raise ValueError(f"client_share_cap must be in (0, 1], got {self.client_share_cap}")
+        if not 0 <= self.heldout_share < 1:
+            raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
+
+    @property
+    def store_location(self) -> str:
+        return self.store or str(self.data_dir / "replay.sqlite3")
+
+    @property
+    def registry_location(self) -> str:
+        return self.registry or str(self.data_dir / "registry")
+
+    @property
+    def work_path(self) -> Path:
+        return self.work_dir or self.data_dir / "trainer"

@@ -1,0 +1,272 @@
+"""The evaluation gate: a candidate goes live only if it is no worse than the live policy.
+
+Three checks, every figure reported whatever the outcome:
+1. Fluency: per-token perplexity on the corpus's test split may not exceed
+   `gate_max_perplexity_ratio_live` x the live policy's, nor
+   `gate_max_perplexity_ratio_reference` x the reference's (so drift cannot pile up round by
+   round).
+2. The KL leash: KL(candidate || reference) per phrase, measured on the candidate's own samples
+   for held-out prompts (k1 and k3 estimates), at most `gate_max_kl` nats.
+3. Expected reward, off-policy, on held-out logged generations with explicit ratings: the
+   candidate's and the live policy's values by self-normalised importance sampling and doubly
+   robust with the reward model, each with a 95% interval. The candidate is refused if its
+   doubly robust interval lies wholly below the live policy's estimate (clearly worse).
+   Importance weights are those of the distribution the server sampled from (each record's
+   temperature/top-k/top-p applied to the target policy) over the logged behaviour log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from feedloop.core import sampling
+from feedloop.core.corpus import prompt_for
+from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
+from feedloop.core.sampling import SamplingParams
+from feedloop.core.store.base import GenerationRecord
+from feedloop.core.tokenizer import EOS_ID
+from feedloop.trainer import rl_math
+from feedloop.trainer.config import TrainConfig
+from feedloop.trainer.reward_model import FittedRewardModel
+
+DR_TARGET_SAMPLES = 2  # samples per held-out prompt for the direct-method term
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reasons: list[str]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(self.reasons)
+
+
+@torch.no_grad()
+def perplexity(policy: Policy, pairs: Sequence[tuple[str, str]], batch_size: int = 512) -> float:
+    """Per-token perplexity of phrases given their prompts (<eos> counted as a token)."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        prompts = [policy.encode_prompt(p) for p, _ in chunk]
+        outputs = [[*policy.tokenizer.encode(t), EOS_ID] for _, t in chunk]
+        batch = TokenBatch.from_lists(prompts, outputs)
+        logprobs = token_logprobs(policy.teacher_forced(batch).logits, batch.output_ids)
+        total -= float((logprobs * batch.output_mask).sum())
+        tokens += int(batch.output_mask.sum())
+    return math.exp(total / max(tokens, 1))
+
+
+def heldout_pairs(test_phrases: Sequence[str], seed: int) -> list[tuple[str, str]]:
+    """(prompt, phrase) pairs of the test split, prompts fixed by the seed."""
+    rng = random.Random(seed)
+    pairs = []
+    for phrase in test_phrases:
+        prompt = prompt_for(phrase, rng)
+        if prompt is not None:
+            pairs.append((prompt, phrase))
+    return pairs
+
+
+@torch.no_grad()
+def kl_to_reference(
+    policy: Policy, reference: Policy, prompts: Sequence[str], seed: int, max_tokens: int = 16
+) -> dict[str, float]:
+    """KL(policy || reference) per phrase on the policy's own samples (temperature 1)."""
+    requests = [
+        SampleRequest(policy.encode_prompt(p), SamplingParams(max_tokens=max_tokens, seed=seed + i))
+        for i, p in enumerate(prompts)
+    ]
+    samples = [outs[0] for outs in policy.sample(requests)]
+    prompt_ids = [r.prompt_ids for r in requests]
+    outputs = [s.token_ids for s in samples]
+    batch = TokenBatch.from_lists(prompt_ids, outputs)
+    logprobs = token_logprobs(policy.teacher_forced(batch).logits, batch.output_ids)
+    ref = token_logprobs(reference.teacher_forced(batch).logits, batch.output_ids)
+    mask = batch.output_mask
+    k1 = (rl_math.kl_k1(logprobs, ref) * mask).sum(dim=1)
+    k3 = (rl_math.kl_k3(logprobs, ref) * mask).sum(dim=1)
+    return {
+        "kl_k1": float(k1.mean()),
+        "kl_k3": float(k3.mean()),
+        "mean_length_tokens": float(mask.sum(dim=1).mean()),
+    }
+
+
+@torch.no_grad()
+def served_logprobs(policy: Policy, records: Sequence[GenerationRecord]) -> torch.Tensor:
+    """Sequence log-probs of logged outputs under `policy` as served with each record's params."""
+    batch = TokenBatch.from_lists([r.prompt_ids for r in records], [r.output_ids for r in records])
+    logits = policy.teacher_forced(batch).logits
+    b, t, v = logits.shape
+
+    def param(name: str, default: float) -> torch.Tensor:
+        values = [float(r.sampling.get(name, default) or default) for r in records]
+        return torch.tensor(values).repeat_interleave(t)
+
+    temperature = param("temperature", 1.0)
+    top_k = param("top_k", 0).long()
+    top_p = param("top_p", 1.0)
+    logprobs = sampling.filtered_logprobs(logits.reshape(b * t, v), temperature, top_k, top_p)
+    token = logprobs.gather(1, batch.output_ids.reshape(-1, 1)).reshape(b, t)
+    token = torch.where(batch.output_mask > 0, token, torch.zeros_like(token))
+    return token.sum(dim=1)
+
+
+def sequence_behaviour_logprobs(records: Sequence[GenerationRecord]) -> torch.Tensor:
+    return torch.tensor([sum(r.behaviour_logprobs) for r in records], dtype=torch.float64)
+
+
+@torch.no_grad()
+def direct_method(
+    policy: Policy, records: Sequence[GenerationRecord], reward_model: FittedRewardModel, seed: int
+) -> torch.Tensor:
+    """Reward model's expected reward of `policy`'s samples for each record's prompt."""
+    requests = [
+        SampleRequest(
+            r.prompt_ids,
+            SamplingParams(
+                temperature=float(r.sampling.get("temperature", 1.0) or 1.0),
+                top_k=int(r.sampling.get("top_k", 0) or 0),
+                top_p=float(r.sampling.get("top_p", 1.0) or 1.0),
+                max_tokens=int(r.sampling.get("max_tokens", 16) or 16),
+                seed=seed + i,
+            ),
+            num_candidates=DR_TARGET_SAMPLES,
+        )
+        for i, r in enumerate(records)
+    ]
+    outs = policy.sample(requests)
+    prompts = [r.prompt for r, o in zip(records, outs, strict=True) for _ in o]
+    texts = [policy.decode(s.token_ids) for o in outs for s in o]
+    return reward_model.rewards(prompts, texts).reshape(len(records), DR_TARGET_SAMPLES).mean(dim=1)
+
+
+def off_policy_values(
+    policy: Policy,
+    records: Sequence[GenerationRecord],
+    rewards: torch.Tensor,
+    reward_model: FittedRewardModel | None,
+    *,
+    weight_max: float,
+    seed: int,
+) -> dict[str, Any]:
+    """SNIPS and (with a reward model) doubly robust value of `policy` on logged rewards."""
+    log_w = served_logprobs(policy, records).double() - sequence_behaviour_logprobs(records)
+    weights = torch.exp(log_w.clamp(max=math.log(weight_max)))
+    out: dict[str, Any] = {
+        "snips": rl_math.snips(weights, rewards).as_dict(),
+        "ess": rl_math.effective_sample_size(weights),
+    }
+    if reward_model is not None:
+        logged = reward_model.rewards([r.prompt for r in records], [r.text for r in records])
+        target = direct_method(policy, records, reward_model, seed)
+        out["dr"] = rl_math.doubly_robust(weights, rewards, logged, target).as_dict()
+        out["dm"] = float(target.mean())
+    return out
+
+
+class Gate:
+    """Holds what does not change between rounds: the held-out pairs and the reference."""
+
+    def __init__(self, config: TrainConfig, reference: Policy, test_phrases: Sequence[str]) -> None:
+        self.config = config
+        self.reference = reference
+        self.pairs = heldout_pairs(test_phrases, config.corpus_seed)
+        if not self.pairs:
+            raise ValueError("the corpus test split has no phrase with a keyword")
+        prompts = [p for p, _ in self.pairs]
+        self.kl_prompts = [prompts[i % len(prompts)] for i in range(config.gate_kl_prompts)]
+        self.reference_perplexity = perplexity(reference, self.pairs)
+        self._live_cache: tuple[int, float] | None = None
+
+    def _live_perplexity(self, live: Policy) -> float:
+        if self._live_cache is None or self._live_cache[0] != id(live):
+            self._live_cache = (id(live), perplexity(live, self.pairs))
+        return self._live_cache[1]
+
+    def evaluate(
+        self,
+        candidate: Policy,
+        live: Policy,
+        heldout: Sequence[tuple[GenerationRecord, float]],
+        reward_model: FittedRewardModel | None,
+        *,
+        seed: int,
+    ) -> GateReport:
+        c = self.config
+        reasons: list[str] = []
+        passed = True
+        ppl_candidate = perplexity(candidate, self.pairs)
+        ppl_live = self._live_perplexity(live)
+        ratio_live = ppl_candidate / ppl_live
+        ratio_ref = ppl_candidate / self.reference_perplexity
+        figures: dict[str, Any] = {
+            "perplexity_candidate": ppl_candidate,
+            "perplexity_live": ppl_live,
+            "perplexity_reference": self.reference_perplexity,
+            "perplexity_ratio_live": ratio_live,
+            "perplexity_ratio_reference": ratio_ref,
+        }
+        if not math.isfinite(ratio_live) or ratio_live > c.gate_max_perplexity_ratio_live:
+            passed = False
+            reasons.append(
+                f"perplexity {ratio_live:.3f}x live's (bound {c.gate_max_perplexity_ratio_live})"
+            )
+        if not math.isfinite(ratio_ref) or ratio_ref > c.gate_max_perplexity_ratio_reference:
+            passed = False
+            reasons.append(
+                f"perplexity {ratio_ref:.3f}x the reference's (bound "
+                f"{c.gate_max_perplexity_ratio_reference})"
+            )
+        kl = kl_to_reference(candidate, self.reference, self.kl_prompts, seed)
+        figures.update({f"candidate_{k}": v for k, v in kl.items()})
+        figures["kl_to_reference"] = kl["kl_k3"]
+        if not kl["kl_k3"] <= c.gate_max_kl:
+            passed = False
+            reasons.append(f"KL to reference {kl['kl_k3']:.3f} nats (limit {c.gate_max_kl})")
+
+        if len(heldout) >= c.gate_min_ope_samples:
+            records = [g for g, _ in heldout]
+            rewards = torch.tensor([r for _, r in heldout], dtype=torch.float64)
+            cand = off_policy_values(
+                candidate,
+                records,
+                rewards,
+                reward_model,
+                weight_max=c.gate_ope_weight_max,
+                seed=seed,
+            )
+            live_v = off_policy_values(
+                live, records, rewards, reward_model, weight_max=c.gate_ope_weight_max, seed=seed
+            )
+            figures["ope_candidate"], figures["ope_live"] = cand, live_v
+            figures["ope_heldout"] = len(heldout)
+            key = "dr" if "dr" in cand else "snips"
+            if cand[key]["ci_high"] < live_v[key]["value"]:
+                passed = False
+                reasons.append(
+                    f"off-policy reward ({key}) {cand[key]['value']:.3f} "
+                    f"[{cand[key]['ci_low']:.3f}, {cand[key]['ci_high']:.3f}] is clearly below "
+                    f"live's {live_v[key]['value']:.3f}"
+                )
+        else:
+            figures["ope_heldout"] = len(heldout)
+            reasons.append(
+                f"no off-policy check: {len(heldout)} held-out rated generations "
+                f"(< {c.gate_min_ope_samples})"
+            )
+        if passed:
+            reasons.insert(
+                0,
+                f"passed: perplexity {ratio_live:.3f}x live, {ratio_ref:.3f}x "
+                f"reference; KL {kl['kl_k3']:.3f} nats",
+            )
+        return GateReport(passed, reasons, figures)

@@ -1,0 +1,472 @@
+"""The trainer's rounds: read, reward, update, evaluate, publish, then move the cursor.
+
+A round, top to bottom:
+  1. read the window through the cursor (trainer.data);
+  2. turn feedback into rewards: ratings, a Bradley-Terry reward model on every preference the
+     feedback implies (it also scores unrated generations), corrections (trainer.rewards,
+     trainer.reward_model);
+  3. update a copy of the live policy (trainer.algorithms);
+  4. evaluate it against the live policy (trainer.gate);
+  5. publish it and make it live if the gate passed, else record a refusal with every figure;
+  6. only then persist the cursor: a crash before 6 replays the window, never loses it. The
+     window's end is also written into the published manifest, so a restart after a publish
+     whose cursor write was lost does not train on the same data twice.
+Too little data skips the round (cursor kept, the reason logged); NaN or exploding losses
+abandon the update and keep the live policy (a refusal is recorded and the window consumed, so a
+poisoned window cannot stall the trainer).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
+from feedloop.core.config import describe
+from feedloop.core.corpus import load_phrases, split_corpus
+from feedloop.core.policy import Policy
+from feedloop.core.registry import REFUSED, Decision, ModelRegistry
+from feedloop.core.store.base import GenerationRecord, ReplayStore
+from feedloop.trainer.algorithms import TrainingDiverged, make_algorithm
+from feedloop.trainer.config import TrainConfig
+from feedloop.trainer.data import Cursor, Window, build_experience, read_window, version_number
+from feedloop.trainer.gate import Gate
+from feedloop.trainer.metrics import TrainerMetrics
+from feedloop.trainer.reward_model import (
+    FittedRewardModel,
+    fit_reward_model,
+    is_heldout,
+    with_calibration,
+)
+from feedloop.trainer.rewards import (
+    client_weights,
+    correction_targets,
+    feedback_kinds,
+    preference_pairs,
+    rated_generations,
+)
+from feedloop.trainer.rl_math import AdaptiveKLController
+
+RM_MIN_HELDOUT_PAIRS = 10
+
+
+class RoundAbandoned(Exception):
+    """A stop was requested mid-round: nothing of the round is kept."""
+
+
+@dataclass
+class RoundResult:
+    outcome: str  # published, refused, skipped, aborted, abandoned
+    reason: str
+    version: str | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        f = self.figures
+        bits = [f"round {f.get('round', '?')}: {self.outcome}"]
+        if self.version:
+            bits.append(self.version)
+        for key, fmt in (
+            ("new_events", "{}"),
+            ("train_sequences", "{}"),
+            ("perplexity_ratio_live", "{:.3f}"),
+            ("kl_to_reference", "{:.3f}"),
+            ("rm_heldout_accuracy", "{:.3f}"),
+            ("round_seconds", "{:.1f}s"),
+        ):
+            value = f.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                bits.append(f"{key}={fmt.format(value)}")
+        return " ".join(bits) + f" ({self.reason})"
+
+
+def json_safe(value: Any) -> Any:
+    """Figures as JSON: non-finite floats become None, tuples lists, keys strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        store: ReplayStore,
+        registry: ModelRegistry,
+        *,
+        metrics: TrainerMetrics | None = None,
+        stop: threading.Event | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics or TrainerMetrics()
+        self.stop = stop or threading.Event()
+        self.log = log
+        self.algorithm = make_algorithm(config)
+        self._policies: dict[str, Policy] = {}
+        self._gate: Gate | None = None
+        self._gate_reference: str | None = None
+        self.work_dir = config.work_path
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- policies ------------------------------------------------------------------------------
+
+    def policy(self, version: str) -> Policy:
+        """A published version's policy (verified on load), cached: live and reference only."""
+        if version not in self._policies:
+            policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
+            keep = {self.registry.live(), self._gate_reference}
+            self._policies = {v: p for v, p in self._policies.items() if v in keep}
+            self._policies[version] = policy
+        return self._policies[version]
+
+    def reference_version(self, live: str) -> str:
+        """The configured reference, or the root of the live version's lineage."""
+        if self.config.reference_version:
+            return self.config.reference_version
+        known = set(self.registry.versions())
+        version, seen = live, set()
+        while version not in seen:
+            seen.add(version)
+            parent = self.registry.manifest(version).parent_version
+            if not parent or parent not in known:
+                return version
+            version = parent
+        return version
+
+    def gate(self, reference_version: str) -> Gate:
+        if self._gate is None or self._gate_reference != reference_version:
+            self._gate_reference = reference_version
+            phrases = load_phrases(self.config.corpus)
+            test = split_corpus(phrases, seed=self.config.corpus_seed).test
+            self._gate = Gate(self.config, self.policy(reference_version), test)
+        return self._gate
+
+    # -- the cursor ----------------------------------------------------------------------------
+
+    def cursor(self, live: str) -> Cursor:
+        """The stored cursor, moved past any window a published manifest says was consumed."""
+        cursor = Cursor.from_dict(self.store.get_cursor(self.config.cursor_name))
+        summary = self.registry.manifest(live).training_summary or {}
+        consumed = summary.get("window") or {}
+        generation_seq = int(consumed.get("generation_seq_after") or 0)
+        feedback_seq = int(consumed.get("feedback_seq_after") or 0)
+        if generation_seq > cursor.generation_seq or feedback_seq > cursor.feedback_seq:
+            kl = summary.get("kl_coef_next")
+            cursor = Cursor(
+                max(generation_seq, cursor.generation_seq),
+                max(feedback_seq, cursor.feedback_seq),
+                kl if isinstance(kl, float) else cursor.kl_coef,
+                cursor.rounds + 1,
+            )
+        return cursor
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise RoundAbandoned("stop requested")
+
+    # -- one round -----------------------------------------------------------------------------
+
+    def run_round(self) -> RoundResult:
+        started = time.monotonic()
+        try:
+            result = self._round()
+        except RoundAbandoned as exc:
+            result = RoundResult("abandoned", str(exc))
+        duration = time.monotonic() - started
+        result.figures["round_seconds"] = duration
+        self.metrics.observe_round(
+            result.outcome if result.outcome != "abandoned" else "skipped", result.figures, duration
+        )
+        return result
+
+    def _round(self) -> RoundResult:
+        c = self.config
+        phases: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = now - mark
+            mark = now
+
+        live = self.registry.live()
+        if live is None:
+            return RoundResult("skipped", "no live version in the registry: nothing to improve")
+        cursor = self.cursor(live)
+        round_number = cursor.rounds + 1
+        seed = c.seed + round_number
+        window = read_window(self.store, cursor, c, now=time.time(), live_version=live, seed=seed)
+        figures: dict[str, Any] = {
+            "round": round_number,
+            "live_version": live,
+            "live_version_number": version_number(live),
+            **window.figures(),
+            "phase_seconds": phases,
+        }
+        phase("read")
+        if window.new_events < c.min_feedback_events:
+            return RoundResult(
+                "skipped",
+                f"too little data: {window.new_events} new feedback events "
+                f"(< min_feedback_events {c.min_feedback_events}); waiting for more",
+                None,
+                figures,
+            )
+        self._check_stop()
+
+        live_policy = self.policy(live)
+        reference_version = self.reference_version(live)
+        reference = self.policy(reference_version)
+        figures["reference_version"] = reference_version
+        kl = AdaptiveKLController(
+            cursor.kl_coef if cursor.kl_coef else c.kl_coef, c.kl_target, c.kl_horizon
+        )
+        figures["kl_coef"] = kl.value
+        examples, heldout, corrections, rm, notes = self._rewards(window, live_policy, figures)
+        experience, skipped_corrections = build_experience(
+            live_policy.tokenizer, examples, corrections
+        )
+        if skipped_corrections:
+            notes.append(f"{skipped_corrections} corrections use words outside the vocabulary")
+        figures["train_sequences"] = len(examples)
+        figures["corrections"] = len(corrections) - skipped_corrections
+        figures["heldout_rated"] = len(heldout)
+        figures["notes"] = notes
+        phase("rewards")
+        if experience is None:
+            reason = "no learning signal in the window: " + "; ".join(notes or ["no rewards"])
+            return self._finish_without_candidate(
+                "skipped", reason, live, window, cursor, kl, figures, record=False
+            )
+        self._check_stop()
+
+        candidate = copy.deepcopy(live_policy)
+        try:
+            update = self.algorithm.update(
+                candidate, reference, experience, kl.value, on_step=lambda _: self._check_stop()
+            )
+        except TrainingDiverged as exc:
+            phase("update")
+            return self._finish_without_candidate(
+                "aborted", str(exc), live, window, cursor, kl, figures, record=True
+            )
+        figures["update_steps"] = update.steps
+        figures.update(update.figures)
+        phase("update")
+        self._check_stop()
+
+        report = self.gate(reference_version).evaluate(
+            candidate, live_policy, heldout, rm, seed=seed
+        )
+        figures.update(report.figures)
+        figures["gate_passed"] = report.passed
+        if c.adaptive_kl:
+            kl.update(float(report.figures.get("kl_to_reference", float("nan"))), len(examples))
+        figures["kl_coef_next"] = kl.value
+        phase("evaluate")
+        self._check_stop()
+
+        if not report.passed:
+            return self._finish_without_candidate(
+                "refused", report.summary, live, window, cursor, kl, figures, record=True
+            )
+        version = self._publish(candidate, live, window, figures, report.summary, phases)
+        self._save_cursor(window, cursor, kl)
+        phase("publish")
+        return RoundResult("published", report.summary, version, figures)
+
+    def _rewards(
+        self, window: Window, live_policy: Policy, figures: dict[str, Any]
+    ) -> tuple[
+        list[tuple[GenerationRecord, float, float]],
+        list[tuple[GenerationRecord, float]],
+        list[Any],
+        FittedRewardModel | None,
+        list[str],
+    ]:
+        c = self.config
+        notes = list(window.notes)
+        kinds = feedback_kinds(window.events)
+        figures["feedback_by_kind"] = kinds
+        if len(kinds) == 1:
+            notes.append(f"only {next(iter(kinds))} feedback in the window")
+        weights = client_weights(window.events, c.client_share_cap)
+        rated = rated_generations(window.events, weights, c.aggregation)
+        pairs = preference_pairs(window.events, window.generations, weights, rated)
+        rm: FittedRewardModel | None = None
+        if len(pairs) >= c.rm_min_pairs:
+            rm = fit_reward_model(
+                live_policy.tokenizer,
+                pairs,
+                steps=c.rm_steps,
+                learning_rate=c.rm_learning_rate,
+                l2=c.rm_l2,
+                heldout_share=c.heldout_share,
+                seed=c.seed,
+            )
+            gens = list(window.generations.values())
+            rm = with_calibration(
+                rm,
+                [g.prompt for g in gens],
+                [g.text for g in gens],
+                [rated[g.generation_id].reward if g.generation_id in rated else None for g in gens],
+            )
+            figures.update(rm.figures())
+            accuracy = rm.heldout_accuracy
+            # A handful of held-out pairs cannot judge the model; it is used on trust then.
+            if rm.heldout_pairs >= RM_MIN_HELDOUT_PAIRS and accuracy < c.rm_min_accuracy:
+                notes.append(
+                    f"reward model held-out accuracy {accuracy:.3f} < "
+                    f"{c.rm_min_accuracy}: it scores nothing this round"
+                )
+                rm = None
+        else:
+            notes.append(
+                f"{len(pairs)} preference pairs (< rm_min_pairs {c.rm_min_pairs}): "
+                "no reward model this round"
+            )
+        candidates = [
+            g
+            for g in window.generations.values()
+            if not is_heldout(g.generation_id, c.heldout_share)
+        ]
+        rm_rewards: dict[str, float] = {}
+        if rm is not None and c.unrated == "reward-model":
+            unrated = [g for g in candidates if g.generation_id not in rated]
+            if unrated:
+                scores = rm.rewards([g.prompt for g in unrated], [g.text for g in unrated])
+                rm_rewards = {
+                    g.generation_id: float(s) for g, s in zip(unrated, scores, strict=True)
+                }
+        examples: list[tuple[GenerationRecord, float, float]] = []
+        sources = {"rating": 0, "reward-model": 0, "default": 0, "left-out": 0}
+        for g in candidates:
+            gid = g.generation_id
+            if gid in rated:
+                examples.append((g, rated[gid].reward, rated[gid].weight))
+                sources["rating"] += 1
+            elif gid in rm_rewards:
+                examples.append((g, rm_rewards[gid], 1.0))
+                sources["reward-model"] += 1
+            elif c.unrated == "default":
+                examples.append((g, c.unrated_default_reward, 1.0))
+                sources["default"] += 1
+            else:
+                sources["left-out"] += 1
+        figures["reward_sources"] = sources
+        heldout = [
+            (g, rated[g.generation_id].reward)
+            for g in window.generations.values()
+            if g.generation_id in rated and is_heldout(g.generation_id, c.heldout_share)
+        ]
+        corrections = correction_targets(window.events, window.generations, weights)
+        return examples, heldout, corrections, rm, notes
+
+    def _publish(
+        self,
+        candidate: Policy,
+        live: str,
+        window: Window,
+        figures: dict[str, Any],
+        reason: str,
+        phases: dict[str, float],
+    ) -> str:
+        staging = self.work_dir / f"candidate-{uuid.uuid4().hex[:12]}"
+        try:
+            summary = json_safe(
+                {
+                    **figures,
+                    "window": window.figures(),
+                    "algorithm": self.config.algorithm,
+                    "config": describe(self.config),
+                }
+            )
+            save_checkpoint(candidate, staging, parent_version=live, training_summary=summary)
+            version = self.registry.publish(
+                staging, reason=reason, details=json_safe(figures), make_live=True
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._policies[version] = candidate
+        self.metrics.last_publish.set(time.time())
+        return version
+
+    def _save_cursor(self, window: Window, cursor: Cursor, kl: AdaptiveKLController) -> None:
+        self.store.set_cursor(
+            self.config.cursor_name,
+            Cursor(
+                window.next_generation_seq, window.next_feedback_seq, kl.value, cursor.rounds + 1
+            ).to_dict(),
+        )
+
+    def _finish_without_candidate(
+        self,
+        outcome: str,
+        reason: str,
+        live: str,
+        window: Window,
+        cursor: Cursor,
+        kl: AdaptiveKLController,
+        figures: dict[str, Any],
+        *,
+        record: bool,
+    ) -> RoundResult:
+        if record:
+            self.registry.record(
+                Decision(
+                    f"candidate-from-{live}", REFUSED, f"{outcome}: {reason}", json_safe(figures)
+                )
+            )
+        self._save_cursor(window, cursor, kl)  # after the decision is durable
+        return RoundResult(outcome, reason, None, figures)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def wait_for_work(self, last_feedback_seq: int) -> None:
+        """Sleep until interval_s passes, K new events arrive, or a stop is requested."""
+        deadline = time.monotonic() + self.config.interval_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            _, feedback_seq = self.store.max_seq()
+            if feedback_seq - last_feedback_seq >= self.config.wake_after_feedback_events:
+                return
+            self.stop.wait(min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic())))
+
+    def run(self, *, once: bool = False) -> int:
+        """Rounds until stopped (or one with once=True); returns the process exit code."""
+        torch.set_num_threads(self.config.torch_threads)
+        while not self.stop.is_set():
+            try:
+                result = self.run_round()
+                self.log(result.line())
+            except Exception as exc:  # a failed round must not end the loop: report, retry
+                self.metrics.rounds.labels("failed").inc()
+                self.log(f"round failed: {type(exc).__name__}: {exc}")
+                if once:
+                    return 1
+            if once:
+                return 0
+            if self.config.pause_between_rounds_s > 0:
+                self.stop.wait(self.config.pause_between_rounds_s)
+            self.wait_for_work(self._consumed_feedback())
+        return 0
+
+    def _consumed_feedback(self) -> int:
+        cursor = self.store.get_cursor(self.config.cursor_name) or {}
+        return int(cursor.get("feedback_seq", 0))

@@ -1,0 +1,167 @@
+"""Every series the trainer exports, declared once (prefix feedloop_trainer_).
+
+One `TrainerMetrics` object per trainer owns its own CollectorRegistry, so several trainers
+(tests, benches) can live in one process; the CLI serves it on /metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+OUTCOMES = ("published", "refused", "skipped", "aborted", "failed")
+PREFIX = "feedloop_trainer_"
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rounds = Counter(
+            PREFIX + "rounds_total", "Training rounds by outcome", ["outcome"], registry=r
+        )
+        for outcome in OUTCOMES:
+            self.rounds.labels(outcome)  # every outcome exported from the start, at 0
+        self.update_steps = Counter(
+            PREFIX + "update_steps_total", "Gradient steps taken", registry=r
+        )
+        self.feedback_events = Counter(
+            PREFIX + "feedback_events_consumed_total",
+            "New feedback events consumed by rounds",
+            registry=r,
+        )
+        self.policy_loss = Gauge(
+            PREFIX + "policy_loss", "Mean policy loss of the last round", registry=r
+        )
+        self.value_loss = Gauge(
+            PREFIX + "value_loss", "Mean value loss of the last round", registry=r
+        )
+        self.entropy = Gauge(
+            PREFIX + "entropy_nats", "Mean per-token entropy, last round", registry=r
+        )
+        self.kl_to_reference = Gauge(
+            PREFIX + "kl_to_reference_nats",
+            "KL(candidate || reference) per phrase, last round",
+            registry=r,
+        )
+        self.kl_coef = Gauge(
+            PREFIX + "kl_coef", "Coefficient of the per-token KL penalty", registry=r
+        )
+        self.reward_model_accuracy = Gauge(
+            PREFIX + "reward_model_heldout_accuracy",
+            "Reward model pairwise accuracy on held-out pairs",
+            registry=r,
+        )
+        self.mean_reward = Gauge(
+            PREFIX + "window_mean_reward",
+            "Mean reward of the last round's training data",
+            registry=r,
+        )
+        self.gate_perplexity_ratio = Gauge(
+            PREFIX + "gate_perplexity_ratio", "Candidate / live held-out perplexity", registry=r
+        )
+        self.gate_perplexity = Gauge(
+            PREFIX + "gate_perplexity", "Held-out perplexity", ["policy"], registry=r
+        )
+        self.gate_ope_value = Gauge(
+            PREFIX + "gate_offpolicy_reward",
+            "Off-policy expected reward on held-out feedback",
+            ["policy", "estimator"],
+            registry=r,
+        )
+        self.gate_decisions = Counter(
+            PREFIX + "gate_decisions_total", "Gate decisions", ["decision"], registry=r
+        )
+        for decision in ("pass", "refuse"):
+            self.gate_decisions.labels(decision)
+        self.window_generations = Gauge(
+            PREFIX + "window_generations", "Generations in the last round's window", registry=r
+        )
+        self.window_dropped = Counter(
+            PREFIX + "window_dropped_stale_total",
+            "Generations dropped as too old or too stale",
+            registry=r,
+        )
+        self.newest_data_age = Gauge(
+            PREFIX + "newest_feedback_age_seconds",
+            "Age of the newest feedback consumed (feedback lag)",
+            registry=r,
+        )
+        self.oldest_data_age = Gauge(
+            PREFIX + "oldest_feedback_age_seconds",
+            "Age of the oldest new feedback consumed",
+            registry=r,
+        )
+        self.round_duration = Histogram(
+            PREFIX + "round_duration_seconds",
+            "Wall time of a training round",
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.phase_seconds = Gauge(
+            PREFIX + "round_phase_seconds",
+            "Wall time of each phase of the last round",
+            ["phase"],
+            registry=r,
+        )
+        self.last_publish = Gauge(
+            PREFIX + "last_publish_timestamp_seconds",
+            "Unix time of the last published version",
+            registry=r,
+        )
+        self.live_version = Gauge(
+            PREFIX + "live_version_number",
+            "Number of the live version the trainer last trained from",
+            registry=r,
+        )
+
+    def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Serve /metrics over HTTP in a daemon thread; returns the bound address."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound_host, bound_port = server.server_address[:2]
+        return str(bound_host), int(bound_port)
+
+    def observe_round(self, outcome: str, figures: dict[str, Any], duration_s: float) -> None:
+        self.rounds.labels(outcome).inc()
+        self.round_duration.observe(duration_s)
+
+        def put(gauge: Gauge, key: str) -> None:
+            value = figures.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                gauge.set(value)
+
+        put(self.policy_loss, "policy_loss")
+        put(self.value_loss, "value_loss")
+        put(self.entropy, "entropy")
+        put(self.kl_to_reference, "kl_to_reference")
+        put(self.kl_coef, "kl_coef")
+        put(self.reward_model_accuracy, "rm_heldout_accuracy")
+        put(self.mean_reward, "mean_reward")
+        put(self.gate_perplexity_ratio, "perplexity_ratio_live")
+        put(self.window_generations, "window_generations")
+        put(self.newest_data_age, "newest_event_age_s")
+        put(self.oldest_data_age, "oldest_event_age_s")
+        put(self.live_version, "live_version_number")
+        for policy in ("candidate", "live", "reference"):
+            put(self.gate_perplexity.labels(policy), f"perplexity_{policy}")
+            ope = figures.get(f"ope_{policy}")
+            if isinstance(ope, dict):
+                for estimator in ("snips", "dr"):
+                    value = (ope.get(estimator) or {}).get("value")
+                    if isinstance(value, float) and math.isfinite(value):
+                        self.gate_ope_value.labels(policy, estimator).set(value)
+        steps = figures.get("update_steps")
+        if isinstance(steps, int) and steps > 0:
+            self.update_steps.inc(steps)
+        new_events = figures.get("new_events")
+        if outcome in ("published", "refused", "aborted") and isinstance(new_events, int):
+            self.feedback_events.inc(new_events)
+        dropped = figures.get("dropped_stale")
+        if isinstance(dropped, int) and dropped > 0:
+            self.window_dropped.inc(dropped)
+        if "gate_passed" in figures:
+            self.gate_decisions.labels("pass" if figures["gate_passed"] else "refuse").inc()
+        for phase, seconds in (figures.get("phase_seconds") or {}).items():
+            self.phase_seconds.labels(phase).set(seconds)

@@ -1,0 +1,212 @@
+"""From feedback events to learning signals: scalar rewards, preference pairs, corrections.
+
+The trainer's one owner of what feedback means:
+- a rating is normalised from its scale to [-1, 1];
+- several ratings of one generation combine by a declared rule (mean, earliest, latest, sum);
+- no client's events may carry more than `client_share_cap` of a round's feedback weight;
+- comparisons, rankings (every pair they imply), corrections (the corrected phrase over the
+  original) and ratings of candidates of one request (the better rated over the worse) become
+  preference pairs for the Bradley-Terry reward model;
+- corrections also become supervised targets.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord
+
+# A rating pair is formed only when two ratings differ by at least this much on [-1, 1]: a
+# smaller gap is within the noise of one user's hand.
+RATING_PAIR_MIN_GAP = 0.25
+
+
+def normalise_rating(score: float, scale: str | None) -> float:
+    """A rating on its scale, mapped linearly to [-1, 1] (thumbs 0/1, stars 1..5, unit [0, 1])."""
+    if scale == "stars5":
+        value = (score - 3.0) / 2.0
+    elif scale in (None, "", "unit", "thumbs"):
+        value = 2.0 * score - 1.0
+    else:
+        raise ValueError(f"unknown rating scale {scale!r}")
+    return max(-1.0, min(1.0, value))
+
+
+def event_time(event: FeedbackRecord) -> float:
+    """When the user gave the event: the app's time if it said, else the server's receipt."""
+    return event.given_at if event.given_at is not None else event.received_at
+
+
+def client_weights(events: Sequence[FeedbackRecord], cap: float) -> dict[str, float]:
+    """Per-event weights so that no client carries more than `cap` of the total weight.
+
+    Water-filling: the k largest clients are cut to exactly `cap` of the total each, the rest
+    keep weight 1. With too few clients for any client to fit under the cap (k * cap >= 1),
+    every client gets the same total weight, the closest one can come.
+    """
+    by_client: dict[str, int] = defaultdict(int)
+    for e in events:
+        by_client[e.client_id] += 1
+    counts = sorted(by_client.items(), key=lambda kv: -kv[1])
+    factor = {client: 1.0 for client in by_client}
+    if cap >= 1.0 or not counts:
+        return {e.event_id: 1.0 for e in events}
+    for k in range(len(counts)):
+        if k * cap >= 1.0:
+            break
+        uncapped = sum(n for _, n in counts[k:])
+        total = uncapped / (1.0 - k * cap)
+        if all(n <= cap * total + 1e-9 for _, n in counts[k:]):
+            for client, n in counts[:k]:
+                factor[client] = cap * total / n
+            return {e.event_id: factor[e.client_id] for e in events}
+    mean_count = sum(by_client.values()) / len(counts)
+    factor = {client: mean_count / n for client, n in counts}
+    return {e.event_id: factor[e.client_id] for e in events}
+
+
+@dataclass(frozen=True)
+class RatedGeneration:
+    """The combined explicit reward of one generation, in [-1, 1] (sum may leave it)."""
+
+    reward: float
+    weight: float
+    events: int
+
+
+def aggregate(values: Sequence[tuple[float, float, float]], rule: str) -> float:
+    """Combine (time, value, weight) triples by rule: mean (weighted), earliest, latest, sum."""
+    if not values:
+        raise ValueError("nothing to aggregate")
+    if rule == "mean":
+        total = sum(w for _, _, w in values)
+        return sum(v * w for _, v, w in values) / total if total > 0 else 0.0
+    if rule == "sum":
+        return sum(v * w for _, v, w in values)
+    if rule == "earliest":
+        return min(values, key=lambda x: x[0])[1]
+    if rule == "latest":
+        return max(values, key=lambda x: x[0])[1]
+    raise ValueError(f"unknown aggregation rule {rule!r} (mean, earliest, latest, sum)")
+
+
+def rated_generations(
+    events: Iterable[FeedbackRecord], weights: Mapping[str, float], rule: str
+) -> dict[str, RatedGeneration]:
+    """Explicit rewards from ratings, one per rated generation."""
+    per_generation: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for e in events:
+        if e.kind == "rating" and e.score is not None and e.generation_ids:
+            value = normalise_rating(e.score, e.scale)
+            per_generation[e.generation_ids[0]].append(
+                (event_time(e), value, weights.get(e.event_id, 1.0))
+            )
+    return {
+        gid: RatedGeneration(
+            aggregate(values, rule), sum(w for _, _, w in values) / len(values), len(values)
+        )
+        for gid, values in per_generation.items()
+    }
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference: `preferred_text` over `rejected_text` for the same prompt."""
+
+    prompt: str
+    preferred_text: str
+    rejected_text: str
+    weight: float
+    source: str  # comparison, ranking, correction, rating
+    key: str  # the event (or generation pair) it came from: decides held-out membership
+
+
+def preference_pairs(
+    events: Iterable[FeedbackRecord],
+    generations: Mapping[str, GenerationRecord],
+    weights: Mapping[str, float],
+    rated: Mapping[str, RatedGeneration],
+) -> list[PreferencePair]:
+    """Every preference the events imply, over generations present in `generations`."""
+    pairs: list[PreferencePair] = []
+
+    def add(
+        better: GenerationRecord, worse_text: str, better_text: str, w: float, src: str, key: str
+    ) -> None:
+        pairs.append(PreferencePair(better.prompt, better_text, worse_text, w, src, key))
+
+    for e in events:
+        w = weights.get(e.event_id, 1.0)
+        ids = [g for g in e.generation_ids if g in generations]
+        if e.kind == "comparison" and len(e.generation_ids) == 2 and len(ids) == 2:
+            a, b = generations[ids[0]], generations[ids[1]]
+            add(a, b.text, a.text, w, "comparison", e.event_id)
+        elif e.kind == "ranking" and len(ids) >= 2:
+            ranked = [generations[g] for g in e.generation_ids if g in generations]
+            share = w / (len(ranked) - 1)  # a ranking of n weighs like n - 1 comparisons
+            for i, better in enumerate(ranked):
+                for worse in ranked[i + 1 :]:
+                    add(better, worse.text, better.text, share, "ranking", e.event_id)
+        elif e.kind == "correction" and e.text and ids:
+            original = generations[ids[0]]
+            if e.text.strip().lower() != original.text.strip().lower():
+                add(original, original.text, e.text, w, "correction", e.event_id)
+    by_request: dict[str, list[str]] = defaultdict(list)
+    for gid in rated:
+        if gid in generations:
+            by_request[generations[gid].request_id].append(gid)
+    for gids in by_request.values():
+        for i, a in enumerate(gids):
+            for b in gids[i + 1 :]:
+                gap = rated[a].reward - rated[b].reward
+                if abs(gap) >= RATING_PAIR_MIN_GAP:
+                    better, worse = (a, b) if gap > 0 else (b, a)
+                    w = min(rated[a].weight, rated[b].weight)
+                    add(
+                        generations[better],
+                        generations[worse].text,
+                        generations[better].text,
+                        w,
+                        "rating",
+                        f"{better}>{worse}",
+                    )
+    return pairs
+
+
+@dataclass(frozen=True)
+class CorrectionTarget:
+    """A supervised target: the user's corrected phrase for a prompt."""
+
+    prompt: str
+    text: str
+    weight: float
+
+
+def correction_targets(
+    events: Iterable[FeedbackRecord],
+    generations: Mapping[str, GenerationRecord],
+    weights: Mapping[str, float],
+) -> list[CorrectionTarget]:
+    out = []
+    for e in events:
+        if (
+            e.kind == "correction"
+            and e.text
+            and e.generation_ids
+            and e.generation_ids[0] in generations
+        ):
+            out.append(
+                CorrectionTarget(
+                    generations[e.generation_ids[0]].prompt, e.text, weights.get(e.event_id, 1.0)
+                )
+            )
+    return out
+
+
+def feedback_kinds(events: Iterable[FeedbackRecord]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:
+        counts[e.kind] += 1
+    return dict(counts)

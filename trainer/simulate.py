@@ -1,0 +1,189 @@
+"""An in-process stand-in for the server and its users, for the trainer's tests and benches.
+
+It plays the server's part exactly where the trainer can see it: it samples from the registry's
+live version with the real sampling code, logs GenerationRecords as the server does (behaviour
+log-probs of the distribution actually sampled from, raw policy log-probs beside them, the
+sampling parameters, the version, the client), writes them to a real replay store, and lets a
+simulated user answer each request with feedback that is stored as events.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.corpus import prompt_for
+from feedloop.core.policy import Policy, SampleRequest
+from feedloop.core.registry import ModelRegistry
+from feedloop.core.sampling import SamplingParams
+from feedloop.core.simusers import Candidate, Preference, SimulatedUser
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+
+
+def corpus_prompts(phrases: Sequence[str], seed: int) -> list[str]:
+    """One prompt (one or two keywords) per phrase that has a keyword."""
+    rng = random.Random(seed)
+    return [p for p in (prompt_for(phrase, rng) for phrase in phrases) if p is not None]
+
+
+def generation_records(
+    policy: Policy,
+    version: str,
+    prompt: str,
+    outputs: Sequence,  # SampledOutput
+    params: SamplingParams,
+    client_id: str,
+    rng: random.Random,
+) -> list[GenerationRecord]:
+    """Records for one request's candidates, as the server logs them (ids drawn from rng)."""
+    request_id = new_id(rng)
+    now = time.time()
+    return [
+        GenerationRecord(
+            generation_id=new_id(rng),
+            request_id=request_id,
+            prompt=prompt,
+            prompt_ids=policy.encode_prompt(prompt),
+            output_ids=list(out.token_ids),
+            behaviour_logprobs=list(out.behaviour_logprobs),
+            policy_logprobs=list(out.policy_logprobs),
+            finished=out.finished,
+            text=policy.decode(out.token_ids),
+            sampling={
+                "temperature": params.temperature,
+                "top_k": params.top_k,
+                "top_p": params.top_p,
+                "max_tokens": params.max_tokens,
+                "seed": params.seed,
+            },
+            model_version=version,
+            client_id=client_id,
+            created_at=now,
+            candidate_index=i,
+            num_candidates=len(outputs),
+        )
+        for i, out in enumerate(outputs)
+    ]
+
+
+def new_id(rng: random.Random) -> str:
+    """A random id as the server makes them, but reproducible from a seeded rng."""
+    return uuid.UUID(int=rng.getrandbits(128), version=4).hex
+
+
+def feedback_records(
+    user: SimulatedUser, prompt: str, records: Sequence[GenerationRecord], rng: random.Random
+) -> list[FeedbackRecord]:
+    answers = user.respond(prompt, [Candidate(r.generation_id, r.text) for r in records])
+    now = time.time()
+    return [
+        FeedbackRecord(
+            event_id=new_id(rng),
+            kind=a.kind,  # type: ignore[arg-type]
+            generation_ids=list(a.generation_ids),
+            client_id=user.client_id,
+            received_at=now,
+            score=a.score,
+            scale=a.scale,  # type: ignore[arg-type]
+            text=a.text,
+        )
+        for a in answers
+    ]
+
+
+@dataclass
+class Simulation:
+    """Serves the live version to one simulated user and logs everything to the store."""
+
+    store: ReplayStore
+    registry: ModelRegistry
+    user: SimulatedUser
+    prompts: Sequence[str]
+    candidates_per_request: int = 4
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
+    seed: int = 0
+    requests_per_batch: int = 32
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self._policy: tuple[str, Policy] | None = None
+        self.events_stored = 0
+
+    def live_policy(self) -> tuple[str, Policy]:
+        live = self.registry.live()
+        if live is None:
+            raise RuntimeError("no live version to serve")
+        if self._policy is None or self._policy[0] != live:
+            policy, _ = load_checkpoint(self.registry.checkpoint_dir(live))
+            self._policy = (live, policy)
+        return self._policy
+
+    def serve_batch(self) -> int:
+        """Serve one batch of requests and store their feedback; returns events stored."""
+        version, policy = self.live_policy()
+        prompts = [self.rng.choice(self.prompts) for _ in range(self.requests_per_batch)]
+        params = [
+            SamplingParams(
+                self.sampling.temperature,
+                self.sampling.top_k,
+                self.sampling.top_p,
+                self.sampling.max_tokens,
+                self.rng.getrandbits(63) or 1,
+            )
+            for _ in prompts
+        ]
+        requests = [
+            SampleRequest(policy.encode_prompt(p), sp, self.candidates_per_request)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        generations: list[GenerationRecord] = []
+        events: list[FeedbackRecord] = []
+        for prompt, sp, outs in zip(prompts, params, policy.sample(requests), strict=True):
+            records = generation_records(
+                policy, version, prompt, outs, sp, self.user.client_id, self.rng
+            )
+            generations.extend(records)
+            events.extend(feedback_records(self.user, prompt, records, self.rng))
+        self.store.append_generations(generations)
+        self.store.insert_feedback(events)
+        self.events_stored += len(events)
+        return len(events)
+
+    def serve_events(self, n_events: int) -> int:
+        """Serve batches until at least n_events more feedback events are stored."""
+        stored = 0
+        while stored < n_events:
+            stored += self.serve_batch()
+        return stored
+
+
+@torch.no_grad()
+def mean_true_reward(
+    policy: Policy,
+    preference: Preference,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    sampling: SamplingParams | None = None,
+) -> float:
+    """The preference's mean true reward of one sample per prompt (seeded, batched)."""
+    base = sampling or SamplingParams(max_tokens=16)
+    requests = [
+        SampleRequest(
+            policy.encode_prompt(p),
+            SamplingParams(base.temperature, base.top_k, base.top_p, base.max_tokens, seed + i),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    outs = policy.sample(requests)
+    rewards = [
+        preference.reward(policy.decode(o[0].token_ids), p)
+        for p, o in zip(prompts, outs, strict=True)
+    ]
+    return sum(rewards) / max(len(rewards), 1)
