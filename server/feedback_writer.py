@@ -11,6 +11,7 @@ transaction. Only then are the submitters' futures resolved: an ack always follo
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -19,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.core.store.base import FeedbackRecord, ReplayStore
 from feedloop.server.errors import InvalidArgument, NotFound, Unavailable
-from feedloop.server.genlog import GenerationLog
+from feedloop.server.genlog import GenerationLog, GenerationRef
 from feedloop.server.metrics import ServerMetrics
 
 log = logging.getLogger("feedloop.server.feedback_writer")
@@ -77,6 +78,8 @@ class FeedbackWriter:
         self._depth = metrics.store_buffer_depth.labels("feedback")
         self._duration = metrics.store_write_duration.labels("feedback")
         self._errors = metrics.store_write_errors.labels("feedback")
+        self._ratings_live = metrics.ratings.labels("live")
+        self._ratings_prev = metrics.ratings.labels("previous")
         self._thread = threading.Thread(target=self._run, name="feedloop-feedback", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -131,11 +134,11 @@ class FeedbackWriter:
 
     def _commit(self, group: list[_Pending]) -> None:
         wanted = {gid for item in group for gid in item.record.generation_ids}
-        found = self.generation_log.lookup(wanted)
-        buffered = set(found)
-        missing = wanted - buffered
+        found, buffered = self.generation_log.lookup(wanted)
+        missing = wanted - found.keys()
         if missing:
-            found.update(self.store.get_generations(list(missing)))
+            stored = self.store.get_generations(list(missing))
+            found.update((gid, (g.request_id, g.model_version)) for gid, g in stored.items())
         to_insert: list[_Pending] = []
         first_by_event: dict[str, _Pending] = {}
         waits: set[str] = set()
@@ -163,22 +166,20 @@ class FeedbackWriter:
             item.outcome = ACCEPTED if is_new else DUPLICATE
             record = item.record
             if is_new and record.kind == "rating" and record.score is not None:
-                generation = found[record.generation_ids[0]]
-                slot = "live" if generation.model_version == live else "previous"
-                self.metrics.ratings.labels(slot).observe(
-                    normalised_rating(record.score, record.scale or "unit")
-                )
+                _, model_version = found[record.generation_ids[0]]
+                histogram = self._ratings_live if model_version == live else self._ratings_prev
+                histogram.observe(normalised_rating(record.score, record.scale or "unit"))
         for item in group:
             if isinstance(item.outcome, _Pending):
                 item.outcome = DUPLICATE
 
     @staticmethod
-    def _check(record: FeedbackRecord, found: dict[str, GenerationRecord]) -> BaseException | None:
+    def _check(record: FeedbackRecord, found: dict[str, GenerationRef]) -> BaseException | None:
         for field_name, gid in zip(id_fields(record), record.generation_ids, strict=True):
             if gid not in found:
                 return NotFound(f"{field_name}: no generation {gid!r}")
         if record.kind == "ranking":
-            requests = {found[gid].request_id for gid in record.generation_ids}
+            requests = {found[gid][0] for gid in record.generation_ids}
             if len(requests) > 1:
                 return InvalidArgument(
                     "ranking.generation_ids", "all candidates must come from one Generate reply"
@@ -186,6 +187,7 @@ class FeedbackWriter:
         return None
 
     def _count(self, group: list[_Pending]) -> None:
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for item in group:
             outcome = item.outcome
             if isinstance(outcome, str):
@@ -196,7 +198,9 @@ class FeedbackWriter:
                 label = "invalid"
             else:
                 label = "error"
-            self.metrics.feedback_outcome(item.record.kind, label)
+            counts[item.record.kind, label] += 1
+        for (kind, label), n in counts.items():
+            self.metrics.feedback_outcome(kind, label, n)
 
     def _resolve(self, group: list[_Pending]) -> None:
         if self._loop is None:

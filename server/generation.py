@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import time
-import uuid
 
 import grpc
 
@@ -93,7 +93,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             prompt=request.prompt,
             params=params,
             num_candidates=num_candidates,
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request.request_id or secrets.token_hex(16),
             client_id=self.auth.client_id(context),
             pinned_version=pinned,
             deadline=None if remaining_s is None else time.monotonic() + remaining_s,

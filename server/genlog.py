@@ -5,7 +5,8 @@ accumulated in one `append_generations` transaction, so a slow commit simply mak
 bigger. The buffer is bounded: when it holds `capacity` rows, Generate answers UNAVAILABLE
 (checked before compute) instead of growing memory. Records stay visible here until committed,
 so feedback on a generation still in the buffer is found (`lookup`) and can wait for its commit
-(`wait_committed`) before the feedback itself is written.
+(`wait_committed`) before the feedback itself is written. The ids of recently committed
+generations are remembered too (bounded), so validating feedback rarely reads the store.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from feedloop.core.store.base import GenerationRecord, ReplayStore
@@ -21,6 +23,11 @@ from feedloop.server.metrics import ServerMetrics
 
 log = logging.getLogger("feedloop.server.genlog")
 RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
+# Committed generations remembered for feedback validation: about 150 bytes each.
+RECENT_CAPACITY = 100_000
+
+# What feedback validation needs of a generation: (request_id, model_version).
+GenerationRef = tuple[str, str]
 
 
 class GenerationLog:
@@ -35,6 +42,8 @@ class GenerationLog:
         self._queue: list[GenerationRecord] = []
         # Every record not yet committed (queued or being written), by generation id.
         self._pending: dict[str, GenerationRecord] = {}
+        # Recently committed generations (generations never change once written).
+        self._recent: OrderedDict[str, GenerationRef] = OrderedDict()
         self._stopping = False
         self._depth = metrics.store_buffer_depth.labels("generations")
         self._duration = metrics.store_write_duration.labels("generations")
@@ -62,10 +71,21 @@ class GenerationLog:
             self._cond.notify_all()
         self._depth.set(len(self._pending))
 
-    def lookup(self, generation_ids: Iterable[str]) -> dict[str, GenerationRecord]:
-        """The records among these ids that are not committed yet."""
-        pending = self._pending
-        return {gid: pending[gid] for gid in generation_ids if gid in pending}
+    def lookup(self, generation_ids: Iterable[str]) -> tuple[dict[str, GenerationRef], set[str]]:
+        """What this log knows of these ids, and which of them are not committed yet."""
+        found: dict[str, GenerationRef] = {}
+        buffered: set[str] = set()
+        with self._cond:
+            for gid in generation_ids:
+                record = self._pending.get(gid)
+                if record is not None:
+                    found[gid] = (record.request_id, record.model_version)
+                    buffered.add(gid)
+                else:
+                    ref = self._recent.get(gid)
+                    if ref is not None:
+                        found[gid] = ref
+        return found, buffered
 
     def wait_committed(self, generation_ids: Iterable[str], timeout_s: float) -> None:
         """Block until none of these generations is still waiting for its commit."""
@@ -111,8 +131,12 @@ class GenerationLog:
                 del self._queue[: self.batch_max]
             self._write(batch)
             with self._cond:
+                recent = self._recent
                 for record in batch:
                     self._pending.pop(record.generation_id, None)
+                    recent[record.generation_id] = (record.request_id, record.model_version)
+                while len(recent) > RECENT_CAPACITY:
+                    recent.popitem(last=False)
                 self._cond.notify_all()
             self._depth.set(len(self._pending))
             self.metrics.generations_logged.inc(len(batch))

@@ -196,14 +196,14 @@ class ServerMetrics:
         with self._lock:
             self.tallies.generations_served += candidates
 
-    def feedback_outcome(self, kind: str, outcome: str) -> None:
-        self.feedback_events.labels(kind, outcome).inc()
+    def feedback_outcome(self, kind: str, outcome: str, n: int = 1) -> None:
+        self.feedback_events.labels(kind, outcome).inc(n)
         if outcome in ("accepted", "duplicate"):
             with self._lock:
                 if outcome == "accepted":
-                    self.tallies.feedback_accepted += 1
+                    self.tallies.feedback_accepted += n
                 else:
-                    self.tallies.feedback_duplicates += 1
+                    self.tallies.feedback_duplicates += n
 
     # -- the /metrics endpoint -------------------------------------------------------------------
 

@@ -1,0 +1,291 @@
+"""The load generator of bench_serve.py, run as its own process (so its CPU is not the server's).
+
+    python bench/serve_load.py generate --target HOST:PORT --concurrency 64 --duration-s 3
+    python bench/serve_load.py feedback-unary --target HOST:PORT --concurrency 64
+    python bench/serve_load.py feedback-stream --target HOST:PORT --streams 4
+    python bench/serve_load.py echo-server                 # prints its port, serves until killed
+    python bench/serve_load.py echo-stream --target HOST:PORT --streams 4
+    python bench/serve_load.py swap-load --target HOST:PORT --concurrency 64 --duration-s 8
+
+Each mode prints one JSON object on stdout (echo-server prints its port first). Closed-loop
+load: each of `concurrency` workers sends its next request when the previous one is answered.
+The first warmup_s seconds are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+
+PROMPTS = (
+    "ocean sunrise",
+    "quiet forest",
+    "city lights",
+    "mountain air",
+    "autumn rain",
+    "morning coffee",
+    "winter night",
+    "summer garden",
+)
+ECHO_METHOD = "/bench.Echo/Stream"
+STREAM_WINDOW = 512  # events in flight per stream, as a pipelining client would keep
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(latencies_s: list[float], errors: dict[str, int], measured_s: float) -> dict[str, Any]:
+    return {
+        "count": len(latencies_s),
+        "errors": sum(errors.values()),
+        "error_codes": errors,
+        "per_s": len(latencies_s) / measured_s if measured_s > 0 else 0.0,
+        "p50_ms": percentile(latencies_s, 0.50) * 1000,
+        "p99_ms": percentile(latencies_s, 0.99) * 1000,
+    }
+
+
+async def closed_loop(
+    call: Any,
+    make_request: Any,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    on_reply: Any = None,
+) -> dict[str, Any]:
+    """Run `concurrency` workers calling call(make_request(i)) back to back."""
+    started = time.perf_counter()
+    measure_from = started + warmup_s
+    stop_at = measure_from + duration_s
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def worker(w: int) -> None:
+        i = 0
+        while True:
+            sent = time.perf_counter()
+            if sent >= stop_at:
+                return
+            try:
+                reply = await call(make_request(w, i), timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                reply = None
+            done = time.perf_counter()
+            if reply is not None:
+                if sent >= measure_from:
+                    latencies.append(done - sent)
+                if on_reply is not None:
+                    on_reply(reply, sent, done)
+            i += 1
+
+    await asyncio.gather(*[worker(w) for w in range(concurrency)])
+    return summary(latencies, errors, duration_s)
+
+
+async def run_generate(args: argparse.Namespace) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        params = pb.SamplingParams(max_tokens=args.max_tokens)
+
+        def request(w: int, i: int) -> pb.GenerateRequest:
+            return pb.GenerateRequest(prompt=PROMPTS[(w + i) % len(PROMPTS)], sampling=params)
+
+        return await closed_loop(
+            stub.Generate, request, args.concurrency, args.warmup_s, args.duration_s
+        )
+
+
+async def generation_ids(channel: grpc.aio.Channel, n: int) -> list[str]:
+    stub = pb_grpc.GenerationStub(channel)
+    ids: list[str] = []
+    while len(ids) < n:
+        reply = await stub.Generate(
+            pb.GenerateRequest(prompt="feedback bench", num_candidates=8), timeout=30
+        )
+        ids.extend(c.generation_id for c in reply.candidates)
+    return ids
+
+
+def rating_event(event_id: str, generation_id: str, i: int) -> pb.FeedbackEvent:
+    return pb.FeedbackEvent(
+        event_id=event_id,
+        rating=pb.Rating(
+            generation_id=generation_id, score=float(i % 2), scale=pb.RATING_SCALE_THUMBS
+        ),
+    )
+
+
+async def run_feedback_unary(args: argparse.Namespace) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        ids = await generation_ids(channel, 64)
+        stub = pb_grpc.FeedbackStub(channel)
+        run = uuid.uuid4().hex[:8]
+
+        def request(w: int, i: int) -> pb.FeedbackEvent:
+            return rating_event(f"{run}-{w}-{i}", ids[(w + i) % len(ids)], i)
+
+        return await closed_loop(
+            stub.Submit, request, args.concurrency, args.warmup_s, args.duration_s
+        )
+
+
+async def stream_load(
+    open_call: Any, make_message: Any, streams: int, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """`streams` bidirectional streams, each keeping STREAM_WINDOW messages in flight."""
+    started = time.perf_counter()
+    measure_from = started + warmup_s
+    stop_at = measure_from + duration_s
+    counted = [0]
+    errors: dict[str, int] = {}
+
+    async def one_stream(s: int) -> None:
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        call = open_call()
+
+        async def write() -> None:
+            i = 0
+            while time.perf_counter() < stop_at:
+                await window.acquire()
+                await call.write(make_message(s, i))
+                i += 1
+            await call.done_writing()
+
+        writer = asyncio.ensure_future(write())
+        try:
+            while True:
+                ack = await call.read()
+                if ack is grpc.aio.EOF:
+                    break
+                window.release()
+                if measure_from <= time.perf_counter() < stop_at:
+                    counted[0] += 1
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+        await writer
+
+    await asyncio.gather(*[one_stream(s) for s in range(streams)])
+    return {
+        "count": counted[0],
+        "errors": sum(errors.values()),
+        "error_codes": errors,
+        "per_s": counted[0] / duration_s,
+    }
+
+
+async def run_feedback_stream(args: argparse.Namespace) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        ids = await generation_ids(channel, 64)
+        stub = pb_grpc.FeedbackStub(channel)
+        run = uuid.uuid4().hex[:8]
+        return await stream_load(
+            lambda: stub.SubmitStream(timeout=60),
+            lambda s, i: rating_event(f"{run}-s{s}-{i}", ids[(s + i) % len(ids)], i),
+            args.streams,
+            args.warmup_s,
+            args.duration_s,
+        )
+
+
+async def run_echo_stream(args: argparse.Namespace) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        echo = channel.stream_stream(ECHO_METHOD)
+        payload = rating_event("e" * 20, "g" * 32, 1).SerializeToString()
+        return await stream_load(
+            lambda: echo(timeout=60),
+            lambda s, i: payload,
+            args.streams,
+            args.warmup_s,
+            args.duration_s,
+        )
+
+
+async def run_echo_server(args: argparse.Namespace) -> dict[str, Any]:
+    """A bare gRPC bidirectional echo stream: the ceiling for streamed feedback."""
+
+    async def stream(request_iterator: Any, context: Any) -> Any:
+        async for message in request_iterator:
+            yield message
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(stream)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until stdin closes
+    await server.stop(0)
+    return {"stopped": True}
+
+
+async def run_swap_load(args: argparse.Namespace) -> dict[str, Any]:
+    """Closed-loop Generate load recording every reply: (sent, done, version) in Unix time."""
+    replies: list[tuple[float, float, str]] = []
+    offset = time.time() - time.perf_counter()
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        params = pb.SamplingParams(max_tokens=args.max_tokens)
+
+        def request(w: int, i: int) -> pb.GenerateRequest:
+            return pb.GenerateRequest(prompt=PROMPTS[(w + i) % len(PROMPTS)], sampling=params)
+
+        def on_reply(reply: pb.GenerateResponse, sent: float, done: float) -> None:
+            replies.append((sent + offset, done + offset, reply.model_version))
+
+        result = await closed_loop(
+            stub.Generate, request, args.concurrency, 0.0, args.duration_s, on_reply
+        )
+    result["replies"] = replies
+    return result
+
+
+MODES = {
+    "generate": run_generate,
+    "feedback-unary": run_feedback_unary,
+    "feedback-stream": run_feedback_stream,
+    "echo-server": run_echo_server,
+    "echo-stream": run_echo_stream,
+    "swap-load": run_swap_load,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--duration-s", type=float, default=3.0)
+    parser.add_argument("--warmup-s", type=float, default=0.5)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    result = asyncio.run(MODES[args.mode](args))
+    if args.mode != "echo-server":
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
