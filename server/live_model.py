@@ -27,8 +27,9 @@ from feedloop.server.metrics import ServerMetrics
 
 log = logging.getLogger("feedloop.server.live_model")
 
-# How long one wait_for_change call blocks; bounds how long stop() waits for the watcher.
-WATCH_TIMEOUT_S = 0.25
+# How long one wait_for_change call blocks. PostgreSQL wakes it at once by NOTIFY and a
+# directory registry polls inside it, so this only bounds how often the watch loop turns.
+WATCH_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class LiveModel:
         self._live: LoadedModel | None = None
         self._seen: str | None = None  # last live pointer acted on (loaded or refused)
         self._stop = threading.Event()
+        self._swap_lock = threading.Lock()  # held by the watcher while it swaps
         self._thread: threading.Thread | None = None
 
     # -- reading (any thread) ------------------------------------------------------------------
@@ -137,18 +139,20 @@ class LiveModel:
         while not self._stop.is_set():
             try:
                 version = self.registry.wait_for_change(self._seen, WATCH_TIMEOUT_S)
-            except (RegistryError, OSError) as exc:
+            except Exception as exc:  # a backend error must not end the watch
+                if self._stop.is_set():
+                    return  # the registry was closed under us at shutdown
                 log.warning("registry watch failed, retrying: %s", exc)
                 self._stop.wait(1.0)
                 continue
-            except Exception:
-                log.exception("registry watch failed, retrying")
-                self._stop.wait(1.0)
-                continue
-            if version is not None and version != self._seen and not self._stop.is_set():
-                self.swap_to(version)
+            with self._swap_lock:
+                if self._stop.is_set():
+                    return
+                if version is not None and version != self._seen:
+                    self.swap_to(version)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop watching; waits for a swap in progress, not for the watch call (a daemon)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        if self._swap_lock.acquire(timeout=timeout_s):
+            self._swap_lock.release()

@@ -147,3 +147,31 @@ async def test_admin_errors_map_to_clear_codes(live) -> None:
         await live.admin.Rollback(pb.RollbackRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "roll back" in err.value.details()
+
+
+@pytest.mark.postgres
+async def test_publication_on_a_postgresql_registry_is_swapped_in_while_serving(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from pg_support import fresh_schema, schema_url
+
+    from feedloop.core.registry_pg import PostgresRegistry
+
+    with fresh_schema("srvreg") as schema:
+        url = schema_url(schema)
+        publisher = PostgresRegistry(url, cache_dir=tmp_path / "publisher-cache")
+        try:
+            publisher.publish(tiny_checkpoint, reason="seed", make_live=True)
+            # A fallback poll far longer than the wait below: LISTEN/NOTIFY (or the watch loop)
+            # must bring the new version in.
+            config = test_config(tmp_path, registry=url, registry_poll_interval_s=30.0)
+            async with running_server(config) as running:
+                assert running.server.live_version == "v0001"
+                await asyncio.to_thread(publisher.publish, tiny_checkpoint, make_live=True)
+                await wait_until(lambda: running.server.live_version == "v0002", timeout_s=5)
+                reply = await running.generation.Generate(
+                    pb.GenerateRequest(prompt="notified"), timeout=10
+                )
+                assert reply.model_version == "v0002"
+        finally:
+            publisher.close()
