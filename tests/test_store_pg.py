@@ -100,6 +100,7 @@ def test_postgres_url_parameters_of_ours_are_stripped_and_defaults_added() -> No
     assert schema == "prod"
     assert "schema=" not in conninfo and "sslmode=require" in conninfo
     assert "connect_timeout=3" in conninfo and "application_name=feedloop" in conninfo
+    assert "tcp_user_timeout=10000" in conninfo and "keepalives=1" in conninfo
     conninfo, schema = parse_url("postgresql://db/app?connect_timeout=9&application_name=x")
     assert schema is None and "connect_timeout=9" in conninfo and "application_name=x" in conninfo
     assert redact("postgresql://u:secret@db/app") == "postgresql://u:***@db/app"

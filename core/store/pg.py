@@ -3,8 +3,8 @@
 URL: any libpq `postgresql://` URL, plus one parameter of ours, `schema=NAME`: every table lives
 in that schema (created if missing), so several deployments or tests share one database without
 meeting. Without it, the connection's search_path decides (e.g. `options=-csearch_path%3Dx`).
-`connect_timeout` defaults to 3 s, so a call against a server that is down fails fast instead
-of hanging.
+`connect_timeout` defaults to 3 s and TCP keepalives/user timeout to about 10 s, so a call
+against a server that is down or unreachable fails fast instead of hanging.
 
 Pool: a few connections, opened lazily and shared by threads (one borrower at a time each). A
 connection found broken is dropped; the next borrow opens a fresh one, so the first call after
@@ -29,6 +29,18 @@ from feedloop.core.errors import FeedloopError
 
 T = TypeVar("T")
 DEFAULT_CONNECT_TIMEOUT_S = 3
+# libpq parameters added unless the URL sets them. connect_timeout bounds a new connection;
+# keepalives and tcp_user_timeout bound a call on an open connection to a server that vanished
+# without closing it (a dead host, a partition), which TCP alone would wait out for minutes.
+_DEFAULT_PARAMETERS = {
+    "connect_timeout": str(DEFAULT_CONNECT_TIMEOUT_S),
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",  # ms that sent data may stay unacknowledged
+    "application_name": "feedloop",  # so operators can tell us apart in pg_stat_activity
+}
 _DISK_FULL_SQLSTATE_CLASS = "53"  # insufficient_resources: disk_full, out_of_memory, ...
 
 
@@ -39,10 +51,7 @@ def parse_url(url: str) -> tuple[str, str | None]:
     schema = next((value for key, value in query if key == "schema"), None)
     kept = [(key, value) for key, value in query if key != "schema"]
     given = {key for key, _ in kept}
-    if "connect_timeout" not in given:
-        kept.append(("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT_S)))
-    if "application_name" not in given:  # so operators can tell us apart in pg_stat_activity
-        kept.append(("application_name", "feedloop"))
+    kept += [(key, value) for key, value in _DEFAULT_PARAMETERS.items() if key not in given]
     return urlunsplit(parts._replace(query=urlencode(kept))), schema or None
 
 
