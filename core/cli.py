@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
-from feedloop.core.errors import FeedloopError
+from feedloop.core.errors import CheckpointError, FeedloopError
 from feedloop.core.pretrain import PretrainConfig, default_checkpoint_dir, pretrain
 
 EXAMPLES_PRETRAIN = """examples:
@@ -40,8 +40,16 @@ def pretrain_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(PretrainConfig, args, section="pretrain")
     if args.if_missing and (config.output_dir / "manifest.json").exists():
-        print(f"pretrain: {config.output_dir} already exists; nothing to do")
-        return 0
+        from feedloop.core.checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(config.output_dir)
+        except CheckpointError as exc:
+            # Typically a checkpoint from an older feedloop whose architecture has changed.
+            print(f"pretrain: {config.output_dir} does not verify ({exc}); building it again")
+        else:
+            print(f"pretrain: {config.output_dir} already exists; nothing to do")
+            return 0
     result = pretrain(config, progress=not args.quiet)
     s = result.summary
     print(

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from feedloop.core.checkpoint import save_checkpoint
 from feedloop.core.config import default_data_dir, describe
 from feedloop.core.corpus import load_phrases, make_pairs, split_corpus
+from feedloop.core.errors import CheckpointError
 from feedloop.core.gru import GRUConfig, GRUPolicy
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
@@ -342,7 +343,11 @@ def _write_atomically(policy: Policy, output: Path, summary: dict[str, Any]) -> 
 
 def ensure_default_checkpoint(data_dir: Path, *, progress: bool = True) -> Path:
     """The default policy's checkpoint, pretrained now with the defaults if it is missing."""
+    from feedloop.core.checkpoint import load_checkpoint
+
     path = default_checkpoint_dir(data_dir)
-    if not (path / "manifest.json").exists():
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
         pretrain(PretrainConfig(data_dir=data_dir), progress=progress)
     return path

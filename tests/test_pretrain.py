@@ -107,6 +107,33 @@ def test_the_pretrain_command_reports_its_figures(tmp_path):
         check=True,
     )
     assert "nothing to do" in again.stdout
+    (tmp_path / "default-policy" / "tokenizer.json").write_text("{}")  # stale or damaged
+    rebuilt = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "feedloop",
+            "pretrain",
+            "--if-missing",
+            "--quiet",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(tmp_path),
+            "--hidden-dim",
+            "32",
+            "--embedding-dim",
+            "16",
+            "--batch-size",
+            "256",
+            "--eval-samples",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "does not verify" in rebuilt.stdout and "wrote" in rebuilt.stdout
 
 
 def test_a_bad_corpus_is_a_one_line_error(tmp_path):
