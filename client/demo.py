@@ -1,0 +1,449 @@
+"""`feedloop demo`: the whole loop on one machine, learning in front of you.
+
+It starts `feedloop serve` and `feedloop train` as separate processes on the embedded defaults
+(SQLite replay store and a directory registry in a fresh temporary data directory, seeded with
+the default pretrained policy, loopback ports chosen by the OS), then lets a population of
+simulated users ask for phrases and answer with ratings, rankings, comparisons and corrections,
+noisily, according to a hidden preference. The trainer learns from that feedback, the gate
+decides, the server swaps, and the users' true reward climbs. At the end: a table per version,
+a PNG of reward over time with the swaps marked, and exit 0 only if the reward improved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from feedloop.client.client import FeedloopClient
+from feedloop.client.demo_population import Population, PopulationConfig, parse_mix
+from feedloop.client.demo_processes import Child, StartupError, feedloop_command, start_child
+from feedloop.client.demo_report import judge, live_view, plot_reward, summary_table
+from feedloop.client.demo_tracker import DemoStats
+from feedloop.client.errors import FeedloopClientError
+from feedloop.client.types import ModelsResult
+
+EXIT_OK, EXIT_NOT_IMPROVED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# The trainer's defaults suit a production trickle; the demo has minutes, so rounds start after
+# fewer events. Anything given with --trainer-arg comes later on the command line and wins.
+DEMO_TRAINER_ARGS = (
+    "--wake-after-feedback-events",
+    "160",
+    "--interval-s",
+    "20",
+    "--poll-interval-s",
+    "0.5",
+)
+
+EXAMPLES = """examples:
+  feedloop demo                                        # under 5 minutes, then a verdict
+  feedloop demo --preference include:little --duration-s 300
+  feedloop demo --preference avoid:the --feedback-mix rating=1 --users 16 --rate-rps 20
+  feedloop demo --preference length:3 --feedback-mix comparison=0.5,ranking=0.5 --no-live
+  feedloop demo --trainer-arg=--algorithm --trainer-arg=reinforce --keep-data
+
+preferences: include:WORD, avoid:WORD, length[:N] (about N words), keyword (contain the prompt)
+feedback kinds: rating, comparison, ranking, correction
+
+exit codes: 0 the reward improved; 1 it did not (the reason is printed) or a process failed;
+  2 usage error; 130 interrupted (everything is stopped either way)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="feedloop demo",
+        description="Run the server, the trainer and simulated users together and watch the "
+        "policy learn the users' preference from their feedback.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    users = p.add_argument_group("simulated users")
+    users.add_argument(
+        "--preference",
+        default="include:little",
+        help="the users' hidden preference (default: %(default)s)",
+    )
+    users.add_argument(
+        "--feedback-mix",
+        default="rating=0.4,comparison=0.3,ranking=0.15,correction=0.15",
+        metavar="KIND=W,...",
+        help="relative weights of feedback kinds (default: %(default)s)",
+    )
+    users.add_argument("--users", type=int, default=8, help="simulated users (default: 8)")
+    users.add_argument(
+        "--rate-rps",
+        type=float,
+        default=12.0,
+        help="requests per second of all users together (default: %(default)s)",
+    )
+    users.add_argument(
+        "--candidates", type=int, default=4, help="candidates per request (default: %(default)s)"
+    )
+    users.add_argument(
+        "--noise-sd",
+        type=float,
+        default=0.15,
+        help="noise on the users' judgement, in reward units (default: 0.15)",
+    )
+    users.add_argument(
+        "--scale",
+        choices=("unit", "thumbs", "stars5"),
+        default="unit",
+        help="rating scale the users rate on (default: %(default)s)",
+    )
+    users.add_argument("--seed", type=int, default=0, help="seed of prompts and users")
+    run = p.add_argument_group("the run")
+    run.add_argument(
+        "--duration-s",
+        type=float,
+        default=240.0,
+        help="how long the users keep coming (default: %(default)s)",
+    )
+    run.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="initial policy (default: the default pretrained policy, built first "
+        "with `feedloop pretrain` if missing)",
+    )
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where store, registry and logs go (default: a fresh temporary "
+        "directory, removed at the end unless --keep-data)",
+    )
+    run.add_argument("--keep-data", action="store_true", help="keep the data directory")
+    run.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("feedloop-demo-reward.png"),
+        help="PNG of reward over time (default: %(default)s)",
+    )
+    run.add_argument(
+        "--min-improvement",
+        type=float,
+        default=0.03,
+        help="gain in mean true reward that counts as improved (default: 0.03)",
+    )
+    run.add_argument(
+        "--min-candidates",
+        type=int,
+        default=40,
+        help="candidates a version must serve to be measured (default: 40)",
+    )
+    run.add_argument(
+        "--trainer-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `feedloop train` (repeat for several)",
+    )
+    run.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `feedloop serve` (repeat for several)",
+    )
+    run.add_argument(
+        "--startup-timeout-s",
+        type=float,
+        default=180.0,
+        help="how long server and trainer may take to start (default: 180)",
+    )
+    run.add_argument(
+        "--no-live",
+        action="store_true",
+        help="print a progress line every 10 s instead of a live table",
+    )
+    return p
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def default_checkpoint() -> Path:
+    """The default pretrained policy, built now (a few minutes, once) if it is missing."""
+    from feedloop.core.config import default_data_dir
+    from feedloop.core.pretrain import default_checkpoint_dir
+
+    data_dir = Path(os.environ.get("FEEDLOOP_DATA_DIR") or default_data_dir())
+    path = default_checkpoint_dir(data_dir)
+    if not (path / "manifest.json").exists():
+        print(
+            f"feedloop demo: no pretrained policy at {path} yet; pretraining it now "
+            "(a few minutes, once)",
+            flush=True,
+        )
+        subprocess.run(
+            feedloop_command("pretrain", "--if-missing", "--data-dir", str(data_dir)), check=True
+        )
+    return path
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace, population_config: PopulationConfig) -> None:
+        from rich.console import Console
+
+        self.args = args
+        self.population_config = population_config
+        self.console = Console()
+        if not self.console.is_terminal:  # logs and pipes: wide enough for the summary table
+            self.console = Console(width=130)
+        self.stats = DemoStats()
+        self.children: list[Child] = []
+        self.client: FeedloopClient | None = None
+        self.population: Population | None = None
+        self.trainer_lines_seen = 0
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self, data_dir: Path, checkpoint: Path) -> None:
+        shutil.copytree(checkpoint, data_dir / "default-policy")
+        timeout_s = self.args.startup_timeout_s
+        print(f"feedloop demo: data, store, registry and logs in {data_dir}", flush=True)
+        server = start_child(
+            "server",
+            feedloop_command(
+                "serve",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                *self.args.server_arg,
+            ),
+            log_path=data_dir / "serve.log",
+            banner_prefix="feedloop serve: listening",
+            timeout_s=timeout_s,
+        )
+        self.children.append(server)
+        trainer = start_child(
+            "trainer",
+            feedloop_command(
+                "train",
+                "--metrics-port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                *DEMO_TRAINER_ARGS,
+                *self.args.trainer_arg,
+            ),
+            log_path=data_dir / "train.log",
+            banner_prefix="feedloop train: metrics=",
+            timeout_s=timeout_s,
+        )
+        self.children.append(trainer)
+        self.server, self.trainer = server, trainer
+        grpc_address = server.banner["grpc"]
+        print(
+            f"feedloop demo: server grpc={grpc_address} (pid {server.pid}), "
+            f"trainer pid {trainer.pid}",
+            flush=True,
+        )
+        print(
+            f"feedloop demo: metrics at http://{server.banner['metrics']}/metrics (server) "
+            f"and http://{trainer.banner['metrics']}/metrics (trainer); point Prometheus at "
+            "them with monitoring/prometheus/prometheus.yml",
+            flush=True,
+        )
+        self.client = FeedloopClient(grpc_address, timeout_s=10)
+        self.client.wait_until_serving(timeout_s=timeout_s)
+        self.stats.observe_live(self.client.status().live_version)
+        self.population = Population(self.client, self.population_config, self.stats)
+        self.stats.started = time.monotonic()
+        self.population.start()
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        assert self.client is not None
+        lines = self.trainer.stdout_lines
+        for line in lines[self.trainer_lines_seen : len(lines)]:
+            self.stats.observe_trainer_line(line)
+        self.trainer_lines_seen = len(lines)
+        with contextlib.suppress(FeedloopClientError):
+            self.stats.observe_live(self.client.status(timeout_s=5).live_version)
+        for child in self.children:
+            if not child.alive():
+                raise RuntimeError(
+                    f"{child.name} exited with code {child.process.returncode}; "
+                    f"its log ({child.log_path}) ends:\n{child.log_tail()}"
+                )
+
+    def _last_trainer_line(self) -> str:
+        lines = self.trainer.stdout_lines
+        return lines[-1].removeprefix("feedloop train: ") if lines else ""
+
+    def run(self) -> None:
+        from rich.live import Live
+
+        deadline = time.monotonic() + self.args.duration_s
+        title = (
+            f"feedloop demo: {self.population_config.users} users, preference "
+            f"{self.population_config.preference}, {self.args.duration_s:.0f}s"
+        )
+
+        def view() -> object:
+            return live_view(
+                self.stats,
+                title=title,
+                remaining_s=deadline - time.monotonic(),
+                last_trainer_line=self._last_trainer_line(),
+            )
+
+        if self.args.no_live or not self.console.is_terminal:
+            next_line = time.monotonic()
+            while time.monotonic() < deadline:
+                self._poll()
+                if time.monotonic() >= next_line:
+                    self._progress_line()
+                    next_line += 10
+                time.sleep(0.5)
+            return
+        with Live(view(), console=self.console, refresh_per_second=4, transient=False) as live:
+            while time.monotonic() < deadline:
+                self._poll()
+                live.update(view())
+                time.sleep(0.5)
+
+    def _progress_line(self) -> None:
+        requests_rps, feedback_eps = self.stats.rates_per_s()
+        versions = " ".join(
+            f"{v.version}={v.mean_reward:.3f}({v.candidates})"
+            for v in self.stats.snapshot_versions()
+        )
+        rounds = ",".join(f"{n} {o}" for o, n in sorted(self.stats.round_counts().items()))
+        print(
+            f"[{self.stats.elapsed_s():5.0f}s] {requests_rps:.1f} req/s {feedback_eps:.1f} "
+            f"feedback/s live={self.stats.live_version} reward {versions} rounds: "
+            f"{rounds or '-'}",
+            flush=True,
+        )
+
+    # -- finish --------------------------------------------------------------------------------
+
+    def finish(self) -> ModelsResult | None:
+        """Stop the users, read the registry's story, then stop trainer and server."""
+        if self.population is not None:
+            self.population.stop()
+        models = None
+        if self.client is not None:
+            with contextlib.suppress(FeedloopClientError):
+                self._poll_lines_only()
+                models = self.client.list_models(max_decisions=500)
+        self.stop_children()
+        return models
+
+    def _poll_lines_only(self) -> None:
+        lines = self.trainer.stdout_lines
+        for line in lines[self.trainer_lines_seen : len(lines)]:
+            self.stats.observe_trainer_line(line)
+        self.trainer_lines_seen = len(lines)
+
+    def stop_children(self) -> list[tuple[str, int]]:
+        codes = []
+        if self.population is not None:
+            self.population.stop()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        for child in reversed(self.children):  # trainer first, then the server
+            codes.append((child.name, child.stop(grace_s=15.0)))
+        self.children = []
+        return codes
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv[1:])
+    from feedloop.core.simusers import parse_preference
+
+    try:
+        parse_preference(args.preference)
+        mix = parse_mix(args.feedback_mix)
+        if args.users < 1 or args.rate_rps <= 0 or args.duration_s <= 0 or args.candidates < 1:
+            raise ValueError("--users, --rate-rps, --duration-s and --candidates must be positive")
+    except ValueError as exc:
+        print(f"feedloop demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    config = PopulationConfig(
+        preference=args.preference,
+        users=args.users,
+        rate_rps=args.rate_rps,
+        candidates=args.candidates,
+        feedback_mix=mix,
+        noise_sd=args.noise_sd,
+        scale=args.scale,
+        seed=args.seed,
+    )
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    demo = Demo(args, config)
+    temporary = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="feedloop-demo-")) if temporary else args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keep = args.keep_data or not temporary
+    try:
+        checkpoint = args.checkpoint or default_checkpoint()
+        demo.start(data_dir, checkpoint)
+        demo.run()
+        models = demo.finish()
+    except KeyboardInterrupt:
+        demo.stop_children()
+        print("feedloop demo: interrupted; server, trainer and users stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (
+        StartupError,
+        RuntimeError,
+        FeedloopClientError,
+        OSError,
+        subprocess.CalledProcessError,
+    ) as exc:
+        demo.stop_children()
+        keep = True
+        print(f"feedloop demo: {exc}", file=sys.stderr)
+        print(f"feedloop demo: logs kept in {data_dir}", file=sys.stderr)
+        return EXIT_NOT_IMPROVED
+    finally:
+        demo.stop_children()
+        signal.signal(signal.SIGTERM, previous_handler)
+        if not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    return report(demo, models, args, data_dir if keep else None)
+
+
+def report(
+    demo: Demo, models: ModelsResult | None, args: argparse.Namespace, kept: Path | None
+) -> int:
+    stats = demo.stats
+    console = demo.console
+    console.print(summary_table(stats, models))
+    plot = plot_reward(stats, args.plot, preference=args.preference)
+    verdict = judge(
+        stats.snapshot_versions(),
+        stats.initial_version,
+        stats.swaps,
+        min_improvement=args.min_improvement,
+        min_candidates=args.min_candidates,
+        round_counts=stats.round_counts(),
+    )
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats.errors.items())) or "none"
+    print(
+        f"feedloop demo: {stats.requests} requests, {stats.feedback_events} feedback events, "
+        f"{len(stats.swaps)} swaps, client errors: {errors}"
+    )
+    print(f"feedloop demo: reward plot written to {plot}")
+    if kept is not None:
+        print(f"feedloop demo: data and logs kept in {kept}")
+    print(f"feedloop demo: {verdict.message}")
+    return EXIT_OK if verdict.improved else EXIT_NOT_IMPROVED

@@ -1,0 +1,139 @@
+"""The demo's users: simulated people asking for phrases and answering with noisy feedback.
+
+Each user is a thread with its own core.simusers.SimulatedUser (same preference, own seed) that
+paces itself to share the population's request rate, asks the live model for candidates for a
+keyword prompt, records the candidates' true reward (the hidden preference, which the learner
+never sees), and sends its feedback through the client. Core modules are imported lazily: they
+are pure Python, but feedloop.client must import without the core installed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from feedloop.client.client import FeedloopClient
+from feedloop.client.demo_tracker import DemoStats
+from feedloop.client.errors import FeedloopClientError
+from feedloop.client.types import Comparison, Correction, FeedbackInput, Ranking, Rating
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    preference: str  # core.simusers.parse_preference spec: include:WORD, avoid:WORD, length[:N]...
+    users: int
+    rate_rps: float  # requests per second of the whole population
+    candidates: int  # candidates asked per request
+    feedback_mix: Mapping[str, float]
+    noise_sd: float
+    scale: str
+    seed: int
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`rating=0.4,comparison=0.3,...` -> {"rating": 0.4, ...}; kinds not named get 0."""
+    from feedloop.core.simusers import FEEDBACK_KINDS
+
+    mix: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, weight = part.partition("=")
+        if not sep or kind not in FEEDBACK_KINDS:
+            raise ValueError(
+                f"feedback mix {part!r}: expected KIND=WEIGHT, KIND one of "
+                f"{', '.join(FEEDBACK_KINDS)}"
+            )
+        mix[kind] = float(weight)
+        if mix[kind] < 0:
+            raise ValueError(f"feedback mix {part!r}: weight must be >= 0")
+    if not any(mix.values()):
+        raise ValueError("feedback mix needs at least one positive weight")
+    return mix
+
+
+def demo_prompts(seed: int, count: int = 2000) -> list[str]:
+    """Keyword prompts drawn from the shipped corpus, so every word is in the vocabulary."""
+    from feedloop.core.corpus import load_phrases, prompt_for
+
+    rng = random.Random(seed)
+    phrases = load_phrases()
+    prompts: list[str] = []
+    while len(prompts) < count:
+        prompt = prompt_for(rng.choice(phrases), rng)
+        if prompt:
+            prompts.append(prompt)
+    return prompts
+
+
+def to_client_event(feedback: Any) -> FeedbackInput:
+    """A core.simusers.SimulatedFeedback as the client's event type."""
+    ids = feedback.generation_ids
+    if feedback.kind == "rating":
+        return Rating(ids[0], float(feedback.score), scale=feedback.scale or "unit")
+    if feedback.kind == "comparison":
+        return Comparison(ids[0], ids[1])
+    if feedback.kind == "ranking":
+        return Ranking(tuple(ids))
+    return Correction(ids[0], feedback.text)
+
+
+class Population:
+    """config.users threads driving traffic through one client until stop() or an error."""
+
+    def __init__(self, client: FeedloopClient, config: PopulationConfig, stats: DemoStats):
+        from feedloop.core.simusers import SimulatedUser, parse_preference
+
+        self.client = client
+        self.config = config
+        self.stats = stats
+        self.preference = parse_preference(config.preference)
+        self.prompts = demo_prompts(config.seed)
+        self.users = [
+            SimulatedUser(
+                self.preference,
+                mix=dict(config.feedback_mix),
+                noise_sd=config.noise_sd,
+                scale=config.scale,
+                seed=config.seed * 1000 + i,
+                client_id=f"demo-user-{i}",
+            )
+            for i in range(config.users)
+        ]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i, user in enumerate(self.users):
+            thread = threading.Thread(
+                target=self._run_user, args=(i, user), name=f"demo-user-{i}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+
+    def _run_user(self, index: int, user: Any) -> None:
+        from feedloop.core.simusers import Candidate
+
+        rng = random.Random(self.config.seed * 7919 + index)
+        period_s = self.config.users / self.config.rate_rps  # each user's share of the rate
+        self._stop.wait(rng.uniform(0, period_s))  # spread the users' first requests
+        while not self._stop.is_set():
+            prompt = rng.choice(self.prompts)
+            try:
+                reply = self.client.generate(prompt, self.config.candidates, timeout_s=10)
+                candidates = [Candidate(c.generation_id, c.text) for c in reply.candidates]
+                rewards = [self.preference.reward(c.text, prompt) for c in reply.candidates]
+                events = [to_client_event(f) for f in user.respond(prompt, candidates)]
+                if events:
+                    self.client.submit_many(events, timeout_s=10)
+                self.stats.record_request(reply.model_version, rewards, len(events))
+            except FeedloopClientError as exc:
+                self.stats.record_error(exc.code.name)
+            # Exponential think time: arrivals look like many independent people (Poisson).
+            self._stop.wait(rng.expovariate(1.0 / period_s))
