@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from feedloop.client.client import FeedloopClient
 from feedloop.client.demo_population import Population, PopulationConfig, parse_mix
@@ -295,7 +296,7 @@ class Demo:
             f"{self.population_config.preference}, {self.args.duration_s:.0f}s"
         )
 
-        def view() -> object:
+        def view() -> Any:
             return live_view(
                 self.stats,
                 title=title,

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -225,7 +225,7 @@ class Correction:
     given_at: datetime | None = None
 
 
-FeedbackInput = Rating | Ranking | Comparison | Correction | pb.FeedbackEvent
+FeedbackInput: TypeAlias = Rating | Ranking | Comparison | Correction | pb.FeedbackEvent
 
 
 def new_event_id() -> str:
@@ -260,7 +260,7 @@ def event_to_proto(event: FeedbackInput) -> pb.FeedbackEvent:
                 pb.Rating(
                     generation_id=event.generation_id,
                     score=float(event.score),
-                    scale=scale_number(event.scale),  # type: ignore[arg-type]
+                    scale=scale_number(event.scale),  # type: ignore[arg-type]  # enum is an int
                 )
             )
         case Ranking():
