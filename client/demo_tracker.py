@@ -101,7 +101,10 @@ class DemoStats:
             if not self.initial_version:
                 self.initial_version = version
             if self.live_version and version != self.live_version:
-                self.swaps.append(Swap(self.elapsed_s(), self.live_version, version))
+                # Replies from the new version may arrive before the poll notices the swap.
+                seen = self.versions.get(version)
+                at_s = min(seen.first_seen_s, self.elapsed_s()) if seen else self.elapsed_s()
+                self.swaps.append(Swap(at_s, self.live_version, version))
             self.live_version = version
 
     def observe_trainer_line(self, line: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from client_tls import make_certificates, openssl_available
 
 from feedloop.client import FeedloopClient, FeedloopClientError, Rating
 from feedloop.client.demo_processes import feedloop_command, start_child
@@ -121,3 +122,67 @@ def test_command_line_round_trip_against_the_real_server(served):
     assert "Traceback" not in missing.stderr
     unknown = cli("set-live", "v9999", *target)
     assert unknown.returncode == 4, unknown.stderr
+
+
+@pytest.mark.skipif(not openssl_available(), reason="the openssl command is not installed")
+def test_api_key_and_tls_against_a_real_server_with_auth_on(tmp_path, tiny_checkpoint):
+    certs = make_certificates(tmp_path)
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        '[[keys]]\nname = "app"\nkey = "app-key"\nroles = ["generate", "feedback"]\n\n'
+        '[[keys]]\nname = "ops"\nkey = "ops-key"\nroles = ["admin"]\n'
+    )
+    shutil.copytree(tiny_checkpoint, tmp_path / "default-policy")
+    child = start_child(
+        "server",
+        feedloop_command(
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+            "--auth-keys-file",
+            str(keys),
+            "--tls-cert",
+            str(certs.server_cert),
+            "--tls-key",
+            str(certs.server_key),
+        ),
+        log_path=tmp_path / "serve.log",
+        banner_prefix="feedloop serve: listening",
+    )
+    try:
+        assert child.banner["auth"] == "on"
+        target = child.banner["grpc"]
+        tls = {"root_ca_path": certs.ca_cert, "tls_server_name": "localhost"}
+        with FeedloopClient(target, api_key="app-key", **tls) as client:
+            assert client.health() == "SERVING"
+            reply = client.generate("sea", n=2)
+            assert client.rate(reply.candidates[0].generation_id, 1.0).outcome == "accepted"
+            with pytest.raises(FeedloopClientError) as raised:
+                client.status()  # the app key has no admin role
+            assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with FeedloopClient(target, api_key="wrong", **tls) as client:
+            with pytest.raises(FeedloopClientError) as raised:
+                client.generate("sea")
+            assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+        common = (
+            "--target",
+            target,
+            "--ca-cert",
+            str(certs.ca_cert),
+            "--tls-server-name",
+            "localhost",
+        )
+        ok = cli("status", "--api-key", "ops-key", "--json", *common)
+        assert ok.returncode == 0 and json.loads(ok.stdout)["live_version"], ok.stderr
+        denied = cli("generate", "sea", "--api-key", "ops-key", *common)
+        assert denied.returncode == 6 and "PERMISSION_DENIED" in denied.stderr
+        plaintext = cli(
+            "status", "--target", target, "--api-key", "ops-key", "--timeout", "3", "--retries", "0"
+        )
+        assert plaintext.returncode == 3, plaintext.stderr
+    finally:
+        assert child.stop() == 0, child.log_tail()
