@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import grpc
@@ -219,3 +220,36 @@ async def test_expired_deadline_is_dropped_before_compute(
         stored = running.store.generations_after(0, 1000)
         assert "late" not in {g.prompt for g in stored}
         assert len(stored) == sum(isinstance(r, pb.GenerateResponse) for r in results)
+
+
+async def test_cancelled_request_is_dropped_before_compute(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    async with running_server(test_config(tmp_path), registry=registry) as running:
+        policy = running.server.live_model.live.policy
+        original = policy.sample
+        gate, busy = threading.Event(), threading.Event()
+
+        def held_sample(requests):  # the worker stays busy until the test opens the gate
+            busy.set()
+            gate.wait(10)
+            return original(requests)
+
+        policy.sample = held_sample
+        try:
+            first = running.generation.Generate(pb.GenerateRequest(prompt="first"), timeout=30)
+            await wait_until(busy.is_set)
+            doomed = running.generation.Generate(pb.GenerateRequest(prompt="doomed"), timeout=30)
+            await wait_until(lambda: running.server.batcher.queue_depth == 1)
+            doomed.cancel()
+            job = running.server.batcher._jobs[0]
+            await wait_until(lambda: job.cancelled)
+        finally:
+            gate.set()
+        assert (await first).candidates
+        dropped = running.server.metrics.dropped.labels("cancelled")
+        await wait_until(lambda: dropped._value.get() == 1)
+        await wait_until(lambda: running.server.generation_log.depth == 0)
+        prompts = {g.prompt for g in running.store.generations_after(0, 1000)}
+        assert prompts == {"first"}
