@@ -50,12 +50,21 @@ class Preference(ABC):
         """The phrase as this user would rewrite it (higher reward), or None if it cannot."""
 
 
+# Words after which a person would slip in a describing word ("a [good] morning").
+DETERMINERS = frozenset("a an the your my our their this every".split())
+
+
 def _insert(words: list[str], word: str, rng: random.Random) -> list[str]:
-    # Insert before trailing punctuation so the edit reads like a phrase, never after "." or "!".
-    end = len(words)
-    while end > 0 and not any(c.isalnum() for c in words[end - 1]):
-        end -= 1
-    position = rng.randint(0, end)
+    """words with word inserted where a person would put it: after a determiner if there is
+    one, else at a random position before any closing punctuation."""
+    after_determiner = [i + 1 for i, w in enumerate(words[:-1]) if w in DETERMINERS]
+    if after_determiner:
+        position = rng.choice(after_determiner)
+    else:
+        end = len(words)
+        while end > 0 and not any(c.isalnum() for c in words[end - 1]):
+            end -= 1
+        position = rng.randint(0, end)
     return [*words[:position], word, *words[position:]]
 
 

@@ -226,6 +226,8 @@ class ActorCritic(Algorithm):
             steps += 1
             if on_step:
                 on_step(steps)
+            if pg.approx_kl > c.target_approx_kl:
+                break  # early stop: this round has moved the policy far enough
         seq_kl = (rl_math.kl_k1(old_logprobs, ref_logprobs) * mask).sum(dim=1)
         figures = {k: _mean(v) for k, v in stats.items()}
         figures.update(
@@ -271,6 +273,7 @@ class Reinforce(Algorithm):
                 "grad_norm",
                 "correction_loss",
                 "mean_importance_weight",
+                "approx_kl",
             )
         }
         steps = 0
@@ -293,6 +296,9 @@ class Reinforce(Algorithm):
                 logprobs, returns[index] / return_scale, baseline.detach() / return_scale, weights
             )
             value_loss = 0.5 * ((baseline - returns[index]) ** 2).mean()
+            token_logprobs_now = token_logprobs(out.logits, mb.output_ids).detach()
+            log_ratio = token_logprobs_now - old_logprobs[index]
+            approx_kl = float(rl_math.masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask))
             entropy = rl_math.entropy_from_logits(out.logits, mb_mask)
             corr = correction_loss(policy, experience, max(8, c.minibatch_size // 4), generator)
             loss = (
@@ -310,9 +316,12 @@ class Reinforce(Algorithm):
                 ("mean_importance_weight", float(weights.mean())),
             ):
                 stats[key].append(value)
+            stats["approx_kl"].append(approx_kl)
             steps += 1
             if on_step:
                 on_step(steps)
+            if approx_kl > c.target_approx_kl:
+                break  # the same bound on one round's move as actor-critic's
         figures = {k: _mean(v) for k, v in stats.items()}
         figures.update(
             {

@@ -133,8 +133,8 @@ class TrainConfig:
             "off-policy estimates and of pairs for reward-model accuracy"
         ),
     )
-    rm_steps: int = field(default=150, metadata=_help("reward-model optimiser steps per round"))
-    rm_learning_rate: float = field(default=0.05, metadata=_help("reward-model Adam step size"))
+    rm_steps: int = field(default=80, metadata=_help("reward-model optimiser steps per round"))
+    rm_learning_rate: float = field(default=0.1, metadata=_help("reward-model Adam step size"))
     rm_l2: float = field(
         default=1e-3, metadata=_help("reward-model weight decay: word features are sparse")
     )
@@ -147,9 +147,10 @@ class TrainConfig:
     )
     # -- the update --------------------------------------------------------------------------
     learning_rate: float = field(
-        default=3e-4,
+        default=5e-4,
         metadata=_help(
-            "Adam step size of the policy; higher makes rounds jump past the perplexity bound"
+            "Adam step size of the policy; with target_approx_kl it sets how far a round "
+            "moves (1e-3 overshoots the gate's perplexity bound within two rounds)"
         ),
     )
     epochs: int = field(default=4, metadata=_help("passes over the round's data (PPO epochs)"))
@@ -159,6 +160,14 @@ class TrainConfig:
     max_updates_per_round: int = field(
         default=96, metadata=_help("cap on gradient steps per round (bounds round time)")
     )
+    target_approx_kl: float = field(
+        default=0.02,
+        metadata=_help(
+            "stop a round's updates once the per-token KL(pi_old || pi) since the round began "
+            "passes this (PPO early stopping): bounds how far one round moves the policy, so "
+            "noisy windows cannot push it past the gate's perplexity bound"
+        ),
+    )
     gamma: float = field(default=1.0, metadata=_help("discount: phrases are short episodes"))
     gae_lambda: float = field(
         default=0.95, metadata=_help("GAE lambda: bias (0) vs variance (1) of advantages")
@@ -167,10 +176,18 @@ class TrainConfig:
     value_clip: float = field(default=0.2, metadata=_help("value-loss clip around old values"))
     value_coef: float = field(default=0.5, metadata=_help("weight of the value loss"))
     entropy_coef: float = field(
-        default=0.01, metadata=_help("entropy bonus: keeps sampling diverse as reward sharpens")
+        default=0.0,
+        metadata=_help(
+            "entropy bonus; 0 by default: most logged phrases get below-average reward, "
+            "pushing their tokens down already flattens the policy, and a bonus raises "
+            "held-out perplexity further"
+        ),
     )
     kl_coef: float = field(
-        default=0.05, metadata=_help("initial coefficient of the per-token KL penalty")
+        default=0.1,
+        metadata=_help(
+            "initial coefficient of the per-token KL penalty (adapted towards kl_target)"
+        ),
     )
     kl_target: float = field(
         default=1.5,
