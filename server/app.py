@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -136,6 +137,8 @@ class FeedloopServer:
         if keys is None:
             log.warning("auth is off: allowed only because %s is a loopback address", config.host)
         torch.set_num_threads(config.torch_threads)
+        if config.gil_switch_interval_ms > 0:
+            sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
         if self.store is None:
             self.store = await asyncio.to_thread(open_store, config.store_location)
         if self.registry is None:
