@@ -89,7 +89,11 @@ class ServeConfig:
         default=None, metadata=_help("PEM CA bundle; set: clients must present a cert (mTLS)")
     )
     rate_limit_rps: float = field(
-        default=0.0, metadata=_help("requests per second per API key; 0: no rate limit")
+        default=0.0,
+        metadata=_help(
+            "requests per second per API key (with auth off, all callers share one "
+            "bucket); 0: no rate limit"
+        ),
     )
     rate_limit_burst: int = field(
         default=100, metadata=_help("token bucket size per API key (requests)")

@@ -150,21 +150,27 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.FeedbackAck]:
         client_id = self.auth.client_id(context)
-        window: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(STREAM_WINDOW)
+        # (event_id, future or error) in arrival order; None ends it. Unbounded, so the reader
+        # never blocks on it; `slots` bounds how many events are in flight instead.
+        window: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_WINDOW)
 
         async def read() -> None:
             # Reads ahead of the acks; stops at the first event that fails the cheap checks,
             # so nothing after an invalid event is submitted by this reader.
             try:
                 async for event in request_iterator:
+                    await slots.acquire()
                     try:
                         future: Any = self.writer.submit(self._parse(event, client_id))
                     except ServiceError as exc:
-                        await window.put((event.event_id, exc))
+                        window.put_nowait((event.event_id, exc))
                         return
-                    await window.put((event.event_id, future))
+                    window.put_nowait((event.event_id, future))
+            except Exception as exc:  # the request stream itself failed
+                window.put_nowait(("", exc))
             finally:
-                await window.put(None)
+                window.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -175,11 +181,28 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                         raise pending
                     outcome = await pending
                 except Exception as exc:
+                    if not event_id:  # the request stream failed, not one event
+                        raise
                     raise in_context(exc, f"event {event_id!r}") from exc
                 yield pb.FeedbackAck(event_id=event_id, outcome=OUTCOMES[outcome])
-            await reader  # surfaces a failure of the request stream itself
+                slots.release()
         finally:
             if not reader.done():
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+            _forget_pending(window)
+
+
+def _forget_pending(window: asyncio.Queue[tuple[str, Any] | None]) -> None:
+    """Events submitted but never acknowledged (the stream ended first) are still committed by
+    the writer; consume their outcomes so asyncio does not report them as never retrieved."""
+    while not window.empty():
+        item = window.get_nowait()
+        if item is not None and isinstance(item[1], asyncio.Future):
+            item[1].add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
