@@ -11,6 +11,7 @@ async with AsyncFeedloopClient("127.0.0.1:50051") as client:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -90,6 +91,8 @@ class AsyncFeedloopClient:
                 return await attempt(max(remaining_s, 0.001))
             except grpc.RpcError as exc:
                 error = FeedloopClientError.from_rpc_error(exc)
+            except FeedloopClientError as exc:  # raised by an attempt that read a status itself
+                error = exc
             if error.code != grpc.StatusCode.UNAVAILABLE or number >= policy.max_attempts:
                 raise error
             delay_s = policy.backoff_s(number)
@@ -193,18 +196,25 @@ class AsyncFeedloopClient:
             # INTERNAL "Internal error from Core" instead of the server's status (seen in about
             # 3% of runs of the broken-stream test), and the caller must get the real code.
             for message in pending:
-                await call.write(message)
+                try:
+                    await call.write(message)
+                except asyncio.InvalidStateError:
+                    break  # the server ended the call; its status is read below
                 ack = await call.read()
                 if ack is grpc.aio.EOF:
                     break
                 results.append(FeedbackResult.from_proto(ack))
-            await call.done_writing()
+            with contextlib.suppress(asyncio.InvalidStateError):
+                await call.done_writing()
             if await call.read() is not grpc.aio.EOF:
                 raise FeedloopClientError(grpc.StatusCode.INTERNAL, "more acks than events")
             status = await call.code()
-            if status != grpc.StatusCode.OK or len(results) < len(messages):
+            if status != grpc.StatusCode.OK:
+                raise FeedloopClientError(status, await call.details() or "")
+            if len(results) != len(messages):
                 raise FeedloopClientError(
-                    status, await call.details() or "feedback stream ended before every ack"
+                    grpc.StatusCode.INTERNAL,
+                    f"feedback stream closed with {len(results)} acks for {len(messages)} events",
                 )
             return results
 

@@ -92,6 +92,8 @@ class FeedloopClient:
                 return attempt(max(remaining_s, 0.001))
             except grpc.RpcError as exc:
                 error = FeedloopClientError.from_rpc_error(exc)
+            except FeedloopClientError as exc:  # raised by an attempt that read a status itself
+                error = exc
             if error.code != grpc.StatusCode.UNAVAILABLE or number >= policy.max_attempts:
                 raise error
             delay_s = policy.backoff_s(number)
@@ -198,6 +200,11 @@ class FeedloopClient:
             )
             for ack in replies:
                 results.append(FeedbackResult.from_proto(ack))
+            if len(results) != len(messages):
+                raise FeedloopClientError(
+                    grpc.StatusCode.INTERNAL,
+                    f"feedback stream closed with {len(results)} acks for {len(messages)} events",
+                )
             return results
 
         return self._with_retries(attempt, timeout_s)

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--duration-s",
         type=float,
-        default=240.0,
+        default=225.0,
         help="how long the users keep coming (default: %(default)s)",
     )
     run.add_argument(
@@ -178,6 +178,8 @@ def default_checkpoint() -> Path:
     from feedloop.core.config import default_data_dir
     from feedloop.core.pretrain import default_checkpoint_dir
 
+    # Read here, at the command's edge, like every feedloop command: where the user keeps the
+    # default policy (`feedloop pretrain` honours the same variable).
     data_dir = Path(os.environ.get("FEEDLOOP_DATA_DIR") or default_data_dir())
     path = default_checkpoint_dir(data_dir)
     if not (path / "manifest.json").exists():

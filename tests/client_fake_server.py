@@ -27,6 +27,7 @@ class Script:
 
     fail_next: deque[tuple[grpc.StatusCode, str]] = field(default_factory=deque)
     break_stream_after_acks: int | None = None  # once: UNAVAILABLE after this many acks
+    invalid_event_ids: set[str] = field(default_factory=set)  # INVALID_ARGUMENT naming them
     required_api_key: str | None = None
     calls: list[str] = field(default_factory=list)
     metadata_seen: list[dict[str, str]] = field(default_factory=list)
@@ -105,6 +106,10 @@ class Feedback(_Base, pb_grpc.FeedbackServicer):
                     broke = False
             if broke:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "stream broken on purpose")
+            if event.event_id in self.script.invalid_event_ids:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"event {event.event_id}: score out of range"
+                )
             yield self._store(event)
 
 

@@ -152,6 +152,16 @@ def test_submit_many_resends_only_unacknowledged_events_after_a_broken_stream(cl
     assert [r.event_id for r in results] == list(fake.script.stored_events)
 
 
+def test_an_invalid_event_ends_the_stream_with_its_code_and_earlier_acks_stay(client, fake):
+    events = [Rating(f"g{i}", 0.5, event_id=f"e{i}") for i in range(4)]
+    fake.script.invalid_event_ids = {"e2"}
+    with pytest.raises(FeedloopClientError) as raised:
+        client.submit_many(events)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and "e2" in raised.value.message
+    assert list(fake.script.stored_events) == ["e0", "e1"]
+    assert fake.script.calls == ["SubmitStream"]  # answers are not retried
+
+
 def test_admin_calls_return_typed_results(client, fake):
     models = client.list_models()
     assert models.live_version == "v0001"
@@ -267,3 +277,12 @@ async def test_async_submit_many_survives_a_broken_stream(fake):
         results = await client.submit_many([Rating(f"g{i}", 1.0) for i in range(4)])
     assert [r.outcome for r in results] == ["accepted"] * 4
     assert len(fake.script.stored_events) == 4
+
+
+async def test_async_submit_many_reports_the_invalid_event_and_keeps_earlier_acks(fake):
+    fake.script.invalid_event_ids = {"e1"}
+    async with AsyncFeedloopClient(fake.target, retry=FAST_RETRY) as client:
+        with pytest.raises(FeedloopClientError) as raised:
+            await client.submit_many([Rating(f"g{i}", 1.0, event_id=f"e{i}") for i in range(3)])
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and "e1" in raised.value.message
+    assert list(fake.script.stored_events) == ["e0"]
