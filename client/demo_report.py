@@ -193,66 +193,76 @@ def summary_table(stats: DemoStats, models: ModelsResult | None) -> Table:
 # ------------------------------------------------------------------------------ plot
 
 
-def plot_reward(stats: DemoStats, path: Path, *, preference: str, window: int = 25) -> Path:
-    """Rolling mean true reward over time, coloured by version, with swaps marked."""
+def rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_reward(stats: DemoStats, path: Path, *, preference: str, window: int = 50) -> Path:
+    """True reward over time: one rolling mean across swaps, each version's mean, the swaps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with stats._lock:
-        samples = list(stats.samples)
+        samples = sorted(stats.samples)
         swaps = list(stats.swaps)
     figure, axes = plt.subplots(figsize=(10, 5), dpi=110)
     by_version: dict[str, list[tuple[float, float]]] = {}
     for t, version, reward in samples:
         by_version.setdefault(version, []).append((t, reward))
-    for version, points in sorted(by_version.items()):
+    for index, (version, points) in enumerate(sorted(by_version.items())):
         times = [t for t, _ in points]
         rewards = [r for _, r in points]
-        axes.scatter(times, rewards, s=6, alpha=0.25)
-        rolling = [
-            sum(rewards[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
-            for i in range(len(rewards))
-        ]
-        line = axes.plot(
-            times,
-            rolling,
-            linewidth=1.5,
-            label=f"{version}: mean {sum(rewards) / len(rewards):.3f}",
-        )[0]
+        mean = sum(rewards) / len(rewards)
+        color = f"C{index % 10}"
+        axes.scatter(times, rewards, s=5, alpha=0.2, color=color)
         axes.hlines(
-            sum(rewards) / len(rewards),
+            mean,
             times[0],
             times[-1],
-            colors=line.get_color(),
-            linestyles=":",
-            linewidth=2,
+            colors=color,
+            linewidth=3,
+            label=f"{version}: mean {mean:.3f} ({len(rewards)} requests)",
+        )
+    if samples:
+        axes.plot(
+            [t for t, _, _ in samples],
+            rolling_mean([r for _, _, r in samples], window),
+            color="black",
+            linewidth=1.2,
+            label=f"rolling mean of {window} requests",
         )
     for i, swap in enumerate(swaps):
-        axes.axvline(swap.at_s, color="black", linestyle="--", linewidth=1)
+        axes.axvline(swap.at_s, color="grey", linestyle="--", linewidth=1)
         # Labels sit inside the top of the axes, rotated, so swaps close in time stay legible.
         axes.text(
             swap.at_s,
-            0.98 - 0.06 * (i % 2),
+            0.98 - 0.07 * (i % 2),
             f" {swap.live}",
             rotation=90,
-            fontsize=8,
+            fontsize=7,
             va="top",
             ha="right",
             transform=axes.get_xaxis_transform(),
         )
-    axes.set_xlabel("seconds since the demo started")
-    axes.set_ylabel("true reward of served candidates")
+    axes.set_xlabel("seconds since the users started")
+    axes.set_ylabel("true reward of served candidates (request mean)")
     axes.set_title(
-        f"feedloop demo: reward over time (preference {preference}); solid: "
-        f"rolling mean of {window} requests, dotted: mean per version, dashed: swaps",
-        fontsize=9,
+        f"feedloop demo: reward over time, preference {preference} (dashed: model swaps)",
+        fontsize=10,
     )
     axes.set_ylim(-0.05, 1.05)
     axes.grid(alpha=0.3)
-    if by_version:
-        axes.legend(loc="lower right", fontsize=8)
+    if samples:
+        axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

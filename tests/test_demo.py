@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from feedloop.client.demo_population import parse_mix, to_client_event
-from feedloop.client.demo_report import judge
+from feedloop.client.demo_report import judge, plot_reward, rolling_mean
 from feedloop.client.demo_tracker import DemoStats, Swap, VersionStats
 from feedloop.client.types import Comparison, Correction, Ranking, Rating
 
@@ -87,6 +87,15 @@ def test_stats_count_swaps_rounds_and_reward_per_version():
     assert stats.initial_version == "v0001" and [s.live for s in stats.swaps] == ["v0002"]
     assert stats.round_counts() == {"published": 1}
     assert stats.versions["v0001"].mean_reward == 0.5 and stats.feedback_events == 2
+
+
+def test_reward_plot_is_a_png_with_every_version_and_swap(tmp_path):
+    assert rolling_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    stats = DemoStats()
+    stats.samples = [(i * 0.1, "v0001" if i < 50 else "v0002", i / 100) for i in range(100)]
+    stats.swaps = [Swap(5.0, "v0001", "v0002")]
+    path = plot_reward(stats, tmp_path / "plots" / "reward.png", preference="include:little")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_feedback_mix_parsing_and_simulated_feedback_conversion():
