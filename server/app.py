@@ -253,13 +253,12 @@ class FeedloopServer:
         if not self.grpc_port:
             raise StartupError(f"cannot bind gRPC to {address}")
         await server.start()
+        metrics_host = config.metrics_host or config.host
         try:
-            self.metrics_port = metrics.serve_http(
-                config.metrics_host or config.host, config.metrics_port
-            )
+            self.metrics_port = metrics.serve_http(metrics_host, config.metrics_port)
         except OSError as exc:
             raise StartupError(
-                f"cannot bind metrics to {config.host}:{config.metrics_port}: {exc}"
+                f"cannot bind metrics to {metrics_host}:{config.metrics_port}: {exc}"
             ) from None
 
         try:
@@ -282,7 +281,8 @@ class FeedloopServer:
         deadline = time.monotonic() + grace_s
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace_s)
+            # In-flight calls get most of the grace; a fifth is kept for draining the writers.
+            await self._server.stop(grace_s * 0.8)
         # The watcher and the metrics endpoint each take up to a poll interval to notice.
         stopping = [asyncio.to_thread(self.metrics.stop_http)]
         if self.live_model is not None:
@@ -290,11 +290,11 @@ class FeedloopServer:
         if self.batcher is not None:
             stopping.append(asyncio.to_thread(self.batcher.stop))
         await asyncio.gather(*stopping)
-        remaining_s = max(0.5, deadline - time.monotonic())
+        remaining_s = max(0.1, deadline - time.monotonic())
         if self.feedback_writer is not None:
             await asyncio.to_thread(self.feedback_writer.stop, remaining_s)
         if self.generation_log is not None:
-            remaining_s = max(0.5, deadline - time.monotonic())
+            remaining_s = max(0.1, deadline - time.monotonic())
             await asyncio.to_thread(self.generation_log.stop, remaining_s)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
