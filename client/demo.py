@@ -208,6 +208,8 @@ class Demo:
         self.client: FeedloopClient | None = None
         self.population: Population | None = None
         self.trainer_lines_seen = 0
+        self.next_models_poll = 0.0
+        self.last_decision = ""
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -278,6 +280,13 @@ class Demo:
         self.trainer_lines_seen = len(lines)
         with contextlib.suppress(FeedloopClientError):
             self.stats.observe_live(self.client.status(timeout_s=5).live_version)
+        if time.monotonic() >= self.next_models_poll:  # the registry's own record of the gate
+            self.next_models_poll = time.monotonic() + 3.0
+            with contextlib.suppress(FeedloopClientError):
+                decisions = self.client.list_models(max_decisions=1, timeout_s=5).decisions
+                if decisions:
+                    d = decisions[0]
+                    self.last_decision = f"{d.version} {d.action}: {d.reason}"
         for child in self.children:
             if not child.alive():
                 raise RuntimeError(
@@ -304,6 +313,7 @@ class Demo:
                 title=title,
                 remaining_s=deadline - time.monotonic(),
                 last_trainer_line=self._last_trainer_line(),
+                last_decision=self.last_decision,
             )
 
         if self.args.no_live or not self.console.is_terminal:

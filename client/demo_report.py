@@ -89,7 +89,14 @@ def judge(
 # ------------------------------------------------------------------------------ live view
 
 
-def live_view(stats: DemoStats, *, title: str, remaining_s: float, last_trainer_line: str) -> Any:
+def live_view(
+    stats: DemoStats,
+    *,
+    title: str,
+    remaining_s: float,
+    last_trainer_line: str,
+    last_decision: str = "",
+) -> Any:
     requests_rps, feedback_eps = stats.rates_per_s()
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -110,6 +117,9 @@ def live_view(stats: DemoStats, *, title: str, remaining_s: float, last_trainer_
     if stats.errors:
         head.add_row("errors", ", ".join(f"{k}: {v}" for k, v in sorted(stats.errors.items())))
     head.add_row("trainer", Text(last_trainer_line or "-", overflow="ellipsis", no_wrap=True))
+    head.add_row(
+        "last gate decision", Text(last_decision or "-", overflow="ellipsis", no_wrap=True)
+    )
     table = Table(title="true reward per version (the users' hidden preference)")
     for column in ("version", "requests", "candidates", "mean reward", "± s.e."):
         table.add_column(column, justify="right" if column != "version" else "left")
