@@ -198,3 +198,30 @@ def test_a_signal_stops_the_demo_and_every_process_it_started(tmp_path, tiny_che
     assert process.returncode == 130, output + rest
     assert "interrupted; server, trainer and users stopped" in rest
     assert_gone(pids)
+
+
+def test_demo_usage_errors_exit_2_before_starting_anything(capsys):
+    from feedloop.client.demo import main
+
+    assert main(["demo", "--preference", "loud"]) == 2
+    assert "unknown preference" in capsys.readouterr().err
+    assert main(["demo", "--feedback-mix", "likes=1"]) == 2
+    assert main(["demo", "--users", "0"]) == 2
+
+
+def test_demo_that_cannot_start_says_why_in_one_line_and_keeps_its_logs(tmp_path, capsys):
+    from feedloop.client.demo import main
+
+    code = main(
+        [
+            "demo",
+            "--checkpoint",
+            str(tmp_path / "missing"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-live",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "missing" in err and f"logs kept in {tmp_path / 'data'}" in err
+    assert "Traceback" not in err
