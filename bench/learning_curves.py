@@ -1,0 +1,185 @@
+"""Learning curves: reward of each live version against feedback events consumed.
+
+    .venv/bin/python bench/learning_curves.py [--events 2000] [--events-per-round 256]
+        [--algorithms actor-critic,reinforce] [--preferences include:good,length:3,avoid:a]
+        [--output bench/learning_curves.png] [--torch-threads 2]
+
+For every algorithm and preference: a fresh store and registry whose live version is the
+default pretrained policy; a simulated user with that preference (noisy ratings, comparisons,
+rankings, corrections, the default mix) answers the live version's phrases; after every
+`events-per-round` events one trainer round runs with the default TrainConfig (only the join
+window is 0: simulated users answer at once). After each round the live version's mean true
+reward is measured on held-out prompts (validation split), with its perplexity on the corpus
+test split relative to the pretrained policy's.
+
+Printed for each algorithm and preference: the feedback events needed to close half the gap
+between the pretrained policy's reward and the best reachable reward (1.0: every preference here
+has phrases that satisfy it fully), and the perplexity ratio then and at the end. Writes a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.config import default_data_dir
+from feedloop.core.corpus import load_phrases, split_corpus
+from feedloop.core.pretrain import ensure_default_checkpoint
+from feedloop.core.registry import open_registry
+from feedloop.core.simusers import SimulatedUser, parse_preference
+from feedloop.core.store.base import open_store
+from feedloop.trainer.config import TrainConfig
+from feedloop.trainer.gate import heldout_pairs, perplexity
+from feedloop.trainer.loop import Trainer
+from feedloop.trainer.simulate import Simulation, corpus_prompts, mean_true_reward
+
+BEST_REACHABLE = 1.0
+EVAL_SEED = 5
+
+
+@dataclass
+class Curve:
+    algorithm: str
+    preference: str
+    events: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    perplexity_ratios: list[float] = field(default_factory=list)
+    outcomes: list[str] = field(default_factory=list)
+
+    def half_gap_events(self) -> int | None:
+        target = self.rewards[0] + 0.5 * (BEST_REACHABLE - self.rewards[0])
+        for events, reward in zip(self.events, self.rewards, strict=True):
+            if reward >= target:
+                return events
+        return None
+
+
+def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namespace) -> Curve:
+    preference = parse_preference(spec)
+    split = split_corpus(load_phrases(), seed=0)
+    train_prompts = corpus_prompts(split.train, seed=1)
+    eval_prompts = corpus_prompts(split.validation, seed=2)[: args.eval_prompts]
+    ppl_pairs = heldout_pairs(split.test, 0)
+    root = Path(tempfile.mkdtemp(prefix="feedloop-curves-"))
+    registry = open_registry(root / "registry")
+    registry.publish(checkpoint, reason="pretrained", make_live=True)
+    store = open_store(str(root / "replay.sqlite3"))
+    config = TrainConfig(
+        data_dir=root,
+        algorithm=algorithm,
+        join_window_s=0.0,  # type: ignore[arg-type]
+        torch_threads=args.torch_threads,
+    )
+    trainer = Trainer(config, store, registry, log=lambda _: None)
+    sim = Simulation(
+        store,
+        registry,
+        SimulatedUser(preference, seed=11),
+        train_prompts,
+        seed=12,
+        requests_per_batch=32,
+    )
+    pretrained, _ = load_checkpoint(checkpoint)
+    base_ppl = perplexity(pretrained, ppl_pairs)
+    curve = Curve(algorithm, spec)
+
+    def measure(events: int, outcome: str) -> None:
+        live, _ = load_checkpoint(registry.checkpoint_dir(str(registry.live())))
+        curve.events.append(events)
+        curve.rewards.append(mean_true_reward(live, preference, eval_prompts, seed=EVAL_SEED))
+        curve.perplexity_ratios.append(perplexity(live, ppl_pairs) / base_ppl)
+        curve.outcomes.append(outcome)
+        print(
+            f"  {algorithm:<12} {spec:<13} events={events:5d} reward={curve.rewards[-1]:.3f} "
+            f"ppl_ratio={curve.perplexity_ratios[-1]:.3f} {outcome}",
+            flush=True,
+        )
+
+    measure(0, "pretrained")
+    consumed = 0
+    while consumed < args.events:
+        consumed += sim.serve_events(args.events_per_round)
+        result = trainer.run_round()
+        measure(consumed, f"{result.outcome} {result.version or ''}".strip())
+    store.close()
+    return curve
+
+
+def plot(curves: list[Curve], output: Path) -> None:
+    preferences = list(dict.fromkeys(c.preference for c in curves))
+    fig, axes = plt.subplots(
+        2, len(preferences), figsize=(5 * len(preferences), 7), squeeze=False, sharex=True
+    )
+    for col, spec in enumerate(preferences):
+        for curve in (c for c in curves if c.preference == spec):
+            axes[0][col].plot(curve.events, curve.rewards, marker="o", label=curve.algorithm)
+            axes[1][col].plot(
+                curve.events, curve.perplexity_ratios, marker="o", label=curve.algorithm
+            )
+        base = next(c for c in curves if c.preference == spec).rewards[0]
+        axes[0][col].axhline(
+            base + 0.5 * (BEST_REACHABLE - base), ls="--", c="grey", label="half the gap"
+        )
+        axes[0][col].set_title(spec)
+        axes[0][col].set_ylabel("mean true reward of live version")
+        axes[1][col].axhline(1.3, ls="--", c="red", label="perplexity bound")
+        axes[1][col].set_ylabel("held-out perplexity / pretrained")
+        axes[1][col].set_xlabel("feedback events consumed")
+        axes[0][col].legend()
+        axes[1][col].legend()
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--events-per-round", type=int, default=256)
+    parser.add_argument("--algorithms", default="actor-critic,reinforce")
+    parser.add_argument("--preferences", default="include:good,length:3,avoid:a")
+    parser.add_argument("--eval-prompts", type=int, default=300)
+    parser.add_argument("--output", type=Path, default=Path("bench/learning_curves.png"))
+    parser.add_argument("--torch-threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    checkpoint = ensure_default_checkpoint(default_data_dir())
+    started = time.perf_counter()
+    curves = []
+    for spec in args.preferences.split(","):
+        for algorithm in args.algorithms.split(","):
+            curves.append(run_curve(algorithm, spec, checkpoint, args))
+    plot(curves, args.output)
+    print(
+        f"\nfeedback events to close half the gap to the best reachable reward "
+        f"({BEST_REACHABLE}), budget {args.events} events:"
+    )
+    print(
+        f"  {'algorithm':<12} {'preference':<13} {'pretrained':>10} {'final':>6} "
+        f"{'half-gap events':>15} {'ppl ratio there':>15} {'final ppl ratio':>15}"
+    )
+    for c in curves:
+        events = c.half_gap_events()
+        at = c.perplexity_ratios[c.events.index(events)] if events is not None else float("nan")
+        print(
+            f"  {c.algorithm:<12} {c.preference:<13} {c.rewards[0]:10.3f} {c.rewards[-1]:6.3f} "
+            f"{events if events is not None else 'not reached':>15} {at:15.3f} "
+            f"{c.perplexity_ratios[-1]:15.3f}"
+        )
+    print(f"\nplot: {args.output} ({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
