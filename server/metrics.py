@@ -130,7 +130,7 @@ class ServerMetrics:
         )
         self.swaps = Counter(
             "feedloop_model_swaps",
-            "Model swaps by result (succeeded, refused)",
+            "Model versions made live (the first load included) or refused, by result",
             ["result"],
             registry=r,
         )
