@@ -207,3 +207,38 @@ def test_metrics_export_rounds_by_outcome_and_the_rounds_figures(env: Env) -> No
         "reward_model_heldout_accuracy",
     ):
         assert f"feedloop_trainer_{series}" in text, series
+
+
+def test_unrated_generations_wait_out_the_join_window_before_they_are_consumed(env: Env) -> None:
+    simulation(env, PREF).serve_events(40)
+    config = fast_config(env.root, join_window_s=3600.0)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.outcome in ("published", "refused")
+    # Every event is consumed; no generation is settled yet, so the generation cursor stays.
+    assert cursor(env)["feedback_seq"] == env.store.max_seq()[1]
+    assert cursor(env)["generation_seq"] == 0
+
+
+def test_the_loop_wakes_as_soon_as_k_new_events_are_stored_and_stops_on_request(env: Env) -> None:
+    config = fast_config(
+        env.root, interval_s=600.0, wake_after_feedback_events=20, poll_interval_s=0.05
+    )
+    stop = threading.Event()
+    lines: list[str] = []
+    trainer = Trainer(config, env.store, env.registry, stop=stop, log=lines.append)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(trainer.run()))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not lines and time.monotonic() < deadline:  # the first round: nothing to learn
+            time.sleep(0.02)
+        assert lines and "too little data" in lines[0]
+        simulation(env, PREF).serve_events(40)
+        while env.registry.live() != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert env.registry.live() == "v0002", lines  # long before the 600 s interval
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert codes == [0]

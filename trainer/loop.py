@@ -190,9 +190,7 @@ class Trainer:
             result = RoundResult("abandoned", str(exc))
         duration = time.monotonic() - started
         result.figures["round_seconds"] = duration
-        self.metrics.observe_round(
-            result.outcome if result.outcome != "abandoned" else "skipped", result.figures, duration
-        )
+        self.metrics.observe_round(result.outcome, result.figures, duration)
         return result
 
     def _round(self) -> RoundResult:
@@ -452,19 +450,24 @@ class Trainer:
         """Rounds until stopped (or one with once=True); returns the process exit code."""
         torch.set_num_threads(self.config.torch_threads)
         while not self.stop.is_set():
+            seen_feedback_seq = self.store.max_seq()[1]
             try:
                 result = self.run_round()
                 self.log(result.line())
+                waiting = result.outcome in ("skipped", "abandoned")
             except Exception as exc:  # a failed round must not end the loop: report, retry
                 self.metrics.rounds.labels("failed").inc()
                 self.log(f"round failed: {type(exc).__name__}: {exc}")
                 if once:
                     return 1
+                waiting = True
             if once:
                 return 0
             if self.config.pause_between_rounds_s > 0:
                 self.stop.wait(self.config.pause_between_rounds_s)
-            self.wait_for_work(self._consumed_feedback())
+            # After a round that consumed its window, K events past the cursor wake the next
+            # one; after one that could not, K events past what it saw (no busy loop).
+            self.wait_for_work(seen_feedback_seq if waiting else self._consumed_feedback())
         return 0
 
     def _consumed_feedback(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-OUTCOMES = ("published", "refused", "skipped", "aborted", "failed")
+OUTCOMES = ("published", "refused", "skipped", "aborted", "abandoned", "failed")
 PREFIX = "feedloop_trainer_"
 
 
