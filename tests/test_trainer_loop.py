@@ -242,3 +242,27 @@ def test_the_loop_wakes_as_soon_as_k_new_events_are_stored_and_stops_on_request(
         stop.set()
         thread.join(timeout=60)
     assert codes == [0]
+
+
+@pytest.mark.postgres
+def test_a_round_reads_and_keeps_its_cursor_in_a_postgresql_store(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from pg_support import fresh_schema, schema_url
+
+    from feedloop.core.registry import open_registry
+    from feedloop.core.store.base import open_store
+
+    with fresh_schema("trainer") as schema:
+        registry = open_registry(tmp_path / "registry")
+        registry.publish(tiny_checkpoint, reason="pretrained", make_live=True)
+        env = Env(tmp_path, open_store(schema_url(schema)), registry)
+        try:
+            simulation(env, PREF).serve_events(40)
+            result = Trainer(
+                fast_config(tmp_path), env.store, registry, log=lambda _: None
+            ).run_round()
+            assert result.outcome == "published", result.reason
+            assert cursor(env)["feedback_seq"] == env.store.max_seq()[1]
+        finally:
+            env.close()
