@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 from feedloop.core.store.sqlite import SQLiteStore
 
@@ -93,17 +94,22 @@ class QuotaDisk:
 
 
 class SlowStore(ReplayStore):
-    """A real store whose writes take write_delay_s longer (a slow or overloaded disk)."""
+    """A real store whose writes take write_delay_s longer (a slow or overloaded disk), and
+    fail with StoreUnavailableError while `down` is set (an outage: database gone, NFS hung).
+    """
 
-    def __init__(self, inner: ReplayStore, write_delay_s: float) -> None:
+    def __init__(self, inner: ReplayStore, write_delay_s: float = 0.0) -> None:
         self.inner = inner
         self.write_delay_s = write_delay_s
+        self.down = False
         self.largest_feedback_batch = 0
         self.largest_generation_batch = 0
         self._lock = threading.Lock()
 
     def _slow(self) -> None:
         time.sleep(self.write_delay_s)
+        if self.down:
+            raise StoreUnavailableError("injected outage: the replay store is unreachable")
 
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
         with self._lock:
