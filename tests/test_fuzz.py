@@ -372,6 +372,34 @@ def test_any_feedback_event_gets_ok_or_a_client_error_and_rejected_ones_write_no
     assert set(by_id) <= set(ledger.accepted) | ledger.unanswered
 
 
+def test_any_admin_request_gets_ok_or_a_client_error(fuzz_server: FuzzServer) -> None:
+    admin = pb_grpc.ModelAdminStub(fuzz_server.channel)
+    text = texts(allow_nul=fuzz_server.allow_nul)
+    requests = st.one_of(
+        st.builds(pb.ListModelsRequest, max_decisions=INT32).map(lambda r: ("ListModels", r)),
+        st.builds(
+            pb.SetLiveRequest,
+            version=st.one_of(text, st.sampled_from(["v0001", "v9999", "../v0001", "v1"])),
+            reason=text,
+        ).map(lambda r: ("SetLive", r)),
+        st.builds(pb.RollbackRequest, reason=text).map(lambda r: ("Rollback", r)),
+        st.just(("GetStatus", pb.GetStatusRequest())),
+    )
+
+    @settings(FUZZ, max_examples=40)
+    @given(sent=requests)
+    def prop(sent: tuple[str, Any]) -> None:
+        method, request = sent
+        code = code_of(lambda: getattr(admin, method)(request, timeout=CALL_TIMEOUT_S))
+        assert_client_error_or_ok(code, request)
+
+    prop()
+    # Only v0001 exists: whatever was asked, it is still the live version.
+    status = admin.GetStatus(pb.GetStatusRequest(), timeout=CALL_TIMEOUT_S)
+    assert status.live_version == "v0001"
+    assert is_serving(fuzz_server.address)
+
+
 def test_bytes_that_are_not_protobuf_are_refused_on_every_method_and_the_server_stays_up(
     fuzz_server: FuzzServer,
 ) -> None:
