@@ -17,7 +17,9 @@ from trainer_support import Env, fast_config, make_env, one_torch_thread, simula
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.simusers import IncludeWord, Length, Preference
+from feedloop.trainer.data import Cursor, read_window
 from feedloop.trainer.loop import Trainer
+from feedloop.trainer.signals import learning_signals
 
 __all__ = ["one_torch_thread"]
 PREF = IncludeWord("little")
@@ -123,24 +125,15 @@ def test_a_window_of_a_single_feedback_kind_still_trains_and_says_so(
 
 def test_unrated_generations_are_left_out_or_given_the_default_as_configured(env: Env) -> None:
     simulation(env, PREF, mix={"correction": 1.0}).serve_events(30)
-    left_out = Trainer(
-        fast_config(env.root, unrated="leave-out"), env.store, env.registry, log=lambda _: None
-    )._rewards
-    trainer = Trainer(
-        fast_config(env.root, unrated="default", unrated_default_reward=-0.2),
-        env.store,
-        env.registry,
-        log=lambda _: None,
-    )
-    from feedloop.trainer.data import Cursor, read_window
-
+    leave_out = fast_config(env.root, unrated="leave-out")
+    default = fast_config(env.root, unrated="default", unrated_default_reward=-0.2)
     window = read_window(
-        env.store, Cursor(), trainer.config, now=time.time(), live_version="v0001", seed=0
+        env.store, Cursor(), default, now=time.time(), live_version="v0001", seed=0
     )
-    live = trainer.policy("v0001")
-    examples, *_ = left_out(window, live, {})
-    assert examples == []  # corrections rate nothing
-    examples, *_ = trainer._rewards(window, live, {})
+    tokenizer = load_checkpoint(env.registry.checkpoint_dir("v0001"))[0].tokenizer
+    examples, _, corrections, _, _ = learning_signals(window, tokenizer, leave_out, {})
+    assert examples == [] and corrections  # corrections rate nothing; they are targets
+    examples, *_ = learning_signals(window, tokenizer, default, {})
     assert examples and {r for _, r, _ in examples} == {-0.2}
 
 

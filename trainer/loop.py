@@ -35,28 +35,14 @@ from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.policy import Policy
 from feedloop.core.registry import REFUSED, Decision, ModelRegistry
-from feedloop.core.store.base import GenerationRecord, ReplayStore
+from feedloop.core.store.base import ReplayStore
 from feedloop.trainer.algorithms import TrainingDiverged, make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.data import Cursor, Window, build_experience, read_window, version_number
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
-from feedloop.trainer.reward_model import (
-    FittedRewardModel,
-    fit_reward_model,
-    is_heldout,
-    with_calibration,
-)
-from feedloop.trainer.rewards import (
-    client_weights,
-    correction_targets,
-    feedback_kinds,
-    preference_pairs,
-    rated_generations,
-)
 from feedloop.trainer.rl_math import AdaptiveKLController
-
-RM_MIN_HELDOUT_PAIRS = 10
+from feedloop.trainer.signals import learning_signals
 
 
 class RoundAbandoned(Exception):
@@ -237,7 +223,9 @@ class Trainer:
             cursor.kl_coef if cursor.kl_coef else c.kl_coef, c.kl_target, c.kl_horizon
         )
         figures["kl_coef"] = kl.value
-        examples, heldout, corrections, rm, notes = self._rewards(window, live_policy, figures)
+        examples, heldout, corrections, rm, notes = learning_signals(
+            window, live_policy.tokenizer, c, figures
+        )
         experience, skipped_corrections = build_experience(
             live_policy.tokenizer, examples, corrections
         )
@@ -289,93 +277,6 @@ class Trainer:
         self._save_cursor(window, cursor, kl)
         phase("publish")
         return RoundResult("published", report.summary, version, figures)
-
-    def _rewards(
-        self, window: Window, live_policy: Policy, figures: dict[str, Any]
-    ) -> tuple[
-        list[tuple[GenerationRecord, float, float]],
-        list[tuple[GenerationRecord, float]],
-        list[Any],
-        FittedRewardModel | None,
-        list[str],
-    ]:
-        c = self.config
-        notes = list(window.notes)
-        kinds = feedback_kinds(window.events)
-        figures["feedback_by_kind"] = kinds
-        if len(kinds) == 1:
-            notes.append(f"only {next(iter(kinds))} feedback in the window")
-        weights = client_weights(window.events, c.client_share_cap)
-        rated = rated_generations(window.events, weights, c.aggregation)
-        pairs = preference_pairs(window.events, window.generations, weights, rated)
-        rm: FittedRewardModel | None = None
-        if len(pairs) >= c.rm_min_pairs:
-            rm = fit_reward_model(
-                live_policy.tokenizer,
-                pairs,
-                steps=c.rm_steps,
-                learning_rate=c.rm_learning_rate,
-                l2=c.rm_l2,
-                heldout_share=c.heldout_share,
-                seed=c.seed,
-            )
-            gens = list(window.generations.values())
-            rm = with_calibration(
-                rm,
-                [g.prompt for g in gens],
-                [g.text for g in gens],
-                [rated[g.generation_id].reward if g.generation_id in rated else None for g in gens],
-            )
-            figures.update(rm.figures())
-            accuracy = rm.heldout_accuracy
-            # A handful of held-out pairs cannot judge the model; it is used on trust then.
-            if rm.heldout_pairs >= RM_MIN_HELDOUT_PAIRS and accuracy < c.rm_min_accuracy:
-                notes.append(
-                    f"reward model held-out accuracy {accuracy:.3f} < "
-                    f"{c.rm_min_accuracy}: it scores nothing this round"
-                )
-                rm = None
-        else:
-            notes.append(
-                f"{len(pairs)} preference pairs (< rm_min_pairs {c.rm_min_pairs}): "
-                "no reward model this round"
-            )
-        candidates = [
-            g
-            for g in window.generations.values()
-            if not is_heldout(g.generation_id, c.heldout_share)
-        ]
-        rm_rewards: dict[str, float] = {}
-        if rm is not None and c.unrated == "reward-model":
-            unrated = [g for g in candidates if g.generation_id not in rated]
-            if unrated:
-                scores = rm.rewards([g.prompt for g in unrated], [g.text for g in unrated])
-                rm_rewards = {
-                    g.generation_id: float(s) for g, s in zip(unrated, scores, strict=True)
-                }
-        examples: list[tuple[GenerationRecord, float, float]] = []
-        sources = {"rating": 0, "reward-model": 0, "default": 0, "left-out": 0}
-        for g in candidates:
-            gid = g.generation_id
-            if gid in rated:
-                examples.append((g, rated[gid].reward, rated[gid].weight))
-                sources["rating"] += 1
-            elif gid in rm_rewards:
-                examples.append((g, rm_rewards[gid], 1.0))
-                sources["reward-model"] += 1
-            elif c.unrated == "default":
-                examples.append((g, c.unrated_default_reward, 1.0))
-                sources["default"] += 1
-            else:
-                sources["left-out"] += 1
-        figures["reward_sources"] = sources
-        heldout = [
-            (g, rated[g.generation_id].reward)
-            for g in window.generations.values()
-            if g.generation_id in rated and is_heldout(g.generation_id, c.heldout_share)
-        ]
-        corrections = correction_targets(window.events, window.generations, weights)
-        return examples, heldout, corrections, rm, notes
 
     def _publish(
         self,
