@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from trainer_support import one_torch_thread
 
 from feedloop.core.corpus import load_phrases
 from feedloop.core.simusers import AvoidWord, IncludeWord, Length, Preference
@@ -19,6 +20,7 @@ from feedloop.trainer.reward_model import (
 )
 from feedloop.trainer.rewards import PreferencePair
 
+__all__ = ["one_torch_thread"]
 PHRASES = load_phrases()[:3000]
 TOKENIZER = Tokenizer.build(PHRASES)
 
