@@ -131,7 +131,12 @@ def prepare_data_dir(data_dir: Path, policy: str) -> Path:
     return target
 
 
+def store_location(data_dir: Path, args: argparse.Namespace) -> str:
+    return args.store or str(data_dir / "replay.sqlite3")
+
+
 def start_processes(data_dir: Path, args: argparse.Namespace) -> tuple[Child, Child | None]:
+    store = ("--store", store_location(data_dir, args))
     server = start_child(
         "feedloop serve",
         feedloop_command(
@@ -144,6 +149,7 @@ def start_processes(data_dir: Path, args: argparse.Namespace) -> tuple[Child, Ch
             str(data_dir),
             "--registry-poll-interval-s",
             "0.1",
+            *store,
         ),
         log_path=data_dir / "logs" / "serve.log",
         banner_prefix="feedloop serve: listening",
@@ -172,6 +178,7 @@ def start_processes(data_dir: Path, args: argparse.Namespace) -> tuple[Child, Ch
             "1",
             "--join-window-s",
             "0",
+            *store,
         ),
         log_path=data_dir / "logs" / "train.log",
         banner_prefix="feedloop train: metrics=",
@@ -221,9 +228,9 @@ def force_swap(admin: pb_grpc.ModelAdminStub, swaps: Swaps, rollback: bool) -> N
         swaps.errors.append(f"{'Rollback' if rollback else 'SetLive'}: {exc.code().name}")
 
 
-def check_store(data_dir: Path, acked_path: Path) -> dict[str, Any]:
+def check_store(location: str, acked_path: Path) -> dict[str, Any]:
     acked = [line for line in acked_path.read_text().splitlines() if line]
-    store = open_store(str(data_dir / "replay.sqlite3"))
+    store = open_store(location)
     try:
         stored = [f.event_id for f in store.feedback_after(0, 10_000_000)]
         generations = store.counts().generations
@@ -350,7 +357,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
                 if now >= next_swap and now < started + args.duration_s - 5:
                     force_swap(admin, swaps, rollback=False)
                     next_swap += args.swap_every_s
-                if not rolled_back and now >= rollback_at:
+                # After a forced swap at least, so that there is always a version to go back to.
+                if not rolled_back and now >= rollback_at and swaps.forced:
                     force_swap(admin, swaps, rollback=True)
                     rolled_back = True
                 bar.n = min(int(now - started), int(args.duration_s))
@@ -384,7 +392,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             "stream_share": args.stream_share,
         },
         "load": json.loads(summary_path.read_text()),
-        "store": check_store(data_dir, out / "acked.txt"),
+        "store": check_store(store_location(data_dir, args), out / "acked.txt"),
         "swaps": {
             "server_succeeded": status_end.swaps_succeeded - status_start.swaps_succeeded,
             "server_refused": status_end.swaps_refused - status_start.swaps_refused,
@@ -434,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny: pretrained in seconds (CI); default: the real default policy",
     )
     parser.add_argument("--no-trainer", action="store_true", help="soak the server alone")
+    parser.add_argument(
+        "--store",
+        help="replay store for server and trainer: a postgresql:// URL (use a schema of its "
+        "own, ?schema=NAME) or a SQLite path; default: DATA_DIR/replay.sqlite3",
+    )
     parser.add_argument("--data-dir", type=Path, help="keep everything here (default: temporary)")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON")
     args = parser.parse_args(argv)
