@@ -203,12 +203,19 @@ async def run_feedback_stream(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_echo_stream(args: argparse.Namespace) -> dict[str, Any]:
+    """The ceiling: the same client work as feedback-stream (an event built and serialized per
+    message, each reply parsed), against a server that only echoes."""
     async with grpc.aio.insecure_channel(args.target) as channel:
-        echo = channel.stream_stream(ECHO_METHOD)
-        payload = rating_event("e" * 20, "g" * 32, 1).SerializeToString()
+        echo = channel.stream_stream(
+            ECHO_METHOD,
+            request_serializer=pb.FeedbackEvent.SerializeToString,
+            response_deserializer=pb.FeedbackEvent.FromString,
+        )
+        run = uuid.uuid4().hex[:8]
+        generation_id = uuid.uuid4().hex
         return await stream_load(
             lambda: echo(timeout=60),
-            lambda s, i: payload,
+            lambda s, i: rating_event(f"{run}-s{s}-{i}", generation_id, i),
             args.streams,
             args.warmup_s,
             args.duration_s,
