@@ -173,6 +173,28 @@ async def test_a_damaged_checkpoint_made_live_is_refused_counted_and_the_live_on
     assert reply.model_version == good
 
 
+async def test_a_garbled_live_pointer_keeps_the_live_version_serving_until_it_is_fixed(
+    live, tiny_checkpoint: Path
+) -> None:
+    registry = live.server.registry
+    pointer = registry.root / "LIVE"
+    good = pointer.read_text()
+    pointer.write_text('{"live": "v00')  # torn by a crash of some tool that ignored the lock
+    for i in range(5):
+        reply = await live.generation.Generate(pb.GenerateRequest(prompt=f"p{i}"), timeout=10)
+        assert reply.model_version == "v0001"
+    status = await live.admin.GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert status.live_version == "v0001"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await live.admin.ListModels(pb.ListModelsRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "LIVE" in err.value.details()
+
+    pointer.write_text(good)
+    version = await asyncio.to_thread(registry.publish, tiny_checkpoint, make_live=True)
+    await wait_until(lambda: live.server.live_version == version)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
