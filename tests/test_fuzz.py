@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def fuzz_server(
     tiny_checkpoint: Path,
 ) -> Iterator[FuzzServer]:
     data_dir = seeded_data_dir(tmp_path_factory.mktemp(f"fuzz-{request.param}"), tiny_checkpoint)
-    with fresh_schema("fuzz") if request.param == "postgres" else _no_schema() as schema:
+    with fresh_schema("fuzz") if request.param == "postgres" else nullcontext() as schema:
         store = schema_url(schema) if schema else str(data_dir / "replay.sqlite3")
         # PostgreSQL text cannot hold NUL at all; that case has its own test below.
         allow_nul = schema is None
@@ -239,14 +240,6 @@ def fuzz_server(
             ]
             yield FuzzServer(child.banner["grpc"], store, real_ids, allow_nul, channel)
             assert child.alive(), "the server died under fuzzing"
-
-
-class _no_schema:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def code_of(call: Any) -> grpc.StatusCode:
