@@ -127,7 +127,8 @@ class FeedbackWriter:
                 log.warning("feedback commit failed: %s", exc)
                 self._errors.inc()
                 for item in group:
-                    if item.outcome is None:
+                    # Not yet decided, or waiting on a first copy that was never stored.
+                    if item.outcome is None or isinstance(item.outcome, _Pending):
                         item.outcome = exc
             self._count(group)
             self._resolve(group)

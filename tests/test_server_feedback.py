@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -264,3 +265,45 @@ async def test_store_unavailable_answers_unavailable_and_acks_nothing(
             await running.feedback.Submit(rating("lost", gid), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "disk went away" in err.value.details()
+
+
+async def test_store_failure_answers_every_copy_of_a_repeated_event(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from feedloop.core.errors import StoreUnavailableError
+
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    store = open_store(str(tmp_path / "replay.sqlite3"))
+    async with running_server(test_config(tmp_path), registry=registry, store=store) as running:
+        (gid,) = await generate(running, 1)
+        await wait_until(lambda: running.server.generation_log.depth == 0)
+        writer = running.server.feedback_writer
+        log = running.server.generation_log
+        original_lookup, original_insert = log.lookup, store.insert_feedback
+        gate, failing = threading.Event(), [True]
+
+        def held_lookup(ids):  # holds the writer inside its first group
+            gate.wait(10)
+            return original_lookup(ids)
+
+        def flaky_insert(records):
+            if failing[0]:
+                raise StoreUnavailableError("disk went away")
+            return original_insert(records)
+
+        log.lookup = held_lookup  # type: ignore[method-assign]
+        store.insert_feedback = flaky_insert  # type: ignore[method-assign]
+        opener = asyncio.ensure_future(running.feedback.Submit(rating("opener", gid), timeout=10))
+        await wait_until(lambda: not writer._queue and not opener.done())
+        copies = [
+            asyncio.ensure_future(running.feedback.Submit(rating("twice", gid), timeout=10))
+            for _ in range(4)
+        ]
+        await wait_until(lambda: len(writer._queue) == 4)  # the four copies share one group
+        gate.set()
+        results = await asyncio.gather(opener, *copies, return_exceptions=True)
+        codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results]
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * 5
+        failing[0] = False
+        ack = await running.feedback.Submit(rating("twice", gid), timeout=10)
+        assert ack.outcome == ACCEPTED
