@@ -187,7 +187,11 @@ class Batcher:
                 continue
             groups.setdefault(model.version, (model, []))[1].append(job)
         for model, jobs in groups.values():
-            results.extend(self._run_group(model, jobs))
+            try:
+                results.extend(self._run_group(model, jobs))
+            except Exception:  # one version's failure must not fail the other groups
+                log.exception("generation with model version %s failed", model.version)
+                results.extend((job, ServiceError("generation failed")) for job in jobs)
         self._deliver(results)
 
     def _run_group(
