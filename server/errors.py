@@ -61,6 +61,14 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+def require_text(value: str, field: str) -> str:
+    """Refuse NUL characters: PostgreSQL text cannot hold them, so such a record could never be
+    stored (and SQLite would store it while PostgreSQL refused it)."""
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain NUL characters")
+    return value
+
+
 def in_context(exc: BaseException, prefix: str) -> ServiceError:
     """The same status as exc, with a message that starts with prefix (e.g. the event id)."""
     code, message = status_of(exc)

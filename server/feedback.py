@@ -19,7 +19,7 @@ import grpc
 from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
 from feedloop.server.edge import streaming, unary
-from feedloop.server.errors import InvalidArgument, ServiceError, in_context
+from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter
 from feedloop.server.metrics import ServerMetrics
 from feedloop.v1 import feedloop_pb2 as pb
@@ -47,7 +47,7 @@ def _require_id(value: str, field: str) -> str:
         raise InvalidArgument(field, "a generation id is required")
     if len(value) > MAX_EVENT_ID_CHARS:
         raise InvalidArgument(field, f"at most {MAX_EVENT_ID_CHARS} characters")
-    return value
+    return require_text(value, field)
 
 
 def parse_event(
@@ -58,7 +58,13 @@ def parse_event(
         raise InvalidArgument("event_id", "required (the client's idempotency key)")
     if len(event.event_id) > MAX_EVENT_ID_CHARS:
         raise InvalidArgument("event_id", f"at most {MAX_EVENT_ID_CHARS} characters")
-    given_at = event.given_at.ToNanoseconds() / 1e9 if event.HasField("given_at") else None
+    require_text(event.event_id, "event_id")
+    given_at = None
+    if event.HasField("given_at"):
+        try:  # a Timestamp outside years 1-9999 or with nanos outside [0, 1e9) is invalid
+            given_at = event.given_at.ToNanoseconds() / 1e9
+        except (ValueError, OverflowError) as exc:
+            raise InvalidArgument("given_at", f"not a valid timestamp: {exc}") from None
     kind = event.WhichOneof("kind")
     common: dict[str, Any] = {
         "event_id": event.event_id,
@@ -108,6 +114,7 @@ def parse_event(
             raise InvalidArgument("correction.text", "must not be empty")
         if len(correction.text) > max_correction_chars:
             raise InvalidArgument("correction.text", f"at most {max_correction_chars} characters")
+        require_text(correction.text, "correction.text")
         return FeedbackRecord(
             kind="correction", generation_ids=[gid], text=correction.text, **common
         )

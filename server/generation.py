@@ -17,7 +17,7 @@ from feedloop.server.auth import Authenticator
 from feedloop.server.batcher import Batcher, GenerateJob
 from feedloop.server.config import ServeConfig
 from feedloop.server.edge import unary
-from feedloop.server.errors import InvalidArgument
+from feedloop.server.errors import InvalidArgument, require_text
 from feedloop.server.genlog import GenerationLog
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
@@ -83,6 +83,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             )
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+        require_text(request.prompt, "prompt")
+        require_text(request.request_id, "request_id")
         params = resolve_params(request, config)
         pinned = request.model_version or None
         if pinned is not None:

@@ -45,6 +45,9 @@ class GenerationLog:
         # Recently committed generations (generations never change once written).
         self._recent: OrderedDict[str, GenerationRef] = OrderedDict()
         self._stopping = False
+        # True while the last commit attempt failed (the writer is retrying): waiting for a
+        # commit then would only hold the caller until its deadline.
+        self._failing = False
         self._depth = metrics.store_buffer_depth.labels("generations")
         self._duration = metrics.store_write_duration.labels("generations")
         self._errors = metrics.store_write_errors.labels("generations")
@@ -94,8 +97,11 @@ class GenerationLog:
         with self._cond:
             while any(gid in self._pending for gid in ids):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Unavailable("the generation log is not being committed; retry later")
+                if self._failing or remaining <= 0:
+                    raise Unavailable(
+                        "the generations this names are not stored yet (the replay store is "
+                        "failing); retry later"
+                    )
                 self._cond.wait(remaining)
 
     def flush(self, timeout_s: float) -> bool:
@@ -148,8 +154,11 @@ class GenerationLog:
             started = time.perf_counter()
             try:
                 self.store.append_generations(batch)
-            except Exception as exc:
+            except Exception as exc:  # any failure keeps the rows buffered
                 self._errors.inc()
+                with self._cond:
+                    self._failing = True
+                    self._cond.notify_all()  # waiters fail fast instead of timing out
                 if self._stopping:
                     log.error("dropping %d generations at shutdown: %s", len(batch), exc)
                     return
@@ -159,4 +168,5 @@ class GenerationLog:
                 time.sleep(wait_s)
                 continue
             self._duration.observe(time.perf_counter() - started)
+            self._failing = False
             return

@@ -280,9 +280,10 @@ async def test_store_failure_answers_every_copy_of_a_repeated_event(
         writer = running.server.feedback_writer
         log = running.server.generation_log
         original_lookup, original_insert = log.lookup, store.insert_feedback
-        gate, failing = threading.Event(), [True]
+        gate, held, failing = threading.Event(), threading.Event(), [True]
 
         def held_lookup(ids):  # holds the writer inside its first group
+            held.set()
             gate.wait(10)
             return original_lookup(ids)
 
@@ -294,7 +295,7 @@ async def test_store_failure_answers_every_copy_of_a_repeated_event(
         log.lookup = held_lookup  # type: ignore[method-assign]
         store.insert_feedback = flaky_insert  # type: ignore[method-assign]
         opener = asyncio.ensure_future(running.feedback.Submit(rating("opener", gid), timeout=10))
-        await wait_until(lambda: not writer._queue and not opener.done())
+        await wait_until(held.is_set)
         copies = [
             asyncio.ensure_future(running.feedback.Submit(rating("twice", gid), timeout=10))
             for _ in range(4)
