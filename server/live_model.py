@@ -122,14 +122,30 @@ class LiveModel:
             log.error("could not record the refusal of %s: %s", version, record_exc)
 
     def load_initial(self) -> LoadedModel:
-        """Load the registry's live version at start-up; raise if there is none or it is bad."""
-        version = self.registry.live()
-        if version is None:
+        """Load the registry's live version at start-up.
+
+        If it fails verification (refused and recorded), fall back along the live pointer's
+        rollback stack, newest first: one bad publication plus a restart must not take every
+        replica down. Raises when no version there can be served.
+        """
+        pointer = self.registry.pointer()
+        if pointer.live is None:
             raise RegistryError("the registry has no live version")
-        if not self.swap_to(version):
-            raise CheckpointError(f"the live version {version} failed verification (see log)")
-        assert self._live is not None
-        return self._live
+        for version in dict.fromkeys([pointer.live, *reversed(pointer.previous)]):
+            if self.swap_to(version):
+                if version != pointer.live:
+                    log.error(
+                        "the live version %s was refused; serving the last good version %s",
+                        pointer.live,
+                        version,
+                    )
+                self._seen = pointer.live  # the watcher waits for the pointer to move on
+                assert self._live is not None
+                return self._live
+        raise CheckpointError(
+            f"the live version {pointer.live} and every earlier live version failed "
+            f"verification (see log)"
+        )
 
     def start_watching(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="feedloop-swap", daemon=True)

@@ -175,3 +175,18 @@ async def test_publication_on_a_postgresql_registry_is_swapped_in_while_serving(
                 assert reply.model_version == "v0002"
         finally:
             publisher.close()
+
+
+async def test_a_server_starting_on_a_bad_live_version_serves_the_last_good_one(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    bad = registry.publish(tiny_checkpoint, reason="to be damaged")
+    weights = registry.checkpoint_dir(bad) / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\xff" * 8)
+    registry.set_live(bad, reason="test")
+    async with running_server(test_config(tmp_path), registry=registry) as running:
+        reply = await running.generation.Generate(pb.GenerateRequest(prompt="ok"), timeout=10)
+        assert reply.model_version == "v0001"
+        assert running.server.metrics.tallies.swaps_refused == 1
+    assert [d.version for d in registry.history() if d.action == "refused"] == [bad]
