@@ -36,6 +36,7 @@ from feedloop.server.admin import ModelAdminService
 from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
 from feedloop.server.batcher import Batcher
 from feedloop.server.config import ServeConfig, is_loopback
+from feedloop.server.edge import add_service
 from feedloop.server.feedback import FeedbackService
 from feedloop.server.feedback_writer import FeedbackWriter
 from feedloop.server.generation import GenerationService
@@ -44,7 +45,6 @@ from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.v1 import feedloop_pb2 as pb
-from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 log = logging.getLogger("feedloop.server")
 SERVICE_NAMES = tuple(
@@ -198,36 +198,24 @@ class FeedloopServer:
             ],
         )
         self._server = server
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(
-                config,
-                self.batcher,
-                self.live_model,
-                self.generation_log,
-                authenticator,
-                metrics,
-            ),
-            server,
+        generation = GenerationService(
+            config, self.batcher, self.live_model, self.generation_log, authenticator, metrics
         )
-        pb_grpc.add_FeedbackServicer_to_server(
-            FeedbackService(
-                self.feedback_writer,
-                authenticator,
-                metrics,
-                max_correction_chars=config.max_correction_chars,
-            ),
-            server,
+        feedback = FeedbackService(
+            self.feedback_writer,
+            authenticator,
+            metrics,
+            max_correction_chars=config.max_correction_chars,
         )
-        pb_grpc.add_ModelAdminServicer_to_server(
-            ModelAdminService(
-                self.registry,
-                self.live_model,
-                self.batcher,
-                metrics,
-                started_at=self._started_at,
-            ),
-            server,
+        admin = ModelAdminService(
+            self.registry, self.live_model, self.batcher, metrics, started_at=self._started_at
         )
+        for servicer, name in (
+            (generation, "Generation"),
+            (feedback, "Feedback"),
+            (admin, "ModelAdmin"),
+        ):
+            add_service(server, servicer, name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection(

@@ -12,14 +12,68 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from feedloop.server.errors import status_of
+from feedloop.server.errors import InvalidArgument, status_of
 from feedloop.server.metrics import ServerMetrics
+from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server")
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a request deserializes to when its bytes are not a valid message (or hold a string
+    that is not UTF-8): the handler answers INVALID_ARGUMENT, instead of grpc's UNKNOWN."""
+
+    type_name: str
+    error: str
+
+    def problem(self) -> InvalidArgument:
+        return InvalidArgument("request", f"not a valid {self.type_name}: {self.error}")
+
+
+def _tolerant(message_cls: Any) -> Any:
+    parse = message_cls.FromString
+    name = message_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(name, str(exc))
+
+    return deserialize
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(server: grpc.aio.Server, servicer: Any, service_name: str) -> None:
+    """Register a feedloop.v1 service, like the generated add_*_to_server but with request
+    deserializers that turn undecodable bytes into Undecodable rather than raising."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        make = _HANDLERS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class CallMetrics:
@@ -64,6 +118,8 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...
             calls = _call_metrics(self, method)
             code = grpc.StatusCode.OK
             try:
+                if type(request) is Undecodable:
+                    raise request.problem()
                 return await fn(self, request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED

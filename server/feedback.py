@@ -18,7 +18,7 @@ import grpc
 
 from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
-from feedloop.server.edge import streaming, unary
+from feedloop.server.edge import Undecodable, streaming, unary
 from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter
 from feedloop.server.metrics import ServerMetrics
@@ -167,6 +167,9 @@ class FeedbackService(pb_grpc.FeedbackServicer):
             # so nothing after an invalid event is submitted by this reader.
             try:
                 async for event in request_iterator:
+                    if type(event) is Undecodable:
+                        window.put_nowait(("", event.problem()))
+                        return
                     await slots.acquire()
                     try:
                         future: Any = self.writer.submit(self._parse(event, client_id))

@@ -260,3 +260,22 @@ async def test_metrics_scrape_has_every_series_and_passes_promtool(open_server) 
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True
         )
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_bytes_that_are_not_a_valid_message_are_invalid_argument(open_server) -> None:
+    raw = open_server.channel.unary_unary("/feedloop.v1.Generation/Generate")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw(b"\x0a\x50abc", timeout=10)  # a length prefix longer than the message
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "feedloop.v1.GenerateRequest" in err.value.details()
+
+    stream = open_server.channel.stream_stream("/feedloop.v1.Feedback/SubmitStream")
+
+    async def undecodable():
+        yield b"\x08\xff"
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stream(undecodable(), timeout=10):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert open_server.store.feedback_after(0, 10) == []
