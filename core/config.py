@@ -4,8 +4,9 @@ Precedence, highest first: command-line flags, `FEEDLOOP_<FIELD>` environment va
 file, then the dataclass defaults (which run everything embedded, with no file at all).
 
 Every field of a config dataclass becomes a flag (`--field-name`), an environment variable
-(`FEEDLOOP_FIELD_NAME`) and a TOML key (`field_name`, at the top level or in the table named by
-the process, e.g. `[serve]`). A field's help text is `field(metadata={"help": ...})`. An unknown
+(`FEEDLOOP_FIELD_NAME`, or `FEEDLOOP_SERVE_FIELD_NAME` for one process only, which wins) and a
+TOML key (`field_name`, at the top level or in the table named by the process, e.g. `[serve]`).
+A field's help text is `field(metadata={"help": ...})`. An unknown
 TOML key or a value of the wrong type is a ConfigError naming the key and where it came from.
 Environment variables that name no field of this process are ignored: the environment is shared
 by every process of a deployment.
@@ -134,9 +135,15 @@ def load_config(
                 )
             values[key] = _coerce(value, kinds[key], key, str(toml_path))
     for key, kind in kinds.items():
-        name = ENV_PREFIX + key.upper()
-        if env is not None and name in env:
-            values[key] = _coerce(env[name], kind, key, f"${name}")
+        # FEEDLOOP_SERVE_METRICS_PORT beats FEEDLOOP_METRICS_PORT: the environment is shared by
+        # every process of a deployment, and some knobs (ports, threads) differ between them.
+        names = [ENV_PREFIX + key.upper()]
+        if section:
+            names.insert(0, f"{ENV_PREFIX}{section.upper()}_{key.upper()}")
+        for name in names:
+            if env is not None and name in env:
+                values[key] = _coerce(env[name], kind, key, f"${name}")
+                break
     for key, value in (flags or {}).items():
         if key not in kinds:
             raise ConfigError(f"unknown option {key!r}")

@@ -83,3 +83,9 @@ def test_every_field_becomes_a_flag():
     args = parser.parse_args(["--port", "7", "--mode", "slow"])
     config = config_from_args(Demo, args, section="demo", env={})
     assert (config.port, config.mode) == (7, "slow")
+
+
+def test_a_process_specific_variable_beats_the_shared_one():
+    env = {"FEEDLOOP_PORT": "1", "FEEDLOOP_DEMO_PORT": "2", "FEEDLOOP_OTHER_PORT": "3"}
+    assert load_config(Demo, env=env, section="demo").port == 2
+    assert load_config(Demo, env=env, section="elsewhere").port == 1
