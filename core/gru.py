@@ -18,7 +18,7 @@ attention reads the decoder's output (not its input), teacher forcing stays one 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,6 +127,31 @@ class GRUPolicy(Policy):
 
     # -- sampling ------------------------------------------------------------------------------
 
+    def _decoder_cell(
+        self, context: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One decoder step for sampling, the same function as `self.decoder` (PyTorch's GRU).
+
+        The context's share of the input projection is the same at every step, so it is
+        computed once per batch instead of once per token: about a fifth of a step's work.
+        """
+        e = self.config.embedding_dim
+        w_ih, w_hh = self.decoder.weight_ih_l0, self.decoder.weight_hh_l0
+        context_gates = torch.addmm(self.decoder.bias_ih_l0, context, w_ih[:, e:].t())
+        w_embedded, w_hidden, b_hh = w_ih[:, :e].t(), w_hh.t(), self.decoder.bias_hh_l0
+
+        def step(token: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            gi = torch.addmm(context_gates, self.embedding(token), w_embedded)
+            gh = torch.addmm(b_hh, h, w_hidden)
+            i_r, i_z, i_n = gi.chunk(3, dim=1)
+            h_r, h_z, h_n = gh.chunk(3, dim=1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            return n + z * (h - n)  # (1 - z) * n + z * h
+
+        return step
+
     @torch.inference_mode()
     def sample(self, requests: Sequence[SampleRequest]) -> list[list[SampledOutput]]:
         if not requests:
@@ -150,7 +175,8 @@ class GRUPolicy(Policy):
         uniforms = sampling.row_uniforms(seeds, steps)
 
         states, mask, context = self.encode(prompt_ids, prompt_lengths)
-        state = self.initial_state(context)
+        step = self._decoder_cell(context)
+        state = self.initial_state(context)[0]
         token = torch.full((n,), BOS_ID, dtype=torch.long)
         tokens = torch.full((n, steps), PAD_ID, dtype=torch.long)
         behaviour = torch.zeros((n, steps))
@@ -158,17 +184,20 @@ class GRUPolicy(Policy):
         done = torch.zeros(n, dtype=torch.bool)
         lengths = torch.zeros(n, dtype=torch.long)
         for t in range(steps):
-            hidden, state = self.decode_steps(token.unsqueeze(1), context, state)
-            logits = self.output(self.attend(hidden, states, mask)[:, 0])
-            logprobs = sampling.filtered_logprobs(logits, temperature, top_k, top_p)
-            token = sampling.draw(logprobs, uniforms[:, t])
+            state = step(token, state)
+            logits = self.output(self.attend(state.unsqueeze(1), states, mask)[:, 0])
+            probs = sampling.sampling_probs(logits, temperature, top_k, top_p)
+            token = sampling.draw(probs, uniforms[:, t])
             active = ~done
             tokens[:, t] = torch.where(active, token, PAD_ID)
-            behaviour[:, t] = logprobs.gather(1, token.unsqueeze(1)).squeeze(1)
+            chosen = token.unsqueeze(1)
+            behaviour[:, t] = probs.gather(1, chosen).squeeze(1).log()
             if unfiltered:
                 raw[:, t] = behaviour[:, t]
             else:
-                raw[:, t] = torch.log_softmax(logits, -1).gather(1, token.unsqueeze(1)).squeeze(1)
+                raw[:, t] = (logits.gather(1, chosen) - logits.logsumexp(-1, keepdim=True)).squeeze(
+                    1
+                )
             lengths += active.long()
             done |= (token == EOS_ID) | (lengths >= max_tokens)
             if bool(done.all()):

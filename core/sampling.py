@@ -66,19 +66,20 @@ def row_uniforms(row_seeds: np.ndarray, steps: int) -> torch.Tensor:
     return torch.from_numpy(((bits + 0.5) / float(1 << 24)).astype(np.float32))
 
 
-def filtered_logprobs(
+def sampling_probs(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """Log-probabilities of the sampling distribution, -inf for filtered tokens.
+    """Probabilities of the sampling distribution, 0 for filtered tokens.
 
     logits (B, V); temperature, top_p (B,) float; top_k (B,) int (0 = off). Top-k keeps the k
     most likely tokens; top-p then keeps the smallest most-likely prefix whose mass reaches
-    top_p (always at least one token), as in Holtzman et al. (2020).
+    top_p (always at least one token), as in Holtzman et al. (2020). Rows at temperature 1
+    without filtering (the common case) cost one softmax: no division, no sort.
     """
-    scaled = logits / temperature.unsqueeze(-1)
+    scaled = logits if bool((temperature == 1).all()) else logits / temperature.unsqueeze(-1)
     needs_filter = bool((top_k > 0).any()) or bool((top_p < 1).any())
     if not needs_filter:
-        return torch.log_softmax(scaled, dim=-1)
+        return torch.softmax(scaled, dim=-1)
     vocab = scaled.shape[-1]
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     positions = torch.arange(vocab).unsqueeze(0)
@@ -89,12 +90,19 @@ def filtered_logprobs(
     mass_before = probs.cumsum(dim=-1) - probs
     remove_sorted |= mass_before >= top_p.unsqueeze(-1)
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return torch.log_softmax(scaled.masked_fill(remove, float("-inf")), dim=-1)
+    return torch.softmax(scaled.masked_fill(remove, float("-inf")), dim=-1)
 
 
-def draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of one token per row. logprobs (B, V), uniforms (B,) in (0, 1)."""
-    cdf = logprobs.exp().cumsum(dim=-1)
+def filtered_logprobs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution, -inf for filtered tokens."""
+    return sampling_probs(logits, temperature, top_k, top_p).log()
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one token per row. probs (B, V), uniforms (B,) in (0, 1)."""
+    cdf = probs.cumsum(dim=-1)
     targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, targets).squeeze(-1)
-    return tokens.clamp_(max=logprobs.shape[-1] - 1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)

@@ -8,8 +8,8 @@ from feedloop.core.sampling import (
     SamplingParams,
     candidate_seeds,
     draw,
-    filtered_logprobs,
     row_uniforms,
+    sampling_probs,
 )
 
 # Probabilities 0.5, 0.3, 0.15, 0.05 as logits.
@@ -18,9 +18,9 @@ LOGITS = PROBS.log()
 
 
 def run(temperature=1.0, top_k=0, top_p=1.0):
-    return filtered_logprobs(
+    return sampling_probs(
         LOGITS, torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p])
-    ).exp()[0]
+    )[0]
 
 
 def test_no_filter_is_the_softmax():
@@ -45,9 +45,9 @@ def test_temperature_two_takes_the_square_root_of_probabilities():
 
 def test_rows_with_different_parameters_are_filtered_independently():
     logits = LOGITS.repeat(2, 1)
-    out = filtered_logprobs(
+    out = sampling_probs(
         logits, torch.tensor([1.0, 1.0]), torch.tensor([1, 0]), torch.tensor([1.0, 1.0])
-    ).exp()
+    )
     assert torch.allclose(out[0], torch.tensor([1.0, 0, 0, 0]))
     assert torch.allclose(out[1], PROBS[0], atol=1e-6)
 
@@ -56,14 +56,12 @@ def test_rows_with_different_parameters_are_filtered_independently():
     ("u", "token"), [(0.1, 0), (0.49, 0), (0.51, 1), (0.79, 1), (0.81, 2), (0.99, 3)]
 )
 def test_draw_is_the_inverse_cdf(u, token):
-    assert draw(LOGITS.log_softmax(-1), torch.tensor([u])).item() == token
+    assert draw(LOGITS.softmax(-1), torch.tensor([u])).item() == token
 
 
 def test_draw_never_picks_a_filtered_token():
-    logprobs = filtered_logprobs(
-        LOGITS, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([1.0])
-    )
-    picks = {draw(logprobs, torch.tensor([u])).item() for u in np.linspace(0.001, 0.999, 200)}
+    probs = sampling_probs(LOGITS, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([1.0]))
+    picks = {draw(probs, torch.tensor([u])).item() for u in np.linspace(0.001, 0.999, 200)}
     assert picks == {0, 1}
 
 
