@@ -136,9 +136,12 @@ class GRUPolicy(Policy):
         computed once per batch instead of once per token: about a fifth of a step's work.
         """
         e = self.config.embedding_dim
-        w_ih, w_hh = self.decoder.weight_ih_l0, self.decoder.weight_hh_l0
-        context_gates = torch.addmm(self.decoder.bias_ih_l0, context, w_ih[:, e:].t())
-        w_embedded, w_hidden, b_hh = w_ih[:, :e].t(), w_hh.t(), self.decoder.bias_hh_l0
+        w_ih: torch.Tensor = self.decoder.weight_ih_l0
+        w_hh: torch.Tensor = self.decoder.weight_hh_l0
+        b_ih: torch.Tensor = self.decoder.bias_ih_l0
+        b_hh: torch.Tensor = self.decoder.bias_hh_l0
+        context_gates = torch.addmm(b_ih, context, w_ih[:, e:].t())
+        w_embedded, w_hidden = w_ih[:, :e].t(), w_hh.t()
 
         def step(token: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
             gi = torch.addmm(context_gates, self.embedding(token), w_embedded)
