@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -136,10 +136,7 @@ class GRUPolicy(Policy):
         computed once per batch instead of once per token: about a fifth of a step's work.
         """
         e = self.config.embedding_dim
-        w_ih: torch.Tensor = self.decoder.weight_ih_l0
-        w_hh: torch.Tensor = self.decoder.weight_hh_l0
-        b_ih: torch.Tensor = self.decoder.bias_ih_l0
-        b_hh: torch.Tensor = self.decoder.bias_hh_l0
+        w_ih, w_hh, b_ih, b_hh = cast(list[torch.Tensor], self.decoder.all_weights[0])
         context_gates = torch.addmm(b_ih, context, w_ih[:, e:].t())
         w_embedded, w_hidden = w_ih[:, :e].t(), w_hh.t()
 
