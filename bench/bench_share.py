@@ -152,6 +152,8 @@ def main() -> int:
     with serve(root) as target:
         load(target, args.concurrency, 2.0)  # warm-up
         for run in range(args.runs):
+            # Each run trains from the pretrained version on the whole store again.
+            registry.set_live("v0001", reason="bench reset")
             idle = load(target, args.concurrency, args.duration_s)
             trainer = start_trainer(root, run)
             started = time.monotonic()

@@ -11,6 +11,7 @@ one line per round. SIGTERM or SIGINT abandons the round in progress at its next
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -53,6 +54,8 @@ def main(argv: list[str]) -> int:
         print(f"feedloop train: {exc}", file=sys.stderr)
         return EXIT_USAGE
     torch.set_num_threads(config.torch_threads)
+    if config.nice:
+        os.nice(config.nice)  # the process's own priority: the server's requests go first
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -77,6 +77,14 @@ class TrainConfig:
     torch_threads: int = field(
         default=1, metadata=_help("torch intra-op threads: 1 keeps a core free for the server")
     )
+    nice: int = field(
+        default=19,
+        metadata=_help(
+            "CPU priority increment of the trainer process (0-19, Unix nice): when server and "
+            "trainer share cores the scheduler serves requests first (bench_share: serving p99 "
+            "1.16x idle while training at 19, 1.70x at 10); rounds take about as long"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seed of replay sampling and minibatch order"))
     # -- the window --------------------------------------------------------------------------
     max_feedback_events: int = field(
@@ -269,6 +277,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be in 0..19, got {self.nice}")
         if not 0 < self.client_share_cap <= 1:
             raise ValueError(f"client_share_cap must be in (0, 1], got {self.client_share_cap}")
         if not 0 <= self.heldout_share < 1:
