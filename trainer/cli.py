@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
         print(f"feedloop train: {exc}", file=sys.stderr)
         return 1
     metrics = TrainerMetrics()
+    metrics.gate_max_kl.set(config.gate_max_kl)  # alert rules compare the KL against it
     try:
         host, port = metrics.serve(config.metrics_host, config.metrics_port)
     except OSError as exc:

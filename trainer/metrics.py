@@ -46,6 +46,11 @@ class TrainerMetrics:
             "KL(candidate || reference) per phrase, last round",
             registry=r,
         )
+        self.gate_max_kl = Gauge(
+            PREFIX + "gate_max_kl_nats",
+            "The gate's limit on KL to the reference per phrase (config gate_max_kl)",
+            registry=r,
+        )
         self.kl_coef = Gauge(
             PREFIX + "kl_coef", "Coefficient of the per-token KL penalty", registry=r
         )
