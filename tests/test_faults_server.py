@@ -196,17 +196,10 @@ async def test_a_garbled_live_pointer_keeps_the_live_version_serving_until_it_is
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when the registry's live pointer names a version that fails verification "
-    "(refused while the old version kept serving), a RESTARTED server exits with 'cannot load "
-    "the live model' instead of serving the last good version; one bad publish plus a restart "
-    "takes every replica down. Fix: LiveModel.load_initial should fall back along the "
-    "pointer's rollback stack (previous, newest first), record the refusal, and serve",
-)
 def test_a_restarted_server_serves_the_last_good_version_when_the_live_one_is_bad(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
+    """Found here: the restarted server exited with 'cannot load the live model'."""
     registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
     bad = registry.publish(tiny_checkpoint, reason="to be damaged")
     DAMAGES["nan-weights"](registry.checkpoint_dir(bad))

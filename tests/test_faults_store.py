@@ -221,19 +221,10 @@ async def test_a_store_outage_answers_unavailable_keeps_generating_and_recovers_
     assert set(store.get_generations(committed + during)) == set(committed + during)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: during a store outage, feedback naming a generation still in the generation "
-    "log's buffer makes the single feedback writer thread block in "
-    "GenerationLog.wait_committed for GENERATION_COMMIT_WAIT_S (10 s) before answering "
-    "UNAVAILABLE, and every other feedback call queues behind it: clients with a deadline "
-    "under 10 s get DEADLINE_EXCEEDED instead of a fast UNAVAILABLE. Fix: fail the wait as "
-    "soon as the generation log's last commit attempt failed (it is retrying), or bound the "
-    "wait by the callers' deadlines",
-)
 async def test_feedback_on_a_not_yet_logged_generation_during_an_outage_fails_fast(
     flaky,
 ) -> None:
+    """Found here: the feedback writer blocked 10 s in wait_committed (DEADLINE_EXCEEDED)."""
     live, store = flaky
     committed = await generate_ids(live, n=1, prompt="before the outage")
     await wait_until(lambda: live.server.generation_log.depth == 0)
@@ -339,18 +330,11 @@ async def pg_live(tmp_path: Path, tiny_checkpoint: Path):
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on PostgreSQL a prompt containing NUL (\\x00) is served, but its generation "
-    "record can never be written (psycopg DataError: text fields cannot contain NUL, mapped "
-    "to StoreUnavailableError); GenerationLog._write retries that batch forever, so every "
-    "later generation stays uncommitted and feedback on them times out UNAVAILABLE. Fix: "
-    "refuse NUL in every string field at validation (INVALID_ARGUMENT), and do not retry "
-    "a batch forever on a non-transient error",
-)
 async def test_a_nul_in_a_prompt_does_not_stall_the_generation_log_on_postgresql(
     pg_live,
 ) -> None:
+    """Found here: the NUL prompt was served, its record could never be written to
+    PostgreSQL, and the generation log retried that batch forever."""
     code = CODE.OK
     try:
         await pg_live.generation.Generate(pb.GenerateRequest(prompt="sea\x00side"), timeout=10)
@@ -363,13 +347,8 @@ async def test_a_nul_in_a_prompt_does_not_stall_the_generation_log_on_postgresql
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on PostgreSQL a feedback event with NUL (\\x00) in event_id or correction "
-    "text fails its whole group commit (DataError -> UNAVAILABLE), taking innocent events "
-    "committed in the same group down with it; it should be INVALID_ARGUMENT at validation",
-)
 async def test_a_nul_in_feedback_text_is_invalid_argument_on_postgresql(pg_live) -> None:
+    """Found here: it failed its whole group commit with UNAVAILABLE."""
     (gid,) = await generate_ids(pg_live, n=1, prompt="clean prompt")
     await wait_until(lambda: pg_live.server.generation_log.depth == 0)
     event = pb.FeedbackEvent(

@@ -136,11 +136,11 @@ def feedback_events(
         oversize_ranking,
         st.lists(st.sampled_from(real_ids), min_size=1, max_size=3).map(lambda ids: ids * 100),
     )
-    # Valid Timestamps only: out-of-range ones are a known bug with their own test below.
     given_at = st.one_of(
         st.none(),
         st.tuples(st.integers(MIN_TIMESTAMP_S, MAX_TIMESTAMP_S), st.integers(0, 999_999_999)),
-        st.just((1.7e9, 0)),
+        st.tuples(st.integers(-(2**63), 2**63 - 1), INT32),
+        st.sampled_from([(1.7e9, 0), *BAD_TIMESTAMPS]),
     )
 
     def build(
@@ -225,8 +225,9 @@ def fuzz_server(
     data_dir = seeded_data_dir(tmp_path_factory.mktemp(f"fuzz-{request.param}"), tiny_checkpoint)
     with fresh_schema("fuzz") if request.param == "postgres" else nullcontext() as schema:
         store = schema_url(schema) if schema else str(data_dir / "replay.sqlite3")
-        # PostgreSQL text cannot hold NUL at all; that case has its own test below.
-        allow_nul = schema is None
+        # NUL is fuzzed on both backends: PostgreSQL text cannot hold it, so the server must
+        # refuse it up front (tests/test_faults_store.py has the focused case).
+        allow_nul = True
         with (
             server_process(data_dir, "--store", store) as child,
             grpc.insecure_channel(child.banner["grpc"]) as channel,
@@ -414,15 +415,17 @@ def test_bytes_that_are_not_protobuf_are_refused_on_every_method_and_the_server_
         else:
             code = code_of(lambda: stub(data, timeout=CALL_TIMEOUT_S))
         if not parses(method.request, data):
-            assert code != grpc.StatusCode.OK, (method.path, data)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.path, data, code)
             refused.append(code)
+        else:
+            assert_client_error_or_ok(code, (method.path, data))
 
     prop()
     assert refused
     assert is_serving(fuzz_server.address)
 
 
-# -- findings: kept as strict xfails until the server is fixed ------------------------------------
+# -- findings of this suite, fixed since: kept as plain regressions -----------------------------
 
 NOT_UTF8 = TWIN.SetLiveRequest(version=b"\xff\xfe").SerializeToString()
 UNDECODABLE = [
@@ -433,14 +436,8 @@ UNDECODABLE = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a request that is not a valid protobuf message (or holds a string that is not "
-    "UTF-8) is answered UNKNOWN ('Unexpected DecodeError', unary methods; grpc.aio's default) or "
-    "INTERNAL ('internal error: DecodeError', SubmitStream) with a traceback logged at ERROR; "
-    "it is the client's fault and should be INVALID_ARGUMENT",
-)
 def test_undecodable_request_bytes_are_invalid_argument(fuzz_server: FuzzServer) -> None:
+    """Found here: these were UNKNOWN (unary) / INTERNAL (stream) with a traceback logged."""
     codes = {}
     for method, data in UNDECODABLE:
         stub = raw_stub(fuzz_server.channel, method)
@@ -454,15 +451,10 @@ def test_undecodable_request_bytes_are_invalid_argument(fuzz_server: FuzzServer)
     assert wrong == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a FeedbackEvent whose given_at is not a valid Timestamp (nanos outside "
-    "[0, 1e9) or seconds outside years 1-9999) makes parse_event's given_at.ToNanoseconds() "
-    "raise ValueError, answered INTERNAL; it should be INVALID_ARGUMENT naming given_at",
-)
 def test_feedback_with_an_out_of_range_given_at_is_invalid_argument(
     fuzz_server: FuzzServer,
 ) -> None:
+    """Found here: Timestamp.ToNanoseconds raised ValueError, answered INTERNAL."""
     feedback = pb_grpc.FeedbackStub(fuzz_server.channel)
     answers = {}
     for seconds, nanos in BAD_TIMESTAMPS:
