@@ -184,14 +184,20 @@ class DirectoryRegistry(ModelRegistry):
             number = int(existing[-1][1:]) + 1 if existing else 1
             version = version_name(number)
             staging = self._staging / uuid.uuid4().hex
-            staging.mkdir()
-            for name in manifest.files:
-                shutil.copyfile(source / name, staging / name)
-                with (staging / name).open("rb") as f:
-                    os.fsync(f.fileno())
-            write_manifest(staging, manifest.with_version(version))
-            fsync_dir(staging)
-            os.rename(staging, self._versions_dir / version)
+            try:
+                staging.mkdir()
+                for name in manifest.files:
+                    shutil.copyfile(source / name, staging / name)
+                    with (staging / name).open("rb") as f:
+                        os.fsync(f.fileno())
+                write_manifest(staging, manifest.with_version(version))
+                fsync_dir(staging)
+                os.rename(staging, self._versions_dir / version)
+            except BaseException:
+                # A failed copy (a full disk, say) must not keep its space: a long-running
+                # trainer would never get it back, and every later publish would fail too.
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             fsync_dir(self._versions_dir)
             self._append(Decision(version, PUBLISHED, reason, details or {}))
             if make_live:

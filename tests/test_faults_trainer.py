@@ -186,13 +186,6 @@ def test_a_publish_that_hits_a_full_disk_fails_and_leaves_the_registry_valid(
     assert valid_registry(root).live() == "v0002"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DirectoryRegistry.publish leaves its half-copied .staging/<id> folder behind "
-    "when a copy fails (ENOSPC here); only a NEW DirectoryRegistry cleans it, so a long-running "
-    "trainer whose publish hit a full disk keeps that space taken and its later publishes keep "
-    "failing. Fix: remove the staging folder in a finally/except around the copy",
-)
 def test_a_failed_publish_leaves_no_partial_copy_behind(
     full_registry_disk, tiny_checkpoint: Path
 ) -> None:
