@@ -70,6 +70,13 @@ class ServeConfig:
     # -- limits on what one request may ask for
     max_candidates: int = field(default=8, metadata=_help("cap on num_candidates"))
     max_prompt_chars: int = field(default=512, metadata=_help("cap on prompt length"))
+    max_prompt_tokens: int = field(
+        default=64,
+        metadata=_help(
+            "cap on prompt word/punctuation pieces after normalisation: NFKC can expand one "
+            "character into many, and one long prompt would stall its whole batch"
+        ),
+    )
     max_tokens_cap: int = field(default=48, metadata=_help("cap on sampling.max_tokens"))
     default_max_tokens: int = field(
         default=16, metadata=_help("max_tokens when a request leaves it 0")
@@ -138,6 +145,7 @@ class ServeConfig:
             "max_queue_size",
             "max_candidates",
             "max_prompt_chars",
+            "max_prompt_tokens",
             "max_tokens_cap",
             "default_max_tokens",
             "max_correction_chars",

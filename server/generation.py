@@ -13,6 +13,7 @@ import time
 import grpc
 
 from feedloop.core.sampling import SamplingParams
+from feedloop.core.tokenizer import split_words
 from feedloop.server.auth import Authenticator
 from feedloop.server.batcher import Batcher, GenerateJob
 from feedloop.server.config import ServeConfig
@@ -76,6 +77,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidArgument("prompt", "must not be empty")
         if len(request.prompt) > config.max_prompt_chars:
             raise InvalidArgument("prompt", f"at most {config.max_prompt_chars} characters")
+        if len(split_words(request.prompt)) > config.max_prompt_tokens:
+            raise InvalidArgument(
+                "prompt", f"at most {config.max_prompt_tokens} words and punctuation marks"
+            )
         num_candidates = request.num_candidates or 1
         if not 1 <= num_candidates <= config.max_candidates:
             raise InvalidArgument(

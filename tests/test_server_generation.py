@@ -111,6 +111,8 @@ async def test_pinned_loaded_version_is_served(live) -> None:
 BAD_REQUESTS = [
     ("prompt", pb.GenerateRequest(prompt="")),
     ("prompt", pb.GenerateRequest(prompt="x" * 600)),
+    ("prompt", pb.GenerateRequest(prompt="!" * 200)),
+    ("prompt", pb.GenerateRequest(prompt="\ufdfa" * 40)),  # 40 characters, 120 words after NFKC
     ("num_candidates", pb.GenerateRequest(prompt="a", num_candidates=9)),
     ("num_candidates", pb.GenerateRequest(prompt="a", num_candidates=-1)),
     (
