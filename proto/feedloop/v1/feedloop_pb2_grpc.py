@@ -152,7 +152,9 @@ class FeedbackServicer:
     def SubmitStream(self, request_iterator, context):
         """Store a stream of events; each one is acknowledged, in order, once it is durable. An invalid
         event ends the stream with INVALID_ARGUMENT / NOT_FOUND naming its event_id; events
-        acknowledged before it stay stored.
+        acknowledged before it stay stored. Events sent after the invalid one may have been stored
+        without an ack reaching the client: resend them with the same event_id (they come back
+        DUPLICATE if they were stored), which is always safe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

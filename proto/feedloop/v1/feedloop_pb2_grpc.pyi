@@ -91,7 +91,9 @@ class FeedbackStub:
     SubmitStream: _grpc.StreamStreamMultiCallable[_feedloop_pb2.FeedbackEvent, _feedloop_pb2.FeedbackAck]
     """Store a stream of events; each one is acknowledged, in order, once it is durable. An invalid
     event ends the stream with INVALID_ARGUMENT / NOT_FOUND naming its event_id; events
-    acknowledged before it stay stored.
+    acknowledged before it stay stored. Events sent after the invalid one may have been stored
+    without an ack reaching the client: resend them with the same event_id (they come back
+    DUPLICATE if they were stored), which is always safe.
     """
 
 @_typing.type_check_only
@@ -107,7 +109,9 @@ class FeedbackAsyncStub(FeedbackStub):
     SubmitStream: _aio.StreamStreamMultiCallable[_feedloop_pb2.FeedbackEvent, _feedloop_pb2.FeedbackAck]  # type: ignore[assignment]
     """Store a stream of events; each one is acknowledged, in order, once it is durable. An invalid
     event ends the stream with INVALID_ARGUMENT / NOT_FOUND naming its event_id; events
-    acknowledged before it stay stored.
+    acknowledged before it stay stored. Events sent after the invalid one may have been stored
+    without an ack reaching the client: resend them with the same event_id (they come back
+    DUPLICATE if they were stored), which is always safe.
     """
 
 class FeedbackServicer(metaclass=_abc_1.ABCMeta):
@@ -132,7 +136,9 @@ class FeedbackServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_feedloop_pb2.FeedbackAck], _abc.AsyncIterator[_feedloop_pb2.FeedbackAck]]:
         """Store a stream of events; each one is acknowledged, in order, once it is durable. An invalid
         event ends the stream with INVALID_ARGUMENT / NOT_FOUND naming its event_id; events
-        acknowledged before it stay stored.
+        acknowledged before it stay stored. Events sent after the invalid one may have been stored
+        without an ack reaching the client: resend them with the same event_id (they come back
+        DUPLICATE if they were stored), which is always safe.
         """
 
 def add_FeedbackServicer_to_server(servicer: FeedbackServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
