@@ -301,10 +301,10 @@ e a painting class|a gallery opening|an art walk|a pottery workshop|a sketch nig
 
 SHARED = {
     "TM": "this morning|every morning|tomorrow morning|tonight|this evening|this weekend|"
-          "on sunday|on saturday morning|after work|today|after lunch|before breakfast|"
-          "this afternoon|this week|next weekend|on friday night",
+    "on sunday|on saturday morning|after work|today|after lunch|before breakfast|"
+    "this afternoon|this week|next weekend|on friday night",
     "WHEN": "tonight|this evening|this weekend|on sunday|on saturday morning|after work|"
-            "this afternoon|next weekend|on friday night|tomorrow morning",
+    "this afternoon|next weekend|on friday night|tomorrow morning",
     "DP": "morning|morning|afternoon|evening",
     "DAY": "monday|tuesday|wednesday|thursday|friday|saturday|sunday|weekend",
     "DA": "bright|happy|sunny|lovely|peaceful|wonderful|cozy|great|relaxing|quiet|warm",
@@ -317,55 +317,137 @@ SHARED = {
 
 # family -> templates.  "name!c": needs a countable noun.
 TEMPLATES = {
-    "tagline": ["{ANS} for every {FOR}", "{ANS} for {AUD}", "{ANS}, made for {AUD}",
-                "simply {ANS}", "{AN} for every {FOR}", "your home for {ANS}",
-                "{ANS} [and {ANS2}] all year round",
-                "the home of {ANS}", "{ANS}, made with love"],
-    "title": ["the {A} {N} of {SEASON}", "the {N} and the {N2}", "{AN} in {SEASON}",
-              "{ANS} and {ANS2}", "letters from the {LA} {LOC}", "a {SEASON} of {ANS}",
-              "the {LA} {LOC}", "the {LOC} of {ANS}"],
+    "tagline": [
+        "{ANS} for every {FOR}",
+        "{ANS} for {AUD}",
+        "{ANS}, made for {AUD}",
+        "simply {ANS}",
+        "{AN} for every {FOR}",
+        "your home for {ANS}",
+        "{ANS} [and {ANS2}] all year round",
+        "the home of {ANS}",
+        "{ANS}, made with love",
+    ],
+    "title": [
+        "the {A} {N} of {SEASON}",
+        "the {N} and the {N2}",
+        "{AN} in {SEASON}",
+        "{ANS} and {ANS2}",
+        "letters from the {LA} {LOC}",
+        "a {SEASON} of {ANS}",
+        "the {LA} {LOC}",
+        "the {LOC} of {ANS}",
+    ],
     "title!c": ["the last {N} of {SEASON}"],
-    "suggestion": ["try to {ACT} [{TM}]", "why not {ACT} [{TM}]?", "how about we {ACTW} [{TM}]?",
-                   "you could {ACT} [{TM}].", "{ACT} [{TM}]", "maybe {ACT} [{TM}]",
-                   "this weekend, {ACT} and enjoy {ANS}"],
-    "greeting": ["good {DP}, {PA} {AUD}!", "hello, {PA} {AUD}!", "happy {DAY}, {AUD}!",
-                 "welcome to the {LA} {LOC}[, {AUD}]!", "greetings from the {LA} {LOC}!",
-                 "have a {DA} {DAY}[, {FRIENDS}]!", "hi {AUD}, welcome back!",
-                 "good {DP} from the {LA} {LOC}!",
-                 "good {DP}, {AUD}, let's {ACTW}!"],
-    "slogan": ["{ANS}, {ANS2}.", "less worry, more {NS}", "{ANS}, happy hearts",
-               "all about {ANS}", "more {NS}, please", "{ANS}, every single day"],
+    "suggestion": [
+        "try to {ACT} [{TM}]",
+        "why not {ACT} [{TM}]?",
+        "how about we {ACTW} [{TM}]?",
+        "you could {ACT} [{TM}].",
+        "{ACT} [{TM}]",
+        "maybe {ACT} [{TM}]",
+        "this weekend, {ACT} and enjoy {ANS}",
+    ],
+    "greeting": [
+        "good {DP}, {PA} {AUD}!",
+        "hello, {PA} {AUD}!",
+        "happy {DAY}, {AUD}!",
+        "welcome to the {LA} {LOC}[, {AUD}]!",
+        "greetings from the {LA} {LOC}!",
+        "have a {DA} {DAY}[, {FRIENDS}]!",
+        "hi {AUD}, welcome back!",
+        "good {DP} from the {LA} {LOC}!",
+        "good {DP}, {AUD}, let's {ACTW}!",
+    ],
+    "slogan": [
+        "{ANS}, {ANS2}.",
+        "less worry, more {NS}",
+        "{ANS}, happy hearts",
+        "all about {ANS}",
+        "more {NS}, please",
+        "{ANS}, every single day",
+    ],
     "slogan!c": ["every {N} tells a story", "one {A} {N} at a time"],
-    "caption": ["{ANS} {PL}", "{AN} {PL}", "just {AN} {PL}", "nothing beats {AN} [{TM}]",
-                "just me and {AN}", "there is nothing quite like {AN} {PL}",
-                "{ANS} and good company"],
-    "invitation": ["join us for {EV} [{WHEN}]", "come and {ACTW} with us [{TM}]!",
-                   "you're invited to {EV} [{WHEN}]", "save the date for {EV}",
-                   "let's {ACTW} [{TM}]!", "bring a friend to {EV}",
-                   "if you love {ANS}, you'll love {EV} [{WHEN}]",
-                   "we can't wait for {EV} {WHEN}"],
-    "motivation": ["today is a good day to {ACT}", "it's never too late to {ACT}",
-                   "small steps lead to {ANS}", "believe in yourself and {ACT}",
-                   "be brave enough to {ACT}", "make time to {ACT} [{TM}]",
-                   "you deserve a break, so {ACT}",
-                   "no matter how busy you are, make time to {ACT}",
-                   "don't wait, {ACT} [{TM}]", "life is better with {ANS}"],
-    "question": ["who wants to {ACT} [{TM}]?", "what makes {ANS} so special?",
-                 "ready for {EV} [{WHEN}]?", "is anything better than {ANS}?",
-                 "when did you last {ACT}?", "are you ready to {ACT} [{TM}]?",
-                 "do you love {ANS} too?"],
+    "caption": [
+        "{ANS} {PL}",
+        "{AN} {PL}",
+        "just {AN} {PL}",
+        "nothing beats {AN} [{TM}]",
+        "just me and {AN}",
+        "there is nothing quite like {AN} {PL}",
+        "{ANS} and good company",
+    ],
+    "invitation": [
+        "join us for {EV} [{WHEN}]",
+        "come and {ACTW} with us [{TM}]!",
+        "you're invited to {EV} [{WHEN}]",
+        "save the date for {EV}",
+        "let's {ACTW} [{TM}]!",
+        "bring a friend to {EV}",
+        "if you love {ANS}, you'll love {EV} [{WHEN}]",
+        "we can't wait for {EV} {WHEN}",
+    ],
+    "motivation": [
+        "today is a good day to {ACT}",
+        "it's never too late to {ACT}",
+        "small steps lead to {ANS}",
+        "believe in yourself and {ACT}",
+        "be brave enough to {ACT}",
+        "make time to {ACT} [{TM}]",
+        "you deserve a break, so {ACT}",
+        "no matter how busy you are, make time to {ACT}",
+        "don't wait, {ACT} [{TM}]",
+        "life is better with {ANS}",
+    ],
+    "question": [
+        "who wants to {ACT} [{TM}]?",
+        "what makes {ANS} so special?",
+        "ready for {EV} [{WHEN}]?",
+        "is anything better than {ANS}?",
+        "when did you last {ACT}?",
+        "are you ready to {ACT} [{TM}]?",
+        "do you love {ANS} too?",
+    ],
     "question!c": ["what is your favorite {N}?"],
-    "headline": ["{NUM} ways to {ACT}", "how to {ACT} [{TM}]", "why we love {ANS}",
-                 "a beginner's guide to {ANS}",
-                 "the story behind the {LA} {LOC}"],
+    "headline": [
+        "{NUM} ways to {ACT}",
+        "how to {ACT} [{TM}]",
+        "why we love {ANS}",
+        "a beginner's guide to {ANS}",
+        "the story behind the {LA} {LOC}",
+    ],
     "headline!c": ["the best {NS} {PL}", "{NUM} {A} {NS} to discover this {SEASON}"],
-    "reminder": ["don't forget to {ACT} [{TM}]", "time to {ACT}!",
-                 "a quick reminder to {ACT} [{TM}]", "it's time for {EV}!",
-                 "a little reminder to enjoy {ANS}"],
+    "reminder": [
+        "don't forget to {ACT} [{TM}]",
+        "time to {ACT}!",
+        "a quick reminder to {ACT} [{TM}]",
+        "it's time for {EV}!",
+        "a little reminder to enjoy {ANS}",
+    ],
 }
 
-REPEATABLE = {"a", "an", "the", "and", "of", "to", "in", "on", "at", "by", "for", "with", "from",
-              "you", "your", "our", "us", "we", "is", "it's"}
+REPEATABLE = {
+    "a",
+    "an",
+    "the",
+    "and",
+    "of",
+    "to",
+    "in",
+    "on",
+    "at",
+    "by",
+    "for",
+    "with",
+    "from",
+    "you",
+    "your",
+    "our",
+    "us",
+    "we",
+    "is",
+    "it's",
+}
 FAMILIES = list(dict.fromkeys(f.split("!")[0] for f in TEMPLATES))
 AN_EXCEPTIONS = {"one", "unique", "useful", "usual", "user", "hour", "honest"}  # sound wins
 
@@ -380,9 +462,11 @@ def plural(word: str) -> str:
 
 def fix_articles(text: str) -> str:
     """Write "a" or "an" by the next word: "a autumn" -> "an autumn", "an useful" -> "a useful"."""
+
     def choose(m: re.Match) -> str:
         vowel = (m.group(2)[0] in "aeiou") != (m.group(2) in AN_EXCEPTIONS)
         return ("an " if vowel else "a ") + m.group(2)
+
     return re.sub(r"\b(a|an) ([a-z']+)", choose, text)
 
 
@@ -442,8 +526,14 @@ def noun_slots(pick: Picker, groups: list[dict], count_only: bool, suffix: str, 
     group = pool[gi]
     adj = pick(f"adj {group['nouns'][0]}", group["adjs"])
     an = f"{adj} {sing}" if mass else f"a {adj} {sing}"
-    return {"A" + suffix: adj, "N" + suffix: sing, "NS" + suffix: plur,
-            "AN" + suffix: an, "ANS" + suffix: f"{adj} {plur}", "_g" + suffix: id(group)}
+    return {
+        "A" + suffix: adj,
+        "N" + suffix: sing,
+        "NS" + suffix: plur,
+        "AN" + suffix: an,
+        "ANS" + suffix: f"{adj} {plur}",
+        "_g" + suffix: id(group),
+    }
 
 
 def make_phrase(pick: Picker, topic: dict, family: str, template: str) -> str:
@@ -463,13 +553,15 @@ def make_phrase(pick: Picker, topic: dict, family: str, template: str) -> str:
                 break
         slots.update(second)
     loc_group = next(g for g in groups if g["loc"])
-    draws = {"LA": lambda: pick("loc adj", loc_group["adjs"]),
-             "LOC": lambda: pick("loc", loc_group["nouns"])[0],
-             "ACT": lambda: pick("act", topic["acts"]),
-             "ACTW": lambda: re.sub(r"\byour\b", "our", pick("act", topic["acts"])),
-             "PL": lambda: pick("place", topic["places"]),
-             "AUD": lambda: pick("aud", topic["aud"] + ["friends"]),
-             "EV": lambda: pick("event", topic["events"])}
+    draws = {
+        "LA": lambda: pick("loc adj", loc_group["adjs"]),
+        "LOC": lambda: pick("loc", loc_group["nouns"])[0],
+        "ACT": lambda: pick("act", topic["acts"]),
+        "ACTW": lambda: re.sub(r"\byour\b", "our", pick("act", topic["acts"])),
+        "PL": lambda: pick("place", topic["places"]),
+        "AUD": lambda: pick("aud", topic["aud"] + ["friends"]),
+        "EV": lambda: pick("event", topic["events"]),
+    }
     for key in sorted(need - slots.keys()):
         slots[key] = draws[key]() if key in draws else rng.choice(SHARED[key].split("|"))
     text = text.format(**slots)
