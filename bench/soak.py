@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from feedloop.client.demo_processes import Child, feedloop_command, start_child
+from feedloop.client.demo_processes import Child, feedloop_command, start_child, start_server
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.store import open_store
 from feedloop.v1 import feedloop_pb2 as pb
@@ -137,22 +137,13 @@ def store_location(data_dir: Path, args: argparse.Namespace) -> str:
 
 def start_processes(data_dir: Path, args: argparse.Namespace) -> tuple[Child, Child | None]:
     store = ("--store", store_location(data_dir, args))
-    server = start_child(
-        "feedloop serve",
-        feedloop_command(
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--registry-poll-interval-s",
-            "0.1",
-            *store,
-        ),
+    server = start_server(
+        data_dir,
+        "--registry-poll-interval-s",
+        "0.1",
+        *store,
         log_path=data_dir / "logs" / "serve.log",
-        banner_prefix="feedloop serve: listening",
+        name="feedloop serve",
     )
     if args.no_trainer:
         return server, None

@@ -27,7 +27,13 @@ from typing import Any
 from feedloop.client.client import FeedloopClient
 from feedloop.client.demo_options import build_parser
 from feedloop.client.demo_population import Population, PopulationConfig, parse_mix
-from feedloop.client.demo_processes import Child, StartupError, feedloop_command, start_child
+from feedloop.client.demo_processes import (
+    Child,
+    StartupError,
+    feedloop_command,
+    start_child,
+    start_server,
+)
 from feedloop.client.demo_report import judge, live_view, plot_reward, summary_table
 from feedloop.client.demo_tracker import DemoStats
 from feedloop.client.errors import FeedloopClientError
@@ -95,21 +101,8 @@ class Demo:
         shutil.copytree(checkpoint, data_dir / "default-policy")
         timeout_s = self.args.startup_timeout_s
         print(f"feedloop demo: data, store, registry and logs in {data_dir}", flush=True)
-        server = start_child(
-            "server",
-            feedloop_command(
-                "serve",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                *self.args.server_arg,
-            ),
-            log_path=data_dir / "serve.log",
-            banner_prefix="feedloop serve: listening",
-            timeout_s=timeout_s,
+        server = start_server(
+            data_dir, *self.args.server_arg, log_path=data_dir / "serve.log", timeout_s=timeout_s
         )
         self.children.append(server)
         trainer = start_child(

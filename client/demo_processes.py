@@ -88,6 +88,25 @@ def feedloop_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "feedloop.client.cli", *args]
 
 
+SERVE_BANNER = "feedloop serve: listening"
+
+
+def start_server(
+    data_dir: Path,
+    *extra_args: str,
+    log_path: Path,
+    name: str = "server",
+    timeout_s: float = 120.0,
+) -> Child:
+    """`feedloop serve` over data_dir on free loopback ports, once its start-up line is out."""
+    argv = feedloop_command(
+        "serve", "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), *extra_args
+    )
+    return start_child(
+        name, argv, log_path=log_path, banner_prefix=SERVE_BANNER, timeout_s=timeout_s
+    )
+
+
 def start_child(
     name: str,
     argv: list[str],

@@ -13,29 +13,15 @@ import pytest
 from client_tls import make_certificates, openssl_available
 
 from feedloop.client import FeedloopClient, FeedloopClientError, Rating
-from feedloop.client.demo_processes import feedloop_command, start_child
+from feedloop.client.demo_processes import start_server
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     data_dir = tmp_path_factory.mktemp("served")
     shutil.copytree(tiny_checkpoint, data_dir / "default-policy")
-    child = start_child(
-        "server",
-        feedloop_command(
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--torch-threads",
-            "1",
-        ),
-        log_path=data_dir / "serve.log",
-        banner_prefix="feedloop serve: listening",
-        timeout_s=120,
+    child = start_server(
+        data_dir, "--torch-threads", "1", log_path=data_dir / "serve.log", timeout_s=120
     )
     try:
         yield child
@@ -133,25 +119,15 @@ def test_api_key_and_tls_against_a_real_server_with_auth_on(tmp_path, tiny_check
         '[[keys]]\nname = "ops"\nkey = "ops-key"\nroles = ["admin"]\n'
     )
     shutil.copytree(tiny_checkpoint, tmp_path / "default-policy")
-    child = start_child(
-        "server",
-        feedloop_command(
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--data-dir",
-            str(tmp_path),
-            "--auth-keys-file",
-            str(keys),
-            "--tls-cert",
-            str(certs.server_cert),
-            "--tls-key",
-            str(certs.server_key),
-        ),
+    child = start_server(
+        tmp_path,
+        "--auth-keys-file",
+        str(keys),
+        "--tls-cert",
+        str(certs.server_cert),
+        "--tls-key",
+        str(certs.server_key),
         log_path=tmp_path / "serve.log",
-        banner_prefix="feedloop serve: listening",
     )
     try:
         assert child.banner["auth"] == "on"

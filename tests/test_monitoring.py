@@ -30,7 +30,7 @@ from client_prometheus import (
 )
 
 from feedloop.client import FeedloopClient
-from feedloop.client.demo_processes import feedloop_command, start_child
+from feedloop.client.demo_processes import feedloop_command, start_child, start_server
 
 needs_promtool = pytest.mark.skipif(
     promtool() is None, reason="promtool not installed (Debian package 'prometheus'; CI has it)"
@@ -147,22 +147,7 @@ def test_real_prometheus_scrapes_server_and_trainer_and_sees_series_move(
     children = []
     prometheus = None
     try:
-        server = start_child(
-            "server",
-            feedloop_command(
-                "serve",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                "--torch-threads",
-                "1",
-            ),
-            log_path=tmp_path / "serve.log",
-            banner_prefix="feedloop serve: listening",
-        )
+        server = start_server(data_dir, "--torch-threads", "1", log_path=tmp_path / "serve.log")
         children.append(server)
         trainer = start_child(
             "trainer",
