@@ -28,9 +28,9 @@ from feedloop.core.store.pg import Pool, is_disk_full
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
-    LATEST_VERSION,
     POSTGRES_MIGRATIONS,
     export_rows,
+    migrate,
     sample_seqs,
 )
 
@@ -110,21 +110,7 @@ class PostgresStore(ReplayStore):
     def _migrate(conn: psycopg.Connection) -> None:
         # Replicas starting together: one migrates, the others wait here and then find it done.
         _lock_table(conn, "schema_version")
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM schema_version").fetchone()
-        current = row[0] if row else 0
-        if current > LATEST_VERSION:
-            raise StoreUnavailableError(
-                f"replay store has schema version {current}, newer than this feedloop knows "
-                f"({LATEST_VERSION}): upgrade feedloop"
-            )
-        for statements in POSTGRES_MIGRATIONS[current:]:
-            for statement in statements:
-                conn.execute(statement)
-        if row is None:
-            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (LATEST_VERSION,))
-        elif current != LATEST_VERSION:
-            conn.execute("UPDATE schema_version SET version = %s", (LATEST_VERSION,))
+        migrate(conn, POSTGRES_MIGRATIONS, placeholder="%s", store_name="replay store")
 
     def _fetch(self, action: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._pool.run(

@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 
 SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -109,6 +110,35 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
+
+
+def migrate(
+    conn: Any, migrations: Sequence[Sequence[str]], *, placeholder: str, store_name: str
+) -> None:
+    """Bring a store's schema to LATEST_VERSION inside the caller's transaction.
+
+    conn is a DB-API connection (sqlite3 or psycopg: both have `execute` returning a cursor);
+    placeholder is the driver's parameter marker ("?" or "%s").
+    """
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    current = row[0] if row else 0
+    if current > LATEST_VERSION:
+        raise StoreUnavailableError(
+            f"{store_name} has schema version {current}, newer than this feedloop knows "
+            f"({LATEST_VERSION}): upgrade feedloop"
+        )
+    for statements in migrations[current:]:
+        for statement in statements:
+            conn.execute(statement)
+    if row is None:
+        conn.execute(
+            f"INSERT INTO schema_version (version) VALUES ({placeholder})", (LATEST_VERSION,)
+        )
+    elif current != LATEST_VERSION:
+        conn.execute(f"UPDATE schema_version SET version = {placeholder}", (LATEST_VERSION,))
+
+
 assert len(POSTGRES_MIGRATIONS) == LATEST_VERSION, "both backends share one schema version"
 
 GENERATION_COLUMNS: tuple[str, ...] = (

@@ -34,9 +34,9 @@ from feedloop.core.store.base import (
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
-    LATEST_VERSION,
     SQLITE_MIGRATIONS,
     export_rows,
+    migrate,
     sample_seqs,
 )
 
@@ -206,21 +206,9 @@ class SQLiteStore(ReplayStore):
 
     def _migrate(self) -> None:
         with self._transaction("migrate") as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            current = row[0] if row else 0
-            if current > LATEST_VERSION:
-                raise StoreUnavailableError(
-                    f"replay store {self.path} has schema version {current}, newer than this "
-                    f"feedloop knows ({LATEST_VERSION}): upgrade feedloop"
-                )
-            for statements in SQLITE_MIGRATIONS[current:]:
-                for statement in statements:
-                    conn.execute(statement)
-            if row is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (LATEST_VERSION,))
-            elif current != LATEST_VERSION:
-                conn.execute("UPDATE schema_version SET version = ?", (LATEST_VERSION,))
+            migrate(
+                conn, SQLITE_MIGRATIONS, placeholder="?", store_name=f"replay store {self.path}"
+            )
 
     def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._mapped_errors(action):
