@@ -25,8 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from typing import Any
 
 import torch
 
+from feedloop.client.demo_processes import start_server
 from feedloop.core.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases
@@ -51,7 +50,6 @@ from feedloop.core.tokenizer import Tokenizer
 
 LOAD = str(Path(__file__).with_name("serve_load.py"))
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-BANNER_RE = re.compile(r"listening grpc=(\S+) metrics=(\S+) live=(\S*) auth=(on|off)")
 CONCURRENCIES = (1, 16, 64, 256)
 MAX_TOKENS = 16
 
@@ -130,16 +128,8 @@ def serve(
     if registry is None:
         registry = str(data_dir / "registry")
         DirectoryRegistry(Path(registry)).publish(checkpoint, reason="bench", make_live=True)
-    command = [
-        sys.executable,
-        "-m",
-        "feedloop.server.cli",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--data-dir",
-        str(data_dir),
+    child = start_server(
+        data_dir,
         "--registry",
         registry,
         "--store",
@@ -149,22 +139,12 @@ def serve(
         "--max-queue-size",
         "4096",
         *flags,
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = BANNER_RE.search(line)
-    if not match:
-        process.kill()
-        raise RuntimeError(f"feedloop serve did not start: {line!r}")
+        log_path=data_dir / "serve.log",
+    )
     try:
-        yield match.group(1)
+        yield child.banner["grpc"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        child.stop(grace_s=30)
 
 
 def load(mode: str, target: str, *flags: str) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from feedloop.client.demo_processes import start_server
 from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.pretrain import ensure_default_checkpoint
@@ -37,43 +36,24 @@ from feedloop.core.store.base import open_store
 from feedloop.trainer.simulate import Simulation, corpus_prompts
 
 LOAD = str(Path(__file__).with_name("serve_load.py"))
-BANNER_RE = re.compile(r"listening grpc=(\S+)")
 
 
 @contextlib.contextmanager
 def serve(root: Path) -> Iterator[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "feedloop.server.cli",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--data-dir",
-        str(root),
+    child = start_server(
+        root,
         "--registry",
         str(root / "registry"),
         "--store",
         str(root / "replay.sqlite3"),
         "--log-level",
         "warning",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = BANNER_RE.search(line)
-    if not match:
-        process.kill()
-        raise RuntimeError(f"feedloop serve did not start: {line!r}")
+        log_path=root / "serve.log",
+    )
     try:
-        yield match.group(1)
+        yield child.banner["grpc"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        child.stop(grace_s=30)
 
 
 def load(target: str, concurrency: int, duration_s: float) -> dict[str, Any]:
