@@ -18,7 +18,7 @@ import grpc
 import pytest
 from faults_procs import server_process, sigkill, wait_for
 from faults_store import small_disk
-from trainer_support import make_env, simulation
+from trainer_support import FAST_FLAGS, make_env, simulation
 
 from feedloop.client.demo_processes import feedloop_command, start_child
 from feedloop.core.checkpoint import load_checkpoint
@@ -33,31 +33,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def train_flags(data_dir: Path) -> list[str]:
-    """tests/trainer_support.fast_config, as command-line flags."""
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--metrics-port",
-        "0",
-        "--join-window-s",
-        "0",
-        "--min-feedback-events",
-        "8",
-        "--rm-steps",
-        "30",
-        "--gate-kl-prompts",
-        "16",
-        "--max-updates-per-round",
-        "3",
-        "--minibatch-size",
-        "32",
-        "--replay-sample-size",
-        "64",
-        "--gate-min-ope-samples",
-        "5",
-        "--torch-threads",
-        "1",
-    ]
+    """Small, fast rounds (as in tests/test_trainer_cli.py), on one torch thread."""
+    return ["--data-dir", str(data_dir), *FAST_FLAGS, "--torch-threads", "1"]
 
 
 def valid_registry(root: Path) -> DirectoryRegistry:

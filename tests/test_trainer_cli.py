@@ -12,37 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trainer_support import Env, make_env, one_torch_thread, simulation
+from trainer_support import FAST_FLAGS, Env, make_env, one_torch_thread, simulation
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.registry import open_registry
 from feedloop.core.simusers import Length
 
 __all__ = ["one_torch_thread"]
-
-# Small rounds: these tests are about processes and durability, not learning.
-FAST_FLAGS = [
-    "--join-window-s",
-    "0",
-    "--min-feedback-events",
-    "8",
-    "--rm-steps",
-    "30",
-    "--gate-kl-prompts",
-    "16",
-    "--max-updates-per-round",
-    "3",
-    "--minibatch-size",
-    "32",
-    "--replay-sample-size",
-    "64",
-    "--gate-min-ope-samples",
-    "5",
-    "--metrics-port",
-    "0",
-    "--poll-interval-s",
-    "0.05",
-]
 
 
 @pytest.fixture
@@ -66,6 +42,8 @@ def train_command(env: Env, *extra: str) -> list[str]:
         "--registry",
         str(env.root / "registry"),
         *FAST_FLAGS,
+        "--poll-interval-s",
+        "0.05",
         *extra,
     ]
 

@@ -84,3 +84,26 @@ def simulation(
         seed=seed,
         requests_per_batch=requests_per_batch,
     )
+
+
+# Small rounds: these tests are about processes and durability, not learning.
+FAST_FLAGS = [
+    "--join-window-s",
+    "0",
+    "--min-feedback-events",
+    "8",
+    "--rm-steps",
+    "30",
+    "--gate-kl-prompts",
+    "16",
+    "--max-updates-per-round",
+    "3",
+    "--minibatch-size",
+    "32",
+    "--replay-sample-size",
+    "64",
+    "--gate-min-ope-samples",
+    "5",
+    "--metrics-port",
+    "0",
+]
