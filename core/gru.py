@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -169,8 +168,8 @@ class GRUPolicy(Policy):
         steps = int(max_tokens.max())
         # With temperature 1 and no filtering the sampling distribution is the raw policy's.
         unfiltered = bool((temperature == 1).all() and (top_k == 0).all() and (top_p >= 1).all())
-        seeds = np.concatenate(
-            [sampling.candidate_seeds(r.params.seed, r.num_candidates) for r in requests]
+        seeds = sampling.batch_candidate_seeds(
+            [r.params.seed for r in requests], [r.num_candidates for r in requests]
         )
         uniforms = sampling.row_uniforms(seeds, steps)
 

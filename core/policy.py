@@ -92,13 +92,13 @@ def nonempty_prompt(prompt_ids: Sequence[int]) -> list[int]:
 
 
 def pad(seqs: Sequence[Sequence[int]], *, min_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    width = max([min_length, *[len(s) for s in seqs]])
-    out = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    return out, lengths
+    """Right-pad token id sequences into one (rows, width) tensor, and their lengths."""
+    lengths = [len(s) for s in seqs]
+    width = max([min_length, *lengths])
+    rows = [[*s, *([PAD_ID] * (width - n))] for s, n in zip(seqs, lengths, strict=True)]
+    if not rows:
+        return torch.empty((0, width), dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
 
 
 class Policy(ABC, torch.nn.Module):

@@ -11,6 +11,7 @@ Two properties matter to the rest of feedloop:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +54,20 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def candidate_seeds(seed: int, num_candidates: int) -> np.ndarray:
     """Independent 64-bit seeds for the candidates of one request."""
-    base = _splitmix64(np.array([seed & SEED_MASK], dtype=np.uint64))
-    index = np.arange(1, num_candidates + 1, dtype=np.uint64)
-    return _splitmix64(base ^ _splitmix64(index))
+    return batch_candidate_seeds([seed], [num_candidates])
+
+
+def batch_candidate_seeds(seeds: Sequence[int], counts: Sequence[int]) -> np.ndarray:
+    """candidate_seeds of many requests at once, concatenated in order (one numpy pass).
+
+    Candidate c (counted from 1) of a request with seed s gets mix(mix(s) ^ mix(c)): seeds of
+    different requests and of different candidates of one request are independent.
+    """
+    counts_a = np.asarray(counts, dtype=np.int64)
+    base = _splitmix64(np.array([s & SEED_MASK for s in seeds], dtype=np.uint64))
+    starts = np.cumsum(counts_a) - counts_a
+    index = np.arange(1, int(counts_a.sum()) + 1, dtype=np.int64) - np.repeat(starts, counts_a)
+    return _splitmix64(np.repeat(base, counts_a) ^ _splitmix64(index.astype(np.uint64)))
 
 
 def row_uniforms(row_seeds: np.ndarray, steps: int) -> torch.Tensor:
