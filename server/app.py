@@ -1,14 +1,16 @@
 """Wiring and lifecycle of one feedloop server: open, seed, load, serve, drain, close.
 
-    store + registry ─▶ LiveModel (watcher thread) ─┐
-    GenerationService ─▶ Batcher (worker thread) ───┴▶ GenerationLog (writer thread) ─▶ store
+    store + registry ─▶ LiveModel (watcher thread) ──┬─▶ ModelWorker ─▶ model process (torch)
+    GenerationService ─▶ Batcher (dispatcher thread) ┘        │ replies (reader thread)
+                                                   GenerationLog (writer thread) ─▶ store
     FeedbackService ───▶ FeedbackWriter (writer thread) ────────────────────────────▶ store
     ModelAdminService ─▶ registry          AuthInterceptor in front of all three
     Health (NOT_SERVING until a model is loaded and while draining), reflection, /metrics
 
 Shutdown order matters: health goes NOT_SERVING, the gRPC server stops taking calls and lets
-in-flight ones finish, then the batcher, the feedback writer and the generation log drain into
-the store, and only then are the store and registry closed.
+in-flight ones finish, then the batcher delivers its last replies, the model process exits, the
+feedback writer and the generation log drain into the store, and only then are the store and
+registry closed.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import asyncio
 import gc
 import hashlib
 import logging
-import sys
 import time
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -37,12 +37,14 @@ from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
 from feedloop.server.batcher import Batcher
 from feedloop.server.config import ServeConfig, is_loopback
 from feedloop.server.edge import add_service
+from feedloop.server.errors import ServiceError
 from feedloop.server.feedback import FeedbackService
 from feedloop.server.feedback_writer import FeedbackWriter
 from feedloop.server.generation import GenerationService
 from feedloop.server.genlog import GenerationLog
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.model_worker import ModelWorker
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.v1 import feedloop_pb2 as pb
 
@@ -108,6 +110,7 @@ class FeedloopServer:
         self.generation_log: GenerationLog | None = None
         self.feedback_writer: FeedbackWriter | None = None
         self.batcher: Batcher | None = None
+        self.model_worker: ModelWorker | None = None
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._started_at = time.monotonic()
@@ -137,9 +140,6 @@ class FeedloopServer:
         keys = load_keys(config.auth_keys_file) if config.auth_keys_file else None
         if keys is None:
             log.warning("auth is off: allowed only because %s is a loopback address", config.host)
-        torch.set_num_threads(config.torch_threads)
-        if config.gil_switch_interval_ms > 0:
-            sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
         if self.store is None:
             self.store = await asyncio.to_thread(open_store, config.store_location)
         if self.registry is None:
@@ -154,7 +154,11 @@ class FeedloopServer:
 
         loop = asyncio.get_running_loop()
         metrics = self.metrics
-        self.live_model = LiveModel(self.registry, metrics, keep_versions=config.keep_versions)
+        self.model_worker = ModelWorker(metrics, torch_threads=config.torch_threads)
+        await asyncio.to_thread(self.model_worker.start)
+        self.live_model = LiveModel(
+            self.registry, self.model_worker, metrics, keep_versions=config.keep_versions
+        )
         self.generation_log = GenerationLog(
             self.store,
             metrics,
@@ -173,12 +177,12 @@ class FeedloopServer:
         self.feedback_writer.start(loop)
         self.batcher = Batcher(
             self.live_model,
+            self.model_worker,
             self.generation_log,
             metrics,
             max_batch_size=config.max_batch_size,
             max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_size=config.max_queue_size,
-            torch_threads=config.torch_threads,
         )
         self.batcher.start(loop)
         authenticator = Authenticator(keys)
@@ -252,7 +256,7 @@ class FeedloopServer:
 
         try:
             await asyncio.to_thread(self.live_model.load_initial)
-        except FeedloopError as exc:
+        except (FeedloopError, ServiceError) as exc:
             raise StartupError(f"cannot load the live model: {exc}") from None
         # A full garbage collection walks every object that torch, grpc and the model made at
         # start-up (about 190k, some 200 ms here): a stall of every thread in the middle of
@@ -284,6 +288,8 @@ class FeedloopServer:
         if self.batcher is not None:
             stopping.append(asyncio.to_thread(self.batcher.stop))
         await asyncio.gather(*stopping)
+        if self.model_worker is not None:
+            await asyncio.to_thread(self.model_worker.stop)
         remaining_s = max(0.1, deadline - time.monotonic())
         if self.feedback_writer is not None:
             await asyncio.to_thread(self.feedback_writer.stop, remaining_s)

@@ -1,16 +1,19 @@
 """The dynamic batcher: concurrent Generate calls grouped into batched forward passes.
 
-The event loop appends a job to a bounded queue and awaits its future; ONE dedicated worker
-thread takes up to max_batch_size rows (a request counts num_candidates rows), waiting at most
-max_queue_delay_ms after the oldest job arrived for company, and runs them. While a batch
-computes, new jobs pile up, so under load batches fill without any waiting at all.
+The event loop appends a job to a bounded queue and awaits its future; ONE dispatcher thread
+takes up to max_batch_size rows (a request counts num_candidates rows), waiting at most
+max_queue_delay_ms after the oldest job arrived for company, and sends them to the model
+process (model_worker.py). While a batch computes, new jobs pile up, so under load batches fill
+without any waiting at all.
 
-Per batch the worker reads the live model once: the batch is served by that one version, and a
-swap lands between batches. Jobs pinned to another version are run as their own batch with that
-version. Jobs whose deadline passed or that were cancelled are dropped before compute. The worker
-also builds the response protos and hands the generation records to the generation log, and it
-resolves a whole batch's futures with a single call into the loop, which keeps the loop's
-per-request cost small.
+Two batches may be out at once (PIPELINE_DEPTH): one computing, the next already waiting in the
+model process's pipe, so the model never idles while this process turns the previous batch into
+replies. That finishing work (response protos, generation records, resolving the futures with
+a single call into the loop) runs on the model worker's reader thread, off the event loop.
+
+Per batch the dispatcher reads the live model once: the batch is served by that one version, and
+a swap lands between batches. Jobs pinned to another version are sent as their own batch with
+that version. Jobs whose deadline passed or that were cancelled are dropped before they are sent.
 """
 
 from __future__ import annotations
@@ -19,24 +22,27 @@ import asyncio
 import collections
 import contextlib
 import logging
-import secrets
+import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from feedloop.core.policy import SampleRequest
+from feedloop.core.policy import SampledOutput, SampleRequest
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import GenerationRecord
 from feedloop.server.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
 from feedloop.server.genlog import GenerationLog
 from feedloop.server.live_model import LiveModel, LoadedModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.model_worker import ModelWorker
 from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server.batcher")
+
+PIPELINE_DEPTH = 2  # batches out at once: one computing, a full one queued behind it
+STALL_TIMEOUT_S = 60.0  # every slot held this long: the model process has stopped answering
 
 
 @dataclass(eq=False, slots=True)
@@ -59,26 +65,30 @@ class Batcher:
     def __init__(
         self,
         live_model: LiveModel,
+        model_worker: ModelWorker,
         generation_log: GenerationLog,
         metrics: ServerMetrics,
         *,
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_size: int,
-        torch_threads: int,
     ) -> None:
         self.live_model = live_model
+        self.model_worker = model_worker
         self.generation_log = generation_log
         self.metrics = metrics
         self.max_batch_rows = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
-        self.torch_threads = torch_threads
         self._jobs: collections.deque[GenerateJob] = collections.deque()
         self._rows = 0
         self._last_rows = 0  # rows of the previous batch
         self._cond = threading.Condition()
         self._stopping = False
+        self._in_flight = 0  # batches sent and not yet answered (at most PIPELINE_DEPTH)
+        self._last_reply_at = time.monotonic()
+        self._unfinished = 0  # batches sent whose replies are not all delivered yet
+        self._finished = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -105,33 +115,54 @@ class Batcher:
         with self._cond:
             self._jobs.append(job)
             self._rows += job.num_candidates
-            self._cond.notify()
+            if len(self._jobs) == 1 or self._rows >= self.max_batch_rows:
+                self._cond.notify()  # otherwise the dispatcher waits on a clock or a reply
         try:
             return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             job.cancelled = True  # the worker drops it if it has not started it yet
             raise
 
-    def stop(self) -> None:
-        """Finish every queued job, then stop the worker."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish every queued job and deliver every reply, then stop the dispatcher."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        deadline = time.monotonic() + timeout_s
         if self._thread is not None:
-            self._thread.join(timeout=30.0)
+            self._thread.join(timeout=timeout_s)
+        with self._finished:
+            self._finished.wait_for(
+                lambda: self._unfinished == 0, max(0.0, deadline - time.monotonic())
+            )
 
-    # -- the worker thread -----------------------------------------------------------------------
+    # -- the dispatcher thread --------------------------------------------------------------------
 
     def _take_batch(self) -> list[GenerateJob]:
+        """The next batch to send ([] once stopping with nothing left), counted as in flight."""
         with self._cond:
-            while not self._jobs:
-                if self._stopping:
+            while True:
+                if self._stopping and not self._jobs:
                     return []
-                self._cond.wait()
+                busy = self._in_flight > 0
+                if self._jobs and not busy:
+                    break
+                if (
+                    self._jobs
+                    and self._rows >= self.max_batch_rows
+                    and self._in_flight < PIPELINE_DEPTH
+                ):
+                    break  # a full batch: queue it behind the one computing, no gap between
+                # While the model computes, a partial batch sent now would only wait in its
+                # queue; gathered here, it takes in whoever arrives until the model is free.
+                self._cond.wait(1.0)
+                if busy and time.monotonic() - self._last_reply_at > STALL_TIMEOUT_S:
+                    self._in_flight = 0  # the answers fail when the process dies
+                    self.model_worker.kill()
             close_at = self._jobs[0].enqueued_at + self.max_queue_delay_s
             # Wait for company only when there is concurrency to batch: after a batch of one
             # row (a lone caller), waiting would add max_queue_delay_ms to every request.
-            wait = self._last_rows > 1
+            wait = self._last_rows > 1 and self._in_flight == 0
             while wait and self._rows < self.max_batch_rows and not self._stopping:
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
@@ -148,22 +179,33 @@ class Batcher:
                 batch.append(job)
             self._rows -= rows
             self._last_rows = rows
+            if not self._in_flight:
+                self._last_reply_at = time.monotonic()  # the stall clock starts now
+            self._in_flight += 1
             return batch
 
     def _run(self) -> None:
-        torch.set_num_threads(self.torch_threads)
         while True:
             batch = self._take_batch()
             if not batch:
                 return
             self.metrics.queue_depth.set(len(self._jobs))
             try:
-                self._serve(batch)
+                self._dispatch(batch)
             except Exception:
                 log.exception("batch failed")
                 self._deliver([(job, ServiceError("generation failed")) for job in batch])
+                self._replied()
 
-    def _serve(self, batch: list[GenerateJob]) -> None:
+    def _replied(self) -> None:
+        """A batch is answered (or was never sent): the model process has room again."""
+        with self._cond:
+            self._in_flight = max(0, self._in_flight - 1)
+            self._last_reply_at = time.monotonic()
+            self._cond.notify()
+
+    def _dispatch(self, batch: list[GenerateJob]) -> None:
+        """Send the batch's live jobs, one group per model version; answer the rest now."""
         now = time.monotonic()
         results: list[tuple[GenerateJob, Any]] = []
         live = self.live_model.live
@@ -186,29 +228,73 @@ class Batcher:
                 results.append((job, Unavailable("no model is loaded yet")))
                 continue
             groups.setdefault(model.version, (model, []))[1].append(job)
-        for model, jobs in groups.values():
-            try:
-                results.extend(self._run_group(model, jobs))
-            except Exception:  # one version's failure must not fail the other groups
-                log.exception("generation with model version %s failed", model.version)
-                results.extend((job, ServiceError("generation failed")) for job in jobs)
         self._deliver(results)
+        if not groups:
+            self._replied()
+            return
+        batch_state = _SentBatch(len(groups), self)
+        with self._finished:
+            self._unfinished += 1
+        for model, jobs in groups.values():
+            self._send(model, jobs, batch_state)
 
-    def _run_group(
-        self, model: LoadedModel, jobs: list[GenerateJob]
+    def _send(self, model: LoadedModel, jobs: list[GenerateJob], batch: _SentBatch) -> None:
+        try:
+            prompt_ids = [model.encode_prompt(job.prompt) for job in jobs]
+            requests = [
+                SampleRequest(ids, job.params, job.num_candidates)
+                for ids, job in zip(prompt_ids, jobs, strict=True)
+            ]
+            self.metrics.batch_rows.observe(sum(job.num_candidates for job in jobs))
+            future = self.model_worker.sample(model.version, requests)
+        except Exception:
+            log.exception("could not send a batch for model version %s", model.version)
+            self._deliver([(job, ServiceError("generation failed")) for job in jobs])
+            batch.group_replied()
+            batch.group_done()
+            return
+        future.add_done_callback(lambda done: self._finish(model, jobs, prompt_ids, done, batch))
+
+    def _finish(
+        self,
+        model: LoadedModel,
+        jobs: list[GenerateJob],
+        prompt_ids: list[list[int]],
+        done: Future[Any],
+        batch: _SentBatch,
+    ) -> None:
+        """Runs on the model worker's reader thread when the model process has answered."""
+        batch.group_replied()  # the next batch may go out while this one is finished here
+        try:
+            outputs, compute_s = done.result()
+            self.metrics.batch_duration.observe(compute_s)
+            results = self._replies(model, jobs, prompt_ids, outputs)
+        except ServiceError as exc:
+            log.warning("generation with model version %s failed: %s", model.version, exc)
+            results = [(job, exc) for job in jobs]
+        except Exception:  # one version's failure must not fail the other groups
+            log.exception("generation with model version %s failed", model.version)
+            results = [(job, ServiceError("generation failed")) for job in jobs]
+        self._deliver(results)
+        batch.group_done()
+
+    def _batch_finished(self) -> None:
+        with self._finished:
+            self._unfinished -= 1
+            self._finished.notify_all()
+
+    def _replies(
+        self,
+        model: LoadedModel,
+        jobs: list[GenerateJob],
+        prompt_ids: list[list[int]],
+        outputs: list[list[SampledOutput]],
     ) -> list[tuple[GenerateJob, Any]]:
-        policy = model.policy
-        tokenizer = policy.tokenizer
-        prompt_ids = [policy.encode_prompt(job.prompt) for job in jobs]
-        requests = [
-            SampleRequest(ids, job.params, job.num_candidates)
-            for ids, job in zip(prompt_ids, jobs, strict=True)
-        ]
-        started = time.perf_counter()
-        outputs = policy.sample(requests)
-        self.metrics.batch_duration.observe(time.perf_counter() - started)
-        self.metrics.batch_rows.observe(sum(job.num_candidates for job in jobs))
+        """Response protos for the jobs and their generation records (logged here)."""
+        tokenizer = model.tokenizer
         created_at = time.time()
+        rows = sum(len(samples) for samples in outputs)
+        random_hex = os.urandom(16 * rows).hex()  # 128 random bits per generation id
         records: list[GenerationRecord] = []
         results: list[tuple[GenerateJob, Any]] = []
         tokens_total = 0
@@ -223,7 +309,8 @@ class Batcher:
             }
             candidates = []
             for index, sample in enumerate(samples):
-                generation_id = secrets.token_hex(16)  # 128 random bits, cheaper than uuid4
+                row = len(records)
+                generation_id = random_hex[32 * row : 32 * row + 32]
                 phrase_ids = sample.phrase_ids
                 text = tokenizer.decode(phrase_ids)
                 tokens_total += len(sample.token_ids)
@@ -289,3 +376,30 @@ def _resolve(results: list[tuple[GenerateJob, Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+class _SentBatch:
+    """One batch out at the model process, in one group per model version."""
+
+    __slots__ = ("_batcher", "_lock", "_to_finish", "_to_reply")
+
+    def __init__(self, groups: int, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._lock = threading.Lock()
+        self._to_reply = groups
+        self._to_finish = groups
+
+    def group_replied(self) -> None:
+        with self._lock:
+            self._to_reply -= 1
+            last = self._to_reply == 0
+        if last:
+            self._batcher._replied()
+
+    def group_done(self) -> None:
+        """After group_replied, once the group's replies are delivered."""
+        with self._lock:
+            self._to_finish -= 1
+            last = self._to_finish == 0
+        if last:
+            self._batcher._batch_finished()

@@ -108,14 +108,7 @@ class ServeConfig:
     # -- model
     torch_threads: int = field(
         default=1,
-        metadata=_help("torch intra-op threads of the batch worker; 1 leaves a core for gRPC"),
-    )
-    gil_switch_interval_ms: float = field(
-        default=5.0,
-        metadata=_help(
-            "Python's GIL switch interval; shorter lets the batch worker get the "
-            "GIL back sooner between torch ops while the event loop is busy"
-        ),
+        metadata=_help("torch intra-op threads of the model process; 1 leaves a core for gRPC"),
     )
     keep_versions: int = field(
         default=3, metadata=_help("model versions kept loaded (live + recent, for pins)")
@@ -165,7 +158,6 @@ class ServeConfig:
             "rate_limit_rps",
             "registry_poll_interval_s",
             "shutdown_grace_s",
-            "gil_switch_interval_ms",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

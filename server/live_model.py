@@ -1,8 +1,9 @@
 """The live model and its hot swap: load, verify and warm up off the event loop, then swap.
 
-A background thread watches the registry's live pointer. A new live version is loaded with
-`load_checkpoint` (which verifies checksums, shapes, vocabulary and finite weights), warmed up
-with one sample call, and only then published to the batcher by replacing one reference. The
+A background thread watches the registry's live pointer. A new live version is loaded in the
+model process (model_worker.py) with `load_checkpoint` (which verifies checksums, shapes,
+vocabulary and finite weights) and warmed up with one sample call there; only then is it
+published to the batcher here by replacing one reference. The
 batcher reads that reference once per batch, so a swap lands between batches and each batch is
 served by exactly one version. A checkpoint that fails verification is refused, counted, logged
 and recorded in the registry history; the old version keeps serving. The last `keep_versions`
@@ -17,13 +18,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from feedloop.core.checkpoint import Manifest, load_checkpoint
+from feedloop.core.checkpoint import Manifest
 from feedloop.core.errors import CheckpointError, RegistryError
-from feedloop.core.policy import Policy, SampleRequest
+from feedloop.core.policy import nonempty_prompt
 from feedloop.core.registry import REFUSED, Decision, ModelRegistry
-from feedloop.core.sampling import SamplingParams
-from feedloop.server.errors import NotFound
+from feedloop.core.tokenizer import Tokenizer
+from feedloop.server.errors import NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.model_worker import ModelWorker
 
 log = logging.getLogger("feedloop.server.live_model")
 
@@ -34,23 +36,28 @@ WATCH_TIMEOUT_S = 1.0
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A version loaded in the model process, as this process knows it."""
+
     version: str
-    policy: Policy
+    tokenizer: Tokenizer
     manifest: Manifest
     loaded_at: float  # Unix seconds
 
-
-def warm_up(policy: Policy) -> None:
-    """One small sample call: the first pass allocates, so users never pay for it."""
-    prompt = policy.encode_prompt("warm up")
-    policy.sample([SampleRequest(prompt, SamplingParams(max_tokens=4, seed=1), 2)])
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return nonempty_prompt(self.tokenizer.encode(prompt))
 
 
 class LiveModel:
     def __init__(
-        self, registry: ModelRegistry, metrics: ServerMetrics, *, keep_versions: int
+        self,
+        registry: ModelRegistry,
+        worker: ModelWorker,
+        metrics: ServerMetrics,
+        *,
+        keep_versions: int,
     ) -> None:
         self.registry = registry
+        self.worker = worker
         self.metrics = metrics
         self.keep_versions = keep_versions
         self._lock = threading.Lock()  # guards _loaded; _live is swapped by one assignment
@@ -85,25 +92,35 @@ class LiveModel:
 
     def swap_to(self, version: str) -> bool:
         """Load, verify and warm up `version`, then make it live. False if it was refused."""
-        self._seen = version
+        previous, self._seen = self._seen, version
         started = time.perf_counter()
         with self._lock:
             model = self._loaded.get(version)
         if model is None:
             try:
-                policy, manifest = load_checkpoint(self.registry.checkpoint_dir(version))
-                warm_up(policy)
-            except (CheckpointError, RegistryError, ValueError, RuntimeError) as exc:
+                manifest, tokenizer = self.worker.load(
+                    version, self.registry.checkpoint_dir(version)
+                )
+            except (CheckpointError, RegistryError) as exc:
                 self._refuse(version, exc)
                 return False
-            model = LoadedModel(version, policy, manifest, time.time())
+            except ServiceError as exc:  # the model process failed, not the checkpoint
+                if self._live is None:
+                    raise  # at start-up: nothing to fall back on, the server cannot start
+                log.error("could not load model version %s, will retry: %s", version, exc)
+                self._seen = previous
+                return False
+            model = LoadedModel(version, tokenizer, manifest, time.time())
         with self._lock:
             self._loaded[version] = model
             self._loaded.move_to_end(version)
+            evicted = []
             while len(self._loaded) > self.keep_versions:
-                self._loaded.popitem(last=False)  # the live one is newest: never evicted
+                evicted.append(self._loaded.popitem(last=False)[0])  # the live one is newest
             self._live = model
             loaded = len(self._loaded)
+        for old in evicted:
+            self.worker.evict(old)
         self.metrics.swap_done(version, time.perf_counter() - started)
         self.metrics.set_live(version)
         self.metrics.loaded_versions.set(loaded)

@@ -140,6 +140,11 @@ class ServerMetrics:
             buckets=SWAP_BUCKETS_S,
             registry=r,
         )
+        self.model_process_restarts = Counter(
+            "feedloop_model_process_restarts",
+            "Times the model process died and was started again",
+            registry=r,
+        )
         self.store_write_duration = Histogram(
             "feedloop_store_write_duration_seconds",
             "Time of one group commit to the replay store, by table",

@@ -229,16 +229,16 @@ async def test_cancelled_request_is_dropped_before_compute(
 ) -> None:
     registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
     async with running_server(test_config(tmp_path), registry=registry) as running:
-        policy = running.server.live_model.live.policy
-        original = policy.sample
+        worker = running.server.model_worker
+        original = worker.sample
         gate, busy = threading.Event(), threading.Event()
 
-        def held_sample(requests):  # the worker stays busy until the test opens the gate
+        def held_sample(version, requests):  # the dispatcher stays busy until the gate opens
             busy.set()
             gate.wait(10)
-            return original(requests)
+            return original(version, requests)
 
-        policy.sample = held_sample
+        worker.sample = held_sample
         try:
             first = running.generation.Generate(pb.GenerateRequest(prompt="first"), timeout=30)
             await wait_until(busy.is_set)

@@ -1,0 +1,119 @@
+"""The model process: the server's policies live and sample here, outside the server's GIL.
+
+`feedloop serve` runs the gRPC event loop, the writers and the model in one Python process would
+share one interpreter lock: every torch op of a batch hands the lock back and must win it again
+from the event loop, so a batch took about twice as long inside the server as alone and the
+server never used more than one core. Here the model has its own process and its own lock; the
+server sends it batches over a pipe and gets samples back (see model_worker.py for that side).
+
+The protocol is tuples over a multiprocessing Connection, every request `(op, call_id, ...)`:
+
+    (LOAD, id, version, checkpoint_dir)  -> (id, OK, (manifest, tokenizer)) or (id, REFUSED, why)
+    (SAMPLE, id, version, [SampleRequest]) -> (id, OK, ([[SampledOutput]], seconds))
+                                             or (id, NOT_LOADED | FAILED, why)
+    (EVICT, 0, version)                   -> no reply
+    (STOP, 0)                             -> the process exits (as it does when the pipe closes)
+
+Samples are computed in arrival order on the main thread; loads (read, verify every checksum and
+tensor, warm up) run on a loader thread, so a swap does not stall the batches being served. A
+version is sampled from only after its load has replied OK.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.errors import CheckpointError
+from feedloop.core.policy import Policy, SampleRequest
+from feedloop.core.sampling import SamplingParams
+
+LOAD, SAMPLE, EVICT, STOP = "load", "sample", "evict", "stop"
+OK, REFUSED, NOT_LOADED, FAILED = "ok", "refused", "not-loaded", "failed"
+
+log = logging.getLogger("feedloop.server.model_process")
+
+
+def warm_up(policy: Policy) -> None:
+    """One small sample call: the first pass allocates, so users never pay for it."""
+    prompt = policy.encode_prompt("warm up")
+    policy.sample([SampleRequest(prompt, SamplingParams(max_tokens=4, seed=1), 2)])
+
+
+class _Models:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.policies: dict[str, Policy] = {}  # written by the loader, read by the main thread
+        self._send_lock = threading.Lock()
+
+    def reply(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def load(self, call_id: int, version: str, directory: str) -> None:
+        try:
+            policy, manifest = load_checkpoint(Path(directory))
+            warm_up(policy)
+        except (CheckpointError, ValueError, RuntimeError, OSError) as exc:
+            self.reply((call_id, REFUSED, str(exc)))
+            return
+        except Exception as exc:  # never leave the server waiting for an answer
+            self.reply((call_id, REFUSED, f"{type(exc).__name__}: {exc}"))
+            return
+        self.policies[version] = policy
+        self.reply((call_id, OK, (manifest, policy.tokenizer)))
+
+    def sample(self, call_id: int, version: str, requests: list[SampleRequest]) -> None:
+        policy = self.policies.get(version)
+        if policy is None:
+            self.reply((call_id, NOT_LOADED, f"model version {version} is not loaded"))
+            return
+        started = time.perf_counter()
+        try:
+            outputs = policy.sample(requests)
+        except Exception as exc:
+            log.exception("sampling with %s failed", version)
+            self.reply((call_id, FAILED, f"{type(exc).__name__}: {exc}"))
+            return
+        self.reply((call_id, OK, (outputs, time.perf_counter() - started)))
+
+
+def serve_models(conn: Connection, torch_threads: int) -> None:
+    """The model process's main loop; returns (the process exits) on STOP or when the pipe closes.
+
+    The server owns this process's lifetime. A Ctrl-C or a SIGTERM sent to the whole process
+    group is the server's to act on: it drains, and closes the pipe only once the batches in
+    flight are answered. If the server dies, the pipe closes and this process ends with it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(torch_threads)
+    models = _Models(conn)
+    loader = ThreadPoolExecutor(1, thread_name_prefix="feedloop-model-load")
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            op = message[0]
+            if op == SAMPLE:
+                models.sample(*message[1:])
+            elif op == LOAD:
+                loader.submit(models.load, *message[1:])
+            elif op == EVICT:
+                models.policies.pop(message[2], None)
+            elif op == STOP:
+                return
+    finally:
+        loader.shutdown(wait=False, cancel_futures=True)

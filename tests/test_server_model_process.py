@@ -1,0 +1,159 @@
+"""The model process: the server survives its death or a hang, and it never outlives the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from faults_procs import server_process, sigkill
+from server_harness import running_server, seeded_registry, test_config, wait_until
+
+from feedloop.client import FeedloopClient
+from feedloop.server import batcher as batcher_module
+from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid (the fork server and the model process it forked)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {p for p in found if alive(p)}
+
+
+async def generate_until_ok(running, prompt: str, timeout_s: float = 20.0) -> pb.GenerateResponse:
+    """Generate, retrying UNAVAILABLE (what callers see while the model process restarts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await running.generation.Generate(pb.GenerateRequest(prompt=prompt), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def test_a_killed_model_process_is_restarted_with_every_loaded_version(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    async with running_server(test_config(tmp_path), registry=registry) as running:
+        await asyncio.to_thread(registry.publish, tiny_checkpoint, reason="t", make_live=True)
+        await wait_until(lambda: running.server.live_version == "v0002")
+        worker = running.server.model_worker
+        first_pid = worker.pid
+        os.kill(first_pid, signal.SIGKILL)
+        await wait_until(lambda: worker.pid != first_pid, timeout_s=20)
+        reply = await generate_until_ok(running, "after the crash")
+        assert reply.model_version == "v0002" and reply.candidates
+        pinned = await running.generation.Generate(
+            pb.GenerateRequest(prompt="pinned", model_version="v0001"), timeout=10
+        )
+        assert pinned.model_version == "v0001"  # the older loaded version came back too
+        restarts = running.server.metrics.model_process_restarts._value.get()
+        assert restarts == 1
+        assert not alive(first_pid)
+
+
+async def test_calls_in_flight_when_the_model_process_dies_fail_unavailable(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    async with running_server(test_config(tmp_path), registry=registry) as running:
+        worker = running.server.model_worker
+        os.kill(worker.pid, signal.SIGSTOP)  # batches pile up unanswered
+        calls = [
+            running.generation.Generate(pb.GenerateRequest(prompt=f"p{i}"), timeout=20)
+            for i in range(8)
+        ]
+        await wait_until(lambda: running.server.batcher._in_flight > 0)
+        os.kill(worker.pid, signal.SIGKILL)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
+        assert codes <= {grpc.StatusCode.UNAVAILABLE}
+        assert codes, "the calls sent to the dead process should have failed"
+        assert (await generate_until_ok(running, "healed")).candidates
+
+
+async def test_a_hung_model_process_is_killed_and_replaced(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "STALL_TIMEOUT_S", 1.0)
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    async with running_server(test_config(tmp_path), registry=registry) as running:
+        worker = running.server.model_worker
+        hung_pid = worker.pid
+        os.kill(hung_pid, signal.SIGSTOP)  # alive, but it answers nothing
+        stuck = running.generation.Generate(pb.GenerateRequest(prompt="stuck"), timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stuck
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        await wait_until(lambda: worker.pid != hung_pid, timeout_s=20)
+        assert (await generate_until_ok(running, "unstuck")).candidates
+        assert not alive(hung_pid)
+
+
+def test_the_model_process_ends_with_a_killed_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    seeded_registry(tmp_path / "registry", tiny_checkpoint).close()
+    data_dir = tmp_path / "data"
+    with server_process(data_dir, "--registry", str(tmp_path / "registry")) as child:
+        with FeedloopClient(child.banner["grpc"]) as client:
+            assert client.generate("before").candidates
+        below = descendants(child.process.pid)
+        assert below, "the server should have a model process"
+        sigkill(child)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in below)
+
+
+async def test_sigterm_to_the_whole_group_still_drains_in_flight_calls(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The model process ignores the group's SIGTERM: the server drains, then stops it."""
+    seeded_registry(tmp_path / "registry", tiny_checkpoint).close()
+    data_dir = tmp_path / "data"
+    with server_process(data_dir, "--registry", str(tmp_path / "registry")) as child:
+        channel = grpc.aio.insecure_channel(child.banner["grpc"])
+        generation = pb_grpc.GenerationStub(channel)
+        calls = [
+            generation.Generate(
+                pb.GenerateRequest(prompt=f"drain {i}", num_candidates=4), timeout=20
+            )
+            for i in range(32)
+        ]
+        await asyncio.sleep(0.01)
+        os.killpg(child.process.pid, signal.SIGTERM)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await channel.close()
+        assert child.process.wait(timeout=30) == 0
+    answered = [r for r in results if isinstance(r, pb.GenerateResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    # Calls that reached the server before the signal are answered; later ones are refused
+    # cleanly (UNAVAILABLE), never failed half-way.
+    assert answered
+    assert {r.code() for r in refused} <= {grpc.StatusCode.UNAVAILABLE}
