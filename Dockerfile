@@ -16,13 +16,14 @@ RUN python -m venv /opt/feedloop \
     && pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY proto ./proto
 COPY core ./core
 COPY server ./server
 COPY trainer ./trainer
 COPY client ./client
-RUN pip install ".[serve,train]"
+# The same pinned versions as CI tests (requirements.lock, used as constraints).
+RUN pip install -c requirements.lock ".[serve,train]"
 
 # The default policy: supervised pretraining on the shipped corpus (a few minutes on 2 cores).
 RUN feedloop pretrain --data-dir /opt/feedloop-data --quiet \

@@ -48,7 +48,7 @@ def test_dockerfile_is_multi_stage_non_root_with_checkpoint_and_grpc_health_chec
     assert list(by_stage) == ["builder", "runtime"]
     builder, runtime = by_stage["builder"], by_stage["runtime"]
     assert "torch==2.13.0" in builder and "download.pytorch.org/whl/cpu" in builder
-    assert 'pip install ".[serve,train]"' in builder
+    assert 'pip install -c requirements.lock ".[serve,train]"' in builder
     assert "feedloop pretrain" in builder
     assert re.search(r"(?m)^FROM python:3\.11-slim", text)
     assert "COPY --from=builder /opt/feedloop /opt/feedloop" in runtime
