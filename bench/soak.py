@@ -7,22 +7,23 @@ What runs: `feedloop serve` and `feedloop train` on a temporary data dir, and
 bench/soak_load.py (its own process, asyncio) keeping a steady mix of Generate and feedback
 (unary and streamed) at the configured rates. Meanwhile the trainer publishes what its gate
 lets through, this script forces extra swaps (SetLive to another version every --swap-every-s)
-and one Rollback half-way, and samples the server's RSS (/proc/PID/status VmRSS) and open file
-descriptors (/proc/PID/fd) every few seconds.
+and one Rollback half-way, and samples the memory (PSS, /proc/PID/smaps_rollup) and open file
+descriptors (/proc/PID/fd) of the server and its model process every few seconds.
 
 The report: requests sent / succeeded / failed by code, p50/p99 latency per minute, feedback
 acknowledged vs stored (read back from the store after the server has drained), swaps done,
-RSS and fds at start and end. Exit status 1 when any request failed, an acknowledged event is
+memory and fds at start and end. Exit status 1 when any request failed, an acknowledged event is
 missing from the store (or stored twice), or memory or descriptors grow steadily:
 
     steady growth: the median of the samples in the LAST third of the run exceeds the median of
-    the MIDDLE third by more than max(8 MiB, 5%) for RSS, or by more than 8 for open fds. (The
+    the MIDDLE third by more than max(8 MiB, 5%) for memory, or by more than 8 for open fds. (The
     first third is warm-up: allocator pools, loaded model versions and connections settle.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -37,7 +38,13 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from feedloop.client.demo_processes import Child, feedloop_command, start_child, start_server
+from feedloop.client.demo_processes import (
+    Child,
+    feedloop_command,
+    process_tree,
+    start_child,
+    start_server,
+)
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.store import open_store
 from feedloop.v1 import feedloop_pb2 as pb
@@ -75,14 +82,27 @@ class Swaps:
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Memory of the server and its model process: the sum of their proportional set sizes
+    (PSS: pages shared between the processes counted once in all)."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile has no memory
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    if not total:
+        raise RuntimeError(f"no memory figures for pid {pid}")
+    return total
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open file descriptors of the server and its model process."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{member}/fd"))
+    return total
 
 
 def steady_growth(samples: list[Sample]) -> dict[str, Any]:
@@ -274,12 +294,14 @@ def print_report(report: dict[str, Any]) -> None:
     res = report["resources"]
     growth = res["growth"]
     print(
-        f"server RSS: start {res['rss_start_mib']:.1f} MiB, end {res['rss_end_mib']:.1f} MiB; "
+        f"server + model process memory (PSS): start {res['rss_start_mib']:.1f} MiB, "
+        f"end {res['rss_end_mib']:.1f} MiB; "
         f"open fds: start {res['fds_start']}, end {res['fds_end']} ({res['samples']} samples)"
     )
     if growth["judged"]:
         print(
-            f"growth (middle third -> last third medians): RSS {growth['rss_middle_mib']:.1f} -> "
+            f"growth (middle third -> last third medians): "
+            f"memory {growth['rss_middle_mib']:.1f} -> "
             f"{growth['rss_last_mib']:.1f} MiB (limit +{growth['rss_growth_limit_mib']:.1f}), "
             f"fds {growth['fds_middle']:.0f} -> {growth['fds_last']:.0f} (limit +{FD_GROWTH_MAX})"
         )
@@ -306,7 +328,7 @@ def problems_of(report: dict[str, Any]) -> list[str]:
             f"acknowledged {store['acknowledged_distinct']} != stored {store['stored']}"
         )
     if growth.get("rss_steady_growth"):
-        problems.append("server RSS grows steadily")
+        problems.append("server memory grows steadily")
     if growth.get("fds_steady_growth"):
         problems.append("server open file descriptors grow steadily")
     if report["server_exit_code"] != 0:

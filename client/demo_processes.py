@@ -83,6 +83,28 @@ def _signal_group(process: subprocess.Popen[str], sig: signal.Signals) -> None:
         os.killpg(process.pid, sig)
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and every live process below it (Linux /proc): a server, its fork server and the
+    model process forked from that. Exited (zombie) processes are left out."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    found = [pid] if pid in parents else []
+    frontier = set(found)
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found.extend(sorted(frontier))
+    return found
+
+
 def feedloop_command(*args: str) -> list[str]:
     """The `feedloop ...` command line run with this interpreter (works without PATH)."""
     return [sys.executable, "-m", "feedloop.client.cli", *args]

@@ -14,34 +14,14 @@ from faults_procs import server_process, sigkill
 from server_harness import running_server, seeded_registry, test_config, wait_until
 
 from feedloop.client import FeedloopClient
+from feedloop.client.demo_processes import process_tree
 from feedloop.server import batcher as batcher_module
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below pid (the fork server and the model process it forked)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return {p for p in found if alive(p)}
+    return bool(process_tree(pid))
 
 
 async def generate_until_ok(running, prompt: str, timeout_s: float = 20.0) -> pb.GenerateResponse:
@@ -122,7 +102,7 @@ def test_the_model_process_ends_with_a_killed_server(tmp_path: Path, tiny_checkp
     with server_process(data_dir, "--registry", str(tmp_path / "registry")) as child:
         with FeedloopClient(child.banner["grpc"]) as client:
             assert client.generate("before").candidates
-        below = descendants(child.process.pid)
+        below = process_tree(child.process.pid)[1:]
         assert below, "the server should have a model process"
         sigkill(child)
     deadline = time.monotonic() + 20
