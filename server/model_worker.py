@@ -157,6 +157,8 @@ class ModelWorker:
         try:
             manifest, tokenizer = future.result(LOAD_TIMEOUT_S)
         except FutureTimeout:
+            with self._lock:  # no answer will come for it any more
+                self._pending = {k: f for k, f in self._pending.items() if f is not future}
             raise Unavailable(f"loading {version} took over {LOAD_TIMEOUT_S:.0f} s") from None
         with self._lock:
             self._held[version] = Path(directory)
@@ -218,11 +220,14 @@ class ModelWorker:
             time.sleep(wait_s)
         self._spawn()
         with self._lock:
-            held = list(self._held.items())
+            held = list(reversed(self._held.items()))  # newest (the live one) first
         for version, directory in held:
             try:
                 self.load(version, directory)
-            except (CheckpointError, ServiceError) as exc:
+            except CheckpointError as exc:  # the files went bad since: never servable again
                 log.error("could not reload %s into the new model process: %s", version, exc)
                 with self._lock:
                     self._held.pop(version, None)
+            except ServiceError as exc:  # this process died too: its successor reloads all
+                log.error("reloading %s was interrupted: %s", version, exc)
+                return
