@@ -45,7 +45,7 @@ class ServeConfig:
             "model registry: a directory or a postgresql:// URL (unset: DATA_DIR/registry)"
         ),
     )
-    # -- batching: one worker thread runs batches; latency is bounded by max_queue_delay_ms
+    # -- batching: one model process computes batches; latency is bounded by max_queue_delay_ms
     max_batch_size: int = field(
         default=32,
         metadata=_help(

@@ -1,6 +1,6 @@
 """The Generation service: validate, resolve defaults and the seed, hand over to the batcher.
 
-Everything here is cheap and runs on the loop; the model runs in the batcher's worker thread.
+Everything here is cheap and runs on the loop; the model runs in the model process (batcher.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The generation log: a group-commit writer of served generations to the replay store.
 
-The batch worker hands over every batch's records; one writer thread commits whatever has
+The batcher hands over every batch's records; one writer thread commits whatever has
 accumulated in one `append_generations` transaction, so a slow commit simply makes the next one
 bigger. The buffer is bounded: when it holds `capacity` rows, Generate answers UNAVAILABLE
 (checked before compute) instead of growing memory. Records stay visible here until committed,
