@@ -128,6 +128,44 @@ def test_records_round_trip_every_field(store: ReplayStore) -> None:
     assert stored_event == FeedbackRecord(**{**event.__dict__, "seq": stored_event.seq})
 
 
+def test_awkward_ids_text_and_floats_round_trip_exactly(store: ReplayStore) -> None:
+    # Characters that array literals, JSON or SQL treat specially, and floats whose last digit
+    # a lossy encoding would change.
+    ids = ['q"uote', "back\\slash", "{brace,comma}", "NULL", " spaced ", "ünï 🙂", "'apos"]
+    store.append_generations([generation(gid) for gid in ids])
+    events = [
+        FeedbackRecord(
+            event_id='ev "1" \\ {x}',
+            kind="ranking",
+            generation_ids=ids,
+            client_id="app 'ü'",
+            received_at=1732499999.1234567,
+            given_at=0.1 + 0.2,
+        ),
+        FeedbackRecord(
+            event_id="ev-2",
+            kind="correction",
+            generation_ids=[ids[0]],
+            client_id="app-1",
+            received_at=2.5e-300,
+            text='line one\nline "two" \\ {three} 🙂',
+        ),
+        FeedbackRecord(
+            event_id="ev-3",
+            kind="rating",
+            generation_ids=[ids[5]],
+            client_id="app-1",
+            received_at=1e300,
+            score=1 / 3,
+            scale="unit",
+        ),
+    ]
+    assert store.insert_feedback(events) == [True, True, True]
+    stored = store.feedback_after(0, 10)
+    assert [FeedbackRecord(**{**e.__dict__, "seq": 0}) for e in stored] == events
+    assert [e.event_id for e in store.feedback_for([ids[3]])] == ['ev "1" \\ {x}']
+
+
 def test_seq_is_strictly_increasing_across_batches(store: ReplayStore) -> None:
     for batch in range(4):
         store.append_generations([generation(f"g{batch}-{i}") for i in range(5)])

@@ -16,6 +16,7 @@ so nothing half-written remains.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sqlite3
@@ -46,8 +47,8 @@ _EXPORT_PAGE_ROWS = 500
 _MAX_IN_PARAMS = 900
 
 
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+# json.dumps(value, separators=(",", ":")) without building an encoder per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _generation_row(record: GenerationRecord) -> tuple[Any, ...]:
@@ -106,10 +107,16 @@ _GEN_INSERT = (
     f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(GENERATION_COLUMNS))}) ON CONFLICT (generation_id) DO NOTHING"
 )
-_FB_INSERT = (
-    f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(FEEDBACK_COLUMNS))})"
-)
+_FB_ROW = f"({', '.join('?' * len(FEEDBACK_COLUMNS))})"
+# Rows per multi-row INSERT: 500 x 9 bound parameters stays far under SQLite's limit (32766).
+_FB_INSERT_CHUNK_ROWS = 500
+
+
+@functools.lru_cache(maxsize=256)
+def _fb_insert(rows: int) -> str:
+    return f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) VALUES " + ", ".join(
+        [_FB_ROW] * rows
+    )
 
 
 class SQLiteStore(ReplayStore):
@@ -152,6 +159,10 @@ class SQLiteStore(ReplayStore):
         )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # Statement journals in memory, not temp files: a multi-row INSERT in a transaction
+        # keeps one (to undo just that statement), and as a file it cost as much system time as
+        # the commit's own writes. Temp tables and sorts stay small here (reads are indexed).
+        conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         self._apply_quota(conn)
@@ -231,16 +242,21 @@ class SQLiteStore(ReplayStore):
             # another, can add an event_id or a seq between these statements.
             seen = self._existing_event_ids(conn, [r.event_id for r in records])
             accepted: list[bool] = []
-            new_rows: list[tuple[Any, ...]] = []
+            new_values: list[Any] = []  # the new rows' values, flat, for multi-row INSERTs
             for record in records:
                 is_new = record.event_id not in seen  # a repeat inside the batch is a duplicate
                 accepted.append(is_new)
                 if is_new:
                     seen.add(record.event_id)
-                    new_rows.append(_feedback_row(record))
-            if new_rows:
+                    new_values.extend(_feedback_row(record))
+            if new_values:
                 (last_seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM feedback").fetchone()
-                conn.executemany(_FB_INSERT, new_rows)
+                # One statement per chunk rather than executemany's one step per row: each step
+                # gives up the GIL and must win it back from the busy event loop.
+                step = _FB_INSERT_CHUNK_ROWS * len(FEEDBACK_COLUMNS)
+                for start in range(0, len(new_values), step):
+                    chunk = new_values[start : start + step]
+                    conn.execute(_fb_insert(len(chunk) // len(FEEDBACK_COLUMNS)), chunk)
                 conn.execute(
                     "INSERT OR IGNORE INTO feedback_generations (generation_id, feedback_seq) "
                     "SELECT ids.value, feedback.seq "
