@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,26 +137,39 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...
 
 def streaming(
     method: str,
-) -> Callable[[Callable[..., AsyncIterator[Any]]], Callable[..., AsyncIterator[Any]]]:
-    def wrap(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+) -> Callable[[Callable[..., AsyncGenerator[Any, None]]], Callable[..., Awaitable[None]]]:
+    """For a servicer method written as an async generator of responses. The handler grpc sees
+    is a coroutine that writes each response itself (context.write): one async-generator layer
+    per message fewer than handing grpc a generator wrapped around the method's own."""
+
+    def wrap(fn: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., Awaitable[None]]:
         @functools.wraps(fn)
-        async def handler(
-            self: Any, request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
             started = time.perf_counter()
             calls = _call_metrics(self, method)
             code = grpc.StatusCode.OK
+            responses = fn(self, request, context)
+            write = context.write
+            writing = False
             try:
-                async for response in fn(self, request, context):
-                    yield response
+                async for response in responses:
+                    writing = True
+                    await write(response)
+                    writing = False
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
+                if writing:  # the call broke under a write (the client went away): grpc's case
+                    code = grpc.StatusCode.CANCELLED
+                    raise
                 code = status_of(exc)[0]
                 await _abort(context, exc)
             finally:
-                calls.done(code, started)
+                try:
+                    await responses.aclose()
+                finally:
+                    calls.done(code, started)
 
         return handler
 

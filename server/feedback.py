@@ -8,10 +8,11 @@ which sees the generation log's buffer too. A rejected event is never written.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
 from feedloop.server.edge import Undecodable, streaming, unary
 from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
-from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter
+from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
 from feedloop.server.metrics import ServerMetrics
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
@@ -155,64 +156,101 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         self,
         request_iterator: AsyncIterator[pb.FeedbackEvent],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.FeedbackAck]:
-        client_id = self.auth.client_id(context)
-        # (event_id, future or error) in arrival order; None ends it. Unbounded, so the reader
-        # never blocks on it; `slots` bounds how many events are in flight instead.
-        window: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_WINDOW)
-
-        async def read() -> None:
-            # Reads ahead of the acks; stops at the first event that fails the cheap checks,
-            # so nothing after an invalid event is submitted by this reader.
-            try:
-                async for event in request_iterator:
-                    if type(event) is Undecodable:
-                        window.put_nowait(("", event.problem()))
-                        return
-                    await slots.acquire()
-                    try:
-                        future: Any = self.writer.submit(self._parse(event, client_id))
-                    except ServiceError as exc:
-                        window.put_nowait((event.event_id, exc))
-                        return
-                    window.put_nowait((event.event_id, future))
-            except Exception as exc:  # the request stream itself failed
-                window.put_nowait(("", exc))
-            finally:
-                window.put_nowait(None)
-
-        reader = asyncio.create_task(read())
+    ) -> AsyncGenerator[pb.FeedbackAck, None]:
+        # Events are read with context.read() (request_iterator is an async generator around
+        # it: one layer less per event), by a task of their own so that reading runs ahead of
+        # the acks and one stream's events share group commits.
+        window = AckWindow()
+        reader = asyncio.create_task(
+            self._read_stream(context, self.auth.client_id(context), window)
+        )
+        in_flight = window.in_flight
         try:
-            while (item := await window.get()) is not None:
-                event_id, pending = item
-                try:
-                    if isinstance(pending, BaseException):
-                        raise pending
-                    outcome = await pending
-                except Exception as exc:
-                    if not event_id:  # the request stream failed, not one event
-                        raise
-                    raise in_context(exc, f"event {event_id!r}") from exc
-                yield pb.FeedbackAck(event_id=event_id, outcome=OUTCOMES[outcome])
-                slots.release()
+            while True:
+                while in_flight and in_flight[0].decided:
+                    item = in_flight.popleft()
+                    window.made_room()
+                    outcome = item.outcome
+                    if isinstance(outcome, BaseException):
+                        raise in_context(outcome, f"event {item.record.event_id!r}") from outcome
+                    yield pb.FeedbackAck(event_id=item.record.event_id, outcome=OUTCOMES[outcome])
+                if not in_flight and reader.done():
+                    break
+                await window.changed()
+            if window.failure is not None:
+                event_id, exc = window.failure
+                if not event_id:  # the request stream failed, not one event
+                    raise exc
+                raise in_context(exc, f"event {event_id!r}") from exc
         finally:
             if not reader.done():
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
-            _forget_pending(window)
+
+    async def _read_stream(
+        self, context: grpc.aio.ServicerContext, client_id: str, window: AckWindow
+    ) -> None:
+        """Read ahead of the acks, at most STREAM_WINDOW events in flight; stop at the first
+        event that fails the cheap checks, so nothing after an invalid event is submitted."""
+        in_flight = window.in_flight
+        read = context.read
+        try:
+            while (event := await read()) is not grpc.aio.EOF:
+                if type(event) is Undecodable:
+                    window.failure = ("", event.problem())
+                    return
+                if len(in_flight) >= STREAM_WINDOW:
+                    await window.room()
+                try:
+                    in_flight.append(
+                        self.writer.submit_waking(self._parse(event, client_id), window)
+                    )
+                except ServiceError as exc:
+                    window.failure = (event.event_id, exc)
+                    return
+        except Exception as exc:  # the request stream itself failed
+            window.failure = ("", exc)
+        finally:
+            window.wake()
 
 
-def _forget_pending(window: asyncio.Queue[tuple[str, Any] | None]) -> None:
-    """Events submitted but never acknowledged (the stream ended first) are still committed by
-    the writer; consume their outcomes so asyncio does not report them as never retrieved."""
-    while not window.empty():
-        item = window.get_nowait()
-        if item is not None and isinstance(item[1], asyncio.Future):
-            item[1].add_done_callback(_consume)
+class AckWindow:
+    """One stream's submitted events, oldest first, between "read" and "acknowledged".
 
+    The writer wakes it once per group commit (not once per event); the acknowledging side waits
+    in `changed`, the reading side in `room` when STREAM_WINDOW events are in flight. Events
+    submitted but never acknowledged (the stream ended first) are still committed: nothing waits
+    on them, so nothing is left unretrieved.
+    """
 
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+    __slots__ = ("_changed", "_room", "failure", "in_flight")
+
+    def __init__(self) -> None:
+        self.in_flight: collections.deque[Pending] = collections.deque()
+        # (event_id or "" for the stream itself, error): why the reader stopped early.
+        self.failure: tuple[str, BaseException] | None = None
+        self._changed: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Events were decided, or the reader stopped (on the loop)."""
+        waiter, self._changed = self._changed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def changed(self) -> None:
+        self._changed = asyncio.get_running_loop().create_future()
+        await self._changed
+
+    def made_room(self) -> None:
+        """An event left the window (on the loop): let a waiting reader go on."""
+        waiter = self._room
+        if waiter is not None and len(self.in_flight) < STREAM_WINDOW:
+            self._room = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def room(self) -> None:
+        self._room = asyncio.get_running_loop().create_future()
+        await self._room
