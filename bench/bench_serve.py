@@ -331,7 +331,7 @@ def report(results: dict[str, Any], checkpoint_note: str) -> str:
                 f"{r['p99_ms']:>8.1f} {r['errors']:>7}"
             )
         lines += [
-            f"batched/unbatched at c64: {g['batched_over_unbatched_c64']:.1f}x (target >= 5x)",
+            f"batched/unbatched at c64: {g['batched_over_unbatched_c64']:.2f}x (target >= 5x)",
             f"served c64 / policy alone batch 32: {g['served_c64_over_policy_batch32']:.0%} "
             f"(target >= 60%)",
             f"p99 at c64: {g['p99_ms_c64']:.1f} ms (target < 50 ms)",
