@@ -70,7 +70,7 @@ TINY_POLICY = dict(
 @dataclass
 class Sample:
     at_s: float
-    rss_bytes: int
+    memory_bytes: int
     fds: int
 
 
@@ -81,7 +81,7 @@ class Swaps:
     errors: list[str] = field(default_factory=list)
 
 
-def rss_bytes(pid: int) -> int:
+def memory_bytes(pid: int) -> int:
     """Memory of the server and its model process: the sum of their proportional set sizes
     (PSS: pages shared between the processes counted once in all)."""
     total = 0
@@ -111,8 +111,8 @@ def steady_growth(samples: list[Sample]) -> dict[str, Any]:
     if third < 2:
         return {"judged": False, "reason": "too few samples (run longer than ~30 s)"}
     middle, last = samples[third : 2 * third], samples[2 * third :]
-    rss_mid = statistics.median(s.rss_bytes for s in middle)
-    rss_last = statistics.median(s.rss_bytes for s in last)
+    rss_mid = statistics.median(s.memory_bytes for s in middle)
+    rss_last = statistics.median(s.memory_bytes for s in last)
     fd_mid = statistics.median(s.fds for s in middle)
     fd_last = statistics.median(s.fds for s in last)
     rss_limit = max(RSS_GROWTH_MIN_BYTES, RSS_GROWTH_SHARE * rss_mid)
@@ -364,7 +364,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
                 now = time.monotonic()
                 if now >= next_sample:
                     samples.append(
-                        Sample(now - started, rss_bytes(server.pid), open_fds(server.pid))
+                        Sample(now - started, memory_bytes(server.pid), open_fds(server.pid))
                     )
                     next_sample += SAMPLE_EVERY_S
                 if now >= next_swap and now < started + args.duration_s - 5:
@@ -376,12 +376,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
                     rolled_back = True
                 bar.n = min(int(now - started), int(args.duration_s))
                 bar.set_postfix_str(
-                    f"rss={samples[-1].rss_bytes / 2**20:.0f}MiB" if samples else ""
+                    f"mem={samples[-1].memory_bytes / 2**20:.0f}MiB" if samples else ""
                 )
                 bar.refresh()
                 time.sleep(0.2)
         samples.append(
-            Sample(time.monotonic() - started, rss_bytes(server.pid), open_fds(server.pid))
+            Sample(time.monotonic() - started, memory_bytes(server.pid), open_fds(server.pid))
         )
         load_code = load.stop()
         status_end = admin.GetStatus(pb.GetStatusRequest(), timeout=10)
@@ -419,8 +419,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             ),
         },
         "resources": {
-            "rss_start_mib": samples[0].rss_bytes / 2**20,
-            "rss_end_mib": samples[-1].rss_bytes / 2**20,
+            "rss_start_mib": samples[0].memory_bytes / 2**20,
+            "rss_end_mib": samples[-1].memory_bytes / 2**20,
             "fds_start": samples[0].fds,
             "fds_end": samples[-1].fds,
             "samples": len(samples),

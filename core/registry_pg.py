@@ -52,6 +52,7 @@ from feedloop.core.registry import (
     version_name,
 )
 from feedloop.core.store.pg import Pool, redact
+from feedloop.core.store.schema import migrate
 
 _ROLLBACK_DEPTH = 20  # as the directory registry: the last 20 live versions can be restored
 
@@ -134,23 +135,14 @@ class PostgresRegistry(ModelRegistry):
     @staticmethod
     def _migrate(conn: psycopg.Connection) -> None:
         _lock(conn, "registry_schema_version")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS registry_schema_version (version INTEGER NOT NULL)"
+        migrate(
+            conn,
+            _MIGRATIONS,
+            placeholder="%s",
+            store_name="the model registry",
+            version_table="registry_schema_version",
+            error=RegistryError,
         )
-        row = conn.execute("SELECT version FROM registry_schema_version").fetchone()
-        current = row[0] if row else 0
-        if current > len(_MIGRATIONS):
-            raise RegistryError(
-                f"registry schema version {current} is newer than this feedloop knows "
-                f"({len(_MIGRATIONS)}): upgrade feedloop"
-            )
-        for statements in _MIGRATIONS[current:]:
-            for statement in statements:
-                conn.execute(statement)
-        if row is None:
-            conn.execute("INSERT INTO registry_schema_version VALUES (%s)", (len(_MIGRATIONS),))
-        else:
-            conn.execute("UPDATE registry_schema_version SET version = %s", (len(_MIGRATIONS),))
 
     def _fetch(self, action: str, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
         return self._pool.run(

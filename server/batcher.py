@@ -85,10 +85,9 @@ class Batcher:
         self._last_rows = 0  # rows of the previous batch
         self._cond = threading.Condition()
         self._stopping = False
-        self._in_flight = 0  # batches sent and not yet answered (at most PIPELINE_DEPTH)
+        self._in_flight = 0  # sends not yet answered by the model process
+        self._unfinished = 0  # sends whose replies are not all delivered yet
         self._last_reply_at = time.monotonic()
-        self._unfinished = 0  # batches sent whose replies are not all delivered yet
-        self._finished = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -131,15 +130,15 @@ class Batcher:
         deadline = time.monotonic() + timeout_s
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
-        with self._finished:
-            self._finished.wait_for(
+        with self._cond:
+            self._cond.wait_for(
                 lambda: self._unfinished == 0, max(0.0, deadline - time.monotonic())
             )
 
     # -- the dispatcher thread --------------------------------------------------------------------
 
     def _take_batch(self) -> list[GenerateJob]:
-        """The next batch to send ([] once stopping with nothing left), counted as in flight."""
+        """The next batch to send ([] once stopping with nothing left)."""
         with self._cond:
             while True:
                 if self._stopping and not self._jobs:
@@ -157,8 +156,7 @@ class Batcher:
                 # queue; gathered here, it takes in whoever arrives until the model is free.
                 self._cond.wait(1.0)
                 if busy and time.monotonic() - self._last_reply_at > STALL_TIMEOUT_S:
-                    self._in_flight = 0  # the answers fail when the process dies
-                    self.model_worker.kill()
+                    self.model_worker.kill()  # its sends fail, and answer, when it dies
             close_at = self._jobs[0].enqueued_at + self.max_queue_delay_s
             # Wait for company only when there is concurrency to batch: after a batch of one
             # row (a lone caller), waiting would add max_queue_delay_ms to every request.
@@ -179,9 +177,6 @@ class Batcher:
                 batch.append(job)
             self._rows -= rows
             self._last_rows = rows
-            if not self._in_flight:
-                self._last_reply_at = time.monotonic()  # the stall clock starts now
-            self._in_flight += 1
             return batch
 
     def _run(self) -> None:
@@ -195,14 +190,19 @@ class Batcher:
             except Exception:
                 log.exception("batch failed")
                 self._deliver([(job, ServiceError("generation failed")) for job in batch])
-                self._replied()
 
     def _replied(self) -> None:
-        """A batch is answered (or was never sent): the model process has room again."""
+        """A send is answered (or failed): the model process has room again."""
         with self._cond:
-            self._in_flight = max(0, self._in_flight - 1)
+            self._in_flight -= 1
             self._last_reply_at = time.monotonic()
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def _delivered(self) -> None:
+        """A send's replies are with the event loop (what stop() waits for)."""
+        with self._cond:
+            self._unfinished -= 1
+            self._cond.notify_all()
 
     def _dispatch(self, batch: list[GenerateJob]) -> None:
         """Send the batch's live jobs, one group per model version; answer the rest now."""
@@ -230,15 +230,16 @@ class Batcher:
             groups.setdefault(model.version, (model, []))[1].append(job)
         self._deliver(results)
         if not groups:
-            self._replied()
             return
-        batch_state = _SentBatch(len(groups), self)
-        with self._finished:
-            self._unfinished += 1
+        with self._cond:
+            if not self._in_flight:
+                self._last_reply_at = time.monotonic()  # the stall clock starts now
+            self._in_flight += len(groups)  # one send per version
+            self._unfinished += len(groups)
         for model, jobs in groups.values():
-            self._send(model, jobs, batch_state)
+            self._send(model, jobs)
 
-    def _send(self, model: LoadedModel, jobs: list[GenerateJob], batch: _SentBatch) -> None:
+    def _send(self, model: LoadedModel, jobs: list[GenerateJob]) -> None:
         try:
             prompt_ids = [model.encode_prompt(job.prompt) for job in jobs]
             requests = [
@@ -250,10 +251,10 @@ class Batcher:
         except Exception:
             log.exception("could not send a batch for model version %s", model.version)
             self._deliver([(job, ServiceError("generation failed")) for job in jobs])
-            batch.group_replied()
-            batch.group_done()
+            self._replied()
+            self._delivered()
             return
-        future.add_done_callback(lambda done: self._finish(model, jobs, prompt_ids, done, batch))
+        future.add_done_callback(lambda done: self._finish(model, jobs, prompt_ids, done))
 
     def _finish(
         self,
@@ -261,10 +262,9 @@ class Batcher:
         jobs: list[GenerateJob],
         prompt_ids: list[list[int]],
         done: Future[Any],
-        batch: _SentBatch,
     ) -> None:
         """Runs on the model worker's reader thread when the model process has answered."""
-        batch.group_replied()  # the next batch may go out while this one is finished here
+        self._replied()  # the next batch may go out while this one is finished here
         try:
             outputs, compute_s = done.result()
             self.metrics.batch_duration.observe(compute_s)
@@ -276,12 +276,7 @@ class Batcher:
             log.exception("generation with model version %s failed", model.version)
             results = [(job, ServiceError("generation failed")) for job in jobs]
         self._deliver(results)
-        batch.group_done()
-
-    def _batch_finished(self) -> None:
-        with self._finished:
-            self._unfinished -= 1
-            self._finished.notify_all()
+        self._delivered()
 
     def _replies(
         self,
@@ -376,30 +371,3 @@ def _resolve(results: list[tuple[GenerateJob, Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
-
-
-class _SentBatch:
-    """One batch out at the model process, in one group per model version."""
-
-    __slots__ = ("_batcher", "_lock", "_to_finish", "_to_reply")
-
-    def __init__(self, groups: int, batcher: Batcher) -> None:
-        self._batcher = batcher
-        self._lock = threading.Lock()
-        self._to_reply = groups
-        self._to_finish = groups
-
-    def group_replied(self) -> None:
-        with self._lock:
-            self._to_reply -= 1
-            last = self._to_reply == 0
-        if last:
-            self._batcher._replied()
-
-    def group_done(self) -> None:
-        """After group_replied, once the group's replies are delivered."""
-        with self._lock:
-            self._to_finish -= 1
-            last = self._to_finish == 0
-        if last:
-            self._batcher._batch_finished()

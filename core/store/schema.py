@@ -113,30 +113,36 @@ LATEST_VERSION = len(SQLITE_MIGRATIONS)
 
 
 def migrate(
-    conn: Any, migrations: Sequence[Sequence[str]], *, placeholder: str, store_name: str
+    conn: Any,
+    migrations: Sequence[Sequence[str]],
+    *,
+    placeholder: str,
+    store_name: str,
+    version_table: str = "schema_version",
+    error: type[Exception] = StoreUnavailableError,
 ) -> None:
-    """Bring a store's schema to LATEST_VERSION inside the caller's transaction.
+    """Bring a schema to len(migrations) inside the caller's transaction.
 
     conn is a DB-API connection (sqlite3 or psycopg: both have `execute` returning a cursor);
-    placeholder is the driver's parameter marker ("?" or "%s").
+    placeholder is the driver's parameter marker ("?" or "%s"). The version lives in one row of
+    version_table; a schema newer than these migrations raises `error`.
     """
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    latest = len(migrations)
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {version_table} (version INTEGER NOT NULL)")
+    row = conn.execute(f"SELECT version FROM {version_table}").fetchone()
     current = row[0] if row else 0
-    if current > LATEST_VERSION:
-        raise StoreUnavailableError(
+    if current > latest:
+        raise error(
             f"{store_name} has schema version {current}, newer than this feedloop knows "
-            f"({LATEST_VERSION}): upgrade feedloop"
+            f"({latest}): upgrade feedloop"
         )
     for statements in migrations[current:]:
         for statement in statements:
             conn.execute(statement)
     if row is None:
-        conn.execute(
-            f"INSERT INTO schema_version (version) VALUES ({placeholder})", (LATEST_VERSION,)
-        )
-    elif current != LATEST_VERSION:
-        conn.execute(f"UPDATE schema_version SET version = {placeholder}", (LATEST_VERSION,))
+        conn.execute(f"INSERT INTO {version_table} (version) VALUES ({placeholder})", (latest,))
+    elif current != latest:
+        conn.execute(f"UPDATE {version_table} SET version = {placeholder}", (latest,))
 
 
 assert len(POSTGRES_MIGRATIONS) == LATEST_VERSION, "both backends share one schema version"
