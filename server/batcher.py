@@ -41,7 +41,7 @@ from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server.batcher")
 
-PIPELINE_DEPTH = 2  # batches out at once: one computing, a full one queued behind it
+PIPELINE_DEPTH = 2  # sends out at once: one computing, a full one queued behind it
 STALL_TIMEOUT_S = 60.0  # every slot held this long: the model process has stopped answering
 
 
