@@ -126,22 +126,43 @@ class GRUPolicy(Policy):
 
     # -- sampling ------------------------------------------------------------------------------
 
+    def _input_table(self) -> torch.Tensor:
+        """Every token's share of the decoder's input gates, embedding @ W_ih[:, :E]^T (V, 3H).
+
+        A sampling step then looks its token's row up instead of multiplying the embedding by
+        the weights: an eighth of a step's arithmetic. Built on first use and kept until a
+        weight it derives from is replaced or changed in place (a training step bumps the
+        tensor's version counter), so a policy that trains and samples in turn stays exact.
+        """
+        weights = (self.embedding.weight, cast(torch.Tensor, self.decoder.weight_ih_l0))
+        key = tuple((w, w._version) for w in weights)
+        cached = self.__dict__.get("_input_table_cache")
+        if cached is not None and all(
+            a is b and v == u for (a, v), (b, u) in zip(cached[0], key, strict=True)
+        ):
+            return cast(torch.Tensor, cached[1])
+        e = self.config.embedding_dim
+        table = weights[0] @ weights[1][:, :e].t()
+        self.__dict__["_input_table_cache"] = (key, table)
+        return table
+
     def _decoder_cell(
         self, context: torch.Tensor
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
         """One decoder step for sampling, the same function as `self.decoder` (PyTorch's GRU).
 
         The context's share of the input projection is the same at every step, so it is
-        computed once per batch (returned, one row per batch row) instead of once per token:
-        about a fifth of a step's work. step(token, h, context_gates) -> the next h.
+        computed once per batch (returned, one row per batch row) instead of once per token,
+        and the token's share is a row of `_input_table`. step(token, h, context_gates) -> the
+        next h.
         """
         e = self.config.embedding_dim
         w_ih, w_hh, b_ih, b_hh = cast(list[torch.Tensor], self.decoder.all_weights[0])
         context_gates = torch.addmm(b_ih, context, w_ih[:, e:].t())
-        w_embedded, w_hidden = w_ih[:, :e].t(), w_hh.t()
+        table, w_hidden = self._input_table(), w_hh.t()
 
         def step(token: torch.Tensor, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-            gi = torch.addmm(gates, self.embedding(token), w_embedded)
+            gi = gates + table.index_select(0, token)
             gh = torch.addmm(b_hh, h, w_hidden)
             i_r, i_z, i_n = gi.chunk(3, dim=1)
             h_r, h_z, h_n = gh.chunk(3, dim=1)
@@ -151,6 +172,32 @@ class GRUPolicy(Policy):
             return n + z * (h - n)  # (1 - z) * n + z * h
 
         return context_gates, step
+
+    def _attention_memory(
+        self, states: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `attend` needs of the encoder states, computed once per batch for sampling.
+
+        Luong's score (W_a h)·s_j equals h·(s_j W_a), so the keys s_j W_a (B, H, S) are fixed
+        per batch; and the attended half of the combine layer, W_c2 Σ_j α_j s_j, equals
+        Σ_j α_j (W_c2 s_j), so the values W_c2 s_j (B, S, H) are too. A step then costs two
+        products over the S prompt positions instead of two H×H matrix products. The mask
+        becomes an additive bias (B, 1, S): 0 for a prompt token, -inf for padding.
+        """
+        h = self.config.hidden_dim
+        keys = (states @ self.attention.weight).transpose(1, 2).contiguous()
+        values = states @ self.combine.weight[:, h:].t()
+        bias = torch.zeros(mask.shape, dtype=states.dtype).masked_fill_(~mask, float("-inf"))
+        return keys, values, bias.unsqueeze(1)
+
+    def _attend_step(
+        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """`attend` for one step of decoder outputs (B, H), over `_attention_memory`."""
+        h = self.config.hidden_dim
+        weights = torch.softmax(torch.baddbmm(bias, hidden.unsqueeze(1), keys), dim=-1)
+        own = torch.addmm(self.combine.bias, hidden, self.combine.weight[:, :h].t())
+        return torch.tanh(torch.baddbmm(own.unsqueeze(1), weights, values)[:, 0])
 
     @torch.inference_mode()
     def sample(self, requests: Sequence[SampleRequest]) -> list[list[SampledOutput]]:
@@ -183,6 +230,7 @@ class GRUPolicy(Policy):
 
         states, mask, context = self.encode(prompt_ids, prompt_lengths)
         gates, step = self._decoder_cell(context)
+        keys, values, bias = self._attention_memory(states, mask)
         state = self.initial_state(context)[0]
         token = torch.full((n,), BOS_ID, dtype=torch.long)
         tokens = torch.full((n, steps), PAD_ID, dtype=torch.long)
@@ -192,7 +240,7 @@ class GRUPolicy(Policy):
         running = torch.arange(n)  # the batch rows still sampling, in their order
         for t in range(steps):
             state = step(token, state, gates)
-            logits = self.output(self.attend(state.unsqueeze(1), states, mask)[:, 0])
+            logits = self.output(self._attend_step(state, keys, values, bias))
             probs = sampling.sampling_probs(logits, temperature, top_k, top_p)
             token = sampling.draw(probs, uniforms[:, t])
             chosen = token.unsqueeze(1)
@@ -212,7 +260,7 @@ class GRUPolicy(Policy):
                 if not bool(keep.any()):
                     break
                 running, token, state, gates = running[keep], token[keep], state[keep], gates[keep]
-                states, mask, uniforms = states[keep], mask[keep], uniforms[keep]
+                keys, values, bias, uniforms = keys[keep], values[keep], bias[keep], uniforms[keep]
                 temperature, top_k, top_p = temperature[keep], top_k[keep], top_p[keep]
                 max_tokens = max_tokens[keep]
 

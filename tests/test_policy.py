@@ -60,6 +60,35 @@ def test_raw_logprobs_logged_at_sampling_equal_the_teacher_forced_score(policy):
     assert torch.allclose(torch.tensor(scored), torch.tensor(outs[0].policy_logprobs), atol=1e-5)
 
 
+def test_sampling_follows_a_weight_changed_in_place_between_samples(tiny_checkpoint: Path):
+    # Sampling caches the decoder's per-token input gates; an optimizer step (in place) or a
+    # loaded state dict must not leave a stale table behind.
+    policy = load_checkpoint(tiny_checkpoint)[0]
+    prompt = policy.encode_prompt("ocean")
+
+    def sampled_matches_score() -> None:
+        out = policy.sample([request(policy, "ocean", 9, n=3)])[0]
+        for sample in out:
+            scored = policy.score([prompt], [sample.token_ids])[0]
+            assert torch.allclose(
+                torch.tensor(scored), torch.tensor(sample.policy_logprobs), atol=1e-5
+            )
+
+    sampled_matches_score()
+    with torch.no_grad():
+        policy.embedding.weight.mul_(1.5)  # in place, as an optimizer step
+    sampled_matches_score()
+    with torch.no_grad():
+        policy.decoder.weight_ih_l0.add_(0.05)
+    sampled_matches_score()
+    fresh = load_checkpoint(tiny_checkpoint)[0]
+    policy.load_state_dict(fresh.state_dict())
+    sampled_matches_score()
+    assert policy.sample([request(policy, "ocean", 9)]) == fresh.sample(
+        [request(fresh, "ocean", 9)]
+    )
+
+
 def test_behaviour_logprobs_are_those_of_the_filtered_distribution(policy):
     greedy = policy.sample([request(policy, "ocean", 3, top_k=1)])[0][0]
     assert all(abs(lp) < 1e-6 for lp in greedy.behaviour_logprobs)
