@@ -1,6 +1,7 @@
 """The load generator of bench_serve.py, run as its own process (so its CPU is not the server's).
 
     python bench/serve_load.py generate --target HOST:PORT --concurrency 64 --duration-s 3
+    python bench/serve_load.py generate-h2load --target HOST:PORT --metrics HOST:PORT
     python bench/serve_load.py feedback-unary --target HOST:PORT --concurrency 64
     python bench/serve_load.py feedback-stream --target HOST:PORT --streams 4
     python bench/serve_load.py echo-server                 # prints its port, serves until killed
@@ -10,6 +11,14 @@
 Each mode prints one JSON object on stdout (echo-server prints its port first). Closed-loop
 load: each of `concurrency` workers sends its next request when the previous one is answered.
 The first warmup_s seconds are not counted.
+
+generate-h2load drives the same closed loop with h2load (nghttp2's HTTP/2 load generator, C;
+Debian package nghttp2-client): one connection, `concurrency` streams, every request the same
+gRPC-framed GenerateRequest. It costs a twentieth of the CPU of this Python client per call,
+which matters on a 2-core machine where the load generator shares the cores with the server.
+h2load sees HTTP status only, not grpc-status (sent in trailers), so the gRPC codes are read
+from the server's own counter (feedloop_requests_total, before and after the run): every code
+but OK is an error, warm-up included.
 """
 
 from __future__ import annotations
@@ -17,9 +26,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
+import shutil
+import struct
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -108,6 +124,102 @@ async def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         return await closed_loop(
             stub.Generate, request, args.concurrency, args.warmup_s, args.duration_s
         )
+
+
+def generate_codes(metrics_address: str) -> dict[str, float]:
+    """The server's Generate replies so far, by gRPC code (from its Prometheus endpoint)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    codes: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "feedloop_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("method") == "Generate":
+                code = sample.labels["code"]
+                codes[code] = codes.get(code, 0.0) + sample.value
+    return codes
+
+
+def settled_codes(metrics_address: str, before: dict[str, float]) -> dict[str, float]:
+    """generate_codes once the server has answered (or seen cancelled) every call it had."""
+    last = generate_codes(metrics_address)
+    for _ in range(50):
+        time.sleep(0.2)
+        now = generate_codes(metrics_address)
+        if now == last and now != before:
+            break
+        last = now
+    return last
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: uncompressed flag, 4-byte big-endian length, bytes."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def run_generate_h2load(args: argparse.Namespace) -> dict[str, Any]:
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+    if not args.metrics:
+        raise SystemExit("generate-h2load needs --metrics HOST:PORT (the server's metrics)")
+    request = pb.GenerateRequest(
+        prompt=PROMPTS[0], sampling=pb.SamplingParams(max_tokens=args.max_tokens)
+    )
+    with tempfile.TemporaryDirectory(prefix="feedloop-h2load-") as tmp:
+        body, log_path = Path(tmp) / "request.bin", Path(tmp) / "requests.log"
+        body.write_bytes(grpc_frame(request.SerializeToString()))
+        before = generate_codes(args.metrics)
+        out = subprocess.run(
+            [
+                h2load,
+                "--clients=1",
+                f"--max-concurrent-streams={args.concurrency}",
+                f"--duration={round(args.duration_s * 1000)}ms",
+                f"--warm-up-time={round(args.warmup_s * 1000)}ms",
+                f"--data={body}",
+                "--header=content-type: application/grpc",
+                "--header=te: trailers",
+                "--header=grpc-timeout: 30S",
+                f"--log-file={log_path}",
+                f"http://{args.target}/feedloop.v1.Generation/Generate",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        after = settled_codes(args.metrics, before)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        # One line per request of the measured window: start (us), HTTP status, duration (us).
+        for line in log_path.read_text().splitlines():
+            _, status, duration_us = line.split("\t")[:3]
+            if status == "200":
+                latencies.append(int(duration_us) / 1e6)
+            else:
+                errors[f"HTTP_{status}"] = errors.get(f"HTTP_{status}", 0) + 1
+    cancelled_at_stop = 0
+    for code, count in after.items():
+        new = int(count - before.get(code, 0.0))
+        if code == "CANCELLED":
+            # h2load resets the streams still open when its time is up: at most one a stream.
+            cancelled_at_stop = min(new, args.concurrency)
+            new -= cancelled_at_stop
+        if code != "OK" and new > 0:
+            errors[code] = errors.get(code, 0) + new
+    failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if failed is None:
+        raise SystemExit(f"unexpected h2load output:\n{out}")
+    lost = sum(int(n) for n in failed.groups())
+    if lost:
+        errors["H2LOAD_FAILED"] = lost
+    result = summary(latencies, errors, args.duration_s)
+    result["load_generator"] = "h2load"
+    result["cancelled_at_stop"] = cancelled_at_stop
+    return result
 
 
 async def generation_ids(channel: grpc.aio.Channel, n: int) -> list[str]:
@@ -266,8 +378,9 @@ async def run_swap_load(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-MODES = {
+MODES: dict[str, Any] = {
     "generate": run_generate,
+    "generate-h2load": run_generate_h2load,
     "feedback-unary": run_feedback_unary,
     "feedback-stream": run_feedback_stream,
     "echo-server": run_echo_server,
@@ -287,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=3.0)
     parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--metrics", help="the server's metrics HOST:PORT (generate-h2load)")
     args = parser.parse_args(argv)
-    result = asyncio.run(MODES[args.mode](args))
+    run = MODES[args.mode]
+    result = asyncio.run(run(args)) if asyncio.iscoroutinefunction(run) else run(args)
     if args.mode != "echo-server":
         print(json.dumps(result), flush=True)
     return 0
