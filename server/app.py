@@ -186,15 +186,15 @@ class FeedloopServer:
         )
         self.batcher.start(loop)
         authenticator = Authenticator(keys)
+        limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
+        # With no keys and no rate limit the interceptor would pass every call through: left
+        # out, it costs nothing (grpc.aio runs an interceptor chain as coroutines per call).
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if authenticator.enabled or limiter.enabled:
+            interceptors.append(AuthInterceptor(authenticator, limiter, metrics))
 
         server = grpc.aio.server(
-            interceptors=[
-                AuthInterceptor(
-                    authenticator,
-                    RateLimiter(config.rate_limit_rps, config.rate_limit_burst),
-                    metrics,
-                )
-            ],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),

@@ -52,14 +52,18 @@ _compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _generation_row(record: GenerationRecord) -> tuple[Any, ...]:
+    behaviour = _compact(record.behaviour_logprobs)
+    # Equal whenever the request sampled from the raw policy (temperature 1, no top-k/top-p):
+    # the common case, so the floats are formatted once.
+    same = record.policy_logprobs == record.behaviour_logprobs
     return (
         record.generation_id,
         record.request_id,
         record.prompt,
         _compact(record.prompt_ids),
         _compact(record.output_ids),
-        _compact(record.behaviour_logprobs),
-        _compact(record.policy_logprobs),
+        behaviour,
+        behaviour if same else _compact(record.policy_logprobs),
         int(record.finished),
         record.text,
         _compact(record.sampling),
@@ -103,10 +107,20 @@ def _feedback_from_row(row: Sequence[Any]) -> FeedbackRecord:
 
 _GEN_SELECT = "SELECT seq, " + ", ".join(GENERATION_COLUMNS) + " FROM generations"
 _FB_SELECT = "SELECT seq, " + ", ".join(FEEDBACK_COLUMNS) + " FROM feedback"
-_GEN_INSERT = (
-    f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(GENERATION_COLUMNS))}) ON CONFLICT (generation_id) DO NOTHING"
-)
+_GEN_ROW = f"({', '.join('?' * len(GENERATION_COLUMNS))})"
+# Rows per multi-row INSERT of generations: 500 x 15 bound parameters, under SQLite's 32766.
+_GEN_INSERT_CHUNK_ROWS = 500
+
+
+@functools.lru_cache(maxsize=256)
+def _gen_insert(rows: int) -> str:
+    return (
+        f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) VALUES "
+        + ", ".join([_GEN_ROW] * rows)
+        + " ON CONFLICT (generation_id) DO NOTHING"
+    )
+
+
 _FB_ROW = f"({', '.join('?' * len(FEEDBACK_COLUMNS))})"
 # Rows per multi-row INSERT: 500 x 9 bound parameters stays far under SQLite's limit (32766).
 _FB_INSERT_CHUNK_ROWS = 500
@@ -230,8 +244,15 @@ class SQLiteStore(ReplayStore):
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
         if not records:
             return
+        width = len(GENERATION_COLUMNS)
+        values = [value for record in records for value in _generation_row(record)]
+        step = _GEN_INSERT_CHUNK_ROWS * width
         with self._transaction("append_generations") as conn:
-            conn.executemany(_GEN_INSERT, [_generation_row(r) for r in records])
+            # Multi-row statements, not executemany: each of its steps gives up the GIL and
+            # must win it back from the busy event loop (as insert_feedback does).
+            for start in range(0, len(values), step):
+                chunk = values[start : start + step]
+                conn.execute(_gen_insert(len(chunk) // width), chunk)
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         if not records:
