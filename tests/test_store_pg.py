@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import psycopg
@@ -35,7 +36,16 @@ def test_postgres_reconnects_by_itself_after_losing_its_connections() -> None:
                     "WHERE application_name = %s",
                     (app,),
                 ).fetchall()
-            assert killed, "the store held no connection to terminate"
+                assert killed, "the store held no connection to terminate"
+                # pg_terminate_backend only signals: wait until the backends are gone, so the
+                # store's next call meets connections already lost (what this test is about)
+                # rather than racing a termination in the middle of its transaction.
+                deadline = time.monotonic() + 10
+                while admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+                ).fetchone()[0]:
+                    assert time.monotonic() < deadline, "terminated backends did not exit"
+                    time.sleep(0.02)
             assert store.insert_feedback([rating("e1", "g1")]) == [True]
             assert store.counts().feedback == 1
         finally:
