@@ -6,7 +6,7 @@
 
 The server runs as a `feedloop serve` subprocess and the load generator (bench/serve_load.py) as
 another, so neither steals the other's event loop. Generate's load comes from h2load (C, package
-nghttp2-client) when it is installed: the Python gRPC client costs about 110 us of CPU per call,
+nghttp2-client) when it is installed: the Python gRPC client costs 110-140 us of CPU per call,
 a quarter of a core at concurrency 64 taken from the two the server has; its c64 figures are
 measured too and printed beside. Without h2load the Python client drives every point. Every
 figure stands beside a ceiling measured in the same run, so the ratios hold on a noisy machine:
