@@ -57,7 +57,6 @@ LOAD = str(Path(__file__).with_name("serve_load.py"))
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 CONCURRENCIES = (1, 16, 64, 256)
 MAX_TOKENS = 16
-METRICS_OF: dict[str, str] = {}  # a running server's gRPC address -> its metrics address
 
 
 def log(message: str) -> None:
@@ -128,8 +127,9 @@ def serve(
     *flags: str,
     registry: str | None = None,
     store: str | None = None,
-) -> Iterator[str]:
-    """A `feedloop serve` subprocess on free ports; yields its gRPC address."""
+) -> Iterator[dict[str, str]]:
+    """A `feedloop serve` subprocess on free ports; yields its banner: {"grpc": HOST:PORT,
+    "metrics": HOST:PORT, ...}."""
     data_dir = Path(tempfile.mkdtemp(dir=workdir))
     if registry is None:
         registry = str(data_dir / "registry")
@@ -148,10 +148,8 @@ def serve(
         log_path=data_dir / "serve.log",
     )
     try:
-        METRICS_OF[child.banner["grpc"]] = child.banner["metrics"]
-        yield child.banner["grpc"]
+        yield child.banner
     finally:
-        METRICS_OF.pop(child.banner["grpc"], None)
         child.stop(grace_s=30)
 
 
@@ -169,12 +167,13 @@ def load(mode: str, target: str, *flags: str) -> dict[str, Any]:
 
 
 def generate_point(
-    generator: str, target: str, concurrency: int, duration_s: float
+    generator: str, server: dict[str, str], concurrency: int, duration_s: float
 ) -> dict[str, Any]:
+    """One closed-loop Generate point against server (serve()'s banner)."""
     mode = "generate-h2load" if generator == "h2load" else "generate"
     flags = ["--concurrency", str(concurrency), "--duration-s", str(duration_s)]
-    flags += ["--max-tokens", str(MAX_TOKENS), "--metrics", METRICS_OF[target]]
-    return load(mode, target, *flags)
+    flags += ["--max-tokens", str(MAX_TOKENS), "--metrics", server["metrics"]]
+    return load(mode, server["grpc"], *flags)
 
 
 def bench_generate(
@@ -196,12 +195,12 @@ def bench_generate(
         points.append(("python", 64))
     rows = []
     for label, flags in modes.items():
-        with serve(workdir, checkpoint, *flags) as target:
+        with serve(workdir, checkpoint, *flags) as server:
             for point_generator, concurrency in points:
                 if label == "batched" and concurrency == 64 and point_generator == generator:
                     ceilings.append(policy_alone(checkpoint, 32))
                 log(f"generate {label} c={concurrency} ({point_generator}) ...")
-                result = generate_point(point_generator, target, concurrency, duration_s)
+                result = generate_point(point_generator, server, concurrency, duration_s)
                 rows.append(
                     {
                         "mode": label,
@@ -260,7 +259,8 @@ def bench_feedback(workdir: Path, checkpoint: Path, duration_s: float) -> dict[s
         for index, (backend, store) in enumerate(backends):
             if index:
                 ceilings.append(echo_ceiling(streams, duration_s))
-            with serve(workdir, checkpoint, store=store) as target:
+            with serve(workdir, checkpoint, store=store) as server:
+                target = server["grpc"]
                 log(f"feedback {backend} unary ...")
                 unary = load(
                     "feedback-unary", target, "--concurrency", "64", "--duration-s", str(duration_s)
@@ -289,7 +289,8 @@ def swap_once(workdir: Path, checkpoint: Path, registry_url: str | None) -> dict
         registry = PostgresRegistry(registry_url, cache_dir=workdir / f"cache-{uuid.uuid4().hex}")
         location = registry_url
     registry.publish(checkpoint, reason="bench", make_live=True)
-    with serve(workdir, checkpoint, registry=location) as target:
+    with serve(workdir, checkpoint, registry=location) as server:
+        target = server["grpc"]
         loader = subprocess.Popen(
             [
                 sys.executable,

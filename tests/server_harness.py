@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,27 @@ class ServeProcess:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=20)
+
+
+def serve_args(tmp_path: Path, *extra: str) -> list[str]:
+    """`feedloop serve` arguments: free loopback ports, data under tmp_path, a fast registry."""
+    return [
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--registry-poll-interval-s",
+        "0.05",
+        *extra,
+    ]
+
+
+def seeded_data_dir(tmp_path: Path, checkpoint: Path) -> Path:
+    """A data dir holding the default checkpoint, as `feedloop pretrain` leaves it."""
+    shutil.copytree(checkpoint, tmp_path / "default-policy")
+    return tmp_path
 
 
 def start_serve(

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_harness import start_serve
+from server_harness import seeded_data_dir, serve_args, start_serve
 
 from feedloop.v1 import feedloop_pb2 as pb
 
@@ -73,21 +73,8 @@ def run_h2load(proc, *flags: str) -> dict:
 def test_h2load_counts_served_generations_and_reads_grpc_errors_from_the_server(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    shutil.copytree(tiny_checkpoint, tmp_path / "default-policy")
-    proc = start_serve(
-        [
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--data-dir",
-            str(tmp_path),
-            "--max-tokens-cap",
-            "8",
-            "--default-max-tokens",
-            "8",
-        ]
-    )
+    seeded_data_dir(tmp_path, tiny_checkpoint)
+    proc = start_serve(serve_args(tmp_path, "--max-tokens-cap", "8", "--default-max-tokens", "8"))
     try:
         served = run_h2load(proc, "--max-tokens", "8")
         assert served["count"] > 0 and served["per_s"] > 0

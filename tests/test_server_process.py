@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +9,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import BANNER_RE, rating, serve_process, start_serve
+from server_harness import (
+    BANNER_RE,
+    rating,
+    seeded_data_dir,
+    serve_args,
+    serve_process,
+    start_serve,
+)
 
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.store import open_store
@@ -18,26 +24,6 @@ from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
-
-
-def serve_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--registry-poll-interval-s",
-        "0.05",
-        *extra,
-    ]
-
-
-def seeded_data_dir(tmp_path: Path, checkpoint: Path) -> Path:
-    """A data dir holding the default checkpoint, as `feedloop pretrain` leaves it."""
-    shutil.copytree(checkpoint, tmp_path / "default-policy")
-    return tmp_path
 
 
 def test_empty_registry_without_a_default_checkpoint_fails_with_one_line(tmp_path: Path) -> None:

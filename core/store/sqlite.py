@@ -107,30 +107,33 @@ def _feedback_from_row(row: Sequence[Any]) -> FeedbackRecord:
 
 _GEN_SELECT = "SELECT seq, " + ", ".join(GENERATION_COLUMNS) + " FROM generations"
 _FB_SELECT = "SELECT seq, " + ", ".join(FEEDBACK_COLUMNS) + " FROM feedback"
-_GEN_ROW = f"({', '.join('?' * len(GENERATION_COLUMNS))})"
-# Rows per multi-row INSERT of generations: 500 x 15 bound parameters, under SQLite's 32766.
-_GEN_INSERT_CHUNK_ROWS = 500
+# Rows per multi-row INSERT: at most 500 x 15 bound parameters, under SQLite's limit (32766).
+_INSERT_CHUNK_ROWS = 500
 
 
 @functools.lru_cache(maxsize=256)
-def _gen_insert(rows: int) -> str:
-    return (
-        f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) VALUES "
-        + ", ".join([_GEN_ROW] * rows)
-        + " ON CONFLICT (generation_id) DO NOTHING"
-    )
+def _multi_row_insert(table: str, columns: tuple[str, ...], rows: int, suffix: str) -> str:
+    row = f"({', '.join('?' * len(columns))})"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * rows)}{suffix}"
 
 
-_FB_ROW = f"({', '.join('?' * len(FEEDBACK_COLUMNS))})"
-# Rows per multi-row INSERT: 500 x 9 bound parameters stays far under SQLite's limit (32766).
-_FB_INSERT_CHUNK_ROWS = 500
+def _insert_rows(
+    conn: sqlite3.Connection,
+    table: str,
+    columns: Sequence[str],
+    values: list[Any],
+    suffix: str = "",
+) -> None:
+    """Insert rows given flat (len(columns) values each) in multi-row statements.
 
-
-@functools.lru_cache(maxsize=256)
-def _fb_insert(rows: int) -> str:
-    return f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) VALUES " + ", ".join(
-        [_FB_ROW] * rows
-    )
+    One statement per chunk rather than executemany's one step per row: each step gives up the
+    GIL and must win it back from the busy event loop.
+    """
+    width = len(columns)
+    step = _INSERT_CHUNK_ROWS * width
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step]
+        conn.execute(_multi_row_insert(table, tuple(columns), len(chunk) // width, suffix), chunk)
 
 
 class SQLiteStore(ReplayStore):
@@ -244,15 +247,15 @@ class SQLiteStore(ReplayStore):
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
         if not records:
             return
-        width = len(GENERATION_COLUMNS)
         values = [value for record in records for value in _generation_row(record)]
-        step = _GEN_INSERT_CHUNK_ROWS * width
         with self._transaction("append_generations") as conn:
-            # Multi-row statements, not executemany: each of its steps gives up the GIL and
-            # must win it back from the busy event loop (as insert_feedback does).
-            for start in range(0, len(values), step):
-                chunk = values[start : start + step]
-                conn.execute(_gen_insert(len(chunk) // width), chunk)
+            _insert_rows(
+                conn,
+                "generations",
+                GENERATION_COLUMNS,
+                values,
+                " ON CONFLICT (generation_id) DO NOTHING",
+            )
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         if not records:
@@ -272,12 +275,7 @@ class SQLiteStore(ReplayStore):
                     new_values.extend(_feedback_row(record))
             if new_values:
                 (last_seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM feedback").fetchone()
-                # One statement per chunk rather than executemany's one step per row: each step
-                # gives up the GIL and must win it back from the busy event loop.
-                step = _FB_INSERT_CHUNK_ROWS * len(FEEDBACK_COLUMNS)
-                for start in range(0, len(new_values), step):
-                    chunk = new_values[start : start + step]
-                    conn.execute(_fb_insert(len(chunk) // len(FEEDBACK_COLUMNS)), chunk)
+                _insert_rows(conn, "feedback", FEEDBACK_COLUMNS, new_values)
                 conn.execute(
                     "INSERT OR IGNORE INTO feedback_generations (generation_id, feedback_seq) "
                     "SELECT ids.value, feedback.seq "
