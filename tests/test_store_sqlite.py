@@ -6,10 +6,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from store_support import generation, rating
+from store_support import comparison, generation, rating
 
 from feedloop.core.errors import StoreFullError, StoreUnavailableError
 from feedloop.core.store import FeedbackRecord, open_store
+from feedloop.core.store import sqlite as sqlite_store
 from feedloop.core.store.schema import LATEST_VERSION, SQLITE_MIGRATIONS
 from feedloop.core.store.sqlite import SQLiteStore
 
@@ -98,3 +99,70 @@ def test_open_store_picks_backend_by_location(tmp_path: Path) -> None:
     assert isinstance(store, SQLiteStore)
     store.close()
     assert (tmp_path / "x.db").is_file()
+
+
+def test_feedback_for_finds_events_before_and_after_an_index_catch_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # feedback_generations is caught up every _INDEX_CATCH_UP_ROWS events; in between, events
+    # are found by scanning the tail. With a catch-up every 3 events, some answers come from
+    # the index, some from the tail, and some events sit on the boundary.
+    monkeypatch.setattr(sqlite_store, "_INDEX_CATCH_UP_ROWS", 3)
+    store = SQLiteStore(tmp_path / "replay.db")
+    store.append_generations([generation(g) for g in ("a", "b", "c")])
+    expected: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+    tails = []
+    for batch in range(5):  # two events a batch: caught up after batches 2 and 4, not 5
+        records = [rating(f"e{batch}", "abc"[batch % 3]), comparison(f"c{batch}", "c", "b")]
+        assert store.insert_feedback(records) == [True, True]
+        for record in records:
+            for gid in record.generation_ids:
+                expected[gid].append(record.event_id)
+        upto = store._read("test", "SELECT indexed_upto FROM feedback_index")[0][0]
+        tails.append(store.max_seq()[1] - upto)
+        for gid, events in expected.items():
+            assert [e.event_id for e in store.feedback_for([gid])] == events
+    assert tails == [2, 0, 2, 0, 2]
+    assert [e.event_id for e in store.feedback_for(["b", "zzz"])] == expected["b"]
+    both = ["e0", "c0", "c1", "e2", "c2", "e3", "c3", "c4"]  # e1 and e4 rate b
+    assert [e.event_id for e in store.feedback_for(["a", "c"])] == both
+    store.close()
+
+
+def test_duplicates_in_a_batch_and_across_batches_are_not_indexed_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_INDEX_CATCH_UP_ROWS", 1)
+    store = SQLiteStore(tmp_path / "replay.db")
+    store.append_generations([generation("a"), generation("b")])
+    assert store.insert_feedback([rating("e1", "a"), rating("e1", "b"), rating("e2", "b")]) == [
+        True,
+        False,
+        True,
+    ]
+    assert store.insert_feedback([rating("e2", "a"), rating("e3", "a")]) == [False, True]
+    assert [e.event_id for e in store.feedback_for(["a"])] == ["e1", "e3"]
+    assert [e.event_id for e in store.feedback_for(["b"])] == ["e2"]
+    store.close()
+
+
+def test_version_2_store_keeps_its_indexed_feedback_after_migration(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statements in SQLITE_MIGRATIONS[:2]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (2)")
+    conn.execute(
+        "INSERT INTO feedback (event_id, kind, generation_ids, client_id, received_at) "
+        "VALUES ('old', 'rating', '[\"a\"]', 'app', 1.0)"
+    )
+    conn.execute("INSERT INTO feedback_generations VALUES ('a', 1)")
+    conn.close()
+    store = SQLiteStore(path)
+    assert store.schema_version() == LATEST_VERSION
+    assert store._read("test", "SELECT indexed_upto FROM feedback_index")[0][0] == 1
+    store.insert_feedback([rating("new", "a")])
+    assert [e.event_id for e in store.feedback_for(["a"])] == ["old", "new"]
+    store.close()

@@ -11,7 +11,8 @@ Both backends carry the same tables with the same meaning:
                           every field of GenerationRecord
     feedback              seq, event_id unique, every field of FeedbackRecord
     feedback_generations  (SQLite) generation id -> feedback seq, so `feedback_for` is an
-                          indexed lookup; PostgreSQL uses a GIN index on the id array instead
+                          indexed lookup; caught up in bulk to feedback_index.indexed_upto
+                          (SQLite); PostgreSQL uses a GIN index on the id array instead
     cursors               name -> JSON value (the trainer's progress)
 """
 
@@ -68,6 +69,14 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: the trainer reads windows by model version (staleness bounds).
     ("CREATE INDEX generations_model_version ON generations (model_version, seq)",),
+    # 3: feedback_generations is caught up in bulk, not row by row in every group commit: its
+    # key (a generation id) is random, so each event dirtied a leaf page of its own, written
+    # whole to the WAL at every commit. Events past `indexed_upto` are found by a scan of that
+    # bounded tail. Every existing event was indexed when it was written.
+    (
+        "CREATE TABLE feedback_index (indexed_upto INTEGER NOT NULL)",
+        "INSERT INTO feedback_index (indexed_upto) SELECT COALESCE(MAX(seq), 0) FROM feedback",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -107,6 +116,10 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE cursors (name TEXT PRIMARY KEY, value JSONB NOT NULL)",
     ),
     ("CREATE INDEX generations_model_version ON generations (model_version, seq)",),
+    # 3: SQLite's migration 3 defers its generation index to bulk catch-ups. The GIN index does
+    # the same on its own (new entries go to a pending list, merged in bulk), as long as
+    # fastupdate is on: the default, made explicit so no one turns it off unawares.
+    ("ALTER INDEX feedback_generation_ids SET (fastupdate = on)",),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
