@@ -173,6 +173,7 @@ class FeedloopServer:
             lambda: live_model.live.version if live_model.live else None,
             capacity=config.feedback_queue_size,
             batch_max=config.write_batch_max,
+            commit_interval_s=config.feedback_commit_interval_ms / 1000,
         )
         self.feedback_writer.start(loop)
         self.batcher = Batcher(

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from feedloop.core.store.base import FeedbackRecord
+from feedloop.core.store.base import FeedbackRecord, RatingScaleName
 from feedloop.server.auth import Authenticator
 from feedloop.server.edge import Undecodable, streaming, unary
 from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
@@ -28,8 +28,11 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 MAX_EVENT_ID_CHARS = 128
 # Events of one stream in flight between "read" and "acknowledged": the stream is pipelined so
-# its events share group commits instead of paying one commit each.
-STREAM_WINDOW = 256
+# its events share group commits instead of paying one commit each. A stream can carry at most
+# STREAM_WINDOW events per commit cycle (the commit interval plus the commit itself, which takes
+# up to 20-40 ms under load here). With 4 streams, 1024 against 256 gave 76% against 67% of the
+# bare echo ceiling on SQLite, 74% against 70% on PostgreSQL (medians of three runs).
+STREAM_WINDOW = 1024
 
 SCALES: dict[int, tuple[str, float, float]] = {
     pb.RATING_SCALE_UNSPECIFIED: ("unit", 0.0, 1.0),
@@ -54,72 +57,96 @@ def _require_id(value: str, field: str) -> str:
 def parse_event(
     event: pb.FeedbackEvent, client_id: str, *, max_correction_chars: int
 ) -> FeedbackRecord:
-    """A FeedbackRecord from a wire event, or InvalidArgument naming the bad field."""
-    if not event.event_id:
+    """A FeedbackRecord from a wire event, or InvalidArgument naming the bad field.
+
+    Runs on the event loop for every event of every stream, so each field is read once.
+    """
+    event_id = event.event_id
+    if not event_id:
         raise InvalidArgument("event_id", "required (the client's idempotency key)")
-    if len(event.event_id) > MAX_EVENT_ID_CHARS:
+    if len(event_id) > MAX_EVENT_ID_CHARS:
         raise InvalidArgument("event_id", f"at most {MAX_EVENT_ID_CHARS} characters")
-    require_text(event.event_id, "event_id")
-    given_at = None
-    if event.HasField("given_at"):
-        try:  # a Timestamp outside years 1-9999 or with nanos outside [0, 1e9) is invalid
-            given_at = event.given_at.ToNanoseconds() / 1e9
-        except (ValueError, OverflowError) as exc:
-            raise InvalidArgument("given_at", f"not a valid timestamp: {exc}") from None
+    require_text(event_id, "event_id")
+    given_at = _given_at(event.given_at) if event.HasField("given_at") else None
     kind = event.WhichOneof("kind")
-    common: dict[str, Any] = {
-        "event_id": event.event_id,
-        "client_id": client_id,
-        "received_at": time.time(),
-        "given_at": given_at,
-    }
+    score: float | None = None
+    scale: RatingScaleName | None = None
+    text: str | None = None
     if kind == "rating":
-        rating = event.rating
-        gid = _require_id(rating.generation_id, "rating.generation_id")
-        scale = SCALES.get(rating.scale)
-        if scale is None:
-            raise InvalidArgument("rating.scale", f"unknown scale {rating.scale}")
-        name, low, high = scale
-        score = rating.score
-        if not math.isfinite(score):
-            raise InvalidArgument("rating.score", "must be a finite number")
-        if name == "thumbs" and score not in (0.0, 1.0):
-            raise InvalidArgument("rating.score", f"thumbs are 0 (down) or 1 (up), got {score}")
-        if not low <= score <= high:
-            raise InvalidArgument(
-                "rating.score", f"{score} is outside the {name} scale [{low:g}, {high:g}]"
-            )
-        return FeedbackRecord(
-            kind="rating", generation_ids=[gid], score=score, scale=name, **common
+        ids, score, scale = _rating(event.rating)
+    elif kind == "ranking":
+        ids = _ranking(event.ranking)
+    elif kind == "comparison":
+        ids = _comparison(event.comparison)
+    elif kind == "correction":
+        ids, text = _correction(event.correction, max_correction_chars)
+    else:
+        raise InvalidArgument("kind", "set exactly one of rating, ranking, comparison, correction")
+    return FeedbackRecord(
+        event_id=event_id,
+        kind=kind,
+        generation_ids=ids,
+        client_id=client_id,
+        received_at=time.time(),
+        score=score,
+        scale=scale,
+        text=text,
+        given_at=given_at,
+    )
+
+
+def _given_at(stamp: Any) -> float:
+    try:  # a Timestamp outside years 1-9999 or with nanos outside [0, 1e9) is invalid
+        return float(stamp.ToNanoseconds() / 1e9)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument("given_at", f"not a valid timestamp: {exc}") from None
+
+
+def _rating(rating: pb.Rating) -> tuple[list[str], float, RatingScaleName]:
+    gid = _require_id(rating.generation_id, "rating.generation_id")
+    found = SCALES.get(rating.scale)
+    if found is None:
+        raise InvalidArgument("rating.scale", f"unknown scale {rating.scale}")
+    name, low, high = found
+    score = rating.score
+    if not math.isfinite(score):
+        raise InvalidArgument("rating.score", "must be a finite number")
+    if name == "thumbs" and score not in (0.0, 1.0):
+        raise InvalidArgument("rating.score", f"thumbs are 0 (down) or 1 (up), got {score}")
+    if not low <= score <= high:
+        raise InvalidArgument(
+            "rating.score", f"{score} is outside the {name} scale [{low:g}, {high:g}]"
         )
-    if kind == "ranking":
-        ids = list(event.ranking.generation_ids)
-        if len(ids) < 2:
-            raise InvalidArgument("ranking.generation_ids", "rank at least two candidates")
-        for i, gid in enumerate(ids):
-            _require_id(gid, f"ranking.generation_ids[{i}]")
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument("ranking.generation_ids", "ids must be distinct")
-        return FeedbackRecord(kind="ranking", generation_ids=ids, **common)
-    if kind == "comparison":
-        comparison = event.comparison
-        preferred = _require_id(comparison.preferred_id, "comparison.preferred_id")
-        rejected = _require_id(comparison.rejected_id, "comparison.rejected_id")
-        if preferred == rejected:
-            raise InvalidArgument("comparison.rejected_id", "must differ from preferred_id")
-        return FeedbackRecord(kind="comparison", generation_ids=[preferred, rejected], **common)
-    if kind == "correction":
-        correction = event.correction
-        gid = _require_id(correction.generation_id, "correction.generation_id")
-        if not correction.text.strip():
-            raise InvalidArgument("correction.text", "must not be empty")
-        if len(correction.text) > max_correction_chars:
-            raise InvalidArgument("correction.text", f"at most {max_correction_chars} characters")
-        require_text(correction.text, "correction.text")
-        return FeedbackRecord(
-            kind="correction", generation_ids=[gid], text=correction.text, **common
-        )
-    raise InvalidArgument("kind", "set exactly one of rating, ranking, comparison, correction")
+    return [gid], score, name
+
+
+def _ranking(ranking: pb.Ranking) -> list[str]:
+    ids = list(ranking.generation_ids)
+    if len(ids) < 2:
+        raise InvalidArgument("ranking.generation_ids", "rank at least two candidates")
+    for i, gid in enumerate(ids):
+        _require_id(gid, f"ranking.generation_ids[{i}]")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("ranking.generation_ids", "ids must be distinct")
+    return ids
+
+
+def _comparison(comparison: pb.Comparison) -> list[str]:
+    preferred = _require_id(comparison.preferred_id, "comparison.preferred_id")
+    rejected = _require_id(comparison.rejected_id, "comparison.rejected_id")
+    if preferred == rejected:
+        raise InvalidArgument("comparison.rejected_id", "must differ from preferred_id")
+    return [preferred, rejected]
+
+
+def _correction(correction: pb.Correction, max_chars: int) -> tuple[list[str], str]:
+    gid = _require_id(correction.generation_id, "correction.generation_id")
+    text = correction.text
+    if not text.strip():
+        raise InvalidArgument("correction.text", "must not be empty")
+    if len(text) > max_chars:
+        raise InvalidArgument("correction.text", f"at most {max_chars} characters")
+    return [gid], require_text(text, "correction.text")
 
 
 class FeedbackService(pb_grpc.FeedbackServicer):

@@ -38,9 +38,9 @@ GENERATION_COMMIT_WAIT_S = 10.0
 # 4,000 to 5,000-6,000/s; streams about 15% more). So after a group of PACED_FROM_ROWS or more,
 # the next commit waits until as many events are queued (the last group's callers are back),
 # and, when the last group held stream events (streams pipeline: their acks can wait), for as
-# long as events keep arriving (one at least every QUIET_S); never past commit_interval_s after
-# the previous commit started. A lone event after a small group is committed at once.
-COMMIT_INTERVAL_S = 0.025
+# long as events keep arriving (one at least every QUIET_S); never past commit_interval_s
+# (ServeConfig.feedback_commit_interval_ms) after the previous commit started. A lone event
+# after a small group is committed at once.
 QUIET_S = 0.001
 PACED_FROM_ROWS = 8
 
@@ -89,7 +89,7 @@ class FeedbackWriter:
         *,
         capacity: int,
         batch_max: int,
-        commit_interval_s: float = COMMIT_INTERVAL_S,
+        commit_interval_s: float,
     ) -> None:
         self.store = store
         self.generation_log = generation_log
@@ -110,8 +110,6 @@ class FeedbackWriter:
         self._depth = metrics.store_buffer_depth.labels("feedback")
         self._duration = metrics.store_write_duration.labels("feedback")
         self._errors = metrics.store_write_errors.labels("feedback")
-        self._ratings_live = metrics.ratings.labels("live")
-        self._ratings_prev = metrics.ratings.labels("previous")
         self._thread = threading.Thread(target=self._run, name="feedloop-feedback", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -240,13 +238,17 @@ class FeedbackWriter:
         fresh = self.store.insert_feedback([item.record for item in to_insert])
         self._duration.observe(time.perf_counter() - started)
         live = self.live_version()
+        ratings: dict[str, list[float]] = {"live": [], "previous": []}
         for item, is_new in zip(to_insert, fresh, strict=True):
             item.outcome = ACCEPTED if is_new else DUPLICATE
             record = item.record
             if is_new and record.kind == "rating" and record.score is not None:
                 _, model_version = found[record.generation_ids[0]]
-                histogram = self._ratings_live if model_version == live else self._ratings_prev
-                histogram.observe(normalised_rating(record.score, record.scale or "unit"))
+                slot = "live" if model_version == live else "previous"
+                ratings[slot].append(normalised_rating(record.score, record.scale or "unit"))
+        for slot, values in ratings.items():
+            if values:
+                self.metrics.ratings.observe_many(slot, values)
         if len(to_insert) < len(group):
             for item in group:
                 if isinstance(item.outcome, Pending):

@@ -8,12 +8,19 @@ per-request or per-user labels (label values come from small fixed sets).
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -46,6 +53,70 @@ class Tallies:
     feedback_duplicates: int = 0
     swaps_succeeded: int = 0
     swaps_refused: int = 0
+
+
+class BatchHistogram(Collector):
+    """A histogram over one label with a fixed set of values, observed a batch at a time.
+
+    The feedback writer records every rating of a group commit at once: one lock for the batch
+    instead of prometheus_client's per-observation locks and bucket walk (about 0.7 us a
+    rating, on a thread that shares the GIL with the event loop). Exposed exactly like a
+    Histogram with that label (_bucket with le, _sum, _count).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        label_values: Sequence[str],
+        buckets: Sequence[float],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self._bounds = [float(b) for b in buckets]
+        if self._bounds != sorted(self._bounds):
+            raise ValueError("buckets must be in increasing order")
+        if not self._bounds or self._bounds[-1] != math.inf:
+            self._bounds.append(math.inf)
+        self._lock = threading.Lock()
+        # Per label value: observations per bucket (not cumulative), and their sum.
+        self._counts = {value: [0] * len(self._bounds) for value in label_values}
+        self._sums = dict.fromkeys(label_values, 0.0)
+        registry.register(self)
+
+    def observe_many(self, label_value: str, values: Sequence[float]) -> None:
+        bounds = self._bounds
+        slots = [bisect.bisect_left(bounds, v) for v in values]  # first bound >= v: its le
+        total = math.fsum(values)
+        with self._lock:
+            counts = self._counts[label_value]
+            for i in slots:
+                counts[i] += 1
+            self._sums[label_value] += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            snapshot = {k: (list(v), self._sums[k]) for k, v in self._counts.items()}
+        for value, (counts, total) in snapshot.items():
+            cumulative, buckets = 0, []
+            for bound, n in zip(self._bounds, counts, strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            # Not add_metric's own _count and _sum: it leaves both out when a bucket bound is
+            # negative (an OpenMetrics rule), and these ratings go down to -1.
+            family.add_metric([value], buckets, None)
+            labels = {self.label: value}
+            family.samples.append(Sample(f"{self.name}_count", labels, cumulative))
+            family.samples.append(Sample(f"{self.name}_sum", labels, total))
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
 
 
 class ServerMetrics:
@@ -111,12 +182,13 @@ class ServerMetrics:
             ["kind", "outcome"],
             registry=r,
         )
-        self.ratings = Histogram(
+        self.ratings = BatchHistogram(
             "feedloop_feedback_rating_normalised",
             "Accepted ratings normalised to [-1, 1], by whether the rated generation came from "
             "the live version or an earlier one",
-            ["slot"],
-            buckets=RATING_BUCKETS,
+            "slot",
+            ("live", "previous"),
+            RATING_BUCKETS,
             registry=r,
         )
         self.live_version = Gauge(
@@ -173,8 +245,6 @@ class ServerMetrics:
             self.store_write_errors.labels(table)
         for result in ("succeeded", "refused"):
             self.swaps.labels(result)
-        for slot in ("live", "previous"):
-            self.ratings.labels(slot)
         self._http: object | None = None
 
     # -- helpers that keep Tallies and the series in step ----------------------------------------

@@ -46,7 +46,7 @@ async def started_writer(
     store = CountingStore(tmp_path / "replay.sqlite3")
     metrics = ServerMetrics()
     log = GenerationLog(store, metrics, capacity=1000, batch_max=1000)  # type: ignore[arg-type]
-    log.add([generation("g1")])
+    log.add([generation("g1"), generation("old", version="v0000")])
     assert log.flush(10)
     writer = FeedbackWriter(
         store,  # type: ignore[arg-type]
@@ -87,3 +87,25 @@ async def test_pacing_holds_no_event_past_the_commit_interval(tmp_path: Path) ->
     assert await asyncio.wait_for(writer.submit(rating("lone", "g1")), timeout=10) == ACCEPTED
     writer.stop(10)
     assert store.commits[-1] == 1
+
+
+async def test_accepted_ratings_are_counted_by_the_slot_of_the_rated_version(
+    tmp_path: Path,
+) -> None:
+    writer, _ = await started_writer(tmp_path, commit_interval_s=0.025)
+    events = [rating("up", "g1", 1.0), rating("down", "g1", 0.0), rating("old", "old", 0.75)]
+    events.append(rating("up", "g1", 1.0))  # a duplicate: not counted again
+    assert await asyncio.gather(*(writer.submit(e) for e in events)) == [
+        ACCEPTED,
+        ACCEPTED,
+        ACCEPTED,
+        "duplicate",
+    ]
+    writer.stop(10)
+    sample = writer.metrics.registry.get_sample_value
+    name = "feedloop_feedback_rating_normalised"
+    assert sample(f"{name}_count", {"slot": "live"}) == 2
+    assert sample(f"{name}_sum", {"slot": "live"}) == 0.0  # +1 and -1
+    assert sample(f"{name}_bucket", {"slot": "live", "le": "-1.0"}) == 1
+    assert sample(f"{name}_count", {"slot": "previous"}) == 1
+    assert sample(f"{name}_sum", {"slot": "previous"}) == 0.5

@@ -232,6 +232,7 @@ EXPECTED_SERIES = (
     "feedloop_generations_logged_total",
     'feedloop_feedback_events_total{kind="rating",outcome="accepted"}',
     'feedloop_feedback_rating_normalised_bucket{le="1.0",slot="live"}',
+    'feedloop_feedback_rating_normalised_sum{slot="live"}',  # the mean-rating rule divides it
     "feedloop_live_model_version_number 1.0",
     'feedloop_live_model_info{version="v0001"} 1.0',
     'feedloop_model_swaps_total{result="succeeded"} 1.0',

@@ -5,6 +5,7 @@ Backend-specific behaviour lives in test_store_sqlite.py and test_store_pg.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import signal
@@ -125,7 +126,7 @@ def test_records_round_trip_every_field(store: ReplayStore) -> None:
     assert got["g1"] == GenerationRecord(**{**original.__dict__, "seq": got["g1"].seq})
     assert got["g1"].seq > 0
     (stored_event,) = store.feedback_for(["g1"])
-    assert stored_event == FeedbackRecord(**{**event.__dict__, "seq": stored_event.seq})
+    assert stored_event == dataclasses.replace(event, seq=stored_event.seq)
 
 
 def test_awkward_ids_text_and_floats_round_trip_exactly(store: ReplayStore) -> None:
@@ -162,7 +163,7 @@ def test_awkward_ids_text_and_floats_round_trip_exactly(store: ReplayStore) -> N
     ]
     assert store.insert_feedback(events) == [True, True, True]
     stored = store.feedback_after(0, 10)
-    assert [FeedbackRecord(**{**e.__dict__, "seq": 0}) for e in stored] == events
+    assert [dataclasses.replace(e, seq=0) for e in stored] == events
     assert [e.event_id for e in store.feedback_for([ids[3]])] == ['ev "1" \\ {x}']
 
 

@@ -52,12 +52,16 @@ class GenerationRecord:
     seq: int = 0  # assigned by the store; 0 before it is stored
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FeedbackRecord:
     """One feedback event as stored.
 
     generation_ids: rating and correction: [the id]; ranking: best first; comparison:
     [preferred, rejected].
+
+    Not frozen, unlike GenerationRecord: the server builds one per event on its event loop, and
+    a frozen dataclass's __init__ (object.__setattr__ per field) costs three times as much
+    (1.1 against 0.37 us). Treat it as a value all the same: nothing changes one once built.
     """
 
     event_id: str
