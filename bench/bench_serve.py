@@ -229,7 +229,7 @@ def bench_generate(
     return out
 
 
-def echo_ceiling(streams: str, duration_s: float) -> float:
+def echo_ceiling(streams: str, window: str, duration_s: float) -> float:
     """Messages/s of a bare gRPC echo stream (its own server process), same client work."""
     echo = subprocess.Popen(
         [sys.executable, LOAD, "echo-server"],
@@ -241,24 +241,26 @@ def echo_ceiling(streams: str, duration_s: float) -> float:
     port = echo.stdout.readline().strip()
     log("echo stream ceiling ...")
     try:
-        flags = ("--streams", streams, "--duration-s", str(duration_s))
+        flags = ("--streams", streams, "--stream-window", window, "--duration-s", str(duration_s))
         return float(load("echo-stream", f"127.0.0.1:{port}", *flags)["per_s"])
     finally:
         echo.stdin.close()
         echo.wait(timeout=10)
 
 
-def bench_feedback(workdir: Path, checkpoint: Path, duration_s: float) -> dict[str, Any]:
+def bench_feedback(
+    workdir: Path, checkpoint: Path, duration_s: float, stream_window: int
+) -> dict[str, Any]:
     # As with Generate's ceiling, the echo is measured three times (before, between the two
     # backends, after) and its median used, so a burst of background load skews it less.
-    streams = "4"
-    ceilings = [echo_ceiling(streams, duration_s)]
+    streams, window = "4", str(stream_window)
+    ceilings = [echo_ceiling(streams, window, duration_s)]
     rows = []
     with pg_schema() as pg_url:
         backends = [("sqlite", None)] + ([("postgresql", pg_url)] if pg_url else [])
         for index, (backend, store) in enumerate(backends):
             if index:
-                ceilings.append(echo_ceiling(streams, duration_s))
+                ceilings.append(echo_ceiling(streams, window, duration_s))
             with serve(workdir, checkpoint, store=store) as server:
                 target = server["grpc"]
                 log(f"feedback {backend} unary ...")
@@ -267,14 +269,22 @@ def bench_feedback(workdir: Path, checkpoint: Path, duration_s: float) -> dict[s
                 )
                 log(f"feedback {backend} stream ...")
                 stream = load(
-                    "feedback-stream", target, "--streams", streams, "--duration-s", str(duration_s)
+                    "feedback-stream",
+                    target,
+                    *("--streams", streams, "--stream-window", window),
+                    *("--duration-s", str(duration_s)),
                 )
             rows.append({"backend": backend, "unary": unary, "stream": stream})
-    ceilings.append(echo_ceiling(streams, duration_s))
+    ceilings.append(echo_ceiling(streams, window, duration_s))
     ceiling = statistics.median(ceilings)
     for row in rows:
         row["stream_over_echo"] = row["stream"]["per_s"] / ceiling
-    return {"echo_stream_per_s": ceiling, "echo_stream_runs_per_s": ceilings, "rows": rows}
+    return {
+        "echo_stream_per_s": ceiling,
+        "echo_stream_runs_per_s": ceilings,
+        "stream_window": stream_window,
+        "rows": rows,
+    }
 
 
 def swap_once(workdir: Path, checkpoint: Path, registry_url: str | None) -> dict[str, Any]:
@@ -375,7 +385,8 @@ def report(results: dict[str, Any], checkpoint_note: str) -> str:
         lines += [
             "",
             f"Feedback (durable); bare echo stream ceiling {f['echo_stream_per_s']:.0f} msg/s "
-            f"(median of {', '.join(f'{c:.0f}' for c in f['echo_stream_runs_per_s'])})",
+            f"(median of {', '.join(f'{c:.0f}' for c in f['echo_stream_runs_per_s'])}); "
+            f"4 streams, {f['stream_window']} events in flight each",
             f"{'backend':<11} {'unary/s':>8} {'u p99 ms':>9} {'stream/s':>9} "
             f"{'stream/echo':>12} {'errors':>7}",
         ]
@@ -412,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=3.0, help="per measured point")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
+        "--stream-window",
+        type=int,
+        default=512,
+        help="events each feedback and echo stream keeps in flight (default 512, as the README's "
+        "figures; the server accepts up to 1,024 per stream)",
+    )
+    parser.add_argument(
         "--generate-load",
         choices=("h2load", "python"),
         help="Generate's load generator (default: h2load if installed, else python)",
@@ -429,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         if "generate" in parts:
             results["generate"] = bench_generate(workdir, checkpoint, args.duration_s, generator)
         if "feedback" in parts:
-            results["feedback"] = bench_feedback(workdir, checkpoint, args.duration_s)
+            results["feedback"] = bench_feedback(
+                workdir, checkpoint, args.duration_s, args.stream_window
+            )
         if "swap" in parts:
             results["swap"] = bench_swap(workdir, checkpoint)
     print(report(results, note))
