@@ -308,3 +308,15 @@ async def test_store_failure_answers_every_copy_of_a_repeated_event(
         failing[0] = False
         ack = await running.feedback.Submit(rating("twice", gid), timeout=10)
         assert ack.outcome == ACCEPTED
+
+
+async def test_the_commit_interval_setting_reaches_the_feedback_writer(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
+    config = test_config(tmp_path, feedback_commit_interval_ms=7.0)
+    async with running_server(config, registry=registry) as running:
+        assert running.server.feedback_writer.commit_interval_s == pytest.approx(0.007)
+        (gid,) = await generate(running, 1)
+        ack = await running.feedback.Submit(rating("paced", gid), timeout=10)
+        assert ack.outcome == pb.FEEDBACK_OUTCOME_ACCEPTED
