@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from serve_load import STREAM_WINDOW  # bench/ is on the path: this file runs as a script
 
 from feedloop.client.demo_processes import start_server
 from feedloop.core.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
@@ -52,6 +53,7 @@ from feedloop.core.pretrain import default_checkpoint_dir
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.tokenizer import Tokenizer
+from feedloop.server.feedback import STREAM_WINDOW as SERVER_STREAM_WINDOW
 
 LOAD = str(Path(__file__).with_name("serve_load.py"))
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -425,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stream-window",
         type=int,
-        default=512,
-        help="events each feedback and echo stream keeps in flight (default 512, as the README's "
-        "figures; the server accepts up to 1,024 per stream)",
+        default=STREAM_WINDOW,
+        help=f"events each feedback and echo stream keeps in flight (default {STREAM_WINDOW}, as "
+        f"the README's figures; the server reads up to {SERVER_STREAM_WINDOW} ahead per stream)",
     )
     parser.add_argument(
         "--generate-load",
