@@ -22,8 +22,8 @@ from feedloop.core.corpus import prompt_for
 from feedloop.core.policy import Policy, SampleRequest
 from feedloop.core.registry import ModelRegistry
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.simusers import Candidate, Preference, SimulatedUser
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.demo.simusers import Candidate, Preference, SimulatedUser
 
 
 def corpus_prompts(phrases: Sequence[str], seed: int) -> list[str]:
