@@ -22,6 +22,7 @@ COPY core ./core
 COPY server ./server
 COPY trainer ./trainer
 COPY client ./client
+COPY demo ./demo
 # The same pinned versions as CI tests (requirements.lock, used as constraints).
 RUN pip install -c requirements.lock ".[serve,train]"
 

@@ -43,7 +43,6 @@ from typing import Any
 import torch
 from serve_load import STREAM_WINDOW  # bench/ is on the path: this file runs as a script
 
-from feedloop.client.demo_processes import start_server
 from feedloop.core.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases
@@ -53,6 +52,7 @@ from feedloop.core.pretrain import default_checkpoint_dir
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.tokenizer import Tokenizer
+from feedloop.demo.processes import start_server
 from feedloop.server.feedback import STREAM_WINDOW as SERVER_STREAM_WINDOW
 
 LOAD = str(Path(__file__).with_name("serve_load.py"))

@@ -26,14 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from feedloop.client.demo_processes import start_server
 from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
-from feedloop.core.simusers import IncludeWord, SimulatedUser
 from feedloop.core.store.base import open_store
-from feedloop.trainer.simulate import Simulation, corpus_prompts
+from feedloop.demo.processes import start_server
+from feedloop.demo.simulate import Simulation, corpus_prompts
+from feedloop.demo.simusers import IncludeWord, SimulatedUser
 
 LOAD = str(Path(__file__).with_name("serve_load.py"))
 

@@ -38,15 +38,15 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from feedloop.client.demo_processes import (
+from feedloop.core.registry import DirectoryRegistry
+from feedloop.core.store import open_store
+from feedloop.demo.processes import (
     Child,
     feedloop_command,
     process_tree,
     start_child,
     start_server,
 )
-from feedloop.core.registry import DirectoryRegistry
-from feedloop.core.store import open_store
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("feedloop.core.cli", "core", "supervised pretraining of a policy on a corpus"),
     "sample": ("feedloop.core.cli", "core", "print sample generations from a checkpoint"),
     "store": ("feedloop.core.store.cli", "core", "replay store tools (export)"),
-    "demo": ("feedloop.client.demo", "demo", "the whole loop, end to end, with simulated users"),
+    "demo": ("feedloop.demo.cli", "demo", "the whole loop, end to end, with simulated users"),
 }
 
 EXIT_USAGE = 2

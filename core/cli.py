@@ -104,7 +104,6 @@ def sample_main(argv: list[str]) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
-    params.validate()
     requests = [
         SampleRequest(policy.encode_prompt(p), params, args.num_candidates) for p in prompts
     ]

@@ -210,8 +210,6 @@ class GRUPolicy(Policy):
         """
         if not requests:
             return []
-        for r in requests:
-            r.params.validate()
         rows = [(i, c) for i, r in enumerate(requests) for c in range(r.num_candidates)]
         n = len(rows)
         prompt_ids, prompt_lengths = pad([nonempty_prompt(requests[i].prompt_ids) for i, _ in rows])

@@ -11,8 +11,10 @@ Two properties matter to the rest of feedloop:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +25,22 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 SEED_MASK = (1 << 64) - 1
 
 
+class InvalidSamplingParams(ValueError):
+    """A sampling parameter is out of range; `field` names it, `problem` says what to fix."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples. Defaults are the server's defaults."""
+    """How one request samples; refuses out-of-range values when built (InvalidSamplingParams).
+
+    Defaults are the server's defaults. The dict form (`to_dict`/`from_dict`) is what the
+    generation log stores with every generation and what the trainer reads back.
+    """
 
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
@@ -33,15 +48,41 @@ class SamplingParams:
     max_tokens: int = 16
     seed: int = 0  # the caller resolves 0 to a concrete seed before sampling
 
-    def validate(self) -> None:
-        if not (self.temperature > 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InvalidSamplingParams(
+                "temperature", f"must be a finite number > 0, got {self.temperature}"
+            )
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSamplingParams("top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise InvalidSamplingParams("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidSamplingParams("max_tokens", f"must be >= 1, got {self.max_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as plain JSON values, keyed by field name."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
+        """Parameters from `to_dict`'s form, validated; a missing key takes its default."""
+        defaults = cls().to_dict()
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in defaults:
+                raise InvalidSamplingParams(name, "is not a sampling parameter")
+            try:
+                values[name] = type(defaults[name])(value)  # float or int, as the field
+            except (TypeError, ValueError):
+                raise InvalidSamplingParams(name, f"must be a number, got {value!r}") from None
+        return cls(**values)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

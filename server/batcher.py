@@ -22,7 +22,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future
@@ -37,6 +36,7 @@ from feedloop.server.genlog import GenerationLog
 from feedloop.server.live_model import LiveModel, LoadedModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_worker import ModelWorker
+from feedloop.server.replies import generate_reply, new_generation_ids
 from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server.batcher")
@@ -285,73 +285,40 @@ class Batcher:
         prompt_ids: list[list[int]],
         outputs: list[list[SampledOutput]],
     ) -> list[tuple[GenerateJob, Any]]:
-        """Response protos for the jobs and their generation records (logged here)."""
-        tokenizer = model.tokenizer
+        """Each job's reply, once its generation records are with the generation log."""
         created_at = time.time()
-        rows = sum(len(samples) for samples in outputs)
-        random_hex = os.urandom(16 * rows).hex()  # 128 random bits per generation id
+        ids = iter(new_generation_ids(sum(len(samples) for samples in outputs)))
         records: list[GenerationRecord] = []
         results: list[tuple[GenerateJob, Any]] = []
-        tokens_total = 0
-        for job, ids, samples in zip(jobs, prompt_ids, outputs, strict=True):
-            params = job.params
-            sampling = {
-                "temperature": params.temperature,
-                "top_k": params.top_k,
-                "top_p": params.top_p,
-                "max_tokens": params.max_tokens,
-                "seed": params.seed,
-            }
-            candidates = []
-            for index, sample in enumerate(samples):
-                row = len(records)
-                generation_id = random_hex[32 * row : 32 * row + 32]
-                phrase_ids = sample.phrase_ids
-                text = tokenizer.decode(phrase_ids)
-                tokens_total += len(sample.token_ids)
-                candidates.append(
-                    pb.Candidate(
-                        generation_id=generation_id,
-                        text=text,
-                        tokens=tokenizer.token_strings(phrase_ids),
-                        log_prob=sum(sample.behaviour_logprobs),
-                        finished=sample.finished,
-                    )
-                )
-                records.append(
-                    GenerationRecord(
-                        generation_id=generation_id,
-                        request_id=job.request_id,
-                        prompt=job.prompt,
-                        prompt_ids=ids,
-                        output_ids=sample.token_ids,
-                        behaviour_logprobs=sample.behaviour_logprobs,
-                        policy_logprobs=sample.policy_logprobs,
-                        finished=sample.finished,
-                        text=text,
-                        sampling=sampling,
-                        model_version=model.version,
-                        client_id=job.client_id,
-                        created_at=created_at,
-                        candidate_index=index,
-                        num_candidates=job.num_candidates,
-                    )
-                )
-            results.append(
-                (
-                    job,
-                    pb.GenerateResponse(
-                        request_id=job.request_id,
-                        model_version=model.version,
-                        candidates=candidates,
-                        seed=params.seed,
-                    ),
-                )
+        for job, job_prompt_ids, samples in zip(jobs, prompt_ids, outputs, strict=True):
+            generation_ids = [next(ids) for _ in samples]
+            texts = [model.tokenizer.decode(sample.phrase_ids) for sample in samples]
+            records += GenerationRecord.from_samples(
+                samples,
+                generation_ids=generation_ids,
+                texts=texts,
+                request_id=job.request_id,
+                prompt=job.prompt,
+                prompt_ids=job_prompt_ids,
+                params=job.params,
+                model_version=model.version,
+                client_id=job.client_id,
+                created_at=created_at,
             )
+            reply = generate_reply(
+                job.request_id,
+                model.version,
+                job.params.seed,
+                samples,
+                generation_ids=generation_ids,
+                texts=texts,
+                tokenizer=model.tokenizer,
+            )
+            results.append((job, reply))
         # Logged before the replies go out: a client can only rate what the log already holds
         # (in its buffer or in the store).
         self.generation_log.add(records)
-        self.metrics.served(len(records), tokens_total)
+        self.metrics.served(len(records), sum(len(r.output_ids) for r in records))
         return results
 
     def _deliver(self, results: list[tuple[GenerateJob, Any]]) -> None:

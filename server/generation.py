@@ -5,14 +5,13 @@ Everything here is cheap and runs on the loop; the model runs in the model proce
 
 from __future__ import annotations
 
-import math
 import random
 import secrets
 import time
 
 import grpc
 
-from feedloop.core.sampling import SamplingParams
+from feedloop.core.sampling import InvalidSamplingParams, SamplingParams
 from feedloop.core.tokenizer import split_words
 from feedloop.server.auth import Authenticator
 from feedloop.server.batcher import Batcher, GenerateJob
@@ -32,23 +31,23 @@ SEED_BITS = 63  # fits a signed 64-bit column in every store
 def resolve_params(request: pb.GenerateRequest, config: ServeConfig) -> SamplingParams:
     """The request's sampling parameters, defaults filled in; InvalidArgument if out of range."""
     s = request.sampling
-    temperature = s.temperature or 1.0
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise InvalidArgument("sampling.temperature", f"must be > 0, got {s.temperature}")
-    if s.top_k < 0:
-        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {s.top_k}")
-    top_p = s.top_p or 1.0
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    max_tokens = s.max_tokens or config.default_max_tokens
-    if not 1 <= max_tokens <= config.max_tokens_cap:
+    # Proto3 reads an unset number as 0: a 0 here asks for the default.
+    given = {
+        name: value for name in ("temperature", "top_k", "top_p") if (value := getattr(s, name))
+    }
+    try:
+        params = SamplingParams(
+            **given,
+            max_tokens=s.max_tokens or config.default_max_tokens,
+            seed=s.seed or (random.getrandbits(SEED_BITS) or 1),
+        )
+    except InvalidSamplingParams as exc:
+        raise InvalidArgument(f"sampling.{exc.field}", exc.problem) from None
+    if params.max_tokens > config.max_tokens_cap:
         raise InvalidArgument(
             "sampling.max_tokens", f"must be 1 to {config.max_tokens_cap}, got {s.max_tokens}"
         )
-    seed = s.seed or (random.getrandbits(SEED_BITS) or 1)
-    return SamplingParams(
-        temperature=temperature, top_k=s.top_k, top_p=top_p, max_tokens=max_tokens, seed=seed
-    )
+    return params
 
 
 class GenerationService(pb_grpc.GenerationServicer):

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from feedloop.client.demo_processes import Child, feedloop_command, start_child
+from feedloop.demo.processes import Child, feedloop_command, start_child
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -16,8 +16,8 @@ import grpc
 import pytest
 from faults_procs import is_serving, seeded_data_dir, server_process
 
-from feedloop.client.demo_processes import Child
 from feedloop.core.store import open_store
+from feedloop.demo.processes import Child
 from feedloop.server.auth import hash_key
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc

@@ -13,7 +13,7 @@ import pytest
 from client_tls import make_certificates, openssl_available
 
 from feedloop.client import FeedloopClient, FeedloopClientError, Rating
-from feedloop.client.demo_processes import start_server
+from feedloop.demo.processes import start_server
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from feedloop.client.demo_population import parse_mix, to_client_event
-from feedloop.client.demo_report import judge, plot_reward, rolling_mean
-from feedloop.client.demo_tracker import DemoStats, Swap, VersionStats
 from feedloop.client.types import Comparison, Correction, Ranking, Rating
+from feedloop.demo.population import parse_mix, to_client_event
+from feedloop.demo.report import judge, plot_reward, rolling_mean
+from feedloop.demo.tracker import DemoStats, Swap, VersionStats
 
 
 def version(name: str, rewards: list[float]) -> VersionStats:
@@ -99,7 +99,7 @@ def test_reward_plot_is_a_png_with_every_version_and_swap(tmp_path):
 
 
 def test_feedback_mix_parsing_and_simulated_feedback_conversion():
-    from feedloop.core.simusers import SimulatedFeedback
+    from feedloop.demo.simusers import SimulatedFeedback
 
     assert parse_mix("rating=1,comparison=0.5") == {"rating": 1.0, "comparison": 0.5}
     for bad in ("rating", "likes=1", "rating=0", "rating=-1,comparison=1"):
@@ -201,7 +201,7 @@ def test_a_signal_stops_the_demo_and_every_process_it_started(tmp_path, tiny_che
 
 
 def test_demo_usage_errors_exit_2_before_starting_anything(capsys):
-    from feedloop.client.demo import main
+    from feedloop.demo.cli import main
 
     assert main(["demo", "--preference", "loud"]) == 2
     assert "unknown preference" in capsys.readouterr().err
@@ -210,7 +210,7 @@ def test_demo_usage_errors_exit_2_before_starting_anything(capsys):
 
 
 def test_demo_that_cannot_start_says_why_in_one_line_and_keeps_its_logs(tmp_path, capsys):
-    from feedloop.client.demo import main
+    from feedloop.demo.cli import main
 
     code = main(
         [

@@ -20,11 +20,11 @@ from faults_procs import server_process, sigkill, wait_for
 from faults_store import small_disk
 from trainer_support import FAST_FLAGS, make_env, simulation
 
-from feedloop.client.demo_processes import feedloop_command, start_child
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.registry import DirectoryRegistry
-from feedloop.core.simusers import IncludeWord
 from feedloop.core.store import open_store
+from feedloop.demo.processes import feedloop_command, start_child
+from feedloop.demo.simusers import IncludeWord
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 

@@ -30,7 +30,7 @@ from client_prometheus import (
 )
 
 from feedloop.client import FeedloopClient
-from feedloop.client.demo_processes import feedloop_command, start_child, start_server
+from feedloop.demo.processes import feedloop_command, start_child, start_server
 
 needs_promtool = pytest.mark.skipif(
     promtool() is None, reason="promtool not installed (Debian package 'prometheus'; CI has it)"

@@ -18,6 +18,7 @@ BLOCKED = (
     "feedloop.core",
     "feedloop.server",
     "feedloop.trainer",
+    "feedloop.demo",
     "grpc_health",
     "grpc_reflection",
     "prometheus_client",

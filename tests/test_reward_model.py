@@ -9,8 +9,8 @@ import torch
 from trainer_support import one_torch_thread
 
 from feedloop.core.corpus import load_phrases
-from feedloop.core.simusers import AvoidWord, IncludeWord, Length, Preference
 from feedloop.core.tokenizer import Tokenizer
+from feedloop.demo.simusers import AvoidWord, IncludeWord, Length, Preference
 from feedloop.trainer.reward_model import (
     Calibration,
     calibrate,

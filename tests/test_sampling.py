@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from feedloop.core.sampling import (
+    InvalidSamplingParams,
     SamplingParams,
     candidate_seeds,
     draw,
@@ -81,17 +83,64 @@ def test_uniforms_look_uniform():
     assert abs(float(u.var()) - 1 / 12) < 0.005
 
 
+INVALID = [
+    ("temperature", {"temperature": 0}),
+    ("temperature", {"temperature": math.nan}),
+    ("temperature", {"temperature": math.inf}),
+    ("top_k", {"top_k": -1}),
+    ("top_p", {"top_p": 0}),
+    ("top_p", {"top_p": 1.5}),
+    ("top_p", {"top_p": math.nan}),
+    ("max_tokens", {"max_tokens": 0}),
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs"), INVALID, ids=[str(k) for _, k in INVALID])
+def test_invalid_parameters_are_refused(field, kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(("field", "kwargs"), INVALID, ids=[str(k) for _, k in INVALID])
+def test_a_refusal_names_the_field_and_the_value(field, kwargs):
+    with pytest.raises(InvalidSamplingParams) as err:
+        SamplingParams(**kwargs)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: must be ")
+    assert str(err.value).endswith(f"got {kwargs[field]}")
+
+
+def test_the_dict_form_round_trips_through_json():
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=12, seed=2**62 + 3)
+    as_dict = params.to_dict()
+    assert as_dict == {
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.9,
+        "max_tokens": 12,
+        "seed": 2**62 + 3,
+    }
+    assert SamplingParams.from_dict(json.loads(json.dumps(as_dict))) == params
+
+
+def test_the_dict_form_takes_defaults_for_missing_keys_and_numbers_of_either_kind():
+    assert SamplingParams.from_dict({}) == SamplingParams()
+    restored = SamplingParams.from_dict({"temperature": 2, "top_k": 5.0})
+    assert restored == SamplingParams(temperature=2.0, top_k=5)
+    assert isinstance(restored.temperature, float) and isinstance(restored.top_k, int)
+
+
 @pytest.mark.parametrize(
-    "params",
+    ("data", "field", "problem"),
     [
-        SamplingParams(temperature=0),
-        SamplingParams(temperature=math.nan),
-        SamplingParams(top_k=-1),
-        SamplingParams(top_p=0),
-        SamplingParams(top_p=1.5),
-        SamplingParams(max_tokens=0),
+        ({"top_p": 2.0}, "top_p", "must be in (0, 1], got 2.0"),
+        ({"max_tokens": "many"}, "max_tokens", "must be a number, got 'many'"),
+        ({"temperature": None}, "temperature", "must be a number, got None"),
+        ({"repetition_penalty": 1.1}, "repetition_penalty", "is not a sampling parameter"),
     ],
 )
-def test_invalid_parameters_are_refused(params):
-    with pytest.raises(ValueError):
-        params.validate()
+def test_the_dict_form_is_validated_and_a_refusal_names_the_key(data, field, problem):
+    with pytest.raises(InvalidSamplingParams) as err:
+        SamplingParams.from_dict(data)
+    assert (err.value.field, err.value.problem) == (field, problem)
+    assert str(err.value) == f"{field}: {problem}"

@@ -27,7 +27,7 @@ from feedloop.server.auth import hash_key
 from feedloop.v1 import feedloop_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_SOURCES = ("core", "server", "trainer", "client", "proto/feedloop")
+SHIPPED_SOURCES = ("core", "server", "trainer", "client", "demo", "proto/feedloop")
 
 
 @pytest.fixture

@@ -10,7 +10,11 @@ import grpc
 import pytest
 from server_harness import running_server, seeded_registry, test_config, wait_until
 
+from feedloop.core.policy import SampledOutput
+from feedloop.core.sampling import SamplingParams
 from feedloop.core.store import open_store
+from feedloop.core.store.base import GenerationRecord
+from feedloop.core.tokenizer import EOS_ID
 from feedloop.v1 import feedloop_pb2 as pb
 
 
@@ -51,6 +55,55 @@ async def test_generate_returns_candidates_named_by_one_version_and_logs_each(li
         assert len(record.policy_logprobs) == len(record.output_ids)
         assert c.log_prob == pytest.approx(sum(record.behaviour_logprobs))
         assert record.text == c.text
+
+
+async def test_the_log_holds_the_requests_sampling_parameters_with_defaults_and_seed_resolved(
+    live,
+) -> None:
+    reply = await live.generation.Generate(
+        pb.GenerateRequest(
+            prompt="ocean", sampling=pb.SamplingParams(temperature=0.5, top_k=7, top_p=0.75)
+        ),
+        timeout=10,
+    )
+    await wait_until(lambda: live.server.generation_log.depth == 0)
+    (record,) = live.store.get_generations([reply.candidates[0].generation_id]).values()
+    assert SamplingParams.from_dict(record.sampling) == SamplingParams(
+        temperature=0.5,
+        top_k=7,
+        top_p=0.75,
+        max_tokens=live.server.config.default_max_tokens,
+        seed=reply.seed,
+    )
+
+
+def test_records_carry_each_samples_tokens_and_both_logprobs_in_order() -> None:
+    samples = [
+        SampledOutput([5, 6, EOS_ID], [-0.5, -0.25, -0.125], [-0.75, -0.5, -0.25], True),
+        SampledOutput([7, 8], [-1.0, -2.0], [-1.5, -2.5], False),
+    ]
+    params = SamplingParams(temperature=0.8, top_k=3, max_tokens=2, seed=99)
+    records = GenerationRecord.from_samples(
+        samples,
+        generation_ids=["g1", "g2"],
+        texts=["a b", "c d"],
+        request_id="r1",
+        prompt="ocean",
+        prompt_ids=[4],
+        params=params,
+        model_version="v0007",
+        client_id="app",
+        created_at=12.5,
+    )
+    for index, (record, sample) in enumerate(zip(records, samples, strict=True)):
+        assert record.output_ids == sample.token_ids and record.finished == sample.finished
+        assert record.behaviour_logprobs == sample.behaviour_logprobs
+        assert record.policy_logprobs == sample.policy_logprobs
+        assert (record.candidate_index, record.num_candidates) == (index, 2)
+        assert SamplingParams.from_dict(record.sampling) == params
+        assert (record.request_id, record.prompt, record.prompt_ids) == ("r1", "ocean", [4])
+        assert (record.model_version, record.client_id, record.created_at) == ("v0007", "app", 12.5)
+    assert [(r.generation_id, r.text) for r in records] == [("g1", "a b"), ("g2", "c d")]
 
 
 async def test_same_seed_gives_same_candidates_alone_or_under_concurrent_load(live) -> None:

@@ -14,7 +14,7 @@ from faults_procs import server_process, sigkill
 from server_harness import running_server, seeded_registry, test_config, wait_until
 
 from feedloop.client import FeedloopClient
-from feedloop.client.demo_processes import process_tree
+from feedloop.demo.processes import process_tree
 from feedloop.server import batcher as batcher_module
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from feedloop.core.simusers import (
+from feedloop.demo.simusers import (
     AvoidWord,
     Candidate,
     ContainsKeyword,
@@ -129,6 +129,6 @@ def test_a_bad_mix_or_scale_is_refused() -> None:
 
 
 def test_simulated_users_import_without_torch() -> None:
-    code = "import sys, feedloop.core.simusers; print('torch' in sys.modules)"
+    code = "import sys, feedloop.demo.simusers; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

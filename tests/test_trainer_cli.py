@@ -16,7 +16,7 @@ from trainer_support import FAST_FLAGS, Env, make_env, one_torch_thread, simulat
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.registry import open_registry
-from feedloop.core.simusers import Length
+from feedloop.demo.simusers import Length
 
 __all__ = ["one_torch_thread"]
 

@@ -13,7 +13,8 @@ from trainer_support import SPLIT, TRAIN_PROMPTS, one_torch_thread
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.policy import SampleRequest
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.simusers import IncludeWord, SimulatedUser
+from feedloop.demo.simulate import generation_records
+from feedloop.demo.simusers import IncludeWord, SimulatedUser
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.gate import (
     Gate,
@@ -22,7 +23,6 @@ from feedloop.trainer.gate import (
     sequence_behaviour_logprobs,
     served_logprobs,
 )
-from feedloop.trainer.simulate import generation_records
 
 __all__ = ["one_torch_thread"]
 

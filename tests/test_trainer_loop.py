@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
 
 from feedloop.core.checkpoint import load_checkpoint
-from feedloop.core.simusers import IncludeWord, Length, Preference
+from feedloop.demo.simusers import IncludeWord, Length, Preference
 from feedloop.trainer.data import Cursor, read_window
 from feedloop.trainer.loop import Trainer
 from feedloop.trainer.signals import learning_signals

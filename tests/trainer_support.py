@@ -12,10 +12,10 @@ import torch
 
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.registry import ModelRegistry, open_registry
-from feedloop.core.simusers import Preference, SimulatedUser
 from feedloop.core.store.base import ReplayStore, open_store
+from feedloop.demo.simulate import Simulation, corpus_prompts
+from feedloop.demo.simusers import Preference, SimulatedUser
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.simulate import Simulation, corpus_prompts
 
 SPLIT = split_corpus(load_phrases(), seed=0)
 TRAIN_PROMPTS = corpus_prompts(SPLIT.train, seed=1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -107,13 +107,14 @@ def served_logprobs(policy: Policy, records: Sequence[GenerationRecord]) -> torc
     logits = policy.teacher_forced(batch).logits
     b, t, v = logits.shape
 
-    def param(name: str, default: float) -> torch.Tensor:
-        values = [float(r.sampling.get(name, default) or default) for r in records]
+    params = [SamplingParams.from_dict(r.sampling) for r in records]
+
+    def per_token(values: list[float] | list[int]) -> torch.Tensor:
         return torch.tensor(values).repeat_interleave(t)
 
-    temperature = param("temperature", 1.0)
-    top_k = param("top_k", 0).long()
-    top_p = param("top_p", 1.0)
+    temperature = per_token([p.temperature for p in params])
+    top_k = per_token([p.top_k for p in params])
+    top_p = per_token([p.top_p for p in params])
     logprobs = sampling.filtered_logprobs(logits.reshape(b * t, v), temperature, top_k, top_p)
     token = logprobs.gather(1, batch.output_ids.reshape(-1, 1)).reshape(b, t)
     token = torch.where(batch.output_mask > 0, token, torch.zeros_like(token))
@@ -132,13 +133,7 @@ def direct_method(
     requests = [
         SampleRequest(
             r.prompt_ids,
-            SamplingParams(
-                temperature=float(r.sampling.get("temperature", 1.0) or 1.0),
-                top_k=int(r.sampling.get("top_k", 0) or 0),
-                top_p=float(r.sampling.get("top_p", 1.0) or 1.0),
-                max_tokens=int(r.sampling.get("max_tokens", 16) or 16),
-                seed=seed + i,
-            ),
+            replace(SamplingParams.from_dict(r.sampling), seed=seed + i),
             num_candidates=DR_TARGET_SAMPLES,
         )
         for i, r in enumerate(records)

@@ -19,7 +19,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # both import torch, which reading and writing records never needs
+    from feedloop.core.policy import SampledOutput
+    from feedloop.core.sampling import SamplingParams
 
 FeedbackKind = Literal["rating", "ranking", "comparison", "correction"]
 RatingScaleName = Literal["unit", "thumbs", "stars5"]
@@ -42,7 +46,7 @@ class GenerationRecord:
     policy_logprobs: list[float]
     finished: bool
     text: str
-    # temperature, top_k, top_p, max_tokens, seed (the resolved seed of the request).
+    # The request's SamplingParams.to_dict(), its seed resolved (read back with from_dict).
     sampling: dict[str, Any]
     model_version: str
     client_id: str
@@ -50,6 +54,46 @@ class GenerationRecord:
     candidate_index: int = 0
     num_candidates: int = 1
     seq: int = 0  # assigned by the store; 0 before it is stored
+
+    @classmethod
+    def from_samples(
+        cls,
+        samples: Sequence[SampledOutput],
+        *,
+        generation_ids: Sequence[str],
+        texts: Sequence[str],
+        request_id: str,
+        prompt: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        model_version: str,
+        client_id: str,
+        created_at: float,
+    ) -> list[GenerationRecord]:
+        """The records of one request's candidates, one per sample, in the samples' order."""
+        sampling = params.to_dict()
+        return [
+            cls(
+                generation_id=generation_id,
+                request_id=request_id,
+                prompt=prompt,
+                prompt_ids=prompt_ids,
+                output_ids=sample.token_ids,
+                behaviour_logprobs=sample.behaviour_logprobs,
+                policy_logprobs=sample.policy_logprobs,
+                finished=sample.finished,
+                text=text,
+                sampling=sampling,
+                model_version=model_version,
+                client_id=client_id,
+                created_at=created_at,
+                candidate_index=index,
+                num_candidates=len(samples),
+            )
+            for index, (sample, generation_id, text) in enumerate(
+                zip(samples, generation_ids, texts, strict=True)
+            )
+        ]
 
 
 @dataclass(slots=True)

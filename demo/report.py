@@ -13,8 +13,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from feedloop.client.demo_tracker import DemoStats, Swap, VersionStats
 from feedloop.client.types import ModelsResult
+from feedloop.demo.tracker import DemoStats, Swap, VersionStats
 
 
 @dataclass(frozen=True)

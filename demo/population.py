@@ -1,10 +1,9 @@
 """The demo's users: simulated people asking for phrases and answering with noisy feedback.
 
-Each user is a thread with its own core.simusers.SimulatedUser (same preference, own seed) that
+Each user is a thread with its own simusers.SimulatedUser (same preference, own seed) that
 paces itself to share the population's request rate, asks the live model for candidates for a
 keyword prompt, records the candidates' true reward (the hidden preference, which the learner
-never sees), and sends its feedback through the client. Core modules are imported lazily: they
-are pure Python, but feedloop.client must import without the core installed.
+never sees), and sends its feedback through the client.
 """
 
 from __future__ import annotations
@@ -13,17 +12,24 @@ import random
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from feedloop.client.client import FeedloopClient
-from feedloop.client.demo_tracker import DemoStats
 from feedloop.client.errors import FeedloopClientError
 from feedloop.client.types import Comparison, Correction, FeedbackInput, Ranking, Rating
+from feedloop.core.corpus import load_phrases, prompt_for
+from feedloop.demo.simusers import (
+    FEEDBACK_KINDS,
+    Candidate,
+    SimulatedFeedback,
+    SimulatedUser,
+    parse_preference,
+)
+from feedloop.demo.tracker import DemoStats
 
 
 @dataclass(frozen=True)
 class PopulationConfig:
-    preference: str  # core.simusers.parse_preference spec: include:WORD, avoid:WORD, length[:N]...
+    preference: str  # simusers.parse_preference spec: include:WORD, avoid:WORD, length[:N]...
     users: int
     rate_rps: float  # requests per second of the whole population
     candidates: int  # candidates asked per request
@@ -35,8 +41,6 @@ class PopulationConfig:
 
 def parse_mix(text: str) -> dict[str, float]:
     """`rating=0.4,comparison=0.3,...` -> {"rating": 0.4, ...}; kinds not named get 0."""
-    from feedloop.core.simusers import FEEDBACK_KINDS
-
     mix: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, sep, weight = part.partition("=")
@@ -55,8 +59,6 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def demo_prompts(seed: int, count: int = 2000) -> list[str]:
     """Keyword prompts drawn from the shipped corpus, so every word is in the vocabulary."""
-    from feedloop.core.corpus import load_phrases, prompt_for
-
     rng = random.Random(seed)
     phrases = load_phrases()
     prompts: list[str] = []
@@ -67,8 +69,8 @@ def demo_prompts(seed: int, count: int = 2000) -> list[str]:
     return prompts
 
 
-def to_client_event(feedback: Any) -> FeedbackInput:
-    """A core.simusers.SimulatedFeedback as the client's event type."""
+def to_client_event(feedback: SimulatedFeedback) -> FeedbackInput:
+    """A simulated user's feedback as the client's event type."""
     ids = feedback.generation_ids
     if feedback.kind == "rating":
         return Rating(ids[0], float(feedback.score), scale=feedback.scale or "unit")
@@ -83,8 +85,6 @@ class Population:
     """config.users threads driving traffic through one client until stop() or an error."""
 
     def __init__(self, client: FeedloopClient, config: PopulationConfig, stats: DemoStats):
-        from feedloop.core.simusers import SimulatedUser, parse_preference
-
         self.client = client
         self.config = config
         self.stats = stats
@@ -117,9 +117,7 @@ class Population:
         for thread in self._threads:
             thread.join(timeout=timeout_s)
 
-    def _run_user(self, index: int, user: Any) -> None:
-        from feedloop.core.simusers import Candidate
-
+    def _run_user(self, index: int, user: SimulatedUser) -> None:
         rng = random.Random(self.config.seed * 7919 + index)
         period_s = self.config.users / self.config.rate_rps  # each user's share of the rate
         self._stop.wait(rng.uniform(0, period_s))  # spread the users' first requests

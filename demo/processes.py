@@ -22,11 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class ChildProcessError_(RuntimeError):
+class ChildStartupError(RuntimeError):
     """A child did not start: it exited, or printed no start-up line in time."""
-
-
-StartupError = ChildProcessError_
 
 
 def parse_banner(line: str) -> dict[str, str]:
@@ -171,13 +168,13 @@ def start_child(
             line = lines.get(timeout=max(remaining_s, 0.01))
         except queue.Empty:
             child.stop(grace_s=5.0)
-            raise StartupError(
+            raise ChildStartupError(
                 f"{name} printed no start-up line within {timeout_s:g}s; log {log_path}:\n"
                 f"{child.log_tail()}"
             ) from None
         if line is None:
             code = process.wait(timeout=30)
-            raise StartupError(
+            raise ChildStartupError(
                 f"{name} exited with code {code} before starting; log {log_path}:\n"
                 f"{child.log_tail()}"
             )

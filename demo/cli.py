@@ -24,20 +24,25 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+
 from feedloop.client.client import FeedloopClient
-from feedloop.client.demo_options import build_parser
-from feedloop.client.demo_population import Population, PopulationConfig, parse_mix
-from feedloop.client.demo_processes import (
+from feedloop.client.errors import FeedloopClientError
+from feedloop.client.types import ModelsResult
+from feedloop.core.config import default_data_dir
+from feedloop.demo.options import build_parser
+from feedloop.demo.population import Population, PopulationConfig, parse_mix
+from feedloop.demo.processes import (
     Child,
-    StartupError,
+    ChildStartupError,
     feedloop_command,
     start_child,
     start_server,
 )
-from feedloop.client.demo_report import judge, live_view, plot_reward, summary_table
-from feedloop.client.demo_tracker import DemoStats
-from feedloop.client.errors import FeedloopClientError
-from feedloop.client.types import ModelsResult
+from feedloop.demo.report import judge, live_view, plot_reward, summary_table
+from feedloop.demo.simusers import parse_preference
+from feedloop.demo.tracker import DemoStats
 
 EXIT_OK, EXIT_NOT_IMPROVED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -59,7 +64,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def default_checkpoint() -> Path:
     """The default pretrained policy, built now (a few minutes, once) if it is missing."""
-    from feedloop.core.config import default_data_dir
+    # Here, not at the top: pretrain imports torch, which the demo process needs for nothing else
+    # (server and trainer are processes of their own).
     from feedloop.core.pretrain import default_checkpoint_dir
 
     # Read here, at the command's edge, like every feedloop command: where the user keeps the
@@ -80,8 +86,6 @@ def default_checkpoint() -> Path:
 
 class Demo:
     def __init__(self, args: argparse.Namespace, population_config: PopulationConfig) -> None:
-        from rich.console import Console
-
         self.args = args
         self.population_config = population_config
         self.console = Console()
@@ -170,8 +174,6 @@ class Demo:
         return lines[-1].removeprefix("feedloop train: ") if lines else ""
 
     def run(self) -> None:
-        from rich.live import Live
-
         deadline = time.monotonic() + self.args.duration_s
         title = (
             f"feedloop demo: {self.population_config.users} users, preference "
@@ -251,8 +253,6 @@ class Demo:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[1:])
-    from feedloop.core.simusers import parse_preference
-
     try:
         parse_preference(args.preference)
         mix = parse_mix(args.feedback_mix)
@@ -287,7 +287,7 @@ def main(argv: list[str]) -> int:
         print("feedloop demo: interrupted; server, trainer and users stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (
-        StartupError,
+        ChildStartupError,
         RuntimeError,
         FeedloopClientError,
         OSError,

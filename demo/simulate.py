@@ -13,17 +13,17 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.corpus import prompt_for
-from feedloop.core.policy import Policy, SampleRequest
+from feedloop.core.policy import Policy, SampledOutput, SampleRequest
 from feedloop.core.registry import ModelRegistry
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.simusers import Candidate, Preference, SimulatedUser
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.demo.simusers import Candidate, Preference, SimulatedUser
 
 
 def corpus_prompts(phrases: Sequence[str], seed: int) -> list[str]:
@@ -36,40 +36,25 @@ def generation_records(
     policy: Policy,
     version: str,
     prompt: str,
-    outputs: Sequence,  # SampledOutput
+    outputs: Sequence[SampledOutput],
     params: SamplingParams,
     client_id: str,
     rng: random.Random,
 ) -> list[GenerationRecord]:
     """Records for one request's candidates, as the server logs them (ids drawn from rng)."""
     request_id = new_id(rng)
-    now = time.time()
-    return [
-        GenerationRecord(
-            generation_id=new_id(rng),
-            request_id=request_id,
-            prompt=prompt,
-            prompt_ids=policy.encode_prompt(prompt),
-            output_ids=list(out.token_ids),
-            behaviour_logprobs=list(out.behaviour_logprobs),
-            policy_logprobs=list(out.policy_logprobs),
-            finished=out.finished,
-            text=policy.decode(out.token_ids),
-            sampling={
-                "temperature": params.temperature,
-                "top_k": params.top_k,
-                "top_p": params.top_p,
-                "max_tokens": params.max_tokens,
-                "seed": params.seed,
-            },
-            model_version=version,
-            client_id=client_id,
-            created_at=now,
-            candidate_index=i,
-            num_candidates=len(outputs),
-        )
-        for i, out in enumerate(outputs)
-    ]
+    return GenerationRecord.from_samples(
+        outputs,
+        generation_ids=[new_id(rng) for _ in outputs],
+        texts=[policy.decode(out.token_ids) for out in outputs],
+        request_id=request_id,
+        prompt=prompt,
+        prompt_ids=policy.encode_prompt(prompt),
+        params=params,
+        model_version=version,
+        client_id=client_id,
+        created_at=time.time(),
+    )
 
 
 def new_id(rng: random.Random) -> str:
@@ -128,16 +113,7 @@ class Simulation:
         """Serve one batch of requests and store their feedback; returns events stored."""
         version, policy = self.live_policy()
         prompts = [self.rng.choice(self.prompts) for _ in range(self.requests_per_batch)]
-        params = [
-            SamplingParams(
-                self.sampling.temperature,
-                self.sampling.top_k,
-                self.sampling.top_p,
-                self.sampling.max_tokens,
-                self.rng.getrandbits(63) or 1,
-            )
-            for _ in prompts
-        ]
+        params = [replace(self.sampling, seed=self.rng.getrandbits(63) or 1) for _ in prompts]
         requests = [
             SampleRequest(policy.encode_prompt(p), sp, self.candidates_per_request)
             for p, sp in zip(prompts, params, strict=True)
@@ -175,10 +151,7 @@ def mean_true_reward(
     """The preference's mean true reward of one sample per prompt (seeded, batched)."""
     base = sampling or SamplingParams(max_tokens=16)
     requests = [
-        SampleRequest(
-            policy.encode_prompt(p),
-            SamplingParams(base.temperature, base.top_k, base.top_p, base.max_tokens, seed + i),
-        )
+        SampleRequest(policy.encode_prompt(p), replace(base, seed=seed + i))
         for i, p in enumerate(prompts)
     ]
     outs = policy.sample(requests)
