@@ -32,7 +32,7 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
 from feedloop.core.simusers import IncludeWord, SimulatedUser
-from feedloop.core.store.base import open_store
+from feedloop.core.store import open_store
 from feedloop.trainer.simulate import Simulation, corpus_prompts
 
 LOAD = str(Path(__file__).with_name("serve_load.py"))

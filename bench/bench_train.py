@@ -28,7 +28,7 @@ from feedloop.core.policy import TokenBatch, token_logprobs
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
 from feedloop.core.simusers import IncludeWord, SimulatedUser
-from feedloop.core.store.base import open_store
+from feedloop.core.store import open_store
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.loop import Trainer
 from feedloop.trainer.simulate import Simulation, corpus_prompts

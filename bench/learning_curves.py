@@ -38,7 +38,7 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
 from feedloop.core.simusers import SimulatedUser, parse_preference
-from feedloop.core.store.base import open_store
+from feedloop.core.store import open_store
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.gate import heldout_pairs, perplexity
 from feedloop.trainer.loop import Trainer

@@ -13,7 +13,7 @@ import torch
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.registry import ModelRegistry, open_registry
 from feedloop.core.simusers import Preference, SimulatedUser
-from feedloop.core.store.base import ReplayStore, open_store
+from feedloop.core.store import ReplayStore, open_store
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.simulate import Simulation, corpus_prompts
 

@@ -6,8 +6,8 @@ from feedloop.core.store.base import (
     GenerationRecord,
     ReplayStore,
     StoreCounts,
-    open_store,
 )
+from feedloop.core.store.factory import open_store
 
 __all__ = [
     "FEEDBACK_KINDS",

@@ -1,6 +1,6 @@
 """The replay store's records and interface: where the server logs and the trainer reads.
 
-Backends (`open_store` picks one from a path or URL):
+Backends (`feedloop.core.store.factory.open_store` picks one from a path or URL):
 - SQLite in WAL mode (`feedloop.core.store.sqlite`): the embedded default, no set-up;
 - PostgreSQL via psycopg 3 (`feedloop.core.store.postgres`): shared by server replicas and the
   trainer.
@@ -141,14 +141,3 @@ class ReplayStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         pass
-
-
-def open_store(location: str) -> ReplayStore:
-    """A replay store from a SQLite path or a postgresql:// URL (schema migrated on open)."""
-    if location.startswith(("postgresql://", "postgres://")):
-        from feedloop.core.store.postgres import PostgresStore
-
-        return PostgresStore(location)
-    from feedloop.core.store.sqlite import SQLiteStore
-
-    return SQLiteStore(location)
