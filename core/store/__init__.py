@@ -1,7 +1,6 @@
 """The replay store: generations and feedback, durable, shared by server and trainer."""
 
 from feedloop.core.store.base import (
-    FEEDBACK_KINDS,
     FeedbackRecord,
     GenerationRecord,
     ReplayStore,
@@ -10,7 +9,6 @@ from feedloop.core.store.base import (
 from feedloop.core.store.factory import open_store
 
 __all__ = [
-    "FEEDBACK_KINDS",
     "FeedbackRecord",
     "GenerationRecord",
     "ReplayStore",

@@ -19,11 +19,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-FeedbackKind = Literal["rating", "ranking", "comparison", "correction"]
-RatingScaleName = Literal["unit", "thumbs", "stars5"]
-FEEDBACK_KINDS: tuple[str, ...] = ("rating", "ranking", "comparison", "correction")
+from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
 
 
 @dataclass(frozen=True)
