@@ -1,4 +1,5 @@
-"""The base install is the client: feedloop.client needs grpcio and protobuf, never torch."""
+"""The base install is the client: feedloop.client needs grpcio, protobuf and grpcio-health-checking
+(generated code over those two), never torch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ BLOCKED = (
     "feedloop.core",
     "feedloop.server",
     "feedloop.trainer",
-    "grpc_health",
     "grpc_reflection",
     "prometheus_client",
     "rich",
