@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from feedloop.core.checkpoint import TOKENIZER, WEIGHTS, Manifest, write_manifest
 from feedloop.core.errors import StoreUnavailableError
-from feedloop.core.registry_pg import PostgresRegistry
-from feedloop.core.store.pg import Pool
+from feedloop.core.postgres import Pool
+from feedloop.core.registry.postgres import PostgresRegistry
 
 
 def fake_checkpoint(folder: Path, seed: int) -> Path:

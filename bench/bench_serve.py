@@ -296,7 +296,7 @@ def swap_once(workdir: Path, checkpoint: Path, registry_url: str | None) -> dict
         registry: Any = DirectoryRegistry(registry_dir, poll_interval_s=0.2)
         location = str(registry_dir)
     else:
-        from feedloop.core.registry_pg import PostgresRegistry
+        from feedloop.core.registry.postgres import PostgresRegistry
 
         registry = PostgresRegistry(registry_url, cache_dir=workdir / f"cache-{uuid.uuid4().hex}")
         location = registry_url

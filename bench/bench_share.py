@@ -30,7 +30,7 @@ from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
-from feedloop.core.store.base import open_store
+from feedloop.core.store import open_store
 from feedloop.demo.processes import start_server
 from feedloop.demo.simulate import Simulation, corpus_prompts
 from feedloop.demo.simusers import IncludeWord, SimulatedUser

@@ -138,7 +138,7 @@ def sqlite_ceiling(path: Path, n: int) -> float:
 def postgres_ceiling(url: str, n: int) -> float:
     """Bare psycopg, same rows, one multi-row INSERT per transaction of 100 (no conflict checks)."""
     from feedloop.core.errors import StoreUnavailableError
-    from feedloop.core.store.pg import Pool
+    from feedloop.core.postgres import Pool
 
     conn = Pool(url, unavailable=lambda message, exc: StoreUnavailableError(message)).connect()
     conn.execute(

@@ -27,7 +27,7 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.policy import TokenBatch, token_logprobs
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
-from feedloop.core.store.base import open_store
+from feedloop.core.store import open_store
 from feedloop.demo.simulate import Simulation, corpus_prompts
 from feedloop.demo.simusers import IncludeWord, SimulatedUser
 from feedloop.trainer.config import TrainConfig

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
@@ -63,11 +64,7 @@ class AsyncFeedloopClient:
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._feedback = pb_grpc.FeedbackStub(self._channel)
         self._admin = pb_grpc.ModelAdminStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            health.CHECK_METHOD,
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -243,5 +240,5 @@ class AsyncFeedloopClient:
         return SetLiveResult.from_proto(await self._unary(self._admin.Rollback, request, timeout_s))
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
-        reply = await self._unary(self._health_check, health.encode_request(service), timeout_s)
-        return health.decode_response(reply)
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health.status_name(await self._unary(self._health.Check, request, timeout_s))

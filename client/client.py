@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
@@ -64,11 +65,7 @@ class FeedloopClient:
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._feedback = pb_grpc.FeedbackStub(self._channel)
         self._admin = pb_grpc.ModelAdminStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            health.CHECK_METHOD,
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -235,8 +232,8 @@ class FeedloopClient:
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The grpc.health.v1 status: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
-        reply = self._unary(self._health_check, health.encode_request(service), timeout_s)
-        return health.decode_response(reply)
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health.status_name(self._unary(self._health.Check, request, timeout_s))
 
     def wait_until_serving(self, timeout_s: float = 30.0, service: str = "") -> None:
         """Block until the health check says SERVING; FeedloopClientError on timeout."""

@@ -17,8 +17,8 @@ from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
 from feedloop.client.types import Comparison, Correction, FeedbackInput, Ranking, Rating
 from feedloop.core.corpus import load_phrases, prompt_for
+from feedloop.core.feedback_kinds import FEEDBACK_KINDS
 from feedloop.demo.simusers import (
-    FEEDBACK_KINDS,
     Candidate,
     SimulatedFeedback,
     SimulatedUser,

@@ -18,10 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from feedloop.core.feedback_kinds import FEEDBACK_KINDS, RATING_SCALES, rating_scale
 from feedloop.core.tokenizer import join_words, split_words
-
-FEEDBACK_KINDS = ("rating", "comparison", "ranking", "correction")
-RATING_SCALES = ("unit", "thumbs", "stars5")
 
 
 def words_of(text: str) -> list[str]:
@@ -207,14 +205,13 @@ class SimulatedFeedback:
 
 
 def to_scale(unit_score: float, scale: str) -> float:
-    """Put a score in [0, 1] on a rating scale (thumbs: 0/1, stars5: whole stars 1..5)."""
-    if scale == "unit":
-        return unit_score
+    """Put a score in [0, 1] on a rating scale (thumbs: down or up, stars5: whole stars)."""
+    bounds = rating_scale(scale)
     if scale == "thumbs":
-        return 1.0 if unit_score >= 0.5 else 0.0
+        return bounds.high if unit_score >= 0.5 else bounds.low
     if scale == "stars5":
-        return float(1 + round(4 * unit_score))
-    raise ValueError(f"unknown rating scale {scale!r} (one of {', '.join(RATING_SCALES)})")
+        return bounds.low + round((bounds.high - bounds.low) * unit_score)
+    return bounds.low + (bounds.high - bounds.low) * unit_score
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -29,9 +28,8 @@ from grpc_reflection.v1alpha import reflection
 
 from feedloop.core.checkpoint import MANIFEST
 from feedloop.core.errors import FeedloopError
-from feedloop.core.registry import DirectoryRegistry, ModelRegistry, open_registry
-from feedloop.core.registry_pg import PostgresRegistry
-from feedloop.core.store.base import ReplayStore, open_store
+from feedloop.core.registry import ModelRegistry, open_registry
+from feedloop.core.store import ReplayStore, open_store
 from feedloop.server.admin import ModelAdminService
 from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
 from feedloop.server.batcher import Batcher
@@ -76,15 +74,6 @@ def seed_registry(registry: ModelRegistry, data_dir: Path, location: str) -> Non
             f"checkpoint at {checkpoint}; run `feedloop pretrain` first"
         )
     registry.publish(checkpoint, reason="seed: the default pretrained checkpoint", make_live=True)
-
-
-def open_server_registry(location: str, data_dir: Path) -> ModelRegistry:
-    """open_registry, with a PostgreSQL registry's checkpoint cache kept under data_dir."""
-    if location.startswith(("postgresql://", "postgres://")):
-        # One cache per registry URL: version names repeat across registries.
-        url_key = hashlib.sha256(location.encode()).hexdigest()[:16]
-        return PostgresRegistry(location, cache_dir=data_dir / "registry-cache" / url_key)
-    return open_registry(location)
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -144,10 +133,11 @@ class FeedloopServer:
             self.store = await asyncio.to_thread(open_store, config.store_location)
         if self.registry is None:
             self.registry = await asyncio.to_thread(
-                open_server_registry, config.registry_location, config.data_dir
+                open_registry,
+                config.registry_location,
+                poll_interval_s=config.registry_poll_interval_s,
+                data_dir=config.data_dir,
             )
-        if isinstance(self.registry, DirectoryRegistry | PostgresRegistry):
-            self.registry.poll_interval_s = config.registry_poll_interval_s
         await asyncio.to_thread(
             seed_registry, self.registry, config.data_dir, config.registry_location
         )

@@ -17,7 +17,8 @@ from typing import Any
 
 import grpc
 
-from feedloop.core.store.base import FeedbackRecord, RatingScaleName
+from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
+from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
 from feedloop.server.edge import Undecodable, streaming, unary
 from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
@@ -34,11 +35,12 @@ MAX_EVENT_ID_CHARS = 128
 # bare echo ceiling on SQLite, 74% against 70% on PostgreSQL (medians of three runs).
 STREAM_WINDOW = 1024
 
-SCALES: dict[int, tuple[str, float, float]] = {
-    pb.RATING_SCALE_UNSPECIFIED: ("unit", 0.0, 1.0),
-    pb.RATING_SCALE_UNIT: ("unit", 0.0, 1.0),
-    pb.RATING_SCALE_THUMBS: ("thumbs", 0.0, 1.0),
-    pb.RATING_SCALE_STARS_5: ("stars5", 1.0, 5.0),
+# The wire's rating scales by their names in the core, which holds their bounds.
+SCALE_NAMES: dict[int, RatingScaleName] = {
+    pb.RATING_SCALE_UNSPECIFIED: DEFAULT_RATING_SCALE,
+    pb.RATING_SCALE_UNIT: "unit",
+    pb.RATING_SCALE_THUMBS: "thumbs",
+    pb.RATING_SCALE_STARS_5: "stars5",
 }
 OUTCOMES = {
     ACCEPTED: pb.FEEDBACK_OUTCOME_ACCEPTED,
@@ -104,10 +106,10 @@ def _given_at(stamp: Any) -> float:
 
 def _rating(rating: pb.Rating) -> tuple[list[str], float, RatingScaleName]:
     gid = _require_id(rating.generation_id, "rating.generation_id")
-    found = SCALES.get(rating.scale)
-    if found is None:
+    name = SCALE_NAMES.get(rating.scale)
+    if name is None:
         raise InvalidArgument("rating.scale", f"unknown scale {rating.scale}")
-    name, low, high = found
+    low, high = RATING_SCALES[name].low, RATING_SCALES[name].high
     score = rating.score
     if not math.isfinite(score):
         raise InvalidArgument("rating.score", "must be a finite number")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, ReplayStore
 from feedloop.server.errors import InvalidArgument, NotFound, Unavailable
 from feedloop.server.genlog import GenerationLog, GenerationRef
@@ -43,13 +44,6 @@ GENERATION_COMMIT_WAIT_S = 10.0
 # after a small group is committed at once.
 QUIET_S = 0.001
 PACED_FROM_ROWS = 8
-
-
-def normalised_rating(score: float, scale: str) -> float:
-    """A rating on its scale mapped to [-1, 1] (stars: 1 -> -1, 3 -> 0, 5 -> 1)."""
-    if scale == "stars5":
-        return (score - 3.0) / 2.0
-    return 2.0 * score - 1.0
 
 
 def id_fields(record: FeedbackRecord) -> list[str]:
@@ -245,7 +239,7 @@ class FeedbackWriter:
             if is_new and record.kind == "rating" and record.score is not None:
                 _, model_version = found[record.generation_ids[0]]
                 slot = "live" if model_version == live else "previous"
-                ratings[slot].append(normalised_rating(record.score, record.scale or "unit"))
+                ratings[slot].append(normalise_rating(record.score, record.scale))
         for slot, values in ratings.items():
             if values:
                 self.metrics.ratings.observe_many(slot, values)

@@ -13,11 +13,17 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import HistogramMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -245,7 +251,7 @@ class ServerMetrics:
             self.store_write_errors.labels(table)
         for result in ("succeeded", "refused"):
             self.swaps.labels(result)
-        self._http: object | None = None
+        self._http: WSGIServer | None = None
 
     # -- helpers that keep Tallies and the series in step ----------------------------------------
 
@@ -284,32 +290,13 @@ class ServerMetrics:
 
     def serve_http(self, host: str, port: int) -> int:
         """Start /metrics on its own thread; returns the bound port (port 0 picks one)."""
-        server = make_server(
-            host,
-            port,
-            make_wsgi_app(self.registry),
-            ThreadingWSGIServer,
-            handler_class=_QuietHandler,
-        )
-        # A short poll interval lets shutdown (tests, SIGTERM) return promptly.
-        threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="feedloop-metrics-http",
-            daemon=True,
-        ).start()
-        self._http = server
-        return int(server.server_port)
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
 
     def stop_http(self) -> None:
+        """Stop /metrics: returns once its thread has seen the request (at most half a second,
+        the library's poll interval)."""
         if self._http is not None:
-            self._http.shutdown()  # type: ignore[attr-defined]
-            self._http.server_close()  # type: ignore[attr-defined]
+            self._http.shutdown()
+            self._http.server_close()
             self._http = None
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr for every scrape."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass

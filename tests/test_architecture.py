@@ -16,6 +16,7 @@ Every part may import the package root `feedloop` (proto/feedloop/__init__.py: t
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,39 @@ def test_simulated_users_are_pure_python():
         for n in imports_of(ROOT / "demo" / "simusers.py")
         if n.split(".")[0] in ("torch", "numpy")
     }
+
+
+def core_module_name(path: Path) -> str:
+    """The import name of a file under core/ (a package's __init__ is the package)."""
+    parts = path.relative_to(ROOT / "core").with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("feedloop.core", *parts))
+
+
+def core_import_graph() -> dict[str, set[str]]:
+    """Each core module -> the core modules it imports, at the top or inside a function alike
+    (a deferred import still ties the two modules together). `from package import name` counts
+    as importing the submodule when `name` is one."""
+    files = {core_module_name(path): path for path in modules("core")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    targets.add(submodule if submodule in files else node.module)
+        graph[name] = {target for target in targets if target in files and target != name}
+    return graph
+
+
+def test_the_core_has_no_import_cycles():
+    graph = core_import_graph()
+    assert "feedloop.core.registry.factory" in graph  # the walk sees the subpackages
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        raise AssertionError("import cycle: " + " -> ".join(exc.args[1])) from None

@@ -1,4 +1,5 @@
-"""The base install is the client: feedloop.client needs grpcio and protobuf, never torch."""
+"""The base install is the client: feedloop.client needs grpcio, protobuf and grpcio-health-checking
+(generated code over those two), never torch."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ BLOCKED = (
     "feedloop.server",
     "feedloop.trainer",
     "feedloop.demo",
-    "grpc_health",
     "grpc_reflection",
     "prometheus_client",
     "rich",

@@ -26,7 +26,7 @@ from feedloop.core.registry import (
     Decision,
     open_registry,
 )
-from feedloop.core.registry_pg import PostgresRegistry
+from feedloop.core.registry.postgres import PostgresRegistry
 
 pytestmark = pytest.mark.postgres
 
@@ -197,7 +197,7 @@ def test_a_publish_killed_midway_leaves_only_whole_versions(
         import sys
         from pathlib import Path
         from test_registry_pg import make_checkpoint
-        from feedloop.core.registry_pg import PostgresRegistry
+        from feedloop.core.registry.postgres import PostgresRegistry
         registry = PostgresRegistry(sys.argv[1], cache_dir=Path(sys.argv[2]) / "cache")
         for i in range(1000):
             source = make_checkpoint(Path(sys.argv[2]) / f"ck{i}", i, size_bytes=1 << 20)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord
 from feedloop.trainer.rewards import (
     aggregate,
     client_weights,
     correction_targets,
-    normalise_rating,
     preference_pairs,
     rated_generations,
 )

@@ -155,7 +155,7 @@ async def test_publication_on_a_postgresql_registry_is_swapped_in_while_serving(
 ) -> None:
     from pg_support import fresh_schema, schema_url
 
-    from feedloop.core.registry_pg import PostgresRegistry
+    from feedloop.core.registry.postgres import PostgresRegistry
 
     with fresh_schema("srvreg") as schema:
         url = schema_url(schema)

@@ -11,7 +11,7 @@ from pg_support import ADMIN_URL, fresh_schema, schema_url
 from store_support import generation, rating
 
 from feedloop.core.errors import StoreFullError, StoreUnavailableError
-from feedloop.core.store.pg import parse_url, redact
+from feedloop.core.postgres import parse_url, redact
 from feedloop.core.store.postgres import PostgresStore, _unavailable
 from feedloop.core.store.schema import LATEST_VERSION, POSTGRES_MIGRATIONS
 

@@ -244,7 +244,7 @@ def test_a_round_reads_and_keeps_its_cursor_in_a_postgresql_store(
     from pg_support import fresh_schema, schema_url
 
     from feedloop.core.registry import open_registry
-    from feedloop.core.store.base import open_store
+    from feedloop.core.store import open_store
 
     with fresh_schema("trainer") as schema:
         registry = open_registry(tmp_path / "registry")

@@ -12,7 +12,7 @@ import torch
 
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.registry import ModelRegistry, open_registry
-from feedloop.core.store.base import ReplayStore, open_store
+from feedloop.core.store import ReplayStore, open_store
 from feedloop.demo.simulate import Simulation, corpus_prompts
 from feedloop.demo.simusers import Preference, SimulatedUser
 from feedloop.trainer.config import TrainConfig

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from feedloop.core.registry import open_registry
-    from feedloop.core.store.base import open_store
+    from feedloop.core.store import open_store
     from feedloop.trainer.config import TrainConfig
     from feedloop.trainer.loop import Trainer
     from feedloop.trainer.metrics import TrainerMetrics

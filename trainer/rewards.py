@@ -1,7 +1,7 @@
 """From feedback events to learning signals: scalar rewards, preference pairs, corrections.
 
 The trainer's one owner of what feedback means:
-- a rating is normalised from its scale to [-1, 1];
+- a rating is normalised from its scale to [-1, 1] (`feedloop.core.feedback_kinds`);
 - several ratings of one generation combine by a declared rule (mean, earliest, latest, sum);
 - no client's events may carry more than `client_share_cap` of a round's feedback weight;
 - comparisons, rankings (every pair they imply), corrections (the corrected phrase over the
@@ -16,22 +16,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord
 
 # A rating pair is formed only when two ratings differ by at least this much on [-1, 1]: a
 # smaller gap is within the noise of one user's hand.
 RATING_PAIR_MIN_GAP = 0.25
-
-
-def normalise_rating(score: float, scale: str | None) -> float:
-    """A rating on its scale, mapped linearly to [-1, 1] (thumbs 0/1, stars 1..5, unit [0, 1])."""
-    if scale == "stars5":
-        value = (score - 3.0) / 2.0
-    elif scale in (None, "", "unit", "thumbs"):
-        value = 2.0 * score - 1.0
-    else:
-        raise ValueError(f"unknown rating scale {scale!r}")
-    return max(-1.0, min(1.0, value))
 
 
 def event_time(event: FeedbackRecord) -> float:

@@ -1,16 +1,14 @@
 """The replay store: generations and feedback, durable, shared by server and trainer."""
 
 from feedloop.core.store.base import (
-    FEEDBACK_KINDS,
     FeedbackRecord,
     GenerationRecord,
     ReplayStore,
     StoreCounts,
-    open_store,
 )
+from feedloop.core.store.factory import open_store
 
 __all__ = [
-    "FEEDBACK_KINDS",
     "FeedbackRecord",
     "GenerationRecord",
     "ReplayStore",

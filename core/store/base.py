@@ -1,6 +1,6 @@
 """The replay store's records and interface: where the server logs and the trainer reads.
 
-Backends (`open_store` picks one from a path or URL):
+Backends (`feedloop.core.store.factory.open_store` picks one from a path or URL):
 - SQLite in WAL mode (`feedloop.core.store.sqlite`): the embedded default, no set-up;
 - PostgreSQL via psycopg 3 (`feedloop.core.store.postgres`): shared by server replicas and the
   trainer.
@@ -19,15 +19,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
 
 if TYPE_CHECKING:  # both import torch, which reading and writing records never needs
     from feedloop.core.policy import SampledOutput
     from feedloop.core.sampling import SamplingParams
-
-FeedbackKind = Literal["rating", "ranking", "comparison", "correction"]
-RatingScaleName = Literal["unit", "thumbs", "stars5"]
-FEEDBACK_KINDS: tuple[str, ...] = ("rating", "ranking", "comparison", "correction")
 
 
 @dataclass(frozen=True)
@@ -185,14 +183,3 @@ class ReplayStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         pass
-
-
-def open_store(location: str) -> ReplayStore:
-    """A replay store from a SQLite path or a postgresql:// URL (schema migrated on open)."""
-    if location.startswith(("postgresql://", "postgres://")):
-        from feedloop.core.store.postgres import PostgresStore
-
-        return PostgresStore(location)
-    from feedloop.core.store.sqlite import SQLiteStore
-
-    return SQLiteStore(location)

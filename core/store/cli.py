@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
 from feedloop.core.errors import ConfigError, StoreError
-from feedloop.core.store.base import open_store
+from feedloop.core.store.factory import open_store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

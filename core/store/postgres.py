@@ -1,7 +1,7 @@
 """The shared replay store: PostgreSQL via psycopg 3, for many server replicas and the trainer.
 
 Same tables and meaning as the SQLite store (see feedloop.core.store.schema); the URL's
-`?schema=NAME` picks the schema (see feedloop.core.store.pg for URL, pool and reconnect).
+`?schema=NAME` picks the schema (see feedloop.core.postgres for URL, pool and reconnect).
 
 Durability: a batch is one transaction; COMMIT returns after the WAL flush (the server's
 synchronous_commit=on), and only then does insert_feedback return.
@@ -24,14 +24,14 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailableError
+from feedloop.core.migrations import migrate
+from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, StoreCounts
-from feedloop.core.store.pg import Pool, is_disk_full
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
     POSTGRES_MIGRATIONS,
     export_rows,
-    migrate,
     sample_seqs,
 )
 
@@ -43,11 +43,6 @@ _FB_SELECT = "SELECT seq, " + ", ".join(FEEDBACK_COLUMNS) + " FROM feedback"
 
 def _unavailable(message: str, exc: BaseException) -> FeedloopError:
     return StoreFullError(message) if is_disk_full(exc) else StoreUnavailableError(message)
-
-
-def _lock_table(conn: psycopg.Connection, table: str) -> None:
-    # Keyed by schema and table, so stores in other schemas of the database never wait on us.
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))", (table,))
 
 
 def _values_clause(rows: int, columns: int) -> str:
@@ -140,8 +135,14 @@ class PostgresStore(ReplayStore):
     @staticmethod
     def _migrate(conn: psycopg.Connection) -> None:
         # Replicas starting together: one migrates, the others wait here and then find it done.
-        _lock_table(conn, "schema_version")
-        migrate(conn, POSTGRES_MIGRATIONS, placeholder="%s", store_name="replay store")
+        advisory_xact_lock(conn, "schema_version")
+        migrate(
+            conn,
+            POSTGRES_MIGRATIONS,
+            placeholder="%s",
+            store_name="replay store",
+            error=StoreUnavailableError,
+        )
 
     def _fetch(self, action: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._pool.run(
@@ -156,7 +157,7 @@ class PostgresStore(ReplayStore):
         rows = [_generation_params(r) for r in records]
 
         def work(conn: psycopg.Connection) -> None:
-            _lock_table(conn, "generations")
+            advisory_xact_lock(conn, "generations")
             for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
                 chunk = rows[start : start + _INSERT_CHUNK_ROWS]
                 conn.execute(
@@ -177,7 +178,7 @@ class PostgresStore(ReplayStore):
         ]
 
         def work(conn: psycopg.Connection) -> set[str]:
-            _lock_table(conn, "feedback")
+            advisory_xact_lock(conn, "feedback")
             inserted: set[str] = set()
             for document in documents:
                 cursor = conn.execute(_FB_INSERT_JSON, (document,))

@@ -1,10 +1,8 @@
 """The replay store's versioned schema: ordered migrations per backend, and the export format.
 
-Each backend keeps a one-row `schema_version` table. At open, every migration past the stored
-version runs, in order, inside ONE transaction with the version bump, so a store is either at
-the old version or the new one, never between (a crash mid-migration rolls back). Reopening an
-up-to-date store runs nothing. A migration, once released, is never edited: changes are new
-entries appended to the list.
+Each backend keeps a one-row `schema_version` table, brought up to date at open by
+`feedloop.core.migrations.migrate` (all of it in one transaction). A migration, once released,
+is never edited: changes are new entries appended to the list.
 
 Both backends carry the same tables with the same meaning:
     generations           seq (store-assigned, strictly increasing), generation_id unique, and
@@ -23,7 +21,6 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 
 SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -123,39 +120,6 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
-
-
-def migrate(
-    conn: Any,
-    migrations: Sequence[Sequence[str]],
-    *,
-    placeholder: str,
-    store_name: str,
-    version_table: str = "schema_version",
-    error: type[Exception] = StoreUnavailableError,
-) -> None:
-    """Bring a schema to len(migrations) inside the caller's transaction.
-
-    conn is a DB-API connection (sqlite3 or psycopg: both have `execute` returning a cursor);
-    placeholder is the driver's parameter marker ("?" or "%s"). The version lives in one row of
-    version_table; a schema newer than these migrations raises `error`.
-    """
-    latest = len(migrations)
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {version_table} (version INTEGER NOT NULL)")
-    row = conn.execute(f"SELECT version FROM {version_table}").fetchone()
-    current = row[0] if row else 0
-    if current > latest:
-        raise error(
-            f"{store_name} has schema version {current}, newer than this feedloop knows "
-            f"({latest}): upgrade feedloop"
-        )
-    for statements in migrations[current:]:
-        for statement in statements:
-            conn.execute(statement)
-    if row is None:
-        conn.execute(f"INSERT INTO {version_table} (version) VALUES ({placeholder})", (latest,))
-    elif current != latest:
-        conn.execute(f"UPDATE {version_table} SET version = {placeholder}", (latest,))
 
 
 assert len(POSTGRES_MIGRATIONS) == LATEST_VERSION, "both backends share one schema version"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreFullError, StoreUnavailableError
+from feedloop.core.migrations import migrate
 from feedloop.core.store.base import (
     FeedbackRecord,
     GenerationRecord,
@@ -37,7 +38,6 @@ from feedloop.core.store.schema import (
     GENERATION_COLUMNS,
     SQLITE_MIGRATIONS,
     export_rows,
-    migrate,
     sample_seqs,
 )
 
@@ -265,7 +265,11 @@ class SQLiteStore(ReplayStore):
     def _migrate(self) -> None:
         with self._transaction("migrate") as conn:
             migrate(
-                conn, SQLITE_MIGRATIONS, placeholder="?", store_name=f"replay store {self.path}"
+                conn,
+                SQLITE_MIGRATIONS,
+                placeholder="?",
+                store_name=f"replay store {self.path}",
+                error=StoreUnavailableError,
             )
 
     def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:

@@ -69,6 +69,14 @@ def is_disk_full(exc: BaseException) -> bool:
     return state.startswith(_DISK_FULL_SQLSTATE_CLASS)
 
 
+def advisory_xact_lock(conn: psycopg.Connection, name: str) -> None:
+    """Take a transaction-scoped advisory lock named `name` in the connection's schema.
+
+    Keyed by schema and name, so deployments in other schemas of the database never wait on us.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))", (name,))
+
+
 class Pool:
     """A small thread-safe pool of autocommit connections with reconnect on failure.
 

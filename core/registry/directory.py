@@ -1,9 +1,6 @@
-"""The model registry: published versions, the live pointer, and the history of every decision.
+"""The embedded model registry: a local directory, shared by the processes of one machine.
 
-Two backends behind one interface: a local directory (the embedded default, here) and
-PostgreSQL (`feedloop.core.registry_pg`), chosen by `open_registry`.
-
-Directory layout:
+Layout:
     versions/v0001/   one verified checkpoint per published version (never modified again)
     LIVE              {"live": "v0003", "previous": ["v0001", "v0002"]}: the atomic pointer
     history.jsonl     one decision per line (published, promoted, refused, rolled_back)
@@ -25,10 +22,8 @@ import re
 import shutil
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,94 +36,26 @@ from feedloop.core.checkpoint import (
     write_manifest,
 )
 from feedloop.core.errors import RegistryError, UnknownVersionError
+from feedloop.core.registry.base import (
+    ACTIONS,
+    PROMOTED,
+    PUBLISHED,
+    ROLLBACK_DEPTH,
+    ROLLED_BACK,
+    Decision,
+    LivePointer,
+    ModelRegistry,
+    version_name,
+)
 
-PUBLISHED, PROMOTED, REFUSED, ROLLED_BACK = "published", "promoted", "refused", "rolled_back"
-ACTIONS = (PUBLISHED, PROMOTED, REFUSED, ROLLED_BACK)
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def version_name(number: int) -> str:
-    return f"v{number:04d}"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One entry of the registry's history."""
-
-    version: str
-    action: str
-    reason: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    at: str = field(default_factory=now_iso)
-
-
-@dataclass(frozen=True)
-class LivePointer:
-    live: str | None
-    previous: tuple[str, ...] = ()  # earlier live versions, oldest first: the rollback stack
-
-
-class ModelRegistry(ABC):
-    """Where the trainer publishes and the server finds what to serve."""
-
-    @abstractmethod
-    def publish(
-        self,
-        checkpoint_dir: Path,
-        *,
-        reason: str = "",
-        details: dict[str, Any] | None = None,
-        make_live: bool = False,
-    ) -> str:
-        """Copy a verified checkpoint in as the next version; optionally make it live."""
-
-    @abstractmethod
-    def versions(self) -> list[str]:
-        """Published versions, oldest first."""
-
-    @abstractmethod
-    def manifest(self, version: str) -> Manifest: ...
-
-    @abstractmethod
-    def checkpoint_dir(self, version: str) -> Path:
-        """A local directory holding the version's checkpoint files (not yet verified)."""
-
-    @abstractmethod
-    def pointer(self) -> LivePointer: ...
-
-    def live(self) -> str | None:
-        return self.pointer().live
-
-    @abstractmethod
-    def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
-        """Make a published version live; the old live one goes on the rollback stack."""
-
-    @abstractmethod
-    def rollback(self, *, reason: str = "") -> LivePointer:
-        """Make the previously live version live again."""
-
-    @abstractmethod
-    def record(self, decision: Decision) -> None:
-        """Append a decision to the history (refusals of candidates that were never published)."""
-
-    @abstractmethod
-    def history(self, limit: int | None = None) -> list[Decision]:
-        """Decisions, newest first."""
-
-    @abstractmethod
-    def wait_for_change(self, last_seen: str | None, timeout_s: float) -> str | None:
-        """Block up to timeout_s until the live version differs from last_seen; return it."""
-
-    def close(self) -> None:  # noqa: B027 - optional for backends that hold no resources
-        pass
-
-
 class DirectoryRegistry(ModelRegistry):
-    def __init__(self, root: Path, *, poll_interval_s: float = 0.1) -> None:
+    # A wait for a new live version re-reads one small file this often.
+    DEFAULT_POLL_INTERVAL_S = 0.1
+
+    def __init__(self, root: Path, *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> None:
         self.root = Path(root)
         self.poll_interval_s = poll_interval_s
         self._versions_dir = self.root / "versions"
@@ -230,7 +157,7 @@ class DirectoryRegistry(ModelRegistry):
         if current.live == version:
             return current
         previous = current.previous + ((current.live,) if current.live else ())
-        pointer = LivePointer(version, previous[-20:])
+        pointer = LivePointer(version, previous[-ROLLBACK_DEPTH:])
         self._write_pointer(pointer)
         self._append(Decision(version, action, reason, {"previous": current.live}))
         return pointer
@@ -285,13 +212,3 @@ class DirectoryRegistry(ModelRegistry):
                 continue  # a line torn by a crash mid-append; every whole line is kept
         decisions.reverse()
         return decisions[:limit] if limit else decisions
-
-
-def open_registry(location: str | Path) -> ModelRegistry:
-    """A registry from a directory path or a postgresql:// URL."""
-    text = str(location)
-    if text.startswith(("postgresql://", "postgres://")):
-        from feedloop.core.registry_pg import PostgresRegistry
-
-        return PostgresRegistry(text)
-    return DirectoryRegistry(Path(text))

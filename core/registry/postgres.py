@@ -41,20 +41,22 @@ from feedloop.core.checkpoint import (
 )
 from feedloop.core.config import default_data_dir
 from feedloop.core.errors import CheckpointError, FeedloopError, RegistryError, UnknownVersionError
-from feedloop.core.registry import (
+from feedloop.core.migrations import migrate
+from feedloop.core.postgres import Pool, advisory_xact_lock, redact
+from feedloop.core.registry.base import (
     ACTIONS,
     PROMOTED,
     PUBLISHED,
+    ROLLBACK_DEPTH,
     ROLLED_BACK,
     Decision,
     LivePointer,
     ModelRegistry,
     version_name,
 )
-from feedloop.core.store.pg import Pool, redact
-from feedloop.core.store.schema import migrate
 
-_ROLLBACK_DEPTH = 20  # as the directory registry: the last 20 live versions can be restored
+# Serialises the registry's writers (every change takes it first).
+_WRITERS_LOCK = "registry"
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -87,12 +89,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def checkpoint_cache_dir(data_dir: Path, url: str) -> Path:
+    """Where a registry at `url` materialises checkpoints under a data folder: a folder per URL,
+    because version names repeat across registries."""
+    url_key = hashlib.sha256(redact(url).encode()).hexdigest()[:16]
+    return data_dir / "registry-cache" / url_key
+
+
 def _registry_error(message: str, exc: BaseException) -> FeedloopError:
     return RegistryError(message)
-
-
-def _lock(conn: psycopg.Connection, name: str = "registry") -> None:
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))", (name,))
 
 
 def _insert_decision(conn: psycopg.Connection, decision: Decision) -> None:
@@ -106,20 +111,26 @@ def _insert_decision(conn: psycopg.Connection, decision: Decision) -> None:
 class PostgresRegistry(ModelRegistry):
     """A model registry in a PostgreSQL schema (tables created on open).
 
-    cache_dir: where checkpoint_dir materialises versions (default: under the data folder, one
-    subfolder per registry URL). poll_interval_s: the fallback re-read of the live pointer
-    while waiting for a change, should a notification be lost.
+    cache_dir: where checkpoint_dir materialises versions (default: the URL's folder under the
+    default data folder, see checkpoint_cache_dir). poll_interval_s: the fallback re-read of the
+    live pointer while waiting for a change, should a notification be lost.
     """
 
+    # Only the fallback: a notification wakes a waiter as soon as the live pointer changes.
+    DEFAULT_POLL_INTERVAL_S = 1.0
+
     def __init__(
-        self, url: str, *, cache_dir: Path | None = None, poll_interval_s: float = 1.0
+        self,
+        url: str,
+        *,
+        cache_dir: Path | None = None,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
     ) -> None:
         self.url = url
         self.poll_interval_s = poll_interval_s
         self._pool = Pool(url, unavailable=_registry_error, max_connections=4)
-        url_key = hashlib.sha256(redact(url).encode()).hexdigest()[:16]
         self.cache_dir = (
-            Path(cache_dir) if cache_dir else default_data_dir() / "registry-cache" / url_key
+            Path(cache_dir) if cache_dir else checkpoint_cache_dir(default_data_dir(), url)
         )
         self._listener: psycopg.Connection | None = None
         self._listener_lock = threading.Lock()
@@ -134,7 +145,7 @@ class PostgresRegistry(ModelRegistry):
 
     @staticmethod
     def _migrate(conn: psycopg.Connection) -> None:
-        _lock(conn, "registry_schema_version")
+        advisory_xact_lock(conn, "registry_schema_version")
         migrate(
             conn,
             _MIGRATIONS,
@@ -190,7 +201,7 @@ class PostgresRegistry(ModelRegistry):
                 raise CheckpointError(f"{source / name}: changed while being published")
 
         def work(conn: psycopg.Connection) -> str:
-            _lock(conn)
+            advisory_xact_lock(conn, _WRITERS_LOCK)
             (number,) = conn.execute(
                 "SELECT COALESCE(MAX(number), 0) + 1 FROM registry_versions"
             ).fetchall()[0]
@@ -286,21 +297,21 @@ class PostgresRegistry(ModelRegistry):
         if current.live == version:
             return current
         previous = current.previous + ((current.live,) if current.live else ())
-        pointer = LivePointer(version, previous[-_ROLLBACK_DEPTH:])
+        pointer = LivePointer(version, previous[-ROLLBACK_DEPTH:])
         self._write_pointer_tx(conn, pointer)
         _insert_decision(conn, Decision(version, action, reason, {"previous": current.live}))
         return pointer
 
     def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
         def work(conn: psycopg.Connection) -> LivePointer:
-            _lock(conn)
+            advisory_xact_lock(conn, _WRITERS_LOCK)
             return self._set_live_tx(conn, version, reason=reason, action=action)
 
         return self._pool.run("set_live", work, transaction=True)
 
     def rollback(self, *, reason: str = "") -> LivePointer:
         def work(conn: psycopg.Connection) -> LivePointer:
-            _lock(conn)
+            advisory_xact_lock(conn, _WRITERS_LOCK)
             current = self._pointer_tx(conn)
             if not current.previous:
                 raise RegistryError("nothing to roll back to: no earlier live version")
@@ -359,7 +370,7 @@ class PostgresRegistry(ModelRegistry):
             raise ValueError(f"unknown action {decision.action!r}")
 
         def work(conn: psycopg.Connection) -> None:
-            _lock(conn)
+            advisory_xact_lock(conn, _WRITERS_LOCK)
             _insert_decision(conn, decision)
 
         self._pool.run("record", work, transaction=True)
