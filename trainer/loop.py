@@ -5,7 +5,7 @@ A round, top to bottom:
   2. turn feedback into rewards: ratings, a Bradley-Terry reward model on every preference the
      feedback implies (it also scores unrated generations), corrections (trainer.rewards,
      trainer.reward_model);
-  3. update a copy of the live policy (trainer.algorithms);
+  3. update a copy of the live policy (trainer.algorithms, through trainer.update's loop);
   4. evaluate it against the live policy (trainer.gate);
   5. publish it and make it live if the gate passed, else record a refusal with every figure;
   6. only then persist the cursor: a crash before 6 replays the window, never loses it. The
@@ -36,13 +36,14 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.policy import Policy
 from feedloop.core.registry import REFUSED, Decision, ModelRegistry
 from feedloop.core.store.base import ReplayStore
-from feedloop.trainer.algorithms import TrainingDiverged, make_algorithm
+from feedloop.trainer.algorithms import make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.data import Cursor, Window, build_experience, read_window, version_number
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.rl_math import AdaptiveKLController
 from feedloop.trainer.signals import learning_signals
+from feedloop.trainer.update import TrainingDiverged
 
 
 class RoundAbandoned(Exception):
