@@ -224,17 +224,17 @@ class Trainer:
             cursor.kl_coef if cursor.kl_coef else c.kl_coef, c.kl_target, c.kl_horizon
         )
         figures["kl_coef"] = kl.value
-        examples, heldout, corrections, rm, notes = learning_signals(
-            window, live_policy.tokenizer, c, figures
-        )
+        signals = learning_signals(window, live_policy.tokenizer, c)
+        figures.update(signals.figures)
         experience, skipped_corrections = build_experience(
-            live_policy.tokenizer, examples, corrections
+            live_policy.tokenizer, signals.examples, signals.corrections
         )
+        notes = list(signals.notes)
         if skipped_corrections:
             notes.append(f"{skipped_corrections} corrections use words outside the vocabulary")
-        figures["train_sequences"] = len(examples)
-        figures["corrections"] = len(corrections) - skipped_corrections
-        figures["heldout_rated"] = len(heldout)
+        figures["train_sequences"] = len(signals.examples)
+        figures["corrections"] = len(signals.corrections) - skipped_corrections
+        figures["heldout_rated"] = len(signals.heldout)
         figures["notes"] = notes
         phase("rewards")
         if experience is None:
@@ -260,12 +260,14 @@ class Trainer:
         self._check_stop()
 
         report = self.gate(reference_version).evaluate(
-            candidate, live_policy, heldout, rm, seed=seed
+            candidate, live_policy, signals.heldout, signals.reward_model, seed=seed
         )
         figures.update(report.figures)
         figures["gate_passed"] = report.passed
         if c.adaptive_kl:
-            kl.update(float(report.figures.get("kl_to_reference", float("nan"))), len(examples))
+            kl.update(
+                float(report.figures.get("kl_to_reference", float("nan"))), len(signals.examples)
+            )
         figures["kl_coef_next"] = kl.value
         phase("evaluate")
         self._check_stop()
