@@ -35,12 +35,13 @@ import torch
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases, split_corpus
+from feedloop.core.evaluation import perplexity
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
 from feedloop.core.simusers import SimulatedUser, parse_preference
 from feedloop.core.store.base import open_store
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.gate import heldout_pairs, perplexity
+from feedloop.trainer.gate import heldout_pairs
 from feedloop.trainer.loop import Trainer
 from feedloop.trainer.simulate import Simulation, corpus_prompts, mean_true_reward
 

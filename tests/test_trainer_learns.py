@@ -14,9 +14,10 @@ import pytest
 from trainer_support import EVAL_PROMPTS, SPLIT, Env, make_env, one_torch_thread, simulation
 
 from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.evaluation import perplexity
 from feedloop.core.simusers import IncludeWord
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.gate import heldout_pairs, perplexity
+from feedloop.trainer.gate import heldout_pairs
 from feedloop.trainer.loop import Trainer
 from feedloop.trainer.simulate import mean_true_reward
 
