@@ -35,13 +35,14 @@ import torch
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.config import default_data_dir
 from feedloop.core.corpus import load_phrases, split_corpus
+from feedloop.core.evaluation import perplexity
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
 from feedloop.core.store import open_store
 from feedloop.demo.simulate import Simulation, corpus_prompts, mean_true_reward
 from feedloop.demo.simusers import SimulatedUser, parse_preference
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.gate import heldout_pairs, perplexity
+from feedloop.trainer.gate import heldout_pairs
 from feedloop.trainer.loop import Trainer
 
 BEST_REACHABLE = 1.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -201,8 +200,3 @@ def load_checkpoint(directory: Path) -> tuple[Policy, Manifest]:
             f"{policy.parameter_count()}"
         )
     return policy.eval(), manifest
-
-
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: training summaries store non-finite figures as null."""
-    return x if math.isfinite(x) else None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from feedloop.core.tokenizer import PAD_ID, UNK_ID, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,3 @@ class Policy(ABC, torch.nn.Module):
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log p(token_ids[b, t]) from logits (B, T, V): shape (B, T)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def is_eos(token_id: int) -> bool:
-    return token_id == EOS_ID

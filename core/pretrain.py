@@ -30,6 +30,7 @@ from feedloop.core.checkpoint import save_checkpoint
 from feedloop.core.config import default_data_dir, describe
 from feedloop.core.corpus import load_phrases, make_pairs, split_corpus
 from feedloop.core.errors import CheckpointError
+from feedloop.core.evaluation import perplexity
 from feedloop.core.gru import GRUConfig, GRUPolicy
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
@@ -120,24 +121,6 @@ def sequence_nll(
     batch = TokenBatch.from_lists(prompts, outputs)
     logprobs = token_logprobs(policy.teacher_forced(batch).logits, batch.output_ids)
     return -(logprobs * batch.output_mask).sum(dim=1)
-
-
-@torch.no_grad()
-def perplexity(
-    policy: Policy, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 256
-) -> float:
-    """Per-token perplexity of phrases given their prompts (eos counted as a token)."""
-    was_training = policy.training
-    policy.eval()
-    prompts, outputs = encode_pairs(tokenizer, pairs)
-    total, tokens = 0.0, 0
-    for i in range(0, len(prompts), batch_size):
-        total += float(
-            sequence_nll(policy, prompts[i : i + batch_size], outputs[i : i + batch_size]).sum()
-        )
-        tokens += sum(len(o) for o in outputs[i : i + batch_size])
-    policy.train(was_training)
-    return math.exp(total / max(tokens, 1))
 
 
 def keyword_inclusion(
@@ -243,7 +226,7 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         schedule.step()
-        val_ppl = perplexity(policy, tokenizer, validation_pairs)
+        val_ppl = perplexity(policy, validation_pairs)
         train_loss = sum(losses) / len(losses)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_ppl": val_ppl})
         improved = val_ppl < best_ppl - 1e-4
@@ -289,7 +272,7 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
         "epochs_run": len(history),
         "history": history,
         "validation_perplexity": best_ppl,
-        "test_perplexity": perplexity(policy, tokenizer, test_pairs),
+        "test_perplexity": perplexity(policy, test_pairs),
         "keyword_inclusion_t1": keyword_inclusion(policy, test_prompts, seed=config.seed + 7),
         "keyword_inclusion_chance": chance_inclusion(test_prompts, split.train, seed=config.seed),
         "wall_time_s": round(time.monotonic() - started, 1),

@@ -14,10 +14,11 @@ import pytest
 from trainer_support import EVAL_PROMPTS, SPLIT, Env, make_env, one_torch_thread, simulation
 
 from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.evaluation import perplexity
 from feedloop.demo.simulate import mean_true_reward
 from feedloop.demo.simusers import IncludeWord
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.gate import heldout_pairs, perplexity
+from feedloop.trainer.gate import heldout_pairs
 from feedloop.trainer.loop import Trainer
 
 __all__ = ["one_torch_thread"]

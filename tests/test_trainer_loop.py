@@ -131,9 +131,10 @@ def test_unrated_generations_are_left_out_or_given_the_default_as_configured(env
         env.store, Cursor(), default, now=time.time(), live_version="v0001", seed=0
     )
     tokenizer = load_checkpoint(env.registry.checkpoint_dir("v0001"))[0].tokenizer
-    examples, _, corrections, _, _ = learning_signals(window, tokenizer, leave_out, {})
+    signals = learning_signals(window, tokenizer, leave_out)
+    examples, corrections = signals.examples, signals.corrections
     assert examples == [] and corrections  # corrections rate nothing; they are targets
-    examples, *_ = learning_signals(window, tokenizer, default, {})
+    examples = learning_signals(window, tokenizer, default).examples
     assert examples and {r for _, r, _ in examples} == {-0.2}
 
 

@@ -23,9 +23,9 @@ import torch
 from feedloop.core.policy import TokenBatch, nonempty_prompt
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 from feedloop.core.tokenizer import EOS_ID, UNK_ID, Tokenizer
-from feedloop.trainer.algorithms import Experience
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.rewards import CorrectionTarget
+from feedloop.trainer.update import Experience
 
 _VERSION_NUMBER = re.compile(r"v(\d+)$")
 

@@ -27,10 +27,10 @@ import torch
 
 from feedloop.core import sampling
 from feedloop.core.corpus import prompt_for
+from feedloop.core.evaluation import perplexity
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import GenerationRecord
-from feedloop.core.tokenizer import EOS_ID
 from feedloop.trainer import rl_math
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.reward_model import FittedRewardModel
@@ -47,21 +47,6 @@ class GateReport:
     @property
     def summary(self) -> str:
         return "; ".join(self.reasons)
-
-
-@torch.no_grad()
-def perplexity(policy: Policy, pairs: Sequence[tuple[str, str]], batch_size: int = 512) -> float:
-    """Per-token perplexity of phrases given their prompts (<eos> counted as a token)."""
-    total, tokens = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        prompts = [policy.encode_prompt(p) for p, _ in chunk]
-        outputs = [[*policy.tokenizer.encode(t), EOS_ID] for _, t in chunk]
-        batch = TokenBatch.from_lists(prompts, outputs)
-        logprobs = token_logprobs(policy.teacher_forced(batch).logits, batch.output_ids)
-        total -= float((logprobs * batch.output_mask).sum())
-        tokens += int(batch.output_mask.sum())
-    return math.exp(total / max(tokens, 1))
 
 
 def heldout_pairs(test_phrases: Sequence[str], seed: int) -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ A round, top to bottom:
   2. turn feedback into rewards: ratings, a Bradley-Terry reward model on every preference the
      feedback implies (it also scores unrated generations), corrections (trainer.rewards,
      trainer.reward_model);
-  3. update a copy of the live policy (trainer.algorithms);
+  3. update a copy of the live policy (trainer.algorithms, through trainer.update's loop);
   4. evaluate it against the live policy (trainer.gate);
   5. publish it and make it live if the gate passed, else record a refusal with every figure;
   6. only then persist the cursor: a crash before 6 replays the window, never loses it. The
@@ -36,13 +36,14 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.policy import Policy
 from feedloop.core.registry import REFUSED, Decision, ModelRegistry
 from feedloop.core.store.base import ReplayStore
-from feedloop.trainer.algorithms import TrainingDiverged, make_algorithm
+from feedloop.trainer.algorithms import make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.data import Cursor, Window, build_experience, read_window, version_number
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.rl_math import AdaptiveKLController
 from feedloop.trainer.signals import learning_signals
+from feedloop.trainer.update import TrainingDiverged
 
 
 class RoundAbandoned(Exception):
@@ -223,17 +224,17 @@ class Trainer:
             cursor.kl_coef if cursor.kl_coef else c.kl_coef, c.kl_target, c.kl_horizon
         )
         figures["kl_coef"] = kl.value
-        examples, heldout, corrections, rm, notes = learning_signals(
-            window, live_policy.tokenizer, c, figures
-        )
+        signals = learning_signals(window, live_policy.tokenizer, c)
+        figures.update(signals.figures)
         experience, skipped_corrections = build_experience(
-            live_policy.tokenizer, examples, corrections
+            live_policy.tokenizer, signals.examples, signals.corrections
         )
+        notes = list(signals.notes)
         if skipped_corrections:
             notes.append(f"{skipped_corrections} corrections use words outside the vocabulary")
-        figures["train_sequences"] = len(examples)
-        figures["corrections"] = len(corrections) - skipped_corrections
-        figures["heldout_rated"] = len(heldout)
+        figures["train_sequences"] = len(signals.examples)
+        figures["corrections"] = len(signals.corrections) - skipped_corrections
+        figures["heldout_rated"] = len(signals.heldout)
         figures["notes"] = notes
         phase("rewards")
         if experience is None:
@@ -259,12 +260,14 @@ class Trainer:
         self._check_stop()
 
         report = self.gate(reference_version).evaluate(
-            candidate, live_policy, heldout, rm, seed=seed
+            candidate, live_policy, signals.heldout, signals.reward_model, seed=seed
         )
         figures.update(report.figures)
         figures["gate_passed"] = report.passed
         if c.adaptive_kl:
-            kl.update(float(report.figures.get("kl_to_reference", float("nan"))), len(examples))
+            kl.update(
+                float(report.figures.get("kl_to_reference", float("nan"))), len(signals.examples)
+            )
         figures["kl_coef_next"] = kl.value
         phase("evaluate")
         self._check_stop()

@@ -34,13 +34,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Advantage whitening: zero mean, unit variance over the masked entries."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * (mask > 0)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * (mask > 0)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -49,17 +46,6 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 # -- returns and advantages ----------------------------------------------------------------------
-
-
-def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} within each sequence; 0 on padding."""
-    valid = (mask > 0).float()
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
-    for t in range(rewards.shape[1] - 1, -1, -1):
-        running = (rewards[:, t] + gamma * running) * valid[:, t]
-        returns[:, t] = running
-    return returns
 
 
 def gae(

@@ -8,6 +8,7 @@ ratings are the gate's off-policy test set.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from feedloop.core.store.base import GenerationRecord
@@ -33,15 +34,30 @@ from feedloop.trainer.rewards import (
 RM_MIN_HELDOUT_PAIRS = 10
 
 
-def learning_signals(
-    window: Window, tokenizer: Tokenizer, c: TrainConfig, figures: dict[str, Any]
-) -> tuple[
-    list[tuple[GenerationRecord, float, float]],
-    list[tuple[GenerationRecord, float]],
-    list[CorrectionTarget],
-    FittedRewardModel | None,
-    list[str],
-]:
+@dataclass(frozen=True)
+class LearningSignals:
+    """What one window teaches, for the round to train on and the gate to judge by.
+
+    examples: (generation, reward, weight) of every training generation given a reward;
+    heldout: (generation, rating) of the rated generations held out for the gate's off-policy
+    estimates; corrections: supervised targets; reward_model: the Bradley-Terry model if one
+    was fitted and trusted this round; notes: what the window lacked, in words; figures:
+    feedback_by_kind, reward_sources and the reward model's rm_* figures.
+
+    Frozen because it is the record of what the window said: the round copies what it adds to.
+    """
+
+    examples: list[tuple[GenerationRecord, float, float]]
+    heldout: list[tuple[GenerationRecord, float]]
+    corrections: list[CorrectionTarget]
+    reward_model: FittedRewardModel | None
+    notes: list[str]
+    figures: dict[str, Any]
+
+
+def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> LearningSignals:
+    """Rewards for the window's training generations, its held-out ratings and corrections."""
+    figures: dict[str, Any] = {}
     notes = list(window.notes)
     kinds = feedback_kinds(window.events)
     figures["feedback_by_kind"] = kinds
@@ -113,4 +129,4 @@ def learning_signals(
         if g.generation_id in rated and is_heldout(g.generation_id, c.heldout_share)
     ]
     corrections = correction_targets(window.events, window.generations, weights)
-    return examples, heldout, corrections, rm, notes
+    return LearningSignals(examples, heldout, corrections, rm, notes, figures)
