@@ -16,10 +16,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from feedloop import __version__
 from feedloop.core.registry import Decision, ModelRegistry
 from feedloop.server.batcher import Batcher
-from feedloop.server.edge import unary
 from feedloop.server.errors import InvalidArgument
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.rpc import unary
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 

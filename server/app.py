@@ -1,6 +1,6 @@
 """Wiring and lifecycle of one feedloop server: open, seed, load, serve, drain, close.
 
-    store + registry ─▶ LiveModel (watcher thread) ──┬─▶ ModelWorker ─▶ model process (torch)
+    store + registry ─▶ LiveModel (watcher thread) ──┬─▶ ModelProcessClient ─▶ model process (torch)
     GenerationService ─▶ Batcher (dispatcher thread) ┘        │ replies (reader thread)
                                                    GenerationLog (writer thread) ─▶ store
     FeedbackService ───▶ FeedbackWriter (writer thread) ────────────────────────────▶ store
@@ -34,16 +34,16 @@ from feedloop.server.admin import ModelAdminService
 from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
 from feedloop.server.batcher import Batcher
 from feedloop.server.config import ServeConfig, is_loopback
-from feedloop.server.edge import add_service
 from feedloop.server.errors import ServiceError
 from feedloop.server.feedback import FeedbackService
 from feedloop.server.feedback_writer import FeedbackWriter
 from feedloop.server.generation import GenerationService
-from feedloop.server.genlog import GenerationLog
+from feedloop.server.generation_log import GenerationLog
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
-from feedloop.server.model_worker import ModelWorker
+from feedloop.server.model_client import ModelProcessClient
 from feedloop.server.ratelimit import RateLimiter
+from feedloop.server.rpc import add_service
 from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server")
@@ -99,7 +99,7 @@ class FeedloopServer:
         self.generation_log: GenerationLog | None = None
         self.feedback_writer: FeedbackWriter | None = None
         self.batcher: Batcher | None = None
-        self.model_worker: ModelWorker | None = None
+        self.model_client: ModelProcessClient | None = None
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._started_at = time.monotonic()
@@ -144,10 +144,10 @@ class FeedloopServer:
 
         loop = asyncio.get_running_loop()
         metrics = self.metrics
-        self.model_worker = ModelWorker(metrics, torch_threads=config.torch_threads)
-        await asyncio.to_thread(self.model_worker.start)
+        self.model_client = ModelProcessClient(metrics, torch_threads=config.torch_threads)
+        await asyncio.to_thread(self.model_client.start)
         self.live_model = LiveModel(
-            self.registry, self.model_worker, metrics, keep_versions=config.keep_versions
+            self.registry, self.model_client, metrics, keep_versions=config.keep_versions
         )
         self.generation_log = GenerationLog(
             self.store,
@@ -168,7 +168,7 @@ class FeedloopServer:
         self.feedback_writer.start(loop)
         self.batcher = Batcher(
             self.live_model,
-            self.model_worker,
+            self.model_client,
             self.generation_log,
             metrics,
             max_batch_size=config.max_batch_size,
@@ -279,8 +279,8 @@ class FeedloopServer:
         if self.batcher is not None:
             stopping.append(asyncio.to_thread(self.batcher.stop))
         await asyncio.gather(*stopping)
-        if self.model_worker is not None:
-            await asyncio.to_thread(self.model_worker.stop)
+        if self.model_client is not None:
+            await asyncio.to_thread(self.model_client.stop)
         remaining_s = max(0.1, deadline - time.monotonic())
         if self.feedback_writer is not None:
             await asyncio.to_thread(self.feedback_writer.stop, remaining_s)

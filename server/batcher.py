@@ -3,13 +3,13 @@
 The event loop appends a job to a bounded queue and awaits its future; ONE dispatcher thread
 takes up to max_batch_size rows (a request counts num_candidates rows), waiting at most
 max_queue_delay_ms after the oldest job arrived for company, and sends them to the model
-process (model_worker.py). While a batch computes, new jobs pile up, so under load batches fill
+process (model_client.py). While a batch computes, new jobs pile up, so under load batches fill
 without any waiting at all.
 
 Two batches may be out at once (PIPELINE_DEPTH): one computing, the next already waiting in the
 model process's pipe, so the model never idles while this process turns the previous batch into
 replies. That finishing work (response protos, generation records, resolving the futures with
-a single call into the loop) runs on the model worker's reader thread, off the event loop.
+a single call into the loop) runs on the model client's reader thread, off the event loop.
 
 Per batch the dispatcher reads the live model once: the batch is served by that one version, and
 a swap lands between batches. Jobs pinned to another version are sent as their own batch with
@@ -32,10 +32,10 @@ from feedloop.core.policy import SampledOutput, SampleRequest
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import GenerationRecord
 from feedloop.server.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
-from feedloop.server.genlog import GenerationLog
+from feedloop.server.generation_log import GenerationLog
 from feedloop.server.live_model import LiveModel, LoadedModel
 from feedloop.server.metrics import ServerMetrics
-from feedloop.server.model_worker import ModelWorker
+from feedloop.server.model_client import ModelProcessClient
 from feedloop.server.replies import generate_reply, new_generation_ids
 from feedloop.v1 import feedloop_pb2 as pb
 
@@ -65,7 +65,7 @@ class Batcher:
     def __init__(
         self,
         live_model: LiveModel,
-        model_worker: ModelWorker,
+        model_client: ModelProcessClient,
         generation_log: GenerationLog,
         metrics: ServerMetrics,
         *,
@@ -74,7 +74,7 @@ class Batcher:
         max_queue_size: int,
     ) -> None:
         self.live_model = live_model
-        self.model_worker = model_worker
+        self.model_client = model_client
         self.generation_log = generation_log
         self.metrics = metrics
         self.max_batch_rows = max_batch_size
@@ -119,7 +119,7 @@ class Batcher:
         try:
             return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            job.cancelled = True  # the worker drops it if it has not started it yet
+            job.cancelled = True  # the dispatcher drops it if it has not started it yet
             raise
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -156,7 +156,7 @@ class Batcher:
                 # queue; gathered here, it takes in whoever arrives until the model is free.
                 self._cond.wait(1.0)
                 if busy and time.monotonic() - self._last_reply_at > STALL_TIMEOUT_S:
-                    self.model_worker.kill()  # its sends fail, and answer, when it dies
+                    self.model_client.kill()  # its sends fail, and answer, when it dies
             close_at = self._jobs[0].enqueued_at + self.max_queue_delay_s
             # Wait for company only when there is concurrency to batch: after a batch of one
             # row (a lone caller), waiting would add max_queue_delay_ms to every request.
@@ -247,7 +247,7 @@ class Batcher:
                 for ids, job in zip(prompt_ids, jobs, strict=True)
             ]
             self.metrics.batch_rows.observe(sum(job.num_candidates for job in jobs))
-            future = self.model_worker.sample(model.version, requests)
+            future = self.model_client.sample(model.version, requests)
         except Exception:
             log.exception("could not send a batch for model version %s", model.version)
             self._deliver([(job, ServiceError("generation failed")) for job in jobs])
@@ -263,7 +263,7 @@ class Batcher:
         prompt_ids: list[list[int]],
         done: Future[Any],
     ) -> None:
-        """Runs on the model worker's reader thread when the model process has answered."""
+        """Runs on the model client's reader thread when the model process has answered."""
         self._replied()  # the next batch may go out while this one is finished here
         try:
             outputs, compute_s = done.result()

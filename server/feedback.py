@@ -20,10 +20,10 @@ import grpc
 from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
 from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
-from feedloop.server.edge import Undecodable, streaming, unary
 from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.rpc import Undecodable, streaming, unary
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, ReplayStore
 from feedloop.server.errors import InvalidArgument, NotFound, Unavailable
-from feedloop.server.genlog import GenerationLog, GenerationRef
+from feedloop.server.generation_log import GenerationLog, GenerationRef
 from feedloop.server.metrics import ServerMetrics
 
 log = logging.getLogger("feedloop.server.feedback_writer")

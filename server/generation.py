@@ -16,11 +16,11 @@ from feedloop.core.tokenizer import split_words
 from feedloop.server.auth import Authenticator
 from feedloop.server.batcher import Batcher, GenerateJob
 from feedloop.server.config import ServeConfig
-from feedloop.server.edge import unary
 from feedloop.server.errors import InvalidArgument, require_text
-from feedloop.server.genlog import GenerationLog
+from feedloop.server.generation_log import GenerationLog
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.rpc import unary
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 

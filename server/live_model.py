@@ -1,7 +1,7 @@
 """The live model and its hot swap: load, verify and warm up off the event loop, then swap.
 
 A background thread watches the registry's live pointer. A new live version is loaded in the
-model process (model_worker.py) with `load_checkpoint` (which verifies checksums, shapes,
+model process (model_client.py) with `load_checkpoint` (which verifies checksums, shapes,
 vocabulary and finite weights) and warmed up with one sample call there; only then is it
 published to the batcher here by replacing one reference. The
 batcher reads that reference once per batch, so a swap lands between batches and each batch is
@@ -25,7 +25,7 @@ from feedloop.core.registry import REFUSED, Decision, ModelRegistry
 from feedloop.core.tokenizer import Tokenizer
 from feedloop.server.errors import NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
-from feedloop.server.model_worker import ModelWorker
+from feedloop.server.model_client import ModelProcessClient
 
 log = logging.getLogger("feedloop.server.live_model")
 
@@ -51,13 +51,13 @@ class LiveModel:
     def __init__(
         self,
         registry: ModelRegistry,
-        worker: ModelWorker,
+        model_client: ModelProcessClient,
         metrics: ServerMetrics,
         *,
         keep_versions: int,
     ) -> None:
         self.registry = registry
-        self.worker = worker
+        self.model_client = model_client
         self.metrics = metrics
         self.keep_versions = keep_versions
         self._lock = threading.Lock()  # guards _loaded; _live is swapped by one assignment
@@ -98,7 +98,7 @@ class LiveModel:
             model = self._loaded.get(version)
         if model is None:
             try:
-                manifest, tokenizer = self.worker.load(
+                manifest, tokenizer = self.model_client.load(
                     version, self.registry.checkpoint_dir(version)
                 )
             except (CheckpointError, RegistryError) as exc:
@@ -120,7 +120,7 @@ class LiveModel:
             self._live = model
             loaded = len(self._loaded)
         for old in evicted:
-            self.worker.evict(old)
+            self.model_client.evict(old)
         self.metrics.swap_done(version, time.perf_counter() - started)
         self.metrics.set_live(version)
         self.metrics.loaded_versions.set(loaded)

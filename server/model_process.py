@@ -4,7 +4,7 @@
 share one interpreter lock: every torch op of a batch hands the lock back and must win it again
 from the event loop, so a batch took about twice as long inside the server as alone and the
 server never used more than one core. Here the model has its own process and its own lock; the
-server sends it batches over a pipe and gets samples back (see model_worker.py for that side).
+server sends it batches over a pipe and gets samples back (see model_client.py for that side).
 
 The protocol is tuples over a multiprocessing Connection, every request `(op, call_id, ...)`:
 

@@ -11,7 +11,7 @@ from store_support import generation, rating
 
 from feedloop.core.store import open_store
 from feedloop.server.feedback_writer import ACCEPTED, PACED_FROM_ROWS, FeedbackWriter, Pending
-from feedloop.server.genlog import GenerationLog
+from feedloop.server.generation_log import GenerationLog
 from feedloop.server.metrics import ServerMetrics
 
 

@@ -16,7 +16,7 @@ from feedloop.core.store import FeedbackRecord, open_store
 from feedloop.server.errors import InvalidArgument
 from feedloop.server.feedback import SCALE_NAMES, parse_event
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter
-from feedloop.server.genlog import GenerationLog
+from feedloop.server.generation_log import GenerationLog
 from feedloop.server.metrics import ServerMetrics
 from feedloop.trainer.rewards import rated_generations
 from feedloop.v1 import feedloop_pb2 as pb

@@ -282,7 +282,7 @@ async def test_cancelled_request_is_dropped_before_compute(
 ) -> None:
     registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
     async with running_server(test_config(tmp_path), registry=registry) as running:
-        worker = running.server.model_worker
+        worker = running.server.model_client
         original = worker.sample
         gate, busy = threading.Event(), threading.Event()
 

@@ -43,7 +43,7 @@ async def test_a_killed_model_process_is_restarted_with_every_loaded_version(
     async with running_server(test_config(tmp_path), registry=registry) as running:
         await asyncio.to_thread(registry.publish, tiny_checkpoint, reason="t", make_live=True)
         await wait_until(lambda: running.server.live_version == "v0002")
-        worker = running.server.model_worker
+        worker = running.server.model_client
         first_pid = worker.pid
         os.kill(first_pid, signal.SIGKILL)
         await wait_until(lambda: worker.pid != first_pid, timeout_s=20)
@@ -63,7 +63,7 @@ async def test_calls_in_flight_when_the_model_process_dies_fail_unavailable(
 ) -> None:
     registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
     async with running_server(test_config(tmp_path), registry=registry) as running:
-        worker = running.server.model_worker
+        worker = running.server.model_client
         os.kill(worker.pid, signal.SIGSTOP)  # batches pile up unanswered
         calls = [
             running.generation.Generate(pb.GenerateRequest(prompt=f"p{i}"), timeout=20)
@@ -84,7 +84,7 @@ async def test_a_hung_model_process_is_killed_and_replaced(
     monkeypatch.setattr(batcher_module, "STALL_TIMEOUT_S", 1.0)
     registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
     async with running_server(test_config(tmp_path), registry=registry) as running:
-        worker = running.server.model_worker
+        worker = running.server.model_client
         hung_pid = worker.pid
         os.kill(hung_pid, signal.SIGSTOP)  # alive, but it answers nothing
         stuck = running.generation.Generate(pb.GenerateRequest(prompt="stuck"), timeout=30)

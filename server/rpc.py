@@ -1,4 +1,4 @@
-"""The edge of every feedloop RPC: count it, time it, and map its errors to a gRPC status.
+"""What every feedloop RPC goes through: count it, time it, and map its errors to a gRPC status.
 
 Servicer methods are decorated with `unary` or `streaming`; they raise ServiceError (or core
 errors) and never call context.abort themselves, so `errors.status_of` stays the one place that

@@ -32,11 +32,11 @@ from feedloop.core.checkpoint import Manifest
 from feedloop.core.errors import CheckpointError
 from feedloop.core.policy import SampledOutput, SampleRequest
 from feedloop.core.tokenizer import Tokenizer
-from feedloop.server import model_process as mp
+from feedloop.server import model_process
 from feedloop.server.errors import ServiceError, Unavailable
 from feedloop.server.metrics import ServerMetrics
 
-log = logging.getLogger("feedloop.server.model_worker")
+log = logging.getLogger("feedloop.server.model_client")
 
 RESTART_INTERVAL_S = 1.0
 LOAD_TIMEOUT_S = 120.0  # reading, verifying and warming up a checkpoint
@@ -48,7 +48,7 @@ def _context() -> Any:
     return context
 
 
-class ModelWorker:
+class ModelProcessClient:
     def __init__(self, metrics: ServerMetrics, *, torch_threads: int) -> None:
         self.metrics = metrics
         self.torch_threads = torch_threads
@@ -72,7 +72,7 @@ class ModelWorker:
     def _spawn(self) -> None:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=mp.serve_models,
+            target=model_process.serve_models,
             args=(child_conn, self.torch_threads),
             name="feedloop-model",
             daemon=True,
@@ -107,7 +107,7 @@ class ModelWorker:
             conn, process = self._conn, self._process
             if conn is not None:
                 with contextlib.suppress(OSError):  # already gone
-                    conn.send((mp.STOP, 0))
+                    conn.send((model_process.STOP, 0))
         if process is not None:
             process.join(timeout_s)
             if process.is_alive():
@@ -146,14 +146,14 @@ class ModelWorker:
         self, version: str, requests: list[SampleRequest]
     ) -> Future[list[list[SampledOutput]]]:
         """Sample a batch with one version; the future raises ServiceError on failure."""
-        return self._call(mp.SAMPLE, version, requests)
+        return self._call(model_process.SAMPLE, version, requests)
 
     def load(self, version: str, directory: Path) -> tuple[Manifest, Tokenizer]:
         """Load, verify and warm up a version over there (blocking).
 
         Raises CheckpointError if the checkpoint is refused, ServiceError if the process failed.
         """
-        future = self._call(mp.LOAD, version, str(directory))
+        future = self._call(model_process.LOAD, version, str(directory))
         try:
             manifest, tokenizer = future.result(LOAD_TIMEOUT_S)
         except FutureTimeout:
@@ -170,7 +170,7 @@ class ModelWorker:
             self._held.pop(version, None)
             if self._conn is not None:
                 with contextlib.suppress(OSError):  # gone; its successor will not hold it
-                    self._conn.send((mp.EVICT, 0, version))
+                    self._conn.send((model_process.EVICT, 0, version))
 
     # -- answers -----------------------------------------------------------------------------
 
@@ -184,11 +184,11 @@ class ModelWorker:
                 future = self._pending.pop(call_id, None)
             if future is None:
                 continue
-            if status == mp.OK:
+            if status == model_process.OK:
                 future.set_result(payload)
-            elif status == mp.REFUSED:
+            elif status == model_process.REFUSED:
                 future.set_exception(CheckpointError(payload))
-            elif status == mp.NOT_LOADED:
+            elif status == model_process.NOT_LOADED:
                 future.set_exception(Unavailable(f"{payload} in the model process; retry"))
             else:
                 future.set_exception(ServiceError(f"generation failed: {payload}"))

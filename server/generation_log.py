@@ -21,7 +21,7 @@ from feedloop.core.store.base import GenerationRecord, ReplayStore
 from feedloop.server.errors import Unavailable
 from feedloop.server.metrics import ServerMetrics
 
-log = logging.getLogger("feedloop.server.genlog")
+log = logging.getLogger("feedloop.server.generation_log")
 RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
 # Committed generations remembered for feedback validation: about 150 bytes each.
 RECENT_CAPACITY = 100_000
@@ -51,7 +51,9 @@ class GenerationLog:
         self._depth = metrics.store_buffer_depth.labels("generations")
         self._duration = metrics.store_write_duration.labels("generations")
         self._errors = metrics.store_write_errors.labels("generations")
-        self._thread = threading.Thread(target=self._run, name="feedloop-genlog", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="feedloop-generation-log", daemon=True
+        )
         self._thread.start()
 
     @property
