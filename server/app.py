@@ -250,7 +250,7 @@ class FeedloopServer:
         except (FeedloopError, ServiceError) as exc:
             raise StartupError(f"cannot load the live model: {exc}") from None
         # A full garbage collection walks every object that torch, grpc and the model made at
-        # start-up (about 190k, some 200 ms here): a stall of every thread in the middle of
+        # start-up (hundreds of thousands): a stall of every thread in the middle of
         # serving. Freezing them moves them out of the collector's view for good.
         gc.collect()
         gc.freeze()

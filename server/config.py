@@ -130,9 +130,8 @@ class ServeConfig:
         metadata=_help(
             "under sustained load, the longest a feedback group commit waits after the previous "
             "one began, gathering events: larger groups cost less CPU per event, and acks wait "
-            "up to this long (streamed feedback in bench runs, percent of a bare echo stream, "
-            "medians of six: SQLite 71/76/78/81 at 10/25/50/100 ms, PostgreSQL 70/75/71 at "
-            "25/50/100 ms); 0: commit as soon as the previous commit ends"
+            "up to this long (the sweep behind the default is in docs/performance.md); 0: commit "
+            "as soon as the previous commit ends"
         ),
     )
     shutdown_grace_s: float = field(

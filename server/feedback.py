@@ -31,8 +31,8 @@ MAX_EVENT_ID_CHARS = 128
 # Events of one stream in flight between "read" and "acknowledged": the stream is pipelined so
 # its events share group commits instead of paying one commit each. A stream can carry at most
 # STREAM_WINDOW events per commit cycle (the commit interval plus the commit itself, which takes
-# up to 20-40 ms under load here). With 4 streams, 1024 against 256 gave 76% against 67% of the
-# bare echo ceiling on SQLite, 74% against 70% on PostgreSQL (medians of three runs).
+# tens of ms under load). A window deeper than one cycle's worth of events keeps a pipelining
+# client from idling between acks (the runs behind this value are in docs/performance.md).
 STREAM_WINDOW = 1024
 
 # The wire's rating scales by their names in the core, which holds their bounds.

@@ -35,13 +35,12 @@ GENERATION_COMMIT_WAIT_S = 10.0
 # Group commit pacing. Committing as soon as the previous commit ends makes groups as small as
 # the fsync is fast, and every commit costs CPU whatever its size (the transaction, the fsync,
 # waking the waiters) on a machine whose CPU the event loop needs: under load, fewer and larger
-# groups serve more events per second (measured on 2 cores, unary at concurrency 64: from about
-# 4,000 to 5,000-6,000/s; streams about 15% more). So after a group of PACED_FROM_ROWS or more,
-# the next commit waits until as many events are queued (the last group's callers are back),
-# and, when the last group held stream events (streams pipeline: their acks can wait), for as
-# long as events keep arriving (one at least every QUIET_S); never past commit_interval_s
-# (ServeConfig.feedback_commit_interval_ms) after the previous commit started. A lone event
-# after a small group is committed at once.
+# groups serve more events per second (docs/performance.md). So after a group of
+# PACED_FROM_ROWS or more, the next commit waits until as many events are queued (the last
+# group's callers are back), and, when the last group held stream events (streams pipeline:
+# their acks can wait), for as long as events keep arriving (one at least every QUIET_S); never
+# past commit_interval_s (ServeConfig.feedback_commit_interval_ms) after the previous commit
+# started. A lone event after a small group is committed at once.
 QUIET_S = 0.001
 PACED_FROM_ROWS = 8
 

@@ -65,8 +65,8 @@ class BatchHistogram(Collector):
     """A histogram over one label with a fixed set of values, observed a batch at a time.
 
     The feedback writer records every rating of a group commit at once: one lock for the batch
-    instead of prometheus_client's per-observation locks and bucket walk (about 0.7 us a
-    rating, on a thread that shares the GIL with the event loop). Exposed exactly like a
+    instead of prometheus_client's per-observation locks and bucket walk, on a thread that
+    shares the GIL with the event loop. Exposed exactly like a
     Histogram with that label (_bucket with le, _sum, _count).
     """
 

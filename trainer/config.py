@@ -81,8 +81,8 @@ class TrainConfig:
         default=19,
         metadata=_help(
             "CPU priority increment of the trainer process (0-19, Unix nice): when server and "
-            "trainer share cores the scheduler serves requests first (bench_share: serving p99 "
-            "1.16x idle while training at 19, 1.70x at 10); rounds take about as long"
+            "trainer share cores the scheduler serves requests first (bench/bench_share.py "
+            "measures serving latency while training); rounds take about as long"
         ),
     )
     seed: int = field(default=0, metadata=_help("seed of replay sampling and minibatch order"))
@@ -201,9 +201,8 @@ class TrainConfig:
         default=3.0,
         metadata=_help(
             "target KL(policy || reference) per phrase in nats for the adaptive coefficient: "
-            "the coefficient grows past it, slowing rounds as the gate's bounds come near "
-            "(measured: ~4 nats cost 1.14x perplexity for include-a-word, ~3 nats 1.27x "
-            "for shorter phrases)"
+            "the coefficient grows past it, slowing rounds before the gate's perplexity bound "
+            "is reached (docs/learning.md)"
         ),
     )
     kl_horizon: float = field(

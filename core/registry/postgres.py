@@ -234,8 +234,8 @@ class PostgresRegistry(ModelRegistry):
             except CheckpointError:
                 shutil.rmtree(target, ignore_errors=True)  # a damaged cache copy: fetch again
         # Binary results: a checkpoint's bytes as they are, not as hex text that the client must
-        # decode while holding the interpreter lock (about 10 ms for 6 MB, a stall a serving
-        # event loop shows in its tail latency; binary: 3x faster and no stall over 3 ms).
+        # decode while holding the interpreter lock: a stall that a serving event loop shows in
+        # its tail latency (docs/performance.md has the measurement).
         rows = self._fetch(
             "checkpoint_dir",
             "SELECT name, sha256, data FROM registry_files WHERE version = %s",

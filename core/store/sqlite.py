@@ -149,9 +149,8 @@ def _insert_rows(
 # feedback_generations (generation id -> feedback seq) is caught up in bulk, in the commit that
 # leaves this many events unindexed, not row by row: its keys are random, so row by row each
 # event dirtied a B-tree leaf of its own, and every dirty page is written whole to the WAL at
-# each commit. insert_feedback's CPU per event in groups of 300 ratings (180k events): 7.3 ->
-# 3.5 us when they name 64 generations over and over, 12.3 -> 5.3 us when each names a new one.
-# The unindexed tail, shorter than this, is what feedback_for scans: 7.6 ms per 900 ids when full.
+# each commit (docs/performance.md: about half the CPU per event). The unindexed tail, shorter
+# than this, is what feedback_for scans, so this also bounds that scan.
 _INDEX_CATCH_UP_ROWS = 8192
 
 
