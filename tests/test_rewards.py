@@ -142,7 +142,7 @@ def test_rankings_expand_to_every_implied_pair_weighing_like_n_minus_one_compari
         ("text g2", "text g3"),
         ("text g1", "text g3"),
     }
-    assert sum(p.weight for p in pairs) == pytest.approx(1.5)  # 3 pairs of weight 1/2
+    assert sum(p.weight for p in pairs) == pytest.approx(2.0)  # 3 pairs of weight 2/3
 
 
 def test_comparisons_and_corrections_become_preferences() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,16 @@ MIN_CALIBRATION_RATINGS = 20
 def is_heldout(key: str, share: float) -> bool:
     """Stable membership of a held-out set by hash of a key (same answer in every process)."""
     return (zlib.crc32(key.encode("utf-8")) % 10_000) < share * 10_000
+
+
+def pair_is_heldout(pair: PreferencePair, share: float, gate_heldout: Collection[str]) -> bool:
+    """A pair is held out by its own key, or because it names a generation the gate holds out.
+
+    gate_heldout: the rated generations on which the gate estimates reward. Training the reward
+    model on a pair that names one would fit the very texts on which the gate's doubly robust
+    estimate measures the model's residuals.
+    """
+    return is_heldout(pair.key, share) or any(g in gate_heldout for g in pair.generation_ids)
 
 
 @dataclass(frozen=True)
@@ -155,12 +165,13 @@ def fit_reward_model(
     learning_rate: float,
     l2: float,
     heldout_share: float,
+    gate_heldout: Collection[str] = frozenset(),
     seed: int = 0,
 ) -> FittedRewardModel:
     """Fit a Bradley-Terry model on the pairs not held out; report held-out accuracy."""
     torch.manual_seed(seed)
-    train = [p for p in pairs if not is_heldout(p.key, heldout_share)]
-    heldout = [p for p in pairs if is_heldout(p.key, heldout_share)]
+    heldout = [p for p in pairs if pair_is_heldout(p, heldout_share, gate_heldout)]
+    train = [p for p in pairs if not pair_is_heldout(p, heldout_share, gate_heldout)]
     model = RewardModel(tokenizer)
     loss_value = float("nan")
     if train:

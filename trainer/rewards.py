@@ -111,6 +111,9 @@ class PreferencePair:
     weight: float
     source: str  # comparison, ranking, correction, rating
     key: str  # the event (or generation pair) it came from: decides held-out membership
+    # The logged generations the pair names: a pair naming one that the gate holds out is
+    # never trained on, or the gate would judge the reward model on what it fitted.
+    generation_ids: tuple[str, ...] = ()
 
 
 def preference_pairs(
@@ -123,26 +126,43 @@ def preference_pairs(
     pairs: list[PreferencePair] = []
 
     def add(
-        better: GenerationRecord, worse_text: str, better_text: str, w: float, src: str, key: str
+        better: GenerationRecord,
+        worse_text: str,
+        better_text: str,
+        w: float,
+        src: str,
+        key: str,
+        ids: tuple[str, ...],
     ) -> None:
-        pairs.append(PreferencePair(better.prompt, better_text, worse_text, w, src, key))
+        pairs.append(PreferencePair(better.prompt, better_text, worse_text, w, src, key, ids))
 
     for e in events:
         w = weights.get(e.event_id, 1.0)
         ids = [g for g in e.generation_ids if g in generations]
         if e.kind == "comparison" and len(e.generation_ids) == 2 and len(ids) == 2:
             a, b = generations[ids[0]], generations[ids[1]]
-            add(a, b.text, a.text, w, "comparison", e.event_id)
+            add(a, b.text, a.text, w, "comparison", e.event_id, (ids[0], ids[1]))
         elif e.kind == "ranking" and len(ids) >= 2:
             ranked = [generations[g] for g in e.generation_ids if g in generations]
-            share = w / (len(ranked) - 1)  # a ranking of n weighs like n - 1 comparisons
+            # A ranking of n weighs like n - 1 comparisons: its Plackett-Luce likelihood is n - 1
+            # successive choices (best of n, best of the n - 1 left, ...), each one comparison's
+            # worth of evidence. Spread over the n (n - 1) / 2 pairs it implies: 2 / n each.
+            share = 2.0 * w / len(ranked)
             for i, better in enumerate(ranked):
                 for worse in ranked[i + 1 :]:
-                    add(better, worse.text, better.text, share, "ranking", e.event_id)
+                    add(
+                        better,
+                        worse.text,
+                        better.text,
+                        share,
+                        "ranking",
+                        e.event_id,
+                        (better.generation_id, worse.generation_id),
+                    )
         elif e.kind == "correction" and e.text and ids:
             original = generations[ids[0]]
             if e.text.strip().lower() != original.text.strip().lower():
-                add(original, original.text, e.text, w, "correction", e.event_id)
+                add(original, original.text, e.text, w, "correction", e.event_id, (ids[0],))
     by_request: dict[str, list[str]] = defaultdict(list)
     for gid in rated:
         if gid in generations:
@@ -161,6 +181,7 @@ def preference_pairs(
                         w,
                         "rating",
                         f"{better}>{worse}",
+                        (better, worse),
                     )
     return pairs
 

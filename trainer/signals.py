@@ -66,6 +66,11 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
     weights = client_weights(window.events, c.client_share_cap)
     rated = rated_generations(window.events, weights, c.aggregation)
     pairs = preference_pairs(window.events, window.generations, weights, rated)
+    # The gate's off-policy test set: rated generations held out by id. Nothing fitted this
+    # round (reward model, calibration, policy) sees them.
+    gate_heldout = {
+        gid for gid in rated if gid in window.generations and is_heldout(gid, c.heldout_share)
+    }
     rm: FittedRewardModel | None = None
     if len(pairs) >= c.rm_min_pairs:
         rm = fit_reward_model(
@@ -75,9 +80,11 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
             learning_rate=c.rm_learning_rate,
             l2=c.rm_l2,
             heldout_share=c.heldout_share,
+            gate_heldout=gate_heldout,
             seed=c.seed,
         )
-        gens = list(window.generations.values())
+        # Calibrated on the training generations only: the held-out ratings are the gate's.
+        gens = [g for g in window.generations.values() if g.generation_id not in gate_heldout]
         rm = with_calibration(
             rm,
             [g.prompt for g in gens],
@@ -126,7 +133,7 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
     heldout = [
         (g, rated[g.generation_id].reward)
         for g in window.generations.values()
-        if g.generation_id in rated and is_heldout(g.generation_id, c.heldout_share)
+        if g.generation_id in gate_heldout
     ]
     corrections = correction_targets(window.events, window.generations, weights)
     return LearningSignals(examples, heldout, corrections, rm, notes, figures)

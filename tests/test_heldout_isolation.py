@@ -1,0 +1,121 @@
+"""The gate's held-out ratings stay out of everything the round fits (issue 22, item 3).
+
+The gate estimates the candidate's reward on rated generations held out by id; its doubly
+robust estimate measures the reward model's residuals there. A reward model trained on pairs
+that name those generations, or calibrated on their ratings, shrinks those residuals and makes
+the gate over-confident.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_rewards import event, generation
+
+from feedloop.core.tokenizer import Tokenizer
+from feedloop.trainer.config import TrainConfig
+from feedloop.trainer.data import Window
+from feedloop.trainer.reward_model import fit_reward_model, is_heldout, pair_is_heldout
+from feedloop.trainer.rewards import PreferencePair, preference_pairs
+from feedloop.trainer.signals import learning_signals
+
+SHARE = 0.3
+WORDS = ["sunny", "calm", "bright", "day", "night", "sea", "warm", "cold", "good", "bad"]
+
+
+def ids(heldout: bool, n: int) -> list[str]:
+    """n generation ids that the gate does (or does not) hold out at SHARE."""
+    out = [f"g{i}" for i in range(2000) if is_heldout(f"g{i}", SHARE) == heldout]
+    return out[:n]
+
+
+def test_a_pair_naming_a_gate_heldout_generation_is_never_trained_on() -> None:
+    kept, held = ids(False, 2), ids(True, 1)
+    key = next(f"k{i}" for i in range(1000) if not is_heldout(f"k{i}", SHARE))
+    clean = PreferencePair("sunny", "good day", "bad day", 1.0, "comparison", key, tuple(kept))
+    leaky = PreferencePair(
+        "sunny", "good sea", "bad sea", 1.0, "comparison", key, (kept[0], held[0])
+    )
+    assert not pair_is_heldout(clean, SHARE, set(held))
+    assert pair_is_heldout(leaky, SHARE, set(held))
+    assert not pair_is_heldout(leaky, SHARE, set())  # unrated: not in the gate's test set
+    fitted = fit_reward_model(
+        Tokenizer.build([" ".join(WORDS)]),
+        [clean, leaky],
+        steps=5,
+        learning_rate=0.1,
+        l2=0.0,
+        heldout_share=SHARE,
+        gate_heldout=set(held),
+    )
+    assert (fitted.train_pairs, fitted.heldout_pairs) == (1, 1)
+
+
+def test_every_pair_names_the_generations_it_came_from() -> None:
+    gens = {g: generation(g, f"text {g}") for g in ("g1", "g2", "g3")}
+    pairs = preference_pairs(
+        [
+            event("c", "comparison", ["g1", "g2"]),
+            event("r", "ranking", ["g3", "g1"]),
+            event("x", "correction", ["g2"], text="a better phrase"),
+        ],
+        gens,
+        {},
+        {},
+    )
+    assert {(p.source, p.generation_ids) for p in pairs} == {
+        ("comparison", ("g1", "g2")),
+        ("ranking", ("g3", "g1")),
+        ("correction", ("g2",)),
+    }
+
+
+def rated_window(n_per_request: int = 2, requests: int = 120) -> Window:
+    """Rated pairs of candidates per request, about SHARE of them held out by id."""
+    gens, events = {}, []
+    for r in range(requests):
+        for k in range(n_per_request):
+            gid = f"r{r}-c{k}"
+            good = k == 0
+            text = f"{WORDS[r % 5]} {'good' if good else 'bad'} {WORDS[5 + r % 5]}"
+            gens[gid] = generation(gid, text, request=f"req{r}")
+            events.append(
+                event(f"e-{gid}", "rating", [gid], client=f"u{r}", score=1.0 if good else 0.0)
+            )
+    return Window(gens, events, len(events), len(gens), 0, 0, len(gens), len(events))
+
+
+def test_the_reward_model_trains_and_calibrates_on_training_generations_only() -> None:
+    window = rated_window()
+    config = TrainConfig(heldout_share=SHARE, rm_min_pairs=10, rm_steps=20)
+    tokenizer = Tokenizer.build([" ".join(WORDS)])
+    signals = learning_signals(window, tokenizer, config)
+    heldout_ids = {g for g in window.generations if is_heldout(g, SHARE)}
+    assert signals.heldout and {g.generation_id for g, _ in signals.heldout} == heldout_ids
+    rm = signals.reward_model
+    assert rm is not None
+    # Each request's rating pair is trained on only when neither of its generations (nor
+    # the pair's own key) is held out.
+    requests_all_training = sum(
+        1
+        for r in range(120)
+        if not is_heldout(f"r{r}-c0", SHARE)
+        and not is_heldout(f"r{r}-c1", SHARE)
+        and not is_heldout(f"r{r}-c0>r{r}-c1", SHARE)
+    )
+    assert rm.train_pairs == requests_all_training
+    assert rm.train_pairs + rm.heldout_pairs == 120
+    # Calibrated on the rated training generations, not on the gate's.
+    assert rm.calibration.fitted_on == len(window.generations) - len(heldout_ids)
+
+
+def test_a_ranking_weighs_like_n_minus_one_comparisons() -> None:
+    """Plackett-Luce: a ranking of n is n - 1 successive choices, each one comparison."""
+    for n in (2, 3, 8):
+        gens = {f"g{i}": generation(f"g{i}", f"text {i}") for i in range(n)}
+        pairs = preference_pairs([event("r", "ranking", list(gens))], gens, {}, {})
+        assert len(pairs) == n * (n - 1) // 2
+        assert sum(p.weight for p in pairs) == pytest.approx(n - 1)
+    gens = {g: generation(g, g) for g in ("a", "b")}
+    compared = preference_pairs([event("c", "comparison", ["a", "b"])], gens, {}, {})
+    ranked = preference_pairs([event("r", "ranking", ["a", "b"])], gens, {}, {})
+    assert [p.weight for p in ranked] == [p.weight for p in compared] == [1.0]
