@@ -148,6 +148,19 @@ def test_a_restart_after_a_publish_whose_cursor_write_was_lost_skips_the_window(
     assert result.outcome == "skipped" and "too little data" in result.reason
 
 
+def test_a_non_positive_kl_coefficient_in_the_cursor_restarts_from_the_configured_one(
+    env: Env,
+) -> None:
+    # Before the adaptive coefficient's gain was capped, a large round could store -0.063: a
+    # penalty turned bonus that the multiplicative update would keep negative for good.
+    simulation(env, PREF).serve_events(40)
+    env.store.set_cursor("trainer", Cursor(kl_coef=-0.063).to_dict())
+    config = fast_config(env.root)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.figures["kl_coef"] == config.kl_coef
+    assert cursor(env)["kl_coef"] > 0
+
+
 def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env: Env) -> None:
     sim = simulation(env, PREF)
     sim.serve_events(40)

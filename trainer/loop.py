@@ -220,7 +220,9 @@ class Trainer:
         reference = self.policy(reference_version)
         figures["reference_version"] = reference_version
         kl = AdaptiveKLController(
-            cursor.kl_coef if cursor.kl_coef else c.kl_coef, c.kl_target, c.kl_horizon
+            cursor.kl_coef if cursor.kl_coef and cursor.kl_coef > 0 else c.kl_coef,
+            c.kl_target,
+            c.kl_horizon,
         )
         figures["kl_coef"] = kl.value
         examples, heldout, corrections, rm, notes = learning_signals(
