@@ -90,6 +90,28 @@ def test_sampling_follows_a_weight_changed_in_place_between_samples(tiny_checkpo
     )
 
 
+def test_default_policy_samples_top_p_one_the_same_next_to_filtered_requests(
+    pretrained_checkpoint: Path,
+):
+    # Many seeds on the default-size policy: a top_p = 1 request once lost its tail tokens when
+    # a top_k request shared its batch (with the default policy of the time, 1 phrase in these
+    # 1,000 came out different).
+    policy = load_checkpoint(pretrained_checkpoint)[0]
+    plain = [
+        SampleRequest(policy.encode_prompt(PROMPTS[s % 4]), SamplingParams(seed=s))
+        for s in range(1, 1001)
+    ]
+    filtered = [request(policy, "ocean", 1, top_k=5), request(policy, "garden", 2, top_p=0.9)]
+    # Unfiltered rows alone take the one-softmax path; among filtered ones, the sorted path.
+    alone = policy.sample(plain)
+    mixed = policy.sample([*filtered, *plain])[len(filtered) :]
+    for a, b in zip(alone, mixed, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        assert torch.allclose(
+            torch.tensor(a[0].behaviour_logprobs), torch.tensor(b[0].behaviour_logprobs), atol=1e-5
+        )
+
+
 def test_a_deep_copy_trained_as_many_steps_as_its_parent_samples_from_its_own_weights(
     tiny_checkpoint: Path,
 ):
