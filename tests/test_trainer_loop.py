@@ -173,6 +173,18 @@ def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env:
     assert result.figures["dropped_stale"] > 0  # v0001's data is 1 version behind, lag bound 0
 
 
+def test_after_several_rounds_the_trainer_holds_only_the_live_and_reference_policies(
+    env: Env,
+) -> None:
+    sim = simulation(env, PREF)
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
+    for _ in range(3):
+        sim.serve_events(40)
+        assert trainer.run_round().outcome == "published"
+    assert env.registry.live() == "v0004"
+    assert set(trainer._policies) == {"v0004", "v0001"}  # live and reference; older ones dropped
+
+
 def test_reinforce_runs_a_round_through_the_same_interface(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     config = fast_config(env.root, algorithm="reinforce")

@@ -116,10 +116,13 @@ class Trainer:
         """A published version's policy (verified on load), cached: live and reference only."""
         if version not in self._policies:
             policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
-            keep = {self.registry.live(), self._gate_reference}
-            self._policies = {v: p for v, p in self._policies.items() if v in keep}
+            self._retain(self.registry.live(), self._gate_reference)
             self._policies[version] = policy
         return self._policies[version]
+
+    def _retain(self, *versions: str | None) -> None:
+        """Drop every cached policy but these (a rollback reloads its version from the registry)."""
+        self._policies = {v: p for v, p in self._policies.items() if v in versions}
 
     def reference_version(self, live: str) -> str:
         """The configured reference, or the root of the live version's lineage."""
@@ -305,6 +308,7 @@ class Trainer:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._retain(self._gate_reference)  # the parent is no longer live
         self._policies[version] = candidate
         self.metrics.last_publish.set(time.time())
         return version
