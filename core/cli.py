@@ -54,7 +54,8 @@ def pretrain_main(argv: list[str]) -> int:
     s = result.summary
     print(
         f"pretrain: wrote {result.checkpoint}\n"
-        f"  epochs {s['epochs_run']}, {s['wall_time_s']} s, vocabulary {s['vocab_size']}\n"
+        f"  epochs {s['epochs_run']} (stopped by {s['stopped_by']}), {s['wall_time_s']} s, "
+        f"vocabulary {s['vocab_size']}\n"
         f"  perplexity: validation {s['validation_perplexity']:.2f}, "
         f"test {s['test_perplexity']:.2f}\n"
         f"  keyword inclusion at temperature 1: {s['keyword_inclusion_t1']:.1%} "

@@ -18,6 +18,7 @@ attention reads the decoder's output (not its input), teacher forcing stays one 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -133,14 +134,18 @@ class GRUPolicy(Policy):
         the weights: an eighth of a step's arithmetic. Built on first use and kept until a
         weight it derives from is replaced or changed in place (a training step bumps the
         tensor's version counter), so a policy that trains and samples in turn stays exact.
+        The key holds weak references: a deep copy (the trainer's candidates) copies them as
+        they are, still naming the parent's tensors, so a copy never takes its parent's table
+        even once its own fresh version counters have caught up with the parent's.
         """
         weights = (self.embedding.weight, cast(torch.Tensor, self.decoder.weight_ih_l0))
-        key = tuple((w, w._version) for w in weights)
         cached = self.__dict__.get("_input_table_cache")
         if cached is not None and all(
-            a is b and v == u for (a, v), (b, u) in zip(cached[0], key, strict=True)
+            ref() is w and version == w._version
+            for (ref, version), w in zip(cached[0], weights, strict=True)
         ):
             return cast(torch.Tensor, cached[1])
+        key = tuple((weakref.ref(w), w._version) for w in weights)
         e = self.config.embedding_dim
         table = weights[0] @ weights[1][:, :e].t()
         self.__dict__["_input_table_cache"] = (key, table)

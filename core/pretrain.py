@@ -8,7 +8,9 @@ Each epoch draws a fresh prompt for every training phrase (one or two of its key
 model learns to honour any keyword of a phrase. Validation perplexity is measured on prompts
 fixed by the seed; the best epoch is kept (early stopping with patience). The run is
 deterministic for a seed and resumable: after every epoch its state is saved beside the output,
-and a run started again continues from there.
+and a run started again continues from there. Only epochs and validation perplexity end it, so
+the default policy does not depend on how fast or busy the machine is; a wall-time budget is an
+option, off by default, for a run that must end by a deadline.
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ class PretrainConfig:
         default=4,
         metadata={"help": "epochs without a better validation perplexity before stopping"},
     )
-    max_minutes: float = field(
-        default=4.5,
-        metadata={"help": "wall-time budget; training stops after the epoch that passes it"},
+    max_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "wall-time budget of this invocation, off by default: training stops after "
+            "the epoch that passes it, so the result depends on the machine's speed and load"
+        },
     )
     batch_size: int = field(default=128, metadata={"help": "phrases per optimiser step"})
     learning_rate: float = field(default=4e-3, metadata={"help": "Adam learning rate"})
@@ -94,6 +99,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.learning_rate > 0:
             raise ValueError("learning_rate must be > 0")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError("max_minutes must be > 0 (or unset: no time budget)")
 
     @property
     def output_dir(self) -> Path:
@@ -184,6 +191,7 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
 
     history: list[dict[str, float]] = []
     best_ppl, best_state, stale, first_epoch = math.inf, None, 0, 0
+    stopped_by = "epochs"
     state_path = _state_path(config)
     if config.resume and state_path.exists():
         saved = torch.load(state_path, weights_only=True)
@@ -243,16 +251,19 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
         _save_state(
             state_path, policy, optimizer, schedule, best_state, best_ppl, stale, epoch, history
         )
-        elapsed_min = (time.monotonic() - started) / 60
         if stale >= config.patience:
+            stopped_by = "early stopping"
             print(
                 f"pretrain: early stop after epoch {epoch + 1} "
                 f"(no better validation perplexity for {stale} epochs)"
             )
             break
-        if elapsed_min >= config.max_minutes:
+        elapsed_min = (time.monotonic() - started) / 60
+        if config.max_minutes is not None and elapsed_min >= config.max_minutes:
+            stopped_by = "time budget"
             print(
-                f"pretrain: time budget of {config.max_minutes} min reached after epoch {epoch + 1}"
+                f"pretrain: time budget of {config.max_minutes} min reached after epoch "
+                f"{epoch + 1}; this policy depends on the machine's speed"
             )
             break
 
@@ -270,6 +281,7 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
         },
         "vocab_size": tokenizer.vocab_size,
         "epochs_run": len(history),
+        "stopped_by": stopped_by,
         "history": history,
         "validation_perplexity": best_ppl,
         "test_perplexity": perplexity(policy, test_pairs),

@@ -141,7 +141,9 @@ def sampling_probs(
     sorted_logits = sorted_logits.masked_fill(remove_sorted, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    remove_sorted |= mass_before >= top_p.unsqueeze(-1)
+    # Only rows that asked for a nucleus: in float32 the cumulative sum can reach 1.0 before the
+    # last tokens, and a top_p = 1 row batched with a filtered one would lose its tail.
+    remove_sorted |= (mass_before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return torch.softmax(scaled.masked_fill(remove, float("-inf")), dim=-1)
 

@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,63 @@ def test_sampling_follows_a_weight_changed_in_place_between_samples(tiny_checkpo
     assert policy.sample([request(policy, "ocean", 9)]) == fresh.sample(
         [request(fresh, "ocean", 9)]
     )
+
+
+def test_default_policy_samples_top_p_one_the_same_next_to_filtered_requests(
+    pretrained_checkpoint: Path,
+):
+    # Many seeds on the default-size policy: a top_p = 1 request once lost its tail tokens when
+    # a top_k request shared its batch (with the default policy of the time, 1 phrase in these
+    # 1,000 came out different).
+    policy = load_checkpoint(pretrained_checkpoint)[0]
+    plain = [
+        SampleRequest(policy.encode_prompt(PROMPTS[s % 4]), SamplingParams(seed=s))
+        for s in range(1, 1001)
+    ]
+    filtered = [request(policy, "ocean", 1, top_k=5), request(policy, "garden", 2, top_p=0.9)]
+    # Unfiltered rows alone take the one-softmax path; among filtered ones, the sorted path.
+    alone = policy.sample(plain)
+    mixed = policy.sample([*filtered, *plain])[len(filtered) :]
+    for a, b in zip(alone, mixed, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        assert torch.allclose(
+            torch.tensor(a[0].behaviour_logprobs), torch.tensor(b[0].behaviour_logprobs), atol=1e-5
+        )
+
+
+def test_a_deep_copy_trained_as_many_steps_as_its_parent_samples_from_its_own_weights(
+    tiny_checkpoint: Path,
+):
+    # The trainer's rounds: each candidate is a deep copy of the live policy, trained, then
+    # sampled by the gate. A copy's tensors restart their version counters, so a copy trained
+    # as many steps as its parent once matched the parent's cached input table.
+    def train(policy, steps: int) -> None:
+        encoded = [policy.encode_prompt(p) for p in PROMPTS]
+        outputs = [[*policy.encode_prompt(p), EOS_ID] for p in reversed(PROMPTS)]
+        batch = TokenBatch.from_lists(encoded, outputs)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=0.05)
+        for _ in range(steps):
+            logprobs = token_logprobs(policy.teacher_forced(batch).logits, batch.output_ids)
+            loss = -(logprobs * batch.output_mask).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    def sampled_matches_score(policy) -> None:
+        out = policy.sample([request(policy, p, 7, n=4) for p in PROMPTS])
+        for prompt, samples in zip(PROMPTS, out, strict=True):
+            for sample in samples:
+                scored = policy.score([policy.encode_prompt(prompt)], [sample.token_ids])[0]
+                assert torch.allclose(
+                    torch.tensor(scored), torch.tensor(sample.policy_logprobs), atol=1e-5
+                )
+
+    live = load_checkpoint(tiny_checkpoint)[0]
+    for _ in range(3):  # three rounds, each the same number of steps
+        candidate = copy.deepcopy(live)
+        train(candidate, steps=2)
+        sampled_matches_score(candidate)
+        live = candidate
 
 
 def test_behaviour_logprobs_are_those_of_the_filtered_distribution(policy):

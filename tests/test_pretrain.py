@@ -30,6 +30,41 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
     assert summary["epochs_run"] == 1 and summary["validation_perplexity"] > 1
 
 
+class SlowClock:
+    """A machine so loaded that every look at the clock finds ten more minutes gone."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 600.0
+        return self.now
+
+
+def test_the_default_policy_does_not_depend_on_how_fast_the_machine_is(tmp_path, monkeypatch):
+    # Pretraining once stopped at a 4.5-minute wall-clock budget by default, so a loaded
+    # machine built a different, less trained default policy from the same seed.
+    assert PretrainConfig().max_minutes is None  # no time budget unless asked for
+    config = dict(epochs=3, patience=10, resume=False, **SMALL)
+    quiet = pretrain(PretrainConfig(data_dir=tmp_path / "quiet", **config), progress=False)
+    monkeypatch.setattr("feedloop.core.pretrain.time", SlowClock())
+    loaded = pretrain(PretrainConfig(data_dir=tmp_path / "loaded", **config), progress=False)
+    assert read_manifest(loaded.checkpoint).training_summary["epochs_run"] == 3
+    assert read_manifest(loaded.checkpoint).files == read_manifest(quiet.checkpoint).files
+    assert loaded.summary["stopped_by"] == quiet.summary["stopped_by"] == "epochs"
+
+
+def test_an_explicit_time_budget_cuts_the_run_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("feedloop.core.pretrain.time", SlowClock())
+    config = PretrainConfig(
+        data_dir=tmp_path, epochs=3, patience=10, resume=False, max_minutes=5.0, **SMALL
+    )
+    result = pretrain(config, progress=False)
+    assert result.summary["epochs_run"] == 1
+    assert result.summary["stopped_by"] == "time budget"
+    assert "time budget of 5.0 min reached after epoch 1" in capsys.readouterr().out
+
+
 RUN = """
 import sys
 from pathlib import Path
@@ -99,6 +134,7 @@ def test_the_pretrain_command_reports_its_figures(tmp_path):
         check=True,
     )
     assert "keyword inclusion at temperature 1" in out.stdout
+    assert "stopped by epochs" in out.stdout
     assert (tmp_path / "default-policy" / "manifest.json").exists()
     again = subprocess.run(
         [sys.executable, "-m", "feedloop", "pretrain", "--if-missing", "--data-dir", str(tmp_path)],

@@ -176,6 +176,21 @@ def test_adaptive_kl_controller_moves_towards_target_by_at_most_twenty_percent()
     assert controller.update(float("nan"), 50) == pytest.approx(0.099)
 
 
+@pytest.mark.parametrize("sequences", [12_000, 16_263])
+def test_a_round_larger_than_the_kl_horizon_moves_the_coefficient_by_at_most_twenty_percent(
+    sequences: int,
+) -> None:
+    # The horizon is 2,000 sequences but the KL was measured once: 12,000 sequences below
+    # target once made 0.1 * (1 - 0.2 * 6) = -0.02, a KL penalty turned into a bonus.
+    # The gain n / horizon is capped at 1: 0.1 * (1 - 0.2) = 0.08, 0.1 * (1 + 0.2) = 0.12.
+    below = rl_math.AdaptiveKLController(0.1, 3.0, 2000.0)
+    assert below.update(0.5, sequences) == pytest.approx(0.08)
+    above = rl_math.AdaptiveKLController(0.1, 3.0, 2000.0)
+    assert above.update(9.0, sequences) == pytest.approx(0.12)
+    for _ in range(50):  # round after round far below target: it shrinks, it never flips
+        assert below.update(0.0, sequences) > 0
+
+
 def test_explained_variance_is_one_for_perfect_predictions_and_zero_for_the_mean() -> None:
     target, mask = T([[1.0, 2.0, 3.0]]), T([[1.0, 1.0, 1.0]])
     assert rl_math.explained_variance(target, target, mask) == pytest.approx(1.0)

@@ -54,6 +54,28 @@ def test_rows_with_different_parameters_are_filtered_independently():
     assert torch.allclose(out[1], PROBS[0], atol=1e-6)
 
 
+def test_a_top_p_one_row_keeps_every_token_and_is_the_same_alone_or_next_to_filtered_rows():
+    # Peaked distributions over a vocabulary of the default policy's size: in float32 their
+    # cumulative sum reaches 1.0 before the last tokens, which once cut the tail of top_p = 1
+    # rows whenever a filtered row shared the batch (a tail token then had probability 0).
+    generator = torch.Generator().manual_seed(0)
+    vocab, rows = 1164, 400
+    scale = torch.linspace(2.0, 12.0, rows).unsqueeze(1)
+    logits = torch.randn(rows, vocab, generator=generator) * scale
+    alone = sampling_probs(
+        logits, torch.ones(rows), torch.zeros(rows, dtype=torch.long), torch.ones(rows)
+    )
+    filtered = torch.tensor([[0.0] * vocab])  # a top_k = 5 row, then a top_p = 0.9 row
+    mixed = sampling_probs(
+        torch.cat([filtered, filtered, logits]),
+        torch.ones(rows + 2),
+        torch.tensor([5, 0] + [0] * rows),
+        torch.tensor([1.0, 0.9] + [1.0] * rows),
+    )[2:]
+    assert bool(((mixed > 0) == (logits.softmax(-1) > 0)).all())
+    assert torch.equal(mixed, alone)
+
+
 @pytest.mark.parametrize(
     ("u", "token"), [(0.1, 0), (0.49, 0), (0.51, 1), (0.79, 1), (0.81, 2), (0.99, 3)]
 )

@@ -149,6 +149,19 @@ def test_a_restart_after_a_publish_whose_cursor_write_was_lost_skips_the_window(
     assert result.outcome == "skipped" and "too little data" in result.reason
 
 
+def test_a_non_positive_kl_coefficient_in_the_cursor_restarts_from_the_configured_one(
+    env: Env,
+) -> None:
+    # Before the adaptive coefficient's gain was capped, a large round could store -0.063: a
+    # penalty turned bonus that the multiplicative update would keep negative for good.
+    simulation(env, PREF).serve_events(40)
+    env.store.set_cursor("trainer", Cursor(kl_coef=-0.063).to_dict())
+    config = fast_config(env.root)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.figures["kl_coef"] == config.kl_coef
+    assert cursor(env)["kl_coef"] > 0
+
+
 def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env: Env) -> None:
     sim = simulation(env, PREF)
     sim.serve_events(40)
@@ -159,6 +172,18 @@ def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env:
     result = trainer.run_round()
     assert result.figures["replayed_generations"] + result.figures["dropped_stale"] > 0
     assert result.figures["dropped_stale"] > 0  # v0001's data is 1 version behind, lag bound 0
+
+
+def test_after_several_rounds_the_trainer_holds_only_the_live_and_reference_policies(
+    env: Env,
+) -> None:
+    sim = simulation(env, PREF)
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
+    for _ in range(3):
+        sim.serve_events(40)
+        assert trainer.run_round().outcome == "published"
+    assert env.registry.live() == "v0004"
+    assert set(trainer._policies) == {"v0004", "v0001"}  # live and reference; older ones dropped
 
 
 def test_reinforce_runs_a_round_through_the_same_interface(env: Env) -> None:

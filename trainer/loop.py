@@ -117,10 +117,13 @@ class Trainer:
         """A published version's policy (verified on load), cached: live and reference only."""
         if version not in self._policies:
             policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
-            keep = {self.registry.live(), self._gate_reference}
-            self._policies = {v: p for v, p in self._policies.items() if v in keep}
+            self._retain(self.registry.live(), self._gate_reference)
             self._policies[version] = policy
         return self._policies[version]
+
+    def _retain(self, *versions: str | None) -> None:
+        """Drop every cached policy but these (a rollback reloads its version from the registry)."""
+        self._policies = {v: p for v, p in self._policies.items() if v in versions}
 
     def reference_version(self, live: str) -> str:
         """The configured reference, or the root of the live version's lineage."""
@@ -221,7 +224,9 @@ class Trainer:
         reference = self.policy(reference_version)
         figures["reference_version"] = reference_version
         kl = AdaptiveKLController(
-            cursor.kl_coef if cursor.kl_coef else c.kl_coef, c.kl_target, c.kl_horizon
+            cursor.kl_coef if cursor.kl_coef and cursor.kl_coef > 0 else c.kl_coef,
+            c.kl_target,
+            c.kl_horizon,
         )
         figures["kl_coef"] = kl.value
         signals = learning_signals(window, live_policy.tokenizer, c)
@@ -306,6 +311,7 @@ class Trainer:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._retain(self._gate_reference)  # the parent is no longer live
         self._policies[version] = candidate
         self.metrics.last_publish.set(time.time())
         return version

@@ -276,7 +276,7 @@ class AdaptiveKLController:
     """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
 
     A proportional controller: the coefficient grows while the measured KL to the reference is
-    above target and shrinks while below, at most 20% of n / horizon per update.
+    above target and shrinks while below, by at most 20% per update, so it never changes sign.
     """
 
     value: float
@@ -284,7 +284,13 @@ class AdaptiveKLController:
     horizon: float
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """Move towards target after one measurement; n_steps: sequences trained on since the last.
+
+        Ziegler et al. and TRL pass one step's batch, far below the horizon. A round may hold more
+        sequences than the horizon, but its KL is measured once: the gain n / horizon is capped
+        at 1, else a large round below target would turn the penalty into a bonus.
+        """
         if math.isfinite(current_kl) and self.target > 0:
             error = min(0.2, max(-0.2, current_kl / self.target - 1.0))
-            self.value *= 1.0 + error * n_steps / self.horizon
+            self.value *= 1.0 + error * min(1.0, n_steps / self.horizon)
         return self.value
