@@ -88,3 +88,9 @@ def test_method_mutants_are_named_class_dot_method() -> None:
     name = "feedloop.trainer.rl_math.xǁAdaptiveKLControllerǁupdate__mutmut_3"
     assert mutation.function_name(name) == "AdaptiveKLController.update"
     assert mutation.function_name("feedloop.trainer.gate.x_perplexity__mutmut_12") == "perplexity"
+
+
+def test_rotation_starts_at_the_commits_turn_and_keeps_the_order() -> None:
+    modules = ["a.py", "b.py", "c.py"]
+    assert mutation.rotated(modules, 0) == ["a.py", "b.py", "c.py"]
+    assert mutation.rotated(modules, 4) == ["b.py", "c.py", "a.py"]

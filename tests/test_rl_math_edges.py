@@ -170,3 +170,17 @@ def test_doubly_robust_interval_is_the_standard_error_of_its_terms() -> None:
     estimate = rl_math.doubly_robust(T([1.0, 2.0]), T([1.0, 0.0]), T([0.5, 0.5]), T([0.4, 0.6]))
     assert estimate.ci_high - estimate.value == pytest.approx(rl_math.Z_95 * 0.65)
     assert estimate.value - estimate.ci_low == pytest.approx(rl_math.Z_95 * 0.65)
+
+
+# -- the adaptive KL coefficient -----------------------------------------------------------------
+
+
+def test_adaptive_kl_error_is_the_relative_distance_to_a_target_other_than_one() -> None:
+    # KL 0.55 vs target 0.5: error 0.55 / 0.5 - 1 = 0.1 (inside the clip) -> 0.1 * (1 + 0.1 * 0.1)
+    controller = rl_math.AdaptiveKLController(0.1, 0.5, 100.0)
+    assert controller.update(0.55, 10) == pytest.approx(0.101)
+
+
+def test_adaptive_kl_with_a_target_of_zero_stays_put() -> None:
+    controller = rl_math.AdaptiveKLController(0.1, 0.0, 100.0)
+    assert controller.update(0.5, 10) == 0.1

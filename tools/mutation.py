@@ -135,6 +135,18 @@ def modules_touched(changed: Iterable[str]) -> list[str]:
     return [m for m, tests in MODULES.items() if m in changed or changed & set(tests)]
 
 
+def commit_count() -> int:
+    command = ["git", "rev-list", "--count", "HEAD"]
+    out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    return int(out.stdout)
+
+
+def rotated(modules: Sequence[str], turn: int) -> list[str]:
+    """The modules in order, starting at index `turn` modulo their number."""
+    start = turn % len(modules)
+    return [*modules[start:], *modules[:start]]
+
+
 def sample_pattern(module_name: str, share: float) -> str | None:
     """An fnmatch pattern for a fixed `share` of a module's mutants, by the last digit of their
     number (mutmut numbers each function's mutants 1, 2, ...); None for all of them."""
@@ -296,13 +308,17 @@ def run_mutmut(
     return True
 
 
-def read_results(scratch: Path) -> dict[str, str]:
-    """mutmut's status of every mutant: killed, survived, no tests, timeout, not checked, ..."""
+def read_results(scratch: Path, *, complete: bool) -> dict[str, str]:
+    """mutmut's status of every mutant: killed, survived, no tests, timeout, not checked, ...
+
+    A run stopped at the budget may have stopped before there was anything to read: then what
+    can be read is taken, and nothing is not an error.
+    """
     mutmut = str(Path(sys.executable).parent / "mutmut")
     out = subprocess.run(
         [mutmut, "results", "--all", "true"],
         cwd=scratch,
-        check=True,
+        check=complete,
         capture_output=True,
         text=True,
     )
@@ -345,7 +361,7 @@ def test_module(
         target = stage(scratch, module, MODULES[module], package_dirs())
         pattern = sample_pattern(module_name(target), share)
         finished = run_mutmut(scratch, [pattern] if pattern else [], jobs, deadline, module)
-        result.status_by_mutant = read_results(scratch)
+        result.status_by_mutant = read_results(scratch, complete=finished)
         if pattern:
             result.status_by_mutant = {
                 m: s for m, s in result.status_by_mutant.items() if fnmatch.fnmatchcase(m, pattern)
@@ -424,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="stop after this many seconds; what did not run is reported, not failed",
     )
     parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="start at a module chosen by the commit (HEAD's commit count), so that a budget "
+        "too short for every module covers them all over successive commits",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=os.cpu_count() or 1,
@@ -447,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         touched = modules_touched(changed_files(args.changed_since))
         modules = [m for m in modules if m in touched]
         print(f"modules touched since {args.changed_since}: {', '.join(modules) or 'none'}")
+    if args.rotate and modules:
+        modules = rotated(modules, commit_count())
     equivalents = load_equivalents()
     deadline = time.time() + args.budget_s
     results = []
