@@ -255,7 +255,11 @@ def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, 
     return target
 
 
-PROGRESS = re.compile(r"(\d+)/(\d+)\s+🎉 (\d+) 🫥 (\d+)\s+⏰ (\d+)\s+🤔 (\d+)\s+🙁 (\d+)")
+# mutmut's status line: done/total, killed, no tests, timeout, suspicious, survived, skipped,
+# caught by the type check.
+PROGRESS = re.compile(
+    r"(\d+)/(\d+)\s+🎉 (\d+) 🫥 \d+\s+⏰ (\d+)\s+🤔 \d+\s+🙁 (\d+)\s+🔇 \d+\s+🧙 (\d+)"
+)
 
 
 def run_mutmut(
@@ -284,10 +288,10 @@ def run_mutmut(
         if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
             found = PROGRESS.findall(tail.decode("utf-8", "replace"))
             if found:
-                done, total, killed, _, timeout, _, survived = found[-1]
+                done, total, killed, timeout, survived, typed = found[-1]
+                caught = int(killed) + int(timeout) + int(typed)
                 print(
-                    f"  {label}: {done}/{total} mutants, {int(killed) + int(timeout)} killed, "
-                    f"{survived} survived",
+                    f"  {label}: {done}/{total} mutants, {caught} killed, {survived} survived",
                     flush=True,
                 )
             last_progress = time.monotonic()
