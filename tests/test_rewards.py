@@ -7,6 +7,8 @@ import pytest
 from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord
 from feedloop.trainer.rewards import (
+    RATING_PAIR_MIN_GAP,
+    RatedGeneration,
     aggregate,
     client_weights,
     correction_targets,
@@ -185,3 +187,40 @@ def test_events_naming_unknown_generations_are_ignored() -> None:
     ]
     assert preference_pairs(events, gens, {}, {}) == []
     assert correction_targets(events, gens, {}) == []
+
+
+GENERATIONS = {"g1": generation("g1", "warm sun"), "g2": generation("g2", "cold rain")}
+
+
+def test_a_rating_pair_weighs_as_its_lighter_rating() -> None:
+    # A capped client's rating (weight 0.5) cannot lend a pair the full weight of the other's.
+    rated = {"g1": RatedGeneration(1.0, 0.5, 1), "g2": RatedGeneration(-1.0, 1.0, 1)}
+    [pair] = preference_pairs([], GENERATIONS, {}, rated)
+    assert (pair.preferred_text, pair.rejected_text) == ("warm sun", "cold rain")
+    assert pair.weight == 0.5
+    assert (pair.source, pair.key, pair.prompt) == ("rating", "g1>g2", "sunny")
+
+
+def test_the_better_rated_candidate_is_preferred_whichever_comes_first() -> None:
+    rated = {"g1": RatedGeneration(-0.5, 1.0, 1), "g2": RatedGeneration(0.5, 0.25, 2)}
+    [pair] = preference_pairs([], GENERATIONS, {}, rated)
+    assert (pair.preferred_text, pair.rejected_text) == ("cold rain", "warm sun")
+    assert (pair.weight, pair.key) == (0.25, "g2>g1")
+
+
+def test_a_gap_of_exactly_the_noise_bound_makes_a_pair_and_a_smaller_one_does_not() -> None:
+    assert RATING_PAIR_MIN_GAP == 0.25
+    at_bound = {"g1": RatedGeneration(0.5, 1.0, 1), "g2": RatedGeneration(0.25, 1.0, 1)}
+    assert len(preference_pairs([], GENERATIONS, {}, at_bound)) == 1
+    below = {"g1": RatedGeneration(0.5, 1.0, 1), "g2": RatedGeneration(0.3, 1.0, 1)}
+    assert preference_pairs([], GENERATIONS, {}, below) == []
+
+
+def test_ratings_of_different_requests_or_of_absent_generations_make_no_pair() -> None:
+    generations = {"g1": generation("g1", "warm sun"), "g3": generation("g3", "hot", request="r2")}
+    rated = {
+        "g1": RatedGeneration(1.0, 1.0, 1),
+        "g3": RatedGeneration(-1.0, 1.0, 1),
+        "gone": RatedGeneration(-1.0, 1.0, 1),
+    }
+    assert preference_pairs([], generations, {}, rated) == []
