@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, open_store
+from feedloop.core.store import open_store
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.data import Cursor, read_window
 
