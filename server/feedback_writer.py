@@ -18,7 +18,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,7 +77,6 @@ class FeedbackWriter:
         store: ReplayStore,
         generation_log: GenerationLog,
         metrics: ServerMetrics,
-        live_version: Callable[[], str | None],
         *,
         capacity: int,
         batch_max: int,
@@ -87,7 +85,6 @@ class FeedbackWriter:
         self.store = store
         self.generation_log = generation_log
         self.metrics = metrics
-        self.live_version = live_version
         self.capacity = capacity
         self.batch_max = batch_max
         self.commit_interval_s = commit_interval_s
@@ -230,18 +227,22 @@ class FeedbackWriter:
         started = time.perf_counter()
         fresh = self.store.insert_feedback([item.record for item in to_insert])
         self._duration.observe(time.perf_counter() - started)
-        live = self.live_version()
-        ratings: dict[str, list[float]] = {"live": [], "previous": []}
+        ratings: list[tuple[str, float]] = []
+        wins: list[tuple[str, str]] = []
         for item, is_new in zip(to_insert, fresh, strict=True):
             item.outcome = ACCEPTED if is_new else DUPLICATE
             record = item.record
-            if is_new and record.kind == "rating" and record.score is not None:
-                _, model_version = found[record.generation_ids[0]]
-                slot = "live" if model_version == live else "previous"
-                ratings[slot].append(normalise_rating(record.score, record.scale))
-        for slot, values in ratings.items():
-            if values:
-                self.metrics.ratings.observe_many(slot, values)
+            if not is_new:
+                continue
+            ids = record.generation_ids
+            if record.kind == "rating" and record.score is not None:
+                ratings.append((found[ids[0]][1], normalise_rating(record.score, record.scale)))
+            elif record.kind == "comparison":
+                wins.append((found[ids[0]][1], found[ids[1]][1]))
+            # A ranking's candidates come from one reply, so from one version: no win between
+            # versions. A correction prefers a text nobody served.
+        if ratings or wins:
+            self.metrics.version_feedback.observe(ratings, wins)
         if len(to_insert) < len(group):
             for item in group:
                 if isinstance(item.outcome, Pending):
