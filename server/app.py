@@ -162,6 +162,7 @@ class FeedloopServer:
             capacity=config.feedback_queue_size,
             batch_max=config.write_batch_max,
             commit_interval_s=config.feedback_commit_interval_ms / 1000,
+            unknown_generation_wait_s=config.unknown_generation_wait_ms / 1000,
         )
         self.feedback_writer.start(loop)
         self.batcher = Batcher(

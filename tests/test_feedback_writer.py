@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from store_support import comparison, generation, rating
 
 from feedloop.core.store import open_store
+from feedloop.server.errors import NotFound, Unavailable
 from feedloop.server.feedback_writer import (
     ACCEPTED,
     DUPLICATE,
@@ -19,6 +21,10 @@ from feedloop.server.feedback_writer import (
 )
 from feedloop.server.generation_log import GenerationLog
 from feedloop.server.metrics import OTHER_VERSION, ServerMetrics
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 class CountingStore:
@@ -47,7 +53,7 @@ class CountingWaker:
 
 
 async def started_writer(
-    tmp_path: Path, commit_interval_s: float
+    tmp_path: Path, commit_interval_s: float, unknown_generation_wait_s: float = 0.0
 ) -> tuple[FeedbackWriter, CountingStore]:
     store = CountingStore(tmp_path / "replay.sqlite3")
     metrics = ServerMetrics()
@@ -61,6 +67,7 @@ async def started_writer(
         capacity=10_000,
         batch_max=2048,
         commit_interval_s=commit_interval_s,
+        unknown_generation_wait_s=unknown_generation_wait_s,
     )
     writer.start(asyncio.get_running_loop())
     return writer, store
@@ -127,3 +134,45 @@ async def test_accepted_feedback_is_counted_by_the_version_that_served_each_gene
     assert sample(wins, {"winner": "v0000", "loser": OTHER_VERSION}) == 1
     assert sample(wins, {"winner": "v0000", "loser": "v0001"}) == 0
     assert sample(wins, {"winner": "v0001", "loser": "v0001"}) is None
+
+
+async def test_feedback_on_a_generation_committed_after_it_arrived_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    # "late" is another replica's generation, committed to the shared store after the event.
+    writer, store = await started_writer(tmp_path, 0.025, unknown_generation_wait_s=10.0)
+    waiting = writer.submit(rating("on-late", "late"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    # Meanwhile other events are committed as usual, not held behind the waiting one.
+    assert await asyncio.wait_for(writer.submit(rating("meanwhile", "g1")), timeout=2) == ACCEPTED
+    store.append_generations([generation("late", version="v0002")])
+    assert await asyncio.wait_for(waiting, timeout=2) == ACCEPTED
+    writer.stop(10)
+    assert {f.event_id for f in store.feedback_after(0, 10)} == {"on-late", "meanwhile"}
+
+
+async def test_an_id_that_never_appears_is_not_found_once_the_wait_is_over(tmp_path: Path) -> None:
+    writer, store = await started_writer(tmp_path, 0.025, unknown_generation_wait_s=0.5)
+    started = loop_time()
+    with pytest.raises(NotFound, match=r"rating\.generation_id: no generation 'nowhere'"):
+        await asyncio.wait_for(writer.submit(rating("lost", "nowhere")), timeout=5)
+    assert 0.5 <= loop_time() - started < 1.5
+    writer.stop(10)
+    assert store.feedback_after(0, 10) == []
+    assert (
+        writer.metrics.registry.get_sample_value(
+            "feedloop_feedback_events_total", {"kind": "rating", "outcome": "not_found"}
+        )
+        == 1
+    )
+
+
+async def test_a_stopping_writer_answers_a_waiting_event_unavailable(tmp_path: Path) -> None:
+    # UNAVAILABLE, not NOT_FOUND: the client retries it, and another replica may know the id.
+    writer, _ = await started_writer(tmp_path, 0.025, unknown_generation_wait_s=30.0)
+    waiting = writer.submit(rating("pending", "elsewhere"))
+    await asyncio.sleep(0.2)
+    await asyncio.to_thread(writer.stop, 10)
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(waiting, timeout=2)

@@ -42,7 +42,15 @@ async def metered_rating(tmp_path: Path, event: FeedbackRecord) -> float:
     log = GenerationLog(store, metrics, capacity=10, batch_max=10)
     log.add([generation("g1")])
     assert log.flush(10)
-    writer = FeedbackWriter(store, log, metrics, capacity=10, batch_max=10, commit_interval_s=0.01)
+    writer = FeedbackWriter(
+        store,
+        log,
+        metrics,
+        capacity=10,
+        batch_max=10,
+        commit_interval_s=0.01,
+        unknown_generation_wait_s=0.0,
+    )
     writer.start(asyncio.get_running_loop())
     try:
         assert await asyncio.wait_for(writer.submit(event), timeout=10) == ACCEPTED
