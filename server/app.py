@@ -155,15 +155,14 @@ class FeedloopServer:
             capacity=config.generation_buffer_size,
             batch_max=config.write_batch_max,
         )
-        live_model = self.live_model
         self.feedback_writer = FeedbackWriter(
             self.store,
             self.generation_log,
             metrics,
-            lambda: live_model.live.version if live_model.live else None,
             capacity=config.feedback_queue_size,
             batch_max=config.write_batch_max,
             commit_interval_s=config.feedback_commit_interval_ms / 1000,
+            unknown_generation_wait_s=config.unknown_generation_wait_ms / 1000,
         )
         self.feedback_writer.start(loop)
         self.batcher = Batcher(

@@ -134,6 +134,14 @@ class ServeConfig:
             "as soon as the previous commit ends"
         ),
     )
+    unknown_generation_wait_ms: float = field(
+        default=3000.0,
+        metadata=_help(
+            "how long feedback naming a generation this server cannot find waits for it to "
+            "appear in the replay store before NOT_FOUND: another replica sharing the store may "
+            "have served it and not committed it yet; 0: answer NOT_FOUND at once"
+        ),
+    )
     shutdown_grace_s: float = field(
         default=10.0, metadata=_help("how long in-flight calls may take to finish on SIGTERM")
     )
@@ -165,6 +173,7 @@ class ServeConfig:
         for name in (
             "max_queue_delay_ms",
             "feedback_commit_interval_ms",
+            "unknown_generation_wait_ms",
             "rate_limit_rps",
             "registry_poll_interval_s",
             "shutdown_grace_s",

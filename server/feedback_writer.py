@@ -2,12 +2,14 @@
 
 Concurrent submitters (unary calls and streams) hand their parsed events to one writer thread.
 Each round it takes everything queued, looks every named generation up at once (in the
-generation log's buffer first, then in the store), rejects events that name unknown
-generations, waits for the commit of any generation still buffered (the feedback row must not
-be durable before the generation it refers to), and commits the rest in ONE insert_feedback
-transaction. Only then are the submitters told, in one callback on the event loop per group: a
-unary call's future resolves, and each stream is woken once however many of its events the
-group held. An ack always follows durability.
+generation log's buffer first, then in the store), parks events that name generations it cannot
+find (another replica sharing the store may not have committed them yet: they are looked up
+again on later rounds, and answered NOT_FOUND only once `unknown_generation_wait_s` has passed),
+rejects events whose generations do not fit them, waits for the commit of any generation still
+buffered (the feedback row must not be durable before the generation it refers to), and
+commits the rest in ONE insert_feedback transaction. Only then are the submitters told, in one
+callback on the event loop per group: a unary call's future resolves, and each stream is woken
+once however many of its events the group held. An ack always follows durability.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +44,9 @@ GENERATION_COMMIT_WAIT_S = 10.0
 # started. A lone event after a small group is committed at once.
 QUIET_S = 0.001
 PACED_FROM_ROWS = 8
+# How often parked events (naming generations not found yet) are looked up again while no new
+# event starts a round; another replica commits its generations within milliseconds.
+UNKNOWN_RECHECK_S = 0.05
 
 
 def id_fields(record: FeedbackRecord) -> list[str]:
@@ -70,6 +74,8 @@ class Pending:
     waiter: asyncio.Future[Any] | Waker
     outcome: Any = None  # "accepted" | "duplicate" | an exception
     decided: bool = False
+    # Monotonic time after which generations still not found make it NOT_FOUND (0: not parked).
+    not_found_at: float = 0.0
 
 
 class FeedbackWriter:
@@ -78,25 +84,28 @@ class FeedbackWriter:
         store: ReplayStore,
         generation_log: GenerationLog,
         metrics: ServerMetrics,
-        live_version: Callable[[], str | None],
         *,
         capacity: int,
         batch_max: int,
         commit_interval_s: float,
+        unknown_generation_wait_s: float,
     ) -> None:
         self.store = store
         self.generation_log = generation_log
         self.metrics = metrics
-        self.live_version = live_version
         self.capacity = capacity
         self.batch_max = batch_max
         self.commit_interval_s = commit_interval_s
+        self.unknown_generation_wait_s = unknown_generation_wait_s
         self._cond = threading.Condition()
         # Appended to by the loop without the lock (list.append is atomic); the writer takes from
         # the front. The writer sets `_wake_at`, under the lock, before it looks at the queue and
         # waits for that many events; the submitter whose append makes the queue that long
         # notifies, so no wake-up is lost, and submitters take no lock otherwise.
         self._queue: list[Pending] = []
+        # Events naming generations not found yet, looked up again each round (writer thread
+        # only; the loop reads its length for the capacity check).
+        self._parked: list[Pending] = []
         self._wake_at = 0
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,7 +135,7 @@ class FeedbackWriter:
     def _enqueue(self, pending: Pending) -> None:
         if self._stopping:
             raise Unavailable("the server is shutting down")
-        if len(self._queue) >= self.capacity:
+        if len(self._queue) + len(self._parked) >= self.capacity:
             raise Unavailable(
                 f"the feedback queue is full ({self.capacity} events waiting for the replay "
                 f"store); retry later"
@@ -149,10 +158,10 @@ class FeedbackWriter:
         last_started, last_rows, last_streamed = 0.0, 0, False
         while True:
             with self._cond:
-                self._wait_for(1, None)
-                if not self._queue:
+                self._wait_for(1, last_started + UNKNOWN_RECHECK_S if self._parked else None)
+                if not self._queue and not self._parked:
                     return  # stopping, and everything is committed
-                if last_rows >= PACED_FROM_ROWS:
+                if self._queue and last_rows >= PACED_FROM_ROWS:
                     deadline = last_started + self.commit_interval_s
                     self._wait_for(min(last_rows, self.batch_max), deadline)
                     if last_streamed:
@@ -163,17 +172,20 @@ class FeedbackWriter:
                 self._depth.set(len(self._queue))
             last_rows = len(group)
             last_streamed = any(not isinstance(item.waiter, asyncio.Future) for item in group)
+            group = self._parked + group
             try:
-                self._commit(group)
+                self._parked = self._commit(group)
             except Exception as exc:
                 log.warning("feedback commit failed: %s", exc)
                 self._errors.inc()
+                self._parked = []
                 for item in group:
                     # Not yet decided, or waiting on a first copy that was never stored.
                     if item.outcome is None or isinstance(item.outcome, Pending):
                         item.outcome = exc
-            self._count(group)
-            self._resolve(group)
+            decided = [item for item in group if item.outcome is not None]  # not parked
+            self._count(decided)
+            self._resolve(decided)
 
     def _wait_for(self, rows: int, deadline: float | None) -> None:
         """Under the lock: wait until `rows` events are queued, the deadline passes (None: no
@@ -199,7 +211,8 @@ class FeedbackWriter:
                 return
             queued = len(self._queue)
 
-    def _commit(self, group: list[Pending]) -> None:
+    def _commit(self, group: list[Pending]) -> list[Pending]:
+        """Decide and commit what the group can; returns the events to look up again later."""
         wanted = {gid for item in group for gid in item.record.generation_ids}
         found, buffered = self.generation_log.lookup(wanted)
         missing = wanted - found.keys()
@@ -207,12 +220,20 @@ class FeedbackWriter:
             stored = self.store.get_generations(list(missing))
             found.update((gid, (g.request_id, g.model_version)) for gid, g in stored.items())
         to_insert: list[Pending] = []
+        parked: list[Pending] = []
         first_by_event: dict[str, Pending] = {}
         waits: set[str] = set()
+        now = time.monotonic()
         for item in group:
             record = item.record
             problem = self._check(record, found)
             if problem is not None:
+                if isinstance(problem, NotFound) and self._stopping:
+                    # Another replica may know it: UNAVAILABLE sends the client there.
+                    problem = Unavailable(f"the server is shutting down; {problem}")
+                elif isinstance(problem, NotFound) and self._may_wait(item, now):
+                    parked.append(item)
+                    continue
                 item.outcome = problem
                 continue
             first = first_by_event.get(record.event_id)
@@ -224,28 +245,40 @@ class FeedbackWriter:
             if buffered:
                 waits.update(gid for gid in record.generation_ids if gid in buffered)
         if not to_insert:
-            return
+            return parked
         if waits:
             self.generation_log.wait_committed(waits, GENERATION_COMMIT_WAIT_S)
         started = time.perf_counter()
         fresh = self.store.insert_feedback([item.record for item in to_insert])
         self._duration.observe(time.perf_counter() - started)
-        live = self.live_version()
-        ratings: dict[str, list[float]] = {"live": [], "previous": []}
+        ratings: list[tuple[str, float]] = []
+        wins: list[tuple[str, str]] = []
         for item, is_new in zip(to_insert, fresh, strict=True):
             item.outcome = ACCEPTED if is_new else DUPLICATE
             record = item.record
-            if is_new and record.kind == "rating" and record.score is not None:
-                _, model_version = found[record.generation_ids[0]]
-                slot = "live" if model_version == live else "previous"
-                ratings[slot].append(normalise_rating(record.score, record.scale))
-        for slot, values in ratings.items():
-            if values:
-                self.metrics.ratings.observe_many(slot, values)
+            if not is_new:
+                continue
+            ids = record.generation_ids
+            if record.kind == "rating" and record.score is not None:
+                ratings.append((found[ids[0]][1], normalise_rating(record.score, record.scale)))
+            elif record.kind == "comparison":
+                wins.append((found[ids[0]][1], found[ids[1]][1]))
+            # A ranking's candidates come from one reply, so from one version: no win between
+            # versions. A correction prefers a text nobody served.
+        if ratings or wins:
+            self.metrics.version_feedback.observe(ratings, wins)
         if len(to_insert) < len(group):
             for item in group:
                 if isinstance(item.outcome, Pending):
                     item.outcome = DUPLICATE
+        return parked
+
+    def _may_wait(self, item: Pending, now: float) -> bool:
+        """Whether an event naming generations not found yet may wait longer for them; its
+        first time here starts its wait."""
+        if not item.not_found_at:
+            item.not_found_at = now + self.unknown_generation_wait_s
+        return now < item.not_found_at
 
     @staticmethod
     def _check(record: FeedbackRecord, found: dict[str, GenerationRef]) -> BaseException | None:

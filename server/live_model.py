@@ -118,12 +118,12 @@ class LiveModel:
             while len(self._loaded) > self.keep_versions:
                 evicted.append(self._loaded.popitem(last=False)[0])  # the live one is newest
             self._live = model
-            loaded = len(self._loaded)
+            loaded = list(self._loaded)
         for old in evicted:
             self.model_client.evict(old)
         self.metrics.swap_done(version, time.perf_counter() - started)
         self.metrics.set_live(version)
-        self.metrics.loaded_versions.set(loaded)
+        self.metrics.set_loaded_versions(loaded)
         log.info("serving model version %s", version)
         return True
 

@@ -3,7 +3,8 @@
 Each server instance owns its own CollectorRegistry (not the process-global one), so tests can
 run several servers in one process and each /metrics shows only its own server. Names follow
 Prometheus conventions: prefix feedloop_, base units (seconds, rows), _total for counters, and no
-per-request or per-user labels (label values come from small fixed sets).
+per-request or per-user labels (label values come from small fixed sets, or, for model versions,
+from the few versions this server has loaded).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -23,7 +24,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -48,6 +49,8 @@ LATENCY_BUCKETS_S = (
 BATCH_BUCKETS_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 RATING_BUCKETS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 SWAP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The version label of feedback on generations of versions this server has not loaded.
+OTHER_VERSION = "other"
 
 
 @dataclass
@@ -61,68 +64,115 @@ class Tallies:
     swaps_refused: int = 0
 
 
-class BatchHistogram(Collector):
-    """A histogram over one label with a fixed set of values, observed a batch at a time.
+class VersionFeedback(Collector):
+    """Online feedback by the model version that served each generation.
 
-    The feedback writer records every rating of a group commit at once: one lock for the batch
-    instead of prometheus_client's per-observation locks and bucket walk, on a thread that
-    shares the GIL with the event loop. Exposed exactly like a
-    Histogram with that label (_bucket with le, _sum, _count).
+    Two families: `feedloop_feedback_rating_normalised` (a histogram of accepted ratings
+    normalised to [-1, 1], label `version`) and `feedloop_feedback_version_wins_total`
+    (comparisons won, labels `winner` and `loser`, both versions). Label values stay bounded:
+    the versions passed to `track` (those this server has loaded) have series of their own,
+    every other version counts under version "other", and a version that is no longer tracked
+    loses its series. A version on trial is just one more loaded version.
+
+    The feedback writer records a group commit at once: one lock for the group instead of
+    prometheus_client's per-observation locks and bucket walk, on a thread that shares the GIL
+    with the event loop.
     """
 
+    RATINGS = "feedloop_feedback_rating_normalised"
+    WINS = "feedloop_feedback_version_wins"
+
     def __init__(
-        self,
-        name: str,
-        documentation: str,
-        label: str,
-        label_values: Sequence[str],
-        buckets: Sequence[float],
-        *,
-        registry: CollectorRegistry,
+        self, *, registry: CollectorRegistry, buckets: Sequence[float] = RATING_BUCKETS
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.label = label
         self._bounds = [float(b) for b in buckets]
         if self._bounds != sorted(self._bounds):
             raise ValueError("buckets must be in increasing order")
         if not self._bounds or self._bounds[-1] != math.inf:
             self._bounds.append(math.inf)
         self._lock = threading.Lock()
-        # Per label value: observations per bucket (not cumulative), and their sum.
-        self._counts = {value: [0] * len(self._bounds) for value in label_values}
-        self._sums = dict.fromkeys(label_values, 0.0)
+        # Per label value: ratings per bucket (not cumulative), and their sum.
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        self._wins: dict[tuple[str, str], int] = {}
+        self.track(())
         registry.register(self)
 
-    def observe_many(self, label_value: str, values: Sequence[float]) -> None:
-        bounds = self._bounds
-        slots = [bisect.bisect_left(bounds, v) for v in values]  # first bound >= v: its le
-        total = math.fsum(values)
+    def track(self, versions: Collection[str]) -> None:
+        """Give these versions series of their own from now on, and drop every other's."""
+        labels = [*versions, OTHER_VERSION]
         with self._lock:
-            counts = self._counts[label_value]
-            for i in slots:
-                counts[i] += 1
-            self._sums[label_value] += total
+            self._counts = {v: self._counts.get(v) or [0] * len(self._bounds) for v in labels}
+            self._sums = {v: self._sums.get(v, 0.0) for v in labels}
+            # Every pair exists from the start, so that increase() sees the first win.
+            self._wins = {
+                (winner, loser): self._wins.get((winner, loser), 0)
+                for winner in labels
+                for loser in labels
+                if winner != loser
+            }
 
-    def collect(self) -> Iterator[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+    def observe(
+        self, ratings: Sequence[tuple[str, float]], wins: Sequence[tuple[str, str]]
+    ) -> None:
+        """Count one group's accepted ratings, (version, normalised rating) each, and its
+        comparisons, (winner version, loser version) each."""
+        bounds = self._bounds
+        slots = [bisect.bisect_left(bounds, value) for _, value in ratings]  # first bound >= v
         with self._lock:
-            snapshot = {k: (list(v), self._sums[k]) for k, v in self._counts.items()}
-        for value, (counts, total) in snapshot.items():
+            counts, sums = self._counts, self._sums
+            for (version, value), slot in zip(ratings, slots, strict=True):
+                label = version if version in counts else OTHER_VERSION
+                counts[label][slot] += 1
+                sums[label] += value
+            for winner, loser in wins:
+                pair = (
+                    winner if winner in counts else OTHER_VERSION,
+                    loser if loser in counts else OTHER_VERSION,
+                )
+                # A pair on one label (one version, or two untracked ones) compares nothing.
+                if pair[0] != pair[1]:
+                    self._wins[pair] += 1
+
+    def collect(self) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
+        ratings, wins = self._families()
+        with self._lock:
+            histograms = {v: (list(c), self._sums[v]) for v, c in self._counts.items()}
+            won = dict(self._wins)
+        for version, (counts, total) in histograms.items():
             cumulative, buckets = 0, []
             for bound, n in zip(self._bounds, counts, strict=True):
                 cumulative += n
                 buckets.append((floatToGoString(bound), cumulative))
             # Not add_metric's own _count and _sum: it leaves both out when a bucket bound is
             # negative (an OpenMetrics rule), and these ratings go down to -1.
-            family.add_metric([value], buckets, None)
-            labels = {self.label: value}
-            family.samples.append(Sample(f"{self.name}_count", labels, cumulative))
-            family.samples.append(Sample(f"{self.name}_sum", labels, total))
-        yield family
+            ratings.add_metric([version], buckets, None)
+            labels = {"version": version}
+            ratings.samples.append(Sample(f"{self.RATINGS}_count", labels, cumulative))
+            ratings.samples.append(Sample(f"{self.RATINGS}_sum", labels, total))
+        for (winner, loser), n in won.items():
+            wins.add_metric([winner, loser], n)
+        yield ratings
+        yield wins
 
-    def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+    def describe(self) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
+        yield from self._families()
+
+    def _families(self) -> tuple[HistogramMetricFamily, CounterMetricFamily]:
+        return (
+            HistogramMetricFamily(
+                self.RATINGS,
+                "Accepted ratings normalised to [-1, 1], by the model version that served the "
+                'rated generation (versions this server has not loaded: "other")',
+                labels=["version"],
+            ),
+            CounterMetricFamily(
+                self.WINS,
+                "Accepted comparisons between generations of two model versions, by the "
+                "preferred (winner) and the rejected (loser) version",
+                labels=["winner", "loser"],
+            ),
+        )
 
 
 class ServerMetrics:
@@ -188,15 +238,7 @@ class ServerMetrics:
             ["kind", "outcome"],
             registry=r,
         )
-        self.ratings = BatchHistogram(
-            "feedloop_feedback_rating_normalised",
-            "Accepted ratings normalised to [-1, 1], by whether the rated generation came from "
-            "the live version or an earlier one",
-            "slot",
-            ("live", "previous"),
-            RATING_BUCKETS,
-            registry=r,
-        )
+        self.version_feedback = VersionFeedback(registry=r)
         self.live_version = Gauge(
             "feedloop_live_model_version_number",
             "Number of the live model version (v0003: 3)",
@@ -270,6 +312,11 @@ class ServerMetrics:
         digits = "".join(ch for ch in version if ch.isdigit())
         self.live_version.set(int(digits) if digits else 0)
         self.live_info.info({"version": version})
+
+    def set_loaded_versions(self, versions: Collection[str]) -> None:
+        """The versions held in memory now: each has feedback series of its own."""
+        self.loaded_versions.set(len(versions))
+        self.version_feedback.track(versions)
 
     def served(self, candidates: int, tokens: int) -> None:
         self.generations_served.inc(candidates)

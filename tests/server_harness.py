@@ -48,6 +48,9 @@ def test_config(tmp_path: Path, **overrides: Any) -> ServeConfig:
         max_queue_delay_ms=1.0,
         registry_poll_interval_s=0.02,
         shutdown_grace_s=5.0,
+        # One server per test, so nothing another replica commits late: a short wait keeps
+        # the answers on unknown ids quick.
+        unknown_generation_wait_ms=200.0,
     )
     return replace(config, **overrides)
 

@@ -109,6 +109,27 @@ def test_dashboard_has_the_promised_panels_on_the_provisioned_datasource():
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
+def test_reward_by_version_plots_users_feedback_by_version_not_trainer_figures():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if "reward by version" in p["title"].lower()]
+    names = {name for p in panels for t in p["targets"] for name in metric_names(t["expr"])}
+    assert panels and not {n for n in names if n.startswith("feedloop_trainer_")}
+    assert {
+        "feedloop_feedback_rating_normalised_sum",
+        "feedloop_feedback_rating_normalised_count",
+        "feedloop_feedback_version_wins_total",
+    } <= names
+    legends = " ".join(t["legendFormat"] for p in panels for t in p["targets"])
+    assert "{{version}}" in legends and "{{winner}}" in legends
+
+
+def test_the_reward_drop_alert_compares_the_live_version_with_other_versions():
+    rules = dict(rule_expressions())
+    assert "version" in rules["feedloop:rating_normalised:mean_30m"]
+    names = metric_names(rules["FeedloopRewardDroppedAfterSwap"])
+    assert {"feedloop:rating_normalised:mean_30m", "feedloop_live_model_info"} <= names
+
+
 def test_prometheus_config_scrapes_server_and_trainer_and_loads_the_rules():
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
@@ -191,6 +212,10 @@ def test_real_prometheus_scrapes_server_and_trainer_and_sees_series_move(
         prometheus.wait_for(
             'sum(feedloop_feedback_events_total{kind="rating", outcome="accepted"})',
             lambda r: r and next(values(r)) >= 1,
+        )
+        prometheus.wait_for(
+            f'feedloop_feedback_rating_normalised_count{{version="{server.banner["live"]}"}}',
+            lambda r: r and next(values(r)) == 1,
         )
         # Rules load and evaluate against the real series without errors.
         deadline = time.monotonic() + 30

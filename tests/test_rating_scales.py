@@ -38,11 +38,18 @@ async def metered_rating(tmp_path: Path, event: FeedbackRecord) -> float:
     """The value the server's feedback writer puts into its rating histogram for one event."""
     store = open_store(str(tmp_path / "replay.sqlite3"))
     metrics = ServerMetrics()
+    metrics.set_loaded_versions(["v0001"])
     log = GenerationLog(store, metrics, capacity=10, batch_max=10)
     log.add([generation("g1")])
     assert log.flush(10)
     writer = FeedbackWriter(
-        store, log, metrics, lambda: "v0001", capacity=10, batch_max=10, commit_interval_s=0.01
+        store,
+        log,
+        metrics,
+        capacity=10,
+        batch_max=10,
+        commit_interval_s=0.01,
+        unknown_generation_wait_s=0.0,
     )
     writer.start(asyncio.get_running_loop())
     try:
@@ -51,8 +58,8 @@ async def metered_rating(tmp_path: Path, event: FeedbackRecord) -> float:
         writer.stop(10)
         store.close()
     sample = metrics.registry.get_sample_value
-    assert sample("feedloop_feedback_rating_normalised_count", {"slot": "live"}) == 1
-    value = sample("feedloop_feedback_rating_normalised_sum", {"slot": "live"})
+    assert sample("feedloop_feedback_rating_normalised_count", {"version": "v0001"}) == 1
+    value = sample("feedloop_feedback_rating_normalised_sum", {"version": "v0001"})
     assert value is not None
     return value
 

@@ -44,6 +44,7 @@ def test_flags_beat_environment_beat_toml_beat_defaults(tmp_path: Path) -> None:
         (["--port", "70000"], "port"),
         (["--log-level", "loud"], "log_level"),
         (["--feedback-commit-interval-ms", "-1"], "feedback_commit_interval_ms"),
+        (["--unknown-generation-wait-ms", "-1"], "unknown_generation_wait_ms"),
     ],
 )
 def test_invalid_settings_are_config_errors_naming_the_key(argv: list[str], message: str) -> None:

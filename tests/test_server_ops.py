@@ -231,8 +231,9 @@ EXPECTED_SERIES = (
     "feedloop_tokens_generated_total",
     "feedloop_generations_logged_total",
     'feedloop_feedback_events_total{kind="rating",outcome="accepted"}',
-    'feedloop_feedback_rating_normalised_bucket{le="1.0",slot="live"}',
-    'feedloop_feedback_rating_normalised_sum{slot="live"}',  # the mean-rating rule divides it
+    'feedloop_feedback_rating_normalised_bucket{le="1.0",version="v0001"}',
+    'feedloop_feedback_rating_normalised_sum{version="v0001"}',  # the mean-rating rule divides it
+    'feedloop_feedback_version_wins_total{loser="other",winner="v0001"}',
     "feedloop_live_model_version_number 1.0",
     'feedloop_live_model_info{version="v0001"} 1.0',
     'feedloop_model_swaps_total{result="succeeded"} 1.0',
