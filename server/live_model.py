@@ -75,6 +75,11 @@ class LiveModel:
     def live(self) -> LoadedModel | None:
         return self._live
 
+    @property
+    def pointer(self) -> LivePointer | None:
+        """The registry's pointer as the watcher last read it (None before its first read)."""
+        return self._pointer
+
     def get(self, version: str) -> LoadedModel:
         """A loaded version, for a pinned request; NotFound names what is loaded."""
         model = self._loaded.get(version)

@@ -122,10 +122,9 @@ def to_rolled_back(current: LivePointer, reason: str) -> Change:
     return pointer, (Decision(target, ROLLED_BACK, reason, {"from": current.live}),)
 
 
-def check_share(share: float) -> None:
-    """ValueError unless share is a number in [0, 1] (NaN is not)."""
-    if math.isnan(share) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be in [0, 1], got {share!r}")
+def valid_share(share: float) -> bool:
+    """Whether share is a number in [0, 1] (NaN is not)."""
+    return not math.isnan(share) and 0.0 <= share <= 1.0
 
 
 def to_trial(
@@ -139,7 +138,8 @@ def to_trial(
 ) -> Change:
     if mode not in TRIAL_MODES:
         raise ValueError(f"mode must be one of {', '.join(TRIAL_MODES)}, got {mode!r}")
-    check_share(share)
+    if not valid_share(share):
+        raise ValueError(f"share must be in [0, 1], got {share!r}")
     _check_live(current, expect_live)
     if current.trial is not None:
         raise TrialError(
