@@ -9,7 +9,14 @@ import pytest
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.errors import RegistryError, UnknownVersionError
-from feedloop.core.registry import PUBLISHED, REFUSED, Decision, DirectoryRegistry, open_registry
+from feedloop.core.registry import (
+    PUBLISHED,
+    REFUSED,
+    Decision,
+    DirectoryRegistry,
+    LivePointer,
+    open_registry,
+)
 
 
 def test_publish_lists_and_loads_versions_in_order(tiny_checkpoint, tmp_path):
@@ -110,3 +117,12 @@ def test_a_publish_killed_at_any_instant_leaves_the_registry_valid(
     for version in after.versions():
         load_checkpoint(after.checkpoint_dir(version))  # every listed version is whole
     assert after.publish(tiny_checkpoint) == f"v{len(after.versions()):04d}"
+
+
+def test_a_live_file_from_before_trials_reads_as_no_trial_and_not_paused(tiny_checkpoint, tmp_path):
+    reg = DirectoryRegistry(tmp_path / "reg")
+    reg.publish(tiny_checkpoint)
+    reg.publish(tiny_checkpoint)
+    (tmp_path / "reg" / "LIVE").write_text('{"live": "v0002", "previous": ["v0001"]}')
+    assert reg.pointer() == LivePointer("v0002", ("v0001",))
+    assert reg.start_trial("v0001", share=0.5).trial is not None
