@@ -86,7 +86,7 @@ class LiveModel:
         self.model_client = model_client
         self.metrics = metrics
         self.keep_versions = keep_versions
-        self._lock = threading.Lock()  # guards _loaded; _live is swapped by one assignment
+        self._lock = threading.Lock()  # guards _loaded; _live and _canary: one assignment each
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._live: LoadedModel | None = None
         self._canary: Canary | None = None
