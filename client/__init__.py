@@ -25,8 +25,10 @@ from feedloop.client.types import (
     ModelsResult,
     Ranking,
     Rating,
+    RegistryStateResult,
     SetLiveResult,
     StatusResult,
+    TrialInfo,
 )
 
 __all__ = [
@@ -45,7 +47,9 @@ __all__ = [
     "ModelsResult",
     "Ranking",
     "Rating",
+    "RegistryStateResult",
     "RetryPolicy",
     "SetLiveResult",
     "StatusResult",
+    "TrialInfo",
 ]

@@ -32,11 +32,13 @@ from feedloop.client.types import (
     ModelsResult,
     Ranking,
     Rating,
+    RegistryStateResult,
     Sampling,
     SetLiveResult,
     StatusResult,
     event_to_proto,
     generate_request,
+    start_trial_request,
 )
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
@@ -116,6 +118,7 @@ class AsyncFeedloopClient:
         seed: int | None = None,
         model_version: str | None = None,
         request_id: str | None = None,
+        routing_key: str | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         request = generate_request(
@@ -124,6 +127,7 @@ class AsyncFeedloopClient:
             Sampling(temperature, top_k, top_p, max_tokens, seed),
             model_version,
             request_id,
+            routing_key,
         )
         reply = await self._unary(self._generation.Generate, request, timeout_s)
         return GenerateResult.from_proto(reply)
@@ -230,14 +234,62 @@ class AsyncFeedloopClient:
         return StatusResult.from_proto(reply)
 
     async def set_live(
-        self, version: str, *, reason: str = "", timeout_s: float | None = None
+        self,
+        version: str,
+        *,
+        reason: str = "",
+        expected_live_version: str | None = None,
+        timeout_s: float | None = None,
     ) -> SetLiveResult:
-        request = pb.SetLiveRequest(version=version, reason=reason)
+        """Make a published version live; with expected_live_version, only if that version is
+        live now (ABORTED otherwise, and nothing changes)."""
+        request = pb.SetLiveRequest(
+            version=version, reason=reason, expected_live_version=expected_live_version or ""
+        )
         return SetLiveResult.from_proto(await self._unary(self._admin.SetLive, request, timeout_s))
 
     async def rollback(self, *, reason: str = "", timeout_s: float | None = None) -> SetLiveResult:
         request = pb.RollbackRequest(reason=reason)
         return SetLiveResult.from_proto(await self._unary(self._admin.Rollback, request, timeout_s))
+
+    async def start_trial(
+        self,
+        version: str,
+        *,
+        share: float,
+        mode: str = "canary",
+        reason: str = "",
+        expected_live_version: str | None = None,
+        timeout_s: float | None = None,
+    ) -> RegistryStateResult:
+        """Put a published version on trial beside the live one: a canary serves `share` of the
+        traffic, a shadow scores `share` of the live version's candidates."""
+        request = start_trial_request(version, share, mode, reason, expected_live_version)
+        reply = await self._unary(self._admin.StartTrial, request, timeout_s)
+        return RegistryStateResult.from_proto(reply)
+
+    async def end_trial(
+        self,
+        *,
+        promote: bool,
+        reason: str = "",
+        expected_trial_version: str | None = None,
+        timeout_s: float | None = None,
+    ) -> RegistryStateResult:
+        """End the trial: promote its version to live, or roll it back."""
+        request = pb.EndTrialRequest(
+            promote=promote, reason=reason, expected_trial_version=expected_trial_version or ""
+        )
+        reply = await self._unary(self._admin.EndTrial, request, timeout_s)
+        return RegistryStateResult.from_proto(reply)
+
+    async def set_trainer_paused(
+        self, paused: bool, *, reason: str = "", timeout_s: float | None = None
+    ) -> RegistryStateResult:
+        """Pause (True) or resume (False) the trainer's publication of new versions."""
+        request = pb.SetTrainerPausedRequest(paused=paused, reason=reason)
+        reply = await self._unary(self._admin.SetTrainerPaused, request, timeout_s)
+        return RegistryStateResult.from_proto(reply)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)

@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("feedloop.client.commands", "", "show a server's live version and counters"),
     "set-live": ("feedloop.client.commands", "", "make a published version live"),
     "rollback": ("feedloop.client.commands", "", "make the previously live version live again"),
+    "canary": (
+        "feedloop.client.commands",
+        "",
+        "run a version on trial beside live, then promote or roll it back",
+    ),
+    "trainer": ("feedloop.client.commands", "", "pause or resume the trainer's publication"),
     "serve": ("feedloop.server.cli", "serve", "run the gRPC server"),
     "train": ("feedloop.trainer.cli", "train", "run the trainer (RL from stored feedback)"),
     "pretrain": ("feedloop.core.cli", "core", "supervised pretraining of a policy on a corpus"),

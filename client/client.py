@@ -32,11 +32,13 @@ from feedloop.client.types import (
     ModelsResult,
     Ranking,
     Rating,
+    RegistryStateResult,
     Sampling,
     SetLiveResult,
     StatusResult,
     event_to_proto,
     generate_request,
+    start_trial_request,
 )
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
@@ -119,6 +121,7 @@ class FeedloopClient:
         seed: int | None = None,
         model_version: str | None = None,
         request_id: str | None = None,
+        routing_key: str | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         """n candidate phrases for a prompt, all from one model version (named in the result)."""
@@ -128,6 +131,7 @@ class FeedloopClient:
             Sampling(temperature, top_k, top_p, max_tokens, seed),
             model_version,
             request_id,
+            routing_key,
         )
         return GenerateResult.from_proto(self._unary(self._generation.Generate, request, timeout_s))
 
@@ -219,9 +223,18 @@ class FeedloopClient:
         return StatusResult.from_proto(reply)
 
     def set_live(
-        self, version: str, *, reason: str = "", timeout_s: float | None = None
+        self,
+        version: str,
+        *,
+        reason: str = "",
+        expected_live_version: str | None = None,
+        timeout_s: float | None = None,
     ) -> SetLiveResult:
-        request = pb.SetLiveRequest(version=version, reason=reason)
+        """Make a published version live; with expected_live_version, only if that version is
+        live now (ABORTED otherwise, and nothing changes)."""
+        request = pb.SetLiveRequest(
+            version=version, reason=reason, expected_live_version=expected_live_version or ""
+        )
         return SetLiveResult.from_proto(self._unary(self._admin.SetLive, request, timeout_s))
 
     def rollback(self, *, reason: str = "", timeout_s: float | None = None) -> SetLiveResult:
@@ -229,6 +242,45 @@ class FeedloopClient:
         return SetLiveResult.from_proto(self._unary(self._admin.Rollback, request, timeout_s))
 
     # ------------------------------------------------------------------ health
+
+    def start_trial(
+        self,
+        version: str,
+        *,
+        share: float,
+        mode: str = "canary",
+        reason: str = "",
+        expected_live_version: str | None = None,
+        timeout_s: float | None = None,
+    ) -> RegistryStateResult:
+        """Put a published version on trial beside the live one: a canary serves `share` of the
+        traffic, a shadow scores `share` of the live version's candidates."""
+        request = start_trial_request(version, share, mode, reason, expected_live_version)
+        reply = self._unary(self._admin.StartTrial, request, timeout_s)
+        return RegistryStateResult.from_proto(reply)
+
+    def end_trial(
+        self,
+        *,
+        promote: bool,
+        reason: str = "",
+        expected_trial_version: str | None = None,
+        timeout_s: float | None = None,
+    ) -> RegistryStateResult:
+        """End the trial: promote its version to live, or roll it back."""
+        request = pb.EndTrialRequest(
+            promote=promote, reason=reason, expected_trial_version=expected_trial_version or ""
+        )
+        reply = self._unary(self._admin.EndTrial, request, timeout_s)
+        return RegistryStateResult.from_proto(reply)
+
+    def set_trainer_paused(
+        self, paused: bool, *, reason: str = "", timeout_s: float | None = None
+    ) -> RegistryStateResult:
+        """Pause (True) or resume (False) the trainer's publication of new versions."""
+        request = pb.SetTrainerPausedRequest(paused=paused, reason=reason)
+        reply = self._unary(self._admin.SetTrainerPaused, request, timeout_s)
+        return RegistryStateResult.from_proto(reply)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The grpc.health.v1 status: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""

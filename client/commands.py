@@ -1,4 +1,5 @@
-"""The client commands of `feedloop`: generate, feedback, models, status, set-live, rollback.
+"""The client commands of `feedloop`: generate, feedback, models, status, set-live, rollback,
+canary (trials) and trainer (pause, resume).
 
 Each is a thin edge over FeedloopClient: parse flags, make one call, print a table (or JSON with
 --json), and turn a FeedloopClientError into one line on stderr and an exit code a script can
@@ -23,7 +24,7 @@ import grpc
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
 from feedloop.client.options import DEFAULT_TARGET, RetryPolicy
-from feedloop.client.types import RATING_SCALES
+from feedloop.client.types import RATING_SCALES, RegistryStateResult, TrialInfo
 
 EXIT_OK, EXIT_OTHER, EXIT_USAGE = 0, 1, 2
 EXIT_UNAVAILABLE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_AUTH = 3, 4, 5, 6
@@ -35,6 +36,8 @@ EXIT_CODES_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
     grpc.StatusCode.FAILED_PRECONDITION: EXIT_INVALID,
+    # A failed compare-and-set (--expect-live): the state is not what the caller assumed.
+    grpc.StatusCode.ABORTED: EXIT_INVALID,
     grpc.StatusCode.OUT_OF_RANGE: EXIT_INVALID,
     grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
     grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
@@ -47,7 +50,8 @@ exit codes:
   2  usage error (bad flags, unreadable certificate file)
   3  server unavailable, busy or too slow (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)
   4  not found (unknown generation id or model version)
-  5  invalid argument or failed precondition (the message names the field)
+  5  invalid argument, failed precondition or a failed compare-and-set (ABORTED); the message
+     names the field
   6  not authenticated or not allowed (missing or wrong API key)
 
 environment:
@@ -112,10 +116,14 @@ def run_generate(client: FeedloopClient, args: argparse.Namespace) -> Any:
         max_tokens=args.max_tokens,
         seed=args.seed,
         model_version=args.model_version,
+        routing_key=args.routing_key,
     )
     if args.json:
         return result
-    header = f"model {result.model_version}  request {result.request_id}  seed {result.seed}"
+    header = (
+        f"model {result.model_version} ({result.served_as})  request {result.request_id}  "
+        f"seed {result.seed}"
+    )
     rows = [
         (i, c.generation_id, f"{c.log_prob:.3f}", "" if c.finished else "cut", c.text)
         for i, c in enumerate(result.candidates, 1)
@@ -163,7 +171,19 @@ def run_models(client: FeedloopClient, args: argparse.Namespace) -> Any:
             for d in result.decisions
         ],
     )
-    return f"live: {result.live_version or '(none)'}\n\n{versions}\n\ndecisions:\n{decisions}"
+    state = _pointer_line(result.live_version, result.trial, result.trainer_paused)
+    return f"{state}\n\n{versions}\n\ndecisions:\n{decisions}"
+
+
+def _trial_text(trial: TrialInfo | None) -> str:
+    if trial is None:
+        return "none"
+    return f"{trial.version} ({trial.mode} {trial.share:g}, since {_when(trial.since)})"
+
+
+def _pointer_line(live_version: str, trial: TrialInfo | None, trainer_paused: bool) -> str:
+    paused = "  trainer: paused" if trainer_paused else ""
+    return f"live: {live_version or '(none)'}  trial: {_trial_text(trial)}{paused}"
 
 
 def run_status(client: FeedloopClient, args: argparse.Namespace) -> Any:
@@ -175,6 +195,8 @@ def run_status(client: FeedloopClient, args: argparse.Namespace) -> Any:
 
 
 def _status_value(value: Any) -> str:
+    if isinstance(value, TrialInfo) or value is None:
+        return _trial_text(value)
     if isinstance(value, tuple):
         return ", ".join(value)
     if isinstance(value, float):
@@ -183,13 +205,44 @@ def _status_value(value: Any) -> str:
 
 
 def run_set_live(client: FeedloopClient, args: argparse.Namespace) -> Any:
-    result = client.set_live(args.version, reason=args.reason)
+    result = client.set_live(
+        args.version, reason=args.reason, expected_live_version=args.expect_live
+    )
     return result if args.json else f"live: {result.live_version} (was {result.previous_version})"
 
 
 def run_rollback(client: FeedloopClient, args: argparse.Namespace) -> Any:
     result = client.rollback(reason=args.reason)
     return result if args.json else f"live: {result.live_version} (was {result.previous_version})"
+
+
+def _state(result: RegistryStateResult, args: argparse.Namespace) -> Any:
+    if args.json:
+        return result
+    return _pointer_line(result.live_version, result.trial, result.trainer_paused)
+
+
+def run_canary(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    if args.action == "start":
+        result = client.start_trial(
+            args.version,
+            share=args.share,
+            mode="shadow" if args.shadow else "canary",
+            reason=args.reason,
+            expected_live_version=args.expect_live,
+        )
+    else:
+        result = client.end_trial(
+            promote=args.action == "promote",
+            reason=args.reason,
+            expected_trial_version=args.expect_version,
+        )
+    return _state(result, args)
+
+
+def run_trainer(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.set_trainer_paused(args.action == "pause", reason=args.reason)
+    return _state(result, args)
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -271,6 +324,10 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, help="most output tokens per candidate")
         p.add_argument("--seed", type=int, help="seed for reproducible sampling")
         p.add_argument("--model-version", help="serve from this loaded version, not the live one")
+        p.add_argument(
+            "--routing-key",
+            help="requests with the same key land on the same side of a canary split",
+        )
     elif name == "feedback":
         p = _parser(
             name,
@@ -330,6 +387,11 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         )
         p.add_argument("version")
         p.add_argument("--reason", default="", help="recorded in the registry history")
+        p.add_argument(
+            "--expect-live",
+            metavar="VERSION",
+            help="change nothing unless VERSION is live now (compare-and-set)",
+        )
     elif name == "rollback":
         p = _parser(
             name,
@@ -337,6 +399,59 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             '  feedloop rollback --reason "reward dropped after v0004"\n',
         )
         p.add_argument("--reason", default="", help="recorded in the registry history")
+    elif name == "canary":
+        p = _parser(
+            name,
+            "Run a published version on trial beside the live one, then promote or roll it back.",
+            "  feedloop canary start v0004 --share 0.1\n"
+            "  feedloop canary start v0004 --share 0.2 --shadow   # scores, serves nothing\n"
+            '  feedloop canary promote --reason "ratings as good as live"\n'
+            '  feedloop canary rollback --reason "worse ratings"\n',
+        )
+        actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        start = actions.add_parser("start", help="put a version on trial beside the live one")
+        start.add_argument("version")
+        start.add_argument(
+            "--share",
+            type=float,
+            required=True,
+            help="share of traffic in [0, 1] that it serves (or scores with --shadow)",
+        )
+        start.add_argument(
+            "--shadow", action="store_true", help="score live traffic only, serve nothing"
+        )
+        start.add_argument(
+            "--expect-live",
+            metavar="VERSION",
+            help="change nothing unless VERSION is live now (compare-and-set)",
+        )
+        promote = actions.add_parser("promote", help="make the version on trial live")
+        rollback = actions.add_parser("rollback", help="end the trial, live unchanged")
+        for end in (promote, rollback):
+            end.add_argument(
+                "--expect-version",
+                metavar="VERSION",
+                help="change nothing unless VERSION is the one on trial (compare-and-set)",
+            )
+        for sub in (start, promote, rollback):
+            sub.add_argument("--reason", default="", help="recorded in the registry history")
+            add_connection_flags(sub)
+        return p
+    elif name == "trainer":
+        p = _parser(
+            name,
+            "Pause or resume the trainer's publication of new versions.",
+            '  feedloop trainer pause --reason "incident 12"\n  feedloop trainer resume\n',
+        )
+        actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, summary in (
+            ("pause", "publish nothing until resumed"),
+            ("resume", "publish again"),
+        ):
+            sub = actions.add_parser(action, help=summary)
+            sub.add_argument("--reason", default="", help="recorded in the registry history")
+            add_connection_flags(sub)
+        return p
     else:
         raise KeyError(name)
     add_connection_flags(p)
@@ -350,6 +465,8 @@ RUNNERS: dict[str, Callable[[FeedloopClient, argparse.Namespace], Any]] = {
     "status": run_status,
     "set-live": run_set_live,
     "rollback": run_rollback,
+    "canary": run_canary,
+    "trainer": run_trainer,
 }
 
 

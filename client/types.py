@@ -29,6 +29,12 @@ RATING_SCALES: dict[str, int] = {
     "stars5": pb.RATING_SCALE_STARS_5,  # 1 to 5
 }
 
+# Names accepted for a trial's mode (see TrialMode in the proto).
+TRIAL_MODES: dict[str, int] = {
+    "canary": pb.TRIAL_MODE_CANARY,  # serves its share of the traffic
+    "shadow": pb.TRIAL_MODE_SHADOW,  # serves nothing, scores its share of live candidates
+}
+
 
 # ---------------------------------------------------------------------------------- results
 
@@ -48,6 +54,7 @@ class GenerateResult:
     model_version: str  # the one version that produced every candidate
     candidates: tuple[Candidate, ...]
     seed: int
+    served_as: str  # why that version served it: live, canary or pinned
 
     @classmethod
     def from_proto(cls, reply: pb.GenerateResponse) -> GenerateResult:
@@ -59,6 +66,7 @@ class GenerateResult:
                 for c in reply.candidates
             ),
             seed=reply.seed,
+            served_as=reply.served_as,
         )
 
 
@@ -97,6 +105,47 @@ def _json(text: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class TrialInfo:
+    """A version on trial beside the live one."""
+
+    version: str
+    mode: str  # one of TRIAL_MODES
+    share: float  # of traffic served (canary) or scored (shadow), in [0, 1]
+    since: datetime | None
+    parent_version: str  # the live version when the trial started
+
+    @classmethod
+    def from_proto(cls, trial: pb.Trial, present: bool) -> TrialInfo | None:
+        if not present:
+            return None
+        modes = {number: name for name, number in TRIAL_MODES.items()}
+        return cls(
+            version=trial.version,
+            mode=modes.get(trial.mode, "canary"),
+            share=trial.share,
+            since=_time(trial.since, trial.HasField("since")),
+            parent_version=trial.parent_version,
+        )
+
+
+@dataclass(frozen=True)
+class RegistryStateResult:
+    """The registry's live pointer after a trial or pause call."""
+
+    live_version: str
+    trial: TrialInfo | None
+    trainer_paused: bool
+
+    @classmethod
+    def from_proto(cls, reply: pb.RegistryState) -> RegistryStateResult:
+        return cls(
+            reply.live_version,
+            TrialInfo.from_proto(reply.trial, reply.HasField("trial")),
+            reply.trainer_paused,
+        )
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     version: str
     parent_version: str
@@ -111,7 +160,7 @@ class ModelInfo:
 class DecisionInfo:
     at: datetime | None
     version: str
-    action: str  # published, promoted, refused, rolled_back
+    action: str  # published, promoted, refused, rolled_back, canary, shadow, paused, resumed
     reason: str
     details: dict[str, Any]
 
@@ -121,11 +170,15 @@ class ModelsResult:
     live_version: str
     versions: tuple[ModelInfo, ...]  # newest first
     decisions: tuple[DecisionInfo, ...]  # newest first
+    trial: TrialInfo | None
+    trainer_paused: bool
 
     @classmethod
     def from_proto(cls, reply: pb.ListModelsResponse) -> ModelsResult:
         return cls(
             live_version=reply.live_version,
+            trial=TrialInfo.from_proto(reply.trial, reply.HasField("trial")),
+            trainer_paused=reply.trainer_paused,
             versions=tuple(
                 ModelInfo(
                     version=v.version,
@@ -163,6 +216,8 @@ class StatusResult:
     swaps_refused: int
     queue_depth: int
     server_version: str
+    trial: TrialInfo | None  # as this replica last read the registry
+    trainer_paused: bool
 
     @classmethod
     def from_proto(cls, reply: pb.ServerStatus) -> StatusResult:
@@ -177,6 +232,8 @@ class StatusResult:
             swaps_refused=reply.swaps_refused,
             queue_depth=reply.queue_depth,
             server_version=reply.server_version,
+            trial=TrialInfo.from_proto(reply.trial, reply.HasField("trial")),
+            trainer_paused=reply.trainer_paused,
         )
 
 
@@ -244,6 +301,23 @@ def scale_number(scale: str | int) -> int:
         ) from None
 
 
+def start_trial_request(
+    version: str, share: float, mode: str, reason: str, expected_live_version: str | None
+) -> pb.StartTrialRequest:
+    if mode not in TRIAL_MODES:
+        raise FeedloopClientError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"trial mode {mode!r} is not one of {', '.join(TRIAL_MODES)}",
+        )
+    return pb.StartTrialRequest(
+        version=version,
+        mode=TRIAL_MODES[mode],  # type: ignore[arg-type]  # enum is an int
+        share=share,
+        reason=reason,
+        expected_live_version=expected_live_version or "",
+    )
+
+
 def event_to_proto(event: FeedbackInput) -> pb.FeedbackEvent:
     """The proto for one event, with its event_id fixed (made here if the caller gave none)."""
     if isinstance(event, pb.FeedbackEvent):
@@ -297,6 +371,7 @@ def generate_request(
     sampling: Sampling,
     model_version: str | None,
     request_id: str | None,
+    routing_key: str | None,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt=prompt,
@@ -310,11 +385,13 @@ def generate_request(
         ),
         model_version=model_version or "",
         request_id=request_id or "",
+        routing_key=routing_key or "",
     )
 
 
 __all__ = [
     "RATING_SCALES",
+    "TRIAL_MODES",
     "Candidate",
     "Comparison",
     "Correction",
@@ -326,8 +403,10 @@ __all__ = [
     "ModelsResult",
     "Ranking",
     "Rating",
+    "RegistryStateResult",
     "Sampling",
     "SetLiveResult",
     "StatusResult",
+    "TrialInfo",
     "event_to_proto",
 ]

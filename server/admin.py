@@ -1,5 +1,6 @@
-"""The ModelAdmin service: the registry's versions and decisions, this replica's status, SetLive
-and Rollback. Registry calls block (disk, PostgreSQL), so they run in worker threads.
+"""The ModelAdmin service: the registry's versions and decisions, this replica's status, SetLive,
+Rollback, trials and the trainer's pause. Registry calls block (disk, PostgreSQL), so they run in
+worker threads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feedloop import __version__
-from feedloop.core.registry import Decision, ModelRegistry
+from feedloop.core.registry import CANARY, SHADOW, Decision, LivePointer, ModelRegistry, Trial
+from feedloop.core.registry.pointer import valid_share
 from feedloop.server.batcher import Batcher
 from feedloop.server.errors import InvalidArgument
 from feedloop.server.live_model import LiveModel
@@ -24,6 +26,7 @@ from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_DECISIONS = 100
+TRIAL_MODES_PB = {CANARY: pb.TRIAL_MODE_CANARY, SHADOW: pb.TRIAL_MODE_SHADOW}
 
 
 def timestamp(iso: str) -> Timestamp:
@@ -44,9 +47,30 @@ def decision_pb(decision: Decision) -> pb.Decision:
     )
 
 
+def trial_pb(trial: Trial | None) -> pb.Trial | None:
+    if trial is None:
+        return None
+    return pb.Trial(
+        version=trial.version,
+        mode=TRIAL_MODES_PB[trial.mode],
+        share=trial.share,
+        since=timestamp(trial.since),
+        parent_version=trial.parent,
+    )
+
+
+def registry_state_pb(pointer: LivePointer) -> pb.RegistryState:
+    return pb.RegistryState(
+        live_version=pointer.live or "",
+        trial=trial_pb(pointer.trial),
+        trainer_paused=pointer.paused,
+    )
+
+
 def list_models(registry: ModelRegistry, max_decisions: int) -> pb.ListModelsResponse:
     """Blocking: read versions, manifests and history from the registry."""
-    live = registry.live()
+    pointer = registry.pointer()
+    live = pointer.live
     versions = []
     for version in reversed(registry.versions()):
         manifest = registry.manifest(version)
@@ -62,7 +86,13 @@ def list_models(registry: ModelRegistry, max_decisions: int) -> pb.ListModelsRes
             )
         )
     decisions = [decision_pb(d) for d in registry.history(max_decisions)]
-    return pb.ListModelsResponse(versions=versions, live_version=live or "", decisions=decisions)
+    return pb.ListModelsResponse(
+        versions=versions,
+        live_version=live or "",
+        decisions=decisions,
+        trial=trial_pb(pointer.trial),
+        trainer_paused=pointer.paused,
+    )
 
 
 class ModelAdminService(pb_grpc.ModelAdminServicer):
@@ -95,6 +125,7 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerStatus:
         live = self.live_model.live
+        pointer = self.live_model.pointer
         tallies = self.metrics.tallies
         return pb.ServerStatus(
             live_version=live.version if live else "",
@@ -107,6 +138,8 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
             swaps_refused=tallies.swaps_refused,
             queue_depth=self.batcher.queue_depth,
             server_version=__version__,
+            trial=trial_pb(pointer.trial) if pointer else None,
+            trainer_paused=pointer.paused if pointer else False,
         )
 
     @unary("SetLive")
@@ -117,7 +150,10 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
             raise InvalidArgument("version", "required")
         before = await asyncio.to_thread(self.registry.live)
         pointer = await asyncio.to_thread(
-            self.registry.set_live, request.version, reason=request.reason or "set via ModelAdmin"
+            self.registry.set_live,
+            request.version,
+            reason=request.reason or "set via ModelAdmin",
+            expect_live=request.expected_live_version or None,
         )
         return pb.SetLiveResponse(live_version=pointer.live or "", previous_version=before or "")
 
@@ -130,3 +166,49 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
             self.registry.rollback, reason=request.reason or "rollback via ModelAdmin"
         )
         return pb.SetLiveResponse(live_version=pointer.live or "", previous_version=before or "")
+
+    @unary("StartTrial")
+    async def StartTrial(
+        self, request: pb.StartTrialRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegistryState:
+        if not request.version:
+            raise InvalidArgument("version", "required")
+        if not valid_share(request.share):
+            raise InvalidArgument("share", f"must be in [0, 1], got {request.share!r}")
+        if request.mode not in (pb.TRIAL_MODE_UNSPECIFIED, *TRIAL_MODES_PB.values()):
+            raise InvalidArgument("mode", f"unknown trial mode {request.mode}")
+        mode = SHADOW if request.mode == pb.TRIAL_MODE_SHADOW else CANARY
+        pointer = await asyncio.to_thread(
+            self.registry.start_trial,
+            request.version,
+            mode=mode,
+            share=request.share,
+            reason=request.reason or f"{mode} via ModelAdmin",
+            expect_live=request.expected_live_version or None,
+        )
+        return registry_state_pb(pointer)
+
+    @unary("EndTrial")
+    async def EndTrial(
+        self, request: pb.EndTrialRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegistryState:
+        verb = "promoted" if request.promote else "rolled back"
+        pointer = await asyncio.to_thread(
+            self.registry.end_trial,
+            promote=request.promote,
+            reason=request.reason or f"trial {verb} via ModelAdmin",
+            expect_version=request.expected_trial_version or None,
+        )
+        return registry_state_pb(pointer)
+
+    @unary("SetTrainerPaused")
+    async def SetTrainerPaused(
+        self, request: pb.SetTrainerPausedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegistryState:
+        verb = "paused" if request.paused else "resumed"
+        pointer = await asyncio.to_thread(
+            self.registry.set_paused,
+            request.paused,
+            reason=request.reason or f"trainer {verb} via ModelAdmin",
+        )
+        return registry_state_pb(pointer)

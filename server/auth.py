@@ -46,6 +46,9 @@ METHODS: dict[str, tuple[str, bool]] = {
     _PACKAGE + "ModelAdmin/GetStatus": ("admin", False),
     _PACKAGE + "ModelAdmin/SetLive": ("admin", False),
     _PACKAGE + "ModelAdmin/Rollback": ("admin", False),
+    _PACKAGE + "ModelAdmin/StartTrial": ("admin", False),
+    _PACKAGE + "ModelAdmin/EndTrial": ("admin", False),
+    _PACKAGE + "ModelAdmin/SetTrainerPaused": ("admin", False),
 }
 
 

@@ -11,9 +11,11 @@ model process's pipe, so the model never idles while this process turns the prev
 replies. That finishing work (response protos, generation records, resolving the futures with
 a single call into the loop) runs on the model client's reader thread, off the event loop.
 
-Per batch the dispatcher reads the live model once: the batch is served by that one version, and
-a swap lands between batches. Jobs pinned to another version are sent as their own batch with
-that version. Jobs whose deadline passed or that were cancelled are dropped before they are sent.
+Per batch the dispatcher reads the live model and the canary once, and routes each job to one
+version: the one it pins, else the canary for the canary's share of jobs (LiveModel's Canary),
+else the live one. Jobs are sent as one batch per version, so every batch, and so every reply, is
+served by exactly one version, and a swap or a trial's end lands between batches. Jobs whose
+deadline passed or that were cancelled are dropped before they are sent.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from typing import Any
 
 from feedloop.core.policy import SampledOutput, SampleRequest
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.store.base import GenerationRecord
+from feedloop.core.store.base import (
+    SERVED_CANARY,
+    SERVED_LIVE,
+    SERVED_PINNED,
+    GenerationRecord,
+)
 from feedloop.server.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
 from feedloop.server.generation_log import GenerationLog
 from feedloop.server.live_model import LiveModel, LoadedModel
@@ -55,10 +62,12 @@ class GenerateJob:
     request_id: str
     client_id: str
     pinned_version: str | None
+    routing_key: str  # "" for none: a canary split draws at random
     deadline: float | None  # time.monotonic() after which the caller has given up
     future: asyncio.Future[Any] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    served_as: str = SERVED_LIVE  # set when the dispatcher routes it
 
 
 class Batcher:
@@ -208,7 +217,7 @@ class Batcher:
         """Send the batch's live jobs, one group per model version; answer the rest now."""
         now = time.monotonic()
         results: list[tuple[GenerateJob, Any]] = []
-        live = self.live_model.live
+        live, canary = self.live_model.live, self.live_model.canary
         groups: dict[str, tuple[LoadedModel, list[GenerateJob]]] = {}
         for job in batch:
             if job.cancelled or (job.future is not None and job.future.cancelled()):
@@ -220,7 +229,13 @@ class Batcher:
                 continue
             self.metrics.queue_wait.observe(now - job.enqueued_at)
             try:
-                model = self.live_model.get(job.pinned_version) if job.pinned_version else live
+                if job.pinned_version:
+                    model: LoadedModel | None = self.live_model.get(job.pinned_version)
+                    job.served_as = SERVED_PINNED
+                elif canary is not None and canary.serves(job.routing_key):
+                    model, job.served_as = canary.model, SERVED_CANARY
+                else:
+                    model = live
             except ServiceError as exc:
                 results.append((job, exc))
                 continue
@@ -304,10 +319,12 @@ class Batcher:
                 model_version=model.version,
                 client_id=job.client_id,
                 created_at=created_at,
+                served_as=job.served_as,
             )
             reply = generate_reply(
                 job.request_id,
                 model.version,
+                job.served_as,
                 job.params.seed,
                 samples,
                 generation_ids=generation_ids,

@@ -10,6 +10,7 @@ import grpc
 
 from feedloop.core.errors import (
     CheckpointError,
+    LiveChanged,
     RegistryError,
     StoreFullError,
     StoreUnavailableError,
@@ -85,6 +86,9 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, CheckpointError):
         return grpc.StatusCode.FAILED_PRECONDITION, f"checkpoint refused: {exc}"
+    # gRPC's code for a failed compare-and-set: the caller should read again and decide anew.
+    if isinstance(exc, LiveChanged):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, RegistryError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     # A full disk is a capacity problem the operator must fix; RESOURCE_EXHAUSTED tells clients

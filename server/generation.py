@@ -25,6 +25,7 @@ from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_ROUTING_KEY_CHARS = 128
 SEED_BITS = 63  # fits a signed 64-bit column in every store
 
 
@@ -87,6 +88,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             )
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+        if len(request.routing_key) > MAX_ROUTING_KEY_CHARS:
+            raise InvalidArgument("routing_key", f"at most {MAX_ROUTING_KEY_CHARS} characters")
         require_text(request.prompt, "prompt")
         require_text(request.request_id, "request_id")
         params = resolve_params(request, config)
@@ -102,6 +105,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             request_id=request.request_id or secrets.token_hex(16),
             client_id=self.auth.client_id(context),
             pinned_version=pinned,
+            routing_key=request.routing_key,
             deadline=None if remaining_s is None else time.monotonic() + remaining_s,
         )
         return await self.batcher.generate(job)

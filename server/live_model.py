@@ -1,4 +1,5 @@
-"""The live model and its hot swap: load, verify and warm up off the event loop, then swap.
+"""The live model, the canary beside it, and their hot swap: load, verify and warm up off the
+event loop, then swap.
 
 A background thread watches the registry's live pointer. A new live version is loaded in the
 model process (model_client.py) with `load_checkpoint` (which verifies checksums, shapes,
@@ -8,11 +9,18 @@ batcher reads that reference once per batch, so a swap lands between batches and
 served by exactly one version. A checkpoint that fails verification is refused, counted, logged
 and recorded in the registry history; the old version keeps serving. The last `keep_versions`
 versions stay loaded so that requests pinned to a recent version can still be served.
+
+A canary trial's version is loaded and warmed up the same way and published beside the live one
+(`canary`, one reference too); the batcher routes its share of the unpinned requests to it. When
+the trial ends the reference is cleared, and requests already routed to it are still served by
+it: it stays loaded like any recent version. A shadow trial serves nothing and loads nothing here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 from feedloop.core.checkpoint import Manifest
 from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.policy import nonempty_prompt
-from feedloop.core.registry import REFUSED, Decision, ModelRegistry
+from feedloop.core.registry import CANARY, REFUSED, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.tokenizer import Tokenizer
 from feedloop.server.errors import NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
@@ -47,6 +55,24 @@ class LoadedModel:
         return nonempty_prompt(self.tokenizer.encode(prompt))
 
 
+@dataclass(frozen=True)
+class Canary:
+    """The version on canary trial, loaded, and the share of unpinned requests it serves."""
+
+    model: LoadedModel
+    share: float
+
+    def serves(self, routing_key: str) -> bool:
+        """Whether this request goes to the canary: by a stable hash of its routing key (the same
+        key lands on the same side for the whole trial; the version salts the hash, so the same
+        users are not every trial's canaries), or at random without a key."""
+        if not routing_key:
+            return random.random() < self.share
+        salted = f"{self.model.version}\0{routing_key}".encode()
+        draw = int.from_bytes(hashlib.blake2b(salted, digest_size=8).digest(), "big")
+        return draw < self.share * 2**64
+
+
 class LiveModel:
     def __init__(
         self,
@@ -60,10 +86,13 @@ class LiveModel:
         self.model_client = model_client
         self.metrics = metrics
         self.keep_versions = keep_versions
-        self._lock = threading.Lock()  # guards _loaded; _live is swapped by one assignment
+        self._lock = threading.Lock()  # guards _loaded; _live and _canary: one assignment each
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._live: LoadedModel | None = None
-        self._seen: str | None = None  # last live pointer acted on (loaded or refused)
+        self._canary: Canary | None = None
+        self._refused_trial: str | None = None  # a trial version that failed to load, once
+        self._seen: str | None = None  # last live version acted on (loaded or refused)
+        self._pointer: LivePointer | None = None  # the registry's pointer as last read
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()  # held by the watcher while it swaps
         self._thread: threading.Thread | None = None
@@ -73,6 +102,15 @@ class LiveModel:
     @property
     def live(self) -> LoadedModel | None:
         return self._live
+
+    @property
+    def canary(self) -> Canary | None:
+        return self._canary
+
+    @property
+    def pointer(self) -> LivePointer | None:
+        """The registry's pointer as the watcher last read it (None before its first read)."""
+        return self._pointer
 
     def get(self, version: str) -> LoadedModel:
         """A loaded version, for a pinned request; NotFound names what is loaded."""
@@ -90,42 +128,90 @@ class LiveModel:
 
     # -- swapping (background thread; blocking) ------------------------------------------------
 
+    def _load(self, version: str) -> LoadedModel | None:
+        """The version loaded (verified, warmed up) in the model process; None if refused.
+        Raises ServiceError when the model process failed rather than the checkpoint."""
+        with self._lock:
+            model = self._loaded.get(version)
+        if model is not None:
+            return model
+        try:
+            manifest, tokenizer = self.model_client.load(
+                version, self.registry.checkpoint_dir(version)
+            )
+        except (CheckpointError, RegistryError) as exc:
+            self._refuse(version, exc)
+            return None
+        return LoadedModel(version, tokenizer, manifest, time.time())
+
+    def _hold(self, model: LoadedModel) -> None:
+        """Keep model as the most recently used and evict the oldest beyond keep_versions, never
+        the live version or the canary (call after publishing model as either)."""
+        with self._lock:
+            self._loaded[model.version] = model
+            self._loaded.move_to_end(model.version)
+            serving = {model.version, *(m.version for m in self._serving())}
+            evicted = []
+            for version in list(self._loaded):
+                if len(self._loaded) <= self.keep_versions:
+                    break
+                if version not in serving:
+                    del self._loaded[version]
+                    evicted.append(version)
+            loaded = list(self._loaded)
+        for old in evicted:
+            self.model_client.evict(old)
+        self.metrics.set_loaded_versions(loaded)
+
+    def _serving(self) -> list[LoadedModel]:
+        canary = self._canary
+        return [m for m in (self._live, canary.model if canary else None) if m is not None]
+
     def swap_to(self, version: str) -> bool:
         """Load, verify and warm up `version`, then make it live. False if it was refused."""
         previous, self._seen = self._seen, version
         started = time.perf_counter()
-        with self._lock:
-            model = self._loaded.get(version)
+        try:
+            model = self._load(version)
+        except ServiceError as exc:  # the model process failed, not the checkpoint
+            if self._live is None:
+                raise  # at start-up: nothing to fall back on, the server cannot start
+            log.error("could not load model version %s, will retry: %s", version, exc)
+            self._seen = previous
+            return False
         if model is None:
-            try:
-                manifest, tokenizer = self.model_client.load(
-                    version, self.registry.checkpoint_dir(version)
-                )
-            except (CheckpointError, RegistryError) as exc:
-                self._refuse(version, exc)
-                return False
-            except ServiceError as exc:  # the model process failed, not the checkpoint
-                if self._live is None:
-                    raise  # at start-up: nothing to fall back on, the server cannot start
-                log.error("could not load model version %s, will retry: %s", version, exc)
-                self._seen = previous
-                return False
-            model = LoadedModel(version, tokenizer, manifest, time.time())
-        with self._lock:
-            self._loaded[version] = model
-            self._loaded.move_to_end(version)
-            evicted = []
-            while len(self._loaded) > self.keep_versions:
-                evicted.append(self._loaded.popitem(last=False)[0])  # the live one is newest
-            self._live = model
-            loaded = list(self._loaded)
-        for old in evicted:
-            self.model_client.evict(old)
+            return False
+        self._live = model
+        self._hold(model)
         self.metrics.swap_done(version, time.perf_counter() - started)
         self.metrics.set_live(version)
-        self.metrics.set_loaded_versions(loaded)
         log.info("serving model version %s", version)
         return True
+
+    def follow_trial(self, trial: Trial | None) -> None:
+        """Serve the registry's canary trial beside the live version, or stop serving one."""
+        if trial is None or trial.mode != CANARY or trial.version == self._seen:
+            self._canary = None
+            return
+        current = self._canary
+        if current is not None and current.model.version == trial.version:
+            if current.share != trial.share:
+                self._canary = Canary(current.model, trial.share)
+            return
+        if trial.version == self._refused_trial:
+            return
+        try:
+            model = self._load(trial.version)
+        except ServiceError as exc:
+            log.error("could not load canary version %s, will retry: %s", trial.version, exc)
+            return
+        if model is None:
+            self._refused_trial = trial.version
+            self._canary = None
+            return
+        self._canary = Canary(model, trial.share)
+        self._hold(model)
+        log.info("serving model version %s as canary, share %g", model.version, trial.share)
 
     def _refuse(self, version: str, exc: BaseException) -> None:
         self.metrics.swap_refused()
@@ -171,7 +257,7 @@ class LiveModel:
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                version = self.registry.wait_for_change(self._seen, WATCH_TIMEOUT_S)
+                self._pointer = self.registry.wait_for_change(self._pointer, WATCH_TIMEOUT_S)
             except Exception as exc:  # a backend error must not end the watch
                 if self._stop.is_set():
                     return  # the registry was closed under us at shutdown
@@ -181,8 +267,10 @@ class LiveModel:
             with self._swap_lock:
                 if self._stop.is_set():
                     return
+                version = self._pointer.live
                 if version is not None and version != self._seen:
                     self.swap_to(version)
+                self.follow_trial(self._pointer.trial)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop watching; waits for a swap in progress, not for the watch call (a daemon)."""

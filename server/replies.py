@@ -23,6 +23,7 @@ def new_generation_ids(count: int) -> list[str]:
 def generate_reply(
     request_id: str,
     model_version: str,
+    served_as: str,
     seed: int,
     samples: Sequence[SampledOutput],
     *,
@@ -45,4 +46,5 @@ def generate_reply(
             for sample, generation_id, text in zip(samples, generation_ids, texts, strict=True)
         ],
         seed=seed,
+        served_as=served_as,
     )

@@ -34,6 +34,9 @@ class Script:
     stored_events: dict[str, pb.FeedbackEvent] = field(default_factory=dict)
     live_version: str = "v0001"
     previous_versions: list[str] = field(default_factory=list)
+    trial: pb.Trial | None = None
+    routing_keys: list[str] = field(default_factory=list)  # of each Generate request
+    trainer_paused: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -61,6 +64,7 @@ class Generation(_Base, pb_grpc.GenerationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty")
         if request.model_version and request.model_version != self.script.live_version:
             context.abort(grpc.StatusCode.NOT_FOUND, f"model_version {request.model_version!r}")
+        self.script.routing_keys.append(request.routing_key)
         words = request.prompt.split()
         candidates = [
             pb.Candidate(
@@ -77,6 +81,7 @@ class Generation(_Base, pb_grpc.GenerationServicer):
             model_version=self.script.live_version,
             candidates=candidates,
             seed=request.sampling.seed or 42,
+            served_as="pinned" if request.model_version else "live",
         )
 
 
@@ -136,12 +141,18 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
         )
         decision.at.GetCurrentTime()
         return pb.ListModelsResponse(
-            versions=versions, live_version=self.script.live_version, decisions=[decision]
+            versions=versions,
+            live_version=self.script.live_version,
+            decisions=[decision],
+            trial=self.script.trial,
+            trainer_paused=self.script.trainer_paused,
         )
 
     def GetStatus(self, request, context):
         self._enter("GetStatus", context)
         return pb.ServerStatus(
+            trial=self.script.trial,
+            trainer_paused=self.script.trainer_paused,
             live_version=self.script.live_version,
             loaded_versions=[self.script.live_version],
             uptime_s=1.5,
@@ -154,6 +165,9 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
         self._enter("SetLive", context)
         if request.version not in ("v0001", "v0002"):
             context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version!r} is unknown")
+        expected = request.expected_live_version
+        if expected and expected != self.script.live_version:
+            context.abort(grpc.StatusCode.ABORTED, f"expected live version {expected!r}")
         previous = self.script.live_version
         self.script.previous_versions.append(previous)
         self.script.live_version = request.version
@@ -166,6 +180,43 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
         previous = self.script.live_version
         self.script.live_version = self.script.previous_versions.pop()
         return pb.SetLiveResponse(live_version=self.script.live_version, previous_version=previous)
+
+    def _state(self) -> pb.RegistryState:
+        return pb.RegistryState(
+            live_version=self.script.live_version,
+            trial=self.script.trial,
+            trainer_paused=self.script.trainer_paused,
+        )
+
+    def StartTrial(self, request, context):
+        self._enter("StartTrial", context)
+        if not 0 <= request.share <= 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "share: must be in [0, 1]")
+        if self.script.trial is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a trial is already running")
+        self.script.trial = pb.Trial(
+            version=request.version,
+            mode=request.mode or pb.TRIAL_MODE_CANARY,
+            share=request.share,
+            parent_version=self.script.live_version,
+        )
+        self.script.trial.since.GetCurrentTime()
+        return self._state()
+
+    def EndTrial(self, request, context):
+        self._enter("EndTrial", context)
+        if self.script.trial is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no trial is running")
+        if request.promote:
+            self.script.previous_versions.append(self.script.live_version)
+            self.script.live_version = self.script.trial.version
+        self.script.trial = None
+        return self._state()
+
+    def SetTrainerPaused(self, request, context):
+        self._enter("SetTrainerPaused", context)
+        self.script.trainer_paused = request.paused
+        return self._state()
 
 
 class FakeServer:

@@ -13,7 +13,16 @@ from client_fake_server import FakeServer
 from feedloop.client import commands
 from feedloop.client.cli import main as feedloop_main
 
-COMMANDS = ["generate", "feedback", "models", "status", "set-live", "rollback"]
+COMMANDS = [
+    "generate",
+    "feedback",
+    "models",
+    "status",
+    "set-live",
+    "rollback",
+    "canary",
+    "trainer",
+]
 
 
 @pytest.fixture
@@ -114,6 +123,43 @@ def test_models_status_set_live_and_rollback_print_tables_and_json(capsys, fake)
     assert [v["version"] for v in versions if v["live"]] == ["v0001"]
 
 
+def test_canary_and_trainer_commands_change_the_registry_state(capsys, fake):
+    target = ("--target", fake.target)
+    code, out, _ = run(capsys, "canary", "start", "v0002", "--share", "0.1", *target)
+    assert code == 0 and out.startswith("live: v0001  trial: v0002 (canary 0.1, since ")
+    code, out, _ = run(capsys, "models", *target)
+    assert "trial: v0002 (canary 0.1" in out
+    code, out, _ = run(capsys, "status", *target)
+    assert "v0002 (canary 0.1" in out
+    code, out, _ = run(capsys, "canary", "promote", "--reason", "as good", "--json", *target)
+    assert code == 0
+    assert json.loads(out) == {"live_version": "v0002", "trial": None, "trainer_paused": False}
+    code, out, _ = run(capsys, "canary", "start", "v0001", "--share", "0.3", "--shadow", *target)
+    assert code == 0 and "trial: v0001 (shadow 0.3" in out
+    code, out, _ = run(capsys, "canary", "rollback", *target)
+    assert (code, out.strip()) == (0, "live: v0002  trial: none")
+    code, out, _ = run(capsys, "trainer", "pause", "--reason", "incident", *target)
+    assert (code, out.strip()) == (0, "live: v0002  trial: none  trainer: paused")
+    code, out, _ = run(capsys, "trainer", "resume", *target)
+    assert (code, out.strip()) == (0, "live: v0002  trial: none")
+    assert fake.script.calls[-1] == "SetTrainerPaused"
+
+
+def test_canary_refusals_exit_5_and_bad_flags_exit_2(capsys, fake):
+    target = ("--target", fake.target)
+    code, _, err = run(capsys, "canary", "rollback", *target)
+    assert code == 5
+    assert_one_line_error(err, "FAILED_PRECONDITION", "no trial")
+    code, _, err = run(capsys, "canary", "start", "v0002", "--share", "2", *target)
+    assert code == 5
+    assert_one_line_error(err, "INVALID_ARGUMENT", "share")
+    code, _, err = run(capsys, "set-live", "v0002", "--expect-live", "v0002", *target)
+    assert code == 5
+    assert_one_line_error(err, "ABORTED", "v0002")
+    assert run(capsys, "canary", "start", "v0002", *target)[0] == 2  # --share is required
+    assert run(capsys, "trainer", "stop", *target)[0] == 2
+
+
 def assert_one_line_error(err: str, *fragments: str) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err
     for fragment in fragments:
@@ -175,6 +221,7 @@ def test_exit_code_table_covers_the_documented_codes():
         grpc.StatusCode.DEADLINE_EXCEEDED: 3,
         grpc.StatusCode.NOT_FOUND: 4,
         grpc.StatusCode.INVALID_ARGUMENT: 5,
+        grpc.StatusCode.ABORTED: 5,
         grpc.StatusCode.UNAUTHENTICATED: 6,
         grpc.StatusCode.PERMISSION_DENIED: 6,
         grpc.StatusCode.INTERNAL: 1,

@@ -174,6 +174,39 @@ def test_admin_calls_return_typed_results(client, fake):
     assert (back.live_version, back.previous_version) == ("v0001", "v0002")
 
 
+def test_trial_and_pause_calls_return_the_registry_state(client, fake):
+    state = client.start_trial("v0002", share=0.2, mode="shadow", reason="try")
+    assert state.live_version == "v0001" and state.trainer_paused is False
+    assert state.trial is not None
+    assert (state.trial.version, state.trial.mode, state.trial.share) == ("v0002", "shadow", 0.2)
+    assert state.trial.parent_version == "v0001" and state.trial.since is not None
+    assert client.status().trial == state.trial and client.list_models().trial == state.trial
+    with pytest.raises(FeedloopClientError) as raised:
+        client.start_trial("v0002", share=0.2)
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    promoted = client.end_trial(promote=True)
+    assert (promoted.live_version, promoted.trial) == ("v0002", None)
+    assert client.set_trainer_paused(True).trainer_paused is True
+    assert client.list_models().trainer_paused is True
+    with pytest.raises(FeedloopClientError) as raised:
+        client.start_trial("v0002", share=0.2, mode="split")  # refused before any call
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fake.script.calls.count("StartTrial") == 2
+
+
+def test_set_live_with_an_expected_live_version_is_aborted_when_it_changed(client, fake):
+    with pytest.raises(FeedloopClientError) as raised:
+        client.set_live("v0002", expected_live_version="v0002")
+    assert raised.value.code == grpc.StatusCode.ABORTED
+    assert client.set_live("v0002", expected_live_version="v0001").live_version == "v0002"
+
+
+def test_generate_sends_the_routing_key_and_reads_served_as(client, fake):
+    result = client.generate("sea", routing_key="user-7")
+    assert fake.script.routing_keys == ["user-7"]
+    assert result.served_as == "live"
+
+
 def test_health_check_speaks_grpc_health_v1(client, fake):
     assert client.health() == "SERVING"
     fake.health.set("feedloop.v1.Generation", 2)  # NOT_SERVING
@@ -262,6 +295,10 @@ async def test_async_client_raises_codes_and_admin_calls_work(fake):
         assert (await client.status()).live_version == "v0002"
         assert (await client.rollback()).live_version == "v0001"
         assert await client.health() == "SERVING"
+        started = await client.start_trial("v0002", share=0.5, expected_live_version="v0001")
+        assert started.trial is not None and started.trial.mode == "canary"
+        assert (await client.end_trial(promote=False)).trial is None
+        assert (await client.set_trainer_paused(True)).trainer_paused is True
 
 
 async def test_async_submit_many_survives_a_broken_stream(fake):

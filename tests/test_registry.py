@@ -9,7 +9,14 @@ import pytest
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.errors import RegistryError, UnknownVersionError
-from feedloop.core.registry import PUBLISHED, REFUSED, Decision, DirectoryRegistry, open_registry
+from feedloop.core.registry import (
+    PUBLISHED,
+    REFUSED,
+    Decision,
+    DirectoryRegistry,
+    LivePointer,
+    open_registry,
+)
 
 
 def test_publish_lists_and_loads_versions_in_order(tiny_checkpoint, tmp_path):
@@ -60,11 +67,12 @@ def test_unknown_versions_are_refused(tiny_checkpoint, tmp_path):
 def test_wait_for_change_wakes_on_a_new_live_version(tiny_checkpoint, tmp_path):
     reg = DirectoryRegistry(tmp_path / "reg", poll_interval_s=0.02)
     v1 = reg.publish(tiny_checkpoint, make_live=True)
-    assert reg.wait_for_change(v1, timeout_s=0.05) == v1
+    seen = reg.pointer()
+    assert reg.wait_for_change(seen, timeout_s=0.05).live == v1
     v2 = reg.publish(tiny_checkpoint)
     threading.Timer(0.1, lambda: DirectoryRegistry(tmp_path / "reg").set_live(v2)).start()
     started = time.monotonic()
-    assert reg.wait_for_change(v1, timeout_s=5) == v2
+    assert reg.wait_for_change(seen, timeout_s=5).live == v2
     assert time.monotonic() - started < 2
 
 
@@ -109,3 +117,12 @@ def test_a_publish_killed_at_any_instant_leaves_the_registry_valid(
     for version in after.versions():
         load_checkpoint(after.checkpoint_dir(version))  # every listed version is whole
     assert after.publish(tiny_checkpoint) == f"v{len(after.versions()):04d}"
+
+
+def test_a_live_file_from_before_trials_reads_as_no_trial_and_not_paused(tiny_checkpoint, tmp_path):
+    reg = DirectoryRegistry(tmp_path / "reg")
+    reg.publish(tiny_checkpoint)
+    reg.publish(tiny_checkpoint)
+    (tmp_path / "reg" / "LIVE").write_text('{"live": "v0002", "previous": ["v0001"]}')
+    assert reg.pointer() == LivePointer("v0002", ("v0001",))
+    assert reg.start_trial("v0001", share=0.5).trial is not None

@@ -129,6 +129,15 @@ def test_records_round_trip_every_field(store: ReplayStore) -> None:
     assert stored_event == dataclasses.replace(event, seq=stored_event.seq)
 
 
+def test_why_each_generation_was_served_is_stored(store: ReplayStore) -> None:
+    reasons = {"g1": "live", "g2": "canary", "g3": "pinned"}
+    store.append_generations(
+        [dataclasses.replace(generation(gid), served_as=why) for gid, why in reasons.items()]
+    )
+    stored = store.get_generations(list(reasons))
+    assert {gid: record.served_as for gid, record in stored.items()} == reasons
+
+
 def test_awkward_ids_text_and_floats_round_trip_exactly(store: ReplayStore) -> None:
     # Characters that array literals, JSON or SQL treat specially, and floats whose last digit
     # a lossy encoding would change.

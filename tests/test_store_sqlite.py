@@ -70,6 +70,32 @@ def test_sqlite_old_schema_is_migrated_in_place(tmp_path: Path) -> None:
     assert "generations_model_version" in indexes
 
 
+def test_rows_from_before_served_as_read_back_with_it_unrecorded(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    old = SQLITE_MIGRATIONS[:3]
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statements in old:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (3)")
+    conn.execute(
+        "INSERT INTO generations (generation_id, request_id, prompt, prompt_ids, output_ids, "
+        "behaviour_logprobs, policy_logprobs, finished, text, sampling, model_version, "
+        "client_id, created_at, candidate_index, num_candidates) "
+        "VALUES ('old', 'r', 'p', '[1]', '[2]', '[-0.5]', '[-0.5]', 1, 't', '{}', 'v0001', "
+        "'c', 1.0, 0, 1)"
+    )
+    conn.close()
+    store = SQLiteStore(path)
+    try:
+        assert store.get_generations(["old"])["old"].served_as == ""
+        store.append_generations([generation("new")])
+        assert store.get_generations(["new"])["new"].served_as == "live"
+    finally:
+        store.close()
+
+
 def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
     SQLiteStore(path).close()

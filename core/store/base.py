@@ -28,6 +28,17 @@ if TYPE_CHECKING:  # both import torch, which reading and writing records never 
     from feedloop.core.sampling import SamplingParams
 
 
+# Why a generation's model version served it (GenerationRecord.served_as): the live version, the
+# version on canary trial for its share of the traffic, the version the request named, or
+# (reserved) an exploration policy. Stored rows from before it was recorded hold "".
+SERVED_LIVE, SERVED_CANARY, SERVED_PINNED, SERVED_EXPLORATION = (
+    "live",
+    "canary",
+    "pinned",
+    "exploration",
+)
+
+
 @dataclass(frozen=True)
 class GenerationRecord:
     """One served candidate, with everything off-policy learning needs."""
@@ -51,6 +62,7 @@ class GenerationRecord:
     created_at: float  # Unix seconds
     candidate_index: int = 0
     num_candidates: int = 1
+    served_as: str = SERVED_LIVE  # one of the SERVED_* reasons
     seq: int = 0  # assigned by the store; 0 before it is stored
 
     @classmethod
@@ -67,6 +79,7 @@ class GenerationRecord:
         model_version: str,
         client_id: str,
         created_at: float,
+        served_as: str = SERVED_LIVE,
     ) -> list[GenerationRecord]:
         """The records of one request's candidates, one per sample, in the samples' order."""
         sampling = params.to_dict()
@@ -87,6 +100,7 @@ class GenerationRecord:
                 created_at=created_at,
                 candidate_index=index,
                 num_candidates=len(samples),
+                served_as=served_as,
             )
             for index, (sample, generation_id, text) in enumerate(
                 zip(samples, generation_ids, texts, strict=True)

@@ -67,6 +67,7 @@ def _generation_params(record: GenerationRecord) -> tuple[Any, ...]:
         record.created_at,
         record.candidate_index,
         record.num_candidates,
+        record.served_as,
     )
 
 

@@ -74,6 +74,8 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE feedback_index (indexed_upto INTEGER NOT NULL)",
         "INSERT INTO feedback_index (indexed_upto) SELECT COALESCE(MAX(seq), 0) FROM feedback",
     ),
+    # 4: why each generation's version served it (live, canary, pinned); "" for older rows.
+    ("ALTER TABLE generations ADD COLUMN served_as TEXT NOT NULL DEFAULT ''",),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -117,6 +119,7 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # the same on its own (new entries go to a pending list, merged in bulk), as long as
     # fastupdate is on: the default, made explicit so no one turns it off unawares.
     ("ALTER INDEX feedback_generation_ids SET (fastupdate = on)",),
+    ("ALTER TABLE generations ADD COLUMN served_as TEXT NOT NULL DEFAULT ''",),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -140,6 +143,7 @@ GENERATION_COLUMNS: tuple[str, ...] = (
     "created_at",
     "candidate_index",
     "num_candidates",
+    "served_as",
 )
 FEEDBACK_COLUMNS: tuple[str, ...] = (
     "event_id",

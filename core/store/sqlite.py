@@ -72,6 +72,7 @@ def _generation_row(record: GenerationRecord) -> tuple[Any, ...]:
         record.created_at,
         record.candidate_index,
         record.num_candidates,
+        record.served_as,
     )
 
 
@@ -117,7 +118,7 @@ def _feedback_from_row(row: Sequence[Any]) -> FeedbackRecord:
 
 _GEN_SELECT = "SELECT seq, " + ", ".join(GENERATION_COLUMNS) + " FROM generations"
 _FB_SELECT = "SELECT seq, " + ", ".join(FEEDBACK_COLUMNS) + " FROM feedback"
-# Rows per multi-row INSERT: at most 500 x 15 bound parameters, under SQLite's limit (32766).
+# Rows per multi-row INSERT: at most 500 x 16 bound parameters, under SQLite's limit (32766).
 _INSERT_CHUNK_ROWS = 500
 
 

@@ -79,6 +79,29 @@ FEEDBACK_OUTCOME_DUPLICATE: FeedbackOutcome.ValueType  # 2
 """An event with this event_id was stored before; nothing new was written."""
 Global___FeedbackOutcome: _TypeAlias = FeedbackOutcome  # noqa: Y015
 
+class _TrialMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrialModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrialMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRIAL_MODE_UNSPECIFIED: _TrialMode.ValueType  # 0
+    """Not given: CANARY."""
+    TRIAL_MODE_CANARY: _TrialMode.ValueType  # 1
+    """Serves `share` of the requests not pinned to a version; the live version serves the rest."""
+    TRIAL_MODE_SHADOW: _TrialMode.ValueType  # 2
+    """Serves nothing: scores `share` of the live version's candidates with the trial version."""
+
+class TrialMode(_TrialMode, metaclass=_TrialModeEnumTypeWrapper): ...
+
+TRIAL_MODE_UNSPECIFIED: TrialMode.ValueType  # 0
+"""Not given: CANARY."""
+TRIAL_MODE_CANARY: TrialMode.ValueType  # 1
+"""Serves `share` of the requests not pinned to a version; the live version serves the rest."""
+TRIAL_MODE_SHADOW: TrialMode.ValueType  # 2
+"""Serves nothing: scores `share` of the live version's candidates with the trial version."""
+Global___TrialMode: _TypeAlias = TrialMode  # noqa: Y015
+
 @_typing.final
 class SamplingParams(_message.Message):
     """How the server samples. Zero values mean "use the server's default" for every field, so an
@@ -135,6 +158,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Free text; typically one to three keywords ("ocean sunrise"). Set by the client app."""
     num_candidates: _builtins.int
@@ -145,6 +169,11 @@ class GenerateRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional idempotency/tracing id chosen by the client; the server makes one if empty."""
+    routing_key: _builtins.str
+    """Optional: while a canary trial runs, requests with the same routing key are served by the
+    same side of the split (a stable hash of the key picks it), so a user sticks to one version.
+    Empty: each request is drawn at random. Ignored when model_version is set.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     def __init__(
@@ -155,10 +184,11 @@ class GenerateRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         model_version: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        routing_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "num_candidates", b"num_candidates", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "num_candidates", b"num_candidates", "prompt", b"prompt", "request_id", b"request_id", "routing_key", b"routing_key", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,12 +242,17 @@ class GenerateResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    SERVED_AS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The client's request_id, or the one the server made."""
     model_version: _builtins.str
     """The one model version that produced every candidate in this reply."""
     seed: _builtins.int
     """The seed actually used (the client's, or the one the server picked)."""
+    served_as: _builtins.str
+    """Why model_version served this request: "live" (the live version), "canary" (the version on
+    canary trial, for its share of the traffic) or "pinned" (the request named model_version).
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]: ...
     def __init__(
@@ -227,10 +262,11 @@ class GenerateResponse(_message.Message):
         model_version: _builtins.str = ...,
         candidates: _abc.Iterable[Global___Candidate] | None = ...,
         seed: _builtins.int = ...,
+        served_as: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "model_version", b"model_version", "request_id", b"request_id", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "model_version", b"model_version", "request_id", b"request_id", "seed", b"seed", "served_as", b"served_as"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,6 +441,75 @@ class FeedbackAck(_message.Message):
 Global___FeedbackAck: _TypeAlias = FeedbackAck  # noqa: Y015
 
 @_typing.final
+class Trial(_message.Message):
+    """A version on trial beside the live one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    mode: Global___TrialMode.ValueType
+    share: _builtins.float
+    """The share of traffic it serves (canary) or scores (shadow), in [0, 1]."""
+    parent_version: _builtins.str
+    """The live version when the trial started: the one it is compared with."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When the trial started."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        mode: Global___TrialMode.ValueType = ...,
+        share: _builtins.float = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        parent_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "parent_version", b"parent_version", "share", b"share", "since", b"since", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trial: _TypeAlias = Trial  # noqa: Y015
+
+@_typing.final
+class RegistryState(_message.Message):
+    """The registry's live pointer: what serves, and whether the trainer may publish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_VERSION_FIELD_NUMBER: _builtins.int
+    TRIAL_FIELD_NUMBER: _builtins.int
+    TRAINER_PAUSED_FIELD_NUMBER: _builtins.int
+    live_version: _builtins.str
+    trainer_paused: _builtins.bool
+    """True while an operator has paused the trainer's publication."""
+    @_builtins.property
+    def trial(self) -> Global___Trial:
+        """The version on trial; unset when none is."""
+
+    def __init__(
+        self,
+        *,
+        live_version: _builtins.str = ...,
+        trial: Global___Trial | None = ...,
+        trainer_paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trial", b"trial"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_version", b"live_version", "trainer_paused", b"trainer_paused", "trial", b"trial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegistryState: _TypeAlias = RegistryState  # noqa: Y015
+
+@_typing.final
 class ModelVersion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -458,7 +563,9 @@ class Decision(_message.Message):
     DETAILS_JSON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     action: _builtins.str
-    """"published", "promoted", "refused", "rolled_back"."""
+    """"published", "promoted", "refused", "rolled_back", "canary", "shadow" (a trial started),
+    "paused", "resumed" (the trainer's publication).
+    """
     reason: _builtins.str
     details_json: _builtins.str
     """Figures behind the decision (gate metrics), as JSON."""
@@ -508,21 +615,31 @@ class ListModelsResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     LIVE_VERSION_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
+    TRIAL_FIELD_NUMBER: _builtins.int
+    TRAINER_PAUSED_FIELD_NUMBER: _builtins.int
     live_version: _builtins.str
+    trainer_paused: _builtins.bool
+    """True while an operator has paused the trainer's publication."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]: ...
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]: ...
+    @_builtins.property
+    def trial(self) -> Global___Trial:
+        """The version on trial in the registry; unset when none is."""
+
     def __init__(
         self,
         *,
         versions: _abc.Iterable[Global___ModelVersion] | None = ...,
         live_version: _builtins.str = ...,
         decisions: _abc.Iterable[Global___Decision] | None = ...,
+        trial: Global___Trial | None = ...,
+        trainer_paused: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trial", b"trial"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "live_version", b"live_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "live_version", b"live_version", "trainer_paused", b"trainer_paused", "trial", b"trial", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,6 +674,8 @@ class ServerStatus(_message.Message):
     SWAPS_REFUSED_FIELD_NUMBER: _builtins.int
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    TRIAL_FIELD_NUMBER: _builtins.int
+    TRAINER_PAUSED_FIELD_NUMBER: _builtins.int
     live_version: _builtins.str
     uptime_s: _builtins.float
     generations_served: _builtins.int
@@ -567,9 +686,19 @@ class ServerStatus(_message.Message):
     queue_depth: _builtins.int
     """Requests waiting for the batcher now."""
     server_version: _builtins.str
+    trainer_paused: _builtins.bool
+    """True while an operator has paused the trainer's publication (as this replica last read the
+    registry).
+    """
     @_builtins.property
     def loaded_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Versions held in memory (the live one and the last few, for pinned requests)."""
+
+    @_builtins.property
+    def trial(self) -> Global___Trial:
+        """The trial this replica serves beside the live version (as it last read the registry);
+        unset when none.
+        """
 
     def __init__(
         self,
@@ -584,10 +713,12 @@ class ServerStatus(_message.Message):
         swaps_refused: _builtins.int = ...,
         queue_depth: _builtins.int = ...,
         server_version: _builtins.str = ...,
+        trial: Global___Trial | None = ...,
+        trainer_paused: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trial", b"trial"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feedback_accepted", b"feedback_accepted", "feedback_duplicates", b"feedback_duplicates", "generations_served", b"generations_served", "live_version", b"live_version", "loaded_versions", b"loaded_versions", "queue_depth", b"queue_depth", "server_version", b"server_version", "swaps_refused", b"swaps_refused", "swaps_succeeded", b"swaps_succeeded", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feedback_accepted", b"feedback_accepted", "feedback_duplicates", b"feedback_duplicates", "generations_served", b"generations_served", "live_version", b"live_version", "loaded_versions", b"loaded_versions", "queue_depth", b"queue_depth", "server_version", b"server_version", "swaps_refused", b"swaps_refused", "swaps_succeeded", b"swaps_succeeded", "trainer_paused", b"trainer_paused", "trial", b"trial", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,18 +730,24 @@ class SetLiveRequest(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_LIVE_VERSION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     reason: _builtins.str
     """Why, recorded in the registry history."""
+    expected_live_version: _builtins.str
+    """Optional compare-and-set: make the change only if this is the live version now, else ABORTED
+    (someone changed it since the caller looked) and nothing changes. Empty: no check.
+    """
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         reason: _builtins.str = ...,
+        expected_live_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_live_version", b"expected_live_version", "reason", b"reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,3 +795,96 @@ class SetLiveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetLiveResponse: _TypeAlias = SetLiveResponse  # noqa: Y015
+
+@_typing.final
+class StartTrialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_LIVE_VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """A published version that is not live."""
+    mode: Global___TrialMode.ValueType
+    share: _builtins.float
+    """The share of traffic, in [0, 1]: served by a canary, scored by a shadow."""
+    reason: _builtins.str
+    """Why, recorded in the registry history."""
+    expected_live_version: _builtins.str
+    """Optional compare-and-set: start only if this is the live version now, else ABORTED.
+    Empty: no check.
+    """
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        mode: Global___TrialMode.ValueType = ...,
+        share: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        expected_live_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_live_version", b"expected_live_version", "mode", b"mode", "reason", b"reason", "share", b"share", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartTrialRequest: _TypeAlias = StartTrialRequest  # noqa: Y015
+
+@_typing.final
+class EndTrialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMOTE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_TRIAL_VERSION_FIELD_NUMBER: _builtins.int
+    promote: _builtins.bool
+    """True: the trial's version becomes live (the old live version can be rolled back to).
+    False: the trial is rolled back and the live version keeps serving everything.
+    """
+    reason: _builtins.str
+    """Why, recorded in the registry history."""
+    expected_trial_version: _builtins.str
+    """Optional compare-and-set: end the trial only if this version is on trial, else ABORTED.
+    Empty: no check.
+    """
+    def __init__(
+        self,
+        *,
+        promote: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_trial_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_trial_version", b"expected_trial_version", "promote", b"promote", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndTrialRequest: _TypeAlias = EndTrialRequest  # noqa: Y015
+
+@_typing.final
+class SetTrainerPausedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAUSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    paused: _builtins.bool
+    """True: the trainer publishes nothing until resumed. False: it publishes again."""
+    reason: _builtins.str
+    """Why, recorded in the registry history."""
+    def __init__(
+        self,
+        *,
+        paused: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused", b"paused", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTrainerPausedRequest: _TypeAlias = SetTrainerPausedRequest  # noqa: Y015

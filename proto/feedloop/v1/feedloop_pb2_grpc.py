@@ -276,6 +276,21 @@ class ModelAdminStub:
                 request_serializer=feedloop_dot_v1_dot_feedloop__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.SetLiveResponse.FromString,
                 _registered_method=True)
+        self.StartTrial = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/StartTrial',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.StartTrialRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+                _registered_method=True)
+        self.EndTrial = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/EndTrial',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.EndTrialRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+                _registered_method=True)
+        self.SetTrainerPaused = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/SetTrainerPaused',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -313,6 +328,32 @@ class ModelAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartTrial(self, request, context):
+        """Put a published version on trial beside the live one (one trial at a time): a canary serves
+        a share of the requests not pinned to a version, a shadow serves nothing and scores a share
+        of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
+        an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+        ABORTED when expected_live_version is not live. A refused call changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndTrial(self, request, context):
+        """End the trial: promote its version to live, or roll it back (live unchanged).
+        FAILED_PRECONDITION when no trial runs; ABORTED when expected_trial_version is not on trial.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrainerPaused(self, request, context):
+        """Pause or resume the trainer's publication of new versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +376,21 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.RollbackRequest.FromString,
                     response_serializer=feedloop_dot_v1_dot_feedloop__pb2.SetLiveResponse.SerializeToString,
+            ),
+            'StartTrial': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartTrial,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.StartTrialRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.SerializeToString,
+            ),
+            'EndTrial': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndTrial,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.EndTrialRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.SerializeToString,
+            ),
+            'SetTrainerPaused': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrainerPaused,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +505,87 @@ class ModelAdmin:
             '/feedloop.v1.ModelAdmin/Rollback',
             feedloop_dot_v1_dot_feedloop__pb2.RollbackRequest.SerializeToString,
             feedloop_dot_v1_dot_feedloop__pb2.SetLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartTrial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/StartTrial',
+            feedloop_dot_v1_dot_feedloop__pb2.StartTrialRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndTrial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/EndTrial',
+            feedloop_dot_v1_dot_feedloop__pb2.EndTrialRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrainerPaused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/SetTrainerPaused',
+            feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
             options,
             channel_credentials,
             insecure,

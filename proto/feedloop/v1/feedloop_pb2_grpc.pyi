@@ -161,6 +161,19 @@ class ModelAdminStub:
     """Make a published version live (the server loads, verifies and swaps it in)."""
     Rollback: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.RollbackRequest, _feedloop_pb2.SetLiveResponse]
     """Make the previously live version live again."""
+    StartTrial: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.StartTrialRequest, _feedloop_pb2.RegistryState]
+    """Put a published version on trial beside the live one (one trial at a time): a canary serves
+    a share of the requests not pinned to a version, a shadow serves nothing and scores a share
+    of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
+    an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+    ABORTED when expected_live_version is not live. A refused call changes nothing.
+    """
+    EndTrial: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.EndTrialRequest, _feedloop_pb2.RegistryState]
+    """End the trial: promote its version to live, or roll it back (live unchanged).
+    FAILED_PRECONDITION when no trial runs; ABORTED when expected_trial_version is not on trial.
+    """
+    SetTrainerPaused: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.SetTrainerPausedRequest, _feedloop_pb2.RegistryState]
+    """Pause or resume the trainer's publication of new versions."""
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -178,6 +191,19 @@ class ModelAdminAsyncStub(ModelAdminStub):
     """Make a published version live (the server loads, verifies and swaps it in)."""
     Rollback: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.RollbackRequest, _feedloop_pb2.SetLiveResponse]  # type: ignore[assignment]
     """Make the previously live version live again."""
+    StartTrial: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.StartTrialRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
+    """Put a published version on trial beside the live one (one trial at a time): a canary serves
+    a share of the requests not pinned to a version, a shadow serves nothing and scores a share
+    of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
+    an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+    ABORTED when expected_live_version is not live. A refused call changes nothing.
+    """
+    EndTrial: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.EndTrialRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
+    """End the trial: promote its version to live, or roll it back (live unchanged).
+    FAILED_PRECONDITION when no trial runs; ABORTED when expected_trial_version is not on trial.
+    """
+    SetTrainerPaused: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.SetTrainerPausedRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
+    """Pause or resume the trainer's publication of new versions."""
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
     """----------------------------------------------------------------------------------------------
@@ -216,5 +242,36 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.SetLiveResponse, _abc.Awaitable[_feedloop_pb2.SetLiveResponse]]:
         """Make the previously live version live again."""
+
+    @_abc_1.abstractmethod
+    def StartTrial(
+        self,
+        request: _feedloop_pb2.StartTrialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.RegistryState, _abc.Awaitable[_feedloop_pb2.RegistryState]]:
+        """Put a published version on trial beside the live one (one trial at a time): a canary serves
+        a share of the requests not pinned to a version, a shadow serves nothing and scores a share
+        of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
+        an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+        ABORTED when expected_live_version is not live. A refused call changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def EndTrial(
+        self,
+        request: _feedloop_pb2.EndTrialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.RegistryState, _abc.Awaitable[_feedloop_pb2.RegistryState]]:
+        """End the trial: promote its version to live, or roll it back (live unchanged).
+        FAILED_PRECONDITION when no trial runs; ABORTED when expected_trial_version is not on trial.
+        """
+
+    @_abc_1.abstractmethod
+    def SetTrainerPaused(
+        self,
+        request: _feedloop_pb2.SetTrainerPausedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.RegistryState, _abc.Awaitable[_feedloop_pb2.RegistryState]]:
+        """Pause or resume the trainer's publication of new versions."""
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
