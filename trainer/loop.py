@@ -97,6 +97,7 @@ class Trainer:
         metrics: TrainerMetrics | None = None,
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
@@ -104,6 +105,7 @@ class Trainer:
         self.metrics = metrics or TrainerMetrics()
         self.stop = stop or threading.Event()
         self.log = log
+        self.clock = clock  # Unix seconds: the join window and the trials' ages are read on it
         self.algorithm = make_algorithm(config)
         self._policies: dict[str, Policy] = {}
         self._gate: Gate | None = None
@@ -200,7 +202,7 @@ class Trainer:
         cursor = self.cursor(live)
         round_number = cursor.rounds + 1
         seed = c.seed + round_number
-        window = read_window(self.store, cursor, c, now=time.time(), live_version=live, seed=seed)
+        window = read_window(self.store, cursor, c, now=self.clock(), live_version=live, seed=seed)
         figures: dict[str, Any] = {
             "round": round_number,
             "live_version": live,
