@@ -74,6 +74,8 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE feedback_index (indexed_upto INTEGER NOT NULL)",
         "INSERT INTO feedback_index (indexed_upto) SELECT COALESCE(MAX(seq), 0) FROM feedback",
     ),
+    # 4: the online report (online_outcomes) reads the feedback received in a time range.
+    ("CREATE INDEX feedback_received_at ON feedback (received_at)",),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -117,6 +119,7 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # the same on its own (new entries go to a pending list, merged in bulk), as long as
     # fastupdate is on: the default, made explicit so no one turns it off unawares.
     ("ALTER INDEX feedback_generation_ids SET (fastupdate = on)",),
+    ("CREATE INDEX feedback_received_at ON feedback (received_at)",),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
