@@ -29,6 +29,7 @@ from tqdm import tqdm
 from feedloop.core.checkpoint import TOKENIZER, WEIGHTS, Manifest, write_manifest
 from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.postgres import Pool
+from feedloop.core.registry import LivePointer
 from feedloop.core.registry.postgres import PostgresRegistry
 
 
@@ -59,7 +60,7 @@ def wake_latencies_ms(url: str, rounds: int, tmp: Path) -> list[float]:
     try:
         publisher.publish(fake_checkpoint(tmp / "a", 1), make_live=True)
         publisher.publish(fake_checkpoint(tmp / "b", 2))
-        seen = watcher.live()
+        seen = watcher.pointer()
         latencies: list[float] = []
         for i in tqdm(range(rounds), desc="set_live -> wake", file=sys.stderr):
             target = ("v0002", "v0001")[i % 2]
@@ -67,7 +68,7 @@ def wake_latencies_ms(url: str, rounds: int, tmp: Path) -> list[float]:
             waiting = threading.Event()
 
             def wait(
-                last_seen: str | None = seen,
+                last_seen: LivePointer = seen,
                 out: list[float] = woke_at,
                 waiting: threading.Event = waiting,
             ) -> None:
@@ -80,10 +81,9 @@ def wake_latencies_ms(url: str, rounds: int, tmp: Path) -> list[float]:
             waiting.wait()
             time.sleep(0.05)  # let it block in its LISTEN wait, as a server's watcher would be
             changed_at = time.perf_counter()
-            publisher.set_live(target)
+            seen = publisher.set_live(target)
             thread.join()
             latencies.append((woke_at[0] - changed_at) * 1000)
-            seen = target
         return latencies
     finally:
         watcher.close()

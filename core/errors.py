@@ -25,6 +25,16 @@ class UnknownVersionError(RegistryError):
     """The registry has no version of that name."""
 
 
+class LiveChanged(RegistryError):
+    """A compare-and-set found another version than the caller expected (live, or on trial): the
+    pointer moved since the caller read it, and nothing was changed."""
+
+
+class TrialError(RegistryError):
+    """A trial cannot start or end in the registry's current state: one is already running, none
+    is, there is no live version to compare it with, or the version is the live one."""
+
+
 class StoreError(FeedloopError):
     """The replay store failed in a way the caller cannot fix (disk, connection)."""
 

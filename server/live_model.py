@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from feedloop.core.checkpoint import Manifest
 from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.policy import nonempty_prompt
-from feedloop.core.registry import REFUSED, Decision, ModelRegistry
+from feedloop.core.registry import REFUSED, Decision, LivePointer, ModelRegistry
 from feedloop.core.tokenizer import Tokenizer
 from feedloop.server.errors import NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
@@ -63,7 +63,8 @@ class LiveModel:
         self._lock = threading.Lock()  # guards _loaded; _live is swapped by one assignment
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._live: LoadedModel | None = None
-        self._seen: str | None = None  # last live pointer acted on (loaded or refused)
+        self._seen: str | None = None  # last live version acted on (loaded or refused)
+        self._pointer: LivePointer | None = None  # the registry's pointer as last read
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()  # held by the watcher while it swaps
         self._thread: threading.Thread | None = None
@@ -171,7 +172,7 @@ class LiveModel:
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                version = self.registry.wait_for_change(self._seen, WATCH_TIMEOUT_S)
+                self._pointer = self.registry.wait_for_change(self._pointer, WATCH_TIMEOUT_S)
             except Exception as exc:  # a backend error must not end the watch
                 if self._stop.is_set():
                     return  # the registry was closed under us at shutdown
@@ -181,6 +182,7 @@ class LiveModel:
             with self._swap_lock:
                 if self._stop.is_set():
                     return
+                version = self._pointer.live
                 if version is not None and version != self._seen:
                     self.swap_to(version)
 

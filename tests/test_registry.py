@@ -60,11 +60,12 @@ def test_unknown_versions_are_refused(tiny_checkpoint, tmp_path):
 def test_wait_for_change_wakes_on_a_new_live_version(tiny_checkpoint, tmp_path):
     reg = DirectoryRegistry(tmp_path / "reg", poll_interval_s=0.02)
     v1 = reg.publish(tiny_checkpoint, make_live=True)
-    assert reg.wait_for_change(v1, timeout_s=0.05) == v1
+    seen = reg.pointer()
+    assert reg.wait_for_change(seen, timeout_s=0.05).live == v1
     v2 = reg.publish(tiny_checkpoint)
     threading.Timer(0.1, lambda: DirectoryRegistry(tmp_path / "reg").set_live(v2)).start()
     started = time.monotonic()
-    assert reg.wait_for_change(v1, timeout_s=5) == v2
+    assert reg.wait_for_change(seen, timeout_s=5).live == v2
     assert time.monotonic() - started < 2
 
 

@@ -18,15 +18,17 @@ from pg_support import ADMIN_URL, fresh_schema, schema_url
 
 from feedloop.core.checkpoint import TOKENIZER, WEIGHTS, Manifest, read_manifest, write_manifest
 from feedloop.core.errors import CheckpointError, RegistryError, UnknownVersionError
+from feedloop.core.migrations import migrate
 from feedloop.core.registry import (
     PROMOTED,
     PUBLISHED,
     REFUSED,
     ROLLED_BACK,
     Decision,
+    LivePointer,
     open_registry,
 )
-from feedloop.core.registry.postgres import PostgresRegistry
+from feedloop.core.registry.postgres import _MIGRATIONS, PostgresRegistry
 
 pytestmark = pytest.mark.postgres
 
@@ -237,13 +239,14 @@ def test_wait_for_change_is_woken_by_notify_from_another_connection(
     publisher = opener()
     publisher.publish(make_checkpoint(tmp_path / "a", 1), make_live=True)
     publisher.publish(make_checkpoint(tmp_path / "b", 2))
-    assert watcher.wait_for_change(None, timeout_s=5.0) == "v0001"  # differs already: at once
+    first = watcher.wait_for_change(None, timeout_s=5.0)  # differs already: at once
+    assert first.live == "v0001"
     woken: dict[str, object] = {}
     started = threading.Event()
 
     def wait() -> None:
         started.set()
-        woken["live"] = watcher.wait_for_change("v0001", timeout_s=20.0)
+        woken["live"] = watcher.wait_for_change(first, timeout_s=20.0).live
         woken["at"] = time.monotonic()
 
     thread = threading.Thread(target=wait)
@@ -262,7 +265,8 @@ def test_wait_for_change_returns_the_unchanged_version_after_its_timeout(
     registry: PostgresRegistry, tmp_path: Path
 ) -> None:
     registry.publish(make_checkpoint(tmp_path / "a", 1), make_live=True)
-    assert registry.wait_for_change("v0001", timeout_s=0.2) == "v0001"
+    seen = registry.pointer()
+    assert registry.wait_for_change(seen, timeout_s=0.2) == seen
 
 
 def test_two_registries_on_one_schema_see_one_truth(
@@ -286,3 +290,30 @@ def test_open_registry_dispatches_postgres_urls(url: str, tmp_path: Path) -> Non
 def test_unreachable_database_is_a_registry_error() -> None:
     with pytest.raises(RegistryError, match="connecting"):
         PostgresRegistry("postgresql://postgres@127.0.0.1:1/test?schema=x&connect_timeout=2")
+
+
+def test_a_registry_from_before_trials_keeps_its_live_pointer_after_the_migration(
+    url: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(url.split("?")[0], autocommit=False) as conn:
+        schema = url.split("schema=")[1]
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        conn.execute(f'SET search_path TO "{schema}"')
+        migrate(
+            conn,
+            _MIGRATIONS[:1],
+            placeholder="%s",
+            store_name="old registry",
+            version_table="registry_schema_version",
+            error=RegistryError,
+        )
+        conn.execute(
+            "INSERT INTO registry_versions (number, version, manifest) VALUES (1, 'v0001', '{}')"
+        )
+        conn.execute("INSERT INTO registry_live (id, live, previous) VALUES (1, 'v0001', '{}')")
+    registry = PostgresRegistry(url, cache_dir=tmp_path / "cache")
+    try:
+        assert registry.pointer() == LivePointer("v0001")
+        assert registry.set_paused(True).paused is True
+    finally:
+        registry.close()

@@ -2,8 +2,9 @@
 
 Layout:
     versions/v0001/   one verified checkpoint per published version (never modified again)
-    LIVE              {"live": "v0003", "previous": ["v0001", "v0002"]}: the atomic pointer
-    history.jsonl     one decision per line (published, promoted, refused, rolled_back)
+    LIVE              {"live": "v0003", "previous": ["v0001", "v0002"], "trial": {...} or null,
+                      "paused": false}: the atomic pointer
+    history.jsonl     one decision per line (published, promoted, refused, rolled_back, ...)
     .staging/         where a publish is written before its atomic rename into versions/
     .lock             flock serialising writers (server replicas and the trainer)
 
@@ -20,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -36,23 +36,24 @@ from feedloop.core.checkpoint import (
     write_manifest,
 )
 from feedloop.core.errors import RegistryError, UnknownVersionError
-from feedloop.core.registry.base import (
+from feedloop.core.registry.base import ModelRegistry, version_name
+from feedloop.core.registry.pointer import (
     ACTIONS,
     PROMOTED,
     PUBLISHED,
-    ROLLBACK_DEPTH,
-    ROLLED_BACK,
     Decision,
     LivePointer,
-    ModelRegistry,
-    version_name,
+    Transition,
+    pointer_from_dict,
+    pointer_to_dict,
+    to_live,
 )
 
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
 class DirectoryRegistry(ModelRegistry):
-    # A wait for a new live version re-reads one small file this often.
+    # A wait for a pointer change re-reads one small file this often.
     DEFAULT_POLL_INTERVAL_S = 0.1
 
     def __init__(self, root: Path, *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> None:
@@ -128,7 +129,9 @@ class DirectoryRegistry(ModelRegistry):
             fsync_dir(self._versions_dir)
             self._append(Decision(version, PUBLISHED, reason, details or {}))
             if make_live:
-                self._set_live_locked(version, reason=reason, action=PROMOTED)
+                self._change_locked(
+                    lambda current: to_live(current, version, reason, PROMOTED, None), version
+                )
         return version
 
     # -- the live pointer ----------------------------------------------------------------------
@@ -136,54 +139,35 @@ class DirectoryRegistry(ModelRegistry):
     def pointer(self) -> LivePointer:
         try:
             data = json.loads((self.root / "LIVE").read_text(encoding="utf-8"))
+            return pointer_from_dict(data)
         except FileNotFoundError:
             return LivePointer(None)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"{self.root / 'LIVE'}: unreadable live pointer: {exc}") from exc
-        return LivePointer(data.get("live"), tuple(data.get("previous", ())))
 
     def _write_pointer(self, pointer: LivePointer) -> None:
         tmp = self.root / "LIVE.tmp"
         with tmp.open("w", encoding="utf-8") as f:
-            json.dump({"live": pointer.live, "previous": list(pointer.previous)}, f)
+            json.dump(pointer_to_dict(pointer), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / "LIVE")
         fsync_dir(self.root)
 
-    def _set_live_locked(self, version: str, *, reason: str, action: str) -> LivePointer:
-        self.checkpoint_dir(version)  # raises for an unknown version
+    def _change_locked(self, transition: Transition, published: str | None) -> LivePointer:
+        if published is not None:
+            self.checkpoint_dir(published)  # raises for an unknown version
         current = self.pointer()
-        if current.live == version:
-            return current
-        previous = current.previous + ((current.live,) if current.live else ())
-        pointer = LivePointer(version, previous[-ROLLBACK_DEPTH:])
-        self._write_pointer(pointer)
-        self._append(Decision(version, action, reason, {"previous": current.live}))
+        pointer, decisions = transition(current)
+        if pointer != current:
+            self._write_pointer(pointer)
+        for decision in decisions:
+            self._append(decision)
         return pointer
 
-    def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
+    def _change(self, transition: Transition, *, published: str | None = None) -> LivePointer:
         with self._locked():
-            return self._set_live_locked(version, reason=reason, action=action)
-
-    def rollback(self, *, reason: str = "") -> LivePointer:
-        with self._locked():
-            current = self.pointer()
-            if not current.previous:
-                raise RegistryError("nothing to roll back to: no earlier live version")
-            target = current.previous[-1]
-            pointer = LivePointer(target, current.previous[:-1])
-            self._write_pointer(pointer)
-            self._append(Decision(target, ROLLED_BACK, reason, {"from": current.live}))
-            return pointer
-
-    def wait_for_change(self, last_seen: str | None, timeout_s: float) -> str | None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            live = self.live()
-            if live != last_seen or time.monotonic() >= deadline:
-                return live
-            time.sleep(min(self.poll_interval_s, max(0.0, deadline - time.monotonic())))
+            return self._change_locked(transition, published)
 
     # -- history -------------------------------------------------------------------------------
 

@@ -3,12 +3,12 @@
 Tables (in the URL's `?schema=`, beside the replay store's, all prefixed `registry_`):
     registry_versions   number, version name, manifest (JSON)
     registry_files      each checkpoint file's bytes (bytea) and sha256, per version
-    registry_live       one row: the live version and the rollback stack
-    registry_history    every decision (published, promoted, refused, rolled_back), in order
+    registry_live       one row: the live version, the rollback stack, the trial, the pause
+    registry_history    every decision (published, promoted, refused, rolled_back, ...), in order
 
 Every change is one transaction under an advisory lock (writers are serialised like the
 directory backend's flock): a publish killed at any instant leaves no trace, and the live
-pointer never names a version whose files are not all there. Each live-pointer change sends
+pointer never names a version whose files are not all there. Each pointer change sends
 NOTIFY on a channel named after the schema, delivered at commit; `wait_for_change` LISTENs on
 it and still re-reads the pointer every poll_interval_s, so a lost notification (a dropped
 listener connection) delays a swap by at most that long instead of forever.
@@ -19,6 +19,7 @@ against the manifest's sha256, because the loader reads checkpoints from disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -43,16 +44,16 @@ from feedloop.core.config import default_data_dir
 from feedloop.core.errors import CheckpointError, FeedloopError, RegistryError, UnknownVersionError
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, redact
-from feedloop.core.registry.base import (
+from feedloop.core.registry.base import ModelRegistry, version_name
+from feedloop.core.registry.pointer import (
     ACTIONS,
     PROMOTED,
     PUBLISHED,
-    ROLLBACK_DEPTH,
-    ROLLED_BACK,
     Decision,
     LivePointer,
-    ModelRegistry,
-    version_name,
+    Transition,
+    Trial,
+    to_live,
 )
 
 # Serialises the registry's writers (every change takes it first).
@@ -85,6 +86,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             details JSONB NOT NULL,
             at TEXT NOT NULL
         )""",
+    ),
+    (
+        # The version on trial beside live (Trial.to_dict), and the operator's pause.
+        "ALTER TABLE registry_live ADD COLUMN trial JSONB",
+        "ALTER TABLE registry_live ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE",
     ),
 )
 
@@ -219,7 +225,9 @@ class PostgresRegistry(ModelRegistry):
                 )
             _insert_decision(conn, Decision(version, PUBLISHED, reason, details or {}))
             if make_live:
-                self._set_live_tx(conn, version, reason=reason, action=PROMOTED)
+                self._change_tx(
+                    conn, lambda current: to_live(current, version, reason, PROMOTED, None), version
+                )
             return version
 
         return self._pool.run("publish", work, transaction=True)
@@ -270,58 +278,51 @@ class PostgresRegistry(ModelRegistry):
 
     @staticmethod
     def _pointer_tx(conn: psycopg.Connection) -> LivePointer:
-        row = conn.execute("SELECT live, previous FROM registry_live WHERE id = 1").fetchone()
-        return LivePointer(row[0], tuple(row[1])) if row else LivePointer(None)
+        row = conn.execute(
+            "SELECT live, previous, trial, paused FROM registry_live WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return LivePointer(None)
+        live, previous, trial, paused = row
+        return LivePointer(live, tuple(previous), Trial.from_dict(trial) if trial else None, paused)
 
     def pointer(self) -> LivePointer:
         return self._pool.run("pointer", self._pointer_tx, transaction=False)
 
     def _write_pointer_tx(self, conn: psycopg.Connection, pointer: LivePointer) -> None:
+        trial = Jsonb(pointer.trial.to_dict()) if pointer.trial else None
         conn.execute(
-            "INSERT INTO registry_live (id, live, previous) VALUES (1, %s, %s) "
-            "ON CONFLICT (id) DO UPDATE SET live = EXCLUDED.live, previous = EXCLUDED.previous",
-            (pointer.live, list(pointer.previous)),
+            "INSERT INTO registry_live (id, live, previous, trial, paused) "
+            "VALUES (1, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET live = EXCLUDED.live, "
+            "previous = EXCLUDED.previous, trial = EXCLUDED.trial, paused = EXCLUDED.paused",
+            (pointer.live, list(pointer.previous), trial, pointer.paused),
         )
         # Delivered to listeners only when this transaction commits.
         conn.execute("SELECT pg_notify(%s, %s)", (self.channel, pointer.live or ""))
 
-    def _set_live_tx(
-        self, conn: psycopg.Connection, version: str, *, reason: str, action: str
+    def _change_tx(
+        self, conn: psycopg.Connection, transition: Transition, published: str | None
     ) -> LivePointer:
-        known = conn.execute("SELECT 1 FROM registry_versions WHERE version = %s", (version,))
-        if known.fetchone() is None:
-            raise UnknownVersionError(
-                f"no version {version!r} in the registry at {redact(self.url)}"
-            )
+        if published is not None:
+            known = conn.execute("SELECT 1 FROM registry_versions WHERE version = %s", (published,))
+            if known.fetchone() is None:
+                raise UnknownVersionError(
+                    f"no version {published!r} in the registry at {redact(self.url)}"
+                )
         current = self._pointer_tx(conn)
-        if current.live == version:
-            return current
-        previous = current.previous + ((current.live,) if current.live else ())
-        pointer = LivePointer(version, previous[-ROLLBACK_DEPTH:])
-        self._write_pointer_tx(conn, pointer)
-        _insert_decision(conn, Decision(version, action, reason, {"previous": current.live}))
+        pointer, decisions = transition(current)
+        if pointer != current:
+            self._write_pointer_tx(conn, pointer)
+        for decision in decisions:
+            _insert_decision(conn, decision)
         return pointer
 
-    def set_live(self, version: str, *, reason: str = "", action: str = PROMOTED) -> LivePointer:
+    def _change(self, transition: Transition, *, published: str | None = None) -> LivePointer:
         def work(conn: psycopg.Connection) -> LivePointer:
             advisory_xact_lock(conn, _WRITERS_LOCK)
-            return self._set_live_tx(conn, version, reason=reason, action=action)
+            return self._change_tx(conn, transition, published)
 
-        return self._pool.run("set_live", work, transaction=True)
-
-    def rollback(self, *, reason: str = "") -> LivePointer:
-        def work(conn: psycopg.Connection) -> LivePointer:
-            advisory_xact_lock(conn, _WRITERS_LOCK)
-            current = self._pointer_tx(conn)
-            if not current.previous:
-                raise RegistryError("nothing to roll back to: no earlier live version")
-            target = current.previous[-1]
-            pointer = LivePointer(target, current.previous[:-1])
-            self._write_pointer_tx(conn, pointer)
-            _insert_decision(conn, Decision(target, ROLLED_BACK, reason, {"from": current.live}))
-            return pointer
-
-        return self._pool.run("rollback", work, transaction=True)
+        return self._pool.run("change", work, transaction=True)
 
     def _listen(self) -> psycopg.Connection:
         if self._listener is None or self._listener.closed or self._listener.broken:
@@ -330,38 +331,31 @@ class PostgresRegistry(ModelRegistry):
             self._listener = conn
         return self._listener
 
-    def wait_for_change(self, last_seen: str | None, timeout_s: float) -> str | None:
+    def wait_for_change(self, last_seen: LivePointer | None, timeout_s: float) -> LivePointer:
         # One waiter at a time owns the listening connection; a concurrent waiter polls.
         if not self._listener_lock.acquire(blocking=False):
-            return self._wait(last_seen, timeout_s, listener=None)
+            return self._wait_polling(last_seen, timeout_s, time.sleep)
         try:
-            try:
-                listener = self._listen()  # LISTEN before reading: a change in between wakes us
-            except psycopg.Error:
-                listener = None  # the fallback poll still sees changes
-            return self._wait(last_seen, timeout_s, listener=listener)
+            # LISTEN before reading: a change in between wakes us. Should it fail, the fallback
+            # poll still sees changes.
+            with contextlib.suppress(psycopg.Error):
+                self._listen()
+            return self._wait_polling(last_seen, timeout_s, self._await_notification)
         finally:
             self._listener_lock.release()
 
-    def _wait(
-        self, last_seen: str | None, timeout_s: float, *, listener: psycopg.Connection | None
-    ) -> str | None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            live = self.live()
-            remaining = deadline - time.monotonic()
-            if live != last_seen or remaining <= 0:
-                return live
-            wait_s = min(self.poll_interval_s, remaining)
-            if listener is None:
-                time.sleep(wait_s)
-                continue
-            try:
-                for _ in listener.notifies(timeout=wait_s, stop_after=1):
-                    pass
-            except psycopg.Error:
-                listener.close()
-                self._listener = listener = None
+    def _await_notification(self, wait_s: float) -> None:
+        """Up to wait_s until a notification arrives (the caller holds the listener lock)."""
+        listener = self._listener
+        if listener is None or listener.closed or listener.broken:
+            time.sleep(wait_s)
+            return
+        try:
+            for _ in listener.notifies(timeout=wait_s, stop_after=1):
+                pass
+        except psycopg.Error:
+            listener.close()
+            self._listener = None
 
     # -- history -------------------------------------------------------------------------------
 
