@@ -81,6 +81,7 @@ def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namesp
         data_dir=root,
         algorithm=algorithm,
         join_window_s=args.join_window_s,
+        publish_as="live",  # learning alone: the simulated users answer the live version only
         torch_threads=args.torch_threads,
     )
     trainer = Trainer(config, store, registry, log=lambda _: None)

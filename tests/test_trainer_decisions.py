@@ -19,7 +19,7 @@ from feedloop.trainer.decisions import (
     WAIT,
     judge_live,
     judge_trial,
-    recent_outcomes,
+    recent_versions,
 )
 
 
@@ -109,7 +109,5 @@ def test_a_live_version_past_its_watch_or_not_confidently_worse_stays(
 
 
 def test_recent_versions_are_the_latest_earlier_live_ones_without_live() -> None:
-    outcomes = {"v2": rated("v2", 5, 0.1)}
-    recent = recent_outcomes(("v1", "v2", "v3", "v2"), "v3", outcomes, 2)
-    assert [o.version for o in recent] == ["v2", "v1"]
-    assert recent[0].ratings == 5 and recent[1] == VersionOutcomes("v1")
+    assert recent_versions(("v1", "v2", "v3", "v2"), "v3", 2) == ["v2", "v1"]
+    assert recent_versions((), "v1", 3) == []

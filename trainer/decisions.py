@@ -21,7 +21,7 @@ evenly over the comparisons), the best such version is made live again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,9 +159,6 @@ def judge_live(
     )
 
 
-def recent_outcomes(
-    previous: Sequence[str], live: str, outcomes: Mapping[str, VersionOutcomes], count: int
-) -> list[VersionOutcomes]:
+def recent_versions(previous: Sequence[str], live: str, count: int) -> list[str]:
     """The `count` latest earlier live versions (rollback stack, newest first), live left out."""
-    versions = [v for v in reversed(previous) if v != live]
-    return [outcomes.get(v, VersionOutcomes(v)) for v in dict.fromkeys(versions)][:count]
+    return list(dict.fromkeys(v for v in reversed(previous) if v != live))[:count]
