@@ -282,10 +282,12 @@ class TrainConfig:
         ),
     )
     decision_margin: float = field(
-        default=0.05,
+        default=0.1,
         metadata=_help(
             "promote a canary whose mean rating (on [-1, 1]) is confidently no more than this "
-            "below live's: a candidate the users cannot tell from live still goes forward"
+            "below live's: a candidate the users cannot tell from live still goes forward. "
+            "The two sides' sequences together narrow to 0.1 at about 2,000 canary and "
+            "18,000 live ratings; a smaller margin rarely promotes an equal candidate"
         ),
     )
     decision_min_ratings: int = field(
