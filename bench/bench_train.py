@@ -88,6 +88,7 @@ def main() -> int:
     config = TrainConfig(
         data_dir=root,
         join_window_s=0.0,
+        publish_as="live",  # the round's cost; deployment is not measured here
         torch_threads=args.torch_threads,
         algorithm=args.algorithm,
         max_new_generations=args.generations,

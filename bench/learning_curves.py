@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/learning_curves.py [--events 2000] [--events-per-round 256]
         [--algorithms actor-critic,reinforce] [--preferences include:good,length:3,avoid:a]
-        [--output bench/learning_curves.png] [--torch-threads 2]
+        [--output bench/learning_curves.png] [--torch-threads 2] [--join-window-s 30]
 
 For every algorithm and preference: a fresh store and registry whose live version is the
 default pretrained policy; a simulated user with that preference (noisy ratings, comparisons,
 rankings, corrections, the default mix) answers the live version's phrases; after every
-`events-per-round` events one trainer round runs with the default TrainConfig (only the join
-window is 0: simulated users answer at once). After each round the live version's mean true
-reward is measured on held-out prompts (validation split), with its perplexity on the corpus
-test split relative to the pretrained policy's.
+`events-per-round` events one trainer round runs with the default TrainConfig, its join window
+included (`--join-window-s`): the simulated users answer at once, so the window only holds
+unrated generations back for a later round, as in production. After each round the live
+version's mean true reward is measured on held-out prompts (validation split), with its
+perplexity on the corpus test split relative to the pretrained policy's.
 
 Printed for each algorithm and preference: the feedback events needed to close half the gap
 between the pretrained policy's reward and the best reachable reward (1.0: every preference here
@@ -79,7 +80,8 @@ def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namesp
     config = TrainConfig(
         data_dir=root,
         algorithm=algorithm,
-        join_window_s=0.0,  # type: ignore[arg-type]
+        join_window_s=args.join_window_s,
+        publish_as="live",  # learning alone: the simulated users answer the live version only
         torch_threads=args.torch_threads,
     )
     trainer = Trainer(config, store, registry, log=lambda _: None)
@@ -153,6 +155,9 @@ def main() -> int:
     parser.add_argument("--eval-prompts", type=int, default=300)
     parser.add_argument("--output", type=Path, default=Path("bench/learning_curves.png"))
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument(
+        "--join-window-s", type=float, default=TrainConfig.join_window_s, help="see TrainConfig"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     checkpoint = ensure_default_checkpoint(default_data_dir())

@@ -15,12 +15,20 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pg_support import fresh_schema, schema_url
 from store_support import comparison, generation, rating
 
-from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore, open_store
+from feedloop.core.feedback_kinds import FeedbackKind
+from feedloop.core.store import (
+    FeedbackRecord,
+    GenerationRecord,
+    ReplayStore,
+    VersionOutcomes,
+    open_store,
+)
 from feedloop.core.store.schema import LATEST_VERSION
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -349,3 +357,73 @@ def test_a_cursor_reader_never_skips_rows_committed_by_concurrent_writers(
     done.set()
     reading.join()
     assert len(seen) == len(set(seen)) == 3 * 30 * 5
+
+
+def judged(
+    event_id: str, kind: FeedbackKind, ids: list[str], at: float, **fields: Any
+) -> FeedbackRecord:
+    return FeedbackRecord(event_id, kind, ids, "app-1", at, **fields)
+
+
+def test_online_outcomes_average_ratings_per_generation_by_version_within_the_range(
+    store: ReplayStore,
+) -> None:
+    store.append_generations(
+        [
+            generation("a1", version="v1"),
+            generation("a2", version="v1"),
+            generation("b1", version="v2"),
+        ]
+    )
+    store.insert_feedback(
+        [
+            judged("early", "rating", ["a1"], 99.0, score=0.0, scale="unit"),
+            judged("e1", "rating", ["a1"], 100.0, score=1.0, scale="unit"),  # +1
+            judged("e2", "rating", ["a1"], 101.0, score=0.5, scale="unit"),  # 0: a1's mean 0.5
+            judged("e3", "rating", ["a2"], 102.0, score=1.0, scale="stars5"),  # -1
+            judged("e4", "rating", ["b1"], 103.0, score=1.0, scale="thumbs"),  # +1
+            judged("fix", "correction", ["b1"], 150.0, text="a better phrase"),
+            judged("late", "rating", ["b1"], 200.0, score=0.0, scale="unit"),
+        ]
+    )
+    outcomes = store.online_outcomes(100.0, 200.0)
+    assert set(outcomes) == {"v1", "v2"}
+    v1, v2 = outcomes["v1"], outcomes["v2"]
+    assert (v1.ratings, v1.rating_sum, v1.rating_sum_sq) == (2, -0.5, 1.25)
+    assert (v2.ratings, v2.rating_sum, v2.rating_sum_sq) == (1, 1.0, 1.0)
+    assert v1.wins == v1.losses == v2.wins == v2.losses == {}
+    assert store.online_outcomes(100.0)["v2"].rating_sum == 0.0  # no end: "late" counts, -1
+
+
+def test_online_outcomes_count_pairs_won_and_lost_between_versions(store: ReplayStore) -> None:
+    store.append_generations(
+        [
+            generation("a1", version="v1"),
+            generation("a2", version="v1"),
+            generation("b1", version="v2"),
+            generation("c1", version="v3"),
+        ]
+    )
+    store.insert_feedback(
+        [
+            judged("cmp", "comparison", ["a1", "b1"], 10.0),  # v1 beats v2
+            judged("same", "comparison", ["a1", "a2"], 11.0),  # within v1: says nothing
+            judged("rank", "ranking", ["b1", "c1", "a1"], 12.0),  # v2 > v3 > v1, v2 > v1
+        ]
+    )
+    outcomes = store.online_outcomes(0.0)
+    assert outcomes["v1"].wins == {"v2": 1}
+    assert outcomes["v1"].losses == {"v2": 1, "v3": 1}
+    assert outcomes["v2"].wins == {"v1": 1, "v3": 1}
+    assert outcomes["v2"].losses == {"v1": 1}
+    assert outcomes["v3"].wins == {"v1": 1} and outcomes["v3"].losses == {"v2": 1}
+    assert all(o.ratings == 0 for o in outcomes.values())
+
+
+def test_online_outcomes_report_exactly_the_versions_asked_for(store: ReplayStore) -> None:
+    store.append_generations([generation("a1", version="v1"), generation("b1", version="v2")])
+    store.insert_feedback([judged("e1", "rating", ["a1"], 5.0, score=1.0, scale="unit")])
+    outcomes = store.online_outcomes(0.0, versions=["v1", "v9"])
+    assert set(outcomes) == {"v1", "v9"}
+    assert outcomes["v1"].ratings == 1
+    assert outcomes["v9"] == VersionOutcomes("v9")

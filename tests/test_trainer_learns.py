@@ -43,7 +43,7 @@ def test_actor_critic_raises_the_simulated_reward_clearly_within_the_perplexity_
     before = mean_true_reward(pretrained, preference, prompts, seed=5)
 
     # Defaults throughout, except the join window: simulated users answer at once.
-    config = TrainConfig(data_dir=env.root, join_window_s=0.0)
+    config = TrainConfig(data_dir=env.root, join_window_s=0.0, publish_as="live")
     trainer = Trainer(config, env.store, env.registry, log=lambda _: None)
     sim = simulation(env, preference, seed=11, requests_per_batch=32)
     outcomes = []

@@ -238,6 +238,24 @@ def test_unrated_generations_wait_out_the_join_window_before_they_are_consumed(e
     assert cursor(env)["generation_seq"] == 0
 
 
+def test_with_a_join_window_each_feedback_event_is_trained_on_in_one_round_only(
+    env: Env,
+) -> None:
+    config = fast_config(env.root, join_window_s=30.0, replay_sample_size=0)
+    simulation(env, PREF, seed=1).serve_events(40)
+    first = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert first.outcome in ("published", "refused"), first.reason
+    # An hour later every generation has settled; the second round reads only the new events.
+    simulation(env, PREF, seed=2).serve_events(40)
+    later = time.time() + 3600.0
+    second = Trainer(
+        config, env.store, env.registry, log=lambda _: None, clock=lambda: later
+    ).run_round()
+    assert second.outcome in ("published", "refused"), second.reason
+    assert second.figures["window_events"] == second.figures["new_events"]
+    assert cursor(env)["generation_seq"] == env.store.max_seq()[0]
+
+
 def test_the_loop_wakes_as_soon_as_k_new_events_are_stored_and_stops_on_request(env: Env) -> None:
     config = fast_config(
         env.root, interval_s=600.0, wake_after_feedback_events=20, poll_interval_s=0.05

@@ -62,6 +62,7 @@ def fast_config(root: Path, **overrides: Any) -> TrainConfig:
         replay_sample_size=64,
         gate_min_ope_samples=5,
         torch_threads=1,
+        publish_as="live",  # the mechanics of a round; trials have tests of their own
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -104,6 +105,8 @@ FAST_FLAGS = [
     "64",
     "--gate-min-ope-samples",
     "5",
+    "--publish-as",
+    "live",
     "--metrics-port",
     "0",
 ]

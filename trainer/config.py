@@ -16,6 +16,7 @@ from feedloop.core.config import default_data_dir
 Algorithm = Literal["actor-critic", "reinforce"]
 Aggregation = Literal["mean", "earliest", "latest", "sum"]
 UnratedRule = Literal["reward-model", "default", "leave-out"]
+PublishAs = Literal["canary", "live", "shadow"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -258,6 +259,67 @@ class TrainConfig:
     work_dir: Path | None = field(
         default=None, metadata=_help("scratch space for candidates (unset: DATA_DIR/trainer)")
     )
+    # -- deployment and online decisions -----------------------------------------------------
+    publish_as: PublishAs = field(
+        default="canary",
+        metadata=_help(
+            "what a candidate that passed the gate becomes: a canary serving canary_share of "
+            "traffic until users' ratings decide, a shadow (serves nothing), or live at once"
+        ),
+    )
+    canary_share: float = field(
+        default=0.1,
+        metadata=_help(
+            "share of requests a canary (or a shadow's scoring sample) takes: small enough "
+            "that a bad candidate reaches few users, large enough to gather ratings"
+        ),
+    )
+    decision_alpha: float = field(
+        default=0.05,
+        metadata=_help(
+            "1 - confidence of every online verdict (time-uniform confidence sequences, so "
+            "looking every decision_interval_s keeps it)"
+        ),
+    )
+    decision_margin: float = field(
+        default=0.1,
+        metadata=_help(
+            "promote a canary whose mean rating (on [-1, 1]) is confidently no more than this "
+            "below live's: a candidate the users cannot tell from live still goes forward. "
+            "The two sides' sequences together narrow to 0.1 at about 2,000 canary and "
+            "18,000 live ratings; a smaller margin rarely promotes an equal candidate"
+        ),
+    )
+    decision_min_ratings: int = field(
+        default=30,
+        metadata=_help("rated generations each side needs before a verdict (no early flukes)"),
+    )
+    max_trial_s: float = field(
+        default=1800.0,
+        metadata=_help(
+            "a trial with no verdict after this long is rolled back (the trainer waits for "
+            "it, so an undecidable candidate must not block training)"
+        ),
+    )
+    watch_s: float = field(
+        default=1800.0,
+        metadata=_help(
+            "after a promotion, roll the new live version back if in this time its ratings "
+            "fall confidently below a recent version's"
+        ),
+    )
+    decision_recent_versions: int = field(
+        default=3,
+        metadata=_help("earlier live versions a freshly promoted one is compared with"),
+    )
+    decision_lookback_s: float = field(
+        default=24 * 3600.0,
+        metadata=_help("the recent versions' ratings are read over this much of the past"),
+    )
+    decision_interval_s: float = field(
+        default=30.0,
+        metadata=_help("how often the trainer judges the trial and the watched live version"),
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -272,6 +334,8 @@ class TrainConfig:
             "poll_interval_s",
             "importance_weight_max",
             "gate_ope_weight_max",
+            "max_trial_s",
+            "decision_interval_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -280,6 +344,10 @@ class TrainConfig:
             raise ValueError(f"nice must be in 0..19, got {self.nice}")
         if not 0 < self.client_share_cap <= 1:
             raise ValueError(f"client_share_cap must be in (0, 1], got {self.client_share_cap}")
+        if not 0 <= self.canary_share <= 1:
+            raise ValueError(f"canary_share must be in [0, 1], got {self.canary_share}")
+        if not 0 < self.decision_alpha < 1:
+            raise ValueError(f"decision_alpha must be in (0, 1), got {self.decision_alpha}")
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
 

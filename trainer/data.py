@@ -4,7 +4,9 @@ A round reads through the trainer's persisted cursor (the highest generation and
 it has consumed):
 - new feedback events (seq > cursor), and the generations they name;
 - new generations nobody gave feedback on within the join window (they may still carry reward
-  from the reward model or a default); younger ones wait for the next round;
+  from the reward model or a default); younger ones wait for the next round. A settled
+  generation that was rated is not added again: its feedback came through the cursor (in this
+  round or an earlier one), or will, and the generation comes with it;
 - a seeded sample of older generations (the replay buffer), with their feedback;
 - every event on any of these generations (so several events on one generation aggregate).
 Data produced more than `max_version_lag` versions before live, or older than
@@ -113,8 +115,12 @@ def read_window(
         next_generation_seq = g.seq
 
     generations = store.get_generations(sorted(named)) if named else {}
-    for g in settled:
-        generations.setdefault(g.generation_id, g)
+    rated = {
+        gid
+        for e in (store.feedback_for([g.generation_id for g in settled]) if settled else [])
+        for gid in e.generation_ids
+    }
+    generations.update((g.generation_id, g) for g in settled if g.generation_id not in rated)
     new_count = len(generations)
     replay = (
         store.sample_generations(cursor.generation_seq, config.replay_sample_size, seed)

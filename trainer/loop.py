@@ -7,13 +7,24 @@ A round, top to bottom:
      trainer.reward_model);
   3. update a copy of the live policy (trainer.algorithms, through trainer.update's loop);
   4. evaluate it against the live policy (trainer.gate);
-  5. publish it and make it live if the gate passed, else record a refusal with every figure;
+  5. publish it if the gate passed and deploy it as `publish_as` says (a canary trial by
+     default, compare-and-set on the live version it was trained from), else record a refusal
+     with every figure;
   6. only then persist the cursor: a crash before 6 replays the window, never loses it. The
      window's end is also written into the published manifest, so a restart after a publish
      whose cursor write was lost does not train on the same data twice.
 Too little data skips the round (cursor kept, the reason logged); NaN or exploding losses
 abandon the update and keep the live policy (a refusal is recorded and the window consumed, so a
-poisoned window cannot stall the trainer).
+poisoned window cannot stall the trainer). If live changed during the round (an operator or an
+automatic rollback), the candidate is published but neither made live nor tried, and the
+window is left for the next round, which trains from the new live version.
+
+No round runs while an operator has paused publication (the feedback waits behind the cursor,
+nothing in the registry changes) or while a trial runs (its verdict decides what the next round
+trains from). Between rounds, and every decision_interval_s while waiting for work, the trainer
+judges the trial and the freshly promoted live version on users' ratings (trainer.decisions)
+and applies the verdict through the registry, compare-and-set. While paused it still rolls
+back (that only takes a version away from users) but promotes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import torch
@@ -33,17 +45,35 @@ import torch
 from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
 from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
+from feedloop.core.errors import LiveChanged
 from feedloop.core.policy import Policy
-from feedloop.core.registry import REFUSED, Decision, ModelRegistry
+from feedloop.core.registry import PROMOTED, REFUSED, ROLLED_BACK, Decision, ModelRegistry
 from feedloop.core.store.base import ReplayStore
 from feedloop.trainer.algorithms import make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.data import Cursor, Window, build_experience, read_window, version_number
+from feedloop.trainer.decisions import (
+    PROMOTE,
+    ROLL_BACK,
+    WAIT,
+    Verdict,
+    judge_live,
+    judge_trial,
+    recent_versions,
+)
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.rl_math import AdaptiveKLController
 from feedloop.trainer.signals import learning_signals
 from feedloop.trainer.update import TrainingDiverged
+
+# A promotion older than this many decisions is long past any watch_s.
+_PROMOTION_SEARCH_DECISIONS = 200
+
+
+def unix_seconds(iso_time: str) -> float:
+    """The registry's ISO times (trial starts, decisions) on the trainer's clock."""
+    return datetime.fromisoformat(iso_time).timestamp()
 
 
 class RoundAbandoned(Exception):
@@ -52,7 +82,7 @@ class RoundAbandoned(Exception):
 
 @dataclass
 class RoundResult:
-    outcome: str  # published, refused, skipped, aborted, abandoned
+    outcome: str  # published, superseded, refused, skipped, aborted, abandoned
     reason: str
     version: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +127,7 @@ class Trainer:
         metrics: TrainerMetrics | None = None,
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
@@ -104,6 +135,7 @@ class Trainer:
         self.metrics = metrics or TrainerMetrics()
         self.stop = stop or threading.Event()
         self.log = log
+        self.clock = clock  # Unix seconds: the join window and the trials' ages are read on it
         self.algorithm = make_algorithm(config)
         self._policies: dict[str, Policy] = {}
         self._gate: Gate | None = None
@@ -194,13 +226,22 @@ class Trainer:
             phases[name] = now - mark
             mark = now
 
-        live = self.registry.live()
+        pointer = self.registry.pointer()
+        live = pointer.live
         if live is None:
             return RoundResult("skipped", "no live version in the registry: nothing to improve")
+        if pointer.paused:
+            return RoundResult(
+                "skipped", "publication paused by an operator: no round until resumed"
+            )
+        if pointer.trial is not None:
+            return RoundResult(
+                "skipped", f"{pointer.trial.version} is on trial: waiting for its verdict"
+            )
         cursor = self.cursor(live)
         round_number = cursor.rounds + 1
         seed = c.seed + round_number
-        window = read_window(self.store, cursor, c, now=time.time(), live_version=live, seed=seed)
+        window = read_window(self.store, cursor, c, now=self.clock(), live_version=live, seed=seed)
         figures: dict[str, Any] = {
             "round": round_number,
             "live_version": live,
@@ -281,10 +322,21 @@ class Trainer:
             return self._finish_without_candidate(
                 "refused", report.summary, live, window, cursor, kl, figures, record=True
             )
-        version = self._publish(candidate, live, window, figures, report.summary, phases)
+        version = self._publish(candidate, live, window, figures, report.summary)
+        try:
+            deployed = self._deploy(version, live, report.summary, figures)
+        except LiveChanged as exc:
+            phase("publish")
+            return RoundResult(
+                "superseded",
+                f"{version} published but neither made live nor tried: {exc}; the next round "
+                "trains from the new live version on the same feedback",
+                version,
+                figures,
+            )
         self._save_cursor(window, cursor, kl)
         phase("publish")
-        return RoundResult("published", report.summary, version, figures)
+        return RoundResult("published", f"{deployed}; {report.summary}", version, figures)
 
     def _publish(
         self,
@@ -293,7 +345,6 @@ class Trainer:
         window: Window,
         figures: dict[str, Any],
         reason: str,
-        phases: dict[str, float],
     ) -> str:
         staging = self.work_dir / f"candidate-{uuid.uuid4().hex[:12]}"
         try:
@@ -306,15 +357,30 @@ class Trainer:
                 }
             )
             save_checkpoint(candidate, staging, parent_version=live, training_summary=summary)
-            version = self.registry.publish(
-                staging, reason=reason, details=json_safe(figures), make_live=True
-            )
+            version = self.registry.publish(staging, reason=reason, details=json_safe(figures))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._retain(self._gate_reference)  # the parent is no longer live
         self._policies[version] = candidate
         self.metrics.last_publish.set(time.time())
         return version
+
+    def _deploy(self, version: str, parent: str, reason: str, figures: dict[str, Any]) -> str:
+        """Make the published candidate live or put it on trial, compare-and-set on its parent
+        (LiveChanged when live moved during the round: nothing changes)."""
+        c = self.config
+        if c.publish_as == "live":
+            self.registry.set_live(version, reason=reason, expect_live=parent)
+            return f"{version} live"
+        self.registry.start_trial(
+            version,
+            mode=c.publish_as,
+            share=c.canary_share,
+            reason=reason,
+            expect_live=parent,
+            details=json_safe(figures),
+        )
+        return f"{version} on trial as {c.publish_as} (share {c.canary_share})"
 
     def _save_cursor(self, window: Window, cursor: Cursor, kl: AdaptiveKLController) -> None:
         self.store.set_cursor(
@@ -345,22 +411,97 @@ class Trainer:
         self._save_cursor(window, cursor, kl)  # after the decision is durable
         return RoundResult(outcome, reason, None, figures)
 
+    # -- online decisions ----------------------------------------------------------------------
+
+    def decide(self) -> Verdict | None:
+        """Judge the trial, or the live version within its watch, and apply the verdict.
+
+        Returns the verdict (None when there is nothing to judge). A verdict the pointer
+        outran (LiveChanged: an operator acted meanwhile) is logged and dropped.
+        """
+        pointer = self.registry.pointer()
+        self.metrics.paused.set(1 if pointer.paused else 0)
+        live = pointer.live
+        if live is None:
+            return None
+        c, now = self.config, self.clock()
+        trial = pointer.trial
+        if trial is not None:
+            since = unix_seconds(trial.since)
+            outcomes = self.store.online_outcomes(since, versions=[live, trial.version])
+            verdict = judge_trial(trial, now - since, outcomes[live], outcomes[trial.version], c)
+            if verdict.action == PROMOTE and pointer.paused:
+                verdict = Verdict(WAIT, trial.version, f"paused: {verdict.reason}", verdict.figures)
+        else:
+            promoted_at = self._promoted_at(live)
+            if promoted_at is None or now - promoted_at >= c.watch_s:
+                return None
+            earlier = recent_versions(pointer.previous, live, c.decision_recent_versions)
+            recent = self.store.online_outcomes(now - c.decision_lookback_s, versions=earlier)
+            mine = self.store.online_outcomes(promoted_at, versions=[live])[live]
+            verdict = judge_live(mine, now - promoted_at, [recent[v] for v in earlier], c)
+        self.metrics.decisions.labels(verdict.action).inc()
+        try:
+            self._apply(verdict, live, trial is not None)
+        except LiveChanged as exc:
+            self.log(f"decision dropped, the pointer moved: {exc} ({verdict.reason})")
+        return verdict
+
+    def _apply(self, verdict: Verdict, live: str, on_trial: bool) -> None:
+        if verdict.action not in (PROMOTE, ROLL_BACK) or verdict.version is None:
+            return
+        figures = json_safe(verdict.figures)
+        if on_trial:
+            self.registry.end_trial(
+                promote=verdict.action == PROMOTE,
+                reason=verdict.reason,
+                details=figures,
+                expect_version=verdict.version,
+            )
+        else:
+            self.registry.set_live(
+                verdict.version, reason=verdict.reason, action=ROLLED_BACK, expect_live=live
+            )
+        self.log(f"decision: {verdict.action} {verdict.version} ({verdict.reason})")
+
+    def _promoted_at(self, live: str) -> float | None:
+        """When `live` was last promoted (None if it became live otherwise, e.g. a rollback)."""
+        for decision in self.registry.history(limit=_PROMOTION_SEARCH_DECISIONS):
+            if decision.version == live:
+                return unix_seconds(decision.at) if decision.action == PROMOTED else None
+        return None
+
     # -- the loop ------------------------------------------------------------------------------
 
     def wait_for_work(self, last_feedback_seq: int) -> None:
-        """Sleep until interval_s passes, K new events arrive, or a stop is requested."""
-        deadline = time.monotonic() + self.config.interval_s
+        """Sleep until interval_s passes, K new events arrive, or a stop is requested; judge the
+        trial and the watched live version every decision_interval_s meanwhile."""
+        now = time.monotonic()
+        deadline, next_decision = (
+            now + self.config.interval_s,
+            now + self.config.decision_interval_s,
+        )
         while not self.stop.is_set() and time.monotonic() < deadline:
             _, feedback_seq = self.store.max_seq()
             if feedback_seq - last_feedback_seq >= self.config.wake_after_feedback_events:
                 return
+            if time.monotonic() >= next_decision:
+                self._decide_logging_failures()
+                next_decision = time.monotonic() + self.config.decision_interval_s
             self.stop.wait(min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic())))
+
+    def _decide_logging_failures(self) -> None:
+        try:
+            self.decide()
+        except Exception as exc:  # a failed look must not end the loop: the next one retries
+            self.log(f"decision failed: {type(exc).__name__}: {exc}")
 
     def run(self, *, once: bool = False) -> int:
         """Rounds until stopped (or one with once=True); returns the process exit code."""
         torch.set_num_threads(self.config.torch_threads)
         while not self.stop.is_set():
             seen_feedback_seq = self.store.max_seq()[1]
+            self._decide_logging_failures()
             try:
                 result = self.run_round()
                 self.log(result.line())

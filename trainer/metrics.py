@@ -11,7 +11,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-OUTCOMES = ("published", "refused", "skipped", "aborted", "abandoned", "failed")
+from feedloop.trainer.decisions import VERDICTS
+
+# superseded: published, but live changed during the round, so the candidate was neither made
+# live nor put on trial, and its window is left for the next round (from the new live version).
+OUTCOMES = ("published", "superseded", "refused", "skipped", "aborted", "abandoned", "failed")
 PREFIX = "feedloop_trainer_"
 
 
@@ -114,6 +118,19 @@ class TrainerMetrics:
         self.last_publish = Gauge(
             PREFIX + "last_publish_timestamp_seconds",
             "Unix time of the last published version",
+            registry=r,
+        )
+        self.decisions = Counter(
+            PREFIX + "online_decisions_total",
+            "Online verdicts on the trial or the watched live version, by action",
+            ["action"],
+            registry=r,
+        )
+        for action in VERDICTS:
+            self.decisions.labels(action)
+        self.paused = Gauge(
+            PREFIX + "paused",
+            "1 while an operator has paused the trainer's publication, else 0",
             registry=r,
         )
         self.live_version = Gauge(

@@ -7,11 +7,13 @@ from feedloop.core.store.base import (
     StoreCounts,
 )
 from feedloop.core.store.factory import open_store
+from feedloop.core.store.outcomes import VersionOutcomes
 
 __all__ = [
     "FeedbackRecord",
     "GenerationRecord",
     "ReplayStore",
     "StoreCounts",
+    "VersionOutcomes",
     "open_store",
 ]

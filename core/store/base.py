@@ -17,11 +17,12 @@ Promises every backend keeps (one test suite runs on both):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
+from feedloop.core.store.outcomes import VersionOutcomes
 
 if TYPE_CHECKING:  # both import torch, which reading and writing records never needs
     from feedloop.core.policy import SampledOutput
@@ -172,6 +173,16 @@ class ReplayStore(ABC):
     @abstractmethod
     def feedback_for(self, generation_ids: Sequence[str]) -> list[FeedbackRecord]:
         """Every event that names any of these generations, oldest first."""
+
+    @abstractmethod
+    def online_outcomes(
+        self, since: float, until: float | None = None, versions: Collection[str] | None = None
+    ) -> dict[str, VersionOutcomes]:
+        """Feedback received in [since, until) tallied by its generations' model versions.
+
+        versions: report only these (each one, even without feedback); None: every version that
+        has some. How events count: `feedloop.core.store.outcomes`.
+        """
 
     @abstractmethod
     def max_seq(self) -> tuple[int, int]:

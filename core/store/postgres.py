@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -27,6 +27,12 @@ from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailable
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, StoreCounts
+from feedloop.core.store.outcomes import (
+    JUDGING_KINDS,
+    JudgedGeneration,
+    VersionOutcomes,
+    tally_outcomes,
+)
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
@@ -256,6 +262,24 @@ class PostgresStore(ReplayStore):
             (list(dict.fromkeys(generation_ids)),),
         )
         return [_feedback_from_row(row) for row in rows]
+
+    def online_outcomes(
+        self, since: float, until: float | None = None, versions: Collection[str] | None = None
+    ) -> dict[str, VersionOutcomes]:
+        sql = (
+            "SELECT feedback.seq, feedback.kind, feedback.score, feedback.scale, "
+            "ids.position::integer - 1, ids.generation_id, generations.model_version "
+            "FROM feedback CROSS JOIN LATERAL unnest(feedback.generation_ids) "
+            "WITH ORDINALITY AS ids(generation_id, position) "
+            "JOIN generations ON generations.generation_id = ids.generation_id "
+            "WHERE feedback.kind = ANY(%s::text[]) AND feedback.received_at >= %s"
+        )
+        params: list[Any] = [list(JUDGING_KINDS), since]
+        if until is not None:
+            sql += " AND feedback.received_at < %s"
+            params.append(until)
+        rows = self._fetch("online_outcomes", sql + " ORDER BY feedback.seq, ids.position", params)
+        return tally_outcomes((JudgedGeneration(*row) for row in rows), versions)
 
     def max_seq(self) -> tuple[int, int]:
         row = self._fetch(

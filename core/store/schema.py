@@ -74,7 +74,9 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE feedback_index (indexed_upto INTEGER NOT NULL)",
         "INSERT INTO feedback_index (indexed_upto) SELECT COALESCE(MAX(seq), 0) FROM feedback",
     ),
-    # 4: why each generation's version served it (live, canary, pinned); "" for older rows.
+    # 4: the online report (online_outcomes) reads the feedback received in a time range.
+    ("CREATE INDEX feedback_received_at ON feedback (received_at)",),
+    # 5: why each generation's version served it (live, canary, pinned); "" for older rows.
     ("ALTER TABLE generations ADD COLUMN served_as TEXT NOT NULL DEFAULT ''",),
 )
 
@@ -119,6 +121,7 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # the same on its own (new entries go to a pending list, merged in bulk), as long as
     # fastupdate is on: the default, made explicit so no one turns it off unawares.
     ("ALTER INDEX feedback_generation_ids SET (fastupdate = on)",),
+    ("CREATE INDEX feedback_received_at ON feedback (received_at)",),
     ("ALTER TABLE generations ADD COLUMN served_as TEXT NOT NULL DEFAULT ''",),
 )
 

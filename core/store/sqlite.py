@@ -21,7 +21,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ from feedloop.core.store.base import (
     GenerationRecord,
     ReplayStore,
     StoreCounts,
+)
+from feedloop.core.store.outcomes import (
+    JUDGING_KINDS,
+    JudgedGeneration,
+    VersionOutcomes,
+    tally_outcomes,
 )
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
@@ -401,6 +407,24 @@ class SQLiteStore(ReplayStore):
                 record = _feedback_from_row(row)
                 by_seq[record.seq] = record
         return [by_seq[seq] for seq in sorted(by_seq)]
+
+    def online_outcomes(
+        self, since: float, until: float | None = None, versions: Collection[str] | None = None
+    ) -> dict[str, VersionOutcomes]:
+        sql = (
+            "SELECT feedback.seq, feedback.kind, feedback.score, feedback.scale, "
+            "CAST(ids.key AS INTEGER), ids.value, generations.model_version "
+            "FROM feedback, json_each(feedback.generation_ids) AS ids "
+            "JOIN generations ON generations.generation_id = ids.value "
+            f"WHERE feedback.kind IN ({', '.join('?' * len(JUDGING_KINDS))}) "
+            "AND feedback.received_at >= ?"
+        )
+        params: list[Any] = [*JUDGING_KINDS, since]
+        if until is not None:
+            sql += " AND feedback.received_at < ?"
+            params.append(until)
+        rows = self._read("online_outcomes", sql + " ORDER BY feedback.seq, ids.key", params)
+        return tally_outcomes((JudgedGeneration(*row) for row in rows), versions)
 
     def max_seq(self) -> tuple[int, int]:
         row = self._read(

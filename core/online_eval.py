@@ -1,0 +1,128 @@
+"""Online evaluation, pure: each version's mean rating and win rates from users' feedback, with
+confidence sequences that stay valid however often they are looked at.
+
+A confidence interval re-computed every minute while evidence accumulates and acted on the first
+time it excludes a value is wrong far more often than its level says (each look is another chance
+to be fooled). A confidence sequence (CS) covers the true value at every sample size at once with
+probability at least 1 - alpha, so a decision taken at any look, by any stopping rule, keeps
+that guarantee.
+
+The CS here is the two-sided normal-mixture boundary (Robbins' method of mixtures) as stated by
+Howard, Ramdas, McAuliffe & Sekhon, "Time-uniform, nonparametric, nonasymptotic confidence
+sequences", Ann. Statist. 49(2), 2021 (arXiv:1810.08240). The mixture of exp(lambda S_n -
+lambda^2 V_n / 2) over lambda ~ N(0, 1/rho) is a nonnegative supermartingale, and Ville's
+inequality bounds the chance it ever reaches 1/alpha. For n independent observations that are
+sigma-sub-Gaussian around their mean mu (any variable within an interval of width 2 sigma is,
+by Hoeffding's lemma), with V = sigma^2 n, that reads:
+
+    P( for some n: |sum_i x_i - n mu| >= sqrt((V + rho) log((V + rho) / (rho alpha^2))) ) <= alpha.
+
+Dividing by n gives the radius around the mean. rho only sets where the boundary is tightest:
+rho = sigma^2 m / (2 log(1/alpha) + log(1 + 2 log(1/alpha))) (the zero of its derivative in rho
+at n = m, less a lower-order term) makes it nearly the narrowest possible at n = m, and the
+boundary stays valid at every n whatever m is. Ratings normalised to [-1, 1] use sigma = 1, win
+or loss outcomes (0 or 1) sigma = 1/2: the boundary needs no variance estimate, at the price of
+being conservative for ratings that vary less than a coin flip between -1 and 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from feedloop.core.store.outcomes import VersionOutcomes
+
+RATING_SIGMA = 1.0  # ratings lie in [-1, 1]
+WIN_SIGMA = 0.5  # a pair's outcome lies in {0, 1}
+# Observations at which the boundary is tightest: about what a trial gathers per version.
+TIGHTEST_AT = 500.0
+
+
+def mixture_radius(
+    n: int, alpha: float, *, sigma: float, tightest_at: float = TIGHTEST_AT
+) -> float:
+    """Radius of the normal-mixture CS around the mean of n observations (inf when n is 0)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), not {alpha}")
+    if n <= 0:
+        return math.inf
+    log_inverse = 2 * math.log(1 / alpha)
+    rho = sigma**2 * tightest_at / (log_inverse + math.log(1 + log_inverse))
+    v = sigma**2 * n
+    return math.sqrt((v + rho) * math.log((v + rho) / (rho * alpha**2))) / n
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its confidence sequence [low, high] at level 1 - alpha (n: observations)."""
+
+    n: int
+    mean: float  # nan without observations
+    low: float
+    high: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"n": self.n, "mean": self.mean, "low": self.low, "high": self.high}
+
+
+def _bounded(n: int, mean: float, radius: float, lowest: float, highest: float) -> Estimate:
+    # The true mean lies in [lowest, highest] anyway: clipping keeps the coverage.
+    return Estimate(n, mean, max(lowest, mean - radius), min(highest, mean + radius))
+
+
+def mean_rating(outcomes: VersionOutcomes, alpha: float) -> Estimate:
+    """The version's mean normalised rating, one observation per rated generation."""
+    n = outcomes.ratings
+    if n == 0:
+        return Estimate(0, math.nan, -1.0, 1.0)
+    radius = mixture_radius(n, alpha, sigma=RATING_SIGMA)
+    return _bounded(n, outcomes.rating_sum / n, radius, -1.0, 1.0)
+
+
+def rating_difference(a: VersionOutcomes, b: VersionOutcomes, alpha: float) -> Estimate:
+    """Mean rating of a minus b: each mean's CS at alpha/2 (a union bound), so the difference's
+    covers at 1 - alpha whenever both are looked at. n is the smaller of the two counts."""
+    mean_a, mean_b = mean_rating(a, alpha / 2), mean_rating(b, alpha / 2)
+    return Estimate(
+        min(mean_a.n, mean_b.n),
+        mean_a.mean - mean_b.mean,
+        mean_a.low - mean_b.high,
+        mean_a.high - mean_b.low,
+    )
+
+
+def win_rate(outcomes: VersionOutcomes, opponent: str, alpha: float) -> Estimate:
+    """Share of the pairs between this version and the opponent that this version won."""
+    wins, losses = outcomes.wins.get(opponent, 0), outcomes.losses.get(opponent, 0)
+    n = wins + losses
+    if n == 0:
+        return Estimate(0, math.nan, 0.0, 1.0)
+    return _bounded(n, wins / n, mixture_radius(n, alpha, sigma=WIN_SIGMA), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class VersionReport:
+    """What users' feedback says about one version: mean rating and win rates, each with its CS."""
+
+    version: str
+    rating: Estimate
+    win_rates: dict[str, Estimate] = field(default_factory=dict)  # by opponent version
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "rating": self.rating.as_dict(),
+            "win_rates": {v: e.as_dict() for v, e in self.win_rates.items()},
+        }
+
+
+def online_report(outcomes: dict[str, VersionOutcomes], alpha: float) -> dict[str, VersionReport]:
+    """Each version's report (the ModelAdmin online report and the trainer's decisions read it)."""
+    return {
+        version: VersionReport(
+            version,
+            mean_rating(o, alpha),
+            {opponent: win_rate(o, opponent, alpha) for opponent in sorted({*o.wins, *o.losses})},
+        )
+        for version, o in outcomes.items()
+    }

@@ -1,0 +1,135 @@
+"""How the trainer deploys and decides: canary by default, compare-and-set on the parent, pause,
+and online verdicts applied through the registry (real SQLite store, directory registry)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from store_support import generation, rating
+from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
+
+from feedloop.core.registry import PROMOTED, ROLLED_BACK
+from feedloop.core.store import FeedbackRecord
+from feedloop.demo.simusers import IncludeWord
+from feedloop.trainer.decisions import PROMOTE, ROLL_BACK
+from feedloop.trainer.loop import Trainer
+
+__all__ = ["one_torch_thread"]
+PREF = IncludeWord("little")
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Env]:
+    environment = make_env(tmp_path, tiny_checkpoint)
+    yield environment
+    environment.close()
+
+
+def trainer(env: Env, **overrides: Any) -> Trainer:
+    values: dict[str, Any] = {"publish_as": "canary", "canary_share": 0.2, **overrides}
+    return Trainer(fast_config(env.root, **values), env.store, env.registry, log=lambda _: None)
+
+
+def test_a_passing_candidate_goes_on_trial_as_a_canary_and_no_round_runs_beside_it(
+    env: Env,
+) -> None:
+    simulation(env, PREF).serve_events(40)
+    result = trainer(env).run_round()
+    assert result.outcome == "published", result.reason
+    pointer = env.registry.pointer()
+    assert pointer.live == "v0001"
+    assert pointer.trial is not None
+    assert (pointer.trial.version, pointer.trial.mode, pointer.trial.share) == (
+        "v0002",
+        "canary",
+        0.2,
+    )
+    assert pointer.trial.parent == "v0001"
+    simulation(env, PREF, seed=1).serve_events(40)
+    waiting = trainer(env).run_round()
+    assert waiting.outcome == "skipped" and "v0002 is on trial" in waiting.reason
+
+
+def test_a_round_whose_live_version_changed_meanwhile_publishes_but_deploys_nothing(
+    env: Env, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operators_pick = env.registry.publish(tiny_checkpoint, reason="an operator's version")
+    simulation(env, PREF).serve_events(40)
+    publish = env.registry.publish
+
+    def operator_acts_first(*args: Any, **kwargs: Any) -> str:
+        env.registry.set_live(operators_pick, reason="operator")  # during the round
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(env.registry, "publish", operator_acts_first)
+    result = trainer(env).run_round()
+    assert result.outcome == "superseded", result.reason
+    assert result.version == "v0003" and "v0003" in env.registry.versions()
+    pointer = env.registry.pointer()
+    assert pointer.live == operators_pick and pointer.trial is None
+    assert "the next round trains from the new live version" in result.reason
+    assert env.store.get_cursor("trainer") is None  # the window waits for the next round
+
+
+def test_nothing_is_trained_or_published_while_paused_and_the_gauge_says_so(env: Env) -> None:
+    env.registry.set_paused(True, reason="investigating")
+    simulation(env, PREF).serve_events(40)
+    paused = trainer(env)
+    result = paused.run_round()
+    assert result.outcome == "skipped" and "paused" in result.reason
+    assert env.registry.versions() == ["v0001"]
+    paused.decide()
+    assert "feedloop_trainer_paused 1.0" in generate_latest(paused.metrics.registry).decode()
+
+
+def rate(env: Env, version: str, scores: list[float], at: float) -> None:
+    ids = [f"{version}-{i}" for i in range(len(scores))]
+    env.store.append_generations([generation(g, version=version, t=at) for g in ids])
+    events: list[FeedbackRecord] = []
+    for i, (gid, score) in enumerate(zip(ids, scores, strict=True)):
+        event = rating(f"e-{gid}", gid, score)
+        event.received_at = at + i * 1e-3
+        events.append(event)
+    env.store.insert_feedback(events)
+
+
+def on_trial(env: Env, tiny_checkpoint: Path) -> str:
+    version = env.registry.publish(tiny_checkpoint, reason="candidate")
+    env.registry.start_trial(version, share=0.1, reason="test", expect_live="v0001")
+    return version
+
+
+def test_a_canary_users_rate_as_well_as_live_is_promoted_with_its_figures(
+    env: Env, tiny_checkpoint: Path
+) -> None:
+    version = on_trial(env, tiny_checkpoint)
+    later = time.time() + 1
+    rate(env, "v0001", [0.5] * 300, later)
+    rate(env, version, [0.9] * 300, later)
+    judge = trainer(env, decision_min_ratings=50)
+    verdict = judge.decide()
+    assert verdict is not None and verdict.action == PROMOTE, verdict
+    assert env.registry.live() == version and env.registry.pointer().trial is None
+    decision = env.registry.history()[0]
+    assert (decision.version, decision.action) == (version, PROMOTED)
+    assert decision.details["candidate"]["n"] == 300
+    text = generate_latest(judge.metrics.registry).decode()
+    assert 'feedloop_trainer_online_decisions_total{action="promote"} 1.0' in text
+
+
+def test_a_canary_users_rate_worse_is_rolled_back_and_live_kept(
+    env: Env, tiny_checkpoint: Path
+) -> None:
+    version = on_trial(env, tiny_checkpoint)
+    later = time.time() + 1
+    rate(env, "v0001", [0.9] * 60, later)
+    rate(env, version, [0.1] * 60, later)
+    verdict = trainer(env, decision_min_ratings=50).decide()
+    assert verdict is not None and verdict.action == ROLL_BACK
+    assert env.registry.live() == "v0001" and env.registry.pointer().trial is None
+    assert env.registry.history()[0].action == ROLLED_BACK

@@ -1,0 +1,164 @@
+"""The decision policy, pure: from users' online feedback, promote a trial, roll it back, or wait;
+and roll a freshly promoted live version back when it is confidently worse than a recent one.
+
+Every figure behind a verdict rides with it into the registry's history. The confidence
+sequences (feedloop.core.online_eval) are valid however often the trainer looks, so deciding at
+every look, as this policy does, keeps the stated confidence 1 - alpha.
+
+A trial (canary) is judged on the difference of mean ratings, trial minus live, both read since
+the trial began (the same users, the same time):
+- roll back when the difference is below 0 with confidence 1 - alpha (the trial is worse);
+- promote when it is above -margin with that confidence (not worse by more than the margin);
+- otherwise wait, and roll back after max_trial_s without a verdict, saying so.
+Fewer than min_ratings on either side is too little evidence: wait (or time out).
+A shadow trial serves no user, so it collects no online ratings: it ends without promotion at
+max_trial_s (an operator promotes one on its off-policy figures).
+
+A live version promoted less than watch_s ago is compared with each recent version (the
+rollback stack's latest ones): if it is below one of them with confidence 1 - alpha (split
+evenly over the comparisons), the best such version is made live again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from feedloop.core.online_eval import Estimate, mean_rating, rating_difference
+from feedloop.core.registry import SHADOW, Trial
+from feedloop.core.store.outcomes import VersionOutcomes
+from feedloop.trainer.config import TrainConfig
+
+PROMOTE = "promote"
+ROLL_BACK = "roll_back"
+WAIT = "wait"
+VERDICTS = (PROMOTE, ROLL_BACK, WAIT)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do now. version: the trial's version (a trial) or the version to make live again
+    (a watched live version rolled back); None when there is nothing to judge."""
+
+    action: str  # PROMOTE, ROLL_BACK or WAIT
+    version: str | None
+    reason: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _enough(config: TrainConfig, *outcomes: VersionOutcomes) -> bool:
+    return all(o.ratings >= config.decision_min_ratings for o in outcomes)
+
+
+def _interval(estimate: Estimate) -> str:
+    return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
+
+
+def judge_trial(
+    trial: Trial,
+    age_s: float,
+    live: VersionOutcomes,
+    candidate: VersionOutcomes,
+    config: TrainConfig,
+) -> Verdict:
+    """The verdict on a running trial `age_s` seconds old (module docstring)."""
+    alpha, margin = config.decision_alpha, config.decision_margin
+    difference = rating_difference(candidate, live, alpha)
+    figures: dict[str, Any] = {
+        "trial_age_s": age_s,
+        "alpha": alpha,
+        "margin": margin,
+        "live": mean_rating(live, alpha).as_dict(),
+        "candidate": mean_rating(candidate, alpha).as_dict(),
+        "difference": difference.as_dict(),
+    }
+    timed_out = age_s >= config.max_trial_s
+    if trial.mode == SHADOW:
+        if timed_out:
+            return Verdict(
+                ROLL_BACK,
+                trial.version,
+                f"shadow trial ended after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): "
+                "shadows collect no online ratings; promote one by hand",
+                figures,
+            )
+        return Verdict(WAIT, trial.version, "shadow trial: no online ratings to judge", figures)
+    if not _enough(config, live, candidate):
+        evidence = (
+            f"{candidate.ratings} ratings of {trial.version}, {live.ratings} of {live.version} "
+            f"(min_ratings {config.decision_min_ratings})"
+        )
+        if timed_out:
+            return Verdict(
+                ROLL_BACK,
+                trial.version,
+                f"no verdict after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): "
+                f"too little evidence, {evidence}",
+                figures,
+            )
+        return Verdict(WAIT, trial.version, f"too little evidence: {evidence}", figures)
+    versus = (
+        f"{trial.version} minus {live.version}: {_interval(difference)} "
+        f"at {1 - alpha:.0%} (time-uniform)"
+    )
+    if difference.high < 0:
+        return Verdict(
+            ROLL_BACK, trial.version, f"online rating worse than live: {versus}", figures
+        )
+    if difference.low >= -margin:
+        return Verdict(
+            PROMOTE,
+            trial.version,
+            f"online rating not worse than live by more than {margin}: {versus}",
+            figures,
+        )
+    if timed_out:
+        return Verdict(
+            ROLL_BACK,
+            trial.version,
+            f"no verdict after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): {versus}",
+            figures,
+        )
+    return Verdict(WAIT, trial.version, f"undecided: {versus}", figures)
+
+
+def judge_live(
+    live: VersionOutcomes,
+    live_for_s: float,
+    recent: Sequence[VersionOutcomes],
+    config: TrainConfig,
+) -> Verdict:
+    """The verdict on a live version promoted `live_for_s` seconds ago (module docstring)."""
+    if live_for_s >= config.watch_s or not recent:
+        return Verdict(WAIT, None, f"{live.version} is past its watch or has no recent versions")
+    alpha = config.decision_alpha / len(recent)  # one comparison per recent version
+    figures: dict[str, Any] = {
+        "live_for_s": live_for_s,
+        "alpha_per_comparison": alpha,
+        "live": mean_rating(live, alpha).as_dict(),
+    }
+    better: list[tuple[float, str, Estimate]] = []
+    for other in recent:
+        figures[other.version] = mean_rating(other, alpha).as_dict()
+        if not _enough(config, live, other):
+            continue
+        difference = rating_difference(live, other, alpha)
+        figures[f"difference_to_{other.version}"] = difference.as_dict()
+        if difference.high < 0:
+            better.append((other.rating_sum / other.ratings, other.version, difference))
+    if not better:
+        return Verdict(WAIT, None, f"{live.version} is not confidently below a recent version")
+    _, best, difference = max(better)
+    return Verdict(
+        ROLL_BACK,
+        best,
+        f"{live.version}, live for {live_for_s:.0f} s, rates below {best}: {live.version} minus "
+        f"{best} {_interval(difference)} (time-uniform, alpha {alpha:.3g} per comparison)",
+        figures,
+    )
+
+
+def recent_versions(previous: Sequence[str], live: str, count: int) -> list[str]:
+    """The `count` latest earlier live versions (rollback stack, newest first), live left out."""
+    return list(dict.fromkeys(v for v in reversed(previous) if v != live))[:count]
