@@ -47,7 +47,10 @@ from feedloop.demo.tracker import DemoStats
 EXIT_OK, EXIT_NOT_IMPROVED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # The trainer's defaults suit a production trickle; the demo has minutes, so rounds start after
-# fewer events. Anything given with --trainer-arg comes later on the command line and wins.
+# fewer events. Candidates that pass the gate go live at once: a canary is promoted only once its
+# confidence sequence clears the margin, which takes more ratings than a few minutes of simulated
+# users give it (`--trainer-arg=--publish-as --trainer-arg=canary` shows trials instead).
+# Anything given with --trainer-arg comes later on the command line and wins.
 DEMO_TRAINER_ARGS = (
     "--wake-after-feedback-events",
     "160",
@@ -55,6 +58,8 @@ DEMO_TRAINER_ARGS = (
     "20",
     "--poll-interval-s",
     "0.5",
+    "--publish-as",
+    "live",
 )
 
 
