@@ -13,6 +13,12 @@ carrying the gRPC status code and the server's message.
 from feedloop.client.aio import AsyncFeedloopClient
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.online import (
+    OnlineEstimate,
+    OnlineReportResult,
+    TrialComparisonInfo,
+    VersionOnline,
+)
 from feedloop.client.options import DEFAULT_TARGET, ClientOptions, RetryPolicy
 from feedloop.client.types import (
     Candidate,
@@ -45,11 +51,15 @@ __all__ = [
     "GenerateResult",
     "ModelInfo",
     "ModelsResult",
+    "OnlineEstimate",
+    "OnlineReportResult",
     "Ranking",
     "Rating",
     "RegistryStateResult",
     "RetryPolicy",
     "SetLiveResult",
     "StatusResult",
+    "TrialComparisonInfo",
     "TrialInfo",
+    "VersionOnline",
 ]

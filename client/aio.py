@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.online import OnlineReportResult, online_report_request
 from feedloop.client.options import ClientOptions
 from feedloop.client.types import (
     Comparison,
@@ -290,6 +291,22 @@ class AsyncFeedloopClient:
         request = pb.SetTrainerPausedRequest(paused=paused, reason=reason)
         reply = await self._unary(self._admin.SetTrainerPaused, request, timeout_s)
         return RegistryStateResult.from_proto(reply)
+
+    async def online_report(
+        self,
+        *,
+        window_s: float | None = None,
+        alpha: float | None = None,
+        versions: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> OnlineReportResult:
+        """Online reward by version: each version's mean rating and win rates from the feedback
+        of the last window_s seconds (default: an hour), with confidence sequences at level
+        1 - alpha (default 0.05); versions: only these. While a trial runs, also its rating
+        minus live's since it began."""
+        request = online_report_request(window_s, alpha, versions)
+        reply = await self._unary(self._admin.GetOnlineReport, request, timeout_s)
+        return OnlineReportResult.from_proto(reply)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)

@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run a version on trial beside live, then promote or roll it back",
     ),
     "trainer": ("feedloop.client.commands", "", "pause or resume the trainer's publication"),
+    "online-report": (
+        "feedloop.client.commands",
+        "",
+        "online reward by version, with confidence intervals",
+    ),
     "serve": ("feedloop.server.cli", "serve", "run the gRPC server"),
     "train": ("feedloop.trainer.cli", "train", "run the trainer (RL from stored feedback)"),
     "pretrain": ("feedloop.core.cli", "core", "supervised pretraining of a policy on a corpus"),

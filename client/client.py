@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.online import OnlineReportResult, online_report_request
 from feedloop.client.options import ClientOptions
 from feedloop.client.types import (
     Comparison,
@@ -281,6 +282,22 @@ class FeedloopClient:
         request = pb.SetTrainerPausedRequest(paused=paused, reason=reason)
         reply = self._unary(self._admin.SetTrainerPaused, request, timeout_s)
         return RegistryStateResult.from_proto(reply)
+
+    def online_report(
+        self,
+        *,
+        window_s: float | None = None,
+        alpha: float | None = None,
+        versions: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> OnlineReportResult:
+        """Online reward by version: each version's mean rating and win rates from the feedback
+        of the last window_s seconds (default: an hour), with confidence sequences at level
+        1 - alpha (default 0.05); versions: only these. While a trial runs, also its rating
+        minus live's since it began."""
+        request = online_report_request(window_s, alpha, versions)
+        reply = self._unary(self._admin.GetOnlineReport, request, timeout_s)
+        return OnlineReportResult.from_proto(reply)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The grpc.health.v1 status: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""

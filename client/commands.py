@@ -1,5 +1,5 @@
 """The client commands of `feedloop`: generate, feedback, models, status, set-live, rollback,
-canary (trials) and trainer (pause, resume).
+canary (trials), trainer (pause, resume) and online-report.
 
 Each is a thin edge over FeedloopClient: parse flags, make one call, print a table (or JSON with
 --json), and turn a FeedloopClientError into one line on stderr and an exit code a script can
@@ -23,6 +23,7 @@ import grpc
 
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.online import OnlineEstimate, OnlineReportResult
 from feedloop.client.options import DEFAULT_TARGET, RetryPolicy
 from feedloop.client.types import RATING_SCALES, RegistryStateResult, TrialInfo
 
@@ -245,6 +246,54 @@ def run_trainer(client: FeedloopClient, args: argparse.Namespace) -> Any:
     return _state(result, args)
 
 
+def _estimate(estimate: OnlineEstimate) -> str:
+    if estimate.mean is None:
+        return "-"
+    return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
+
+
+def _online_text(report: OnlineReportResult) -> str:
+    header = (
+        f"feedback from {_when(report.since)} to {_when(report.until)}, "
+        f"intervals at {(1 - report.alpha) * 100:g}% (time-uniform)\n"
+        f"{_pointer_line(report.live_version, report.trial, False)}"
+    )
+    table = format_table(
+        ("version", "role", "n", "mean", "interval", "win rates"),
+        [
+            (
+                v.version,
+                v.role,
+                v.rating.count,
+                "-" if v.rating.mean is None else f"{v.rating.mean:+.3f}",
+                "-" if v.rating.mean is None else f"[{v.rating.low:+.3f}, {v.rating.high:+.3f}]",
+                "; ".join(
+                    f"vs {opponent} {w.mean:.2f} [{w.low:.2f}, {w.high:.2f}] n={w.count}"
+                    for opponent, w in v.win_rates.items()
+                    if w.mean is not None
+                ),
+            )
+            for v in report.versions
+        ],
+    )
+    text = f"{header}\n\n{table}"
+    c = report.trial_comparison
+    if c is not None:
+        text += (
+            f"\n\ntrial {c.trial_version} minus live {c.live_version}, ratings since the trial "
+            f"began {c.trial_age_s:.0f} s ago: {_estimate(c.difference)} "
+            f"(n {c.trial_rating.count} and {c.live_rating.count})"
+        )
+    return text
+
+
+def run_online_report(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    report = client.online_report(
+        window_s=args.window_s, alpha=args.alpha, versions=args.version or ()
+    )
+    return report if args.json else _online_text(report)
+
+
 # ------------------------------------------------------------------------------ parsers
 
 
@@ -452,6 +501,33 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             sub.add_argument("--reason", default="", help="recorded in the registry history")
             add_connection_flags(sub)
         return p
+    elif name == "online-report":
+        p = _parser(
+            name,
+            "Online reward by version: mean rating (normalised to [-1, 1]) and win rates from "
+            "users' feedback, each with an interval that stays valid however often it is looked "
+            "at; during a trial, the trial minus live since it began.",
+            "  feedloop online-report\n"
+            "  feedloop online-report --window-s 600 --alpha 0.1\n"
+            "  feedloop online-report --version v0003 --version v0004 --json\n",
+        )
+        p.add_argument(
+            "--window-s",
+            type=float,
+            help="read the feedback of the last S seconds (default: the server's, an hour)",
+        )
+        p.add_argument(
+            "--alpha",
+            type=float,
+            help="intervals cover at level 1 - alpha, alpha in (0, 1) (default: 0.05)",
+        )
+        p.add_argument(
+            "--version",
+            action="append",
+            metavar="VERSION",
+            help="report this version, even without feedback (repeatable; default: every "
+            "version with feedback, live and the trial)",
+        )
     else:
         raise KeyError(name)
     add_connection_flags(p)
@@ -467,6 +543,7 @@ RUNNERS: dict[str, Callable[[FeedloopClient, argparse.Namespace], Any]] = {
     "rollback": run_rollback,
     "canary": run_canary,
     "trainer": run_trainer,
+    "online-report": run_online_report,
 }
 
 

@@ -90,7 +90,7 @@ class FeedbackResult:
         )
 
 
-def _time(ts: Timestamp, present: bool) -> datetime | None:
+def time_of(ts: Timestamp, present: bool) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if present else None
 
 
@@ -123,7 +123,7 @@ class TrialInfo:
             version=trial.version,
             mode=modes.get(trial.mode, "canary"),
             share=trial.share,
-            since=_time(trial.since, trial.HasField("since")),
+            since=time_of(trial.since, trial.HasField("since")),
             parent_version=trial.parent_version,
         )
 
@@ -183,7 +183,7 @@ class ModelsResult:
                 ModelInfo(
                     version=v.version,
                     parent_version=v.parent_version,
-                    created_at=_time(v.created_at, v.HasField("created_at")),
+                    created_at=time_of(v.created_at, v.HasField("created_at")),
                     architecture=v.architecture,
                     parameter_count=v.parameter_count,
                     summary=_json(v.summary_json),
@@ -193,7 +193,7 @@ class ModelsResult:
             ),
             decisions=tuple(
                 DecisionInfo(
-                    at=_time(d.at, d.HasField("at")),
+                    at=time_of(d.at, d.HasField("at")),
                     version=d.version,
                     action=d.action,
                     reason=d.reason,

@@ -1,6 +1,10 @@
 """The ModelAdmin service: the registry's versions and decisions, this replica's status, SetLive,
-Rollback, trials and the trainer's pause. Registry calls block (disk, PostgreSQL), so they run in
-worker threads.
+Rollback, trials, the trainer's pause and the online report by version. Registry and store calls
+block (disk, PostgreSQL), so they run in worker threads.
+
+The online report gives figures, not the decision policy's verdict: the policy's margin, minimum
+counts and time limit are the trainer's configuration, which the server does not read (server
+and trainer never import each other); the trainer's verdicts are in the registry's decisions.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from datetime import datetime
 
@@ -15,10 +20,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feedloop import __version__
+from feedloop.core.online_eval import Estimate, mean_rating, online_report, rating_difference
 from feedloop.core.registry import CANARY, SHADOW, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.registry.pointer import valid_share
+from feedloop.core.store import ReplayStore
+from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.server.batcher import Batcher
-from feedloop.server.errors import InvalidArgument
+from feedloop.server.errors import InvalidArgument, NotFound
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.rpc import unary
@@ -26,6 +34,8 @@ from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_DECISIONS = 100
+DEFAULT_ONLINE_WINDOW_S = 3600.0
+DEFAULT_ONLINE_ALPHA = 0.05
 TRIAL_MODES_PB = {CANARY: pb.TRIAL_MODE_CANARY, SHADOW: pb.TRIAL_MODE_SHADOW}
 
 
@@ -95,10 +105,114 @@ def list_models(registry: ModelRegistry, max_decisions: int) -> pb.ListModelsRes
     )
 
 
+def timestamp_at(unix_s: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(round(unix_s * 1e9))
+    return ts
+
+
+def estimate_pb(estimate: Estimate) -> pb.OnlineEstimate:
+    return pb.OnlineEstimate(
+        count=estimate.n, mean=estimate.mean, low=estimate.low, high=estimate.high
+    )
+
+
+def online_window(request: pb.GetOnlineReportRequest) -> tuple[float, float]:
+    """(window_s, alpha) with defaults filled in; InvalidArgument naming a bad field."""
+    if not (math.isfinite(request.window_s) and request.window_s >= 0):
+        raise InvalidArgument("window_s", f"must be seconds >= 0, got {request.window_s!r}")
+    alpha = request.alpha or DEFAULT_ONLINE_ALPHA
+    if not 0 < alpha < 1:  # NaN fails too
+        raise InvalidArgument("alpha", f"must be in (0, 1), got {request.alpha!r}")
+    return request.window_s or DEFAULT_ONLINE_WINDOW_S, alpha
+
+
+def trial_comparison(
+    store: ReplayStore, live: str, trial: Trial, alpha: float, now: float
+) -> pb.TrialComparison:
+    """Blocking: the trial against live on the feedback since the trial began, as the trainer's
+    decision policy reads it."""
+    since = datetime.fromisoformat(trial.since).timestamp()
+    outcomes = store.online_outcomes(since, now, versions=[live, trial.version])
+    candidate, current = outcomes[trial.version], outcomes[live]
+    return pb.TrialComparison(
+        trial_version=trial.version,
+        live_version=live,
+        trial_age_s=now - since,
+        trial_rating=estimate_pb(mean_rating(candidate, alpha)),
+        live_rating=estimate_pb(mean_rating(current, alpha)),
+        difference=estimate_pb(rating_difference(candidate, current, alpha)),
+    )
+
+
+def get_online_report(
+    registry: ModelRegistry,
+    store: ReplayStore,
+    versions: list[str],
+    window_s: float,
+    alpha: float,
+    now: float,
+) -> pb.OnlineReport:
+    """Blocking: read the pointer and the store's outcomes in [now - window_s, now).
+
+    versions: exactly these (NotFound for one the registry does not hold); empty: every version
+    with feedback in the window, and live and the trial's version with or without.
+    """
+    pointer = registry.pointer()
+    published = registry.versions()
+    unknown = [v for v in versions if v not in published]
+    if unknown:
+        raise NotFound(f"versions: not in the registry: {', '.join(map(repr, unknown))}")
+    since = now - window_s
+    trial = pointer.trial
+    if versions:
+        outcomes = store.online_outcomes(since, now, versions=versions)
+    else:
+        outcomes = store.online_outcomes(since, now)
+        for always in (pointer.live, trial.version if trial else None):
+            if always is not None and always not in outcomes:
+                outcomes[always] = VersionOutcomes(always)
+    reports = online_report(outcomes, alpha)
+    newest_first = {v: i for i, v in enumerate(reversed(published))}
+    order = sorted(
+        reports,
+        key=lambda v: (
+            v != pointer.live,
+            trial is None or v != trial.version,
+            newest_first.get(v, len(newest_first)),
+            v,
+        ),
+    )
+    report = pb.OnlineReport(
+        since=timestamp_at(since),
+        until=timestamp_at(now),
+        alpha=alpha,
+        versions=[
+            pb.VersionOnlineReport(
+                version=version,
+                live=version == pointer.live,
+                on_trial=trial is not None and version == trial.version,
+                rating=estimate_pb(reports[version].rating),
+                win_rates=[
+                    pb.WinRate(opponent_version=opponent, estimate=estimate_pb(estimate))
+                    for opponent, estimate in reports[version].win_rates.items()
+                ],
+            )
+            for version in order
+        ],
+        live_version=pointer.live or "",
+        trial=trial_pb(trial),
+    )
+    if trial is not None and pointer.live is not None:
+        report.trial_comparison.CopyFrom(trial_comparison(store, pointer.live, trial, alpha, now))
+    return report
+
+
 class ModelAdminService(pb_grpc.ModelAdminServicer):
     def __init__(
         self,
         registry: ModelRegistry,
+        store: ReplayStore,
         live_model: LiveModel,
         batcher: Batcher,
         metrics: ServerMetrics,
@@ -106,6 +220,7 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
         started_at: float,
     ) -> None:
         self.registry = registry
+        self.store = store
         self.live_model = live_model
         self.batcher = batcher
         self.metrics = metrics
@@ -212,3 +327,20 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
             reason=request.reason or f"trainer {verb} via ModelAdmin",
         )
         return registry_state_pb(pointer)
+
+    @unary("GetOnlineReport")
+    async def GetOnlineReport(
+        self, request: pb.GetOnlineReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OnlineReport:
+        window_s, alpha = online_window(request)
+        if any(not version for version in request.versions):
+            raise InvalidArgument("versions", "must not hold an empty name")
+        return await asyncio.to_thread(
+            get_online_report,
+            self.registry,
+            self.store,
+            list(request.versions),
+            window_s,
+            alpha,
+            time.time(),
+        )

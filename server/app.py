@@ -4,7 +4,7 @@
     GenerationService ─▶ Batcher (dispatcher thread) ┘        │ replies (reader thread)
                                                    GenerationLog (writer thread) ─▶ store
     FeedbackService ───▶ FeedbackWriter (writer thread) ────────────────────────────▶ store
-    ModelAdminService ─▶ registry          AuthInterceptor in front of all three
+    ModelAdminService ─▶ registry, store   AuthInterceptor in front of all three
     Health (NOT_SERVING until a model is loaded and while draining), reflection, /metrics
 
 Shutdown order matters: health goes NOT_SERVING, the gRPC server stops taking calls and lets
@@ -202,7 +202,12 @@ class FeedloopServer:
             max_correction_chars=config.max_correction_chars,
         )
         admin = ModelAdminService(
-            self.registry, self.live_model, self.batcher, metrics, started_at=self._started_at
+            self.registry,
+            self.store,
+            self.live_model,
+            self.batcher,
+            metrics,
+            started_at=self._started_at,
         )
         for servicer, name in (
             (generation, "Generation"),

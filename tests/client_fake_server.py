@@ -37,6 +37,7 @@ class Script:
     trial: pb.Trial | None = None
     routing_keys: list[str] = field(default_factory=list)  # of each Generate request
     trainer_paused: bool = False
+    online_requests: list[pb.GetOnlineReportRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -217,6 +218,58 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
         self._enter("SetTrainerPaused", context)
         self.script.trainer_paused = request.paused
         return self._state()
+
+    def GetOnlineReport(self, request, context):
+        self._enter("GetOnlineReport", context)
+        if request.window_s < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "window_s: must be seconds >= 0")
+        if not 0 < (request.alpha or 0.05) < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "alpha: must be in (0, 1)")
+        known = {self.script.live_version, *self.script.previous_versions, "v0002"}
+        if set(request.versions) - known:
+            context.abort(grpc.StatusCode.NOT_FOUND, "versions: not in the registry")
+        self.script.online_requests.append(request)
+        live = self.script.live_version
+        other = "v0002" if live != "v0002" else "v0001"
+        reply = pb.OnlineReport(
+            alpha=request.alpha or 0.05,
+            live_version=live,
+            trial=self.script.trial,
+            versions=[
+                pb.VersionOnlineReport(
+                    version=live,
+                    live=True,
+                    rating=pb.OnlineEstimate(count=40, mean=0.25, low=-0.125, high=0.625),
+                    win_rates=[
+                        pb.WinRate(
+                            opponent_version=other,
+                            estimate=pb.OnlineEstimate(count=8, mean=0.75, low=0.25, high=1.0),
+                        )
+                    ],
+                ),
+                pb.VersionOnlineReport(
+                    version=other,
+                    on_trial=self.script.trial is not None,
+                    rating=pb.OnlineEstimate(count=0, mean=float("nan"), low=-1.0, high=1.0),
+                ),
+            ],
+        )
+        reply.until.GetCurrentTime()
+        reply.since.FromNanoseconds(
+            reply.until.ToNanoseconds() - round((request.window_s or 3600) * 1e9)
+        )
+        if self.script.trial is not None:
+            reply.trial_comparison.CopyFrom(
+                pb.TrialComparison(
+                    trial_version=self.script.trial.version,
+                    live_version=live,
+                    trial_age_s=90.0,
+                    trial_rating=pb.OnlineEstimate(count=12, mean=0.5, low=0.0, high=1.0),
+                    live_rating=pb.OnlineEstimate(count=30, mean=0.25, low=0.0, high=0.5),
+                    difference=pb.OnlineEstimate(count=12, mean=0.25, low=-0.5, high=1.0),
+                )
+            )
+        return reply
 
 
 class FakeServer:

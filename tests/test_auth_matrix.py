@@ -18,7 +18,7 @@ from faults_procs import is_serving, seeded_data_dir, server_process
 
 from feedloop.core.store import open_store
 from feedloop.demo.processes import Child
-from feedloop.server.auth import hash_key
+from feedloop.server.auth import METHODS, hash_key
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
@@ -140,6 +140,12 @@ CALLS: dict[str, tuple[str, Call]] = {
             pb.RollbackRequest(reason="auth matrix"), metadata=md, timeout=CALL_TIMEOUT_S
         ),
     ),
+    "GetOnlineReport": (
+        "admin",
+        lambda ch, gid, md: pb_grpc.ModelAdminStub(ch).GetOnlineReport(
+            pb.GetOnlineReportRequest(), metadata=md, timeout=CALL_TIMEOUT_S
+        ),
+    ),
 }
 
 
@@ -239,3 +245,13 @@ def test_no_api_key_appears_in_the_server_output_or_its_metrics(secured: Secured
     for secret in [*KEYS.values(), WRONG_KEY]:
         for where, text in (("log", log_text), ("stdout", stdout_text), ("metrics", metrics_text)):
             assert secret not in text, f"API key {secret[:7]}... leaked into the {where}"
+
+
+def test_every_rpc_of_the_contract_needs_a_role() -> None:
+    """A method missing from the auth table would be open to anyone."""
+    rpcs = {
+        f"/{service.full_name}/{method.name}"
+        for service in pb.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert rpcs == set(METHODS)

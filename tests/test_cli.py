@@ -22,6 +22,7 @@ COMMANDS = [
     "rollback",
     "canary",
     "trainer",
+    "online-report",
 ]
 
 
@@ -143,6 +144,52 @@ def test_canary_and_trainer_commands_change_the_registry_state(capsys, fake):
     code, out, _ = run(capsys, "trainer", "resume", *target)
     assert (code, out.strip()) == (0, "live: v0002  trial: none")
     assert fake.script.calls[-1] == "SetTrainerPaused"
+
+
+def test_online_report_prints_a_table_by_version_and_the_trial_comparison(capsys, fake):
+    target = ("--target", fake.target)
+    code, out, _ = run(capsys, "online-report", *target)
+    assert code == 0
+    lines = out.splitlines()
+    assert "intervals at 95% (time-uniform)" in lines[0]
+    assert lines[1] == "live: v0001  trial: none"
+    assert lines[3].split() == ["version", "role", "n", "mean", "interval", "win", "rates"]
+    assert lines[5].split() == [
+        "v0001", "live", "40", "+0.250", "[-0.125,", "+0.625]",
+        "vs", "v0002", "0.75", "[0.25,", "1.00]", "n=8",
+    ]  # fmt: skip
+    assert lines[6].split() == ["v0002", "0", "-", "-"]
+    assert "trial" not in out.split("\n\n", 2)[-1]
+
+    assert run(capsys, "canary", "start", "v0002", "--share", "0.1", *target)[0] == 0
+    code, out, _ = run(capsys, "online-report", "--window-s", "600", "--alpha", "0.1", *target)
+    assert code == 0 and "intervals at 90%" in out
+    assert out.strip().splitlines()[-1] == (
+        "trial v0002 minus live v0001, ratings since the trial began 90 s ago: "
+        "+0.250 [-0.500, +1.000] (n 12 and 30)"
+    )
+    sent = fake.script.online_requests[-1]
+    assert (sent.window_s, sent.alpha) == (600, 0.1)
+
+
+def test_online_report_json_is_machine_readable_and_bad_flags_exit_5_or_4(capsys, fake):
+    target = ("--target", fake.target)
+    code, out, _ = run(capsys, "online-report", "--version", "v0001", "--json", *target)
+    assert code == 0
+    report = json.loads(out)  # no NaN: a version without ratings has a null mean
+    assert list(fake.script.online_requests[-1].versions) == ["v0001"]
+    assert report["versions"][0]["rating"] == {
+        "count": 40, "mean": 0.25, "low": -0.125, "high": 0.625
+    }  # fmt: skip
+    assert report["versions"][1]["rating"]["mean"] is None
+    assert report["trial_comparison"] is None
+    code, _, err = run(capsys, "online-report", "--alpha", "2", *target)
+    assert code == 5
+    assert_one_line_error(err, "INVALID_ARGUMENT", "alpha")
+    code, _, err = run(capsys, "online-report", "--version", "v0099", *target)
+    assert code == 4
+    assert_one_line_error(err, "NOT_FOUND", "versions")
+    assert run(capsys, "online-report", "--window-s", "soon", *target)[0] == 2
 
 
 def test_canary_refusals_exit_5_and_bad_flags_exit_2(capsys, fake):

@@ -16,6 +16,7 @@ from feedloop.client import (
     Correction,
     FeedloopClient,
     FeedloopClientError,
+    OnlineEstimate,
     Ranking,
     Rating,
     RetryPolicy,
@@ -194,6 +195,47 @@ def test_trial_and_pause_calls_return_the_registry_state(client, fake):
     assert fake.script.calls.count("StartTrial") == 2
 
 
+def test_online_report_reads_each_version_with_its_interval_and_the_trial_comparison(client, fake):
+    report = client.online_report()
+    sent = fake.script.online_requests[-1]
+    assert (sent.window_s, sent.alpha, list(sent.versions)) == (0.0, 0.0, [])  # server defaults
+    assert report.alpha == 0.05 and report.live_version == "v0001"
+    assert report.since is not None and report.until is not None
+    assert (report.until - report.since).total_seconds() == 3600
+    live, other = report.versions
+    assert (live.version, live.role) == ("v0001", "live")
+    assert (live.rating.count, live.rating.mean) == (40, 0.25)
+    assert (live.rating.low, live.rating.high) == (-0.125, 0.625)
+    assert live.win_rates["v0002"] == OnlineEstimate(8, 0.75, 0.25, 1.0)
+    assert (other.version, other.role) == ("v0002", "")
+    assert other.rating == OnlineEstimate(0, None, -1.0, 1.0)  # no ratings: no mean, not NaN
+    assert report.trial is None and report.trial_comparison is None
+
+    client.start_trial("v0002", share=0.1)
+    report = client.online_report(window_s=600, alpha=0.1, versions=["v0001", "v0002"])
+    sent = fake.script.online_requests[-1]
+    assert (sent.window_s, sent.alpha, list(sent.versions)) == (600, 0.1, ["v0001", "v0002"])
+    assert report.versions[1].role == "canary"
+    comparison = report.trial_comparison
+    assert comparison is not None
+    assert (comparison.trial_version, comparison.live_version) == ("v0002", "v0001")
+    assert comparison.difference == OnlineEstimate(12, 0.25, -0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"window_s": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"alpha": 1.5}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"versions": ["v0099"]}, grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_online_report_refusals_carry_the_servers_code(client, fields, code):
+    with pytest.raises(FeedloopClientError) as raised:
+        client.online_report(**fields)
+    assert raised.value.code == code
+
+
 def test_set_live_with_an_expected_live_version_is_aborted_when_it_changed(client, fake):
     with pytest.raises(FeedloopClientError) as raised:
         client.set_live("v0002", expected_live_version="v0002")
@@ -299,6 +341,8 @@ async def test_async_client_raises_codes_and_admin_calls_work(fake):
         assert started.trial is not None and started.trial.mode == "canary"
         assert (await client.end_trial(promote=False)).trial is None
         assert (await client.set_trainer_paused(True)).trainer_paused is True
+        report = await client.online_report(window_s=60, alpha=0.2)
+        assert report.alpha == 0.2 and report.versions[0].rating.count == 40
 
 
 async def test_async_submit_many_survives_a_broken_stream(fake):

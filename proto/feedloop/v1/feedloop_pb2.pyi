@@ -888,3 +888,248 @@ class SetTrainerPausedRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetTrainerPausedRequest: _TypeAlias = SetTrainerPausedRequest  # noqa: Y015
+
+@_typing.final
+class GetOnlineReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    window_s: _builtins.float
+    """How far back to read feedback, in seconds, ending when the server answers. 0: the last hour."""
+    alpha: _builtins.float
+    """Every interval covers its true value with probability at least 1 - alpha; in (0, 1).
+    0: 0.05.
+    """
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Report exactly these versions, each one even without feedback. Empty: every version with
+        feedback in the window, and the live version and the one on trial with or without.
+        """
+
+    def __init__(
+        self,
+        *,
+        window_s: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        versions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "versions", b"versions", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOnlineReportRequest: _TypeAlias = GetOnlineReportRequest  # noqa: Y015
+
+@_typing.final
+class OnlineEstimate(_message.Message):
+    """A mean with its confidence sequence at level 1 - alpha: an interval that covers the true
+    value at every count at once, so watching it narrow and acting the first time it excludes a
+    value keeps the stated confidence (a plain confidence interval re-checked every minute would
+    not).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Observations behind the mean: rated generations for a rating, pairs for a win rate, the
+    smaller of the two sides' counts for a difference.
+    """
+    mean: _builtins.float
+    """NaN when count is 0."""
+    low: _builtins.float
+    """The interval, clipped to the value's range (a rating [-1, 1], a win rate [0, 1]); the whole
+    range when count is 0.
+    """
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        mean: _builtins.float = ...,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "high", b"high", "low", b"low", "mean", b"mean"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OnlineEstimate: _TypeAlias = OnlineEstimate  # noqa: Y015
+
+@_typing.final
+class WinRate(_message.Message):
+    """One version's share of the pairs it was compared in against one other version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPPONENT_VERSION_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    opponent_version: _builtins.str
+    @_builtins.property
+    def estimate(self) -> Global___OnlineEstimate:
+        """count: comparison and ranking pairs between the two versions (a ranking of n implies
+        n(n-1)/2 pairs); mean: the share this version won, in [0, 1].
+        """
+
+    def __init__(
+        self,
+        *,
+        opponent_version: _builtins.str = ...,
+        estimate: Global___OnlineEstimate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate", "opponent_version", b"opponent_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WinRate: _TypeAlias = WinRate  # noqa: Y015
+
+@_typing.final
+class VersionOnlineReport(_message.Message):
+    """What users' feedback in the window says about one model version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    ON_TRIAL_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    WIN_RATES_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    live: _builtins.bool
+    """True for the registry's live version."""
+    on_trial: _builtins.bool
+    """True for the version on trial (its mode and share are in OnlineReport.trial)."""
+    @_builtins.property
+    def rating(self) -> Global___OnlineEstimate:
+        """Mean rating normalised to [-1, 1] (each scale's worst -1, best +1), one observation per
+        rated generation: several ratings of one generation count once, by their mean.
+        """
+
+    @_builtins.property
+    def win_rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___WinRate]:
+        """Against each version it shared a comparison or ranking with, ordered by that version."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        live: _builtins.bool = ...,
+        on_trial: _builtins.bool = ...,
+        rating: Global___OnlineEstimate | None = ...,
+        win_rates: _abc.Iterable[Global___WinRate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rating", b"rating"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "on_trial", b"on_trial", "rating", b"rating", "version", b"version", "win_rates", b"win_rates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionOnlineReport: _TypeAlias = VersionOnlineReport  # noqa: Y015
+
+@_typing.final
+class TrialComparison(_message.Message):
+    """The running trial against live, on the ratings received since the trial started: the
+    figures the trainer's decision policy judges (it promotes when difference.low is above minus
+    its margin and rolls back when difference.high is below 0, at its own alpha, margin and
+    minimum counts, which the server does not know; its verdicts appear in ListModels.decisions).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIAL_VERSION_FIELD_NUMBER: _builtins.int
+    LIVE_VERSION_FIELD_NUMBER: _builtins.int
+    TRIAL_AGE_S_FIELD_NUMBER: _builtins.int
+    TRIAL_RATING_FIELD_NUMBER: _builtins.int
+    LIVE_RATING_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_FIELD_NUMBER: _builtins.int
+    trial_version: _builtins.str
+    live_version: _builtins.str
+    trial_age_s: _builtins.float
+    """Seconds since the trial started."""
+    @_builtins.property
+    def trial_rating(self) -> Global___OnlineEstimate: ...
+    @_builtins.property
+    def live_rating(self) -> Global___OnlineEstimate: ...
+    @_builtins.property
+    def difference(self) -> Global___OnlineEstimate:
+        """trial_rating minus live_rating; its interval covers at 1 - alpha (each side's at alpha / 2)."""
+
+    def __init__(
+        self,
+        *,
+        trial_version: _builtins.str = ...,
+        live_version: _builtins.str = ...,
+        trial_age_s: _builtins.float = ...,
+        trial_rating: Global___OnlineEstimate | None = ...,
+        live_rating: Global___OnlineEstimate | None = ...,
+        difference: Global___OnlineEstimate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "live_rating", b"live_rating", "trial_rating", b"trial_rating"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "live_rating", b"live_rating", "live_version", b"live_version", "trial_age_s", b"trial_age_s", "trial_rating", b"trial_rating", "trial_version", b"trial_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrialComparison: _TypeAlias = TrialComparison  # noqa: Y015
+
+@_typing.final
+class OnlineReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    LIVE_VERSION_FIELD_NUMBER: _builtins.int
+    TRIAL_FIELD_NUMBER: _builtins.int
+    TRIAL_COMPARISON_FIELD_NUMBER: _builtins.int
+    alpha: _builtins.float
+    """The alpha every interval was computed at."""
+    live_version: _builtins.str
+    """The registry's live version; empty when none."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """The window read: feedback received at or after `since` and before `until`."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionOnlineReport]:
+        """The live version first, then the one on trial, then the others, newest first."""
+
+    @_builtins.property
+    def trial(self) -> Global___Trial:
+        """The version on trial in the registry; unset when none is."""
+
+    @_builtins.property
+    def trial_comparison(self) -> Global___TrialComparison:
+        """Unset when no trial runs."""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        alpha: _builtins.float = ...,
+        versions: _abc.Iterable[Global___VersionOnlineReport] | None = ...,
+        live_version: _builtins.str = ...,
+        trial: Global___Trial | None = ...,
+        trial_comparison: Global___TrialComparison | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "trial", b"trial", "trial_comparison", b"trial_comparison", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "live_version", b"live_version", "since", b"since", "trial", b"trial", "trial_comparison", b"trial_comparison", "until", b"until", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OnlineReport: _TypeAlias = OnlineReport  # noqa: Y015

@@ -291,6 +291,11 @@ class ModelAdminStub:
                 request_serializer=feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.SerializeToString,
                 response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
                 _registered_method=True)
+        self.GetOnlineReport = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/GetOnlineReport',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.OnlineReport.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -354,6 +359,18 @@ class ModelAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOnlineReport(self, request, context):
+        """Online reward by version: what users' feedback received in a recent window says about each
+        version (mean normalised rating, win rates between versions), each with a confidence
+        sequence; while a trial runs, also its version's rating minus live's since the trial began.
+        Reads the replay store shared by every replica, so any replica gives the same report.
+        INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
+        requested version the registry does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -391,6 +408,11 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.SetTrainerPaused,
                     request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.FromString,
                     response_serializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.SerializeToString,
+            ),
+            'GetOnlineReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOnlineReport,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.OnlineReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +608,33 @@ class ModelAdmin:
             '/feedloop.v1.ModelAdmin/SetTrainerPaused',
             feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.SerializeToString,
             feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOnlineReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/GetOnlineReport',
+            feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.OnlineReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -174,6 +174,14 @@ class ModelAdminStub:
     """
     SetTrainerPaused: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.SetTrainerPausedRequest, _feedloop_pb2.RegistryState]
     """Pause or resume the trainer's publication of new versions."""
+    GetOnlineReport: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.GetOnlineReportRequest, _feedloop_pb2.OnlineReport]
+    """Online reward by version: what users' feedback received in a recent window says about each
+    version (mean normalised rating, win rates between versions), each with a confidence
+    sequence; while a trial runs, also its version's rating minus live's since the trial began.
+    Reads the replay store shared by every replica, so any replica gives the same report.
+    INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
+    requested version the registry does not hold.
+    """
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -204,6 +212,14 @@ class ModelAdminAsyncStub(ModelAdminStub):
     """
     SetTrainerPaused: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.SetTrainerPausedRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
     """Pause or resume the trainer's publication of new versions."""
+    GetOnlineReport: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.GetOnlineReportRequest, _feedloop_pb2.OnlineReport]  # type: ignore[assignment]
+    """Online reward by version: what users' feedback received in a recent window says about each
+    version (mean normalised rating, win rates between versions), each with a confidence
+    sequence; while a trial runs, also its version's rating minus live's since the trial began.
+    Reads the replay store shared by every replica, so any replica gives the same report.
+    INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
+    requested version the registry does not hold.
+    """
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
     """----------------------------------------------------------------------------------------------
@@ -273,5 +289,19 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.RegistryState, _abc.Awaitable[_feedloop_pb2.RegistryState]]:
         """Pause or resume the trainer's publication of new versions."""
+
+    @_abc_1.abstractmethod
+    def GetOnlineReport(
+        self,
+        request: _feedloop_pb2.GetOnlineReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.OnlineReport, _abc.Awaitable[_feedloop_pb2.OnlineReport]]:
+        """Online reward by version: what users' feedback received in a recent window says about each
+        version (mean normalised rating, win rates between versions), each with a confidence
+        sequence; while a trial runs, also its version's rating minus live's since the trial began.
+        Reads the replay store shared by every replica, so any replica gives the same report.
+        INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
+        requested version the registry does not hold.
+        """
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
