@@ -306,7 +306,12 @@ class Trainer:
         self._check_stop()
 
         report = self.gate(reference_version).evaluate(
-            candidate, live_policy, signals.heldout, signals.reward_model, seed=seed
+            candidate,
+            live_policy,
+            signals.heldout,
+            signals.reward_model,
+            seed=seed,
+            live_version=live,
         )
         figures.update(report.figures)
         figures["gate_passed"] = report.passed
