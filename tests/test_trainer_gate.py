@@ -183,3 +183,10 @@ def test_the_best_so_far_is_the_highest_finite_estimate_and_live_wins_a_tie() ->
     assert best_so_far({"v3": estimate(0.4), "v2": estimate(0.4)}, "snips") == "v3"
     assert best_so_far({"v3": estimate(float("nan")), "v2": estimate(-0.5)}, "snips") == "v2"
     assert best_so_far({"v3": estimate(float("nan"))}, "snips") is None
+
+
+def test_a_negative_number_of_earlier_versions_to_compare_with_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="gate_best_of_recent"):
+        TrainConfig(data_dir=tmp_path, gate_best_of_recent=-1)
