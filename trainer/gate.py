@@ -286,16 +286,16 @@ class Gate:
         figures["ope_best_value"] = best_value
         if not cand[key]["ci_high"] < best_value:
             return None
-        whose = (
-            f"live {best}'s"
-            if best == live_version
-            else f"{best}'s, the best of live {live_version} and {len(earlier)} earlier live "
-            "versions,"
-        )
+        below = f"live {best}'s {best_value:.3f}"
+        if best != live_version:
+            plural = "s" if len(earlier) != 1 else ""
+            below = (
+                f"{best}'s {best_value:.3f}, the best of live {live_version} and "
+                f"{len(earlier)} earlier live version{plural}"
+            )
         return (
             f"off-policy reward ({key}) {cand[key]['value']:.3f} "
-            f"[{cand[key]['ci_low']:.3f}, {cand[key]['ci_high']:.3f}] is clearly below "
-            f"{whose} {best_value:.3f}"
+            f"[{cand[key]['ci_low']:.3f}, {cand[key]['ci_high']:.3f}] is clearly below {below}"
         )
 
 
