@@ -11,13 +11,14 @@ import torch
 from trainer_support import SPLIT, TRAIN_PROMPTS, one_torch_thread
 
 from feedloop.core.checkpoint import load_checkpoint
-from feedloop.core.policy import SampleRequest
+from feedloop.core.policy import Policy, SampleRequest
 from feedloop.core.sampling import SamplingParams
 from feedloop.demo.simulate import generation_records
 from feedloop.demo.simusers import IncludeWord, SimulatedUser
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.gate import (
     Gate,
+    best_so_far,
     kl_to_reference,
     off_policy_values,
     sequence_behaviour_logprobs,
@@ -96,7 +97,7 @@ def test_the_gate_passes_an_unchanged_candidate_and_refuses_a_damaged_one(
     user = SimulatedUser(IncludeWord("good"))
     heldout = [(r, 2 * user.preference.reward(r.text) - 1) for r in records]
 
-    same = gate.evaluate(copy.deepcopy(policy), policy, heldout, None, seed=0)
+    same = gate.evaluate(copy.deepcopy(policy), policy, heldout, None, seed=0, live_version="v0001")
     assert same.passed, same.reasons
     assert same.figures["perplexity_ratio_live"] == pytest.approx(1.0, abs=1e-4)
     assert "ope_candidate" in same.figures
@@ -104,6 +105,88 @@ def test_the_gate_passes_an_unchanged_candidate_and_refuses_a_damaged_one(
     damaged = copy.deepcopy(policy)
     with torch.no_grad():
         damaged.output.bias.add_(torch.randn_like(damaged.output.bias) * 3)  # type: ignore[union-attr]
-    report = gate.evaluate(damaged, policy, heldout, None, seed=0)
+    report = gate.evaluate(damaged, policy, heldout, None, seed=0, live_version="v0001")
     assert not report.passed
     assert any("perplexity" in reason for reason in report.reasons)
+
+
+def leaning(policy: Policy, word: str, logit_shift: float) -> Policy:
+    """A copy of `policy` that writes `word` more often (shift > 0) or less (< 0)."""
+    leaned = copy.deepcopy(policy)
+    with torch.no_grad():
+        leaned.output.bias[policy.tokenizer.id_of(word)] += logit_shift  # type: ignore[union-attr]
+    return leaned
+
+
+@pytest.fixture
+def best_so_far_setting(tiny_checkpoint: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Users who like "good"; live (v0002) writes it as the logging policy did, an older live
+    version (v0001) writes it far more often, so by every estimate live is worse than v0001."""
+    live, _ = load_checkpoint(tiny_checkpoint)
+    config = TrainConfig(data_dir=tmp_path, gate_kl_prompts=16, gate_min_ope_samples=5)
+    gate = Gate(config, live, SPLIT.test)
+    user = SimulatedUser(IncludeWord("good"))
+    heldout = [
+        (r, 2 * user.preference.reward(r.text) - 1)
+        for r in logged(live, SamplingParams(max_tokens=12))
+    ]
+    return gate, live, leaning(live, "good", 2.0), heldout
+
+
+def test_a_candidate_a_little_worse_than_live_is_refused_when_an_earlier_version_was_better(
+    best_so_far_setting,  # type: ignore[no-untyped-def]
+) -> None:
+    gate, live, older, heldout = best_so_far_setting
+    candidate = leaning(live, "good", -0.2)  # one small step of a downward chain
+
+    live_only = gate.evaluate(candidate, live, heldout, None, seed=0, live_version="v0002")
+    assert live_only.passed, live_only.reasons  # within the noise of live's estimate
+    assert live_only.figures["ope_best_version"] == "v0002"
+
+    report = gate.evaluate(
+        candidate, live, heldout, None, seed=0, live_version="v0002", recent=[("v0001", older)]
+    )
+    assert not report.passed
+    f = report.figures
+    assert f["ope_estimator"] == "snips"
+    assert f["ope_best_version"] == "v0001"
+    assert f["ope_best_value"] == f["ope_recent"]["v0001"]["snips"]["value"]
+    assert f["ope_best_value"] > f["ope_live"]["snips"]["value"]
+    assert f["ope_candidate"]["snips"]["ci_high"] < f["ope_best_value"]
+    assert f["ope_candidate"]["snips"]["ci_high"] >= f["ope_live"]["snips"]["value"]
+    assert any("clearly below v0001's" in reason for reason in report.reasons)
+
+
+def test_a_candidate_better_than_live_and_every_earlier_version_passes(
+    best_so_far_setting,  # type: ignore[no-untyped-def]
+) -> None:
+    gate, live, older, heldout = best_so_far_setting
+    candidate = leaning(live, "good", 2.5)
+
+    report = gate.evaluate(
+        candidate, live, heldout, None, seed=0, live_version="v0002", recent=[("v0001", older)]
+    )
+    assert report.passed, report.reasons
+    f = report.figures
+    assert f["ope_best_version"] == "v0001"
+    assert f["ope_candidate"]["snips"]["value"] > f["ope_best_value"]
+
+
+def test_the_best_so_far_is_the_highest_finite_estimate_and_live_wins_a_tie() -> None:
+    def estimate(value: float) -> dict:
+        return {"snips": {"value": value}}
+
+    assert (
+        best_so_far({"v3": estimate(0.1), "v2": estimate(0.4), "v1": estimate(0.2)}, "snips")
+        == "v2"
+    )
+    assert best_so_far({"v3": estimate(0.4), "v2": estimate(0.4)}, "snips") == "v3"
+    assert best_so_far({"v3": estimate(float("nan")), "v2": estimate(-0.5)}, "snips") == "v2"
+    assert best_so_far({"v3": estimate(float("nan"))}, "snips") is None
+
+
+def test_a_negative_number_of_earlier_versions_to_compare_with_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="gate_best_of_recent"):
+        TrainConfig(data_dir=tmp_path, gate_best_of_recent=-1)

@@ -181,9 +181,12 @@ def test_after_several_rounds_the_trainer_holds_only_the_live_and_reference_poli
     trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
     for _ in range(3):
         sim.serve_events(40)
-        assert trainer.run_round().outcome == "published"
+        result = trainer.run_round()
+        assert result.outcome == "published"
     assert env.registry.live() == "v0004"
     assert set(trainer._policies) == {"v0004", "v0001"}  # live and reference; older ones dropped
+    # The last gate valued the earlier live versions too, loading v0002 only for the gate.
+    assert set(result.figures["ope_recent"]) == {"v0002", "v0001"}
 
 
 def test_reinforce_runs_a_round_through_the_same_interface(env: Env) -> None:

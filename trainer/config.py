@@ -256,6 +256,15 @@ class TrainConfig:
     gate_ope_weight_max: float = field(
         default=20.0, metadata=_help("clip of sequence importance weights in the estimates")
     )
+    gate_best_of_recent: int = field(
+        default=3,
+        metadata=_help(
+            "earlier live versions (newest first) whose off-policy value a candidate must also "
+            "reach, not only live's: against live alone a chain of candidates each a little "
+            "worse than its parent passes every gate while reward drifts down; 0 compares with "
+            "live only"
+        ),
+    )
     work_dir: Path | None = field(
         default=None, metadata=_help("scratch space for candidates (unset: DATA_DIR/trainer)")
     )
@@ -340,6 +349,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.gate_best_of_recent < 0:
+            raise ValueError(f"gate_best_of_recent must be >= 0, got {self.gate_best_of_recent}")
         if not 0 <= self.nice <= 19:
             raise ValueError(f"nice must be in 0..19, got {self.nice}")
         if not 0 < self.client_share_cap <= 1:

@@ -8,18 +8,21 @@ Three checks, every figure reported whatever the outcome:
 2. The KL leash: KL(candidate || reference) per phrase, measured on the candidate's own samples
    for held-out prompts (k1 and k3 estimates), at most `gate_max_kl` nats.
 3. Expected reward, off-policy, on held-out logged generations with explicit ratings: the
-   candidate's and the live policy's values by self-normalised importance sampling and doubly
-   robust with the reward model, each with a 95% interval. The candidate is refused if its
-   doubly robust interval lies wholly below the live policy's estimate (clearly worse).
-   Importance weights are those of the distribution the server sampled from (each record's
-   temperature/top-k/top-p applied to the target policy) over the logged behaviour log-probs.
+   values of the candidate, the live policy and the recent earlier live versions by
+   self-normalised importance sampling and doubly robust with the reward model, each with a 95%
+   interval. The candidate is refused if its doubly robust interval lies wholly below the best
+   of those estimates (clearly worse than the best so far): against live alone, a chain of
+   candidates each a little worse than its parent would pass every gate while reward drifts
+   down. Importance weights are those of the distribution the server sampled from (each
+   record's temperature/top-k/top-p applied to the target policy) over the logged behaviour
+   log-probs.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -180,7 +183,11 @@ class Gate:
         reward_model: FittedRewardModel | None,
         *,
         seed: int,
+        live_version: str,
+        recent: Iterable[tuple[str, Policy]] = (),
     ) -> GateReport:
+        """Every check on `candidate`; `recent` holds earlier live versions' policies, newest
+        first, read only for the off-policy check (so they may be loaded as it goes)."""
         c = self.config
         reasons: list[str] = []
         passed = True
@@ -213,32 +220,15 @@ class Gate:
             passed = False
             reasons.append(f"KL to reference {kl['kl_k3']:.3f} nats (limit {c.gate_max_kl})")
 
+        figures["ope_heldout"] = len(heldout)
         if len(heldout) >= c.gate_min_ope_samples:
-            records = [g for g, _ in heldout]
-            rewards = torch.tensor([r for _, r in heldout], dtype=torch.float64)
-            cand = off_policy_values(
-                candidate,
-                records,
-                rewards,
-                reward_model,
-                weight_max=c.gate_ope_weight_max,
-                seed=seed,
+            refusal = self._off_policy_check(
+                candidate, live_version, live, recent, heldout, reward_model, seed, figures
             )
-            live_v = off_policy_values(
-                live, records, rewards, reward_model, weight_max=c.gate_ope_weight_max, seed=seed
-            )
-            figures["ope_candidate"], figures["ope_live"] = cand, live_v
-            figures["ope_heldout"] = len(heldout)
-            key = "dr" if "dr" in cand else "snips"
-            if cand[key]["ci_high"] < live_v[key]["value"]:
+            if refusal is not None:
                 passed = False
-                reasons.append(
-                    f"off-policy reward ({key}) {cand[key]['value']:.3f} "
-                    f"[{cand[key]['ci_low']:.3f}, {cand[key]['ci_high']:.3f}] is clearly below "
-                    f"live's {live_v[key]['value']:.3f}"
-                )
+                reasons.append(refusal)
         else:
-            figures["ope_heldout"] = len(heldout)
             reasons.append(
                 f"no off-policy check: {len(heldout)} held-out rated generations "
                 f"(< {c.gate_min_ope_samples})"
@@ -250,3 +240,71 @@ class Gate:
                 f"reference; KL {kl['kl_k3']:.3f} nats",
             )
         return GateReport(passed, reasons, figures)
+
+    def _off_policy_check(
+        self,
+        candidate: Policy,
+        live_version: str,
+        live: Policy,
+        recent: Iterable[tuple[str, Policy]],
+        heldout: Sequence[tuple[GenerationRecord, float]],
+        reward_model: FittedRewardModel | None,
+        seed: int,
+        figures: dict[str, Any],
+    ) -> str | None:
+        """The candidate's off-policy value against the best of live's and the recent versions'
+        on the same records; returns why it is refused, or None. Adds the figures."""
+        records = [g for g, _ in heldout]
+        rewards = torch.tensor([r for _, r in heldout], dtype=torch.float64)
+
+        def value_of(policy: Policy) -> dict[str, Any]:
+            return off_policy_values(
+                policy,
+                records,
+                rewards,
+                reward_model,
+                weight_max=self.config.gate_ope_weight_max,
+                seed=seed,
+            )
+
+        cand, live_value = value_of(candidate), value_of(live)
+        # One earlier policy at a time: each can be dropped once its value is known.
+        earlier = {version: value_of(policy) for version, policy in recent}
+        key = "dr" if "dr" in cand else "snips"
+        values = {live_version: live_value, **earlier}
+        best = best_so_far(values, key)
+        figures.update(
+            ope_candidate=cand,
+            ope_live=live_value,
+            ope_recent=earlier,
+            ope_estimator=key,
+            ope_best_version=best,
+        )
+        if best is None:
+            return None
+        best_value = values[best][key]["value"]
+        figures["ope_best_value"] = best_value
+        if not cand[key]["ci_high"] < best_value:
+            return None
+        below = f"live {best}'s {best_value:.3f}"
+        if best != live_version:
+            plural = "s" if len(earlier) != 1 else ""
+            below = (
+                f"{best}'s {best_value:.3f}, the best of live {live_version} and "
+                f"{len(earlier)} earlier live version{plural}"
+            )
+        return (
+            f"off-policy reward ({key}) {cand[key]['value']:.3f} "
+            f"[{cand[key]['ci_low']:.3f}, {cand[key]['ci_high']:.3f}] is clearly below {below}"
+        )
+
+
+def best_so_far(values: dict[str, dict[str, Any]], estimator: str) -> str | None:
+    """The version whose `estimator` value is highest (the first of equals, so live wins a tie
+    when it comes first); None when no value is finite (SNIPS with every weight 0)."""
+    finite = {
+        version: ope[estimator]["value"]
+        for version, ope in values.items()
+        if math.isfinite(ope[estimator]["value"])
+    }
+    return max(finite, key=finite.__getitem__) if finite else None

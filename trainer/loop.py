@@ -6,7 +6,8 @@ A round, top to bottom:
      feedback implies (it also scores unrated generations), corrections (trainer.rewards,
      trainer.reward_model);
   3. update a copy of the live policy (trainer.algorithms, through trainer.update's loop);
-  4. evaluate it against the live policy (trainer.gate);
+  4. evaluate it against the live policy and, off-policy, the best recent live version
+     (trainer.gate);
   5. publish it if the gate passed and deploy it as `publish_as` says (a canary trial by
      default, compare-and-set on the live version it was trained from), else record a refusal
      with every figure;
@@ -35,7 +36,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -152,6 +153,15 @@ class Trainer:
             self._retain(self.registry.live(), self._gate_reference)
             self._policies[version] = policy
         return self._policies[version]
+
+    def _uncached_policies(self, versions: list[str]) -> Iterator[tuple[str, Policy]]:
+        """Each version's policy, loaded when asked for and not kept (a cached one is reused):
+        the gate's earlier references, so memory never holds all of them at once."""
+        for version in versions:
+            policy = self._policies.get(version)
+            if policy is None:
+                policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
+            yield version, policy
 
     def _retain(self, *versions: str | None) -> None:
         """Drop every cached policy but these (a rollback reloads its version from the registry)."""
@@ -305,8 +315,15 @@ class Trainer:
         phase("update")
         self._check_stop()
 
+        earlier = recent_versions(pointer.previous, live, c.gate_best_of_recent)
         report = self.gate(reference_version).evaluate(
-            candidate, live_policy, signals.heldout, signals.reward_model, seed=seed
+            candidate,
+            live_policy,
+            signals.heldout,
+            signals.reward_model,
+            seed=seed,
+            live_version=live,
+            recent=self._uncached_policies(earlier),
         )
         figures.update(report.figures)
         figures["gate_passed"] = report.passed
