@@ -63,6 +63,23 @@ def _values_clause(rows: int, columns: int) -> str:
     return ", ".join([one] * rows)
 
 
+def _insert_rows(
+    conn: psycopg.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    unique_key: str,
+) -> None:
+    """Insert rows in multi-row statements, skipping any whose unique_key is already stored."""
+    for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
+        chunk = rows[start : start + _INSERT_CHUNK_ROWS]
+        conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+            f"{_values_clause(len(chunk), len(columns))} ON CONFLICT ({unique_key}) DO NOTHING",
+            [value for row in chunk for value in row],
+        )
+
+
 def _generation_params(record: GenerationRecord) -> tuple[Any, ...]:
     return (
         record.generation_id,
@@ -172,14 +189,7 @@ class PostgresStore(ReplayStore):
 
         def work(conn: psycopg.Connection) -> None:
             advisory_xact_lock(conn, "generations")
-            for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
-                chunk = rows[start : start + _INSERT_CHUNK_ROWS]
-                conn.execute(
-                    f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) VALUES "
-                    f"{_values_clause(len(chunk), len(GENERATION_COLUMNS))} "
-                    "ON CONFLICT (generation_id) DO NOTHING",
-                    [value for row in chunk for value in row],
-                )
+            _insert_rows(conn, "generations", GENERATION_COLUMNS, rows, "generation_id")
 
         self._pool.run("append_generations", work, transaction=True)
 
@@ -187,18 +197,13 @@ class PostgresStore(ReplayStore):
         if not scores:
             return
         rows = [(s.version, s.generation_id, s.logprobs, s.created_at) for s in scores]
-
-        def work(conn: psycopg.Connection) -> None:
-            for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
-                chunk = rows[start : start + _INSERT_CHUNK_ROWS]
-                conn.execute(
-                    f"INSERT INTO shadow_scores ({', '.join(SHADOW_SCORE_COLUMNS)}) VALUES "
-                    f"{_values_clause(len(chunk), len(SHADOW_SCORE_COLUMNS))} "
-                    "ON CONFLICT (version, generation_id) DO NOTHING",
-                    [value for row in chunk for value in row],
-                )
-
-        self._pool.run("append_shadow_scores", work, transaction=True)
+        self._pool.run(
+            "append_shadow_scores",
+            lambda conn: _insert_rows(
+                conn, "shadow_scores", SHADOW_SCORE_COLUMNS, rows, "version, generation_id"
+            ),
+            transaction=True,
+        )
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         if not records:
