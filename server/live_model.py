@@ -32,7 +32,7 @@ from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.policy import nonempty_prompt
 from feedloop.core.registry import CANARY, REFUSED, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.tokenizer import Tokenizer
-from feedloop.server.errors import NotFound, ServiceError
+from feedloop.server.errors import FailedPrecondition, NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
 
@@ -133,7 +133,13 @@ class LiveModel:
         return self._pointer
 
     def get(self, version: str) -> LoadedModel:
-        """A loaded version, for a pinned request; NotFound names what is loaded."""
+        """A loaded version, for a pinned request; NotFound names what is loaded.
+        FailedPrecondition for the version on shadow trial: nothing it generates reaches a user."""
+        shadow = self._shadow
+        if shadow is not None and shadow.model.version == version:
+            raise FailedPrecondition(
+                f"model_version {version!r} is on shadow trial: it scores traffic and serves none"
+            )
         model = self._loaded.get(version)
         if model is None:
             raise NotFound(

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from server_harness import running_server, seeded_registry, test_config, wait_until
@@ -126,6 +127,16 @@ async def test_every_live_generation_gets_the_shadow_versions_own_score(
     assert any(
         abs(scores[gid].logprob - sum(records[gid].behaviour_logprobs)) > 1e-3 for gid in ids
     )
+
+
+async def test_a_request_pinned_to_the_shadow_version_is_refused(live) -> None:
+    await start_shadow(live, 1.0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await live.generation.Generate(
+            pb.GenerateRequest(prompt="pinned", model_version="v0002"), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shadow" in (err.value.details() or "")
 
 
 async def test_a_shadow_share_of_zero_scores_nothing(live) -> None:
