@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from feedloop.core import sampling
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.tokenizer import PAD_ID, UNK_ID, Tokenizer
 
@@ -125,11 +126,25 @@ class Policy(ABC, torch.nn.Module):
 
     @torch.no_grad()
     def score(
-        self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+        self,
+        prompts: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams] | None = None,
     ) -> list[list[float]]:
-        """Per-token log-probabilities of given outputs under the raw policy (no filtering)."""
+        """Per-token log-probabilities of given outputs under the raw policy (no filtering).
+
+        params (one per output): under the distribution each output was sampled from instead
+        (its temperature, top-k and top-p), the counterpart of the behaviour log-probabilities
+        logged at sampling, so that the two make exact importance ratios; -inf for a token
+        that this policy's filters would have removed.
+        """
         batch = TokenBatch.from_lists(prompts, outputs)
-        logprobs = token_logprobs(self.teacher_forced(batch).logits, batch.output_ids)
+        logits = self.teacher_forced(batch).logits
+        if params is None:
+            logprobs = token_logprobs(logits, batch.output_ids)
+        else:
+            chosen = batch.output_ids.unsqueeze(-1)
+            logprobs = sampled_logprobs(logits, params).gather(-1, chosen).squeeze(-1)
         return [logprobs[i, : len(o)].tolist() for i, o in enumerate(outputs)]
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -140,6 +155,23 @@ class Policy(ABC, torch.nn.Module):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def sampled_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Log-probabilities (B, T, V) of the distribution each row was sampled from, given its
+    logits (B, T, V) and its sampling parameters (B of them); -inf for filtered tokens."""
+    b, t, v = logits.shape
+
+    def per_position(values: list[float] | list[int]) -> torch.Tensor:
+        return torch.tensor(values).repeat_interleave(t)
+
+    logprobs = sampling.filtered_logprobs(
+        logits.reshape(b * t, v),
+        per_position([p.temperature for p in params]),
+        per_position([p.top_k for p in params]),
+        per_position([p.top_p for p in params]),
+    )
+    return logprobs.reshape(b, t, v)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,15 @@
     store + registry ─▶ LiveModel (watcher thread) ──┬─▶ ModelProcessClient ─▶ model process (torch)
     GenerationService ─▶ Batcher (dispatcher thread) ┘        │ replies (reader thread)
                                                    GenerationLog (writer thread) ─▶ store
+                                                   ShadowScorer (thread) ─▶ model process, store
     FeedbackService ───▶ FeedbackWriter (writer thread) ────────────────────────────▶ store
     ModelAdminService ─▶ registry, store   AuthInterceptor in front of all three
     Health (NOT_SERVING until a model is loaded and while draining), reflection, /metrics
 
 Shutdown order matters: health goes NOT_SERVING, the gRPC server stops taking calls and lets
-in-flight ones finish, then the batcher delivers its last replies, the model process exits, the
-feedback writer and the generation log drain into the store, and only then are the store and
-registry closed.
+in-flight ones finish, then the batcher delivers its last replies, the shadow scorer finishes
+the batch it is scoring, the model process exits, the feedback writer and the generation log
+drain into the store, and only then are the store and registry closed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import add_service
+from feedloop.server.shadow import ShadowScorer
 from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server")
@@ -98,6 +100,7 @@ class FeedloopServer:
         self.live_model: LiveModel | None = None
         self.generation_log: GenerationLog | None = None
         self.feedback_writer: FeedbackWriter | None = None
+        self.shadow_scorer: ShadowScorer | None = None
         self.batcher: Batcher | None = None
         self.model_client: ModelProcessClient | None = None
         self.health = health_aio.HealthServicer()
@@ -165,10 +168,19 @@ class FeedloopServer:
             unknown_generation_wait_s=config.unknown_generation_wait_ms / 1000,
         )
         self.feedback_writer.start(loop)
+        self.shadow_scorer = ShadowScorer(
+            self.live_model,
+            self.model_client,
+            self.store,
+            metrics,
+            capacity=config.shadow_queue_size,
+            batch_max=config.write_batch_max,
+        )
         self.batcher = Batcher(
             self.live_model,
             self.model_client,
             self.generation_log,
+            self.shadow_scorer,
             metrics,
             max_batch_size=config.max_batch_size,
             max_queue_delay_ms=config.max_queue_delay_ms,
@@ -283,6 +295,8 @@ class FeedloopServer:
         if self.batcher is not None:
             stopping.append(asyncio.to_thread(self.batcher.stop))
         await asyncio.gather(*stopping)
+        if self.shadow_scorer is not None:
+            await asyncio.to_thread(self.shadow_scorer.stop)
         if self.model_client is not None:
             await asyncio.to_thread(self.model_client.stop)
         remaining_s = max(0.1, deadline - time.monotonic())

@@ -15,7 +15,9 @@ Per batch the dispatcher reads the live model and the canary once, and routes ea
 version: the one it pins, else the canary for the canary's share of jobs (LiveModel's Canary),
 else the live one. Jobs are sent as one batch per version, so every batch, and so every reply, is
 served by exactly one version, and a swap or a trial's end lands between batches. Jobs whose
-deadline passed or that were cancelled are dropped before they are sent.
+deadline passed or that were cancelled are dropped before they are sent. Once a batch's replies
+are on their way, its records go to the shadow scorer (shadow.py), which scores a share of the
+live ones with the version on shadow trial, if there is one.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from feedloop.server.live_model import LiveModel, LoadedModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
 from feedloop.server.replies import generate_reply, new_generation_ids
+from feedloop.server.shadow import ShadowScorer
 from feedloop.v1 import feedloop_pb2 as pb
 
 log = logging.getLogger("feedloop.server.batcher")
@@ -76,6 +79,7 @@ class Batcher:
         live_model: LiveModel,
         model_client: ModelProcessClient,
         generation_log: GenerationLog,
+        shadow_scorer: ShadowScorer,
         metrics: ServerMetrics,
         *,
         max_batch_size: int,
@@ -85,6 +89,7 @@ class Batcher:
         self.live_model = live_model
         self.model_client = model_client
         self.generation_log = generation_log
+        self.shadow_scorer = shadow_scorer
         self.metrics = metrics
         self.max_batch_rows = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
@@ -280,10 +285,11 @@ class Batcher:
     ) -> None:
         """Runs on the model client's reader thread when the model process has answered."""
         self._replied()  # the next batch may go out while this one is finished here
+        records: list[GenerationRecord] = []
         try:
             outputs, compute_s = done.result()
             self.metrics.batch_duration.observe(compute_s)
-            results = self._replies(model, jobs, prompt_ids, outputs)
+            results, records = self._replies(model, jobs, prompt_ids, outputs)
         except ServiceError as exc:
             log.warning("generation with model version %s failed: %s", model.version, exc)
             results = [(job, exc) for job in jobs]
@@ -291,6 +297,8 @@ class Batcher:
             log.exception("generation with model version %s failed", model.version)
             results = [(job, ServiceError("generation failed")) for job in jobs]
         self._deliver(results)
+        # Once the replies are on their way, and before stop() may count them delivered.
+        self.shadow_scorer.offer(records)
         self._delivered()
 
     def _replies(
@@ -299,8 +307,8 @@ class Batcher:
         jobs: list[GenerateJob],
         prompt_ids: list[list[int]],
         outputs: list[list[SampledOutput]],
-    ) -> list[tuple[GenerateJob, Any]]:
-        """Each job's reply, once its generation records are with the generation log."""
+    ) -> tuple[list[tuple[GenerateJob, Any]], list[GenerationRecord]]:
+        """Each job's reply, once the generation records (returned too) are with the log."""
         created_at = time.time()
         ids = iter(new_generation_ids(sum(len(samples) for samples in outputs)))
         records: list[GenerationRecord] = []
@@ -336,7 +344,7 @@ class Batcher:
         # (in its buffer or in the store).
         self.generation_log.add(records)
         self.metrics.served(len(records), sum(len(r.output_ids) for r in records))
-        return results
+        return results, records
 
     def _deliver(self, results: list[tuple[GenerateJob, Any]]) -> None:
         if results and self._loop is not None:

@@ -125,6 +125,13 @@ class ServeConfig:
         default=8192, metadata=_help("feedback events waiting for commit; full: UNAVAILABLE")
     )
     write_batch_max: int = field(default=2048, metadata=_help("most rows per group commit"))
+    shadow_queue_size: int = field(
+        default=1024,
+        metadata=_help(
+            "live generations waiting for the shadow version's scores; full: further sampled "
+            "requests are not scored (counted), so shadow scoring never holds up serving"
+        ),
+    )
     feedback_commit_interval_ms: float = field(
         default=50.0,
         metadata=_help(
@@ -166,6 +173,7 @@ class ServeConfig:
             "generation_buffer_size",
             "feedback_queue_size",
             "write_batch_max",
+            "shadow_queue_size",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -10,10 +10,11 @@ served by exactly one version. A checkpoint that fails verification is refused, 
 and recorded in the registry history; the old version keeps serving. The last `keep_versions`
 versions stay loaded so that requests pinned to a recent version can still be served.
 
-A canary trial's version is loaded and warmed up the same way and published beside the live one
-(`canary`, one reference too); the batcher routes its share of the unpinned requests to it. When
-the trial ends the reference is cleared, and requests already routed to it are still served by
-it: it stays loaded like any recent version. A shadow trial serves nothing and loads nothing here.
+A trial's version is loaded and warmed up the same way and published beside the live one (one
+reference too): a canary (`canary`), to which the batcher routes its share of the unpinned
+requests, or a shadow (`shadow`), which serves nothing and scores its share of the live
+requests (shadow.py). When the trial ends the reference is cleared; work already routed to the
+version still completes with it: it stays loaded like any recent version.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.policy import nonempty_prompt
 from feedloop.core.registry import CANARY, REFUSED, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.tokenizer import Tokenizer
-from feedloop.server.errors import NotFound, ServiceError
+from feedloop.server.errors import FailedPrecondition, NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
 
@@ -73,6 +74,19 @@ class Canary:
         return draw < self.share * 2**64
 
 
+@dataclass(frozen=True)
+class Shadow:
+    """The version on shadow trial, loaded, and the share of live requests it scores."""
+
+    model: LoadedModel
+    share: float
+
+    def samples(self) -> bool:
+        """Whether to score this request: at random (no user sees the result, so nothing needs
+        to stick to a key)."""
+        return random.random() < self.share
+
+
 class LiveModel:
     def __init__(
         self,
@@ -86,10 +100,12 @@ class LiveModel:
         self.model_client = model_client
         self.metrics = metrics
         self.keep_versions = keep_versions
-        self._lock = threading.Lock()  # guards _loaded; _live and _canary: one assignment each
+        # Guards _loaded; _live, _canary and _shadow change by one assignment each.
+        self._lock = threading.Lock()
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._live: LoadedModel | None = None
         self._canary: Canary | None = None
+        self._shadow: Shadow | None = None
         self._refused_trial: str | None = None  # a trial version that failed to load, once
         self._seen: str | None = None  # last live version acted on (loaded or refused)
         self._pointer: LivePointer | None = None  # the registry's pointer as last read
@@ -108,12 +124,22 @@ class LiveModel:
         return self._canary
 
     @property
+    def shadow(self) -> Shadow | None:
+        return self._shadow
+
+    @property
     def pointer(self) -> LivePointer | None:
         """The registry's pointer as the watcher last read it (None before its first read)."""
         return self._pointer
 
     def get(self, version: str) -> LoadedModel:
-        """A loaded version, for a pinned request; NotFound names what is loaded."""
+        """A loaded version, for a pinned request; NotFound names what is loaded.
+        FailedPrecondition for the version on shadow trial: nothing it generates reaches a user."""
+        shadow = self._shadow
+        if shadow is not None and shadow.model.version == version:
+            raise FailedPrecondition(
+                f"model_version {version!r} is on shadow trial: it scores traffic and serves none"
+            )
         model = self._loaded.get(version)
         if model is None:
             raise NotFound(
@@ -146,7 +172,7 @@ class LiveModel:
 
     def _hold(self, model: LoadedModel) -> None:
         """Keep model as the most recently used and evict the oldest beyond keep_versions, never
-        the live version or the canary (call after publishing model as either)."""
+        the live version or the trial's (call after publishing model as either)."""
         with self._lock:
             self._loaded[model.version] = model
             self._loaded.move_to_end(model.version)
@@ -164,8 +190,8 @@ class LiveModel:
         self.metrics.set_loaded_versions(loaded)
 
     def _serving(self) -> list[LoadedModel]:
-        canary = self._canary
-        return [m for m in (self._live, canary.model if canary else None) if m is not None]
+        trial = self._canary or self._shadow
+        return [m for m in (self._live, trial.model if trial else None) if m is not None]
 
     def swap_to(self, version: str) -> bool:
         """Load, verify and warm up `version`, then make it live. False if it was refused."""
@@ -189,29 +215,37 @@ class LiveModel:
         return True
 
     def follow_trial(self, trial: Trial | None) -> None:
-        """Serve the registry's canary trial beside the live version, or stop serving one."""
-        if trial is None or trial.mode != CANARY or trial.version == self._seen:
-            self._canary = None
+        """Load the registry's trial version and serve it as a canary or score with it in
+        shadow beside the live version, or stop when there is no trial."""
+        if trial is None or trial.version == self._seen:
+            self._canary = self._shadow = None
             return
-        current = self._canary
-        if current is not None and current.model.version == trial.version:
-            if current.share != trial.share:
-                self._canary = Canary(current.model, trial.share)
+        current = self._canary or self._shadow
+        held = current is not None and current.model.version == trial.version
+        if current is not None and held:
+            model = current.model
+        elif trial.version == self._refused_trial:
             return
-        if trial.version == self._refused_trial:
-            return
-        try:
-            model = self._load(trial.version)
-        except ServiceError as exc:
-            log.error("could not load canary version %s, will retry: %s", trial.version, exc)
-            return
-        if model is None:
-            self._refused_trial = trial.version
-            self._canary = None
-            return
-        self._canary = Canary(model, trial.share)
-        self._hold(model)
-        log.info("serving model version %s as canary, share %g", model.version, trial.share)
+        else:
+            try:
+                loaded = self._load(trial.version)
+            except ServiceError as exc:
+                log.error("could not load trial version %s, will retry: %s", trial.version, exc)
+                return
+            if loaded is None:
+                self._refused_trial = trial.version
+                self._canary = self._shadow = None
+                return
+            model = loaded
+        if trial.mode == CANARY:
+            self._canary, self._shadow = Canary(model, trial.share), None
+        else:
+            self._shadow, self._canary = Shadow(model, trial.share), None
+        if not held:
+            self._hold(model)
+            log.info(
+                "model version %s on %s trial, share %g", model.version, trial.mode, trial.share
+            )
 
     def _refuse(self, version: str, exc: BaseException) -> None:
         self.metrics.swap_refused()

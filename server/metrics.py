@@ -281,13 +281,25 @@ class ServerMetrics:
             ["table"],
             registry=r,
         )
+        self.shadow_scored = Counter(
+            "feedloop_shadow_scored_generations",
+            "Live generations scored by the version on shadow trial, and stored",
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "feedloop_shadow_dropped_generations",
+            "Live generations sampled for shadow scoring but not scored, by reason (queue_full, "
+            "model_failed, store_failed, shutdown)",
+            ["reason"],
+            registry=r,
+        )
         self.auth_denied = Counter(
             "feedloop_auth_denied",
             "Calls refused by auth or rate limit, by reason",
             ["reason"],
             registry=r,
         )
-        for table in ("generations", "feedback"):
+        for table in ("generations", "feedback", "shadow_scores"):
             self.store_buffer_depth.labels(table)
             self.store_write_duration.labels(table)
             self.store_write_errors.labels(table)

@@ -31,6 +31,7 @@ from typing import Any
 from feedloop.core.checkpoint import Manifest
 from feedloop.core.errors import CheckpointError
 from feedloop.core.policy import SampledOutput, SampleRequest
+from feedloop.core.sampling import SamplingParams
 from feedloop.core.tokenizer import Tokenizer
 from feedloop.server import model_process
 from feedloop.server.errors import ServiceError, Unavailable
@@ -147,6 +148,18 @@ class ModelProcessClient:
     ) -> Future[list[list[SampledOutput]]]:
         """Sample a batch with one version; the future raises ServiceError on failure."""
         return self._call(model_process.SAMPLE, version, requests)
+
+    def score(
+        self,
+        version: str,
+        prompts: list[list[int]],
+        outputs: list[list[int]],
+        params: list[SamplingParams],
+    ) -> Future[tuple[list[list[float]], float]]:
+        """Per-token log-probabilities of outputs under one version, each with its sampling
+        params (Policy.score), and the seconds it took; computed when no sample waits.
+        The future raises ServiceError on failure."""
+        return self._call(model_process.SCORE, version, prompts, outputs, params)
 
     def load(self, version: str, directory: Path) -> tuple[Manifest, Tokenizer]:
         """Load, verify and warm up a version over there (blocking).

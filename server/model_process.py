@@ -11,12 +11,18 @@ The protocol is tuples over a multiprocessing Connection, every request `(op, ca
     (LOAD, id, version, checkpoint_dir)  -> (id, OK, (manifest, tokenizer)) or (id, REFUSED, why)
     (SAMPLE, id, version, [SampleRequest]) -> (id, OK, ([[SampledOutput]], seconds))
                                              or (id, NOT_LOADED | FAILED, why)
+    (SCORE, id, version, [prompt ids], [output ids], [SamplingParams])
+                                          -> (id, OK, ([[log-prob per token]], seconds))
+                                             or (id, NOT_LOADED | FAILED, why)
     (EVICT, 0, version)                   -> no reply
     (STOP, 0)                             -> the process exits (as it does when the pipe closes)
 
 Samples are computed in arrival order on the main thread; loads (read, verify every checksum and
 tensor, warm up) run on a loader thread, so a swap does not stall the batches being served. A
-version is sampled from only after its load has replied OK.
+version is sampled from only after its load has replied OK. Scores (a shadow version's
+log-probabilities of outputs served by another) serve no caller waiting for a reply, so they
+run on the main thread only while no other message waits in the pipe: a batch to sample never
+queues behind them for longer than the one score in progress.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -37,7 +45,7 @@ from feedloop.core.errors import CheckpointError
 from feedloop.core.policy import Policy, SampleRequest
 from feedloop.core.sampling import SamplingParams
 
-LOAD, SAMPLE, EVICT, STOP = "load", "sample", "evict", "stop"
+LOAD, SAMPLE, SCORE, EVICT, STOP = "load", "sample", "score", "evict", "stop"
 OK, REFUSED, NOT_LOADED, FAILED = "ok", "refused", "not-loaded", "failed"
 
 log = logging.getLogger("feedloop.server.model_process")
@@ -73,18 +81,36 @@ class _Models:
         self.reply((call_id, OK, (manifest, policy.tokenizer)))
 
     def sample(self, call_id: int, version: str, requests: list[SampleRequest]) -> None:
+        self._compute(call_id, version, "sampling", lambda policy: policy.sample(requests))
+
+    def score(
+        self,
+        call_id: int,
+        version: str,
+        prompts: list[list[int]],
+        outputs: list[list[int]],
+        params: list[SamplingParams],
+    ) -> None:
+        self._compute(
+            call_id, version, "scoring", lambda policy: policy.score(prompts, outputs, params)
+        )
+
+    def _compute(
+        self, call_id: int, version: str, action: str, work: Callable[[Policy], Any]
+    ) -> None:
+        """Reply with work's result on a loaded version and the seconds it took."""
         policy = self.policies.get(version)
         if policy is None:
             self.reply((call_id, NOT_LOADED, f"model version {version} is not loaded"))
             return
         started = time.perf_counter()
         try:
-            outputs = policy.sample(requests)
+            result = work(policy)
         except Exception as exc:
-            log.exception("sampling with %s failed", version)
+            log.exception("%s with %s failed", action, version)
             self.reply((call_id, FAILED, f"{type(exc).__name__}: {exc}"))
             return
-        self.reply((call_id, OK, (outputs, time.perf_counter() - started)))
+        self.reply((call_id, OK, (result, time.perf_counter() - started)))
 
 
 def serve_models(conn: Connection, torch_threads: int) -> None:
@@ -100,20 +126,28 @@ def serve_models(conn: Connection, torch_threads: int) -> None:
     torch.set_num_threads(torch_threads)
     models = _Models(conn)
     loader = ThreadPoolExecutor(1, thread_name_prefix="feedloop-model-load")
+    scores: deque[tuple[Any, ...]] = deque()  # SCORE calls not yet computed
     try:
         while True:
             try:
+                if scores and not conn.poll():
+                    models.score(*scores.popleft())
+                    continue
                 message = conn.recv()
             except (EOFError, OSError):
                 return
             op = message[0]
             if op == SAMPLE:
                 models.sample(*message[1:])
+            elif op == SCORE:
+                scores.append(message[1:])
             elif op == LOAD:
                 loader.submit(models.load, *message[1:])
             elif op == EVICT:
                 models.policies.pop(message[2], None)
             elif op == STOP:
+                while scores:  # answer what was sent, as STOP promises
+                    models.score(*scores.popleft())
                 return
     finally:
         loader.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreUnavailableError
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, ShadowScore
 from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.core.store.sqlite import SQLiteStore
 
@@ -123,6 +123,13 @@ class SlowStore(ReplayStore):
             self.largest_feedback_batch = max(self.largest_feedback_batch, len(records))
         self._slow()
         return self.inner.insert_feedback(records)
+
+    def append_shadow_scores(self, scores: Sequence[ShadowScore]) -> None:
+        self._slow()
+        self.inner.append_shadow_scores(scores)
+
+    def shadow_scores(self, version: str, generation_ids: Sequence[str]) -> dict[str, ShadowScore]:
+        return self.inner.shadow_scores(version, generation_ids)
 
     def get_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRecord]:
         return self.inner.get_generations(generation_ids)

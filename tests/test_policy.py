@@ -61,6 +61,24 @@ def test_raw_logprobs_logged_at_sampling_equal_the_teacher_forced_score(policy):
     assert torch.allclose(torch.tensor(scored), torch.tensor(outs[0].policy_logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"temperature": 0.5}, {"top_k": 5}, {"top_p": 0.8}, {"temperature": 1.3, "top_k": 9}],
+)
+def test_scoring_with_the_sampling_params_gives_the_behaviour_logprobs_logged(policy, params):
+    # A shadow version's importance ratio divides its score by the logged behaviour log-probs:
+    # both must be log-probabilities of the same (filtered) distribution.
+    requests = [request(policy, p, 11 + i, n=3, **params) for i, p in enumerate(PROMPTS)]
+    samples = [s for out in policy.sample(requests) for s in out]
+    prompts = [r.prompt_ids for r in requests for _ in range(r.num_candidates)]
+    sampled_with = [r.params for r in requests for _ in range(r.num_candidates)]
+    scored = policy.score(prompts, [s.token_ids for s in samples], sampled_with)
+    for sample, logprobs in zip(samples, scored, strict=True):
+        assert torch.allclose(
+            torch.tensor(logprobs), torch.tensor(sample.behaviour_logprobs), atol=1e-5
+        )
+
+
 def test_sampling_follows_a_weight_changed_in_place_between_samples(tiny_checkpoint: Path):
     # Sampling caches the decoder's per-token input gates; an optimizer step (in place) or a
     # loaded state dict must not leave a stale table behind.

@@ -14,8 +14,14 @@ from faults_procs import server_process, sigkill
 from server_harness import running_server, seeded_registry, test_config, wait_until
 
 from feedloop.client import FeedloopClient
+from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.policy import SampleRequest
+from feedloop.core.sampling import SamplingParams
 from feedloop.demo.processes import process_tree
 from feedloop.server import batcher as batcher_module
+from feedloop.server.errors import Unavailable
+from feedloop.server.metrics import ServerMetrics
+from feedloop.server.model_client import ModelProcessClient
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
@@ -143,3 +149,37 @@ async def test_sigterm_to_the_whole_group_still_drains_in_flight_calls(
     }
     assert not [r for r in refused if "model process" in (r.details() or "")]
     assert "model process exited" not in (data_dir / "serve.log").read_text()
+
+
+def test_scores_are_the_policys_own_and_wait_for_the_samples_sent_beside_them(
+    tiny_checkpoint: Path,
+) -> None:
+    policy = load_checkpoint(tiny_checkpoint)[0]
+    prompt = policy.encode_prompt("ocean")
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    samples = policy.sample([SampleRequest(prompt, params, 3)])[0]
+    outputs = [s.token_ids for s in samples]
+    client = ModelProcessClient(ServerMetrics(), torch_threads=1)
+    client.start()
+    try:
+        client.load("v0001", tiny_checkpoint)
+        os.kill(client.pid, signal.SIGSTOP)  # all three calls wait in the pipe together
+        calls = {
+            "score 1": client.score("v0001", [prompt] * 3, outputs, [params] * 3),
+            "score 2": client.score("v0001", [prompt] * 3, outputs, [params] * 3),
+            "sample": client.sample("v0001", [SampleRequest(prompt, params, 1)]),
+        }
+        answered: list[str] = []
+        for name, future in calls.items():
+            future.add_done_callback(lambda _, name=name: answered.append(name))
+        os.kill(client.pid, signal.SIGCONT)
+        logprobs, _ = calls["score 2"].result(20)
+        assert answered == ["sample", "score 1", "score 2"]
+        expected = policy.score([prompt] * 3, outputs, [params] * 3)
+        for scored, own, sample in zip(logprobs, expected, samples, strict=True):
+            assert scored == pytest.approx(own, abs=1e-5)
+            assert scored == pytest.approx(sample.behaviour_logprobs, abs=1e-5)
+        with pytest.raises(Unavailable, match="v0009"):
+            client.score("v0009", [prompt], outputs[:1], [params]).result(20)
+    finally:
+        client.stop()

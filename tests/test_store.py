@@ -26,6 +26,7 @@ from feedloop.core.store import (
     FeedbackRecord,
     GenerationRecord,
     ReplayStore,
+    ShadowScore,
     VersionOutcomes,
     open_store,
 )
@@ -144,6 +145,25 @@ def test_why_each_generation_was_served_is_stored(store: ReplayStore) -> None:
     )
     stored = store.get_generations(list(reasons))
     assert {gid: record.served_as for gid, record in stored.items()} == reasons
+
+
+def test_shadow_scores_round_trip_by_version_and_generation(store: ReplayStore) -> None:
+    store.append_generations([generation("g1"), generation("g2")])
+    scores = [
+        ShadowScore("g1", "v0002", [-0.1, -2.5, -1e-300], 100.5),
+        ShadowScore("g2", "v0002", [-0.25, float("-inf")], 101.0),  # a token it filters out
+        ShadowScore("g1", "v0003", [-3.0], 102.0),
+    ]
+    store.append_shadow_scores(scores)
+    store.append_shadow_scores([ShadowScore("g1", "v0002", [0.0], 103.0)])  # a repeat: ignored
+    assert store.shadow_scores("v0002", ["g1", "g2", "g-unknown"]) == {
+        "g1": scores[0],
+        "g2": scores[1],
+    }
+    assert store.shadow_scores("v0003", ["g1", "g2"]) == {"g1": scores[2]}
+    assert store.shadow_scores("v0004", ["g1"]) == {}
+    assert store.shadow_scores("v0002", []) == {}
+    assert scores[0].logprob == -0.1 + -2.5 + -1e-300
 
 
 def test_awkward_ids_text_and_floats_round_trip_exactly(store: ReplayStore) -> None:

@@ -4,6 +4,7 @@ from feedloop.core.store.base import (
     FeedbackRecord,
     GenerationRecord,
     ReplayStore,
+    ShadowScore,
     StoreCounts,
 )
 from feedloop.core.store.factory import open_store
@@ -13,6 +14,7 @@ __all__ = [
     "FeedbackRecord",
     "GenerationRecord",
     "ReplayStore",
+    "ShadowScore",
     "StoreCounts",
     "VersionOutcomes",
     "open_store",

@@ -109,6 +109,27 @@ class GenerationRecord:
         ]
 
 
+@dataclass(frozen=True)
+class ShadowScore:
+    """A live generation's output scored by a version on shadow trial, which never served it.
+
+    logprobs: per output token, under the shadow version's distribution with the generation's
+    own sampling parameters (as its behaviour_logprobs are under the serving version's), so
+    exp(logprob - sum(behaviour_logprobs)) is the generation's exact importance ratio for the
+    shadow version. -inf for a token the shadow version's top-k/top-p would have filtered.
+    """
+
+    generation_id: str
+    version: str
+    logprobs: list[float]
+    created_at: float  # Unix seconds
+
+    @property
+    def logprob(self) -> float:
+        """The whole output's log-probability under the shadow version."""
+        return sum(self.logprobs)
+
+
 @dataclass(slots=True)
 class FeedbackRecord:
     """One feedback event as stored.
@@ -146,6 +167,14 @@ class ReplayStore(ABC):
     @abstractmethod
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
         """Store a batch of generations in one transaction (ids are unique; repeats ignored)."""
+
+    @abstractmethod
+    def append_shadow_scores(self, scores: Sequence[ShadowScore]) -> None:
+        """Store shadow scores in one transaction (a repeated (version, generation) is ignored)."""
+
+    @abstractmethod
+    def shadow_scores(self, version: str, generation_ids: Sequence[str]) -> dict[str, ShadowScore]:
+        """This version's stored shadow scores of these generations, by generation id."""
 
     @abstractmethod
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:

@@ -26,7 +26,13 @@ from psycopg.types.json import Jsonb
 from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailableError
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, StoreCounts
+from feedloop.core.store.base import (
+    FeedbackRecord,
+    GenerationRecord,
+    ReplayStore,
+    ShadowScore,
+    StoreCounts,
+)
 from feedloop.core.store.outcomes import (
     JUDGING_KINDS,
     JudgedGeneration,
@@ -37,6 +43,7 @@ from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
     POSTGRES_MIGRATIONS,
+    SHADOW_SCORE_COLUMNS,
     export_rows,
     sample_seqs,
 )
@@ -54,6 +61,23 @@ def _unavailable(message: str, exc: BaseException) -> FeedloopError:
 def _values_clause(rows: int, columns: int) -> str:
     one = "(" + ", ".join(["%s"] * columns) + ")"
     return ", ".join([one] * rows)
+
+
+def _insert_rows(
+    conn: psycopg.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    unique_key: str,
+) -> None:
+    """Insert rows in multi-row statements, skipping any whose unique_key is already stored."""
+    for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
+        chunk = rows[start : start + _INSERT_CHUNK_ROWS]
+        conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+            f"{_values_clause(len(chunk), len(columns))} ON CONFLICT ({unique_key}) DO NOTHING",
+            [value for row in chunk for value in row],
+        )
 
 
 def _generation_params(record: GenerationRecord) -> tuple[Any, ...]:
@@ -165,16 +189,21 @@ class PostgresStore(ReplayStore):
 
         def work(conn: psycopg.Connection) -> None:
             advisory_xact_lock(conn, "generations")
-            for start in range(0, len(rows), _INSERT_CHUNK_ROWS):
-                chunk = rows[start : start + _INSERT_CHUNK_ROWS]
-                conn.execute(
-                    f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) VALUES "
-                    f"{_values_clause(len(chunk), len(GENERATION_COLUMNS))} "
-                    "ON CONFLICT (generation_id) DO NOTHING",
-                    [value for row in chunk for value in row],
-                )
+            _insert_rows(conn, "generations", GENERATION_COLUMNS, rows, "generation_id")
 
         self._pool.run("append_generations", work, transaction=True)
+
+    def append_shadow_scores(self, scores: Sequence[ShadowScore]) -> None:
+        if not scores:
+            return
+        rows = [(s.version, s.generation_id, s.logprobs, s.created_at) for s in scores]
+        self._pool.run(
+            "append_shadow_scores",
+            lambda conn: _insert_rows(
+                conn, "shadow_scores", SHADOW_SCORE_COLUMNS, rows, "version, generation_id"
+            ),
+            transaction=True,
+        )
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         if not records:
@@ -220,6 +249,18 @@ class PostgresStore(ReplayStore):
         )
         records = [_generation_from_row(row) for row in rows]
         return {r.generation_id: r for r in records}
+
+    def shadow_scores(self, version: str, generation_ids: Sequence[str]) -> dict[str, ShadowScore]:
+        rows = self._fetch(
+            "shadow_scores",
+            f"SELECT {', '.join(SHADOW_SCORE_COLUMNS)} FROM shadow_scores "
+            "WHERE version = %s AND generation_id = ANY(%s::text[])",
+            (version, list(dict.fromkeys(generation_ids))),
+        )
+        return {
+            gid: ShadowScore(gid, version_, logprobs, created_at)
+            for version_, gid, logprobs, created_at in rows
+        }
 
     def generations_after(self, seq: int, limit: int) -> list[GenerationRecord]:
         rows = self._fetch(

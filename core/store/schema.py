@@ -12,6 +12,8 @@ Both backends carry the same tables with the same meaning:
                           indexed lookup; caught up in bulk to feedback_index.indexed_upto
                           (SQLite); PostgreSQL uses a GIN index on the id array instead
     cursors               name -> JSON value (the trainer's progress)
+    shadow_scores         (version, generation_id) -> a shadow version's per-token
+                          log-probabilities of a live generation's output, created_at
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX feedback_received_at ON feedback (received_at)",),
     # 5: why each generation's version served it (live, canary, pinned); "" for older rows.
     ("ALTER TABLE generations ADD COLUMN served_as TEXT NOT NULL DEFAULT ''",),
+    # 6: a shadow version's log-probabilities of live generations' outputs (see ShadowScore),
+    # read by version and generation id.
+    (
+        """CREATE TABLE shadow_scores (
+            version TEXT NOT NULL,
+            generation_id TEXT NOT NULL,
+            logprobs TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (version, generation_id)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -123,6 +136,15 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER INDEX feedback_generation_ids SET (fastupdate = on)",),
     ("CREATE INDEX feedback_received_at ON feedback (received_at)",),
     ("ALTER TABLE generations ADD COLUMN served_as TEXT NOT NULL DEFAULT ''",),
+    (
+        """CREATE TABLE shadow_scores (
+            version TEXT NOT NULL,
+            generation_id TEXT NOT NULL,
+            logprobs DOUBLE PRECISION[] NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (version, generation_id)
+        )""",
+    ),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -148,6 +170,7 @@ GENERATION_COLUMNS: tuple[str, ...] = (
     "num_candidates",
     "served_as",
 )
+SHADOW_SCORE_COLUMNS: tuple[str, ...] = ("version", "generation_id", "logprobs", "created_at")
 FEEDBACK_COLUMNS: tuple[str, ...] = (
     "event_id",
     "kind",

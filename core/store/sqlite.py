@@ -31,6 +31,7 @@ from feedloop.core.store.base import (
     FeedbackRecord,
     GenerationRecord,
     ReplayStore,
+    ShadowScore,
     StoreCounts,
 )
 from feedloop.core.store.outcomes import (
@@ -42,6 +43,7 @@ from feedloop.core.store.outcomes import (
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
+    SHADOW_SCORE_COLUMNS,
     SQLITE_MIGRATIONS,
     export_rows,
     sample_seqs,
@@ -297,6 +299,28 @@ class SQLiteStore(ReplayStore):
                 " ON CONFLICT (generation_id) DO NOTHING",
             )
 
+    def append_shadow_scores(self, scores: Sequence[ShadowScore]) -> None:
+        if not scores:
+            return
+        values = [
+            value
+            for score in scores
+            for value in (
+                score.version,
+                score.generation_id,
+                _compact(score.logprobs),
+                score.created_at,
+            )
+        ]
+        with self._transaction("append_shadow_scores") as conn:
+            _insert_rows(
+                conn,
+                "shadow_scores",
+                SHADOW_SCORE_COLUMNS,
+                values,
+                " ON CONFLICT (version, generation_id) DO NOTHING",
+            )
+
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         if not records:
             return []
@@ -350,6 +374,21 @@ class SQLiteStore(ReplayStore):
             for row in self._read("get_generations", sql, chunk):
                 record = _generation_from_row(row)
                 found[record.generation_id] = record
+        return found
+
+    def shadow_scores(self, version: str, generation_ids: Sequence[str]) -> dict[str, ShadowScore]:
+        found: dict[str, ShadowScore] = {}
+        unique = list(dict.fromkeys(generation_ids))
+        for start in range(0, len(unique), _MAX_IN_PARAMS):
+            chunk = unique[start : start + _MAX_IN_PARAMS]
+            sql = (
+                f"SELECT {', '.join(SHADOW_SCORE_COLUMNS)} FROM shadow_scores "
+                f"WHERE version = ? AND generation_id IN ({', '.join('?' * len(chunk))})"
+            )
+            for version_, gid, logprobs, created_at in self._read(
+                "shadow_scores", sql, [version, *chunk]
+            ):
+                found[gid] = ShadowScore(gid, version_, json.loads(logprobs), created_at)
         return found
 
     def generations_after(self, seq: int, limit: int) -> list[GenerationRecord]:
