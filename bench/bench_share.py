@@ -95,6 +95,10 @@ def start_trainer(root: Path, run: int) -> subprocess.Popen[str]:
         "0",
         "--cursor-name",
         f"bench-{run}",
+        # Every run trains a round from the pretrained version again: a canary trial left
+        # running by the previous run would make the trainer wait for its verdict instead.
+        "--publish-as",
+        "live",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
