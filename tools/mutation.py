@@ -51,7 +51,11 @@ MODULES: dict[str, tuple[str, ...]] = {
     "trainer/rl_math.py": ("tests/test_rl_math.py", "tests/test_rl_math_edges.py"),
     "trainer/algorithms.py": ("tests/test_algorithms.py", "tests/test_trainer_loop.py"),
     "trainer/update.py": ("tests/test_trainer_update.py", "tests/test_algorithms.py"),
-    "trainer/gate.py": ("tests/test_trainer_gate.py", "tests/test_gate_estimates.py"),
+    "trainer/gate.py": (
+        "tests/test_gate_checks.py",
+        "tests/test_trainer_gate.py",
+        "tests/test_gate_estimates.py",
+    ),
     "trainer/signals.py": ("tests/test_heldout_isolation.py", "tests/test_trainer_loop.py"),
     "trainer/rewards.py": (
         "tests/test_rewards.py",
@@ -59,6 +63,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_reward_model.py",
     ),
     "trainer/reward_model.py": (
+        "tests/test_reward_model_score.py",
         "tests/test_reward_model.py",
         "tests/test_reward_model_heldout.py",
         "tests/test_heldout_isolation.py",
