@@ -69,7 +69,11 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_heldout_isolation.py",
     ),
     "trainer/data.py": ("tests/test_trainer_loop.py", "tests/test_data_window.py"),
-    "core/sampling.py": ("tests/test_sampling.py", "tests/test_policy.py"),
+    "core/sampling.py": (
+        "tests/test_sampling_draws.py",
+        "tests/test_sampling.py",
+        "tests/test_policy.py",
+    ),
 }
 
 # mutmut's statuses, grouped as this tool counts them. A mutant that crashed the test process or
