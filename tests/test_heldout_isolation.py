@@ -119,3 +119,29 @@ def test_a_ranking_weighs_like_n_minus_one_comparisons() -> None:
     compared = preference_pairs([event("c", "comparison", ["a", "b"])], gens, {}, {})
     ranked = preference_pairs([event("r", "ranking", ["a", "b"])], gens, {}, {})
     assert [p.weight for p in ranked] == [p.weight for p in compared] == [1.0]
+
+
+def test_gate_heldout_generations_are_its_test_set_and_never_training_examples() -> None:
+    """Every rated generation lands on one side of the held-out split, with its rating: the
+    training examples on one, the gate's off-policy test set on the other; an unrated held-out
+    generation is on neither (it has no rating to test with, and takes no default reward)."""
+    window = rated_window()
+    unrated = {gid: generation(gid, "calm day", request="unrated") for gid in ("u1", "u2", "u3")}
+    unrated_heldout = {gid for gid in unrated if is_heldout(gid, SHARE)}
+    assert unrated_heldout and unrated_heldout != set(unrated)  # both sides represented
+    window.generations.update(unrated)
+    config = TrainConfig(
+        heldout_share=SHARE, rm_min_pairs=10**6, unrated="default", unrated_default_reward=0.25
+    )
+    signals = learning_signals(window, Tokenizer.build([" ".join(WORDS)]), config)
+
+    rating = {gid: (1.0 if gid.endswith("c0") else -1.0) for gid in window.generations}
+    rated_heldout = {g for g in rating if not g.startswith("u") and is_heldout(g, SHARE)}
+    assert {g.generation_id: r for g, r in signals.heldout} == {g: rating[g] for g in rated_heldout}
+    expected_examples = {
+        g: (0.25 if g in unrated else rating[g])
+        for g in window.generations
+        if not is_heldout(g, SHARE)
+    }
+    assert {g.generation_id: r for g, r, _ in signals.examples} == expected_examples
+    assert signals.figures["reward_sources"]["default"] == len(unrated) - len(unrated_heldout)

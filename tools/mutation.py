@@ -49,13 +49,31 @@ EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.toml"
 # Each mutated module and the test files that specify it: only these run against its mutants.
 MODULES: dict[str, tuple[str, ...]] = {
     "trainer/rl_math.py": ("tests/test_rl_math.py", "tests/test_rl_math_edges.py"),
-    "trainer/algorithms.py": ("tests/test_trainer_loop.py",),
-    "trainer/gate.py": ("tests/test_trainer_gate.py", "tests/test_gate_estimates.py"),
-    "trainer/signals.py": ("tests/test_trainer_loop.py",),
-    "trainer/rewards.py": ("tests/test_rewards.py", "tests/test_reward_model.py"),
-    "trainer/reward_model.py": ("tests/test_reward_model.py", "tests/test_reward_model_heldout.py"),
+    "trainer/algorithms.py": ("tests/test_algorithms.py", "tests/test_trainer_loop.py"),
+    "trainer/update.py": ("tests/test_trainer_update.py", "tests/test_algorithms.py"),
+    "trainer/gate.py": (
+        "tests/test_gate_checks.py",
+        "tests/test_trainer_gate.py",
+        "tests/test_gate_estimates.py",
+    ),
+    "trainer/signals.py": ("tests/test_heldout_isolation.py", "tests/test_trainer_loop.py"),
+    "trainer/rewards.py": (
+        "tests/test_rewards.py",
+        "tests/test_heldout_isolation.py",
+        "tests/test_reward_model.py",
+    ),
+    "trainer/reward_model.py": (
+        "tests/test_reward_model_score.py",
+        "tests/test_reward_model.py",
+        "tests/test_reward_model_heldout.py",
+        "tests/test_heldout_isolation.py",
+    ),
     "trainer/data.py": ("tests/test_trainer_loop.py", "tests/test_data_window.py"),
-    "core/sampling.py": ("tests/test_sampling.py", "tests/test_policy.py"),
+    "core/sampling.py": (
+        "tests/test_sampling_draws.py",
+        "tests/test_sampling.py",
+        "tests/test_policy.py",
+    ),
 }
 
 # mutmut's statuses, grouped as this tool counts them. A mutant that crashed the test process or

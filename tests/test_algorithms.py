@@ -1,0 +1,142 @@
+"""Actor-critic and REINFORCE on a policy small enough to work out by hand.
+
+`TablePolicy` gives every position the same next-token distribution, so each logged token's
+log-probability is a number on paper: the policy puts 1/2 on token 1 and 1/6 on tokens 0, 2, 3;
+the reference is uniform (1/4 each). Token 1 is then log 2 nats above the reference (k1), token
+2 log(2/3) below. The critic starts at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from feedloop.core.policy import Policy, PolicyOutput, SampledOutput, SampleRequest, TokenBatch
+from feedloop.trainer.algorithms import ActorCritic, Reinforce
+from feedloop.trainer.config import TrainConfig
+from feedloop.trainer.update import Experience
+
+LOG2 = math.log(2.0)
+LOG_TWO_THIRDS = math.log(2.0 / 3.0)
+
+
+class TablePolicy(Policy):
+    """One learnable next-token distribution for every position, and one learnable value."""
+
+    architecture = "table"
+
+    def __init__(self, probabilities: Sequence[float]) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(probabilities).log())
+        self.value = torch.nn.Parameter(torch.zeros(()))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def sample(self, requests: Sequence[SampleRequest]) -> list[list[SampledOutput]]:
+        raise NotImplementedError("the update never samples")
+
+    def teacher_forced(self, batch: TokenBatch) -> PolicyOutput:
+        rows, width = batch.output_ids.shape
+        return PolicyOutput(self.logits.repeat(rows, width, 1), self.value.repeat(rows, width))
+
+    def probabilities(self) -> torch.Tensor:
+        return torch.softmax(self.logits.detach(), dim=-1)
+
+
+def policy() -> TablePolicy:
+    return TablePolicy([1 / 6, 1 / 2, 1 / 6, 1 / 6])
+
+
+def reference() -> TablePolicy:
+    return TablePolicy([1 / 4] * 4)
+
+
+def kl_to_reference(p: TablePolicy) -> float:
+    """The exact KL(policy || uniform reference) of a table policy."""
+    probs = p.probabilities()
+    return float((probs * (probs * 4).log()).sum())
+
+
+def config(tmp_path: Path, **overrides: Any) -> TrainConfig:
+    values: dict[str, Any] = dict(data_dir=tmp_path, gamma=1.0, gae_lambda=1.0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def experience(
+    outputs: list[list[int]], rewards: list[float], weights: list[float] | None = None
+) -> Experience:
+    """Logged outputs sampled on-policy (behaviour log-probs are the policy's own)."""
+    batch = TokenBatch.from_lists([[5]] * len(outputs), outputs)
+    with torch.no_grad():
+        logged = torch.log_softmax(policy().teacher_forced(batch).logits, dim=-1)
+    behaviour = logged.gather(-1, batch.output_ids.unsqueeze(-1)).squeeze(-1) * batch.output_mask
+    return Experience(
+        batch,
+        behaviour,
+        torch.tensor(rewards),
+        torch.tensor(weights if weights is not None else [1.0] * len(outputs)),
+    )
+
+
+# Sequence A = tokens [1, 1] rated 1: KL to the reference 2 log 2. Sequence B = [2] rated 0:
+# KL log(2/3). With kl_coef 0.5 each return is its reward less half its KL.
+KL_SHAPED = experience([[1, 1], [2]], [1.0, 0.0])
+RETURN_A = 1.0 - 0.5 * 2 * LOG2
+RETURN_B = 0.0 - 0.5 * LOG_TWO_THIRDS
+
+
+def test_actor_critic_returns_are_the_reward_less_kl_coef_times_the_kl_still_to_come(
+    tmp_path: Path,
+) -> None:
+    prepared = ActorCritic(config(tmp_path)).prepare(policy(), reference(), KL_SHAPED, 0.5)
+    expected = torch.tensor([[RETURN_A, 1.0 - 0.5 * LOG2], [RETURN_B, 0.0]])
+    torch.testing.assert_close(prepared.returns, expected)
+    mean_kl = (2 * LOG2 + LOG_TWO_THIRDS) / 2
+    assert prepared.figures["logged_kl_to_reference"] == pytest.approx(mean_kl)
+
+
+def test_reinforce_returns_are_the_reward_less_kl_coef_times_the_sequences_kl(
+    tmp_path: Path,
+) -> None:
+    prepared = Reinforce(config(tmp_path)).prepare(policy(), reference(), KL_SHAPED, 0.5)
+    torch.testing.assert_close(prepared.returns, torch.tensor([RETURN_A, RETURN_B]))
+
+
+def test_actor_critic_whitens_advantages_over_real_tokens_weighted_by_client_weight(
+    tmp_path: Path,
+) -> None:
+    """A = [1, 1] rated 1, B = [2] rated -1 and padded: with no KL and a zero critic the raw
+    advantages are 1, 1 and -1; the padding is neither counted nor given an advantage."""
+    algorithm = ActorCritic(config(tmp_path))
+    even = algorithm.prepare(policy(), reference(), experience([[1, 1], [2]], [1.0, -1.0]), 0.0)
+    # mean 1/3, variance 8/9 over the three real tokens
+    r2 = math.sqrt(2.0)
+    torch.testing.assert_close(even.advantages, torch.tensor([[1 / r2, 1 / r2], [-r2, 0.0]]))
+    # B's client weight 2 counts its token twice: mean 0, variance 1
+    weighted = algorithm.prepare(
+        policy(), reference(), experience([[1, 1], [2]], [1.0, -1.0], [1.0, 2.0]), 0.0
+    )
+    torch.testing.assert_close(weighted.advantages, torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("algorithm", [ActorCritic, Reinforce])
+def test_with_no_reward_the_kl_penalty_alone_pulls_the_policy_towards_the_reference(
+    algorithm: type[ActorCritic] | type[Reinforce], tmp_path: Path
+) -> None:
+    """Unrated token 1 sits above the reference and token 2 below: the penalty lowers the one
+    and raises the other, whatever the critic learns meanwhile."""
+    trained = policy()
+    before = kl_to_reference(trained)
+    c = config(tmp_path, learning_rate=0.05, minibatch_size=2, epochs=5, target_approx_kl=10.0)
+    result = algorithm(c).update(trained, reference(), experience([[1], [2]], [0.0, 0.0]), 1.0)
+    assert result.steps == 5
+    probs = trained.probabilities()
+    assert probs[1] < 1 / 2 and probs[2] > 1 / 6
+    assert kl_to_reference(trained) < before

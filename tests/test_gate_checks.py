@@ -1,0 +1,147 @@
+"""The gate's checks one at a time: each refuses alone, and a figure exactly at its bound passes.
+
+The live policy and the candidate are two perturbations of the tiny policy, the reference the
+tiny policy itself, so the candidate's perplexity differs from both and its KL is positive.
+Each bound is then set to the figure the gate measured (passes) or to the float just below it
+(refused, by that check alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from trainer_support import SPLIT, one_torch_thread
+
+from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.policy import Policy
+from feedloop.trainer import gate as gate_module
+from feedloop.trainer.config import TrainConfig
+from feedloop.trainer.gate import Gate, GateReport
+
+__all__ = ["one_torch_thread"]
+
+NO_OPE = "no off-policy check"
+LOOSE = dict(
+    gate_max_perplexity_ratio_live=1e9, gate_max_perplexity_ratio_reference=1e9, gate_max_kl=1e9
+)
+
+
+def perturbed(policy: Policy, seed: int, scale: float) -> Policy:
+    copy_ = copy.deepcopy(policy)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bias = copy_.output.bias  # type: ignore[union-attr]
+        bias.add_(torch.randn(bias.shape, generator=generator) * scale)
+    return copy_
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    reference, _ = load_checkpoint(tiny_checkpoint)
+    config = TrainConfig(data_dir=tmp_path_factory.mktemp("gate"), gate_kl_prompts=8, **LOOSE)
+    gate = Gate(config, reference, SPLIT.test)
+    live, candidate = perturbed(reference, 1, 0.2), perturbed(reference, 2, 0.5)
+    figures = gate.evaluate(candidate, live, [], None, seed=0).figures
+    return {"gate": gate, "config": config, "live": live, "candidate": candidate, **figures}
+
+
+def evaluate(setting: dict[str, Any], **bounds: float) -> GateReport:
+    gate: Gate = setting["gate"]
+    gate.config = replace(setting["config"], **bounds)
+    return gate.evaluate(setting["candidate"], setting["live"], [], None, seed=0)
+
+
+def refusals(report: GateReport) -> list[str]:
+    return [r for r in report.reasons if not r.startswith((NO_OPE, "passed"))]
+
+
+@pytest.mark.parametrize(
+    ("bound", "figure", "words"),
+    [
+        ("gate_max_perplexity_ratio_live", "perplexity_ratio_live", "x live's"),
+        ("gate_max_perplexity_ratio_reference", "perplexity_ratio_reference", "the reference's"),
+        ("gate_max_kl", "kl_to_reference", "KL to reference"),
+    ],
+)
+def test_each_check_passes_a_figure_at_its_bound_and_alone_refuses_one_above(
+    setting: dict[str, Any], bound: str, figure: str, words: str
+) -> None:
+    measured = setting[figure]
+    assert measured > 0 and measured != 1.0
+    at_bound = evaluate(setting, **{bound: measured})
+    assert at_bound.passed, at_bound.reasons
+    assert at_bound.reasons[0].startswith("passed")
+    above = evaluate(setting, **{bound: math.nextafter(measured, 0.0)})
+    assert not above.passed
+    assert len(refusals(above)) == 1 and words in refusals(above)[0]
+
+
+def test_the_two_perplexity_checks_compare_with_live_and_with_the_reference(
+    setting: dict[str, Any],
+) -> None:
+    ppl = setting["perplexity_candidate"]
+    assert setting["perplexity_ratio_live"] == pytest.approx(ppl / setting["perplexity_live"])
+    assert setting["perplexity_ratio_reference"] == pytest.approx(
+        ppl / setting["perplexity_reference"]
+    )
+    assert setting["perplexity_live"] != setting["perplexity_reference"]
+
+
+def estimate(value: float, ci_high: float) -> dict[str, float]:
+    return {"value": value, "ci_low": value - 1.0, "ci_high": ci_high, "n": 10}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "live", "passed"),
+    [
+        # snips only: refused when the candidate's interval ends below live's value
+        ({"snips": estimate(0.0, 0.5)}, {"snips": estimate(0.5, 0.9)}, True),
+        ({"snips": estimate(0.0, math.nextafter(0.5, 0))}, {"snips": estimate(0.5, 0.9)}, False),
+        # with a reward model the doubly robust estimate decides, whatever SNIPS says
+        (
+            {"snips": estimate(0.0, 0.1), "dr": estimate(0.0, 0.5)},
+            {"snips": estimate(0.5, 0.9), "dr": estimate(0.5, 0.9)},
+            True,
+        ),
+        (
+            {"snips": estimate(0.9, 1.0), "dr": estimate(0.0, 0.4)},
+            {"snips": estimate(0.5, 0.9), "dr": estimate(0.5, 0.9)},
+            False,
+        ),
+    ],
+)
+def test_the_off_policy_check_refuses_only_an_interval_wholly_below_lives_value(
+    setting: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    candidate: dict[str, Any],
+    live: dict[str, Any],
+    passed: bool,
+) -> None:
+    def values(policy: Policy, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return candidate if policy is setting["candidate"] else live
+
+    monkeypatch.setattr(gate_module, "off_policy_values", values)
+    gate: Gate = setting["gate"]
+    gate.config = replace(setting["config"], gate_min_ope_samples=1)
+    records = [(object(), 1.0)]
+    report = gate.evaluate(setting["candidate"], setting["live"], records, None, seed=0)  # type: ignore[arg-type]
+    assert report.passed is passed
+    assert (report.figures["ope_candidate"], report.figures["ope_live"]) == (candidate, live)
+    assert len(refusals(report)) == (0 if passed else 1)
+    if not passed:
+        assert "clearly below" in refusals(report)[0]
+
+
+def test_too_few_heldout_ratings_skip_the_off_policy_check_and_say_so(
+    setting: dict[str, Any],
+) -> None:
+    report = evaluate(setting)
+    assert report.passed
+    assert report.figures["ope_heldout"] == 0 and "ope_candidate" not in report.figures
+    assert any(r.startswith(NO_OPE) for r in report.reasons)
