@@ -172,16 +172,16 @@ def preference_pairs(
             for b in gids[i + 1 :]:
                 gap = rated[a].reward - rated[b].reward
                 if abs(gap) >= RATING_PAIR_MIN_GAP:
-                    better, worse = (a, b) if gap > 0 else (b, a)
+                    better_id, worse_id = (a, b) if gap > 0 else (b, a)
                     w = min(rated[a].weight, rated[b].weight)
                     add(
-                        generations[better],
-                        generations[worse].text,
-                        generations[better].text,
+                        generations[better_id],
+                        generations[worse_id].text,
+                        generations[better_id].text,
                         w,
                         "rating",
-                        f"{better}>{worse}",
-                        (better, worse),
+                        f"{better_id}>{worse_id}",
+                        (better_id, worse_id),
                     )
     return pairs
 
