@@ -47,14 +47,16 @@ def setting(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config = TrainConfig(data_dir=tmp_path_factory.mktemp("gate"), gate_kl_prompts=8, **LOOSE)
     gate = Gate(config, reference, SPLIT.test)
     live, candidate = perturbed(reference, 1, 0.2), perturbed(reference, 2, 0.5)
-    figures = gate.evaluate(candidate, live, [], None, seed=0).figures
+    figures = gate.evaluate(candidate, live, [], None, seed=0, live_version="v0002").figures
     return {"gate": gate, "config": config, "live": live, "candidate": candidate, **figures}
 
 
 def evaluate(setting: dict[str, Any], **bounds: float) -> GateReport:
     gate: Gate = setting["gate"]
     gate.config = replace(setting["config"], **bounds)
-    return gate.evaluate(setting["candidate"], setting["live"], [], None, seed=0)
+    return gate.evaluate(
+        setting["candidate"], setting["live"], [], None, seed=0, live_version="v0002"
+    )
 
 
 def refusals(report: GateReport) -> list[str]:
@@ -130,7 +132,9 @@ def test_the_off_policy_check_refuses_only_an_interval_wholly_below_lives_value(
     gate: Gate = setting["gate"]
     gate.config = replace(setting["config"], gate_min_ope_samples=1)
     records = [(object(), 1.0)]
-    report = gate.evaluate(setting["candidate"], setting["live"], records, None, seed=0)  # type: ignore[arg-type]
+    report = gate.evaluate(
+        setting["candidate"], setting["live"], records, None, seed=0, live_version="v0002"
+    )  # type: ignore[arg-type]
     assert report.passed is passed
     assert (report.figures["ope_candidate"], report.figures["ope_live"]) == (candidate, live)
     assert len(refusals(report)) == (0 if passed else 1)
