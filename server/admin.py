@@ -22,7 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from feedloop import __version__
 from feedloop.core.online_eval import Estimate, mean_rating, online_report, rating_difference
 from feedloop.core.registry import CANARY, SHADOW, Decision, LivePointer, ModelRegistry, Trial
-from feedloop.core.registry.pointer import valid_share
+from feedloop.core.registry.pointer import unix_seconds, valid_share
 from feedloop.core.store import ReplayStore
 from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.server.batcher import Batcher
@@ -132,7 +132,7 @@ def trial_comparison(
 ) -> pb.TrialComparison:
     """Blocking: the trial against live on the feedback since the trial began, as the trainer's
     decision policy reads it."""
-    since = datetime.fromisoformat(trial.since).timestamp()
+    since = unix_seconds(trial.since)
     outcomes = store.online_outcomes(since, now, versions=[live, trial.version])
     candidate, current = outcomes[trial.version], outcomes[live]
     return pb.TrialComparison(

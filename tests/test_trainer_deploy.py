@@ -4,14 +4,13 @@ and online verdicts applied through the registry (real SQLite store, directory r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 from store_support import generation, rating
-from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
+from trainer_support import Env, env, fast_config, one_torch_thread, simulation
 
 from feedloop.core.registry import PROMOTED, ROLLED_BACK
 from feedloop.core.store import FeedbackRecord
@@ -19,15 +18,8 @@ from feedloop.demo.simusers import IncludeWord
 from feedloop.trainer.decisions import PROMOTE, ROLL_BACK
 from feedloop.trainer.loop import Trainer
 
-__all__ = ["one_torch_thread"]
+__all__ = ["env", "one_torch_thread"]
 PREF = IncludeWord("little")
-
-
-@pytest.fixture
-def env(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Env]:
-    environment = make_env(tmp_path, tiny_checkpoint)
-    yield environment
-    environment.close()
 
 
 def trainer(env: Env, **overrides: Any) -> Trainer:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
-from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
+from trainer_support import Env, env, fast_config, one_torch_thread, simulation
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.demo.simusers import IncludeWord, Length, Preference
@@ -21,15 +20,8 @@ from feedloop.trainer.data import Cursor, read_window
 from feedloop.trainer.loop import Trainer
 from feedloop.trainer.signals import learning_signals
 
-__all__ = ["one_torch_thread"]
+__all__ = ["env", "one_torch_thread"]
 PREF = IncludeWord("little")
-
-
-@pytest.fixture
-def env(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Env]:
-    environment = make_env(tmp_path, tiny_checkpoint)
-    yield environment
-    environment.close()
 
 
 def cursor(env: Env) -> dict:

@@ -49,6 +49,14 @@ def make_env(root: Path, checkpoint: Path) -> Env:
     return Env(root, open_store(str(root / "replay.sqlite3")), registry)
 
 
+@pytest.fixture
+def env(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Env]:
+    """A store and a registry whose live version is the tiny policy; closed after the test."""
+    environment = make_env(tmp_path, tiny_checkpoint)
+    yield environment
+    environment.close()
+
+
 def fast_config(root: Path, **overrides: Any) -> TrainConfig:
     """Defaults, shrunk where only the mechanics are under test (not learning)."""
     values: dict[str, Any] = dict(

@@ -38,7 +38,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.errors import LiveChanged
 from feedloop.core.policy import Policy
 from feedloop.core.registry import PROMOTED, REFUSED, ROLLED_BACK, Decision, ModelRegistry
+from feedloop.core.registry.pointer import unix_seconds
 from feedloop.core.store.base import ReplayStore
 from feedloop.trainer.algorithms import make_algorithm
 from feedloop.trainer.config import TrainConfig
@@ -70,11 +70,6 @@ from feedloop.trainer.update import TrainingDiverged
 
 # A promotion older than this many decisions is long past any watch_s.
 _PROMOTION_SEARCH_DECISIONS = 200
-
-
-def unix_seconds(iso_time: str) -> float:
-    """The registry's ISO times (trial starts, decisions) on the trainer's clock."""
-    return datetime.fromisoformat(iso_time).timestamp()
 
 
 class RoundAbandoned(Exception):

@@ -30,6 +30,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def unix_seconds(iso_time: str) -> float:
+    """A registry time (a trial's start, a decision's) as Unix seconds, the store's clock."""
+    return datetime.fromisoformat(iso_time).timestamp()
+
+
 @dataclass(frozen=True)
 class Decision:
     """One entry of the registry's history."""
