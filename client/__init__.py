@@ -16,6 +16,7 @@ from feedloop.client.errors import FeedloopClientError
 from feedloop.client.online import (
     OnlineEstimate,
     OnlineReportResult,
+    ShadowEstimateInfo,
     TrialComparisonInfo,
     VersionOnline,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "RegistryStateResult",
     "RetryPolicy",
     "SetLiveResult",
+    "ShadowEstimateInfo",
     "StatusResult",
     "TrialComparisonInfo",
     "TrialInfo",

@@ -284,6 +284,16 @@ def _online_text(report: OnlineReportResult) -> str:
             f"began {c.trial_age_s:.0f} s ago: {_estimate(c.difference)} "
             f"(n {c.trial_rating.count} and {c.live_rating.count})"
         )
+        if c.shadow is not None:
+            s = c.shadow
+            point = "-" if s.mean is None else f"{s.mean:+.3f}"
+            served = "-" if s.live_mean is None else f"{s.live_mean:+.3f}"
+            text += (
+                f"\nshadow {c.trial_version}, off-policy on {s.count} rated live generations it "
+                f"scored: lower bound {s.low:+.3f}, estimate {point} (live served {served}), "
+                f"effective n {s.effective_count:.0f}, {s.clipped_share:.1%} of ratios clipped "
+                f"at {s.max_weight:g}"
+            )
     return text
 
 

@@ -59,6 +59,37 @@ class TrialComparisonInfo:
     trial_rating: OnlineEstimate
     live_rating: OnlineEstimate
     difference: OnlineEstimate  # trial minus live
+    shadow: ShadowEstimateInfo | None = None  # a shadow trial's off-policy estimate
+
+
+@dataclass(frozen=True)
+class ShadowEstimateInfo:
+    """A shadow version's mean rating, off-policy, from the rated live generations it scored:
+    `low` holds at every look at 1 - alpha (clipped importance sampling); `mean` is the
+    self-normalised point estimate (None without scores)."""
+
+    count: int
+    low: float
+    mean: float | None
+    live_mean: float | None
+    effective_count: float
+    clipped_share: float
+    max_weight: float
+
+    @classmethod
+    def from_proto(cls, e: pb.ShadowOffPolicyEstimate) -> ShadowEstimateInfo:
+        def number(x: float) -> float | None:
+            return None if e.count == 0 or math.isnan(x) else x
+
+        return cls(
+            e.count,
+            e.low,
+            number(e.mean),
+            number(e.live_mean),
+            e.effective_count,
+            e.clipped_share,
+            e.max_weight,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +115,7 @@ class OnlineReportResult:
                 OnlineEstimate.from_proto(c.trial_rating),
                 OnlineEstimate.from_proto(c.live_rating),
                 OnlineEstimate.from_proto(c.difference),
+                ShadowEstimateInfo.from_proto(c.shadow) if c.HasField("shadow") else None,
             )
         return cls(
             since=time_of(reply.since, reply.HasField("since")),

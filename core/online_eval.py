@@ -23,14 +23,27 @@ at n = m, less a lower-order term) makes it nearly the narrowest possible at n =
 boundary stays valid at every n whatever m is. Ratings normalised to [-1, 1] use sigma = 1, win
 or loss outcomes (0 or 1) sigma = 1/2: the boundary needs no variance estimate, at the price of
 being conservative for ratings that vary less than a coin flip between -1 and 1.
+
+A version on shadow trial serves no one, so its mean rating is estimated off-policy from the live
+version's rated generations that it scored (shadow_estimate): each one's importance ratio
+w = pi_shadow(y) / pi_live(y) is exact, both log-probabilities being of the same output under
+each version's own sampling distribution. The decision needs a lower bound it can trust under
+repeated looks, and clipped importance sampling gives one (Thomas, Theocharous & Ghavamzadeh,
+"High-confidence off-policy evaluation", AAAI 2015): shifted to r + 1 >= 0,
+E_live[min(w, W) (r + 1)] <= E_live[w (r + 1)] <= E_shadow[r + 1], whatever the clipping W
+costs in tightness, provided a user's rating depends on the text, not on who served it. The
+clipped terms lie in [0, 2W], so the same mixture boundary with sigma = W bounds their mean at
+every look. The self-normalised estimate (sum w r / sum w) rides along as the point figure, with
+the effective sample size (sum w)^2 / sum w^2 that says how much of the sample it rests on.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from feedloop.core.store.outcomes import VersionOutcomes
+from feedloop.core.store.outcomes import ShadowEvidence, VersionOutcomes
 
 RATING_SIGMA = 1.0  # ratings lie in [-1, 1]
 WIN_SIGMA = 0.5  # a pair's outcome lies in {0, 1}
@@ -126,3 +139,67 @@ def online_report(outcomes: dict[str, VersionOutcomes], alpha: float) -> dict[st
         )
         for version, o in outcomes.items()
     }
+
+
+SHADOW_MAX_WEIGHT = 2.0  # W: importance ratios above it are clipped for the lower bound
+
+
+@dataclass(frozen=True)
+class ShadowEstimate:
+    """What a shadow version's ratings would have been, from the live generations it scored.
+
+    n: rated live generations it scored; low: time-uniform lower bound (1 - alpha) on its mean
+    rating; mean: the self-normalised estimate (nan when n is 0 or every ratio is 0);
+    live_mean: the same generations' mean rating as served; effective_n: (sum w)^2 / sum w^2;
+    clipped_share: share of ratios above max_weight.
+    """
+
+    n: int
+    low: float
+    mean: float
+    live_mean: float
+    effective_n: float
+    clipped_share: float
+    max_weight: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "n": self.n,
+            "low": self.low,
+            "mean": self.mean,
+            "live_mean": self.live_mean,
+            "effective_n": self.effective_n,
+            "clipped_share": self.clipped_share,
+            "max_weight": self.max_weight,
+        }
+
+
+def shadow_estimate(
+    evidence: Sequence[ShadowEvidence], alpha: float, max_weight: float = SHADOW_MAX_WEIGHT
+) -> ShadowEstimate:
+    """The shadow version's mean rating from its scores of rated live generations (module
+    docstring: a clipped-importance lower bound and a self-normalised point estimate)."""
+    if max_weight <= 0:
+        raise ValueError(f"max_weight must be positive, not {max_weight}")
+    n = len(evidence)
+    if n == 0:
+        return ShadowEstimate(0, -1.0, math.nan, math.nan, 0.0, 0.0, max_weight)
+    weights = [math.exp(e.shadow_logprob - e.behaviour_logprob) for e in evidence]
+    ratings = [e.rating for e in evidence]
+    clipped_mean = (
+        sum(min(w, max_weight) * (r + 1) for w, r in zip(weights, ratings, strict=True)) / n
+    )
+    radius = mixture_radius(n, alpha, sigma=max_weight)
+    total = sum(weights)
+    squares = sum(w * w for w in weights)
+    return ShadowEstimate(
+        n=n,
+        low=min(1.0, max(-1.0, clipped_mean - radius - 1.0)),
+        mean=sum(w * r for w, r in zip(weights, ratings, strict=True)) / total
+        if total > 0
+        else math.nan,
+        live_mean=sum(ratings) / n,
+        effective_n=total * total / squares if squares > 0 else 0.0,
+        clipped_share=sum(w > max_weight for w in weights) / n,
+        max_weight=max_weight,
+    )

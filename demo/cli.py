@@ -32,7 +32,7 @@ from feedloop.client.errors import FeedloopClientError
 from feedloop.client.types import ModelsResult
 from feedloop.core.config import default_data_dir
 from feedloop.demo.options import build_parser
-from feedloop.demo.population import Population, PopulationConfig, parse_mix
+from feedloop.demo.population import Population, PopulationConfig, parse_mix, parse_taste_change
 from feedloop.demo.processes import (
     Child,
     ChildStartupError,
@@ -103,6 +103,7 @@ class Demo:
         self.trainer_lines_seen = 0
         self.next_models_poll = 0.0
         self.last_decision = ""
+        self.taste_change = parse_taste_change(args.taste_change) if args.taste_change else None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -154,6 +155,12 @@ class Demo:
 
     def _poll(self) -> None:
         assert self.client is not None
+        if self.taste_change is not None and self.stats.elapsed_s() >= self.taste_change[1]:
+            assert self.population is not None
+            self.population.change_preference(self.taste_change[0])
+            self.stats.observe_taste_change(self.taste_change[0])
+            print(f"feedloop demo: the users' taste is now {self.taste_change[0]}", flush=True)
+            self.taste_change = None
         lines = self.trainer.stdout_lines
         for line in lines[self.trainer_lines_seen : len(lines)]:
             self.stats.observe_trainer_line(line)
@@ -260,6 +267,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[1:])
     try:
         parse_preference(args.preference)
+        if args.taste_change:
+            parse_taste_change(args.taste_change)
         mix = parse_mix(args.feedback_mix)
         if args.users < 1 or args.rate_rps <= 0 or args.duration_s <= 0 or args.candidates < 1:
             raise ValueError("--users, --rate-rps, --duration-s and --candidates must be positive")

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="unit",
         help="rating scale the users rate on (default: %(default)s)",
     )
+    users.add_argument(
+        "--taste-change",
+        metavar="PREFERENCE@SECONDS",
+        help="drift: the users' preference becomes PREFERENCE this many seconds into the run "
+        "(e.g. keyword@120); the report then measures each phase on its own taste",
+    )
     users.add_argument("--seed", type=int, default=0, help="seed of prompts and users")
     run = p.add_argument_group("the run")
     run.add_argument(

@@ -57,6 +57,19 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def parse_taste_change(text: str) -> tuple[str, float]:
+    """`keyword@120` -> ("keyword", 120.0): the new preference and when it takes over."""
+    spec, sep, at = text.rpartition("@")
+    try:
+        at_s = float(at)
+    except ValueError:
+        at_s = -1.0
+    if not sep or at_s < 0:
+        raise ValueError(f"taste change {text!r}: expected PREFERENCE@SECONDS, SECONDS >= 0")
+    parse_preference(spec)  # a ValueError naming the known preferences
+    return spec, at_s
+
+
 def demo_prompts(seed: int, count: int = 2000) -> list[str]:
     """Keyword prompts drawn from the shipped corpus, so every word is in the vocabulary."""
     rng = random.Random(seed)
@@ -104,6 +117,13 @@ class Population:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def change_preference(self, spec: str) -> None:
+        """Every user's taste becomes spec from their next request on (a drift of taste)."""
+        preference = parse_preference(spec)
+        for user in self.users:
+            user.preference = preference
+        self.preference = preference
+
     def start(self) -> None:
         for i, user in enumerate(self.users):
             thread = threading.Thread(
@@ -124,13 +144,19 @@ class Population:
         while not self._stop.is_set():
             prompt = rng.choice(self.prompts)
             try:
-                reply = self.client.generate(prompt, self.config.candidates, timeout_s=10)
+                # The user's id as routing key: a user stays on one side of a canary trial.
+                reply = self.client.generate(
+                    prompt, self.config.candidates, routing_key=user.client_id, timeout_s=10
+                )
                 candidates = [Candidate(c.generation_id, c.text) for c in reply.candidates]
-                rewards = [self.preference.reward(c.text, prompt) for c in reply.candidates]
+                preference = user.preference  # one taste for the whole request
+                rewards = [preference.reward(c.text, prompt) for c in reply.candidates]
                 events = [to_client_event(f) for f in user.respond(prompt, candidates)]
                 if events:
                     self.client.submit_many(events, timeout_s=10)
-                self.stats.record_request(reply.model_version, rewards, len(events))
+                self.stats.record_request(
+                    reply.model_version, rewards, len(events), reply.served_as or "live"
+                )
             except FeedloopClientError as exc:
                 self.stats.record_error(exc.code.name)
             # Exponential think time: arrivals look like many independent people (Poisson).

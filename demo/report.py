@@ -224,9 +224,10 @@ def plot_reward(stats: DemoStats, path: Path, *, preference: str, window: int = 
     with stats._lock:
         samples = sorted(stats.samples)
         swaps = list(stats.swaps)
+        taste_changes = list(stats.taste_changes)
     figure, axes = plt.subplots(figsize=(10, 5), dpi=110)
     by_version: dict[str, list[tuple[float, float]]] = {}
-    for t, version, reward in samples:
+    for t, version, reward, _ in samples:
         by_version.setdefault(version, []).append((t, reward))
     for index, (version, points) in enumerate(sorted(by_version.items())):
         times = [t for t, _ in points]
@@ -244,8 +245,8 @@ def plot_reward(stats: DemoStats, path: Path, *, preference: str, window: int = 
         )
     if samples:
         axes.plot(
-            [t for t, _, _ in samples],
-            rolling_mean([r for _, _, r in samples], window),
+            [s.at_s for s in samples],
+            rolling_mean([s.reward for s in samples], window),
             color="black",
             linewidth=1.2,
             label=f"rolling mean of {window} requests",
@@ -261,6 +262,16 @@ def plot_reward(stats: DemoStats, path: Path, *, preference: str, window: int = 
             fontsize=7,
             va="top",
             ha="right",
+            transform=axes.get_xaxis_transform(),
+        )
+    for at_s, preference in taste_changes:
+        axes.axvline(at_s, color="red", linewidth=1.5)
+        axes.text(
+            at_s,
+            0.02,
+            f" taste: {preference}",
+            color="red",
+            fontsize=8,
             transform=axes.get_xaxis_transform(),
         )
     axes.set_xlabel("seconds since the users started")

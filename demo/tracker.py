@@ -9,6 +9,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 ROUND_RE = re.compile(r"^feedloop train: round (?P<round>\S+): (?P<outcome>\w+)(?P<rest>.*)$")
 
@@ -44,6 +45,16 @@ class VersionStats:
         return math.sqrt(variance / n)
 
 
+class Served(NamedTuple):
+    """One answered request: when (seconds since start), by which version, why that version
+    (live, canary or pinned), and the mean true reward of its candidates."""
+
+    at_s: float
+    version: str
+    reward: float
+    served_as: str = "live"
+
+
 @dataclass(frozen=True)
 class Swap:
     at_s: float
@@ -66,10 +77,10 @@ class DemoStats:
     feedback_events: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     versions: dict[str, VersionStats] = field(default_factory=dict)
-    # (seconds since start, version, mean true reward of one request's candidates)
-    samples: list[tuple[float, str, float]] = field(default_factory=list)
+    samples: list[Served] = field(default_factory=list)
     swaps: list[Swap] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
+    taste_changes: list[tuple[float, str]] = field(default_factory=list)  # (at_s, preference)
     live_version: str = ""
     initial_version: str = ""
     _recent: deque[tuple[float, int, int]] = field(default_factory=deque)
@@ -78,7 +89,9 @@ class DemoStats:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
-    def record_request(self, version: str, rewards: list[float], feedback_events: int) -> None:
+    def record_request(
+        self, version: str, rewards: list[float], feedback_events: int, served_as: str = "live"
+    ) -> None:
         now = self.elapsed_s()
         with self._lock:
             self.requests += 1
@@ -88,7 +101,7 @@ class DemoStats:
                 stats = self.versions[version] = VersionStats(version, now)
             stats.add(rewards)
             if rewards:
-                self.samples.append((now, version, sum(rewards) / len(rewards)))
+                self.samples.append(Served(now, version, sum(rewards) / len(rewards), served_as))
             self._recent.append((now, 1, feedback_events))
 
     def record_error(self, code: str) -> None:
@@ -106,6 +119,10 @@ class DemoStats:
                 at_s = min(seen.first_seen_s, self.elapsed_s()) if seen else self.elapsed_s()
                 self.swaps.append(Swap(at_s, self.live_version, version))
             self.live_version = version
+
+    def observe_taste_change(self, preference: str) -> None:
+        with self._lock:
+            self.taste_changes.append((self.elapsed_s(), preference))
 
     def observe_trainer_line(self, line: str) -> None:
         match = ROUND_RE.match(line)

@@ -20,7 +20,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feedloop import __version__
-from feedloop.core.online_eval import Estimate, mean_rating, online_report, rating_difference
+from feedloop.core.online_eval import (
+    Estimate,
+    mean_rating,
+    online_report,
+    rating_difference,
+    shadow_estimate,
+)
 from feedloop.core.registry import CANARY, SHADOW, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.registry.pointer import unix_seconds, valid_share
 from feedloop.core.store import ReplayStore
@@ -135,7 +141,7 @@ def trial_comparison(
     since = unix_seconds(trial.since)
     outcomes = store.online_outcomes(since, now, versions=[live, trial.version])
     candidate, current = outcomes[trial.version], outcomes[live]
-    return pb.TrialComparison(
+    comparison = pb.TrialComparison(
         trial_version=trial.version,
         live_version=live,
         trial_age_s=now - since,
@@ -143,6 +149,20 @@ def trial_comparison(
         live_rating=estimate_pb(mean_rating(current, alpha)),
         difference=estimate_pb(rating_difference(candidate, current, alpha)),
     )
+    if trial.mode == SHADOW:
+        shadow = shadow_estimate(store.shadow_evidence(trial.version, live, since, now), alpha)
+        comparison.shadow.CopyFrom(
+            pb.ShadowOffPolicyEstimate(
+                count=shadow.n,
+                low=shadow.low,
+                mean=shadow.mean,
+                live_mean=shadow.live_mean,
+                effective_count=shadow.effective_n,
+                clipped_share=shadow.clipped_share,
+                max_weight=shadow.max_weight,
+            )
+        )
+    return comparison
 
 
 def get_online_report(

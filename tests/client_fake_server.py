@@ -269,6 +269,18 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
                     difference=pb.OnlineEstimate(count=12, mean=0.25, low=-0.5, high=1.0),
                 )
             )
+            if self.script.trial.mode == pb.TRIAL_MODE_SHADOW:
+                reply.trial_comparison.shadow.CopyFrom(
+                    pb.ShadowOffPolicyEstimate(
+                        count=25,
+                        low=-0.4,
+                        mean=0.125,
+                        live_mean=0.25,
+                        effective_count=20.4,
+                        clipped_share=0.04,
+                        max_weight=2.0,
+                    )
+                )
         return reply
 
 

@@ -10,13 +10,13 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, ShadowScore
-from feedloop.core.store.outcomes import VersionOutcomes
+from feedloop.core.store.outcomes import JudgedGeneration
 from feedloop.core.store.sqlite import SQLiteStore
 
 FILL_CHUNK_BYTES = 64 * 1024
@@ -146,10 +146,10 @@ class SlowStore(ReplayStore):
     def feedback_for(self, generation_ids: Sequence[str]) -> list[FeedbackRecord]:
         return self.inner.feedback_for(generation_ids)
 
-    def online_outcomes(
-        self, since: float, until: float | None = None, versions: Collection[str] | None = None
-    ) -> dict[str, VersionOutcomes]:
-        return self.inner.online_outcomes(since, until, versions)
+    def judged_generations(
+        self, since: float, until: float | None = None
+    ) -> list[JudgedGeneration]:
+        return self.inner.judged_generations(since, until)
 
     def max_seq(self) -> tuple[int, int]:
         return self.inner.max_seq()

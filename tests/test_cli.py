@@ -170,6 +170,15 @@ def test_online_report_prints_a_table_by_version_and_the_trial_comparison(capsys
     )
     sent = fake.script.online_requests[-1]
     assert (sent.window_s, sent.alpha) == (600, 0.1)
+    assert "shadow" not in out
+
+    assert run(capsys, "canary", "rollback", *target)[0] == 0
+    assert run(capsys, "canary", "start", "v0002", "--shadow", "--share", "0.1", *target)[0] == 0
+    code, out, _ = run(capsys, "online-report", *target)
+    assert out.strip().splitlines()[-1] == (
+        "shadow v0002, off-policy on 25 rated live generations it scored: lower bound -0.400, "
+        "estimate +0.125 (live served +0.250), effective n 20, 4.0% of ratios clipped at 2"
+    )
 
 
 def test_online_report_json_is_machine_readable_and_bad_flags_exit_5_or_4(capsys, fake):

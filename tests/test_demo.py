@@ -16,7 +16,7 @@ import pytest
 from feedloop.client.types import Comparison, Correction, Ranking, Rating
 from feedloop.demo.population import parse_mix, to_client_event
 from feedloop.demo.report import judge, plot_reward, rolling_mean
-from feedloop.demo.tracker import DemoStats, Swap, VersionStats
+from feedloop.demo.tracker import DemoStats, Served, Swap, VersionStats
 
 
 def version(name: str, rewards: list[float]) -> VersionStats:
@@ -92,7 +92,7 @@ def test_stats_count_swaps_rounds_and_reward_per_version():
 def test_reward_plot_is_a_png_with_every_version_and_swap(tmp_path):
     assert rolling_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     stats = DemoStats()
-    stats.samples = [(i * 0.1, "v0001" if i < 50 else "v0002", i / 100) for i in range(100)]
+    stats.samples = [Served(i * 0.1, "v0001" if i < 50 else "v0002", i / 100) for i in range(100)]
     stats.swaps = [Swap(5.0, "v0001", "v0002")]
     path = plot_reward(stats, tmp_path / "plots" / "reward.png", preference="include:little")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

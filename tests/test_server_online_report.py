@@ -15,8 +15,14 @@ import pytest
 from server_harness import rating, running_server, seeded_registry, test_config
 from store_support import generation
 
-from feedloop.core.online_eval import mean_rating, online_report, rating_difference
+from feedloop.core.online_eval import (
+    mean_rating,
+    online_report,
+    rating_difference,
+    shadow_estimate,
+)
 from feedloop.core.store import FeedbackRecord, open_store
+from feedloop.core.store.base import ShadowScore
 from feedloop.v1 import feedloop_pb2 as pb
 
 HOUR_S = 3600.0
@@ -155,6 +161,38 @@ async def test_without_feedback_live_and_the_trial_are_still_reported(
     assert [(v.version, v.rating.count) for v in reply.versions] == [("v0001", 0), ("v0002", 0)]
     assert reply.trial.mode == pb.TRIAL_MODE_SHADOW
     assert reply.trial_comparison.difference.count == 0
+
+
+async def test_a_shadow_trial_adds_its_off_policy_estimate_from_lives_rated_generations(
+    live,
+) -> None:
+    await live.admin.StartTrial(
+        pb.StartTrialRequest(version="v0002", share=0.5, mode=pb.TRIAL_MODE_SHADOW), timeout=10
+    )
+    # The shadow scored a1 and a2 (behaviour log-prob -1.475 each): ratios 1 and e^-1.
+    live.store.append_shadow_scores(
+        [
+            ShadowScore("a1", "v0002", [-1.475], time.time()),
+            ShadowScore("a2", "v0002", [-2.475], time.time()),
+        ]
+    )
+    for ack in (
+        await live.feedback.Submit(rating("shadow-a1", "a1", 1.0), timeout=10),  # +1
+        await live.feedback.Submit(rating("shadow-a2", "a2", 0.0), timeout=10),  # -1
+    ):
+        assert ack.outcome == pb.FEEDBACK_OUTCOME_ACCEPTED
+    reply = await report(live, alpha=0.2)
+    shadow = reply.trial_comparison.shadow
+    assert shadow.count == 2 and shadow.live_mean == 0.0
+    w = math.exp(-1.0)
+    assert shadow.mean == pytest.approx((1.0 - w) / (1.0 + w))
+    assert shadow.effective_count == pytest.approx((1 + w) ** 2 / (1 + w * w))
+    since = seconds(reply.until) - reply.trial_comparison.trial_age_s
+    evidence = live.store.shadow_evidence("v0002", "v0001", since, seconds(reply.until))
+    assert shadow.low == shadow_estimate(evidence, 0.2).low
+    await live.admin.EndTrial(pb.EndTrialRequest(promote=False), timeout=10)
+    await live.admin.StartTrial(pb.StartTrialRequest(version="v0003", share=0.5), timeout=10)
+    assert not (await report(live)).trial_comparison.HasField("shadow")
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from feedloop.core.store import (
     VersionOutcomes,
     open_store,
 )
+from feedloop.core.store.outcomes import ShadowEvidence
 from feedloop.core.store.schema import LATEST_VERSION
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -447,3 +448,40 @@ def test_online_outcomes_report_exactly_the_versions_asked_for(store: ReplayStor
     assert set(outcomes) == {"v1", "v9"}
     assert outcomes["v1"].ratings == 1
     assert outcomes["v9"] == VersionOutcomes("v9")
+
+
+def test_shadow_evidence_pairs_live_ratings_with_the_shadow_versions_scores(
+    store: ReplayStore,
+) -> None:
+    # behaviour log-prob of every test generation: -0.25 - 1.125 - 0.1 = -1.475
+    store.append_generations(
+        [
+            generation("a1", version="v1"),
+            generation("a2", version="v1"),  # rated, not scored by the shadow
+            generation("a3", version="v1"),  # scored, rated before the range
+            generation("b1", version="v2"),  # scored but served by another version
+        ]
+    )
+    store.append_shadow_scores(
+        [
+            ShadowScore("a1", "v9", [-0.5, -0.5], 1.0),
+            ShadowScore("a3", "v9", [-1.0], 1.0),
+            ShadowScore("b1", "v9", [-1.0], 1.0),
+            ShadowScore("a1", "v8", [-9.0], 1.0),  # another shadow version
+        ]
+    )
+    store.insert_feedback(
+        [
+            judged("old", "rating", ["a3"], 50.0, score=1.0, scale="unit"),
+            judged("r1", "rating", ["a1"], 100.0, score=1.0, scale="unit"),  # +1
+            judged("r2", "rating", ["a1"], 101.0, score=0.0, scale="unit"),  # -1: mean 0
+            judged("r3", "rating", ["a2"], 102.0, score=1.0, scale="unit"),
+            judged("r4", "rating", ["b1"], 103.0, score=1.0, scale="unit"),
+            judged("cmp", "comparison", ["a1", "a2"], 104.0),  # not a rating
+        ]
+    )
+    evidence = store.shadow_evidence("v9", "v1", 100.0)
+    assert evidence == [ShadowEvidence("a1", 0.0, pytest.approx(-1.475), -1.0)]
+    assert store.shadow_evidence("v9", "v1", 0.0)[1].generation_id == "a3"
+    assert store.shadow_evidence("v9", "v1", 100.0, 100.5)[0].rating == 1.0
+    assert store.shadow_evidence("v7", "v1", 0.0) == []

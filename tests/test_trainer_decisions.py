@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from feedloop.core.online_eval import ShadowEstimate
 from feedloop.core.registry import CANARY, SHADOW, Trial
 from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.trainer.config import TrainConfig
@@ -79,12 +80,38 @@ def test_too_few_ratings_is_too_little_evidence_whatever_the_means(config: Train
     assert timed_out.action == ROLL_BACK and "too little evidence" in timed_out.reason
 
 
-def test_a_shadow_is_never_promoted_online_and_ends_at_max_trial_s(config: TrainConfig) -> None:
-    shadow = Trial("v3", SHADOW, 0.1, "2030-01-01T00:00:00+00:00", "v2")
-    live, candidate = rated("v2", 2000, 0.0), rated("v3", 2000, 0.9)
-    assert judge_trial(shadow, 60.0, live, candidate, config).action == WAIT
-    ended = judge_trial(shadow, 600.0, live, candidate, config)
-    assert ended.action == ROLL_BACK and "shadow" in ended.reason
+SHADOW_TRIAL = Trial("v3", SHADOW, 0.1, "2030-01-01T00:00:00+00:00", "v2")
+
+
+def scored(n: int, low: float) -> ShadowEstimate:
+    return ShadowEstimate(n, low, low + 0.1, 0.0, n / 2, 0.01, 2.0)
+
+
+def test_a_shadow_is_promoted_when_its_lower_bound_clears_lives_upper_less_the_margin(
+    config: TrainConfig,
+) -> None:
+    # live: 2000 ratings of mean 0, upper bound 0.075; less the margin 0.05: 0.025
+    live, nothing = rated("v2", 2000, 0.0), rated("v3", 0, 0.0)
+    promoted = judge_trial(SHADOW_TRIAL, 60.0, live, nothing, config, scored(500, 0.03))
+    assert promoted.action == PROMOTE and promoted.version == "v3"
+    assert "lower bound +0.030" in promoted.reason and promoted.figures["shadow"]["n"] == 500
+    waiting = judge_trial(SHADOW_TRIAL, 60.0, live, nothing, config, scored(500, 0.02))
+    assert waiting.action == WAIT and "undecided" in waiting.reason
+    ended = judge_trial(SHADOW_TRIAL, 600.0, live, nothing, config, scored(500, 0.02))
+    assert ended.action == ROLL_BACK and "without a promotion" in ended.reason
+
+
+def test_a_shadow_is_judged_on_its_scores_never_on_ratings_it_cannot_have(
+    config: TrainConfig,
+) -> None:
+    live, rated_high = rated("v2", 2000, 0.0), rated("v3", 2000, 0.9)
+    assert judge_trial(SHADOW_TRIAL, 60.0, live, rated_high, config).action == WAIT
+    few = judge_trial(SHADOW_TRIAL, 60.0, live, rated_high, config, scored(29, 0.9))
+    assert few.action == WAIT and "29 rated generations scored" in few.reason
+    timed_out = judge_trial(SHADOW_TRIAL, 600.0, live, rated_high, config, scored(29, 0.9))
+    assert timed_out.action == ROLL_BACK and "too little evidence" in timed_out.reason
+    thin_live = judge_trial(SHADOW_TRIAL, 60.0, rated("v2", 29, 0.0), live, config, scored(500, 1))
+    assert thin_live.action == WAIT
 
 
 def test_a_fresh_live_version_below_a_recent_one_goes_back_to_the_best_such(

@@ -12,10 +12,11 @@ from prometheus_client import generate_latest
 from store_support import generation, rating
 from trainer_support import Env, env, fast_config, one_torch_thread, simulation
 
-from feedloop.core.registry import PROMOTED, ROLLED_BACK
+from feedloop.core.registry import PROMOTED, ROLLED_BACK, SHADOW
 from feedloop.core.store import FeedbackRecord
+from feedloop.core.store.base import ShadowScore
 from feedloop.demo.simusers import IncludeWord
-from feedloop.trainer.decisions import PROMOTE, ROLL_BACK
+from feedloop.trainer.decisions import PROMOTE, ROLL_BACK, WAIT
 from feedloop.trainer.loop import Trainer
 
 __all__ = ["env", "one_torch_thread"]
@@ -125,3 +126,25 @@ def test_a_canary_users_rate_worse_is_rolled_back_and_live_kept(
     assert verdict is not None and verdict.action == ROLL_BACK
     assert env.registry.live() == "v0001" and env.registry.pointer().trial is None
     assert env.registry.history()[0].action == ROLLED_BACK
+
+
+def test_a_shadow_is_promoted_on_its_scores_of_lives_rated_generations(
+    env: Env, tiny_checkpoint: Path
+) -> None:
+    version = env.registry.publish(tiny_checkpoint, reason="candidate")
+    env.registry.start_trial(version, mode=SHADOW, share=0.1, expect_live="v0001")
+    later = time.time() + 1
+    rate(env, "v0001", [0.9] * 300, later)  # normalised 0.8 each
+    # behaviour log-prob of each generation: -1.475; the shadow gives each output the same
+    # probability (ratio 1), so its off-policy estimate is live's own mean.
+    scores = [ShadowScore(f"v0001-{i}", version, [-1.475], later) for i in range(300)]
+    env.store.append_shadow_scores(scores)
+    strict = trainer(env, decision_min_ratings=50, decision_margin=0.1).decide()
+    assert strict is not None and strict.action == WAIT and "undecided" in strict.reason
+    assert strict.figures["shadow"]["n"] == 300
+    assert strict.figures["shadow"]["mean"] == pytest.approx(0.8)
+    # the bound's width at 300 scores is about 0.5: a margin that wide promotes it
+    verdict = trainer(env, decision_min_ratings=50, decision_margin=0.9).decide()
+    assert verdict is not None and verdict.action == PROMOTE, verdict
+    assert env.registry.live() == version and env.registry.pointer().trial is None
+    assert env.registry.history()[0].details["shadow"]["effective_n"] == pytest.approx(300)

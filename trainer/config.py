@@ -299,6 +299,13 @@ class TrainConfig:
             "18,000 live ratings; a smaller margin rarely promotes an equal candidate"
         ),
     )
+    shadow_max_weight: float = field(
+        default=2.0,
+        metadata=_help(
+            "a shadow trial's importance ratios are clipped here for its lower bound: "
+            "smaller narrows the bound's noise, larger loosens less of a sharper candidate"
+        ),
+    )
     decision_min_ratings: int = field(
         default=30,
         metadata=_help("rated generations each side needs before a verdict (no early flukes)"),
@@ -345,6 +352,7 @@ class TrainConfig:
             "gate_ope_weight_max",
             "max_trial_s",
             "decision_interval_s",
+            "shadow_max_weight",
         )
         for name in positive:
             if not getattr(self, name) > 0:

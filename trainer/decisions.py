@@ -11,8 +11,13 @@ the trial began (the same users, the same time):
 - promote when it is above -margin with that confidence (not worse by more than the margin);
 - otherwise wait, and roll back after max_trial_s without a verdict, saying so.
 Fewer than min_ratings on either side is too little evidence: wait (or time out).
-A shadow trial serves no user, so it collects no online ratings: it ends without promotion at
-max_trial_s (an operator promotes one on its off-policy figures).
+A shadow trial serves no user: it is judged on the live version's rated generations that it
+scored, by a lower bound on its mean rating that holds at every look (clipped importance
+sampling with the exact ratios, feedloop.core.online_eval.shadow_estimate):
+- promote when that bound, at alpha/2, is above live's upper bound at alpha/2 minus the margin
+  (live's ratings since the trial began);
+- otherwise wait, and end it without promotion after max_trial_s. A lower bound cannot say that
+  a shadow is worse, and a shadow costs its users nothing, so it is never rolled back early.
 
 A live version promoted less than watch_s ago is compared with each recent version (the
 rollback stack's latest ones): if it is below one of them with confidence 1 - alpha (split
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from feedloop.core.online_eval import Estimate, mean_rating, rating_difference
+from feedloop.core.online_eval import Estimate, ShadowEstimate, mean_rating, rating_difference
 from feedloop.core.registry import SHADOW, Trial
 from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.trainer.config import TrainConfig
@@ -61,9 +66,13 @@ def judge_trial(
     live: VersionOutcomes,
     candidate: VersionOutcomes,
     config: TrainConfig,
+    shadow: ShadowEstimate | None = None,
 ) -> Verdict:
-    """The verdict on a running trial `age_s` seconds old (module docstring)."""
+    """The verdict on a running trial `age_s` seconds old (module docstring); shadow: a shadow
+    trial's estimate, at alpha/2, from the live generations it scored."""
     alpha, margin = config.decision_alpha, config.decision_margin
+    if trial.mode == SHADOW:
+        return _judge_shadow(trial, age_s, live, shadow, config)
     difference = rating_difference(candidate, live, alpha)
     figures: dict[str, Any] = {
         "trial_age_s": age_s,
@@ -74,16 +83,6 @@ def judge_trial(
         "difference": difference.as_dict(),
     }
     timed_out = age_s >= config.max_trial_s
-    if trial.mode == SHADOW:
-        if timed_out:
-            return Verdict(
-                ROLL_BACK,
-                trial.version,
-                f"shadow trial ended after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): "
-                "shadows collect no online ratings; promote one by hand",
-                figures,
-            )
-        return Verdict(WAIT, trial.version, "shadow trial: no online ratings to judge", figures)
     if not _enough(config, live, candidate):
         evidence = (
             f"{candidate.ratings} ratings of {trial.version}, {live.ratings} of {live.version} "
@@ -118,6 +117,61 @@ def judge_trial(
             ROLL_BACK,
             trial.version,
             f"no verdict after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): {versus}",
+            figures,
+        )
+    return Verdict(WAIT, trial.version, f"undecided: {versus}", figures)
+
+
+def _judge_shadow(
+    trial: Trial,
+    age_s: float,
+    live: VersionOutcomes,
+    shadow: ShadowEstimate | None,
+    config: TrainConfig,
+) -> Verdict:
+    alpha, margin = config.decision_alpha, config.decision_margin
+    live_rating = mean_rating(live, alpha / 2)
+    figures: dict[str, Any] = {
+        "trial_age_s": age_s,
+        "alpha": alpha,
+        "margin": margin,
+        "live": live_rating.as_dict(),
+        "shadow": shadow.as_dict() if shadow is not None else None,
+    }
+    timed_out = age_s >= config.max_trial_s
+    scored = shadow.n if shadow is not None else 0
+    if shadow is None or scored < config.decision_min_ratings or not _enough(config, live):
+        evidence = (
+            f"{scored} rated generations scored by {trial.version}, {live.ratings} ratings of "
+            f"{live.version} (min_ratings {config.decision_min_ratings})"
+        )
+        if timed_out:
+            return Verdict(
+                ROLL_BACK,
+                trial.version,
+                f"shadow trial ended after {age_s:.0f} s (max_trial_s "
+                f"{config.max_trial_s:.0f}): too little evidence, {evidence}",
+                figures,
+            )
+        return Verdict(WAIT, trial.version, f"too little evidence: {evidence}", figures)
+    versus = (
+        f"{trial.version}'s off-policy lower bound {shadow.low:+.3f} (self-normalised estimate "
+        f"{shadow.mean:+.3f}, {shadow.n} scored, effective {shadow.effective_n:.0f}) against "
+        f"{live.version}'s upper bound {live_rating.high:+.3f}, time-uniform at {1 - alpha:.0%}"
+    )
+    if shadow.low >= live_rating.high - margin:
+        return Verdict(
+            PROMOTE,
+            trial.version,
+            f"shadow not worse than live by more than {margin}: {versus}",
+            figures,
+        )
+    if timed_out:
+        return Verdict(
+            ROLL_BACK,
+            trial.version,
+            f"shadow trial ended after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}) "
+            f"without a promotion: {versus}",
             figures,
         )
     return Verdict(WAIT, trial.version, f"undecided: {versus}", figures)

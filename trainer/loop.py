@@ -46,8 +46,16 @@ from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
 from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.errors import LiveChanged
+from feedloop.core.online_eval import shadow_estimate
 from feedloop.core.policy import Policy
-from feedloop.core.registry import PROMOTED, REFUSED, ROLLED_BACK, Decision, ModelRegistry
+from feedloop.core.registry import (
+    PROMOTED,
+    REFUSED,
+    ROLLED_BACK,
+    SHADOW,
+    Decision,
+    ModelRegistry,
+)
 from feedloop.core.registry.pointer import unix_seconds
 from feedloop.core.store.base import ReplayStore
 from feedloop.trainer.algorithms import make_algorithm
@@ -441,7 +449,13 @@ class Trainer:
         if trial is not None:
             since = unix_seconds(trial.since)
             outcomes = self.store.online_outcomes(since, versions=[live, trial.version])
-            verdict = judge_trial(trial, now - since, outcomes[live], outcomes[trial.version], c)
+            shadow = None
+            if trial.mode == SHADOW:
+                evidence = self.store.shadow_evidence(trial.version, live, since)
+                shadow = shadow_estimate(evidence, c.decision_alpha / 2, c.shadow_max_weight)
+            verdict = judge_trial(
+                trial, now - since, outcomes[live], outcomes[trial.version], c, shadow
+            )
             if verdict.action == PROMOTE and pointer.paused:
                 verdict = Verdict(WAIT, trial.version, f"paused: {verdict.reason}", verdict.figures)
         else:

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
-from feedloop.core.store.outcomes import VersionOutcomes
+from feedloop.core.store.outcomes import (
+    JudgedGeneration,
+    ShadowEvidence,
+    VersionOutcomes,
+    rated_generations,
+    tally_outcomes,
+)
 
 if TYPE_CHECKING:  # both import torch, which reading and writing records never needs
     from feedloop.core.policy import SampledOutput
@@ -204,6 +210,12 @@ class ReplayStore(ABC):
         """Every event that names any of these generations, oldest first."""
 
     @abstractmethod
+    def judged_generations(
+        self, since: float, until: float | None = None
+    ) -> list[JudgedGeneration]:
+        """Every (rating, comparison or ranking event received in [since, until), generation it
+        names) with that generation's model version, ordered by event, then position."""
+
     def online_outcomes(
         self, since: float, until: float | None = None, versions: Collection[str] | None = None
     ) -> dict[str, VersionOutcomes]:
@@ -212,6 +224,31 @@ class ReplayStore(ABC):
         versions: report only these (each one, even without feedback); None: every version that
         has some. How events count: `feedloop.core.store.outcomes`.
         """
+        return tally_outcomes(self.judged_generations(since, until), versions)
+
+    def shadow_evidence(
+        self, version: str, served_by: str, since: float, until: float | None = None
+    ) -> list[ShadowEvidence]:
+        """The generations served by `served_by`, rated in [since, until) and scored by the
+        shadow `version`: each one's mean normalised rating and both log-probabilities."""
+        rated = {
+            generation_id: rating
+            for generation_id, (served, rating) in rated_generations(
+                self.judged_generations(since, until)
+            ).items()
+            if served == served_by
+        }
+        scores = self.shadow_scores(version, sorted(rated))
+        generations = self.get_generations(sorted(scores))
+        return [
+            ShadowEvidence(
+                generation_id,
+                rated[generation_id],
+                sum(generations[generation_id].behaviour_logprobs),
+                scores[generation_id].logprob,
+            )
+            for generation_id in sorted(generations)
+        ]
 
     @abstractmethod
     def max_seq(self) -> tuple[int, int]:

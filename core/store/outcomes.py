@@ -51,6 +51,34 @@ class JudgedGeneration(NamedTuple):
     model_version: str
 
 
+class ShadowEvidence(NamedTuple):
+    """A rated generation of the live version, scored by a version on shadow trial: the
+    importance ratio exp(shadow_logprob - behaviour_logprob) is exact (both are log-probabilities
+    of the same output under each version's sampling distribution)."""
+
+    generation_id: str
+    rating: float  # normalised to [-1, 1], several ratings combined by their mean
+    behaviour_logprob: float  # of the whole output under the version that served it
+    shadow_logprob: float  # of the same output under the shadow version (-inf: impossible)
+
+
+def _events(rows: Iterable[JudgedGeneration]) -> Iterable[list[JudgedGeneration]]:
+    for _, event_rows in groupby(rows, key=lambda row: row.event_seq):
+        yield sorted(event_rows, key=lambda row: row.position)
+
+
+def rated_generations(rows: Iterable[JudgedGeneration]) -> dict[str, tuple[str, float]]:
+    """Each rated generation's (model version, mean normalised rating) from these rows."""
+    ratings: dict[str, list[float]] = defaultdict(list)
+    version_of: dict[str, str] = {}
+    for judged in _events(rows):
+        first = judged[0]
+        if first.kind == "rating" and first.score is not None:
+            ratings[first.generation_id].append(normalise_rating(first.score, first.scale))
+            version_of[first.generation_id] = first.model_version
+    return {g: (version_of[g], sum(scores) / len(scores)) for g, scores in ratings.items()}
+
+
 def tally_outcomes(
     rows: Iterable[JudgedGeneration], versions: Collection[str] | None = None
 ) -> dict[str, VersionOutcomes]:
@@ -58,17 +86,11 @@ def tally_outcomes(
 
     versions: report only these, each one even without feedback; None: every version with some.
     """
-    ratings: dict[str, list[float]] = defaultdict(list)
-    version_of: dict[str, str] = {}
+    rows = list(rows)
     wins: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     losses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for _, event_rows in groupby(rows, key=lambda row: row.event_seq):
-        judged = sorted(event_rows, key=lambda row: row.position)
-        first = judged[0]
-        if first.kind == "rating":
-            if first.score is not None:
-                ratings[first.generation_id].append(normalise_rating(first.score, first.scale))
-                version_of[first.generation_id] = first.model_version
+    for judged in _events(rows):
+        if judged[0].kind == "rating":
             continue
         for better, worse in combinations(judged, 2):
             if better.model_version != worse.model_version:
@@ -76,8 +98,8 @@ def tally_outcomes(
                 losses[worse.model_version][better.model_version] += 1
 
     means: dict[str, list[float]] = defaultdict(list)  # per version: one per rated generation
-    for generation_id, scores in ratings.items():
-        means[version_of[generation_id]].append(sum(scores) / len(scores))
+    for version, mean in rated_generations(rows).values():
+        means[version].append(mean)
     reported = set(means) | set(wins) | set(losses) if versions is None else set(versions)
     outcomes = {}
     for version in sorted(reported):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -36,8 +36,6 @@ from feedloop.core.store.base import (
 from feedloop.core.store.outcomes import (
     JUDGING_KINDS,
     JudgedGeneration,
-    VersionOutcomes,
-    tally_outcomes,
 )
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
@@ -304,9 +302,9 @@ class PostgresStore(ReplayStore):
         )
         return [_feedback_from_row(row) for row in rows]
 
-    def online_outcomes(
-        self, since: float, until: float | None = None, versions: Collection[str] | None = None
-    ) -> dict[str, VersionOutcomes]:
+    def judged_generations(
+        self, since: float, until: float | None = None
+    ) -> list[JudgedGeneration]:
         sql = (
             "SELECT feedback.seq, feedback.kind, feedback.score, feedback.scale, "
             "ids.position::integer - 1, ids.generation_id, generations.model_version "
@@ -319,8 +317,10 @@ class PostgresStore(ReplayStore):
         if until is not None:
             sql += " AND feedback.received_at < %s"
             params.append(until)
-        rows = self._fetch("online_outcomes", sql + " ORDER BY feedback.seq, ids.position", params)
-        return tally_outcomes((JudgedGeneration(*row) for row in rows), versions)
+        rows = self._fetch(
+            "judged_generations", sql + " ORDER BY feedback.seq, ids.position", params
+        )
+        return [JudgedGeneration(*row) for row in rows]
 
     def max_seq(self) -> tuple[int, int]:
         row = self._fetch(

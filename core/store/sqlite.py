@@ -21,7 +21,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ from feedloop.core.store.base import (
 from feedloop.core.store.outcomes import (
     JUDGING_KINDS,
     JudgedGeneration,
-    VersionOutcomes,
-    tally_outcomes,
 )
 from feedloop.core.store.schema import (
     FEEDBACK_COLUMNS,
@@ -447,9 +445,9 @@ class SQLiteStore(ReplayStore):
                 by_seq[record.seq] = record
         return [by_seq[seq] for seq in sorted(by_seq)]
 
-    def online_outcomes(
-        self, since: float, until: float | None = None, versions: Collection[str] | None = None
-    ) -> dict[str, VersionOutcomes]:
+    def judged_generations(
+        self, since: float, until: float | None = None
+    ) -> list[JudgedGeneration]:
         sql = (
             "SELECT feedback.seq, feedback.kind, feedback.score, feedback.scale, "
             "CAST(ids.key AS INTEGER), ids.value, generations.model_version "
@@ -462,8 +460,8 @@ class SQLiteStore(ReplayStore):
         if until is not None:
             sql += " AND feedback.received_at < ?"
             params.append(until)
-        rows = self._read("online_outcomes", sql + " ORDER BY feedback.seq, ids.key", params)
-        return tally_outcomes((JudgedGeneration(*row) for row in rows), versions)
+        rows = self._read("judged_generations", sql + " ORDER BY feedback.seq, ids.key", params)
+        return [JudgedGeneration(*row) for row in rows]
 
     def max_seq(self) -> tuple[int, int]:
         row = self._read(

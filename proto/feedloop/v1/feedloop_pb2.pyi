@@ -1052,6 +1052,7 @@ class TrialComparison(_message.Message):
     TRIAL_RATING_FIELD_NUMBER: _builtins.int
     LIVE_RATING_FIELD_NUMBER: _builtins.int
     DIFFERENCE_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     trial_version: _builtins.str
     live_version: _builtins.str
     trial_age_s: _builtins.float
@@ -1064,6 +1065,12 @@ class TrialComparison(_message.Message):
     def difference(self) -> Global___OnlineEstimate:
         """trial_rating minus live_rating; its interval covers at 1 - alpha (each side's at alpha / 2)."""
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowOffPolicyEstimate:
+        """A shadow trial only (it serves no one, so trial_rating has no ratings): its mean rating
+        estimated off-policy from the live generations rated since the trial began that it scored.
+        """
+
     def __init__(
         self,
         *,
@@ -1073,14 +1080,68 @@ class TrialComparison(_message.Message):
         trial_rating: Global___OnlineEstimate | None = ...,
         live_rating: Global___OnlineEstimate | None = ...,
         difference: Global___OnlineEstimate | None = ...,
+        shadow: Global___ShadowOffPolicyEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "live_rating", b"live_rating", "trial_rating", b"trial_rating"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "live_rating", b"live_rating", "shadow", b"shadow", "trial_rating", b"trial_rating"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "live_rating", b"live_rating", "live_version", b"live_version", "trial_age_s", b"trial_age_s", "trial_rating", b"trial_rating", "trial_version", b"trial_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "live_rating", b"live_rating", "live_version", b"live_version", "shadow", b"shadow", "trial_age_s", b"trial_age_s", "trial_rating", b"trial_rating", "trial_version", b"trial_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrialComparison: _TypeAlias = TrialComparison  # noqa: Y015
+
+@_typing.final
+class ShadowOffPolicyEstimate(_message.Message):
+    """A shadow version's mean rating from its scores of the live version's rated generations. Each
+    importance ratio w = exp(shadow log-prob - behaviour log-prob) is exact: both are
+    log-probabilities of the same logged output under each version's sampling distribution.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    LIVE_MEAN_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_COUNT_FIELD_NUMBER: _builtins.int
+    CLIPPED_SHARE_FIELD_NUMBER: _builtins.int
+    MAX_WEIGHT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Rated live generations the shadow version scored."""
+    low: _builtins.float
+    """A lower bound on the shadow version's mean rating (normalised to [-1, 1]) that holds at
+    every count at once with probability at least 1 - alpha: clipped importance sampling
+    (ratios above max_weight count as max_weight), valid when a user's rating depends on the
+    text and not on which version served it. The trainer promotes a shadow when this bound is
+    above live_rating.high less its margin (at alpha / 2 each).
+    """
+    mean: _builtins.float
+    """Self-normalised estimate sum(w r) / sum(w); NaN when count is 0."""
+    live_mean: _builtins.float
+    """The same generations' mean rating as served by live."""
+    effective_count: _builtins.float
+    """(sum w)^2 / sum(w^2): how many of the scored generations the estimate effectively rests on."""
+    clipped_share: _builtins.float
+    """Share of the ratios above max_weight."""
+    max_weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        low: _builtins.float = ...,
+        mean: _builtins.float = ...,
+        live_mean: _builtins.float = ...,
+        effective_count: _builtins.float = ...,
+        clipped_share: _builtins.float = ...,
+        max_weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clipped_share", b"clipped_share", "count", b"count", "effective_count", b"effective_count", "live_mean", b"live_mean", "low", b"low", "max_weight", b"max_weight", "mean", b"mean"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowOffPolicyEstimate: _TypeAlias = ShadowOffPolicyEstimate  # noqa: Y015
 
 @_typing.final
 class OnlineReport(_message.Message):

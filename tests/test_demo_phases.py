@@ -1,0 +1,114 @@
+"""What a run served, judged per taste (demo/phases.py), and the demo's drift of taste."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from feedloop.demo.phases import (
+    Phase,
+    live_at,
+    live_reward_timeline,
+    phases_of,
+    regression,
+    versions_in,
+)
+from feedloop.demo.population import parse_taste_change
+from feedloop.demo.tracker import DemoStats, Served, Swap
+
+
+def test_a_taste_change_splits_the_run_into_phases():
+    assert phases_of("include:little", [(30.0, "keyword")], 100.0) == [
+        Phase(0.0, 30.0, "include:little"),
+        Phase(30.0, 100.0, "keyword"),
+    ]
+    assert phases_of("keyword", [], 50.0) == [Phase(0.0, 50.0, "keyword")]
+
+
+def test_a_version_is_judged_on_the_requests_it_served_within_the_phase():
+    samples = [
+        Served(1.0, "v1", 0.2),
+        Served(2.0, "v1", 0.4),
+        Served(3.0, "v2", 1.0, "canary"),  # canary requests count for their version
+        Served(11.0, "v1", 0.9),  # the next phase: another taste
+    ]
+    first = versions_in(Phase(0.0, 10.0, "a"), samples)
+    assert first["v1"].requests == 2 and first["v1"].mean_reward == pytest.approx(0.3)
+    assert first["v2"].mean_reward == 1.0 and first["v2"].first_served_s == 3.0
+    second = versions_in(Phase(10.0, 20.0, "b"), samples)
+    assert list(second) == ["v1"] and second["v1"].mean_reward == pytest.approx(0.9)
+
+
+def test_the_live_version_follows_the_swaps_in_time_order():
+    swaps = [Swap(20.0, "v2", "v3"), Swap(10.0, "v1", "v2")]
+    assert [live_at("v1", swaps, t) for t in (0.0, 9.9, 10.0, 15.0, 25.0)] == [
+        "v1",
+        "v1",
+        "v2",
+        "v2",
+        "v3",
+    ]
+
+
+def test_the_live_timeline_leaves_canary_requests_out():
+    samples = [Served(1.0, "v1", 0.5), Served(2.0, "v2", 0.0, "canary"), Served(12.0, "v1", 1.0)]
+    timeline = live_reward_timeline(samples, 10.0, 20.0)
+    assert timeline[0] == (0.0, 0.5, 1) and timeline[1] == (10.0, 1.0, 1)
+    assert math.isnan(live_reward_timeline([], 10.0, 10.0)[0][1])
+
+
+def test_regression_is_the_longest_stretch_live_stays_below_the_best_seen_version():
+    # v1 (0.5) is live until 10 s, then v2 (0.3, 0.2 below v1) until 25 s, then v3 (0.48).
+    samples = [Served(float(t), "v1", 0.5) for t in range(0, 10)]
+    samples += [Served(float(t), "v2", 0.3) for t in range(10, 25)]
+    samples += [Served(float(t), "v3", 0.48) for t in range(25, 40)]
+    swaps = [Swap(10.0, "v1", "v2"), Swap(25.0, "v2", "v3")]
+    phases = [Phase(0.0, 40.0, "a")]
+    found = regression(phases, samples, "v1", swaps, threshold=0.05, min_requests=5)
+    assert found.longest_s == pytest.approx(15.0) and found.at_s == 10.0
+    assert found.worst_gap == pytest.approx(0.2)
+    # v3 is within the threshold of v1: no stretch after 25 s; with a tighter one there is.
+    tight = regression(phases, samples, "v1", swaps, threshold=0.01, min_requests=5)
+    assert tight.longest_s == pytest.approx(30.0)
+
+
+def test_a_taste_change_resets_what_counts_as_the_best_version():
+    # Phase 1 (taste a): v1 0.9. Phase 2 (taste b): v1 serves 0.1 and is the only version.
+    samples = [Served(float(t), "v1", 0.9) for t in range(0, 10)]
+    samples += [Served(float(t), "v1", 0.1) for t in range(10, 20)]
+    phases = phases_of("a", [(10.0, "b")], 20.0)
+    found = regression(phases, samples, "v1", [], min_requests=5)
+    assert found.longest_s == 0.0 and math.isnan(found.at_s) and found.worst_gap == 0.0
+
+
+def test_too_few_requests_do_not_make_a_version_the_best():
+    samples = [Served(0.0, "v2", 1.0, "canary")] + [Served(float(t), "v1", 0.2) for t in range(10)]
+    found = regression([Phase(0.0, 10.0, "a")], samples, "v1", [], min_requests=5)
+    assert found.longest_s == 0.0
+
+
+def test_taste_change_specs_are_parsed_or_refused_with_the_expected_form():
+    assert parse_taste_change("keyword@120") == ("keyword", 120.0)
+    assert parse_taste_change("include:little@0.5") == ("include:little", 0.5)
+    for bad in ("keyword", "keyword@-1", "keyword@soon", "likes:x@10"):
+        with pytest.raises(ValueError):
+            parse_taste_change(bad)
+
+
+def test_the_stats_record_taste_changes_and_why_each_request_was_served():
+    stats = DemoStats()
+    stats.record_request("v2", [1.0, 0.0], 1, "canary")
+    stats.observe_taste_change("keyword")
+    assert stats.samples[0].served_as == "canary" and stats.samples[0].reward == 0.5
+    assert [p for _, p in stats.taste_changes] == ["keyword"]
+
+
+def test_a_stretch_below_the_best_does_not_carry_over_a_taste_change():
+    # Both phases: live v1 at 0.2 while canary v2 served 0.9 from the start of the phase.
+    samples = []
+    for start in (0, 10):
+        samples += [Served(float(t), "v1", 0.2) for t in range(start, start + 10)]
+        samples += [Served(float(t), "v2", 0.9, "canary") for t in range(start, start + 10)]
+    found = regression(phases_of("a", [(10.0, "b")], 20.0), samples, "v1", [], min_requests=5)
+    assert found.longest_s == pytest.approx(10.0)
