@@ -218,7 +218,8 @@ def trial_window(registry: DirectoryRegistry, version: str) -> tuple[float, floa
     start = end = math.nan
     action = reason = ""
     for decision in reversed(registry.history()):
-        if decision.version != version:
+        # A trial's rollback names the version that serves and `from` the one removed.
+        if version not in (decision.version, decision.details.get("from")):
             continue
         if math.isnan(start) and decision.action in (CANARY, SHADOW):
             start = unix_seconds(decision.at)

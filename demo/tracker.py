@@ -84,6 +84,10 @@ class DemoStats:
     live_version: str = ""
     initial_version: str = ""
     _recent: deque[tuple[float, int, int]] = field(default_factory=deque)
+    # When each version's latest run of live-served replies began (a canary's replies and an
+    # earlier stint as live do not count): a swap seen late by the status poll is dated by it.
+    _live_run_started: dict[str, float] = field(default_factory=dict)
+    _last_live_served: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def elapsed_s(self) -> float:
@@ -102,6 +106,9 @@ class DemoStats:
             stats.add(rewards)
             if rewards:
                 self.samples.append(Served(now, version, sum(rewards) / len(rewards), served_as))
+            if served_as == "live" and version != self._last_live_served:
+                self._live_run_started[version] = now
+                self._last_live_served = version
             self._recent.append((now, 1, feedback_events))
 
     def record_error(self, code: str) -> None:
@@ -114,9 +121,13 @@ class DemoStats:
             if not self.initial_version:
                 self.initial_version = version
             if self.live_version and version != self.live_version:
-                # Replies from the new version may arrive before the poll notices the swap.
-                seen = self.versions.get(version)
-                at_s = min(seen.first_seen_s, self.elapsed_s()) if seen else self.elapsed_s()
+                # Replies from the new version may arrive before the poll notices the swap: date
+                # it by the new version's current run of live replies, if one began since the
+                # last swap (a version rolled back to, or a canary promoted, was seen before).
+                now = self.elapsed_s()
+                last_swap_s = self.swaps[-1].at_s if self.swaps else 0.0
+                started = self._live_run_started.get(version, now)
+                at_s = started if last_swap_s <= started <= now else now
                 self.swaps.append(Swap(at_s, self.live_version, version))
             self.live_version = version
 

@@ -112,3 +112,26 @@ def test_a_stretch_below_the_best_does_not_carry_over_a_taste_change():
         samples += [Served(float(t), "v2", 0.9, "canary") for t in range(start, start + 10)]
     found = regression(phases_of("a", [(10.0, "b")], 20.0), samples, "v1", [], min_requests=5)
     assert found.longest_s == pytest.approx(10.0)
+
+
+def test_a_swap_is_dated_by_the_new_versions_live_replies_not_its_canary_or_earlier_stints():
+    stats = DemoStats()
+    now = [0.0]
+    stats.elapsed_s = lambda: now[0]  # type: ignore[method-assign]
+
+    def at(t: float) -> DemoStats:
+        now[0] = t
+        return stats
+
+    at(0).observe_live("v1")
+    at(1).record_request("v1", [0.5], 0)
+    at(2).record_request("v2", [0.5], 0, "canary")  # served, but not live
+    at(3).record_request("v2", [0.5], 0)  # live now; the poll notices at 4
+    at(4).observe_live("v2")
+    assert stats.swaps[-1] == Swap(3.0, "v1", "v2")
+    at(5).observe_live("v1")  # rolled back; no live reply of v1 since: dated by the poll
+    assert stats.swaps[-1] == Swap(5.0, "v2", "v1")
+    at(6).record_request("v1", [0.5], 0)
+    at(7).record_request("v2", [0.5], 0)  # a late reply of v2, then v2 is live again
+    at(8).observe_live("v2")
+    assert stats.swaps[-1] == Swap(7.0, "v1", "v2")

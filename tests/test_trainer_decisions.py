@@ -18,6 +18,7 @@ from feedloop.trainer.decisions import (
     PROMOTE,
     ROLL_BACK,
     WAIT,
+    compared_versions,
     judge_live,
     judge_trial,
     recent_versions,
@@ -133,6 +134,18 @@ def test_a_live_version_past_its_watch_or_not_confidently_worse_stays(
     assert judge_live(rated("v4", 2000, 0.0), 600.0, recent, config).action == WAIT
     assert judge_live(rated("v4", 2000, 0.45), 100.0, recent, config).action == WAIT
     assert judge_live(rated("v4", 10, -1.0), 100.0, recent, config).action == WAIT  # too few
+
+
+def test_a_watched_version_is_also_compared_with_the_best_rated_one_on_the_stack() -> None:
+    # A chain of promotions, each a little worse: v1 0.5, v2 0.4, v3 0.3, v4 0.2, live v5.
+    stack = ("v1", "v2", "v3", "v4")
+    outcomes = {v: rated(v, 100, 0.5 - 0.1 * i) for i, v in enumerate(stack)}
+    assert compared_versions(stack, "v5", 3, outcomes, 30) == ["v4", "v3", "v2", "v1"]
+    # the best already among the recent ones, or too thinly rated to count: nothing added
+    assert compared_versions(stack, "v5", 4, outcomes, 30) == ["v4", "v3", "v2", "v1"]
+    thin = {**outcomes, "v1": rated("v1", 29, 0.9)}
+    assert compared_versions(stack, "v5", 3, thin, 30) == ["v4", "v3", "v2"]
+    assert compared_versions((), "v1", 3, {}, 30) == []
 
 
 def test_recent_versions_are_the_latest_earlier_live_ones_without_live() -> None:

@@ -326,7 +326,10 @@ class TrainConfig:
     )
     decision_recent_versions: int = field(
         default=3,
-        metadata=_help("earlier live versions a freshly promoted one is compared with"),
+        metadata=_help(
+            "earlier live versions a freshly promoted one is compared with (the best-rated "
+            "one on the rollback stack is added)"
+        ),
     )
     decision_lookback_s: float = field(
         default=24 * 3600.0,

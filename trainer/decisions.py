@@ -20,13 +20,14 @@ sampling with the exact ratios, feedloop.core.online_eval.shadow_estimate):
   a shadow is worse, and a shadow costs its users nothing, so it is never rolled back early.
 
 A live version promoted less than watch_s ago is compared with each recent version (the
-rollback stack's latest ones): if it is below one of them with confidence 1 - alpha (split
-evenly over the comparisons), the best such version is made live again.
+rollback stack's latest ones, and the best-rated one on the stack): if it is below one of them
+with confidence 1 - alpha (split evenly over the comparisons), the best such version is made
+live again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,30 @@ def judge_live(
         f"{best} {_interval(difference)} (time-uniform, alpha {alpha:.3g} per comparison)",
         figures,
     )
+
+
+def compared_versions(
+    previous: Sequence[str],
+    live: str,
+    count: int,
+    outcomes: Mapping[str, VersionOutcomes],
+    min_ratings: int,
+) -> list[str]:
+    """What a freshly promoted live version is watched against: the `count` latest earlier live
+    versions, and the best-rated one on the rollback stack (in `outcomes`, with min_ratings) if
+    it is not among them. Without the best, a chain of promotions each a little worse than the
+    one before (each within the canary margin) walks away from it unseen."""
+    compared = recent_versions(previous, live, count)
+    rated = [
+        v
+        for v in dict.fromkeys(previous)
+        if v != live and v in outcomes and outcomes[v].ratings >= min_ratings
+    ]
+    if rated:
+        best = max(rated, key=lambda v: outcomes[v].rating_sum / outcomes[v].ratings)
+        if best not in compared:
+            compared.append(best)
+    return compared
 
 
 def recent_versions(previous: Sequence[str], live: str, count: int) -> list[str]:

@@ -66,6 +66,7 @@ from feedloop.trainer.decisions import (
     ROLL_BACK,
     WAIT,
     Verdict,
+    compared_versions,
     judge_live,
     judge_trial,
     recent_versions,
@@ -462,8 +463,15 @@ class Trainer:
             promoted_at = self._promoted_at(live)
             if promoted_at is None or now - promoted_at >= c.watch_s:
                 return None
-            earlier = recent_versions(pointer.previous, live, c.decision_recent_versions)
-            recent = self.store.online_outcomes(now - c.decision_lookback_s, versions=earlier)
+            stack = [v for v in dict.fromkeys(pointer.previous) if v != live]
+            recent = self.store.online_outcomes(now - c.decision_lookback_s, versions=stack)
+            earlier = compared_versions(
+                pointer.previous,
+                live,
+                c.decision_recent_versions,
+                recent,
+                c.decision_min_ratings,
+            )
             mine = self.store.online_outcomes(promoted_at, versions=[live])[live]
             verdict = judge_live(mine, now - promoted_at, [recent[v] for v in earlier], c)
         self.metrics.decisions.labels(verdict.action).inc()
