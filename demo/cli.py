@@ -47,9 +47,11 @@ from feedloop.demo.tracker import DemoStats
 EXIT_OK, EXIT_NOT_IMPROVED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # The trainer's defaults suit a production trickle; the demo has minutes, so rounds start after
-# fewer events. Candidates that pass the gate go live at once: a canary is promoted only once its
-# confidence sequence clears the margin, which takes more ratings than a few minutes of simulated
-# users give it (`--trainer-arg=--publish-as --trainer-arg=canary` shows trials instead).
+# fewer events, and candidates go on canary trial as in production but with demo-sized evidence:
+# a fifth of the users (sticky by user id), promoted when the canary's mean rating is confidently
+# no more than 0.2 (on [-1, 1]) below live's, judged every 5 s. The watch then rolls a promoted
+# version back if it rates confidently below a recent or the best earlier version.
+# `--trainer-arg=--publish-as --trainer-arg=live` makes every passing candidate live at once.
 # Anything given with --trainer-arg comes later on the command line and wins.
 DEMO_TRAINER_ARGS = (
     "--wake-after-feedback-events",
@@ -59,7 +61,13 @@ DEMO_TRAINER_ARGS = (
     "--poll-interval-s",
     "0.5",
     "--publish-as",
-    "live",
+    "canary",
+    "--canary-share",
+    "0.2",
+    "--decision-margin",
+    "0.2",
+    "--decision-interval-s",
+    "5",
 )
 
 

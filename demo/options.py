@@ -40,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND=W,...",
         help="relative weights of feedback kinds (default: %(default)s)",
     )
-    users.add_argument("--users", type=int, default=8, help="simulated users (default: 8)")
+    users.add_argument(
+        "--users",
+        type=int,
+        default=64,
+        help="simulated users; each stays on one side of a canary trial (default: %(default)s)",
+    )
     users.add_argument(
         "--rate-rps",
         type=float,
-        default=12.0,
+        default=40.0,
         help="requests per second of all users together (default: %(default)s)",
     )
     users.add_argument(

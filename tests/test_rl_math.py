@@ -191,6 +191,19 @@ def test_a_round_larger_than_the_kl_horizon_moves_the_coefficient_by_at_most_twe
         assert below.update(0.0, sequences) > 0
 
 
+def test_the_adaptive_kl_coefficient_never_grows_past_its_bound() -> None:
+    # 0.8 * 1.2 = 0.96, then 1.152 is cut to the bound 1.0, and it stays there while KL is high
+    controller = rl_math.AdaptiveKLController(0.8, 3.0, 100.0, max_value=1.0)
+    assert controller.update(9.0, 100) == pytest.approx(0.96)
+    assert controller.update(9.0, 100) == 1.0
+    for _ in range(100):
+        assert controller.update(9.0, 100) == 1.0
+    assert controller.update(0.0, 100) == pytest.approx(0.8)  # and it comes down from it
+    unbounded = rl_math.AdaptiveKLController(0.8, 3.0, 100.0)
+    assert unbounded.update(9.0, 100) == pytest.approx(0.96)
+    assert unbounded.update(9.0, 100) == pytest.approx(1.152)
+
+
 def test_explained_variance_is_one_for_perfect_predictions_and_zero_for_the_mean() -> None:
     target, mask = T([[1.0, 2.0, 3.0]]), T([[1.0, 1.0, 1.0]])
     assert rl_math.explained_variance(target, target, mask) == pytest.approx(1.0)

@@ -154,6 +154,17 @@ def test_a_non_positive_kl_coefficient_in_the_cursor_restarts_from_the_configure
     assert cursor(env)["kl_coef"] > 0
 
 
+def test_a_kl_coefficient_saved_past_the_bound_restarts_at_the_bound(env: Env) -> None:
+    # Before the bound, a KL held above target compounded the coefficient round after round:
+    # 50 made every later round's loss pass max_loss.
+    simulation(env, PREF).serve_events(40)
+    env.store.set_cursor("trainer", Cursor(kl_coef=50.0).to_dict())
+    config = fast_config(env.root, kl_coef_max=0.5)
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
+    assert result.figures["kl_coef"] == 0.5
+    assert result.figures["kl_coef_next"] <= 0.5 and cursor(env)["kl_coef"] <= 0.5
+
+
 def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env: Env) -> None:
     sim = simulation(env, PREF)
     sim.serve_events(40)

@@ -198,6 +198,15 @@ class TrainConfig:
             "initial coefficient of the per-token KL penalty (adapted towards kl_target)"
         ),
     )
+    kl_coef_max: float = field(
+        default=1.0,
+        metadata=_help(
+            "the adaptive coefficient never grows past this: a KL held above target round "
+            "after round (candidates refused, each round restarting from the same live "
+            "policy) compounded it by 1.2 a round until every round's loss passed max_loss "
+            "and the loop stopped learning (measured: 55 rounds in a row aborted)"
+        ),
+    )
     kl_target: float = field(
         default=3.0,
         metadata=_help(
@@ -348,6 +357,7 @@ class TrainConfig:
             "rm_steps",
             "torch_threads",
             "kl_target",
+            "kl_coef_max",
             "kl_horizon",
             "interval_s",
             "poll_interval_s",

@@ -279,9 +279,14 @@ class Trainer:
         reference = self.policy(reference_version)
         figures["reference_version"] = reference_version
         kl = AdaptiveKLController(
-            cursor.kl_coef if cursor.kl_coef and cursor.kl_coef > 0 else c.kl_coef,
+            # A coefficient saved before the bound existed (or under a higher one) starts at it.
+            min(
+                cursor.kl_coef if cursor.kl_coef and cursor.kl_coef > 0 else c.kl_coef,
+                c.kl_coef_max,
+            ),
             c.kl_target,
             c.kl_horizon,
+            c.kl_coef_max,
         )
         figures["kl_coef"] = kl.value
         signals = learning_signals(window, live_policy.tokenizer, c)

@@ -276,12 +276,17 @@ class AdaptiveKLController:
     """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
 
     A proportional controller: the coefficient grows while the measured KL to the reference is
-    above target and shrinks while below, by at most 20% per update, so it never changes sign.
+    above target and shrinks while below, by at most 20% per update, so it never changes sign,
+    and it never grows past max_value. Without that bound a KL held above target round after
+    round (each candidate refused, the next round starting again from the same live policy)
+    compounds the coefficient by 1.2 a round until the penalty outweighs any reward by orders of
+    magnitude and every round's loss passes the divergence bound: the loop stops learning for good.
     """
 
     value: float
     target: float
     horizon: float
+    max_value: float = math.inf
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move towards target after one measurement; n_steps: sequences trained on since the last.
@@ -293,4 +298,5 @@ class AdaptiveKLController:
         if math.isfinite(current_kl) and self.target > 0:
             error = min(0.2, max(-0.2, current_kl / self.target - 1.0))
             self.value *= 1.0 + error * min(1.0, n_steps / self.horizon)
+            self.value = min(self.value, self.max_value)
         return self.value
