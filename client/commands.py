@@ -367,7 +367,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         )
         p.add_argument("prompt", help="one to three keywords")
         p.add_argument("-n", type=int, default=1, help="number of candidates (default: 1)")
-        p.add_argument("--temperature", type=float, help="softmax temperature (> 0)")
+        p.add_argument("--temperature", type=float, help="softmax temperature (>= 0; 0: greedy)")
         p.add_argument("--top-k", type=int, help="keep the k most likely tokens per step")
         p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
         p.add_argument("--max-tokens", type=int, help="most output tokens per candidate")

@@ -377,7 +377,8 @@ def generate_request(
         prompt=prompt,
         num_candidates=n,
         sampling=pb.SamplingParams(
-            temperature=sampling.temperature or 0.0,
+            # None leaves it unset (the server's default); a set 0 asks for greedy decoding.
+            temperature=sampling.temperature,
             top_k=sampling.top_k or 0,
             top_p=sampling.top_p or 0.0,
             max_tokens=sampling.max_tokens or 0,
