@@ -28,7 +28,7 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 BANNER_RE = re.compile(
     r"^feedloop serve: listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) "
-    r"live=(?P<live>\S*) auth=(?P<auth>on|off)$"
+    r"live=(?P<live>\S*) auth=(?P<auth>on|off)(?: http=(?P<http>\S+))?$"
 )
 
 
