@@ -46,6 +46,8 @@ class Candidate:
     tokens: tuple[str, ...]
     log_prob: float  # natural log, under the distribution actually sampled from
     finished: bool  # False when max_tokens cut the phrase
+    # One per token, under the same distribution, when generate(token_logprobs=True); else ().
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,14 @@ class GenerateResult:
             request_id=reply.request_id,
             model_version=reply.model_version,
             candidates=tuple(
-                Candidate(c.generation_id, c.text, tuple(c.tokens), c.log_prob, c.finished)
+                Candidate(
+                    c.generation_id,
+                    c.text,
+                    tuple(c.tokens),
+                    c.log_prob,
+                    c.finished,
+                    tuple(c.token_logprobs),
+                )
                 for c in reply.candidates
             ),
             seed=reply.seed,
@@ -372,6 +381,7 @@ def generate_request(
     model_version: str | None,
     request_id: str | None,
     routing_key: str | None,
+    token_logprobs: bool = False,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt=prompt,
@@ -387,6 +397,7 @@ def generate_request(
         model_version=model_version or "",
         request_id=request_id or "",
         routing_key=routing_key or "",
+        return_token_logprobs=token_logprobs,
     )
 
 

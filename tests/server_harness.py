@@ -125,6 +125,7 @@ class ServeProcess:
     metrics_address: str
     live: str
     auth: str
+    http_address: str | None = None  # with --http-port
 
     def terminate(self, timeout_s: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -177,7 +178,9 @@ def start_serve(
         process.kill()
         _, err = process.communicate(timeout=timeout_s)
         raise AssertionError(f"no banner from feedloop serve: {line!r}\nstderr:\n{err}")
-    return ServeProcess(process, match["grpc"], match["metrics"], match["live"], match["auth"])
+    return ServeProcess(
+        process, match["grpc"], match["metrics"], match["live"], match["auth"], match["http"]
+    )
 
 
 @contextlib.contextmanager

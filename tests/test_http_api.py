@@ -15,7 +15,15 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from server_harness import running_server, seeded_registry, test_config, wait_until
+from server_harness import (
+    running_server,
+    seeded_data_dir,
+    seeded_registry,
+    serve_args,
+    serve_process,
+    test_config,
+    wait_until,
+)
 
 from feedloop.server.errors import Overloaded, Unavailable
 from feedloop.server.http_api import error_response
@@ -345,3 +353,19 @@ def test_back_pressure_maps_to_429_and_unavailability_to_503() -> None:
     assert error_response(Overloaded("queue full")).status == 429
     assert error_response(Unavailable("draining")).status == 503
     assert error_response(RuntimeError("boom")).status == 500
+
+
+def test_feedloop_serve_turns_the_api_on_from_its_environment_and_drains_it(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    data_dir = seeded_data_dir(tmp_path, tiny_checkpoint)
+    with serve_process(serve_args(data_dir), env={"FEEDLOOP_HTTP_PORT": "0"}) as proc:
+        assert proc.http_address is not None and proc.http_address.startswith("127.0.0.1:")
+        api = openai.OpenAI(base_url=f"http://{proc.http_address}/v1", api_key="-", max_retries=0)
+        reply = api.chat.completions.create(
+            model="feedloop", messages=[{"role": "user", "content": "ocean"}]
+        )
+        assert reply.model == proc.live
+        assert proc.terminate() == 0
+    with serve_process(serve_args(data_dir)) as proc:
+        assert proc.http_address is None  # off unless asked for
