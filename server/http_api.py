@@ -237,6 +237,8 @@ class HttpApi:
         try:
             client_id = self._caller(request, "feedback")
             body = await _json_body(request)
+            if not isinstance(body, dict):
+                raise InvalidArgument("body", "must be a JSON object (a FeedbackEvent)")
             try:
                 event = json_format.ParseDict(body, pb.FeedbackEvent())
             except json_format.ParseError as exc:

@@ -331,8 +331,19 @@ async def test_feedback_of_every_kind_is_stored_once_by_event_id(served) -> None
         served, "/v1/feedback", {"event_id": "e6", "rating": {"generation_id": "nope", "score": 1}}
     )
     assert status == 404
-    status, body = await post(served, "/v1/feedback", {"event_id": "e7", "ratin": {}})
-    assert status == 400 and body["error"]["param"] == "body"
+    for malformed in ({"event_id": "e7", "ratin": {}}, 5, [1], "e8"):
+        status, body = await post(served, "/v1/feedback", malformed)
+        assert status == 400 and body["error"]["param"] == "body", malformed
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{served.server.http_port}/v1/feedback",
+            data=b"{not json",
+            headers={"Authorization": f"Bearer {KEYS['app']}"},
+        ) as response,
+    ):
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == "body"
     assert set(feedback_by_id(served)) == {"e1", "e2", "e3", "e4"}
 
 
