@@ -13,7 +13,6 @@ Errors are OpenAI's JSON error bodies; `param` names the offending parameter.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import ssl
@@ -30,7 +29,7 @@ from feedloop.server.auth import Authenticator, Refused, admit
 from feedloop.server.errors import InvalidArgument, NotFound, status_of
 from feedloop.server.feedback import FeedbackService
 from feedloop.server.generation import GenerationService
-from feedloop.server.live_model import LiveModel
+from feedloop.server.live_model import LiveModel, LoadedModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.openai_wire import (
     MODEL_ALIAS,
@@ -187,8 +186,6 @@ class HttpApi:
             client_id = self._caller(request, "generate")
             call = parse_completion(await _json_body(request), chat=chat)
             reply = await self.generation.generate(call.request, client_id=client_id, deadline=None)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             return error_response(exc, chat=chat)
         if not call.stream:
@@ -211,25 +208,8 @@ class HttpApi:
         except Refused as exc:
             return error_response(exc)
         live = self.live_model.live
-        models = [
-            {
-                "id": MODEL_ALIAS,
-                "object": "model",
-                "created": int(live.loaded_at) if live else 0,
-                "owned_by": "feedloop",
-                "feedloop_version": live.version if live else None,
-            }
-        ]
-        for model in self.live_model.servable():
-            models.append(
-                {
-                    "id": model.version,
-                    "object": "model",
-                    "created": int(model.loaded_at),
-                    "owned_by": "feedloop",
-                    "feedloop_version": model.version,
-                }
-            )
+        models = [_model_entry(MODEL_ALIAS, live)]
+        models += [_model_entry(model.version, model) for model in self.live_model.servable()]
         return web.json_response({"object": "list", "data": models})
 
     async def submit_feedback(self, request: web.Request) -> web.StreamResponse:
@@ -244,11 +224,20 @@ class HttpApi:
             except json_format.ParseError as exc:
                 raise InvalidArgument("body", f"not a FeedbackEvent: {exc}") from None
             ack = await self.feedback.submit(event, client_id)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             return error_response(exc)
         return web.json_response({"event_id": ack.event_id, "outcome": OUTCOMES[ack.outcome]})
+
+
+def _model_entry(name: str, model: LoadedModel | None) -> dict[str, Any]:
+    """One /v1/models entry; `feedloop_version` says which version the name serves now."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(model.loaded_at) if model else 0,
+        "owned_by": "feedloop",
+        "feedloop_version": model.version if model else None,
+    }
 
 
 async def _json_body(request: web.Request) -> Any:
