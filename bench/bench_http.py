@@ -8,8 +8,9 @@ closed-loop at concurrency 64, num_candidates 1, max_tokens 16, the same prompt,
 a process of its own (bench/serve_load.py): gRPC Generate over one HTTP/2 connection with 64
 streams (`generate-h2load`), POST /v1/completions over 64 HTTP/1.1 connections
 (`completions-h2load`), as OpenAI clients connect. The two alternate round by round, so a burst
-of background load hits both alike; the report gives each round and the medians, and the ratio
-HTTP / gRPC of completions per second (the issue's target: at least 0.8).
+of background load hits both alike; the report gives each round, the medians, the ratio of the
+medians HTTP / gRPC of completions per second and the median of the rounds' ratios (the issue's
+target: at least 0.8; the verdict takes the lower of the two).
 """
 
 from __future__ import annotations
@@ -66,13 +67,23 @@ def report(
         for door in ("grpc", "http")
     }
     ratio = median["http"]["per_s"] / median["grpc"]["per_s"]
-    verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+    # Each round's two points ran back to back, so their ratio shares that moment's background
+    # load: the median of the round ratios is the steadier figure on a busy machine.
+    round_ratio = statistics.median(r["http"]["per_s"] / r["grpc"]["per_s"] for r in rounds)
+    verdict = "meets" if min(ratio, round_ratio) >= TARGET_RATIO else "misses"
     lines.append(
         f"median  {median['grpc']['per_s']:>8.0f} {median['grpc']['p99_ms']:>7.1f}        "
         f"{median['http']['per_s']:>8.0f} {median['http']['p99_ms']:>7.1f}        {ratio:>5.2f}"
-        f"   ({verdict} the target of {TARGET_RATIO})"
+        f"   (median of the round ratios {round_ratio:.2f}: {verdict} the target of "
+        f"{TARGET_RATIO})"
     )
-    figures = {"rounds": rounds, "median": median, "ratio": ratio, "load_before": load_before}
+    figures = {
+        "rounds": rounds,
+        "median": median,
+        "ratio": ratio,
+        "round_ratio": round_ratio,
+        "load_before": load_before,
+    }
     return "\n".join(lines), figures
 
 
