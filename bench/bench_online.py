@@ -22,13 +22,13 @@ share of requests the candidate served, failed requests, the true reward of both
 true reward the users lost (the difference of means times the candidate's candidates).
 
 taste-change: the demo (canary publishing, or `--publish-as live`: candidates live at once
-and watched; trainer settings named in the report) and a population whose taste changes halfway, from
-include:little to include:old (two words of about the same frequency in the corpus: 214 and 202
-of 6,000 phrases). Reported: the live version's true reward over time, the time from
-the change to the first promotion of a version that serves the new taste better than the one
-live at the change (by more than 0.05 in mean true reward), the worst true reward served, and the no-silent-regression figure: the
-longest stretch during which the live version's reward stayed more than 0.05 below the best
-version seen in the same phase.
+and watched; trainer settings named in the report) and a population whose taste changes
+halfway, from include:little to include:old (two words of about the same frequency in the
+corpus: 214 and 202 of 6,000 phrases). Reported: the live version's true reward over time, the
+time from the change to the first promotion of a version that serves the new taste better than
+the one live at the change (by more than 0.05 in mean true reward), the worst true reward
+served, and the no-silent-regression figure: the longest stretch during which the live
+version's reward stayed more than 0.05 below the best version seen in the same phase.
 """
 
 from __future__ import annotations

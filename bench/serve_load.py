@@ -2,6 +2,7 @@
 
     python bench/serve_load.py generate --target HOST:PORT --concurrency 64 --duration-s 3
     python bench/serve_load.py generate-h2load --target HOST:PORT --metrics HOST:PORT
+    python bench/serve_load.py completions-h2load --target HOST:PORT   # the HTTP API's port
     python bench/serve_load.py feedback-unary --target HOST:PORT --concurrency 64
     python bench/serve_load.py feedback-stream --target HOST:PORT --streams 4
     python bench/serve_load.py echo-server                 # prints its port, serves until killed
@@ -18,7 +19,9 @@ gRPC-framed GenerateRequest. It costs a twentieth of the CPU of this Python clie
 which matters on a 2-core machine where the load generator shares the cores with the server.
 h2load sees HTTP status only, not grpc-status (sent in trailers), so the gRPC codes are read
 from the server's own counter (feedloop_requests_total, before and after the run): every code
-but OK is an error, warm-up included.
+but OK is an error, warm-up included. completions-h2load drives the OpenAI-compatible HTTP API
+(POST /v1/completions, the same prompt and max_tokens) with h2load over HTTP/1.1, one connection
+per worker as OpenAI clients use it; there the HTTP status is the outcome.
 """
 
 from __future__ import annotations
@@ -194,15 +197,7 @@ def run_generate_h2load(args: argparse.Namespace) -> dict[str, Any]:
             check=True,
         ).stdout
         after = settled_codes(args.metrics, before)
-        latencies: list[float] = []
-        errors: dict[str, int] = {}
-        # One line per request of the measured window: start (us), HTTP status, duration (us).
-        for line in log_path.read_text().splitlines():
-            _, status, duration_us = line.split("\t")[:3]
-            if status == "200":
-                latencies.append(int(duration_us) / 1e6)
-            else:
-                errors[f"HTTP_{status}"] = errors.get(f"HTTP_{status}", 0) + 1
+        latencies, errors = h2load_latencies(log_path)
     cancelled_at_stop = 0
     for code, count in after.items():
         new = int(count - before.get(code, 0.0))
@@ -221,6 +216,58 @@ def run_generate_h2load(args: argparse.Namespace) -> dict[str, Any]:
     result = summary(latencies, errors, args.duration_s)
     result["load_generator"] = "h2load"
     result["cancelled_at_stop"] = cancelled_at_stop
+    return result
+
+
+def h2load_latencies(log_path: Path) -> tuple[list[float], dict[str, int]]:
+    """From h2load's log (one line per request of the measured window: start in us, HTTP
+    status, duration in us): the latencies of the 200s, and the other statuses counted."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    for line in log_path.read_text().splitlines():
+        _, status, duration_us = line.split("\t")[:3]
+        if status == "200":
+            latencies.append(int(duration_us) / 1e6)
+        else:
+            errors[f"HTTP_{status}"] = errors.get(f"HTTP_{status}", 0) + 1
+    return latencies, errors
+
+
+def run_completions_h2load(args: argparse.Namespace) -> dict[str, Any]:
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+    request = {"model": "feedloop", "prompt": PROMPTS[0], "max_tokens": args.max_tokens}
+    with tempfile.TemporaryDirectory(prefix="feedloop-h2load-") as tmp:
+        body, log_path = Path(tmp) / "request.json", Path(tmp) / "requests.log"
+        body.write_text(json.dumps(request))
+        out = subprocess.run(
+            [
+                h2load,
+                "--h1",
+                f"--clients={args.concurrency}",
+                f"--duration={round(args.duration_s * 1000)}ms",
+                f"--warm-up-time={round(args.warmup_s * 1000)}ms",
+                f"--data={body}",
+                "--header=content-type: application/json",
+                f"--log-file={log_path}",
+                f"http://{args.target}/v1/completions",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        latencies, errors = h2load_latencies(log_path)
+    failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if failed is None:
+        raise SystemExit(f"unexpected h2load output:\n{out}")
+    # In timed mode h2load drops the requests still open when its time is up: at most one a
+    # connection, counted as failed; they are not the server's.
+    lost = max(0, sum(int(n) for n in failed.groups()) - args.concurrency)
+    if lost:
+        errors["H2LOAD_FAILED"] = lost
+    result = summary(latencies, errors, args.duration_s)
+    result["load_generator"] = "h2load --h1"
     return result
 
 
@@ -395,6 +442,7 @@ MODES: dict[str, Any] = {
     "echo-server": run_echo_server,
     "echo-stream": run_echo_stream,
     "swap-load": run_swap_load,
+    "completions-h2load": run_completions_h2load,
 }
 
 

@@ -120,6 +120,7 @@ class AsyncFeedloopClient:
         model_version: str | None = None,
         request_id: str | None = None,
         routing_key: str | None = None,
+        token_logprobs: bool = False,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         request = generate_request(
@@ -129,6 +130,7 @@ class AsyncFeedloopClient:
             model_version,
             request_id,
             routing_key,
+            token_logprobs,
         )
         reply = await self._unary(self._generation.Generate, request, timeout_s)
         return GenerateResult.from_proto(reply)

@@ -123,9 +123,14 @@ class FeedloopClient:
         model_version: str | None = None,
         request_id: str | None = None,
         routing_key: str | None = None,
+        token_logprobs: bool = False,
         timeout_s: float | None = None,
     ) -> GenerateResult:
-        """n candidate phrases for a prompt, all from one model version (named in the result)."""
+        """n candidate phrases for a prompt, all from one model version (named in the result).
+
+        temperature 0 decodes greedily; None (like every None here) takes the server's default.
+        token_logprobs: each candidate also carries its per-token log-probabilities.
+        """
         request = generate_request(
             prompt,
             n,
@@ -133,6 +138,7 @@ class FeedloopClient:
             model_version,
             request_id,
             routing_key,
+            token_logprobs,
         )
         return GenerateResult.from_proto(self._unary(self._generation.Generate, request, timeout_s))
 

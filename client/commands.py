@@ -118,6 +118,7 @@ def run_generate(client: FeedloopClient, args: argparse.Namespace) -> Any:
         seed=args.seed,
         model_version=args.model_version,
         routing_key=args.routing_key,
+        token_logprobs=args.token_logprobs,
     )
     if args.json:
         return result
@@ -129,7 +130,14 @@ def run_generate(client: FeedloopClient, args: argparse.Namespace) -> Any:
         (i, c.generation_id, f"{c.log_prob:.3f}", "" if c.finished else "cut", c.text)
         for i, c in enumerate(result.candidates, 1)
     ]
-    return header + "\n" + format_table(("#", "generation_id", "log_prob", "", "text"), rows)
+    table = format_table(("#", "generation_id", "log_prob", "", "text"), rows)
+    if args.token_logprobs:
+        table += "".join(
+            f"\n{i}: "
+            + "  ".join(f"{t} {lp:.3f}" for t, lp in zip(c.tokens, c.token_logprobs, strict=True))
+            for i, c in enumerate(result.candidates, 1)
+        )
+    return header + "\n" + table
 
 
 def run_feedback(client: FeedloopClient, args: argparse.Namespace) -> Any:
@@ -377,7 +385,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         )
         p.add_argument("prompt", help="one to three keywords")
         p.add_argument("-n", type=int, default=1, help="number of candidates (default: 1)")
-        p.add_argument("--temperature", type=float, help="softmax temperature (> 0)")
+        p.add_argument("--temperature", type=float, help="softmax temperature (>= 0; 0: greedy)")
         p.add_argument("--top-k", type=int, help="keep the k most likely tokens per step")
         p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
         p.add_argument("--max-tokens", type=int, help="most output tokens per candidate")
@@ -386,6 +394,11 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument(
             "--routing-key",
             help="requests with the same key land on the same side of a canary split",
+        )
+        p.add_argument(
+            "--token-logprobs",
+            action="store_true",
+            help="also print each token's log-probability (under the distribution sampled from)",
         )
     elif name == "feedback":
         p = _parser(

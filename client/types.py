@@ -46,6 +46,8 @@ class Candidate:
     tokens: tuple[str, ...]
     log_prob: float  # natural log, under the distribution actually sampled from
     finished: bool  # False when max_tokens cut the phrase
+    # One per token, under the same distribution, when generate(token_logprobs=True); else ().
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,14 @@ class GenerateResult:
             request_id=reply.request_id,
             model_version=reply.model_version,
             candidates=tuple(
-                Candidate(c.generation_id, c.text, tuple(c.tokens), c.log_prob, c.finished)
+                Candidate(
+                    c.generation_id,
+                    c.text,
+                    tuple(c.tokens),
+                    c.log_prob,
+                    c.finished,
+                    tuple(c.token_logprobs),
+                )
                 for c in reply.candidates
             ),
             seed=reply.seed,
@@ -372,12 +381,14 @@ def generate_request(
     model_version: str | None,
     request_id: str | None,
     routing_key: str | None,
+    token_logprobs: bool = False,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt=prompt,
         num_candidates=n,
         sampling=pb.SamplingParams(
-            temperature=sampling.temperature or 0.0,
+            # None leaves it unset (the server's default); a set 0 asks for greedy decoding.
+            temperature=sampling.temperature,
             top_k=sampling.top_k or 0,
             top_p=sampling.top_p or 0.0,
             max_tokens=sampling.max_tokens or 0,
@@ -386,6 +397,7 @@ def generate_request(
         model_version=model_version or "",
         request_id=request_id or "",
         routing_key=routing_key or "",
+        return_token_logprobs=token_logprobs,
     )
 
 

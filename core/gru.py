@@ -223,7 +223,10 @@ class GRUPolicy(Policy):
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         max_tokens = torch.tensor([p.max_tokens for p in params], dtype=torch.long)
-        steps = int(max_tokens.max())
+        # <eos> is not counted in max_tokens: a row that has max_tokens tokens takes one more
+        # step, which ends it finished if it draws <eos> and cut (that draw dropped) if not.
+        # A cut output's logged log-probs therefore leave out that last draw's log(1 - p(<eos>)).
+        steps = int(max_tokens.max()) + 1
         # With temperature 1 and no filtering the sampling distribution is the raw policy's.
         unfiltered = bool((temperature == 1).all() and (top_k == 0).all() and (top_p >= 1).all())
         seeds = sampling.batch_candidate_seeds(
@@ -256,9 +259,10 @@ class GRUPolicy(Policy):
                 raw[running, t] = (
                     logits.gather(1, chosen) - logits.logsumexp(-1, keepdim=True)
                 ).squeeze(1)
-            finished = (token == EOS_ID) | (max_tokens <= t + 1)
+            ended = token == EOS_ID
+            finished = ended | (max_tokens <= t)  # max_tokens <= t: the row is at its limit
             if bool(finished.any()):
-                lengths[running[finished]] = t + 1
+                lengths[running[finished]] = t + ended[finished].long()
                 keep = ~finished
                 if not bool(keep.any()):
                     break

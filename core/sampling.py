@@ -42,16 +42,16 @@ class SamplingParams:
     generation log stores with every generation and what the trainer reads back.
     """
 
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy (the most likely token at every step)
     top_k: int = 0  # 0: no top-k filtering
     top_p: float = 1.0  # 1.0: no nucleus filtering
     max_tokens: int = 16
     seed: int = 0  # the caller resolves 0 to a concrete seed before sampling
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidSamplingParams(
-                "temperature", f"must be a finite number > 0, got {self.temperature}"
+                "temperature", f"must be a finite number >= 0 (0: greedy), got {self.temperature}"
             )
         if self.top_k < 0:
             raise InvalidSamplingParams("top_k", f"must be >= 0, got {self.top_k}")
@@ -127,8 +127,22 @@ def sampling_probs(
     logits (B, V); temperature, top_p (B,) float; top_k (B,) int (0 = off). Top-k keeps the k
     most likely tokens; top-p then keeps the smallest most-likely prefix whose mass reaches
     top_p (always at least one token), as in Holtzman et al. (2020). Rows at temperature 1
-    without filtering (the common case) cost one softmax: no division, no sort.
+    without filtering (the common case) cost one softmax: no division, no sort. Rows at
+    temperature 0 are greedy: a point mass on the most likely token (the first of a tie, as
+    argmax gives it), which every top-k and top-p keeps.
     """
+    greedy = temperature == 0
+    if not bool(greedy.any()):
+        return _softened_probs(logits, temperature, top_k, top_p)
+    probs = _softened_probs(logits, torch.where(greedy, 1.0, temperature), top_k, top_p)
+    point = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy.unsqueeze(-1), point, probs)
+
+
+def _softened_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """sampling_probs for temperatures > 0."""
     scaled = logits if bool((temperature == 1).all()) else logits / temperature.unsqueeze(-1)
     needs_filter = bool((top_k > 0).any()) or bool((top_p < 1).any())
     if not needs_filter:

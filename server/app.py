@@ -6,12 +6,13 @@
                                                    ShadowScorer (thread) ─▶ model process, store
     FeedbackService ───▶ FeedbackWriter (writer thread) ────────────────────────────▶ store
     ModelAdminService ─▶ registry, store   AuthInterceptor in front of all three
+    HttpApi (OpenAI-compatible, optional) ─▶ the same GenerationService and FeedbackService
     Health (NOT_SERVING until a model is loaded and while draining), reflection, /metrics
 
-Shutdown order matters: health goes NOT_SERVING, the gRPC server stops taking calls and lets
-in-flight ones finish, then the batcher delivers its last replies, the shadow scorer finishes
-the batch it is scoring, the model process exits, the feedback writer and the generation log
-drain into the store, and only then are the store and registry closed.
+Shutdown order matters: health goes NOT_SERVING, the gRPC and HTTP servers stop taking calls
+and let in-flight ones finish, then the batcher delivers its last replies, the shadow scorer
+finishes the batch it is scoring, the model process exits, the feedback writer and the
+generation log drain into the store, and only then are the store and registry closed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from feedloop.server.feedback import FeedbackService
 from feedloop.server.feedback_writer import FeedbackWriter
 from feedloop.server.generation import GenerationService
 from feedloop.server.generation_log import GenerationLog
+from feedloop.server.http_api import HttpApi, server_ssl_context
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
@@ -97,6 +99,8 @@ class FeedloopServer:
         self.registry = registry
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0  # 0 while the HTTP API is off
+        self.http_api: HttpApi | None = None
         self.live_model: LiveModel | None = None
         self.generation_log: GenerationLog | None = None
         self.feedback_writer: FeedbackWriter | None = None
@@ -116,10 +120,11 @@ class FeedloopServer:
     def banner(self) -> str:
         config = self.config
         metrics_host = config.metrics_host or config.host
+        http = f" http={config.host}:{self.http_port}" if self.http_api else ""
         return (
             f"feedloop serve: listening grpc={config.host}:{self.grpc_port} "
             f"metrics={metrics_host}:{self.metrics_port} live={self.live_version} "
-            f"auth={'on' if config.auth_enabled else 'off'}"
+            f"auth={'on' if config.auth_enabled else 'off'}{http}"
         )
 
     async def start(self) -> None:
@@ -253,6 +258,27 @@ class FeedloopServer:
         if not self.grpc_port:
             raise StartupError(f"cannot bind gRPC to {address}")
         await server.start()
+        if config.http_port is not None:
+            self.http_api = HttpApi(
+                generation,
+                feedback,
+                self.live_model,
+                authenticator,
+                limiter,
+                metrics,
+                max_body_bytes=config.max_message_bytes,
+            )
+            try:
+                self.http_port = await self.http_api.start(
+                    config.host,
+                    config.http_port,
+                    server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca),
+                    grace_s=config.shutdown_grace_s * 0.8,
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot bind HTTP to {config.host}:{config.http_port}: {exc}"
+                ) from None
         metrics_host = config.metrics_host or config.host
         try:
             self.metrics_port = metrics.serve_http(metrics_host, config.metrics_port)
@@ -285,9 +311,13 @@ class FeedloopServer:
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace_s
         await self.health.enter_graceful_shutdown()
+        # In-flight calls get most of the grace; a fifth is kept for draining the writers.
+        front_doors = []
         if self._server is not None:
-            # In-flight calls get most of the grace; a fifth is kept for draining the writers.
-            await self._server.stop(grace_s * 0.8)
+            front_doors.append(self._server.stop(grace_s * 0.8))
+        if self.http_api is not None:
+            front_doors.append(self.http_api.stop())
+        await asyncio.gather(*front_doors)
         # The watcher and the metrics endpoint each take up to a poll interval to notice.
         stopping = [asyncio.to_thread(self.metrics.stop_http)]
         if self.live_model is not None:

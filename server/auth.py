@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from feedloop.core.errors import ConfigError
+from feedloop.server.errors import ServiceError
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
 
@@ -131,6 +132,49 @@ class Authenticator:
         return key.name if key else ANONYMOUS
 
 
+class Refused(ServiceError):
+    """A call turned away before its handler ran; `reason` labels feedloop_auth_denied."""
+
+    def __init__(self, reason: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = code
+
+
+def admit(
+    authenticator: Authenticator, limiter: RateLimiter, metadata: Iterable[Any] | None, role: str
+) -> str:
+    """The caller's name (the key's, or 'anonymous' with auth off) if its key may call a method
+    that needs role and its rate allows one more call; else Refused. Every front door (the gRPC
+    interceptor, the HTTP API) decides here."""
+    name = ANONYMOUS
+    if authenticator.enabled:
+        key = authenticator.key_of(metadata)
+        if key is None:
+            raise Refused(
+                "unauthenticated",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown API key"
+                if bearer_token(metadata) is not None
+                else "missing API key: send 'authorization: Bearer KEY' "
+                "(gRPC metadata or HTTP header)",
+            )
+        if role not in key.roles:
+            raise Refused(
+                "permission_denied",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"API key {key.name!r} lacks the {role!r} role this method needs",
+            )
+        name = key.name
+    if not limiter.allow(name):
+        raise Refused(
+            "rate_limited",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"rate limit of {limiter.rate_per_s:g} requests/s exceeded for {name!r}; retry later",
+        )
+    return name
+
+
 def _deny(streaming: bool, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     if streaming:
 
@@ -155,13 +199,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.limiter = limiter
         self.metrics = metrics
 
-    def _refuse(
-        self, method: str, streaming: bool, reason: str, code: grpc.StatusCode, message: str
-    ) -> grpc.RpcMethodHandler:
-        self.metrics.auth_denied.labels(reason).inc()
-        self.metrics.requests.labels(method.rsplit("/", 1)[-1], code.name).inc()
-        return _deny(streaming, code, message)
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -171,38 +208,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if spec is None:
             return await continuation(details)  # health, reflection: open
         role, streaming = spec
-        name = ANONYMOUS
-        if self.authenticator.enabled:
-            key = self.authenticator.key_of(details.invocation_metadata)
-            if key is None:
-                has_token = bearer_token(details.invocation_metadata) is not None
-                return self._refuse(
-                    details.method,
-                    streaming,
-                    "unauthenticated",
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "unknown API key"
-                    if has_token
-                    else "missing API key: send metadata 'authorization: Bearer KEY'",
-                )
-            if role not in key.roles:
-                return self._refuse(
-                    details.method,
-                    streaming,
-                    "permission_denied",
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"API key {key.name!r} lacks the {role!r} role this method needs",
-                )
-            name = key.name
-        if not self.limiter.allow(name):
-            return self._refuse(
-                details.method,
-                streaming,
-                "rate_limited",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"rate limit of {self.limiter.rate_per_s:g} requests/s exceeded for "
-                f"{name!r}; retry later",
-            )
+        try:
+            admit(self.authenticator, self.limiter, details.invocation_metadata, role)
+        except Refused as refused:
+            self.metrics.auth_denied.labels(refused.reason).inc()
+            self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], refused.code.name).inc()
+            return _deny(streaming, refused.code, str(refused))
         return await continuation(details)
 
 

@@ -67,6 +67,7 @@ class GenerateJob:
     pinned_version: str | None
     routing_key: str  # "" for none: a canary split draws at random
     deadline: float | None  # time.monotonic() after which the caller has given up
+    return_token_logprobs: bool = False  # the reply's candidates carry per-token log-probs
     future: asyncio.Future[Any] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -338,6 +339,7 @@ class Batcher:
                 generation_ids=generation_ids,
                 texts=texts,
                 tokenizer=model.tokenizer,
+                token_logprobs=job.return_token_logprobs,
             )
             results.append((job, reply))
         # Logged before the replies go out: a client can only rate what the log already holds

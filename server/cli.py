@@ -2,7 +2,7 @@
 
 Prints exactly one line to stdout once serving (tests, the demo and the soak parse it):
     feedloop serve: listening grpc=HOST:PORT metrics=HOST:PORT live=VERSION auth=on|off
-Logs go to stderr.
+(with ` http=HOST:PORT` at the end when the OpenAI-compatible HTTP API is on). Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from feedloop.server.config import ServeConfig
 EXAMPLES = """examples:
   feedloop serve                                   # embedded: SQLite store, local registry
   feedloop serve --port 0 --metrics-port 0         # free ports, printed on the first line
+  feedloop serve --http-port 8000                  # also the OpenAI-compatible HTTP API
   feedloop serve --host 0.0.0.0 --auth-keys-file keys.toml --tls-cert c.pem --tls-key k.pem
   feedloop serve --store postgresql://postgres@127.0.0.1/test --registry postgresql://...
 """

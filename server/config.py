@@ -26,6 +26,13 @@ class ServeConfig:
     metrics_port: int = field(
         default=9464, metadata=_help("Prometheus /metrics HTTP port; 0 picks a free one")
     )
+    http_port: int | None = field(
+        default=None,
+        metadata=_help(
+            "port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models, /v1/feedback) on host, beside gRPC; unset: off; 0 picks a free one"
+        ),
+    )
     metrics_host: str | None = field(
         default=None, metadata=_help("address for the metrics endpoint; unset: same as host")
     )
@@ -194,8 +201,9 @@ class ServeConfig:
             raise ConfigError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("port", "metrics_port"):
-            if not 0 <= getattr(self, name) <= 65535:
+        for name in ("port", "metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be in 0..65535")
 
     @property

@@ -35,9 +35,14 @@ class InvalidArgument(ServiceError):
 
 
 class NotFound(ServiceError):
-    """A named generation or model version does not exist (or is not loaded)."""
+    """A named generation or model version does not exist (or is not loaded); `field`, when
+    known, names the request field that named it."""
 
     code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Overloaded(ServiceError):

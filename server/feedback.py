@@ -176,9 +176,14 @@ class FeedbackService(pb_grpc.FeedbackServicer):
     async def Submit(
         self, request: pb.FeedbackEvent, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackAck:
-        record = self._parse(request, self.auth.client_id(context))
+        return await self.submit(request, self.auth.client_id(context))
+
+    async def submit(self, event: pb.FeedbackEvent, client_id: str) -> pb.FeedbackAck:
+        """Check one event and acknowledge it once durable: every front door (gRPC, HTTP)
+        comes here, so each one is checked, stored and deduplicated alike."""
+        record = self._parse(event, client_id)
         outcome = await self.writer.submit(record)
-        return pb.FeedbackAck(event_id=request.event_id, outcome=OUTCOMES[outcome])
+        return pb.FeedbackAck(event_id=event.event_id, outcome=OUTCOMES[outcome])
 
     @streaming("SubmitStream")
     async def SubmitStream(

@@ -32,10 +32,11 @@ SEED_BITS = 63  # fits a signed 64-bit column in every store
 def resolve_params(request: pb.GenerateRequest, config: ServeConfig) -> SamplingParams:
     """The request's sampling parameters, defaults filled in; InvalidArgument if out of range."""
     s = request.sampling
-    # Proto3 reads an unset number as 0: a 0 here asks for the default.
-    given = {
-        name: value for name in ("temperature", "top_k", "top_p") if (value := getattr(s, name))
-    }
+    # Proto3 reads an unset number as 0: a 0 here asks for the default. Temperature tracks
+    # presence instead, because a set 0 asks for greedy decoding.
+    given = {name: value for name in ("top_k", "top_p") if (value := getattr(s, name))}
+    if s.HasField("temperature"):
+        given["temperature"] = s.temperature
     try:
         params = SamplingParams(
             **given,
@@ -72,6 +73,19 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        remaining_s = context.time_remaining()
+        return await self.generate(
+            request,
+            client_id=self.auth.client_id(context),
+            deadline=None if remaining_s is None else time.monotonic() + remaining_s,
+        )
+
+    async def generate(
+        self, request: pb.GenerateRequest, *, client_id: str, deadline: float | None
+    ) -> pb.GenerateResponse:
+        """Validate a request and have the batcher serve it: every front door (gRPC, HTTP) comes
+        here, so each one is checked, batched and logged alike. deadline: time.monotonic()
+        after which the caller has given up (None: never)."""
         config = self.config
         if not request.prompt.strip():
             raise InvalidArgument("prompt", "must not be empty")
@@ -97,15 +111,15 @@ class GenerationService(pb_grpc.GenerationServicer):
         if pinned is not None:
             self.live_model.get(pinned)  # NotFound now rather than after queueing
         self.generation_log.check_room()
-        remaining_s = context.time_remaining()
         job = GenerateJob(
             prompt=request.prompt,
             params=params,
             num_candidates=num_candidates,
             request_id=request.request_id or secrets.token_hex(16),
-            client_id=self.auth.client_id(context),
+            client_id=client_id,
             pinned_version=pinned,
             routing_key=request.routing_key,
-            deadline=None if remaining_s is None else time.monotonic() + remaining_s,
+            deadline=deadline,
+            return_token_logprobs=request.return_token_logprobs,
         )
         return await self.batcher.generate(job)

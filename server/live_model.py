@@ -144,13 +144,21 @@ class LiveModel:
         if model is None:
             raise NotFound(
                 f"model_version {version!r} is not loaded on this server "
-                f"(loaded: {', '.join(self.loaded_versions()) or 'none'})"
+                f"(loaded: {', '.join(self.loaded_versions()) or 'none'})",
+                field="model_version",
             )
         return model
 
     def loaded_versions(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+    def servable(self) -> list[LoadedModel]:
+        """The loaded versions a request may be served by (all but the one on shadow trial)."""
+        shadow = self._shadow
+        with self._lock:
+            models = list(self._loaded.values())
+        return [m for m in models if shadow is None or m.version != shadow.model.version]
 
     # -- swapping (background thread; blocking) ------------------------------------------------
 

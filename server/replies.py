@@ -30,8 +30,10 @@ def generate_reply(
     generation_ids: Sequence[str],
     texts: Sequence[str],
     tokenizer: Tokenizer,
+    token_logprobs: bool = False,
 ) -> pb.GenerateResponse:
-    """One request's reply; a candidate's log_prob is under the distribution sampled from."""
+    """One request's reply; a candidate's log_prob is under the distribution sampled from, and
+    so are its token_logprobs (one per phrase token, <eos> left out) when asked for."""
     return pb.GenerateResponse(
         request_id=request_id,
         model_version=model_version,
@@ -42,6 +44,9 @@ def generate_reply(
                 tokens=tokenizer.token_strings(sample.phrase_ids),
                 log_prob=sum(sample.behaviour_logprobs),
                 finished=sample.finished,
+                token_logprobs=(
+                    sample.behaviour_logprobs[: len(sample.phrase_ids)] if token_logprobs else ()
+                ),
             )
             for sample, generation_id, text in zip(samples, generation_ids, texts, strict=True)
         ],

@@ -74,6 +74,7 @@ class Generation(_Base, pb_grpc.GenerationServicer):
                 tokens=[*words, f"#{i}"],
                 log_prob=-1.5 * (i + 1),
                 finished=True,
+                token_logprobs=[-0.5] * (len(words) + 1) if request.return_token_logprobs else [],
             )
             for i in range(request.num_candidates or 1)
         ]

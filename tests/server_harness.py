@@ -28,7 +28,7 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 BANNER_RE = re.compile(
     r"^feedloop serve: listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) "
-    r"live=(?P<live>\S*) auth=(?P<auth>on|off)$"
+    r"live=(?P<live>\S*) auth=(?P<auth>on|off)(?: http=(?P<http>\S+))?$"
 )
 
 
@@ -125,6 +125,7 @@ class ServeProcess:
     metrics_address: str
     live: str
     auth: str
+    http_address: str | None = None  # with --http-port
 
     def terminate(self, timeout_s: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -177,7 +178,9 @@ def start_serve(
         process.kill()
         _, err = process.communicate(timeout=timeout_s)
         raise AssertionError(f"no banner from feedloop serve: {line!r}\nstderr:\n{err}")
-    return ServeProcess(process, match["grpc"], match["metrics"], match["live"], match["auth"])
+    return ServeProcess(
+        process, match["grpc"], match["metrics"], match["live"], match["auth"], match["http"]
+    )
 
 
 @contextlib.contextmanager

@@ -72,6 +72,12 @@ def test_generate_prints_a_table_naming_the_version_and_each_generation_id(capsy
     assert "seed 5" in out
 
 
+def test_generate_prints_token_logprobs_on_request(capsys, fake):
+    code, out, _ = run(capsys, "generate", "rain", "--token-logprobs", "--target", fake.target)
+    assert code == 0
+    assert "1: rain -0.500  #0 -0.500" in out
+
+
 def test_generate_json_is_machine_readable(capsys, fake):
     code, out, _ = run(capsys, "generate", "rain", "-n", "2", "--json", "--target", fake.target)
     assert code == 0
@@ -83,7 +89,9 @@ def test_generate_json_is_machine_readable(capsys, fake):
         "tokens",
         "log_prob",
         "finished",
+        "token_logprobs",
     }
+    assert reply["candidates"][0]["token_logprobs"] == []  # only with --token-logprobs
 
 
 def test_every_feedback_kind_is_accepted_and_a_repeated_event_id_is_a_duplicate(capsys, fake):

@@ -21,7 +21,8 @@ from feedloop.client import (
     Rating,
     RetryPolicy,
 )
-from feedloop.client.types import event_to_proto
+from feedloop.client.types import GenerateResult, Sampling, event_to_proto, generate_request
+from feedloop.v1 import feedloop_pb2 as pb
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "try again")
@@ -360,3 +361,24 @@ async def test_async_submit_many_reports_the_invalid_event_and_keeps_earlier_ack
             await client.submit_many([Rating(f"g{i}", 1.0, event_id=f"e{i}") for i in range(3)])
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and "e1" in raised.value.message
     assert list(fake.script.stored_events) == ["e0"]
+
+
+def test_a_temperature_of_zero_is_sent_as_set_and_none_as_unset() -> None:
+    greedy = generate_request("sea", 1, Sampling(temperature=0.0), None, None, None)
+    assert greedy.sampling.HasField("temperature") and greedy.sampling.temperature == 0.0
+    default = generate_request("sea", 1, Sampling(), None, None, None)
+    assert not default.sampling.HasField("temperature")
+    assert not default.return_token_logprobs
+    assert generate_request("sea", 1, Sampling(), None, None, None, True).return_token_logprobs
+
+
+def test_token_logprobs_are_read_from_the_reply() -> None:
+    reply = pb.GenerateResponse(
+        candidates=[
+            pb.Candidate(tokens=["a", "b"], token_logprobs=[-0.5, -0.25], log_prob=-1.0),
+            pb.Candidate(tokens=["c"]),
+        ]
+    )
+    first, second = GenerateResult.from_proto(reply).candidates
+    assert first.token_logprobs == (-0.5, -0.25)
+    assert second.token_logprobs == ()

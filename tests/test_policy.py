@@ -178,7 +178,7 @@ def test_behaviour_logprobs_are_those_of_the_filtered_distribution(policy):
 def test_outputs_end_at_eos_or_max_tokens(policy):
     for out in policy.sample([request(policy, p, s, n=4) for s, p in enumerate(PROMPTS)]):
         for o in out:
-            assert len(o.token_ids) <= 12
+            assert len(o.phrase_ids) <= 12
             assert o.finished == (o.token_ids[-1] == EOS_ID)
             assert EOS_ID not in o.phrase_ids
             assert len(o.behaviour_logprobs) == len(o.token_ids)

@@ -106,7 +106,7 @@ def test_uniforms_look_uniform():
 
 
 INVALID = [
-    ("temperature", {"temperature": 0}),
+    ("temperature", {"temperature": -0.5}),  # 0 is valid: greedy
     ("temperature", {"temperature": math.nan}),
     ("temperature", {"temperature": math.inf}),
     ("top_k", {"top_k": -1}),

@@ -104,9 +104,10 @@ Global___TrialMode: _TypeAlias = TrialMode  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
-    """How the server samples. Zero values mean "use the server's default" for every field, so an
-    empty SamplingParams is valid. The behaviour log-probabilities the server logs are those of the
-    distribution after temperature, top-k and top-p, because that is what it really sampled from.
+    """How the server samples. Unset fields (and zero values, except an explicitly set temperature)
+    mean "use the server's default", so an empty SamplingParams is valid. The behaviour
+    log-probabilities the server logs are those of the distribution after temperature, top-k and
+    top-p, because that is what it really sampled from.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -117,7 +118,12 @@ class SamplingParams(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Softmax temperature, > 0. 0 or unset: the server default (1.0)."""
+    """Softmax temperature, >= 0. Unset: the server default (1.0). Set to 0: greedy decoding, the
+    most likely token at every step (ties to the lowest token id); the distribution sampled from
+    is then a point mass, so every behaviour log-probability is 0 and the seed changes nothing.
+    (Presence is tracked: a client whose generated code predates `optional` cannot send 0, and
+    gets the default.)
+    """
     top_k: _builtins.int
     """Keep only the k most likely tokens at each step. 0: no top-k filtering."""
     top_p: _builtins.float
@@ -125,8 +131,9 @@ class SamplingParams(_message.Message):
     0 or unset: 1.0 (no filtering).
     """
     max_tokens: _builtins.int
-    """Most output tokens per candidate (end-of-phrase not counted), 1 to the server's cap.
-    0 or unset: the server default.
+    """Most output tokens per candidate, 1 to the server's cap. End-of-phrase is not counted: a
+    candidate holds up to max_tokens tokens and then either ends with end-of-phrase (finished)
+    or is cut (not finished). 0 or unset: the server default.
     """
     seed: _builtins.int
     """Seed for reproducible sampling: the same seed, prompt, parameters and model version give the
@@ -135,17 +142,19 @@ class SamplingParams(_message.Message):
     def __init__(
         self,
         *,
-        temperature: _builtins.float = ...,
+        temperature: _builtins.float | None = ...,
         top_k: _builtins.int = ...,
         top_p: _builtins.float = ...,
         max_tokens: _builtins.int = ...,
         seed: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
@@ -159,6 +168,7 @@ class GenerateRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    RETURN_TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Free text; typically one to three keywords ("ocean sunrise"). Set by the client app."""
     num_candidates: _builtins.int
@@ -174,6 +184,10 @@ class GenerateRequest(_message.Message):
     same side of the split (a stable hash of the key picks it), so a user sticks to one version.
     Empty: each request is drawn at random. Ignored when model_version is set.
     """
+    return_token_logprobs: _builtins.bool
+    """True: each candidate carries token_logprobs, its per-token log-probabilities. False or
+    unset: only the summed log_prob (smaller replies).
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     def __init__(
@@ -185,10 +199,11 @@ class GenerateRequest(_message.Message):
         model_version: _builtins.str = ...,
         request_id: _builtins.str = ...,
         routing_key: _builtins.str = ...,
+        return_token_logprobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "num_candidates", b"num_candidates", "prompt", b"prompt", "request_id", b"request_id", "routing_key", b"routing_key", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "num_candidates", b"num_candidates", "prompt", b"prompt", "request_id", b"request_id", "return_token_logprobs", b"return_token_logprobs", "routing_key", b"routing_key", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +218,7 @@ class Candidate(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     LOG_PROB_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
     generation_id: _builtins.str
     """Unique id made by the server; feedback refers to the candidate by it."""
     text: _builtins.str
@@ -217,6 +233,13 @@ class Candidate(_message.Message):
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The output tokens, as the model's vocabulary spells them (end-of-phrase not included)."""
 
+    @_builtins.property
+    def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Only when the request set return_token_logprobs: one log-probability per entry of tokens,
+        under the distribution actually sampled from (natural log). log_prob is their sum plus, when
+        finished, the log-probability of the end-of-phrase.
+        """
+
     def __init__(
         self,
         *,
@@ -225,10 +248,11 @@ class Candidate(_message.Message):
         tokens: _abc.Iterable[_builtins.str] | None = ...,
         log_prob: _builtins.float = ...,
         finished: _builtins.bool = ...,
+        token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "generation_id", b"generation_id", "log_prob", b"log_prob", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "generation_id", b"generation_id", "log_prob", b"log_prob", "text", b"text", "token_logprobs", b"token_logprobs", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
