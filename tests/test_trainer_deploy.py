@@ -148,3 +148,33 @@ def test_a_shadow_is_promoted_on_its_scores_of_lives_rated_generations(
     assert verdict is not None and verdict.action == PROMOTE, verdict
     assert env.registry.live() == version and env.registry.pointer().trial is None
     assert env.registry.history()[0].details["shadow"]["effective_n"] == pytest.approx(300)
+
+
+def test_the_trainer_prunes_the_registry_after_each_publish_and_keeps_its_reference(
+    env: Env,
+) -> None:
+    retaining = trainer(
+        env,
+        publish_as="live",
+        gate_best_of_recent=0,
+        registry_keep_last=1,
+        registry_keep_best=0,
+        registry_keep_rollback=0,
+    )
+    results = []
+    for seed in range(8):
+        simulation(env, PREF, seed=seed).serve_events(40)
+        results.append(retaining.run_round())
+        if sum(r.outcome == "published" for r in results) == 3:
+            break
+    published = [r for r in results if r.outcome == "published"]
+    assert len(published) == 3, [r.reason for r in results]
+    live = env.registry.live()
+    assert env.registry.versions() == ["v0001", live]  # the pretrained reference, and live
+    assert len(env.registry.pruned_versions()) == 2
+    # The third round's live version has a pruned parent: its lineage still leads to v0001.
+    assert published[-1].figures["reference_version"] == "v0001"
+    text = generate_latest(retaining.metrics.registry).decode()
+    assert 'feedloop_trainer_registry_versions{state="pruned"} 2.0' in text
+    assert f"feedloop_trainer_registry_bytes {float(env.registry.size_bytes())}" in text
+    assert "feedloop_trainer_registry_pruned_versions_total 2.0" in text

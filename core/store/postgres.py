@@ -27,6 +27,7 @@ from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailable
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import (
+    ErasureRecord,
     FeedbackRecord,
     GenerationRecord,
     ReplayStore,
@@ -225,6 +226,49 @@ class PostgresStore(ReplayStore):
             accepted.append(record.event_id in inserted)
             inserted.discard(record.event_id)  # a later repeat in this batch is a duplicate
         return accepted
+
+    def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
+        def work(conn: psycopg.Connection) -> ErasureRecord:
+            # The writers' locks, in the order no writer reverses (each takes one): no feedback
+            # naming a generation being erased commits beside this transaction.
+            advisory_xact_lock(conn, "generations")
+            advisory_xact_lock(conn, "feedback")
+            erased_generations = (
+                "SELECT generation_id FROM generations WHERE client_id = %(client)s"
+            )
+            # `&&` on the id arrays is answered from their GIN index.
+            feedback = conn.execute(
+                "DELETE FROM feedback WHERE client_id = %(client)s "
+                f"OR generation_ids && ARRAY({erased_generations})",
+                {"client": client_id},
+            ).rowcount
+            shadow_scores = conn.execute(
+                f"DELETE FROM shadow_scores WHERE generation_id IN ({erased_generations})",
+                {"client": client_id},
+            ).rowcount
+            generations = conn.execute(
+                "DELETE FROM generations WHERE client_id = %s", (client_id,)
+            ).rowcount
+            record = ErasureRecord(
+                client_id, requested_by, now, generations, feedback, shadow_scores
+            )
+            if record.found:
+                conn.execute(
+                    "INSERT INTO erasures (client_id, requested_by, erased_at, generations, "
+                    "feedback, shadow_scores) VALUES (%s, %s, %s, %s, %s, %s)",
+                    (client_id, requested_by, now, generations, feedback, shadow_scores),
+                )
+            return record
+
+        return self._pool.run("erase_client", work, transaction=True)
+
+    def erasures(self) -> list[ErasureRecord]:
+        rows = self._fetch(
+            "erasures",
+            "SELECT client_id, requested_by, erased_at, generations, feedback, shadow_scores "
+            "FROM erasures ORDER BY seq",
+        )
+        return [ErasureRecord(*row) for row in rows]
 
     def set_cursor(self, name: str, value: dict[str, Any]) -> None:
         self._pool.run(

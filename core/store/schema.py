@@ -14,6 +14,8 @@ Both backends carry the same tables with the same meaning:
     cursors               name -> JSON value (the trainer's progress)
     shadow_scores         (version, generation_id) -> a shadow version's per-token
                           log-probabilities of a live generation's output, created_at
+    erasures              one row per `erase_client` that found something: client id, who
+                          asked, when, rows deleted per table (never the erased content)
 """
 
 from __future__ import annotations
@@ -91,6 +93,18 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (version, generation_id)
         ) WITHOUT ROWID""",
     ),
+    # 7: the record of erasures (a client's data deleted on request).
+    (
+        """CREATE TABLE erasures (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            client_id TEXT NOT NULL,
+            requested_by TEXT NOT NULL,
+            erased_at REAL NOT NULL,
+            generations INTEGER NOT NULL,
+            feedback INTEGER NOT NULL,
+            shadow_scores INTEGER NOT NULL
+        )""",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -143,6 +157,17 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             logprobs DOUBLE PRECISION[] NOT NULL,
             created_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (version, generation_id)
+        )""",
+    ),
+    (
+        """CREATE TABLE erasures (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            requested_by TEXT NOT NULL,
+            erased_at DOUBLE PRECISION NOT NULL,
+            generations BIGINT NOT NULL,
+            feedback BIGINT NOT NULL,
+            shadow_scores BIGINT NOT NULL
         )""",
     ),
 )
