@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from store_support import comparison, generation, rating
@@ -79,3 +81,37 @@ def test_seqs_of_erased_rows_are_never_reused(store: ReplayStore) -> None:
     # A cursor past the erased rows still sees every new row, and no old one again.
     assert [g.generation_id for g in store.generations_after(generation_seq, 10)] == ["c1"]
     assert [e.event_id for e in store.feedback_after(feedback_seq, 10)] == ["c1-rated"]
+
+
+def test_store_erase_command_erases_says_what_and_finds_nothing_twice(
+    location: str, opener: Callable[[], ReplayStore], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from feedloop.core.store.cli import main
+
+    fill(opener())
+    args = ["--store", location, "--client", "alice", "--requested-by", "ticket 7"]
+    assert main(["store", "erase", *args]) == 0
+    out = capsys.readouterr().out
+    assert "client 'alice': 2 generations, 4 feedback events, 1 shadow scores erased" in out
+    assert "requested by ticket 7" in out
+
+    assert main(["store", "erase", *args, "--json"]) == 0  # again: nothing left to find
+    again = json.loads(capsys.readouterr().out)
+    assert again["found"] is False and again["generations"] == again["feedback"] == 0
+    assert main(["store", "erase", "--store", location, "--client", "nobody"]) == 0
+    assert "found nothing for client 'nobody'; nothing changed" in capsys.readouterr().out
+
+    assert main(["store", "erasures", "--store", location, "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["client_id"], r["requested_by"], r["feedback"]) for r in records] == [
+        ("alice", "ticket 7", 4)
+    ]
+    assert opener().counts().generations == 1
+    assert main(["store", "erase", "--store", location, "--client", " "]) == 2
+    assert main(["store", "erase", "--store", location]) == 2  # --client is required
+    capsys.readouterr()
+    if not location.startswith("postgresql"):
+        missing = str(Path(location).with_name("missing.sqlite3"))
+        assert main(["store", "erase", "--store", missing, "--client", "alice"]) == 1
+        assert "no replay store at" in capsys.readouterr().err
+        assert not Path(missing).exists()

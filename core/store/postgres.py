@@ -236,10 +236,15 @@ class PostgresStore(ReplayStore):
             erased_generations = (
                 "SELECT generation_id FROM generations WHERE client_id = %(client)s"
             )
-            # `&&` on the id arrays is answered from their GIN index.
+            # Events naming an erased generation are found by a scan joined on the unnested id
+            # arrays, not through their GIN index: with fastupdate the index's recent entries
+            # sit in its pending list, which `&&` with the client's 1,000 ids searched once per
+            # id (the erasure took 7.1 s among 100,000 events, 0.9 s with this scan; see
+            # docs/performance.md).
             feedback = conn.execute(
-                "DELETE FROM feedback WHERE client_id = %(client)s "
-                f"OR generation_ids && ARRAY({erased_generations})",
+                "DELETE FROM feedback WHERE client_id = %(client)s OR seq IN ("
+                "SELECT f.seq FROM feedback AS f CROSS JOIN LATERAL unnest(f.generation_ids) AS "
+                f"named(id) WHERE named.id IN ({erased_generations}))",
                 {"client": client_id},
             ).rowcount
             shadow_scores = conn.execute(
