@@ -18,13 +18,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench_store import drop_schema
+from bench_store import drop_schema, generations
 from tqdm import tqdm
 
-from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore, open_store
+from feedloop.core.store import FeedbackRecord, ReplayStore, open_store
 
 BATCH = 1000
 ERASED = "client-0"
@@ -39,22 +40,10 @@ def fill(store: ReplayStore, events: int, clients: int) -> None:
         ids = range(start, min(events, start + BATCH))
         store.append_generations(
             [
-                GenerationRecord(
-                    f"g{i}",
-                    f"r{i}",
-                    "a prompt",
-                    [2, 17, 33, 9],
-                    list(range(12)),
-                    [-0.5] * 12,
-                    [-0.6] * 12,
-                    True,
-                    "some text",
-                    {"temperature": 1.0},
-                    "v0001",
-                    client_of(i, clients),
-                    float(i),
+                replace(
+                    g, generation_id=f"g{i}", client_id=client_of(i, clients), created_at=float(i)
                 )
-                for i in ids
+                for i, g in zip(ids, generations(len(ids), "g"), strict=True)
             ]
         )
         feedback = [
@@ -101,33 +90,23 @@ def main() -> int:
     erased_ids = [f"g{i}" for i in range(args.events) if client_of(i, args.clients) == ERASED]
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "replay.sqlite3"
-        store = open_store(str(path))
-        try:
-
-            def left_sqlite() -> int:
-                return rows_left(store, erased_ids)
-
-            print(f"SQLite: {measure(store, left_sqlite, args.events, args.clients)}")
-        finally:
-            store.close()
-
+        report("SQLite", open_store(str(Path(tmp) / "replay.sqlite3")), args, erased_ids)
     if args.no_postgres:
         return 0
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     try:
-        store = open_store(f"{args.postgres}?schema={schema}")
-        try:
-
-            def left_postgres() -> int:
-                return rows_left(store, erased_ids)
-
-            print(f"PostgreSQL: {measure(store, left_postgres, args.events, args.clients)}")
-        finally:
-            store.close()
+        report("PostgreSQL", open_store(f"{args.postgres}?schema={schema}"), args, erased_ids)
     finally:
         drop_schema(args.postgres, schema)
     return 0
+
+
+def report(name: str, store: ReplayStore, args: argparse.Namespace, erased_ids: list[str]) -> None:
+    try:
+        figures = measure(store, lambda: rows_left(store, erased_ids), args.events, args.clients)
+        print(f"{name}: {figures}")
+    finally:
+        store.close()
 
 
 def rows_left(store: ReplayStore, erased_ids: list[str]) -> int:

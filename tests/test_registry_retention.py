@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +94,7 @@ def test_a_policy_that_could_prune_the_newest_or_makes_no_sense_is_refused(
 # -- both backends --------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["directory", "postgres"])
+@pytest.fixture(params=["directory", pytest.param("postgres", marks=pytest.mark.postgres)])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], ModelRegistry]]:
     """Opens the same registry again on each call (a new process would), closed after."""
     opened: list[ModelRegistry] = []
@@ -232,54 +236,67 @@ def test_best_versions_by_recorded_evaluation_are_kept(
     }
 
 
-class SimulatedCrash(BaseException):
-    """Stands for the process dying: nothing after it runs, no handler catches it."""
+# Prunes in a process of its own that stops between two steps of the prune and says so: after
+# the directory backend has marked the first version pruned and deleted one of its files; after
+# the PostgreSQL backend has marked the versions and deleted their files, before it records the
+# decisions and commits. The test then kills it with SIGKILL: no handler, no `finally`, runs.
+PRUNE_UNTIL_KILLED = """
+import sys, time
+from pathlib import Path
+from feedloop.core.registry import open_registry
+from feedloop.core.registry.retention import RetentionPolicy
+
+def stop_here():
+    print("mid-prune", flush=True)
+    time.sleep(120)
+
+location = sys.argv[1]
+if location.startswith("postgresql://"):
+    from feedloop.core.registry import postgres
+    insert = postgres._insert_decision
+    def stalled_insert(conn, decision):
+        if decision.action == "pruned":
+            stop_here()
+        insert(conn, decision)
+    postgres._insert_decision = stalled_insert
+else:
+    from feedloop.core.registry import directory
+    def stalled_delete(path):
+        next(iter(directory._weight_files(path))).unlink()
+        stop_here()
+    directory._delete_weights = stalled_delete
+registry = open_registry(location, data_dir=Path(sys.argv[2]))
+registry.prune(RetentionPolicy(keep_last=1, keep_best=0, keep_rollback=0))
+"""
 
 
-def crash_midway(monkeypatch: pytest.MonkeyPatch, registry: ModelRegistry) -> None:
-    """Make the next prune die between its steps: after the directory backend has marked the
-    first version pruned and deleted one of its files; after the PostgreSQL backend has marked
-    the versions and deleted their files but before it records the decisions."""
+def location_of(registry: ModelRegistry) -> str:
     if isinstance(registry, DirectoryRegistry):
-        from feedloop.core.registry import directory
-
-        def delete_one_then_die(path: Path) -> None:
-            next(iter(directory._weight_files(path))).unlink()
-            raise SimulatedCrash
-
-        monkeypatch.setattr(directory, "_delete_weights", delete_one_then_die)
-    else:
-        from feedloop.core.registry import postgres
-
-        insert = postgres._insert_decision
-
-        def die_at_the_decisions(conn: Any, decision: Any) -> None:
-            if decision.action == PRUNED:
-                raise SimulatedCrash
-            insert(conn, decision)
-
-        monkeypatch.setattr(postgres, "_insert_decision", die_at_the_decisions)
+        return str(registry.root)
+    return str(registry.url)  # type: ignore[attr-defined]
 
 
 def test_a_prune_killed_midway_leaves_a_registry_that_opens_lists_and_serves(
-    opener: Callable[[], ModelRegistry],
-    tiny_checkpoint: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    opener: Callable[[], ModelRegistry], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     registry = opener()
     v = lineage(registry, tiny_checkpoint, tmp_path, 5)
-    policy = RetentionPolicy(keep_last=1, keep_best=0, keep_rollback=0)
-    crash_midway(monkeypatch, registry)
-    with pytest.raises(SimulatedCrash):
-        registry.prune(policy)
-    monkeypatch.undo()
+    pruner = subprocess.Popen(
+        [sys.executable, "-c", PRUNE_UNTIL_KILLED, location_of(registry), str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert pruner.stdout is not None and pruner.stdout.readline().strip() == "mid-prune"
+    finally:
+        os.kill(pruner.pid, signal.SIGKILL)
+        pruner.wait()
 
-    reopened = opener()  # a fresh process on the same registry
+    reopened = opener()  # a fresh process would open it so
     listed, pruned = reopened.versions(), reopened.pruned_versions()
     assert sorted(listed + pruned) == v and v[0] in listed and v[4] in listed
     if isinstance(reopened, DirectoryRegistry):
-        assert pruned == [v[1]]  # marked before the crash: pruned, its leftovers deleted on open
+        assert pruned == [v[1]]  # marked before the kill: pruned, its leftovers deleted on open
         assert sorted(p.name for p in (reopened.root / "versions" / v[1]).iterdir()) == [
             "PRUNED",
             "manifest.json",
@@ -291,7 +308,7 @@ def test_a_prune_killed_midway_leaves_a_registry_that_opens_lists_and_serves(
     assert reopened.live() == v[4]
     assert [d.version for d in reopened.history() if d.action == "published"] == v[::-1]
 
-    reopened.prune(policy)  # the next prune finishes the job
+    reopened.prune(RetentionPolicy(keep_last=1, keep_best=0, keep_rollback=0))  # finishes the job
     assert reopened.versions() == [v[0], v[4]]
     assert reopened.pruned_versions() == v[1:4]
 

@@ -16,6 +16,7 @@ from feedloop.core.config import add_config_flags, config_from_args, default_dat
 from feedloop.core.errors import ConfigError, FeedloopError
 from feedloop.core.registry.factory import open_registry
 from feedloop.core.registry.retention import PrunePlan, RetentionPolicy
+from feedloop.core.tool_cli import ToolParser, UsageError, parse_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 _DEFAULTS = RetentionPolicy()
@@ -77,20 +78,9 @@ class RegistryToolConfig:
         )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as exit 2 without leaving our main()."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{self.prog}: {message}")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="feedloop registry", description="Model registry tools.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = ToolParser(prog="feedloop registry", description="Model registry tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ToolParser)
     prune = commands.add_parser(
         "prune",
         help="delete the weights of versions retention does not keep",
@@ -119,12 +109,10 @@ def plan_text(plan: PrunePlan, dry_run: bool, size_bytes: int) -> str:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv[1:])
-        if args.command is None:
-            raise _UsageError(f"{parser.prog}: choose a command\n{parser.format_usage().strip()}")
+        args = parse_command(parser, argv)
         config = config_from_args(RegistryToolConfig, args, section="registry")
         policy = config.policy()
-    except _UsageError as exc:
+    except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except (ConfigError, ValueError) as exc:

@@ -200,22 +200,19 @@ class PostgresRegistry(ModelRegistry):
     # -- versions ------------------------------------------------------------------------------
 
     def versions(self) -> list[str]:
-        return [
-            row[0]
-            for row in self._fetch(
-                "versions",
-                "SELECT version FROM registry_versions WHERE pruned_at IS NULL ORDER BY number",
-            )
-        ]
+        return self._names("versions", pruned=False)
 
     def pruned_versions(self) -> list[str]:
-        return [
-            row[0]
-            for row in self._fetch(
-                "pruned_versions",
-                "SELECT version FROM registry_versions WHERE pruned_at IS NOT NULL ORDER BY number",
-            )
-        ]
+        return self._names("pruned_versions", pruned=True)
+
+    def _names(self, action: str, *, pruned: bool) -> list[str]:
+        rows = self._fetch(
+            action,
+            "SELECT version FROM registry_versions WHERE (pruned_at IS NOT NULL) = %s "
+            "ORDER BY number",
+            (pruned,),
+        )
+        return [row[0] for row in rows]
 
     def manifest(self, version: str) -> Manifest:
         return self._manifest_and_pruned(version)[0]
@@ -227,9 +224,7 @@ class PostgresRegistry(ModelRegistry):
             (version,),
         )
         if not rows:
-            raise UnknownVersionError(
-                f"no version {version!r} in the registry at {redact(self.url)}"
-            )
+            raise self._unknown(version)
         return Manifest.from_dict(rows[0][0]), rows[0][1]
 
     def size_bytes(self) -> int:
@@ -367,14 +362,15 @@ class PostgresRegistry(ModelRegistry):
             _insert_decision(conn, decision)
         return pointer
 
+    def _unknown(self, version: str) -> UnknownVersionError:
+        return UnknownVersionError(f"no version {version!r} in the registry at {redact(self.url)}")
+
     def _require_servable_tx(self, conn: psycopg.Connection, version: str) -> None:
         row = conn.execute(
             "SELECT pruned_at IS NOT NULL FROM registry_versions WHERE version = %s", (version,)
         ).fetchone()
         if row is None:
-            raise UnknownVersionError(
-                f"no version {version!r} in the registry at {redact(self.url)}"
-            )
+            raise self._unknown(version)
         if row[0]:
             raise _pruned_error(version)
 
@@ -437,9 +433,7 @@ class PostgresRegistry(ModelRegistry):
                 "SELECT pinned FROM registry_versions WHERE version = %s", (version,)
             ).fetchone()
             if row is None:
-                raise UnknownVersionError(
-                    f"no version {version!r} in the registry at {redact(self.url)}"
-                )
+                raise self._unknown(version)
             if row[0] == pinned:
                 return False
             conn.execute(

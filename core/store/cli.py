@@ -26,6 +26,7 @@ from feedloop.core.config import add_config_flags, config_from_args, default_dat
 from feedloop.core.errors import ConfigError, StoreError
 from feedloop.core.store.base import ErasureRecord, ReplayStore
 from feedloop.core.store.factory import open_store
+from feedloop.core.tool_cli import ToolParser, UsageError, parse_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -76,20 +77,9 @@ class StoreToolConfig:
         return self.store or str(self.data_dir / "replay.sqlite3")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as exit 2 without leaving our main()."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{self.prog}: {message}")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="feedloop store", description="Replay store tools.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = ToolParser(prog="feedloop store", description="Replay store tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ToolParser)
     export = commands.add_parser(
         "export",
         help="write generations joined with their feedback as JSON Lines",
@@ -205,7 +195,7 @@ def _erasure_text(record: ErasureRecord) -> str:
 
 def run_erase(config: StoreToolConfig, args: argparse.Namespace) -> None:
     if not args.client.strip():
-        raise _UsageError("feedloop store erase: --client must not be empty")
+        raise UsageError("feedloop store erase: --client must not be empty")
     record = erase(config.store_location(), args.client, args.requested_by or getpass.getuser())
     if args.json:
         print(json.dumps({**dataclasses.asdict(record), "found": record.found}))
@@ -229,11 +219,9 @@ def run_erasures(config: StoreToolConfig, args: argparse.Namespace) -> None:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv[1:])
-        if args.command is None:
-            raise _UsageError(f"{parser.prog}: choose a command\n{parser.format_usage().strip()}")
+        args = parse_command(parser, argv)
         config = config_from_args(StoreToolConfig, args, section="store")
-    except _UsageError as exc:
+    except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
@@ -249,7 +237,7 @@ def main(argv: list[str]) -> int:
             run_erasures(config, args)
             return EXIT_OK
         generations, events = export(config.store_location(), args.output)
-    except _UsageError as exc:
+    except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except (StoreError, OSError) as exc:

@@ -15,6 +15,7 @@ lock is held only for the length of one batch insert (group commit keeps those f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -39,10 +40,12 @@ from feedloop.core.store.outcomes import (
     JudgedGeneration,
 )
 from feedloop.core.store.schema import (
+    ERASURES_SELECT,
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
     POSTGRES_MIGRATIONS,
     SHADOW_SCORE_COLUMNS,
+    erasure_insert,
     export_rows,
     sample_seqs,
 )
@@ -258,11 +261,7 @@ class PostgresStore(ReplayStore):
                 client_id, requested_by, now, generations, feedback, shadow_scores
             )
             if record.found:
-                conn.execute(
-                    "INSERT INTO erasures (client_id, requested_by, erased_at, generations, "
-                    "feedback, shadow_scores) VALUES (%s, %s, %s, %s, %s, %s)",
-                    (client_id, requested_by, now, generations, feedback, shadow_scores),
-                )
+                conn.execute(erasure_insert("%s"), dataclasses.astuple(record))
             return record
 
         return self._pool.run("erase_client", work, transaction=True)
@@ -270,8 +269,7 @@ class PostgresStore(ReplayStore):
     def erasures(self) -> list[ErasureRecord]:
         rows = self._fetch(
             "erasures",
-            "SELECT client_id, requested_by, erased_at, generations, feedback, shadow_scores "
-            "FROM erasures ORDER BY seq",
+            ERASURES_SELECT,
         )
         return [ErasureRecord(*row) for row in rows]
 

@@ -196,6 +196,23 @@ GENERATION_COLUMNS: tuple[str, ...] = (
     "served_as",
 )
 SHADOW_SCORE_COLUMNS: tuple[str, ...] = ("version", "generation_id", "logprobs", "created_at")
+ERASURE_COLUMNS: tuple[str, ...] = (
+    "client_id",
+    "requested_by",
+    "erased_at",
+    "generations",
+    "feedback",
+    "shadow_scores",
+)
+ERASURES_SELECT = "SELECT " + ", ".join(ERASURE_COLUMNS) + " FROM erasures ORDER BY seq"
+
+
+def erasure_insert(placeholder: str) -> str:
+    """The INSERT of one erasure record (its fields in ERASURE_COLUMNS order)."""
+    values = ", ".join([placeholder] * len(ERASURE_COLUMNS))
+    return f"INSERT INTO erasures ({', '.join(ERASURE_COLUMNS)}) VALUES ({values})"
+
+
 FEEDBACK_COLUMNS: tuple[str, ...] = (
     "event_id",
     "kind",

@@ -16,6 +16,7 @@ so nothing half-written remains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -40,10 +41,12 @@ from feedloop.core.store.outcomes import (
     JudgedGeneration,
 )
 from feedloop.core.store.schema import (
+    ERASURES_SELECT,
     FEEDBACK_COLUMNS,
     GENERATION_COLUMNS,
     SHADOW_SCORE_COLUMNS,
     SQLITE_MIGRATIONS,
+    erasure_insert,
     export_rows,
     sample_seqs,
 )
@@ -410,11 +413,7 @@ class SQLiteStore(ReplayStore):
                 client_id, requested_by, now, generations, feedback, shadow_scores
             )
             if record.found:
-                conn.execute(
-                    "INSERT INTO erasures (client_id, requested_by, erased_at, generations, "
-                    "feedback, shadow_scores) VALUES (?, ?, ?, ?, ?, ?)",
-                    (client_id, requested_by, now, generations, feedback, shadow_scores),
-                )
+                conn.execute(erasure_insert("?"), dataclasses.astuple(record))
             conn.execute("DELETE FROM temp.erased_generations")
             conn.execute("DELETE FROM temp.erased_feedback")
         return record
@@ -422,8 +421,7 @@ class SQLiteStore(ReplayStore):
     def erasures(self) -> list[ErasureRecord]:
         rows = self._read(
             "erasures",
-            "SELECT client_id, requested_by, erased_at, generations, feedback, shadow_scores "
-            "FROM erasures ORDER BY seq",
+            ERASURES_SELECT,
         )
         return [ErasureRecord(*row) for row in rows]
 

@@ -311,7 +311,8 @@ class ModelAdminServicer:
     """
 
     def ListModels(self, request, context):
-        """Every version in the registry, newest first, with its manifest summary, and the decisions.
+        """Every version in the registry that can serve, newest first, with its manifest summary, and
+        the decisions (those of versions retention has pruned too: a pruned version is not listed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -154,7 +154,9 @@ class ModelAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ModelAdminAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.ListModelsRequest, _feedloop_pb2.ListModelsResponse]
-    """Every version in the registry, newest first, with its manifest summary, and the decisions."""
+    """Every version in the registry that can serve, newest first, with its manifest summary, and
+    the decisions (those of versions retention has pruned too: a pruned version is not listed).
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.GetStatusRequest, _feedloop_pb2.ServerStatus]
     """What this server replica is doing now."""
     SetLive: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.SetLiveRequest, _feedloop_pb2.SetLiveResponse]
@@ -203,7 +205,9 @@ class ModelAdminAsyncStub(ModelAdminStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.ListModelsRequest, _feedloop_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """Every version in the registry, newest first, with its manifest summary, and the decisions."""
+    """Every version in the registry that can serve, newest first, with its manifest summary, and
+    the decisions (those of versions retention has pruned too: a pruned version is not listed).
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.GetStatusRequest, _feedloop_pb2.ServerStatus]  # type: ignore[assignment]
     """What this server replica is doing now."""
     SetLive: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.SetLiveRequest, _feedloop_pb2.SetLiveResponse]  # type: ignore[assignment]
@@ -255,7 +259,9 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _feedloop_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.ListModelsResponse, _abc.Awaitable[_feedloop_pb2.ListModelsResponse]]:
-        """Every version in the registry, newest first, with its manifest summary, and the decisions."""
+        """Every version in the registry that can serve, newest first, with its manifest summary, and
+        the decisions (those of versions retention has pruned too: a pruned version is not listed).
+        """
 
     @_abc_1.abstractmethod
     def GetStatus(
