@@ -13,6 +13,7 @@ from store_support import generation, rating
 from trainer_support import Env, env, fast_config, one_torch_thread, simulation
 
 from feedloop.core.registry import PROMOTED, ROLLED_BACK, SHADOW
+from feedloop.core.registry.retention import RetentionPolicy
 from feedloop.core.store import FeedbackRecord
 from feedloop.core.store.base import ShadowScore
 from feedloop.demo.simusers import IncludeWord
@@ -178,3 +179,21 @@ def test_the_trainer_prunes_the_registry_after_each_publish_and_keeps_its_refere
     assert 'feedloop_trainer_registry_versions{state="pruned"} 2.0' in text
     assert f"feedloop_trainer_registry_bytes {float(env.registry.size_bytes())}" in text
     assert "feedloop_trainer_registry_pruned_versions_total 2.0" in text
+
+
+def test_a_round_after_an_operator_pruned_the_gates_earlier_versions_still_runs(
+    env: Env,
+) -> None:
+    keeping_all = trainer(env, publish_as="live", registry_retention=False)
+    for seed in range(2):
+        simulation(env, PREF, seed=seed).serve_events(40)
+        assert keeping_all.run_round().outcome == "published"
+    assert env.registry.pointer().previous == ("v0001", "v0002")
+    # An operator prunes harder than the trainer would: v0002, an earlier live version the gate
+    # compares candidates with, loses its weights.
+    env.registry.prune(RetentionPolicy(keep_last=1, keep_best=0, keep_rollback=0))
+    assert env.registry.pruned_versions() == ["v0002"]
+    simulation(env, PREF, seed=2).serve_events(40)
+    result = keeping_all.run_round()
+    assert result.outcome in ("published", "refused"), result.reason
+    assert "v0002" not in result.figures.get("ope_recent", {})

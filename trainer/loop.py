@@ -310,7 +310,14 @@ class Trainer:
         phase("update")
         self._check_stop()
 
-        earlier = recent_versions(pointer.previous, live, c.gate_best_of_recent)
+        # Those an operator's `feedloop registry prune` deleted are left out: their weights are
+        # gone (the trainer's own retention always keeps gate_best_of_recent of them).
+        servable = set(self.registry.versions())
+        earlier = [
+            v
+            for v in recent_versions(pointer.previous, live, c.gate_best_of_recent)
+            if v in servable
+        ]
         report = self.gate(reference_version).evaluate(
             candidate,
             live_policy,
