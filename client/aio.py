@@ -31,6 +31,7 @@ from feedloop.client.types import (
     FeedbackResult,
     GenerateResult,
     ModelsResult,
+    PinsResult,
     Ranking,
     Rating,
     RegistryStateResult,
@@ -285,6 +286,13 @@ class AsyncFeedloopClient:
         )
         reply = await self._unary(self._admin.EndTrial, request, timeout_s)
         return RegistryStateResult.from_proto(reply)
+
+    async def set_pinned(
+        self, version: str, pinned: bool = True, *, reason: str = "", timeout_s: float | None = None
+    ) -> PinsResult:
+        """Pin a published version (registry retention keeps its weights), or unpin it."""
+        request = pb.SetPinnedRequest(version=version, pinned=pinned, reason=reason)
+        return PinsResult.from_proto(await self._unary(self._admin.SetPinned, request, timeout_s))
 
     async def set_trainer_paused(
         self, paused: bool, *, reason: str = "", timeout_s: float | None = None

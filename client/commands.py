@@ -1,5 +1,5 @@
-"""The client commands of `feedloop`: generate, feedback, models, status, set-live, rollback,
-canary (trials), trainer (pause, resume) and online-report.
+"""The client commands of `feedloop`: generate, feedback, models (and models pin, unpin),
+status, set-live, rollback, canary (trials), trainer (pause, resume) and online-report.
 
 Each is a thin edge over FeedloopClient: parse flags, make one call, print a table (or JSON with
 --json), and turn a FeedloopClientError into one line on stderr and an exit code a script can
@@ -160,11 +160,12 @@ def run_models(client: FeedloopClient, args: argparse.Namespace) -> Any:
     if args.json:
         return result
     versions = format_table(
-        ("", "version", "parent", "created", "params", "summary"),
+        ("", "version", "pin", "parent", "created", "params", "summary"),
         [
             (
                 "*" if v.live else "",
                 v.version,
+                "pinned" if v.pinned else "",
                 v.parent_version,
                 _when(v.created_at),
                 v.parameter_count,
@@ -182,6 +183,16 @@ def run_models(client: FeedloopClient, args: argparse.Namespace) -> Any:
     )
     state = _pointer_line(result.live_version, result.trial, result.trainer_paused)
     return f"{state}\n\n{versions}\n\ndecisions:\n{decisions}"
+
+
+def run_pin(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    pinned = args.action == "pin"
+    result = client.set_pinned(args.version, pinned, reason=args.reason)
+    if args.json:
+        return result
+    verb = "pinned" if pinned else "unpinned"
+    state = verb if result.changed else f"already {verb}"
+    return f"{args.version}: {state}; pinned: {', '.join(result.pinned_versions) or '(none)'}"
 
 
 def _trial_text(trial: TrialInfo | None) -> str:
@@ -436,8 +447,10 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     elif name == "models":
         p = _parser(
             name,
-            "List model versions (newest first, * = live) and the registry's decisions.",
-            "  feedloop models\n  feedloop models --max-decisions 20 --json\n",
+            "List model versions (newest first, * = live) and the registry's decisions; "
+            "`feedloop models pin VERSION` / `unpin VERSION` keep a version from retention.",
+            "  feedloop models\n  feedloop models --max-decisions 20 --json\n"
+            "  feedloop models pin v0003\n  feedloop models unpin v0003\n",
         )
         p.add_argument(
             "--max-decisions",
@@ -445,6 +458,18 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             default=10,
             help="most recent decisions to show (default: %(default)s)",
         )
+    elif name in ("models pin", "models unpin"):
+        pin = name == "models pin"
+        p = _parser(
+            name,
+            "Pin a published version, so that registry retention never deletes its weights."
+            if pin
+            else "Unpin a version: registry retention may delete its weights again.",
+            f'  feedloop {name} v0003 --reason "the launch version"\n',
+        )
+        p.add_argument("version")
+        p.add_argument("--reason", default="", help="recorded in the registry history")
+        p.set_defaults(action="pin" if pin else "unpin")
     elif name == "status":
         p = _parser(
             name,
@@ -561,6 +586,8 @@ RUNNERS: dict[str, Callable[[FeedloopClient, argparse.Namespace], Any]] = {
     "generate": run_generate,
     "feedback": run_feedback,
     "models": run_models,
+    "models pin": run_pin,
+    "models unpin": run_pin,
     "status": run_status,
     "set-live": run_set_live,
     "rollback": run_rollback,
@@ -587,6 +614,8 @@ def client_from_args(args: argparse.Namespace) -> FeedloopClient:
 def main(argv: list[str]) -> int:
     """Run one client command; argv[0] is its name (generate, feedback, models, ...)."""
     name, rest = argv[0], argv[1:]
+    if name == "models" and rest[:1] in (["pin"], ["unpin"]):
+        name, rest = f"models {rest[0]}", rest[1:]
     prog = f"feedloop {name}"
     if name not in RUNNERS:
         print(f"feedloop: {name!r} is not a client command", file=sys.stderr)

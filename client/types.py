@@ -155,6 +155,18 @@ class RegistryStateResult:
 
 
 @dataclass(frozen=True)
+class PinsResult:
+    """The pins after a pin or unpin call; changed is False when nothing needed to change."""
+
+    changed: bool
+    pinned_versions: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, reply: pb.SetPinnedResponse) -> PinsResult:
+        return cls(reply.changed, tuple(reply.pinned_versions))
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     version: str
     parent_version: str
@@ -163,13 +175,16 @@ class ModelInfo:
     parameter_count: int
     summary: dict[str, Any]
     live: bool
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
 class DecisionInfo:
     at: datetime | None
     version: str
-    action: str  # published, promoted, refused, rolled_back, canary, shadow, paused, resumed
+    # published, promoted, refused, rolled_back, canary, shadow, paused, resumed, pinned,
+    # unpinned, pruned
+    action: str
     reason: str
     details: dict[str, Any]
 
@@ -197,6 +212,7 @@ class ModelsResult:
                     parameter_count=v.parameter_count,
                     summary=_json(v.summary_json),
                     live=v.live,
+                    pinned=v.pinned,
                 )
                 for v in reply.versions
             ),

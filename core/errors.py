@@ -25,6 +25,11 @@ class UnknownVersionError(RegistryError):
     """The registry has no version of that name."""
 
 
+class PrunedVersionError(RegistryError):
+    """The version was published but retention has since deleted its weights: it can no longer
+    be served, tried or pinned (its manifest and decisions stay in the registry)."""
+
+
 class LiveChanged(RegistryError):
     """A compare-and-set found another version than the caller expected (live, or on trial): the
     pointer moved since the caller read it, and nothing was changed."""

@@ -1,6 +1,6 @@
 """The ModelAdmin service: the registry's versions and decisions, this replica's status, SetLive,
-Rollback, trials, the trainer's pause and the online report by version. Registry and store calls
-block (disk, PostgreSQL), so they run in worker threads.
+Rollback, trials, the trainer's pause, pins and the online report by version. Registry and store
+calls block (disk, PostgreSQL), so they run in worker threads.
 
 The online report gives figures, not the decision policy's verdict: the policy's margin, minimum
 counts and time limit are the trainer's configuration, which the server does not read (server
@@ -87,6 +87,7 @@ def list_models(registry: ModelRegistry, max_decisions: int) -> pb.ListModelsRes
     """Blocking: read versions, manifests and history from the registry."""
     pointer = registry.pointer()
     live = pointer.live
+    pins = set(registry.pins())
     versions = []
     for version in reversed(registry.versions()):
         manifest = registry.manifest(version)
@@ -99,6 +100,7 @@ def list_models(registry: ModelRegistry, max_decisions: int) -> pb.ListModelsRes
                 parameter_count=manifest.parameter_count,
                 summary_json=json.dumps(manifest.training_summary, sort_keys=True),
                 live=version == live,
+                pinned=version in pins,
             )
         )
     decisions = [decision_pb(d) for d in registry.history(max_decisions)]
@@ -179,7 +181,8 @@ def get_online_report(
     with feedback in the window, and live and the trial's version with or without.
     """
     pointer = registry.pointer()
-    published = registry.versions()
+    # A pruned version's feedback stays in the store: its online figures can still be reported.
+    published = sorted(registry.versions() + registry.pruned_versions(), key=lambda v: (len(v), v))
     unknown = [v for v in versions if v not in published]
     if unknown:
         raise NotFound(f"versions: not in the registry: {', '.join(map(repr, unknown))}")
@@ -347,6 +350,20 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
             reason=request.reason or f"trainer {verb} via ModelAdmin",
         )
         return registry_state_pb(pointer)
+
+    @unary("SetPinned")
+    async def SetPinned(
+        self, request: pb.SetPinnedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetPinnedResponse:
+        if not request.version:
+            raise InvalidArgument("version", "required")
+        verb = "pinned" if request.pinned else "unpinned"
+        change = self.registry.pin if request.pinned else self.registry.unpin
+        changed = await asyncio.to_thread(
+            change, request.version, reason=request.reason or f"{verb} via ModelAdmin"
+        )
+        pins = await asyncio.to_thread(self.registry.pins)
+        return pb.SetPinnedResponse(changed=changed, pinned_versions=pins)
 
     @unary("GetOnlineReport")
     async def GetOnlineReport(

@@ -50,6 +50,7 @@ METHODS: dict[str, tuple[str, bool]] = {
     _PACKAGE + "ModelAdmin/StartTrial": ("admin", False),
     _PACKAGE + "ModelAdmin/EndTrial": ("admin", False),
     _PACKAGE + "ModelAdmin/SetTrainerPaused": ("admin", False),
+    _PACKAGE + "ModelAdmin/SetPinned": ("admin", False),
     _PACKAGE + "ModelAdmin/GetOnlineReport": ("admin", False),
 }
 

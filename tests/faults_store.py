@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreUnavailableError
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore, ShadowScore
+from feedloop.core.store.base import (
+    ErasureRecord,
+    FeedbackRecord,
+    GenerationRecord,
+    ReplayStore,
+    ShadowScore,
+)
 from feedloop.core.store.outcomes import JudgedGeneration
 from feedloop.core.store.sqlite import SQLiteStore
 
@@ -162,6 +168,13 @@ class SlowStore(ReplayStore):
 
     def set_cursor(self, name: str, value: dict[str, Any]) -> None:
         self.inner.set_cursor(name, value)
+
+    def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
+        self._slow()
+        return self.inner.erase_client(client_id, requested_by=requested_by, now=now)
+
+    def erasures(self) -> list[ErasureRecord]:
+        return self.inner.erasures()
 
     def iter_export(self) -> Iterator[dict[str, Any]]:
         return self.inner.iter_export()

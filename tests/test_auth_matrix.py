@@ -140,6 +140,13 @@ CALLS: dict[str, tuple[str, Call]] = {
             pb.RollbackRequest(reason="auth matrix"), metadata=md, timeout=CALL_TIMEOUT_S
         ),
     ),
+    "SetPinned": (
+        "admin",
+        # v0001 is not pinned: a successful unpin changes nothing.
+        lambda ch, gid, md: pb_grpc.ModelAdminStub(ch).SetPinned(
+            pb.SetPinnedRequest(version="v0001", pinned=False), metadata=md, timeout=CALL_TIMEOUT_S
+        ),
+    ),
     "GetOnlineReport": (
         "admin",
         lambda ch, gid, md: pb_grpc.ModelAdminStub(ch).GetOnlineReport(

@@ -13,6 +13,7 @@ from store_support import generation, rating
 from trainer_support import Env, env, fast_config, one_torch_thread, simulation
 
 from feedloop.core.registry import PROMOTED, ROLLED_BACK, SHADOW
+from feedloop.core.registry.retention import RetentionPolicy
 from feedloop.core.store import FeedbackRecord
 from feedloop.core.store.base import ShadowScore
 from feedloop.demo.simusers import IncludeWord
@@ -148,3 +149,51 @@ def test_a_shadow_is_promoted_on_its_scores_of_lives_rated_generations(
     assert verdict is not None and verdict.action == PROMOTE, verdict
     assert env.registry.live() == version and env.registry.pointer().trial is None
     assert env.registry.history()[0].details["shadow"]["effective_n"] == pytest.approx(300)
+
+
+def test_the_trainer_prunes_the_registry_after_each_publish_and_keeps_its_reference(
+    env: Env,
+) -> None:
+    retaining = trainer(
+        env,
+        publish_as="live",
+        gate_best_of_recent=0,
+        registry_keep_last=1,
+        registry_keep_best=0,
+        registry_keep_rollback=0,
+    )
+    results = []
+    for seed in range(8):
+        simulation(env, PREF, seed=seed).serve_events(40)
+        results.append(retaining.run_round())
+        if sum(r.outcome == "published" for r in results) == 3:
+            break
+    published = [r for r in results if r.outcome == "published"]
+    assert len(published) == 3, [r.reason for r in results]
+    live = env.registry.live()
+    assert env.registry.versions() == ["v0001", live]  # the pretrained reference, and live
+    assert len(env.registry.pruned_versions()) == 2
+    # The third round's live version has a pruned parent: its lineage still leads to v0001.
+    assert published[-1].figures["reference_version"] == "v0001"
+    text = generate_latest(retaining.metrics.registry).decode()
+    assert 'feedloop_trainer_registry_versions{state="pruned"} 2.0' in text
+    assert f"feedloop_trainer_registry_bytes {float(env.registry.size_bytes())}" in text
+    assert "feedloop_trainer_registry_pruned_versions_total 2.0" in text
+
+
+def test_a_round_after_an_operator_pruned_the_gates_earlier_versions_still_runs(
+    env: Env,
+) -> None:
+    keeping_all = trainer(env, publish_as="live", registry_retention=False)
+    for seed in range(2):
+        simulation(env, PREF, seed=seed).serve_events(40)
+        assert keeping_all.run_round().outcome == "published"
+    assert env.registry.pointer().previous == ("v0001", "v0002")
+    # An operator prunes harder than the trainer would: v0002, an earlier live version the gate
+    # compares candidates with, loses its weights.
+    env.registry.prune(RetentionPolicy(keep_last=1, keep_best=0, keep_rollback=0))
+    assert env.registry.pruned_versions() == ["v0002"]
+    simulation(env, PREF, seed=2).serve_events(40)
+    result = keeping_all.run_round()
+    assert result.outcome in ("published", "refused"), result.reason
+    assert "v0002" not in result.figures.get("ope_recent", {})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from feedloop.core.config import default_data_dir
+from feedloop.core.registry.retention import RetentionPolicy
 
 Algorithm = Literal["actor-critic", "reinforce"]
 Aggregation = Literal["mean", "earliest", "latest", "sum"]
@@ -348,6 +349,28 @@ class TrainConfig:
         default=30.0,
         metadata=_help("how often the trainer judges the trial and the watched live version"),
     )
+    # -- registry retention ------------------------------------------------------------------
+    registry_retention: bool = field(
+        default=True,
+        metadata=_help(
+            "after each publish, delete the weights of registry versions nothing needs: live, "
+            "the trial, pinned, rollback, reference, the newest and the best ones stay"
+        ),
+    )
+    registry_keep_last: int = field(
+        default=5, metadata=_help("newest published versions whose weights retention keeps")
+    )
+    registry_keep_best: int = field(
+        default=3,
+        metadata=_help("versions with the best off-policy value recorded by the gate, kept too"),
+    )
+    registry_keep_rollback: int = field(
+        default=3,
+        metadata=_help(
+            "earlier live versions (the rollback stack, newest first) kept; never fewer than "
+            "gate_best_of_recent, whose weights the gate loads"
+        ),
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -382,6 +405,19 @@ class TrainConfig:
             raise ValueError(f"decision_alpha must be in (0, 1), got {self.decision_alpha}")
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
+        self.retention_policy  # noqa: B018 - raises ValueError naming a bad registry_keep_* knob
+
+    @property
+    def retention_policy(self) -> RetentionPolicy:
+        """The registry retention the trainer applies after each publish."""
+        try:
+            return RetentionPolicy(
+                keep_last=self.registry_keep_last,
+                keep_best=self.registry_keep_best,
+                keep_rollback=max(self.registry_keep_rollback, self.gate_best_of_recent),
+            )
+        except ValueError as exc:
+            raise ValueError(f"registry_{exc}") from None
 
     @property
     def store_location(self) -> str:

@@ -45,7 +45,7 @@ import torch
 from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
 from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
-from feedloop.core.errors import LiveChanged
+from feedloop.core.errors import FeedloopError, LiveChanged
 from feedloop.core.online_eval import shadow_estimate
 from feedloop.core.policy import Policy
 from feedloop.core.registry import (
@@ -175,15 +175,7 @@ class Trainer:
         """The configured reference, or the root of the live version's lineage."""
         if self.config.reference_version:
             return self.config.reference_version
-        known = set(self.registry.versions())
-        version, seen = live, set()
-        while version not in seen:
-            seen.add(version)
-            parent = self.registry.manifest(version).parent_version
-            if not parent or parent not in known:
-                return version
-            version = parent
-        return version
+        return self.registry.lineage_root(live)
 
     def gate(self, reference_version: str) -> Gate:
         if self._gate is None or self._gate_reference != reference_version:
@@ -324,7 +316,14 @@ class Trainer:
         phase("update")
         self._check_stop()
 
-        earlier = recent_versions(pointer.previous, live, c.gate_best_of_recent)
+        # Those an operator's `feedloop registry prune` deleted are left out: their weights are
+        # gone (the trainer's own retention always keeps gate_best_of_recent of them).
+        servable = set(self.registry.versions())
+        earlier = [
+            v
+            for v in recent_versions(pointer.previous, live, c.gate_best_of_recent)
+            if v in servable
+        ]
         report = self.gate(reference_version).evaluate(
             candidate,
             live_policy,
@@ -362,6 +361,8 @@ class Trainer:
             )
         self._save_cursor(window, cursor, kl)
         phase("publish")
+        self.prune_registry(reference_version)
+        phase("prune")
         return RoundResult("published", f"{deployed}; {report.summary}", version, figures)
 
     def _publish(
@@ -407,6 +408,27 @@ class Trainer:
             details=json_safe(figures),
         )
         return f"{version} on trial as {c.publish_as} (share {c.canary_share})"
+
+    def prune_registry(self, reference_version: str | None = None) -> None:
+        """Apply the configured retention to the registry and export its size. A failed prune is
+        logged, not raised: the round's publish is already durable, and the next one retries."""
+        try:
+            if self.config.registry_retention:
+                plan = self.registry.prune(
+                    self.config.retention_policy,
+                    reference=reference_version or self.config.reference_version,
+                    reason="retention after a publish",
+                )
+                self.metrics.registry_pruned.inc(len(plan.prune))
+                if plan.prune:
+                    self.log(f"registry retention pruned {', '.join(plan.prune)}")
+            self.metrics.observe_registry(
+                self.registry.size_bytes(),
+                len(self.registry.versions()),
+                len(self.registry.pruned_versions()),
+            )
+        except FeedloopError as exc:
+            self.log(f"registry retention failed: {type(exc).__name__}: {exc}")
 
     def _save_cursor(self, window: Window, cursor: Cursor, kl: AdaptiveKLController) -> None:
         self.store.set_cursor(
@@ -538,6 +560,7 @@ class Trainer:
     def run(self, *, once: bool = False) -> int:
         """Rounds until stopped (or one with once=True); returns the process exit code."""
         torch.set_num_threads(self.config.torch_threads)
+        self.prune_registry()  # a restarted trainer applies retention (and exports sizes) at once
         while not self.stop.is_set():
             seen_feedback_seq = self.store.max_seq()[1]
             self._decide_logging_failures()

@@ -139,6 +139,28 @@ class TrainerMetrics:
             registry=r,
         )
 
+        self.registry_bytes = Gauge(
+            PREFIX + "registry_bytes",
+            "Bytes of checkpoint files in the model registry (after the last retention pass)",
+            registry=r,
+        )
+        self.registry_versions = Gauge(
+            PREFIX + "registry_versions",
+            "Published versions in the model registry: servable, or pruned (weights deleted)",
+            ["state"],
+            registry=r,
+        )
+        self.registry_pruned = Counter(
+            PREFIX + "registry_pruned_versions_total",
+            "Versions whose weights this trainer's registry retention deleted",
+            registry=r,
+        )
+
+    def observe_registry(self, size_bytes: int, servable: int, pruned: int) -> None:
+        self.registry_bytes.set(size_bytes)
+        self.registry_versions.labels("servable").set(servable)
+        self.registry_versions.labels("pruned").set(pruned)
+
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve /metrics over HTTP in a daemon thread; returns the bound address."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)

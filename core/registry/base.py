@@ -18,6 +18,7 @@ from feedloop.core.checkpoint import Manifest
 from feedloop.core.registry.pointer import (
     CANARY,
     PROMOTED,
+    PRUNED,
     Decision,
     LivePointer,
     Transition,
@@ -27,6 +28,16 @@ from feedloop.core.registry.pointer import (
     to_trial,
     to_trial_end,
 )
+from feedloop.core.registry.retention import (
+    PrunePlan,
+    RegistrySnapshot,
+    RetentionPolicy,
+    lineage_root,
+    plan_prune,
+)
+
+# Plans a prune from the registry's state read under its writers' lock.
+Planner = Callable[[RegistrySnapshot], PrunePlan]
 
 
 def version_name(number: int) -> str:
@@ -52,14 +63,78 @@ class ModelRegistry(ABC):
 
     @abstractmethod
     def versions(self) -> list[str]:
-        """Published versions, oldest first."""
+        """Published versions that can be served (not pruned), oldest first."""
 
     @abstractmethod
-    def manifest(self, version: str) -> Manifest: ...
+    def pruned_versions(self) -> list[str]:
+        """Published versions whose weights retention deleted, oldest first."""
+
+    @abstractmethod
+    def manifest(self, version: str) -> Manifest:
+        """A published version's manifest (a pruned version's too: manifests stay)."""
 
     @abstractmethod
     def checkpoint_dir(self, version: str) -> Path:
-        """A local directory holding the version's checkpoint files (not yet verified)."""
+        """A local directory holding the version's checkpoint files (not yet verified).
+        UnknownVersionError for an unpublished version, PrunedVersionError for a pruned one."""
+
+    @abstractmethod
+    def size_bytes(self) -> int:
+        """Bytes of checkpoint files the registry holds."""
+
+    def lineage_root(self, version: str) -> str:
+        """The oldest published ancestor of version (through pruned versions too)."""
+        parents = {
+            v: self.manifest(v).parent_version for v in self.versions() + self.pruned_versions()
+        }
+        return lineage_root(version, parents)
+
+    # -- pins and retention --------------------------------------------------------------------
+
+    @abstractmethod
+    def pins(self) -> list[str]:
+        """Pinned versions, oldest first: retention never prunes them."""
+
+    @abstractmethod
+    def _set_pinned(self, version: str, pinned: bool, reason: str) -> bool:
+        """Under the writers' lock: pin or unpin a published version and record the decision;
+        False (nothing recorded) when it already was. UnknownVersionError for an unpublished
+        version; PrunedVersionError when pinning a pruned one."""
+
+    def pin(self, version: str, *, reason: str = "") -> bool:
+        """Keep version's weights whatever retention says; False if it already was pinned."""
+        return self._set_pinned(version, True, reason)
+
+    def unpin(self, version: str, *, reason: str = "") -> bool:
+        """Let retention prune version again; False if it was not pinned."""
+        return self._set_pinned(version, False, reason)
+
+    @abstractmethod
+    def _prune(self, planner: Planner, *, dry_run: bool, reason: str) -> PrunePlan:
+        """Under the writers' lock: plan from the current state and, unless dry_run, delete the
+        planned versions' weights crash-safely, recording a PRUNED decision for each."""
+
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        *,
+        reference: str | None = None,
+        dry_run: bool = False,
+        reason: str = "retention",
+    ) -> PrunePlan:
+        """Delete the weights of every version the policy does not keep (see
+        feedloop.core.registry.retention); reference: a version the caller's KL leash uses,
+        kept too. The plan is made under the writers' lock, so a version made live or put on
+        trial meanwhile is never pruned. Returns the plan (what was, or would be, pruned)."""
+        return self._prune(
+            lambda snapshot: plan_prune(snapshot, policy, reference),
+            dry_run=dry_run,
+            reason=reason,
+        )
+
+    @staticmethod
+    def _pruned_decision(version: str, reason: str, freed_bytes: int) -> Decision:
+        return Decision(version, PRUNED, reason, {"freed_bytes": freed_bytes})
 
     @abstractmethod
     def pointer(self) -> LivePointer: ...
@@ -71,8 +146,10 @@ class ModelRegistry(ABC):
     def _change(self, transition: Transition, *, published: str | None = None) -> LivePointer:
         """Apply a transition to the current pointer in one crash-safe step under the writers'
         lock: check that `published` (when given) is a published version (UnknownVersionError),
-        write the new pointer if it differs, append the decisions, and return the new pointer.
-        A transition that raises changes nothing."""
+        that the new pointer's live and trial versions still have their weights
+        (PrunedVersionError: a rollback to a pruned version), write the new pointer if it
+        differs, append the decisions, and return the new pointer. A transition that raises
+        changes nothing."""
 
     def set_live(
         self,

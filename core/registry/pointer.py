@@ -20,8 +20,22 @@ PUBLISHED, PROMOTED, REFUSED, ROLLED_BACK = "published", "promoted", "refused", 
 # A trial's two modes are also the actions that record its start.
 CANARY, SHADOW = "canary", "shadow"
 PAUSED, RESUMED = "paused", "resumed"
+# An operator's pins, and retention deleting a version's weights.
+PINNED, UNPINNED, PRUNED = "pinned", "unpinned", "pruned"
 TRIAL_MODES = (CANARY, SHADOW)
-ACTIONS = (PUBLISHED, PROMOTED, REFUSED, ROLLED_BACK, CANARY, SHADOW, PAUSED, RESUMED)
+ACTIONS = (
+    PUBLISHED,
+    PROMOTED,
+    REFUSED,
+    ROLLED_BACK,
+    CANARY,
+    SHADOW,
+    PAUSED,
+    RESUMED,
+    PINNED,
+    UNPINNED,
+    PRUNED,
+)
 # How many earlier live versions a rollback can go back to.
 ROLLBACK_DEPTH = 20
 

@@ -1,7 +1,8 @@
 """The shared model registry: PostgreSQL tables, so replicas on several machines see one truth.
 
 Tables (in the URL's `?schema=`, beside the replay store's, all prefixed `registry_`):
-    registry_versions   number, version name, manifest (JSON)
+    registry_versions   number, version name, manifest (JSON), pinned, pruned_at (set when
+                        retention deleted the version's files; the row and manifest stay)
     registry_files      each checkpoint file's bytes (bytea) and sha256, per version
     registry_live       one row: the live version, the rollback stack, the trial, the pause
     registry_history    every decision (published, promoted, refused, rolled_back, ...), in order
@@ -12,6 +13,10 @@ pointer never names a version whose files are not all there. Each pointer change
 NOTIFY on a channel named after the schema, delivered at commit; `wait_for_change` LISTENs on
 it and still re-reads the pointer every poll_interval_s, so a lost notification (a dropped
 listener connection) delays a swap by at most that long instead of forever.
+
+A prune is one transaction too: it marks the versions pruned, deletes their files and records
+the decisions, or (killed midway) does none of it. Deleted rows' space is reused by later
+publishes once autovacuum has passed; it goes back to the operating system only with VACUUM FULL.
 
 `checkpoint_dir(version)` materialises a version's files into a local cache folder, verified
 against the manifest's sha256, because the loader reads checkpoints from disk.
@@ -41,20 +46,30 @@ from feedloop.core.checkpoint import (
     write_manifest,
 )
 from feedloop.core.config import default_data_dir
-from feedloop.core.errors import CheckpointError, FeedloopError, RegistryError, UnknownVersionError
+from feedloop.core.errors import (
+    CheckpointError,
+    FeedloopError,
+    PrunedVersionError,
+    RegistryError,
+    UnknownVersionError,
+)
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, redact
-from feedloop.core.registry.base import ModelRegistry, version_name
+from feedloop.core.registry.base import ModelRegistry, Planner, version_name
 from feedloop.core.registry.pointer import (
     ACTIONS,
+    PINNED,
     PROMOTED,
     PUBLISHED,
+    UNPINNED,
     Decision,
     LivePointer,
     Transition,
     Trial,
+    now_iso,
     to_live,
 )
+from feedloop.core.registry.retention import PrunePlan, RegistrySnapshot, VersionFacts
 
 # Serialises the registry's writers (every change takes it first).
 _WRITERS_LOCK = "registry"
@@ -92,6 +107,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE registry_live ADD COLUMN trial JSONB",
         "ALTER TABLE registry_live ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE",
     ),
+    (
+        # Retention: an operator's pins, and when a version's files were deleted.
+        "ALTER TABLE registry_versions ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE",
+        "ALTER TABLE registry_versions ADD COLUMN pruned_at TEXT",
+    ),
 )
 
 
@@ -104,6 +124,13 @@ def checkpoint_cache_dir(data_dir: Path, url: str) -> Path:
 
 def _registry_error(message: str, exc: BaseException) -> FeedloopError:
     return RegistryError(message)
+
+
+def _pruned_error(version: str) -> PrunedVersionError:
+    return PrunedVersionError(
+        f"{version} was pruned by the registry's retention: its weights are deleted, so it "
+        "cannot be served, tried or pinned; choose a version `feedloop models` lists"
+    )
 
 
 def _insert_decision(conn: psycopg.Connection, decision: Decision) -> None:
@@ -173,22 +200,38 @@ class PostgresRegistry(ModelRegistry):
     # -- versions ------------------------------------------------------------------------------
 
     def versions(self) -> list[str]:
-        return [
-            row[0]
-            for row in self._fetch(
-                "versions", "SELECT version FROM registry_versions ORDER BY number"
-            )
-        ]
+        return self._names("versions", pruned=False)
+
+    def pruned_versions(self) -> list[str]:
+        return self._names("pruned_versions", pruned=True)
+
+    def _names(self, action: str, *, pruned: bool) -> list[str]:
+        rows = self._fetch(
+            action,
+            "SELECT version FROM registry_versions WHERE (pruned_at IS NOT NULL) = %s "
+            "ORDER BY number",
+            (pruned,),
+        )
+        return [row[0] for row in rows]
 
     def manifest(self, version: str) -> Manifest:
+        return self._manifest_and_pruned(version)[0]
+
+    def _manifest_and_pruned(self, version: str) -> tuple[Manifest, bool]:
         rows = self._fetch(
-            "manifest", "SELECT manifest FROM registry_versions WHERE version = %s", (version,)
+            "manifest",
+            "SELECT manifest, pruned_at IS NOT NULL FROM registry_versions WHERE version = %s",
+            (version,),
         )
         if not rows:
-            raise UnknownVersionError(
-                f"no version {version!r} in the registry at {redact(self.url)}"
-            )
-        return Manifest.from_dict(rows[0][0])
+            raise self._unknown(version)
+        return Manifest.from_dict(rows[0][0]), rows[0][1]
+
+    def size_bytes(self) -> int:
+        rows = self._fetch(
+            "size_bytes", "SELECT COALESCE(SUM(octet_length(data)), 0) FROM registry_files"
+        )
+        return int(rows[0][0])
 
     def publish(
         self,
@@ -233,7 +276,10 @@ class PostgresRegistry(ModelRegistry):
         return self._pool.run("publish", work, transaction=True)
 
     def checkpoint_dir(self, version: str) -> Path:
-        manifest = self.manifest(version)  # raises UnknownVersionError
+        manifest, pruned = self._manifest_and_pruned(version)  # raises UnknownVersionError
+        if pruned:
+            shutil.rmtree(self.cache_dir / version, ignore_errors=True)
+            raise _pruned_error(version)
         target = self.cache_dir / version
         if target.is_dir():
             try:
@@ -304,18 +350,29 @@ class PostgresRegistry(ModelRegistry):
         self, conn: psycopg.Connection, transition: Transition, published: str | None
     ) -> LivePointer:
         if published is not None:
-            known = conn.execute("SELECT 1 FROM registry_versions WHERE version = %s", (published,))
-            if known.fetchone() is None:
-                raise UnknownVersionError(
-                    f"no version {published!r} in the registry at {redact(self.url)}"
-                )
+            self._require_servable_tx(conn, published)
         current = self._pointer_tx(conn)
         pointer, decisions = transition(current)
+        for serving in (pointer.live, pointer.trial.version if pointer.trial else None):
+            if serving is not None:
+                self._require_servable_tx(conn, serving)  # a rollback to a pruned version
         if pointer != current:
             self._write_pointer_tx(conn, pointer)
         for decision in decisions:
             _insert_decision(conn, decision)
         return pointer
+
+    def _unknown(self, version: str) -> UnknownVersionError:
+        return UnknownVersionError(f"no version {version!r} in the registry at {redact(self.url)}")
+
+    def _require_servable_tx(self, conn: psycopg.Connection, version: str) -> None:
+        row = conn.execute(
+            "SELECT pruned_at IS NOT NULL FROM registry_versions WHERE version = %s", (version,)
+        ).fetchone()
+        if row is None:
+            raise self._unknown(version)
+        if row[0]:
+            raise _pruned_error(version)
 
     def _change(self, transition: Transition, *, published: str | None = None) -> LivePointer:
         def work(conn: psycopg.Connection) -> LivePointer:
@@ -356,6 +413,79 @@ class PostgresRegistry(ModelRegistry):
         except psycopg.Error:
             listener.close()
             self._listener = None
+
+    # -- pins and retention --------------------------------------------------------------------
+
+    def pins(self) -> list[str]:
+        return [
+            row[0]
+            for row in self._fetch(
+                "pins", "SELECT version FROM registry_versions WHERE pinned ORDER BY number"
+            )
+        ]
+
+    def _set_pinned(self, version: str, pinned: bool, reason: str) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            advisory_xact_lock(conn, _WRITERS_LOCK)
+            if pinned:
+                self._require_servable_tx(conn, version)
+            row = conn.execute(
+                "SELECT pinned FROM registry_versions WHERE version = %s", (version,)
+            ).fetchone()
+            if row is None:
+                raise self._unknown(version)
+            if row[0] == pinned:
+                return False
+            conn.execute(
+                "UPDATE registry_versions SET pinned = %s WHERE version = %s", (pinned, version)
+            )
+            _insert_decision(conn, Decision(version, PINNED if pinned else UNPINNED, reason))
+            return True
+
+        return self._pool.run("pin", work, transaction=True)
+
+    def _snapshot_tx(self, conn: psycopg.Connection) -> RegistrySnapshot:
+        rows = conn.execute(
+            "SELECT version, manifest->>'parent_version', "
+            "CASE WHEN pruned_at IS NULL THEN manifest->'training_summary' END, "
+            "pruned_at IS NOT NULL, pinned FROM registry_versions ORDER BY number"
+        ).fetchall()
+        facts = {
+            v: VersionFacts(parent, summary or {}, pruned) for v, parent, summary, pruned, _ in rows
+        }
+        pins = frozenset(v for v, *_, pinned in rows if pinned)
+        return RegistrySnapshot(facts, self._pointer_tx(conn), pins)
+
+    def _prune(self, planner: Planner, *, dry_run: bool, reason: str) -> PrunePlan:
+        def work(conn: psycopg.Connection) -> PrunePlan:
+            advisory_xact_lock(conn, _WRITERS_LOCK)
+            plan = planner(self._snapshot_tx(conn))
+            if dry_run or not plan.prune:
+                return plan
+            pruned = list(plan.prune)
+            freed: dict[str, int] = dict(
+                conn.execute(
+                    "SELECT version, SUM(octet_length(data)) FROM registry_files "
+                    "WHERE version = ANY(%s) GROUP BY version",
+                    (pruned,),
+                ).fetchall()
+            )
+            conn.execute(
+                "UPDATE registry_versions SET pruned_at = %s WHERE version = ANY(%s)",
+                (now_iso(), pruned),
+            )
+            conn.execute("DELETE FROM registry_files WHERE version = ANY(%s)", (pruned,))
+            for version in pruned:
+                _insert_decision(
+                    conn, self._pruned_decision(version, reason, int(freed.get(version, 0)))
+                )
+            return plan
+
+        plan = self._pool.run("prune", work, transaction=True)
+        if not dry_run:
+            for version in plan.prune:  # this machine's cached copies (others drop theirs on use)
+                shutil.rmtree(self.cache_dir / version, ignore_errors=True)
+        return plan
 
     # -- history -------------------------------------------------------------------------------
 

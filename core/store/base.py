@@ -10,6 +10,7 @@ Promises every backend keeps (one test suite runs on both):
   repeated event_id is reported as a duplicate and stored once.
 - `append_generations` writes a batch in one transaction (the server's group commit).
 - Every row gets a store-assigned, strictly increasing `seq`: the trainer's cursors use it.
+- A client's data can be erased (`erase_client`); the erasure is recorded without the content.
 - Write failures raise StoreUnavailableError (StoreFullError when the disk is full), so the
   server can answer UNAVAILABLE/RESOURCE_EXHAUSTED; nothing half-written remains.
 """
@@ -161,6 +162,23 @@ class FeedbackRecord:
 
 
 @dataclass(frozen=True)
+class ErasureRecord:
+    """What `erase_client` deleted, as recorded in the store: who asked, when, how many rows;
+    never the content. Counts of zero: nothing was found and nothing changed (not recorded)."""
+
+    client_id: str
+    requested_by: str
+    erased_at: float  # Unix seconds
+    generations: int
+    feedback: int
+    shadow_scores: int
+
+    @property
+    def found(self) -> bool:
+        return self.generations > 0 or self.feedback > 0
+
+
+@dataclass(frozen=True)
 class StoreCounts:
     generations: int
     feedback: int
@@ -249,6 +267,18 @@ class ReplayStore(ABC):
             )
             for generation_id in sorted(generations)
         ]
+
+    @abstractmethod
+    def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
+        """Delete in one transaction every generation the client was served, every feedback
+        event it sent or that names one of those generations, and their shadow scores; record
+        the erasure (counts, not content). Seqs are never reused, so the trainer's cursors stay
+        valid and it never reads the erased rows again. Nothing found: nothing changes and
+        nothing is recorded (the returned counts are zero)."""
+
+    @abstractmethod
+    def erasures(self) -> list[ErasureRecord]:
+        """Every recorded erasure, oldest first."""
 
     @abstractmethod
     def max_seq(self) -> tuple[int, int]:

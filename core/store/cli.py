@@ -1,15 +1,20 @@
-"""`feedloop store`: replay store tools. `export` writes generations joined with their feedback.
+"""`feedloop store`: replay store tools. `export` writes generations joined with their feedback;
+`erase` deletes one client's data and records the erasure; `erasures` lists those records.
 
-Exit codes: 0 done, 1 the store could not be read or the output written, 2 usage.
+Exit codes: 0 done (also for an erase that found nothing: it says so), 1 the store could not be
+read or written, 2 usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +24,9 @@ from tqdm import tqdm
 
 from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
 from feedloop.core.errors import ConfigError, StoreError
+from feedloop.core.store.base import ErasureRecord, ReplayStore
 from feedloop.core.store.factory import open_store
+from feedloop.core.tool_cli import ToolParser, UsageError, parse_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -33,6 +40,20 @@ examples:
 Each output line is one generation (every logged field: prompt, output tokens, behaviour and
 policy log-probabilities, sampling parameters, model version, ...) with a "feedback" list of
 every event that names it, oldest first.
+"""
+
+EXAMPLES_ERASE = """\
+examples:
+  feedloop store erase --client app-42                      # the embedded store
+  feedloop store erase --client app-42 --requested-by "ticket 1234 (dpo@example.com)"
+  feedloop store erase --client app-42 --store 'postgresql://feedloop@db/feedloop?schema=prod'
+
+Deletes, in one transaction, every generation served to the client, every feedback event it sent
+or that names one of those generations, and their shadow scores; records who asked, when and how
+many rows (never the content: `feedloop store erasures` lists the records). The trainer never
+reads the erased rows again and its cursors stay valid. Models trained before the erasure keep
+their weights: what they learnt from the data is not unlearnt. Rows the server logs for the
+client after the erasure are not erased. An unknown client: nothing is found, nothing changes.
 """
 
 
@@ -56,20 +77,9 @@ class StoreToolConfig:
         return self.store or str(self.data_dir / "replay.sqlite3")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as exit 2 without leaving our main()."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{self.prog}: {message}")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="feedloop store", description="Replay store tools.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = ToolParser(prog="feedloop store", description="Replay store tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ToolParser)
     export = commands.add_parser(
         "export",
         help="write generations joined with their feedback as JSON Lines",
@@ -82,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "-o", "--output", metavar="FILE", help="write here instead of stdout (replaced whole)"
     )
+    erase = commands.add_parser(
+        "erase",
+        help="delete one client's generations and feedback, and record the erasure",
+        description="Delete one client's generations and feedback from the replay store.",
+        epilog=EXAMPLES_ERASE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    erase.add_argument("--client", required=True, metavar="ID", help="the client id to erase")
+    erase.add_argument(
+        "--requested-by",
+        metavar="WHO",
+        help="who asked, recorded with the erasure (default: this user's login name)",
+    )
+    erasures = commands.add_parser(
+        "erasures", help="list the recorded erasures", description="List the recorded erasures."
+    )
+    for sub in (erase, erasures):
+        sub.add_argument("--config", metavar="FILE", help="TOML config file ([store] table)")
+        add_config_flags(sub, StoreToolConfig)
+        sub.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -104,11 +134,16 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         tmp.unlink(missing_ok=True)
 
 
-def export(location: str, output: str | None) -> tuple[int, int]:
-    """Export the store at location; (generations, feedback events) written."""
+def _open_existing(location: str) -> ReplayStore:
+    """The store at location; FileNotFoundError rather than a new empty SQLite file."""
     if not location.startswith(("postgresql://", "postgres://")) and not Path(location).is_file():
         raise FileNotFoundError(f"no replay store at {location}")
-    store = open_store(location)
+    return open_store(location)
+
+
+def export(location: str, output: str | None) -> tuple[int, int]:
+    """Export the store at location; (generations, feedback events) written."""
+    store = _open_existing(location)
     try:
         total = store.counts().generations
         generations = events = 0
@@ -132,14 +167,61 @@ def export(location: str, output: str | None) -> tuple[int, int]:
         store.close()
 
 
+def erase(location: str, client_id: str, requested_by: str) -> ErasureRecord:
+    """Erase client_id's data from the store at location (see EXAMPLES_ERASE)."""
+    store = _open_existing(location)
+    try:
+        return store.erase_client(client_id, requested_by=requested_by, now=time.time())
+    finally:
+        store.close()
+
+
+def list_erasures(location: str) -> list[ErasureRecord]:
+    store = _open_existing(location)
+    try:
+        return store.erasures()
+    finally:
+        store.close()
+
+
+def _erasure_text(record: ErasureRecord) -> str:
+    return (
+        f"client {record.client_id!r}: {record.generations} generations, {record.feedback} "
+        f"feedback events, {record.shadow_scores} shadow scores erased at "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(record.erased_at))} UTC, "
+        f"requested by {record.requested_by}"
+    )
+
+
+def run_erase(config: StoreToolConfig, args: argparse.Namespace) -> None:
+    if not args.client.strip():
+        raise UsageError("feedloop store erase: --client must not be empty")
+    record = erase(config.store_location(), args.client, args.requested_by or getpass.getuser())
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(record), "found": record.found}))
+    elif record.found:
+        print(f"feedloop store erase: {_erasure_text(record)}")
+    else:
+        print(
+            f"feedloop store erase: found nothing for client {args.client!r}; nothing changed "
+            "and nothing was recorded"
+        )
+
+
+def run_erasures(config: StoreToolConfig, args: argparse.Namespace) -> None:
+    records = list_erasures(config.store_location())
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
+    else:
+        print("\n".join(_erasure_text(r) for r in records) or "no erasures recorded")
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv[1:])
-        if args.command is None:
-            raise _UsageError(f"{parser.prog}: choose a command\n{parser.format_usage().strip()}")
+        args = parse_command(parser, argv)
         config = config_from_args(StoreToolConfig, args, section="store")
-    except _UsageError as exc:
+    except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
@@ -148,9 +230,18 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     try:
+        if args.command == "erase":
+            run_erase(config, args)
+            return EXIT_OK
+        if args.command == "erasures":
+            run_erasures(config, args)
+            return EXIT_OK
         generations, events = export(config.store_location(), args.output)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     except (StoreError, OSError) as exc:
-        print(f"feedloop store export: {exc}", file=sys.stderr)
+        print(f"feedloop store {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(
         f"feedloop store export: {generations} generations, {events} feedback events "

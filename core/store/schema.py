@@ -14,6 +14,8 @@ Both backends carry the same tables with the same meaning:
     cursors               name -> JSON value (the trainer's progress)
     shadow_scores         (version, generation_id) -> a shadow version's per-token
                           log-probabilities of a live generation's output, created_at
+    erasures              one row per `erase_client` that found something: client id, who
+                          asked, when, rows deleted per table (never the erased content)
 """
 
 from __future__ import annotations
@@ -91,6 +93,18 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (version, generation_id)
         ) WITHOUT ROWID""",
     ),
+    # 7: the record of erasures (a client's data deleted on request).
+    (
+        """CREATE TABLE erasures (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            client_id TEXT NOT NULL,
+            requested_by TEXT NOT NULL,
+            erased_at REAL NOT NULL,
+            generations INTEGER NOT NULL,
+            feedback INTEGER NOT NULL,
+            shadow_scores INTEGER NOT NULL
+        )""",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -145,6 +159,17 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (version, generation_id)
         )""",
     ),
+    (
+        """CREATE TABLE erasures (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            requested_by TEXT NOT NULL,
+            erased_at DOUBLE PRECISION NOT NULL,
+            generations BIGINT NOT NULL,
+            feedback BIGINT NOT NULL,
+            shadow_scores BIGINT NOT NULL
+        )""",
+    ),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -171,6 +196,23 @@ GENERATION_COLUMNS: tuple[str, ...] = (
     "served_as",
 )
 SHADOW_SCORE_COLUMNS: tuple[str, ...] = ("version", "generation_id", "logprobs", "created_at")
+ERASURE_COLUMNS: tuple[str, ...] = (
+    "client_id",
+    "requested_by",
+    "erased_at",
+    "generations",
+    "feedback",
+    "shadow_scores",
+)
+ERASURES_SELECT = "SELECT " + ", ".join(ERASURE_COLUMNS) + " FROM erasures ORDER BY seq"
+
+
+def erasure_insert(placeholder: str) -> str:
+    """The INSERT of one erasure record (its fields in ERASURE_COLUMNS order)."""
+    values = ", ".join([placeholder] * len(ERASURE_COLUMNS))
+    return f"INSERT INTO erasures ({', '.join(ERASURE_COLUMNS)}) VALUES ({values})"
+
+
 FEEDBACK_COLUMNS: tuple[str, ...] = (
     "event_id",
     "kind",

@@ -544,6 +544,7 @@ class ModelVersion(_message.Message):
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     SUMMARY_JSON_FIELD_NUMBER: _builtins.int
     LIVE_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     parent_version: _builtins.str
     """The version this one was trained from; empty for a pretrained root."""
@@ -553,6 +554,8 @@ class ModelVersion(_message.Message):
     summary_json: _builtins.str
     """Free-form summary from the manifest (training figures, gate figures, data window), as JSON."""
     live: _builtins.bool
+    pinned: _builtins.bool
+    """Pinned by an operator: registry retention keeps its weights."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -565,10 +568,11 @@ class ModelVersion(_message.Message):
         parameter_count: _builtins.int = ...,
         summary_json: _builtins.str = ...,
         live: _builtins.bool = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "created_at", b"created_at", "live", b"live", "parameter_count", b"parameter_count", "parent_version", b"parent_version", "summary_json", b"summary_json", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "created_at", b"created_at", "live", b"live", "parameter_count", b"parameter_count", "parent_version", b"parent_version", "pinned", b"pinned", "summary_json", b"summary_json", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -588,7 +592,8 @@ class Decision(_message.Message):
     version: _builtins.str
     action: _builtins.str
     """"published", "promoted", "refused", "rolled_back", "canary", "shadow" (a trial started),
-    "paused", "resumed" (the trainer's publication).
+    "paused", "resumed" (the trainer's publication), "pinned", "unpinned" (an operator's pins),
+    "pruned" (retention deleted the version's weights; its manifest and decisions stay).
     """
     reason: _builtins.str
     details_json: _builtins.str
@@ -888,6 +893,60 @@ class EndTrialRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndTrialRequest: _TypeAlias = EndTrialRequest  # noqa: Y015
+
+@_typing.final
+class SetPinnedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """A published version."""
+    pinned: _builtins.bool
+    """True: pin it (retention keeps its weights). False: unpin it."""
+    reason: _builtins.str
+    """Why, recorded in the registry history."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        pinned: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pinned", b"pinned", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPinnedRequest: _TypeAlias = SetPinnedRequest  # noqa: Y015
+
+@_typing.final
+class SetPinnedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    PINNED_VERSIONS_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when the version already was in the asked state (nothing was recorded)."""
+    @_builtins.property
+    def pinned_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every pinned version after the call, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        pinned_versions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "pinned_versions", b"pinned_versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPinnedResponse: _TypeAlias = SetPinnedResponse  # noqa: Y015
 
 @_typing.final
 class SetTrainerPausedRequest(_message.Message):

@@ -291,6 +291,11 @@ class ModelAdminStub:
                 request_serializer=feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.SerializeToString,
                 response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
                 _registered_method=True)
+        self.SetPinned = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/SetPinned',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.SetPinnedRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.SetPinnedResponse.FromString,
+                _registered_method=True)
         self.GetOnlineReport = channel.unary_unary(
                 '/feedloop.v1.ModelAdmin/GetOnlineReport',
                 request_serializer=feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.SerializeToString,
@@ -306,7 +311,8 @@ class ModelAdminServicer:
     """
 
     def ListModels(self, request, context):
-        """Every version in the registry, newest first, with its manifest summary, and the decisions.
+        """Every version in the registry that can serve, newest first, with its manifest summary, and
+        the decisions (those of versions retention has pruned too: a pruned version is not listed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -320,14 +326,16 @@ class ModelAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetLive(self, request, context):
-        """Make a published version live (the server loads, verifies and swaps it in).
+        """Make a published version live (the server loads, verifies and swaps it in). NOT_FOUND for an
+        unpublished version; FAILED_PRECONDITION naming it for a version retention has pruned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Make the previously live version live again.
+        """Make the previously live version live again. FAILED_PRECONDITION when there is none, or when
+        retention has pruned it (the message names it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -337,7 +345,8 @@ class ModelAdminServicer:
         """Put a published version on trial beside the live one (one trial at a time): a canary serves
         a share of the requests not pinned to a version, a shadow serves nothing and scores a share
         of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
-        an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+        an unpublished version; FAILED_PRECONDITION while a trial runs, for the live version or for
+        a version retention has pruned;
         ABORTED when expected_live_version is not live. A refused call changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -354,6 +363,16 @@ class ModelAdminServicer:
 
     def SetTrainerPaused(self, request, context):
         """Pause or resume the trainer's publication of new versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPinned(self, request, context):
+        """Pin a published version (registry retention never deletes its weights) or unpin it.
+        INVALID_ARGUMENT without a version; NOT_FOUND for an unpublished version; FAILED_PRECONDITION
+        for pinning a version retention has already pruned. Pinning a pinned version (or unpinning
+        one that is not) changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -408,6 +427,11 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.SetTrainerPaused,
                     request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.FromString,
                     response_serializer=feedloop_dot_v1_dot_feedloop__pb2.RegistryState.SerializeToString,
+            ),
+            'SetPinned': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPinned,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.SetPinnedRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.SetPinnedResponse.SerializeToString,
             ),
             'GetOnlineReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOnlineReport,
@@ -608,6 +632,33 @@ class ModelAdmin:
             '/feedloop.v1.ModelAdmin/SetTrainerPaused',
             feedloop_dot_v1_dot_feedloop__pb2.SetTrainerPausedRequest.SerializeToString,
             feedloop_dot_v1_dot_feedloop__pb2.RegistryState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPinned(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/SetPinned',
+            feedloop_dot_v1_dot_feedloop__pb2.SetPinnedRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.SetPinnedResponse.FromString,
             options,
             channel_credentials,
             insecure,

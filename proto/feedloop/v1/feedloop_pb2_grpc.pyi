@@ -154,18 +154,25 @@ class ModelAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ModelAdminAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.ListModelsRequest, _feedloop_pb2.ListModelsResponse]
-    """Every version in the registry, newest first, with its manifest summary, and the decisions."""
+    """Every version in the registry that can serve, newest first, with its manifest summary, and
+    the decisions (those of versions retention has pruned too: a pruned version is not listed).
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.GetStatusRequest, _feedloop_pb2.ServerStatus]
     """What this server replica is doing now."""
     SetLive: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.SetLiveRequest, _feedloop_pb2.SetLiveResponse]
-    """Make a published version live (the server loads, verifies and swaps it in)."""
+    """Make a published version live (the server loads, verifies and swaps it in). NOT_FOUND for an
+    unpublished version; FAILED_PRECONDITION naming it for a version retention has pruned.
+    """
     Rollback: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.RollbackRequest, _feedloop_pb2.SetLiveResponse]
-    """Make the previously live version live again."""
+    """Make the previously live version live again. FAILED_PRECONDITION when there is none, or when
+    retention has pruned it (the message names it).
+    """
     StartTrial: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.StartTrialRequest, _feedloop_pb2.RegistryState]
     """Put a published version on trial beside the live one (one trial at a time): a canary serves
     a share of the requests not pinned to a version, a shadow serves nothing and scores a share
     of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
-    an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+    an unpublished version; FAILED_PRECONDITION while a trial runs, for the live version or for
+    a version retention has pruned;
     ABORTED when expected_live_version is not live. A refused call changes nothing.
     """
     EndTrial: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.EndTrialRequest, _feedloop_pb2.RegistryState]
@@ -174,6 +181,12 @@ class ModelAdminStub:
     """
     SetTrainerPaused: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.SetTrainerPausedRequest, _feedloop_pb2.RegistryState]
     """Pause or resume the trainer's publication of new versions."""
+    SetPinned: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.SetPinnedRequest, _feedloop_pb2.SetPinnedResponse]
+    """Pin a published version (registry retention never deletes its weights) or unpin it.
+    INVALID_ARGUMENT without a version; NOT_FOUND for an unpublished version; FAILED_PRECONDITION
+    for pinning a version retention has already pruned. Pinning a pinned version (or unpinning
+    one that is not) changes nothing.
+    """
     GetOnlineReport: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.GetOnlineReportRequest, _feedloop_pb2.OnlineReport]
     """Online reward by version: what users' feedback received in a recent window says about each
     version (mean normalised rating, win rates between versions), each with a confidence
@@ -192,18 +205,25 @@ class ModelAdminAsyncStub(ModelAdminStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.ListModelsRequest, _feedloop_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """Every version in the registry, newest first, with its manifest summary, and the decisions."""
+    """Every version in the registry that can serve, newest first, with its manifest summary, and
+    the decisions (those of versions retention has pruned too: a pruned version is not listed).
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.GetStatusRequest, _feedloop_pb2.ServerStatus]  # type: ignore[assignment]
     """What this server replica is doing now."""
     SetLive: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.SetLiveRequest, _feedloop_pb2.SetLiveResponse]  # type: ignore[assignment]
-    """Make a published version live (the server loads, verifies and swaps it in)."""
+    """Make a published version live (the server loads, verifies and swaps it in). NOT_FOUND for an
+    unpublished version; FAILED_PRECONDITION naming it for a version retention has pruned.
+    """
     Rollback: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.RollbackRequest, _feedloop_pb2.SetLiveResponse]  # type: ignore[assignment]
-    """Make the previously live version live again."""
+    """Make the previously live version live again. FAILED_PRECONDITION when there is none, or when
+    retention has pruned it (the message names it).
+    """
     StartTrial: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.StartTrialRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
     """Put a published version on trial beside the live one (one trial at a time): a canary serves
     a share of the requests not pinned to a version, a shadow serves nothing and scores a share
     of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
-    an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+    an unpublished version; FAILED_PRECONDITION while a trial runs, for the live version or for
+    a version retention has pruned;
     ABORTED when expected_live_version is not live. A refused call changes nothing.
     """
     EndTrial: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.EndTrialRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
@@ -212,6 +232,12 @@ class ModelAdminAsyncStub(ModelAdminStub):
     """
     SetTrainerPaused: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.SetTrainerPausedRequest, _feedloop_pb2.RegistryState]  # type: ignore[assignment]
     """Pause or resume the trainer's publication of new versions."""
+    SetPinned: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.SetPinnedRequest, _feedloop_pb2.SetPinnedResponse]  # type: ignore[assignment]
+    """Pin a published version (registry retention never deletes its weights) or unpin it.
+    INVALID_ARGUMENT without a version; NOT_FOUND for an unpublished version; FAILED_PRECONDITION
+    for pinning a version retention has already pruned. Pinning a pinned version (or unpinning
+    one that is not) changes nothing.
+    """
     GetOnlineReport: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.GetOnlineReportRequest, _feedloop_pb2.OnlineReport]  # type: ignore[assignment]
     """Online reward by version: what users' feedback received in a recent window says about each
     version (mean normalised rating, win rates between versions), each with a confidence
@@ -233,7 +259,9 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _feedloop_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.ListModelsResponse, _abc.Awaitable[_feedloop_pb2.ListModelsResponse]]:
-        """Every version in the registry, newest first, with its manifest summary, and the decisions."""
+        """Every version in the registry that can serve, newest first, with its manifest summary, and
+        the decisions (those of versions retention has pruned too: a pruned version is not listed).
+        """
 
     @_abc_1.abstractmethod
     def GetStatus(
@@ -249,7 +277,9 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _feedloop_pb2.SetLiveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.SetLiveResponse, _abc.Awaitable[_feedloop_pb2.SetLiveResponse]]:
-        """Make a published version live (the server loads, verifies and swaps it in)."""
+        """Make a published version live (the server loads, verifies and swaps it in). NOT_FOUND for an
+        unpublished version; FAILED_PRECONDITION naming it for a version retention has pruned.
+        """
 
     @_abc_1.abstractmethod
     def Rollback(
@@ -257,7 +287,9 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _feedloop_pb2.RollbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.SetLiveResponse, _abc.Awaitable[_feedloop_pb2.SetLiveResponse]]:
-        """Make the previously live version live again."""
+        """Make the previously live version live again. FAILED_PRECONDITION when there is none, or when
+        retention has pruned it (the message names it).
+        """
 
     @_abc_1.abstractmethod
     def StartTrial(
@@ -268,7 +300,8 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         """Put a published version on trial beside the live one (one trial at a time): a canary serves
         a share of the requests not pinned to a version, a shadow serves nothing and scores a share
         of the live version's candidates. INVALID_ARGUMENT for a share outside [0, 1]; NOT_FOUND for
-        an unpublished version; FAILED_PRECONDITION while a trial runs or for the live version;
+        an unpublished version; FAILED_PRECONDITION while a trial runs, for the live version or for
+        a version retention has pruned;
         ABORTED when expected_live_version is not live. A refused call changes nothing.
         """
 
@@ -289,6 +322,18 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_feedloop_pb2.RegistryState, _abc.Awaitable[_feedloop_pb2.RegistryState]]:
         """Pause or resume the trainer's publication of new versions."""
+
+    @_abc_1.abstractmethod
+    def SetPinned(
+        self,
+        request: _feedloop_pb2.SetPinnedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.SetPinnedResponse, _abc.Awaitable[_feedloop_pb2.SetPinnedResponse]]:
+        """Pin a published version (registry retention never deletes its weights) or unpin it.
+        INVALID_ARGUMENT without a version; NOT_FOUND for an unpublished version; FAILED_PRECONDITION
+        for pinning a version retention has already pruned. Pinning a pinned version (or unpinning
+        one that is not) changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def GetOnlineReport(
