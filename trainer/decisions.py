@@ -223,8 +223,8 @@ def compared_versions(
 ) -> list[str]:
     """What a freshly promoted live version is watched against: the `count` latest earlier live
     versions, and the best-rated one on the rollback stack (in `outcomes`, with min_ratings) if
-    it is not among them. Without the best, a chain of promotions each a little worse than the
-    one before (each within the canary margin) walks away from it unseen."""
+    it is not among them. Without the best, a chain of versions each a little worse than the one
+    before (none confidently below the latest ones) walks away from it unseen."""
     compared = recent_versions(previous, live, count)
     rated = [
         v
