@@ -61,6 +61,26 @@ def _interval(estimate: Estimate) -> str:
     return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
 
 
+def _undecided(
+    trial: Trial,
+    age_s: float,
+    config: TrainConfig,
+    figures: dict[str, Any],
+    waiting: str,
+    ending: str,
+) -> Verdict:
+    """Wait, saying `waiting`; past max_trial_s, end the trial without promotion instead."""
+    if age_s < config.max_trial_s:
+        return Verdict(WAIT, trial.version, waiting, figures)
+    ended = "shadow trial ended" if trial.mode == SHADOW else "no verdict"
+    return Verdict(
+        ROLL_BACK,
+        trial.version,
+        f"{ended} after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}){ending}",
+        figures,
+    )
+
+
 def judge_trial(
     trial: Trial,
     age_s: float,
@@ -83,21 +103,15 @@ def judge_trial(
         "candidate": mean_rating(candidate, alpha).as_dict(),
         "difference": difference.as_dict(),
     }
-    timed_out = age_s >= config.max_trial_s
     if not _enough(config, live, candidate):
         evidence = (
             f"{candidate.ratings} ratings of {trial.version}, {live.ratings} of {live.version} "
             f"(min_ratings {config.decision_min_ratings})"
         )
-        if timed_out:
-            return Verdict(
-                ROLL_BACK,
-                trial.version,
-                f"no verdict after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): "
-                f"too little evidence, {evidence}",
-                figures,
-            )
-        return Verdict(WAIT, trial.version, f"too little evidence: {evidence}", figures)
+        return _undecided(
+            trial, age_s, config, figures, f"too little evidence: {evidence}",
+            f": too little evidence, {evidence}",
+        )  # fmt: skip
     versus = (
         f"{trial.version} minus {live.version}: {_interval(difference)} "
         f"at {1 - alpha:.0%} (time-uniform)"
@@ -113,14 +127,7 @@ def judge_trial(
             f"online rating not worse than live by more than {margin}: {versus}",
             figures,
         )
-    if timed_out:
-        return Verdict(
-            ROLL_BACK,
-            trial.version,
-            f"no verdict after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}): {versus}",
-            figures,
-        )
-    return Verdict(WAIT, trial.version, f"undecided: {versus}", figures)
+    return _undecided(trial, age_s, config, figures, f"undecided: {versus}", f": {versus}")
 
 
 def _judge_shadow(
@@ -139,22 +146,16 @@ def _judge_shadow(
         "live": live_rating.as_dict(),
         "shadow": shadow.as_dict() if shadow is not None else None,
     }
-    timed_out = age_s >= config.max_trial_s
     scored = shadow.n if shadow is not None else 0
     if shadow is None or scored < config.decision_min_ratings or not _enough(config, live):
         evidence = (
             f"{scored} rated generations scored by {trial.version}, {live.ratings} ratings of "
             f"{live.version} (min_ratings {config.decision_min_ratings})"
         )
-        if timed_out:
-            return Verdict(
-                ROLL_BACK,
-                trial.version,
-                f"shadow trial ended after {age_s:.0f} s (max_trial_s "
-                f"{config.max_trial_s:.0f}): too little evidence, {evidence}",
-                figures,
-            )
-        return Verdict(WAIT, trial.version, f"too little evidence: {evidence}", figures)
+        return _undecided(
+            trial, age_s, config, figures, f"too little evidence: {evidence}",
+            f": too little evidence, {evidence}",
+        )  # fmt: skip
     versus = (
         f"{trial.version}'s off-policy lower bound {shadow.low:+.3f} (self-normalised estimate "
         f"{shadow.mean:+.3f}, {shadow.n} scored, effective {shadow.effective_n:.0f}) against "
@@ -167,15 +168,9 @@ def _judge_shadow(
             f"shadow not worse than live by more than {margin}: {versus}",
             figures,
         )
-    if timed_out:
-        return Verdict(
-            ROLL_BACK,
-            trial.version,
-            f"shadow trial ended after {age_s:.0f} s (max_trial_s {config.max_trial_s:.0f}) "
-            f"without a promotion: {versus}",
-            figures,
-        )
-    return Verdict(WAIT, trial.version, f"undecided: {versus}", figures)
+    return _undecided(
+        trial, age_s, config, figures, f"undecided: {versus}", f" without a promotion: {versus}"
+    )
 
 
 def judge_live(
