@@ -213,3 +213,8 @@ def describe(config: Any) -> dict[str, Any]:
     return {
         k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
     }
+
+
+def is_postgres_url(location: str | Path) -> bool:
+    """A store or registry location that names a PostgreSQL database (else a local path)."""
+    return str(location).startswith(("postgresql://", "postgres://"))

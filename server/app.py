@@ -152,6 +152,9 @@ class FeedloopServer:
 
         loop = asyncio.get_running_loop()
         metrics = self.metrics
+        store, registry = self.store, self.registry
+        assert store is not None and registry is not None  # opened above
+        metrics.storage.watch(store.size_bytes, registry.size_bytes, config.local_volumes())
         self.model_client = ModelProcessClient(metrics, torch_threads=config.torch_threads)
         await asyncio.to_thread(self.model_client.start)
         self.live_model = LiveModel(

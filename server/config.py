@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from feedloop.core.config import default_data_dir
+from feedloop.core.config import default_data_dir, is_postgres_url
 from feedloop.core.errors import ConfigError
 
 
@@ -213,6 +213,16 @@ class ServeConfig:
     @property
     def registry_location(self) -> str:
         return self.registry or str(self.data_dir / "registry")
+
+    def local_volumes(self) -> dict[str, Path]:
+        """The directories whose disks the server writes to: data, and the store's and the
+        registry's where they are local (a PostgreSQL server's disk is its own to watch)."""
+        volumes = {"data": self.data_dir}
+        if not is_postgres_url(self.store_location):
+            volumes["store"] = Path(self.store_location).parent
+        if not is_postgres_url(self.registry_location):
+            volumes["registry"] = Path(self.registry_location)
+        return volumes
 
     @property
     def auth_enabled(self) -> bool:

@@ -10,10 +10,13 @@ from the few versions this server has loaded).
 from __future__ import annotations
 
 import bisect
+import logging
 import math
+import shutil
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -24,7 +27,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -175,6 +178,74 @@ class VersionFeedback(Collector):
         )
 
 
+log = logging.getLogger(__name__)
+
+
+class StorageUsage(Collector):
+    """What the server's data takes on disk and what its disks have left, read when scraped (on
+    the /metrics thread, never the event loop): the replay store's and the registry's bytes, and
+    each volume's free and total bytes (the data directory, and the store's and the registry's
+    directories when they are files on this machine). A source that fails to answer leaves its
+    series out of that scrape."""
+
+    def __init__(self) -> None:
+        self._store_bytes: Callable[[], int] | None = None
+        self._registry_bytes: Callable[[], int] | None = None
+        self._volumes: dict[str, Path] = {}
+
+    def watch(
+        self,
+        store_bytes: Callable[[], int],
+        registry_bytes: Callable[[], int],
+        volumes: dict[str, Path],
+    ) -> None:
+        self._store_bytes, self._registry_bytes = store_bytes, registry_bytes
+        self._volumes = dict(volumes)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = self._families()
+        for family, source in zip(
+            families[:2], (self._store_bytes, self._registry_bytes), strict=True
+        ):
+            if source is not None:
+                try:
+                    family.add_metric([], float(source()))
+                except Exception as exc:  # a scrape must not fail for one source
+                    log.warning("%s not measured: %s", family.name, exc)
+        free, total = families[2:]
+        for volume, path in self._volumes.items():
+            try:
+                usage = shutil.disk_usage(path)
+            except OSError as exc:
+                log.warning("disk usage of %s (%s) not measured: %s", volume, path, exc)
+                continue
+            free.add_metric([volume, str(path)], float(usage.free))
+            total.add_metric([volume, str(path)], float(usage.total))
+        yield from families
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        volume = ["volume", "path"]
+        return (
+            GaugeMetricFamily("feedloop_store_bytes", "Bytes the replay store takes on disk"),
+            GaugeMetricFamily(
+                "feedloop_registry_bytes", "Bytes the model registry's versions take"
+            ),
+            GaugeMetricFamily(
+                "feedloop_disk_free_bytes",
+                "Free bytes (for an unprivileged writer) on the volume holding each of the "
+                "server's directories",
+                labels=volume,
+            ),
+            GaugeMetricFamily(
+                "feedloop_disk_total_bytes", "Size of that volume in bytes", labels=volume
+            ),
+        )
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -239,6 +310,8 @@ class ServerMetrics:
             registry=r,
         )
         self.version_feedback = VersionFeedback(registry=r)
+        self.storage = StorageUsage()
+        r.register(self.storage)
         self.live_version = Gauge(
             "feedloop_live_model_version_number",
             "Number of the live model version (v0003: 3)",

@@ -157,6 +157,9 @@ class SlowStore(ReplayStore):
     ) -> list[JudgedGeneration]:
         return self.inner.judged_generations(since, until)
 
+    def size_bytes(self) -> int:
+        return self.inner.size_bytes()
+
     def max_seq(self) -> tuple[int, int]:
         return self.inner.max_seq()
 

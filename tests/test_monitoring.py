@@ -72,6 +72,8 @@ def test_rules_cover_every_required_alert():
         "FeedloopNoFeedbackArriving",
         "FeedloopKLAboveLimit",
         "FeedloopRewardDroppedAfterSwap",
+        "FeedloopDiskAlmostFull",
+        "FeedloopDiskFillingUp",
     }
     tested = {
         t["alertname"]

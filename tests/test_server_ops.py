@@ -264,6 +264,33 @@ async def test_metrics_scrape_has_every_series_and_passes_promtool(open_server) 
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+def sample_value(text: str, series: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(series + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_metrics_say_what_the_store_and_registry_take_and_what_each_disk_has_left(
+    open_server, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{open_server.server.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    store = open_server.server.store
+    registry = open_server.server.registry
+    assert sample_value(text, "feedloop_store_bytes") == pytest.approx(store.size_bytes(), rel=0.5)
+    assert sample_value(text, "feedloop_store_bytes") > 0
+    assert sample_value(text, "feedloop_registry_bytes") == registry.size_bytes() > 0
+    usage = shutil.disk_usage(tmp_path)
+    for volume, path in (
+        ("data", tmp_path),
+        ("store", tmp_path),
+        ("registry", tmp_path / "registry"),
+    ):
+        labels = f'{{path="{path}",volume="{volume}"}}'
+        assert sample_value(text, f"feedloop_disk_total_bytes{labels}") == usage.total
+        free = sample_value(text, f"feedloop_disk_free_bytes{labels}")
+        assert 0 < free <= usage.total
+
+
 async def test_bytes_that_are_not_a_valid_message_are_invalid_argument(open_server) -> None:
     raw = open_server.channel.unary_unary("/feedloop.v1.Generation/Generate")
     with pytest.raises(grpc.aio.AioRpcError) as err:

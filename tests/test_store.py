@@ -485,3 +485,10 @@ def test_shadow_evidence_pairs_live_ratings_with_the_shadow_versions_scores(
     assert store.shadow_evidence("v9", "v1", 0.0)[1].generation_id == "a3"
     assert store.shadow_evidence("v9", "v1", 100.0, 100.5)[0].rating == 1.0
     assert store.shadow_evidence("v7", "v1", 0.0) == []
+
+
+def test_size_bytes_is_what_the_store_takes_on_disk_and_grows_with_it(store: ReplayStore) -> None:
+    empty = store.size_bytes()
+    assert empty > 0  # the schema's tables and indexes
+    store.append_generations([generation(f"g{i}") for i in range(2000)])
+    assert store.size_bytes() > empty + 2000 * 100  # each row well over 100 bytes

@@ -12,7 +12,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
+from feedloop.core.config import (
+    add_config_flags,
+    config_from_args,
+    default_data_dir,
+    is_postgres_url,
+)
 from feedloop.core.errors import ConfigError, FeedloopError
 from feedloop.core.registry.factory import open_registry
 from feedloop.core.registry.retention import PrunePlan, RetentionPolicy
@@ -121,7 +126,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     location = config.registry_location()
-    if not location.startswith(("postgresql://", "postgres://")) and not Path(location).is_dir():
+    if not is_postgres_url(location) and not Path(location).is_dir():
         print(f"feedloop registry prune: no registry at {location}", file=sys.stderr)
         return EXIT_FAILURE
     try:

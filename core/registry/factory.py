@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from feedloop.core.config import is_postgres_url
 from feedloop.core.registry.base import ModelRegistry
 from feedloop.core.registry.directory import DirectoryRegistry
 
@@ -23,7 +24,7 @@ def open_registry(
     (None: the default data folder).
     """
     text = str(location)
-    if text.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(text):
         # Imported here, so that a directory registry never loads psycopg.
         from feedloop.core.registry.postgres import PostgresRegistry, checkpoint_cache_dir
 

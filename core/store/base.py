@@ -281,6 +281,11 @@ class ReplayStore(ABC):
         """Every recorded erasure, oldest first."""
 
     @abstractmethod
+    def size_bytes(self) -> int:
+        """Bytes the store takes on its disk: the SQLite files (WAL included), or the PostgreSQL
+        schema's tables with their indexes and TOAST."""
+
+    @abstractmethod
     def max_seq(self) -> tuple[int, int]:
         """(highest generation seq, highest feedback seq); 0 when empty."""
 

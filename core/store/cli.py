@@ -22,7 +22,12 @@ from typing import IO
 
 from tqdm import tqdm
 
-from feedloop.core.config import add_config_flags, config_from_args, default_data_dir
+from feedloop.core.config import (
+    add_config_flags,
+    config_from_args,
+    default_data_dir,
+    is_postgres_url,
+)
 from feedloop.core.errors import ConfigError, StoreError
 from feedloop.core.store.base import ErasureRecord, ReplayStore
 from feedloop.core.store.factory import open_store
@@ -136,7 +141,7 @@ def _output(path: str | None) -> Iterator[IO[str]]:
 
 def _open_existing(location: str) -> ReplayStore:
     """The store at location; FileNotFoundError rather than a new empty SQLite file."""
-    if not location.startswith(("postgresql://", "postgres://")) and not Path(location).is_file():
+    if not is_postgres_url(location) and not Path(location).is_file():
         raise FileNotFoundError(f"no replay store at {location}")
     return open_store(location)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from feedloop.core.config import is_postgres_url
 from feedloop.core.store.base import ReplayStore
 
 
 def open_store(location: str) -> ReplayStore:
     """A replay store from a SQLite path or a postgresql:// URL (schema migrated on open)."""
     # Imported here, so that a SQLite store never loads psycopg and the reverse.
-    if location.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(location):
         from feedloop.core.store.postgres import PostgresStore
 
         return PostgresStore(location)

@@ -369,6 +369,15 @@ class PostgresStore(ReplayStore):
         )
         return [JudgedGeneration(*row) for row in rows]
 
+    def size_bytes(self) -> int:
+        rows = self._fetch(
+            "size_bytes",
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind = 'r'",
+        )
+        return int(rows[0][0])
+
     def max_seq(self) -> tuple[int, int]:
         row = self._fetch(
             "max_seq",

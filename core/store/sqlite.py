@@ -535,6 +535,10 @@ class SQLiteStore(ReplayStore):
         rows = self._read("judged_generations", sql + " ORDER BY feedback.seq, ids.key", params)
         return [JudgedGeneration(*row) for row in rows]
 
+    def size_bytes(self) -> int:
+        files = (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+        return sum(f.stat().st_size for f in files if f.exists())
+
     def max_seq(self) -> tuple[int, int]:
         row = self._read(
             "max_seq",
