@@ -7,6 +7,7 @@ decide what runs and what fails, on made-up names and diffs.
 from __future__ import annotations
 
 import fnmatch
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,3 +95,14 @@ def test_rotation_starts_at_the_commits_turn_and_keeps_the_order() -> None:
     modules = ["a.py", "b.py", "c.py"]
     assert mutation.rotated(modules, 0) == ["a.py", "b.py", "c.py"]
     assert mutation.rotated(modules, 4) == ["b.py", "c.py", "a.py"]
+
+
+def test_every_mutated_module_type_checks_in_the_layout_mutmut_runs_it_in(tmp_path: Path) -> None:
+    """mutmut's type filter needs a clean start: there mypy sees feedloop's real types, and an
+    error in unmutated code stops it ("Could not find mutant for type error") or counts every
+    mutant of the function holding it as caught."""
+    packages = mutation.package_dirs()
+    for module, tests in mutation.MODULES.items():
+        target = mutation.stage(tmp_path, module, tests, packages)
+        assert mutation.unmutated_type_errors(tmp_path, target) == [], module
+        shutil.rmtree(tmp_path / "tests")  # stage copies them again for the next module

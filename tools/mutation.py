@@ -56,7 +56,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_trainer_gate.py",
         "tests/test_gate_estimates.py",
     ),
-    "trainer/signals.py": ("tests/test_heldout_isolation.py", "tests/test_trainer_loop.py"),
+    "trainer/signals.py": ("tests/test_heldout_isolation.py",),
     "trainer/rewards.py": (
         "tests/test_rewards.py",
         "tests/test_heldout_isolation.py",
@@ -68,7 +68,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_reward_model_heldout.py",
         "tests/test_heldout_isolation.py",
     ),
-    "trainer/data.py": ("tests/test_trainer_loop.py", "tests/test_data_window.py"),
+    "trainer/data.py": ("tests/test_data_window.py", "tests/test_trainer_data.py"),
     "core/sampling.py": (
         "tests/test_sampling_draws.py",
         "tests/test_sampling.py",
@@ -235,6 +235,35 @@ def staged_path(module: str, packages: dict[str, str]) -> Path:
     raise ValueError(f"{module} is in no package of pyproject's package-dir")
 
 
+def type_check_command(target: Path) -> list[str]:
+    """mypy on one staged file, one JSON object per error (what mutmut's type filter reads)."""
+    cache = ["--cache-dir", str(ROOT / ".mypy_cache")]
+    return [sys.executable, "-m", "mypy", str(target), "-O", "json", *cache]
+
+
+def unmutated_type_errors(scratch: Path, target: Path) -> list[str]:
+    """mypy's errors in the staged module before any mutation, as `path:line: message` (errors
+    in the modules it imports, which mutmut skips, are not reported).
+
+    In the scratch layout mypy resolves `feedloop.*` imports to their real types; the work
+    tree's mypy run sees them as Any (the installed package-dir mapping is invisible to it) and
+    so passes code that is wrong here. mutmut's type filter attributes each error to the mutant
+    whose function holds the line: an error in the unmutated code would count every mutant of
+    its function as caught, and one outside them stops mutmut with "Could not find mutant for
+    type error". So the staged module must type-check clean first.
+    """
+    out = subprocess.run(
+        type_check_command(target), cwd=scratch, capture_output=True, text=True, check=False
+    )
+    errors = []
+    for line in out.stdout.splitlines():
+        if line.strip():
+            d = json.loads(line)
+            if d["severity"] == "error" and Path(d["file"]) == target:
+                errors.append(f"{d['file']}:{d['line']}: {d['message']}")
+    return errors
+
+
 def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, str]) -> Path:
     """Lay out the scratch directory for one module; returns the mutated file's path in it."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -256,16 +285,7 @@ def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, 
         "process_isolation": "forkserver",
         # A mutant mypy rejects cannot land (CI type-checks trainer and core): it counts as
         # killed without running the tests. The project's mypy cache keeps this to seconds.
-        "type_check_command": [
-            sys.executable,
-            "-m",
-            "mypy",
-            str(target),
-            "-O",
-            "json",
-            "--cache-dir",
-            str(ROOT / ".mypy_cache"),
-        ],
+        "type_check_command": type_check_command(target),
     }
     config = "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
@@ -381,6 +401,13 @@ def test_module(
     scratch = Path(tempfile.mkdtemp(prefix="feedloop-mutation-"))
     try:
         target = stage(scratch, module, MODULES[module], package_dirs())
+        type_errors = unmutated_type_errors(scratch, target)
+        if type_errors:
+            raise RuntimeError(
+                f"mypy rejects {module} before any mutation, in the layout mutmut runs it in "
+                "(with feedloop's real types), so mutmut's type filter cannot attribute its "
+                "errors: fix these first\n" + "\n".join(type_errors)
+            )
         pattern = sample_pattern(module_name(target), share)
         finished = run_mutmut(scratch, [pattern] if pattern else [], jobs, deadline, module)
         result.status_by_mutant = read_results(scratch, complete=finished)
