@@ -140,3 +140,52 @@ def test_with_no_reward_the_kl_penalty_alone_pulls_the_policy_towards_the_refere
     probs = trained.probabilities()
     assert probs[1] < 1 / 2 and probs[2] > 1 / 6
     assert kl_to_reference(trained) < before
+
+
+# The losses, worked out by hand: prepared on `policy()` from A = [1, 1] rated 1 and B = [2]
+# rated -1 with client weights 1 and 2 and no KL, then evaluated on the uniform reference, so
+# that pi / pi_old is 1/2 on token 1 and 3/2 on token 2. The critic is 0 throughout.
+MOVED = experience([[1, 1], [2]], [1.0, -1.0], [1.0, 2.0])
+COEFS = dict(clip_eps=0.2, value_coef=0.5, entropy_coef=0.25, importance_weight_max=10.0)
+K3 = {1: -0.5 + LOG2, 2: 0.5 - math.log(1.5)}  # (r - 1) - log r at r = 1/2 and r = 3/2
+
+
+def losses(algorithm: type[ActorCritic] | type[Reinforce], tmp_path: Path) -> Any:
+    step = algorithm(config(tmp_path, **COEFS))
+    prepared = step.prepare(policy(), reference(), MOVED, 0.0)
+    return step.loss(reference(), prepared, MOVED.batch, torch.arange(2))
+
+
+def test_actor_critic_loss_is_the_clipped_surrogate_plus_value_loss_less_entropy_bonus(
+    tmp_path: Path,
+) -> None:
+    """Whitened with weights 1, 1 (A's tokens) and 2 (B's), the advantages are 1, 1 and -1.
+    Token 1 (A > 0, ratio 1/2 below the clip range) keeps -A * 1/2; token 2 (A < 0, ratio 3/2
+    above it) keeps -A * 3/2: the weighted mean is (2 * -1/2 + 2 * 3/2) / 4 = 1/2. The value
+    loss is 0.5 * E_w[(0 - R)^2] = 0.5 and the entropy of the uniform policy log 4."""
+    step = losses(ActorCritic, tmp_path)
+    assert step.figures["policy_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert step.figures["value_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert step.figures["entropy"] == pytest.approx(math.log(4.0), abs=1e-5)
+    assert step.figures["clipfrac"] == pytest.approx(1.0)  # every token's ratio is clipped
+    assert float(step.loss.detach()) == pytest.approx(0.5 + 0.5 * 0.5 - 0.25 * math.log(4.0), abs=1e-5)
+    assert step.approx_kl == pytest.approx((2 * K3[1] + 2 * K3[2]) / 4, abs=1e-5)
+
+
+def test_reinforce_loss_is_the_weighted_baseline_gradient_plus_value_loss_less_entropy_bonus(
+    tmp_path: Path,
+) -> None:
+    """The sequence weights pi / mu are (1/4 / 1/2)^2 = 1/4 for A and (1/4) / (1/6) = 3/2 for B,
+    times the client weights: 1/4 and 3. The returns 1 and -1 are scaled by their std sqrt 2."""
+    step = losses(Reinforce, tmp_path)
+    scale = math.sqrt(2.0) + 1e-6
+    log_quarter = math.log(0.25)
+    policy_loss = -(0.25 * (1 / scale) * 2 * log_quarter + 3.0 * (-1 / scale) * log_quarter) / 3.25
+    assert step.figures["policy_loss"] == pytest.approx(policy_loss, abs=1e-5)
+    assert step.figures["value_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert step.figures["entropy"] == pytest.approx(math.log(4.0), abs=1e-5)
+    assert step.figures["mean_importance_weight"] == pytest.approx((0.25 + 3.0) / 2, abs=1e-5)
+    expected = policy_loss + 0.5 * 0.5 - 0.25 * math.log(4.0)
+    assert float(step.loss.detach()) == pytest.approx(expected, abs=1e-5)
+    # per token, unweighted by clients: A's two tokens at ratio 1/2, B's one at 3/2
+    assert step.approx_kl == pytest.approx((2 * K3[1] + K3[2]) / 3, abs=1e-5)
