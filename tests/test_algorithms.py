@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from feedloop.core.policy import Policy, PolicyOutput, SampledOutput, SampleRequest, TokenBatch
-from feedloop.trainer.algorithms import ActorCritic, Reinforce
+from feedloop.trainer.algorithms import ActorCritic, Reinforce, make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.update import Experience
 
@@ -168,7 +168,9 @@ def test_actor_critic_loss_is_the_clipped_surrogate_plus_value_loss_less_entropy
     assert step.figures["value_loss"] == pytest.approx(0.5, abs=1e-5)
     assert step.figures["entropy"] == pytest.approx(math.log(4.0), abs=1e-5)
     assert step.figures["clipfrac"] == pytest.approx(1.0)  # every token's ratio is clipped
-    assert float(step.loss.detach()) == pytest.approx(0.5 + 0.5 * 0.5 - 0.25 * math.log(4.0), abs=1e-5)
+    assert float(step.loss.detach()) == pytest.approx(
+        0.5 + 0.5 * 0.5 - 0.25 * math.log(4.0), abs=1e-5
+    )
     assert step.approx_kl == pytest.approx((2 * K3[1] + 2 * K3[2]) / 4, abs=1e-5)
 
 
@@ -189,3 +191,50 @@ def test_reinforce_loss_is_the_weighted_baseline_gradient_plus_value_loss_less_e
     assert float(step.loss.detach()) == pytest.approx(expected, abs=1e-5)
     # per token, unweighted by clients: A's two tokens at ratio 1/2, B's one at 3/2
     assert step.approx_kl == pytest.approx((2 * K3[1] + K3[2]) / 3, abs=1e-5)
+
+
+def test_actor_critic_weights_each_logged_token_by_pi_old_over_mu_truncated(
+    tmp_path: Path,
+) -> None:
+    """Logged by the uniform policy: pi_old / mu is (1/2) / (1/4) = 2 on token 1, (1/6) / (1/4)
+    = 2/3 on token 2; with the truncation at 1.5 token 1 counts 1.5."""
+    logged_uniform = Experience(
+        MOVED.batch,
+        torch.full((2, 2), math.log(0.25)) * MOVED.batch.output_mask,
+        MOVED.rewards,
+        MOVED.weights,
+    )
+    step = ActorCritic(config(tmp_path, importance_weight_max=1.5))
+    prepared = step.prepare(policy(), reference(), logged_uniform, 0.0)
+    torch.testing.assert_close(prepared.importance, torch.tensor([[1.5, 1.5], [2 / 3, 0.0]]))
+    torch.testing.assert_close(prepared.weighted_mask, torch.tensor([[1.0, 1.0], [2.0, 0.0]]))
+    assert prepared.figures["mean_importance_weight"] == pytest.approx((3.0 + 2 / 3) / 3)
+    # the critic (0 everywhere) explains none of the returns' variance
+    assert prepared.figures["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reinforce_scales_returns_by_their_spread_and_sums_the_logged_log_probs(
+    tmp_path: Path,
+) -> None:
+    step = Reinforce(config(tmp_path))
+    prepared = step.prepare(policy(), reference(), MOVED, 0.0)
+    assert prepared.return_scale == pytest.approx(math.sqrt(2.0) + 1e-6, abs=1e-7)
+    torch.testing.assert_close(
+        prepared.behaviour_logprobs, torch.tensor([2 * math.log(0.5), math.log(1 / 6)])
+    )
+    torch.testing.assert_close(prepared.weights, torch.tensor([1.0, 2.0]))
+    one = step.prepare(policy(), reference(), experience([[1]], [0.5]), 0.0)
+    assert one.return_scale == 1.0  # one sequence has no spread to scale by
+    tied = step.prepare(policy(), reference(), experience([[1], [1]], [0.5, 0.5]), 0.0)
+    assert tied.return_scale == pytest.approx(1e-6, rel=1e-3)  # no spread: never a zero division
+
+
+def test_make_algorithm_builds_the_configured_one_and_names_the_choices_otherwise(
+    tmp_path: Path,
+) -> None:
+    assert isinstance(make_algorithm(config(tmp_path, algorithm="reinforce")), Reinforce)
+    assert isinstance(make_algorithm(config(tmp_path)), ActorCritic)
+    with pytest.raises(
+        ValueError, match=r"^unknown algorithm 'q' \(one of actor-critic, reinforce\)$"
+    ):
+        make_algorithm(config(tmp_path, algorithm="q"))
