@@ -42,6 +42,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.toml"
@@ -314,6 +315,33 @@ def run_mutmut(
         start_new_session=True,
     )
     assert process.stdout is not None
+    try:
+        return _follow(process, log, deadline, label)
+    except BaseException:
+        # mutmut runs in a session of its own (so that the deadline can stop its workers
+        # together): an interrupt of this tool must stop it too, or it runs on unowned.
+        stop(process)
+        raise
+    finally:
+        log.close()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Interrupt mutmut's session (it stops its workers and keeps every result recorded), then
+    kill whatever of it is left: a process started in the background ignores SIGINT."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _follow(process: subprocess.Popen[bytes], log: IO[bytes], deadline: float, label: str) -> bool:
+    """Log mutmut's output and echo its progress until it ends (True) or the deadline stops it
+    (False); RuntimeError when it fails."""
+    assert process.stdout is not None
     tail, last_progress = b"", time.monotonic()
     while True:
         ready, _, _ = select.select([process.stdout], [], [], 1.0)
@@ -334,16 +362,9 @@ def run_mutmut(
                 )
             last_progress = time.monotonic()
         if time.time() > deadline:
-            # mutmut stops its workers on an interrupt and keeps every result it has recorded.
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-            log.close()
+            stop(process)
             return False
     process.wait()
-    log.close()
     if process.returncode != 0:
         tail_text = tail.decode("utf-8", "replace").replace("\r", "\n")
         raise RuntimeError(f"mutmut failed on {label} (exit {process.returncode}):\n{tail_text}")
