@@ -115,7 +115,25 @@ def test_the_loop_abandons_the_round_on_a_loss_past_its_bound(
     policy: Policy, tmp_path: Path
 ) -> None:
     algorithm = ProbeAlgorithm(config(tmp_path, max_loss=1.0), [0.0] * 6, loss_offset=1e6)
-    with pytest.raises(TrainingDiverged, match="round abandoned"):
+    with pytest.raises(TrainingDiverged, match=r"^loss = 1e\+06 \(bound 1\): round abandoned$"):
+        algorithm.update(policy, policy, experience(policy, 8), 0.1)
+
+
+class NaNGradient(ProbeAlgorithm):
+    """A finite loss whose gradient is not: sqrt at 0, times 0."""
+
+    def loss(
+        self, policy: Policy, prepared: Probe, minibatch: TokenBatch, index: torch.Tensor
+    ) -> StepLoss:
+        values = policy.teacher_forced(minibatch).values
+        return StepLoss(torch.sqrt(values.mean() * 0.0), 0.0, {})
+
+
+def test_the_loop_abandons_the_round_on_a_gradient_that_is_not_finite(
+    policy: Policy, tmp_path: Path
+) -> None:
+    algorithm = NaNGradient(config(tmp_path), [0.0] * 6)
+    with pytest.raises(TrainingDiverged, match=r"^grad norm = nan \(bound inf\): round abandoned$"):
         algorithm.update(policy, policy, experience(policy, 8), 0.1)
 
 
@@ -204,3 +222,27 @@ def load_checkpoint_copy_with_shifted_bias(policy: Policy) -> Policy:
 def test_a_figure_no_step_measured_averages_to_nan_not_zero() -> None:
     assert math.isnan(_mean([]))
     assert _mean([1.0, 2.0]) == 1.5
+
+
+def test_the_correction_loss_samples_its_corrections_with_the_rounds_generator(
+    policy: Policy,
+) -> None:
+    """16 corrections of different lengths, 8 sampled: the draw is the generator's, so a round
+    is reproducible from its seed."""
+    outputs = [[5 + i % 7] * (1 + i % 5) + [2] for i in range(16)]
+    corrections = TokenBatch.from_lists([[5]] * 16, outputs)
+    plain = experience(policy, 2)
+    with_corrections = Experience(
+        plain.batch,
+        plain.behaviour_logprobs,
+        plain.rewards,
+        plain.weights,
+        corrections,
+        torch.ones(16),
+    )
+    loss = correction_loss(policy, with_corrections, 8, torch.Generator().manual_seed(7))
+    chosen = select(corrections, torch.randperm(16, generator=torch.Generator().manual_seed(7))[:8])
+    with torch.no_grad():
+        logprobs = token_logprobs(policy.teacher_forced(chosen).logits, chosen.output_ids)
+    expected = -float((logprobs * chosen.output_mask).sum() / chosen.output_mask.sum())
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)

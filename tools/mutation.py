@@ -284,6 +284,11 @@ def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, 
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-m", "not slow and not postgres"],
         # torch is not fork-safe once used: fork the workers from a process that only imported.
         "process_isolation": "forkserver",
+        # mutmut stops a mutant's tests after (their clean time + 1 s) x this, wall clock, and
+        # counts it as a timeout (killed). Its default 15 turns survivors into timeouts when the
+        # run is niced on a busy machine (seen: test_algorithms' survivors timed out beside
+        # other jobs); 60 keeps that rare and still stops a mutant that loops.
+        "timeout_multiplier": 60.0,
         # A mutant mypy rejects cannot land (CI type-checks trainer and core): it counts as
         # killed without running the tests. The project's mypy cache keeps this to seconds.
         "type_check_command": type_check_command(target),
@@ -460,12 +465,13 @@ def report(
     results: Sequence[ModuleResult], equivalents: Sequence[Equivalent], share: float
 ) -> None:
     print()
-    header = f"{'module':<26}{'mutants':>8}{'killed':>8}{'survived':>9}{'uncovered':>10}"
-    print(header + f"{'equivalent':>11}{'not run':>8}{'score':>7}{'time':>8}")
+    header = f"{'module':<26}{'mutants':>8}{'killed':>8}{'timeout':>8}{'survived':>9}"
+    print(header + f"{'uncovered':>10}{'equivalent':>11}{'not run':>8}{'score':>7}{'time':>8}")
     for r in results:
         score = r.score()
         print(
             f"{r.module:<26}{len(r.status_by_mutant):>8}{len(r.names(KILLED)):>8}"
+            f"{len(r.names({'timeout'})):>8}"
             f"{len(r.names(SURVIVED)):>9}{len(r.names(UNCOVERED)):>10}{len(r.equivalent):>11}"
             f"{r.not_run:>8}{'' if score != score else f'{score:.0%}':>7}{r.seconds:>7.0f}s"
             + (f"  {r.note}" if r.note else "")
