@@ -211,6 +211,10 @@ def test_actor_critic_weights_each_logged_token_by_pi_old_over_mu_truncated(
     assert prepared.figures["mean_importance_weight"] == pytest.approx((3.0 + 2 / 3) / 3)
     # the critic (0 everywhere) explains none of the returns' variance
     assert prepared.figures["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    # Each token's clipped term (-1/2 on token 1, 3/2 on token 2, as in the loss test above)
+    # carries its weight: (2 * 1.5 * -1/2 + 2 * 2/3 * 3/2) / 4 = 1/8.
+    loss = step.loss(reference(), prepared, MOVED.batch, torch.arange(2))
+    assert loss.figures["policy_loss"] == pytest.approx(0.125, abs=1e-5)
 
 
 def test_reinforce_scales_returns_by_their_spread_and_sums_the_logged_log_probs(
@@ -223,6 +227,9 @@ def test_reinforce_scales_returns_by_their_spread_and_sums_the_logged_log_probs(
         prepared.behaviour_logprobs, torch.tensor([2 * math.log(0.5), math.log(1 / 6)])
     )
     torch.testing.assert_close(prepared.weights, torch.tensor([1.0, 2.0]))
+    assert prepared.figures == {
+        "logged_kl_to_reference": pytest.approx((2 * LOG2 + LOG_TWO_THIRDS) / 2, abs=1e-6)
+    }
     one = step.prepare(policy(), reference(), experience([[1]], [0.5]), 0.0)
     assert one.return_scale == 1.0  # one sequence has no spread to scale by
     tied = step.prepare(policy(), reference(), experience([[1], [1]], [0.5, 0.5]), 0.0)
@@ -238,3 +245,24 @@ def test_make_algorithm_builds_the_configured_one_and_names_the_choices_otherwis
         ValueError, match=r"^unknown algorithm 'q' \(one of actor-critic, reinforce\)$"
     ):
         make_algorithm(config(tmp_path, algorithm="q"))
+
+
+def test_reinforce_subtracts_the_critics_first_value_as_baseline_and_fits_it_to_the_return(
+    tmp_path: Path,
+) -> None:
+    """Returns 1 and 0 (spread 1 / sqrt 2), a critic at 1/2: advantages +-1/2 before scaling,
+    and a value loss 0.5 * E[(1/2 - G)^2] = 1/8. Weights as in the loss test: 1/4 and 3."""
+    step = Reinforce(config(tmp_path, **COEFS))
+    uneven = experience([[1, 1], [2]], [1.0, 0.0], [1.0, 2.0])
+    prepared = step.prepare(policy(), reference(), uneven, 0.0)
+    critic = reference()
+    with torch.no_grad():
+        critic.value.fill_(0.5)
+    loss = step.loss(critic, prepared, uneven.batch, torch.arange(2))
+    scale = math.sqrt(0.5) + 1e-6
+    log_quarter = math.log(0.25)
+    policy_loss = (
+        -(0.25 * (0.5 / scale) * 2 * log_quarter + 3.0 * (-0.5 / scale) * log_quarter) / 3.25
+    )
+    assert loss.figures["policy_loss"] == pytest.approx(policy_loss, abs=1e-5)
+    assert loss.figures["value_loss"] == pytest.approx(0.125, abs=1e-6)

@@ -284,11 +284,6 @@ def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, 
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-m", "not slow and not postgres"],
         # torch is not fork-safe once used: fork the workers from a process that only imported.
         "process_isolation": "forkserver",
-        # mutmut stops a mutant's tests after (their clean time + 1 s) x this, wall clock, and
-        # counts it as a timeout (killed). Its default 15 turns survivors into timeouts when the
-        # run is niced on a busy machine (seen: test_algorithms' survivors timed out beside
-        # other jobs); 60 keeps that rare and still stops a mutant that loops.
-        "timeout_multiplier": 60.0,
         # A mutant mypy rejects cannot land (CI type-checks trainer and core): it counts as
         # killed without running the tests. The project's mypy cache keeps this to seconds.
         "type_check_command": type_check_command(target),
@@ -312,9 +307,15 @@ def run_mutmut(
     """Run mutmut in `scratch` until done or the deadline; True when it finished by itself."""
     command = [str(Path(sys.executable).parent / "mutmut"), "run", "--max-children", str(jobs)]
     log = (scratch / "mutmut.log").open("wb")
+    # One torch thread: each mutant's tests run in a process forked from one that has run
+    # torch already (a test module that computes at import), and a forked child that uses
+    # the parent's intra-op thread pool hangs until mutmut's timeout, which counts it as
+    # killed whatever the tests would have said. (The trainer runs on one thread too.)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     process = subprocess.Popen(
         command + list(patterns),
         cwd=scratch,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
