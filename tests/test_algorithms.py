@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from feedloop.core.policy import Policy, PolicyOutput, SampledOutput, SampleRequest, TokenBatch
-from feedloop.trainer.algorithms import ActorCritic, Reinforce
+from feedloop.trainer.algorithms import ActorCritic, Reinforce, make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.update import Experience
 
@@ -140,3 +140,129 @@ def test_with_no_reward_the_kl_penalty_alone_pulls_the_policy_towards_the_refere
     probs = trained.probabilities()
     assert probs[1] < 1 / 2 and probs[2] > 1 / 6
     assert kl_to_reference(trained) < before
+
+
+# The losses, worked out by hand: prepared on `policy()` from A = [1, 1] rated 1 and B = [2]
+# rated -1 with client weights 1 and 2 and no KL, then evaluated on the uniform reference, so
+# that pi / pi_old is 1/2 on token 1 and 3/2 on token 2. The critic is 0 throughout.
+MOVED = experience([[1, 1], [2]], [1.0, -1.0], [1.0, 2.0])
+COEFS = dict(clip_eps=0.2, value_coef=0.5, entropy_coef=0.25, importance_weight_max=10.0)
+K3 = {1: -0.5 + LOG2, 2: 0.5 - math.log(1.5)}  # (r - 1) - log r at r = 1/2 and r = 3/2
+
+
+def losses(algorithm: type[ActorCritic] | type[Reinforce], tmp_path: Path) -> Any:
+    step = algorithm(config(tmp_path, **COEFS))
+    prepared = step.prepare(policy(), reference(), MOVED, 0.0)
+    return step.loss(reference(), prepared, MOVED.batch, torch.arange(2))
+
+
+def test_actor_critic_loss_is_the_clipped_surrogate_plus_value_loss_less_entropy_bonus(
+    tmp_path: Path,
+) -> None:
+    """Whitened with weights 1, 1 (A's tokens) and 2 (B's), the advantages are 1, 1 and -1.
+    Token 1 (A > 0, ratio 1/2 below the clip range) keeps -A * 1/2; token 2 (A < 0, ratio 3/2
+    above it) keeps -A * 3/2: the weighted mean is (2 * -1/2 + 2 * 3/2) / 4 = 1/2. The value
+    loss is 0.5 * E_w[(0 - R)^2] = 0.5 and the entropy of the uniform policy log 4."""
+    step = losses(ActorCritic, tmp_path)
+    assert step.figures["policy_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert step.figures["value_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert step.figures["entropy"] == pytest.approx(math.log(4.0), abs=1e-5)
+    assert step.figures["clipfrac"] == pytest.approx(1.0)  # every token's ratio is clipped
+    assert float(step.loss.detach()) == pytest.approx(
+        0.5 + 0.5 * 0.5 - 0.25 * math.log(4.0), abs=1e-5
+    )
+    assert step.approx_kl == pytest.approx((2 * K3[1] + 2 * K3[2]) / 4, abs=1e-5)
+
+
+def test_reinforce_loss_is_the_weighted_baseline_gradient_plus_value_loss_less_entropy_bonus(
+    tmp_path: Path,
+) -> None:
+    """The sequence weights pi / mu are (1/4 / 1/2)^2 = 1/4 for A and (1/4) / (1/6) = 3/2 for B,
+    times the client weights: 1/4 and 3. The returns 1 and -1 are scaled by their std sqrt 2."""
+    step = losses(Reinforce, tmp_path)
+    scale = math.sqrt(2.0) + 1e-6
+    log_quarter = math.log(0.25)
+    policy_loss = -(0.25 * (1 / scale) * 2 * log_quarter + 3.0 * (-1 / scale) * log_quarter) / 3.25
+    assert step.figures["policy_loss"] == pytest.approx(policy_loss, abs=1e-5)
+    assert step.figures["value_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert step.figures["entropy"] == pytest.approx(math.log(4.0), abs=1e-5)
+    assert step.figures["mean_importance_weight"] == pytest.approx((0.25 + 3.0) / 2, abs=1e-5)
+    expected = policy_loss + 0.5 * 0.5 - 0.25 * math.log(4.0)
+    assert float(step.loss.detach()) == pytest.approx(expected, abs=1e-5)
+    # per token, unweighted by clients: A's two tokens at ratio 1/2, B's one at 3/2
+    assert step.approx_kl == pytest.approx((2 * K3[1] + K3[2]) / 3, abs=1e-5)
+
+
+def test_actor_critic_weights_each_logged_token_by_pi_old_over_mu_truncated(
+    tmp_path: Path,
+) -> None:
+    """Logged by the uniform policy: pi_old / mu is (1/2) / (1/4) = 2 on token 1, (1/6) / (1/4)
+    = 2/3 on token 2; with the truncation at 1.5 token 1 counts 1.5."""
+    logged_uniform = Experience(
+        MOVED.batch,
+        torch.full((2, 2), math.log(0.25)) * MOVED.batch.output_mask,
+        MOVED.rewards,
+        MOVED.weights,
+    )
+    step = ActorCritic(config(tmp_path, importance_weight_max=1.5))
+    prepared = step.prepare(policy(), reference(), logged_uniform, 0.0)
+    torch.testing.assert_close(prepared.importance, torch.tensor([[1.5, 1.5], [2 / 3, 0.0]]))
+    torch.testing.assert_close(prepared.weighted_mask, torch.tensor([[1.0, 1.0], [2.0, 0.0]]))
+    assert prepared.figures["mean_importance_weight"] == pytest.approx((3.0 + 2 / 3) / 3)
+    # the critic (0 everywhere) explains none of the returns' variance
+    assert prepared.figures["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    # Each token's clipped term (-1/2 on token 1, 3/2 on token 2, as in the loss test above)
+    # carries its weight: (2 * 1.5 * -1/2 + 2 * 2/3 * 3/2) / 4 = 1/8.
+    loss = step.loss(reference(), prepared, MOVED.batch, torch.arange(2))
+    assert loss.figures["policy_loss"] == pytest.approx(0.125, abs=1e-5)
+
+
+def test_reinforce_scales_returns_by_their_spread_and_sums_the_logged_log_probs(
+    tmp_path: Path,
+) -> None:
+    step = Reinforce(config(tmp_path))
+    prepared = step.prepare(policy(), reference(), MOVED, 0.0)
+    assert prepared.return_scale == pytest.approx(math.sqrt(2.0) + 1e-6, abs=1e-7)
+    torch.testing.assert_close(
+        prepared.behaviour_logprobs, torch.tensor([2 * math.log(0.5), math.log(1 / 6)])
+    )
+    torch.testing.assert_close(prepared.weights, torch.tensor([1.0, 2.0]))
+    assert prepared.figures == {
+        "logged_kl_to_reference": pytest.approx((2 * LOG2 + LOG_TWO_THIRDS) / 2, abs=1e-6)
+    }
+    one = step.prepare(policy(), reference(), experience([[1]], [0.5]), 0.0)
+    assert one.return_scale == 1.0  # one sequence has no spread to scale by
+    tied = step.prepare(policy(), reference(), experience([[1], [1]], [0.5, 0.5]), 0.0)
+    assert tied.return_scale == pytest.approx(1e-6, rel=1e-3)  # no spread: never a zero division
+
+
+def test_make_algorithm_builds_the_configured_one_and_names_the_choices_otherwise(
+    tmp_path: Path,
+) -> None:
+    assert isinstance(make_algorithm(config(tmp_path, algorithm="reinforce")), Reinforce)
+    assert isinstance(make_algorithm(config(tmp_path)), ActorCritic)
+    with pytest.raises(
+        ValueError, match=r"^unknown algorithm 'q' \(one of actor-critic, reinforce\)$"
+    ):
+        make_algorithm(config(tmp_path, algorithm="q"))
+
+
+def test_reinforce_subtracts_the_critics_first_value_as_baseline_and_fits_it_to_the_return(
+    tmp_path: Path,
+) -> None:
+    """Returns 1 and 0 (spread 1 / sqrt 2), a critic at 1/2: advantages +-1/2 before scaling,
+    and a value loss 0.5 * E[(1/2 - G)^2] = 1/8. Weights as in the loss test: 1/4 and 3."""
+    step = Reinforce(config(tmp_path, **COEFS))
+    uneven = experience([[1, 1], [2]], [1.0, 0.0], [1.0, 2.0])
+    prepared = step.prepare(policy(), reference(), uneven, 0.0)
+    critic = reference()
+    with torch.no_grad():
+        critic.value.fill_(0.5)
+    loss = step.loss(critic, prepared, uneven.batch, torch.arange(2))
+    scale = math.sqrt(0.5) + 1e-6
+    log_quarter = math.log(0.25)
+    policy_loss = (
+        -(0.25 * (0.5 / scale) * 2 * log_quarter + 3.0 * (-0.5 / scale) * log_quarter) / 3.25
+    )
+    assert loss.figures["policy_loss"] == pytest.approx(policy_loss, abs=1e-5)
+    assert loss.figures["value_loss"] == pytest.approx(0.125, abs=1e-6)

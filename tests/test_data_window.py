@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from feedloop.core.store import open_store
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.data import Cursor, read_window
+from feedloop.trainer.data import Cursor, Window, read_window, version_number
 
 NOW = 1_000_000.0
 JOIN_WINDOW_S = 60.0
@@ -105,11 +106,115 @@ def test_data_past_the_version_lag_or_the_age_bound_is_dropped_and_counted(
             generation("stale", NOW - 600, version="v0001"),  # 3 versions behind v0004
             generation("lagging", NOW - 600, version="v0002"),  # 2 behind: at the bound, kept
             generation("ancient", NOW - 7200, version="v0004"),  # older than max_data_age_s
+            generation("aged", NOW - 3600, version="v0004"),  # exactly that old: kept
             generation("fresh", NOW - 600, version="v0004"),
         ]
     )
     bounds = config(tmp_path, max_version_lag=2, max_data_age_s=3600.0)
     window = read_window(store, Cursor(), bounds, now=NOW, live_version="v0004", seed=0)
-    assert sorted(window.generations) == ["fresh", "lagging"]
+    assert sorted(window.generations) == ["aged", "fresh", "lagging"]
     assert window.dropped_stale == 2
     assert window.notes == ["dropped 2 generations older than the staleness bounds"]
+
+
+def test_feedback_lag_is_measured_to_the_fraction_of_a_second(
+    store: ReplayStore, tmp_path: Path
+) -> None:
+    store.append_generations([generation("rated", NOW - 1)])
+    store.insert_feedback([rating("e1", "rated", NOW - 0.25)])
+    window = read_window(store, Cursor(), config(tmp_path), now=NOW, live_version=None, seed=0)
+    assert window.newest_event_age_s == window.oldest_event_age_s == pytest.approx(0.25)
+
+
+def settle(store: ReplayStore, tmp_path: Path, gids: list[str]) -> Cursor:
+    """Store settled generations and read them in one round: the cursor after it."""
+    store.append_generations([generation(g, NOW - 600) for g in gids])
+    first = read_window(store, Cursor(), config(tmp_path), now=NOW, live_version=None, seed=0)
+    assert sorted(first.generations) == sorted(gids)
+    return Cursor(first.next_generation_seq, first.next_feedback_seq)
+
+
+def test_a_later_round_replays_a_sample_of_the_generations_before_its_cursor(
+    store: ReplayStore, tmp_path: Path
+) -> None:
+    cursor = settle(store, tmp_path, ["old1", "old2"])
+    store.append_generations([generation("new", NOW - 600)])
+    replaying = config(tmp_path, replay_sample_size=2)
+    window = read_window(store, cursor, replaying, now=NOW, live_version=None, seed=0)
+    assert sorted(window.generations) == ["new", "old1", "old2"]
+    assert (window.new_generations, window.replayed) == (1, 2)
+
+
+def test_a_sample_of_one_replays_the_one_generation_before_the_first_cursor_step(
+    store: ReplayStore, tmp_path: Path
+) -> None:
+    cursor = settle(store, tmp_path, ["old"])
+    assert cursor.generation_seq == 1
+    replaying = config(tmp_path, replay_sample_size=1)
+    window = read_window(store, cursor, replaying, now=NOW, live_version=None, seed=0)
+    assert (sorted(window.generations), window.replayed) == (["old"], 1)
+
+
+def test_a_replayed_generation_already_in_the_window_is_not_counted_again(
+    store: ReplayStore, tmp_path: Path
+) -> None:
+    cursor = settle(store, tmp_path, ["old"])
+    store.insert_feedback([rating("e1", "old", NOW)])  # brings it in as new feedback
+    replaying = config(tmp_path, replay_sample_size=1)
+    window = read_window(store, cursor, replaying, now=NOW, live_version=None, seed=0)
+    assert (sorted(window.generations), window.replayed) == (["old"], 0)
+
+
+def test_a_cursor_reads_back_what_it_wrote_and_defaults_what_is_missing() -> None:
+    cursor = Cursor(generation_seq=7, feedback_seq=9, kl_coef=0.05, rounds=3)
+    assert cursor.to_dict() == {
+        "generation_seq": 7,
+        "feedback_seq": 9,
+        "kl_coef": 0.05,
+        "rounds": 3,
+    }
+    assert Cursor.from_dict(cursor.to_dict()) == cursor
+    assert Cursor.from_dict(None) == Cursor.from_dict({}) == Cursor(0, 0, None, 0)
+    assert Cursor.from_dict({"kl_coef": 0.1}) == Cursor(0, 0, 0.1, 0)
+    assert Cursor.from_dict({"generation_seq": "5", "feedback_seq": 6.0, "rounds": 2}) == Cursor(
+        5, 6, None, 2
+    )
+    assert isinstance(Cursor.from_dict({"generation_seq": "5"}).generation_seq, int)
+
+
+def test_version_numbers_are_read_from_the_registry_names() -> None:
+    assert version_number("v0012") == 12
+    assert version_number("candidate-v3") == 3
+    assert version_number("v12x") is None
+    assert version_number(None) is None
+    assert version_number("") is None
+
+
+def test_a_windows_figures_name_each_count_and_lag() -> None:
+    window = Window(
+        generations={"g1": generation("g1", NOW), "g2": generation("g2", NOW)},
+        events=[rating("e1", "g1", NOW)],
+        new_events=3,
+        new_generations=4,
+        replayed=5,
+        dropped_stale=6,
+        next_generation_seq=7,
+        next_feedback_seq=8,
+        newest_event_age_s=1.5,
+        oldest_event_age_s=2.5,
+    )
+    assert window.figures() == {
+        "window_generations": 2,
+        "window_events": 1,
+        "new_events": 3,
+        "new_generations": 4,
+        "replayed_generations": 5,
+        "dropped_stale": 6,
+        "generation_seq_after": 7,
+        "feedback_seq_after": 8,
+        "newest_event_age_s": 1.5,
+        "oldest_event_age_s": 2.5,
+    }
+    lagless = Window({}, [], 0, 0, 0, 0, 0, 0)
+    assert math.isnan(lagless.newest_event_age_s) and math.isnan(lagless.oldest_event_age_s)
+    assert lagless.notes == []

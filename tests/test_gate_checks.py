@@ -19,6 +19,7 @@ import torch
 from trainer_support import SPLIT, one_torch_thread
 
 from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.evaluation import perplexity
 from feedloop.core.policy import Policy
 from feedloop.trainer import gate as gate_module
 from feedloop.trainer.config import TrainConfig
@@ -149,3 +150,29 @@ def test_too_few_heldout_ratings_skip_the_off_policy_check_and_say_so(
     assert report.passed
     assert report.figures["ope_heldout"] == 0 and "ope_candidate" not in report.figures
     assert any(r.startswith(NO_OPE) for r in report.reasons)
+
+
+def test_each_perplexity_is_reported_and_lives_is_measured_once_per_live_policy(
+    setting: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate: Gate = setting["gate"]
+    gate.config = setting["config"]
+    measured: list[Policy] = []
+
+    def counted(policy: Policy, pairs: Any) -> float:
+        measured.append(policy)
+        return perplexity(policy, pairs)
+
+    monkeypatch.setattr(gate_module, "perplexity", counted)
+    candidate, live = setting["candidate"], setting["live"]
+    first = gate.evaluate(candidate, live, [], None, seed=0, live_version="v0002").figures
+    gate.evaluate(candidate, live, [], None, seed=0, live_version="v0002")
+    assert sum(p is live for p in measured) <= 1  # the same live policy: its figure is kept
+    assert first["perplexity_candidate"] == perplexity(candidate, gate.pairs)
+    assert first["perplexity_live"] == perplexity(live, gate.pairs)
+    assert first["perplexity_reference"] == perplexity(gate.reference, gate.pairs)
+
+    new_live = perturbed(gate.reference, 3, 0.3)
+    after_swap = gate.evaluate(candidate, new_live, [], None, seed=0, live_version="v0003")
+    assert after_swap.figures["perplexity_live"] == perplexity(new_live, gate.pairs)
+    assert sum(p is new_live for p in measured) == 1

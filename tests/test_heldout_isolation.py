@@ -4,9 +4,15 @@ The gate estimates the candidate's reward on rated generations held out by id; i
 robust estimate measures the reward model's residuals there. A reward model trained on pairs
 that name those generations, or calibrated on their ratings, shrinks those residuals and makes
 the gate over-confident.
+
+The tests at the end specify the rest of `learning_signals` (trainer/signals.py, whose mutation
+tests run this file alone): its notes, the reward model's pair and accuracy bars, and the rule
+for unrated generations.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from test_rewards import event, generation
@@ -144,4 +150,90 @@ def test_gate_heldout_generations_are_its_test_set_and_never_training_examples()
         if not is_heldout(g, SHARE)
     }
     assert {g.generation_id: r for g, r, _ in signals.examples} == expected_examples
+    assert all(w == 1.0 for g, _, w in signals.examples if g.generation_id in unrated)
     assert signals.figures["reward_sources"]["default"] == len(unrated) - len(unrated_heldout)
+
+
+TOKENIZER = Tokenizer.build([" ".join(WORDS)])
+
+
+def test_a_window_of_one_feedback_kind_says_so_and_counts_kinds() -> None:
+    window = rated_window(requests=20)
+    config = TrainConfig(heldout_share=SHARE, rm_min_pairs=10**6)
+    signals = learning_signals(window, TOKENIZER, config)
+    assert "only rating feedback in the window" in signals.notes
+    assert signals.figures["feedback_by_kind"] == {"rating": 40}
+    window.events.append(event("c", "comparison", ["r0-c0", "r0-c1"]))
+    mixed = learning_signals(window, TOKENIZER, config)
+    assert not any(note.startswith("only ") for note in mixed.notes)
+
+
+def test_too_few_pairs_fit_no_reward_model_and_say_how_many() -> None:
+    window = rated_window(requests=20)  # 20 rating pairs
+    signals = learning_signals(window, TOKENIZER, TrainConfig(heldout_share=SHARE, rm_min_pairs=21))
+    assert signals.reward_model is None
+    assert "20 preference pairs (< rm_min_pairs 21): no reward model this round" in signals.notes
+    exactly = TrainConfig(heldout_share=SHARE, rm_min_pairs=20, rm_steps=5)
+    assert learning_signals(window, TOKENIZER, exactly).reward_model is not None
+
+
+def test_a_reward_model_below_the_accuracy_bar_scores_nothing_and_one_at_it_is_used() -> None:
+    window = rated_window()
+    config = TrainConfig(heldout_share=SHARE, rm_min_pairs=10, rm_steps=20, unrated="reward-model")
+    fitted = learning_signals(window, TOKENIZER, config)
+    assert fitted.reward_model is not None
+    accuracy = fitted.reward_model.heldout_accuracy
+    assert (
+        fitted.reward_model.heldout_pairs >= 10
+        and fitted.figures["rm_heldout_accuracy"] == accuracy
+    )
+    at_bar = learning_signals(
+        window, TOKENIZER, dataclasses.replace(config, rm_min_accuracy=accuracy)
+    )
+    assert at_bar.reward_model is not None
+    above = dataclasses.replace(config, rm_min_accuracy=accuracy + 0.01)
+    refused = learning_signals(window, TOKENIZER, above)
+    assert refused.reward_model is None
+    assert (
+        f"reward model held-out accuracy {accuracy:.3f} < {accuracy + 0.01}: "
+        "it scores nothing this round"
+    ) in refused.notes
+    assert refused.figures["rm_heldout_accuracy"] == accuracy  # reported all the same
+
+
+def test_unrated_training_generations_take_the_reward_models_score_or_are_left_out() -> None:
+    window = rated_window()
+    unrated = {
+        gid: generation(gid, "calm good day", request="unrated") for gid in ("u1", "u2", "u3")
+    }
+    training = [gid for gid in unrated if not is_heldout(gid, SHARE)]
+    window.generations.update(unrated)
+    config = TrainConfig(heldout_share=SHARE, rm_min_pairs=10, rm_steps=20, unrated="reward-model")
+    signals = learning_signals(window, TOKENIZER, config)
+    assert signals.reward_model is not None
+    scores = signals.reward_model.rewards(
+        ["sunny"] * len(training), ["calm good day"] * len(training)
+    )
+    by_id = {g.generation_id: (r, w) for g, r, w in signals.examples}
+    assert [by_id[gid] for gid in training] == [(float(s), 1.0) for s in scores]
+    rated_training = sum(
+        1 for g in window.generations if not g.startswith("u") and not is_heldout(g, SHARE)
+    )
+    assert signals.figures["reward_sources"] == {
+        "rating": rated_training,
+        "reward-model": len(training),
+        "default": 0,
+        "left-out": 0,
+    }
+    left_out = learning_signals(window, TOKENIZER, dataclasses.replace(config, unrated="left-out"))
+    assert not any(g.generation_id in unrated for g, _, _ in left_out.examples)
+    assert left_out.figures["reward_sources"]["left-out"] == len(training)
+    assert left_out.figures["reward_sources"]["reward-model"] == 0
+
+
+def test_ten_heldout_pairs_are_enough_to_refuse_an_inaccurate_reward_model() -> None:
+    window = rated_window(requests=16)  # the 16th request makes the 10th held-out pair
+    config = TrainConfig(heldout_share=SHARE, rm_min_pairs=10, rm_steps=5, rm_min_accuracy=1.01)
+    signals = learning_signals(window, TOKENIZER, config)
+    assert signals.figures["rm_heldout_pairs"] == 10
+    assert signals.reward_model is None

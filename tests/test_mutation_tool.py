@@ -7,7 +7,10 @@ decide what runs and what fails, on made-up names and diffs.
 from __future__ import annotations
 
 import fnmatch
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,43 @@ def test_rotation_starts_at_the_commits_turn_and_keeps_the_order() -> None:
     modules = ["a.py", "b.py", "c.py"]
     assert mutation.rotated(modules, 0) == ["a.py", "b.py", "c.py"]
     assert mutation.rotated(modules, 4) == ["b.py", "c.py", "a.py"]
+
+
+def test_every_mutated_module_type_checks_in_the_layout_mutmut_runs_it_in(tmp_path: Path) -> None:
+    """mutmut's type filter needs a clean start: there mypy sees feedloop's real types, and an
+    error in unmutated code stops it ("Could not find mutant for type error") or counts every
+    mutant of the function holding it as caught."""
+    packages = mutation.package_dirs()
+    for module, tests in mutation.MODULES.items():
+        target = mutation.stage(tmp_path, module, tests, packages)
+        assert mutation.unmutated_type_errors(tmp_path, target) == [], module
+        shutil.rmtree(tmp_path / "tests")  # stage copies them again for the next module
+
+
+def test_stopping_a_run_ends_every_process_of_its_session() -> None:
+    """mutmut runs in a session of its own: stopping it (the deadline, or an interrupt of the
+    tool) must end its workers too, not leave them running unowned."""
+    script = (
+        "import signal, subprocess, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "ignoring = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "subprocess.Popen(['sleep', '60'], preexec_fn=ignoring)  # a worker deaf to SIGINT\n"
+        "time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    time.sleep(1.0)
+    mutation.stop(process)
+    assert process.returncode is not None
+
+    def session() -> list[str]:
+        found = subprocess.run(["ps", "-eo", "sid=,stat="], capture_output=True, text=True)
+        return [
+            line
+            for line in found.stdout.splitlines()
+            if line.split()[0] == str(process.pid) and not line.split()[1].startswith("Z")
+        ]
+
+    deadline = time.monotonic() + 5
+    while session() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session() == []

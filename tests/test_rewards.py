@@ -12,6 +12,7 @@ from feedloop.trainer.rewards import (
     aggregate,
     client_weights,
     correction_targets,
+    feedback_kinds,
     preference_pairs,
     rated_generations,
 )
@@ -86,6 +87,39 @@ def test_aggregation_rules_combine_several_ratings_as_declared() -> None:
         aggregate(values, "median")
 
 
+def test_aggregating_nothing_is_an_error_that_says_so() -> None:
+    with pytest.raises(ValueError, match=r"^nothing to aggregate$"):
+        aggregate([], "mean")
+
+
+def test_a_mean_of_ratings_that_all_weigh_zero_is_zero() -> None:
+    assert aggregate([(1.0, 1.0, 0.0), (2.0, 0.5, 0.0)], "mean") == 0.0
+
+
+def test_earliest_and_latest_go_by_time_not_by_value() -> None:
+    values = [(1.0, 1.0, 1.0), (3.0, -0.5, 1.0), (2.0, 0.0, 1.0)]  # (time, value, weight)
+    assert aggregate(values, "earliest") == 1.0
+    assert aggregate(values, "latest") == -0.5
+
+
+def test_ratings_given_at_the_same_instant_go_to_the_first_in_order_not_the_larger_value() -> None:
+    assert aggregate([(1.0, 0.5, 1.0), (1.0, -0.5, 1.0)], "earliest") == 0.5
+    assert aggregate([(1.0, -0.5, 1.0), (1.0, 0.5, 1.0)], "latest") == -0.5
+
+
+def test_a_rated_generation_weighs_the_mean_of_its_ratings_weights_one_when_uncapped() -> None:
+    events = [
+        event("a", "rating", ["g1"], score=5.0, scale="stars5"),
+        event("b", "rating", ["g1"], score=4.0, scale="stars5"),
+        event("c", "rating", ["g2"], score=1.0, scale="thumbs"),
+    ]
+    rated = rated_generations(events, {"a": 1.0, "b": 0.5}, "mean")
+    assert rated["g1"].reward == pytest.approx((1.0 * 1.0 + 0.5 * 0.5) / 1.5)  # on its scale
+    assert rated["g1"].weight == pytest.approx(0.75)
+    assert rated["g1"].events == 2
+    assert rated["g2"] == RatedGeneration(1.0, 1.0, 1)  # no weight given: 1
+
+
 def test_rated_generations_use_the_users_time_when_given() -> None:
     events = [
         event("a", "rating", ["g1"], at=10.0, score=1.0, scale="unit", given_at=1.0),
@@ -119,6 +153,33 @@ def test_with_too_few_clients_for_the_cap_every_client_weighs_the_same() -> None
     assert all(w > 0 for w in weights.values())
 
 
+def test_no_events_get_no_weights() -> None:
+    assert client_weights([], 0.5) == {}
+
+
+def test_with_no_cap_every_event_weighs_one() -> None:
+    events = [event(f"a{i}", "rating", ["g"], client="flood") for i in range(9)]
+    events.append(event("b", "rating", ["g"], client="b"))
+    assert set(client_weights(events, 1.0).values()) == {1.0}
+
+
+def test_clients_exactly_at_the_cap_keep_weight_one() -> None:
+    # cap 1/4: the flood is cut to 1 in 4 of the total; b, c and d sit exactly at the cap.
+    events = [event(f"a{i}", "rating", ["g"], client="flood") for i in range(3)]
+    events += [event(c, "rating", ["g"], client=c) for c in ("b", "c", "d")]
+    weights = client_weights(events, 0.25)
+    assert weights["b"] == weights["c"] == weights["d"] == 1.0
+    assert weights["a0"] == pytest.approx(1 / 3)
+
+
+def test_with_too_few_clients_for_the_cap_the_total_weight_is_the_number_of_events() -> None:
+    events = [event(f"a{i}", "rating", ["g"], client="a") for i in range(9)]
+    events.append(event("b", "rating", ["g"], client="b"))
+    weights = client_weights(events, 0.3)
+    assert weights["b"] == pytest.approx(5.0)  # each client weighs the mean count, 10 / 2
+    assert sum(weights.values()) == pytest.approx(10.0)
+
+
 def test_a_single_client_keeps_full_weight() -> None:
     events = [event(f"a{i}", "rating", ["g"]) for i in range(5)]
     assert set(client_weights(events, 0.5).values()) == {1.0}
@@ -147,6 +208,23 @@ def test_rankings_expand_to_every_implied_pair_weighing_like_n_minus_one_compari
     assert sum(p.weight for p in pairs) == pytest.approx(2.0)  # 3 pairs of weight 2/3
 
 
+def test_a_capped_ranking_spreads_its_capped_weight_over_its_pairs() -> None:
+    gens = {g: generation(g, f"text {g}") for g in ("g1", "g2", "g3")}
+    pairs = preference_pairs([event("r", "ranking", ["g2", "g1", "g3"])], gens, {"r": 0.5}, {})
+    assert [p.weight for p in pairs] == pytest.approx([1 / 3] * 3)  # 2 * 0.5 / 3 each
+
+
+def test_a_comparison_naming_other_than_two_generations_is_ignored() -> None:
+    gens = {g: generation(g, f"text {g}") for g in ("g1", "g2", "g3")}
+    assert preference_pairs([event("c", "comparison", ["g1", "g2", "g3"])], gens, {}, {}) == []
+
+
+def test_a_correction_that_only_changes_case_or_spaces_is_no_preference() -> None:
+    gens = {"g1": generation("g1", "warm sun")}
+    for text in ("Warm Sun", "  WARM SUN "):
+        assert preference_pairs([event("x", "correction", ["g1"], text=text)], gens, {}, {}) == []
+
+
 def test_comparisons_and_corrections_become_preferences() -> None:
     gens = {g: generation(g, f"text {g}") for g in ("g1", "g2")}
     events = [
@@ -159,6 +237,7 @@ def test_comparisons_and_corrections_become_preferences() -> None:
         ("correction", "a better text", "text g1"),
     ]
     assert correction_targets(events, gens, {"x": 0.5})[0].weight == 0.5
+    assert correction_targets(events, gens, {})[0].weight == 1.0  # uncapped
 
 
 def test_ratings_of_one_request_give_pairs_only_past_the_noise_gap() -> None:
@@ -208,6 +287,12 @@ def test_the_better_rated_candidate_is_preferred_whichever_comes_first() -> None
     assert (pair.weight, pair.key) == (0.25, "g2>g1")
 
 
+def test_the_better_rated_candidate_is_preferred_at_any_gap_past_the_noise_bound() -> None:
+    rated = {"g1": RatedGeneration(0.5, 1.0, 1), "g2": RatedGeneration(0.0, 1.0, 1)}
+    [pair] = preference_pairs([], GENERATIONS, {}, rated)
+    assert (pair.preferred_text, pair.rejected_text) == ("warm sun", "cold rain")
+
+
 def test_a_gap_of_exactly_the_noise_bound_makes_a_pair_and_a_smaller_one_does_not() -> None:
     assert RATING_PAIR_MIN_GAP == 0.25
     at_bound = {"g1": RatedGeneration(0.5, 1.0, 1), "g2": RatedGeneration(0.25, 1.0, 1)}
@@ -224,3 +309,12 @@ def test_ratings_of_different_requests_or_of_absent_generations_make_no_pair() -
         "gone": RatedGeneration(-1.0, 1.0, 1),
     }
     assert preference_pairs([], generations, {}, rated) == []
+
+
+def test_feedback_kinds_count_the_events_of_each_kind() -> None:
+    events = [
+        event("a", "rating", ["g1"], score=1.0),
+        event("b", "rating", ["g2"], score=0.0),
+        event("c", "comparison", ["g1", "g2"]),
+    ]
+    assert feedback_kinds(events) == {"rating": 2, "comparison": 1}

@@ -1,14 +1,19 @@
-"""The training window (trainer.data.read_window) on hand-built records: each event counts once."""
+"""trainer.data on hand-built records: the window counts each event once, and the round's
+tensors (build_experience) carry exactly the usable generations and corrections."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import torch
 from store_support import generation, rating
 
 from feedloop.core.store import open_store
+from feedloop.core.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.data import Cursor, read_window
+from feedloop.trainer.data import Cursor, build_experience, encode_correction, read_window
+from feedloop.trainer.rewards import CorrectionTarget
 
 SERVED_AT = 1000.0
 RATED_AT = 2000.0  # store_support.rating's received_at
@@ -54,3 +59,71 @@ def test_a_generation_rated_after_it_settled_comes_back_with_its_new_feedback(
     assert set(second.generations) == {"late"}
     assert [e.event_id for e in second.events] == ["e1"]
     store.close()
+
+
+TOKENIZER = Tokenizer.build(["warm sun"])  # after the 5 special tokens: sun 5, warm 6
+SUN, WARM = 5, 6
+
+
+def test_a_correction_is_encoded_with_eos_only_when_every_word_is_known() -> None:
+    assert encode_correction(TOKENIZER, "warm sun") == [WARM, SUN, EOS_ID]
+    assert encode_correction(TOKENIZER, "warm cold") is None
+    assert encode_correction(TOKENIZER, "") is None
+
+
+def test_the_experience_holds_the_usable_generations_and_known_corrections_as_float32() -> None:
+    g = generation("g")
+    long = dataclasses.replace(g, output_ids=[SUN, WARM], behaviour_logprobs=[-1.0, -0.5])
+    short = dataclasses.replace(g, output_ids=[WARM], behaviour_logprobs=[-0.25])
+    no_output = dataclasses.replace(g, output_ids=[], behaviour_logprobs=[])
+    # Whole numbers (a TOML default reward of 0, a weight of 2) still give float tensors.
+    examples = [(long, 1, 1), (no_output, 1.0, 1.0), (short, -1, 2), (long, 1.0, 0.0)]
+    corrections = [
+        CorrectionTarget("warm", "warm sun", 1),
+        CorrectionTarget("sun", "cold sun", 0.5),  # "cold" is not in the vocabulary
+        CorrectionTarget("", "sun", 2),  # no prompt word: one <unk>
+    ]
+    experience, skipped = build_experience(TOKENIZER, examples, corrections)
+    assert experience is not None and skipped == 1
+    assert experience.batch.prompt_ids.tolist() == [g.prompt_ids, g.prompt_ids]
+    assert experience.batch.output_ids.tolist() == [[SUN, WARM], [WARM, PAD_ID]]
+    assert experience.behaviour_logprobs.tolist() == [[-1.0, -0.5], [-0.25, 0.0]]
+    assert experience.rewards.tolist() == [1.0, -1.0]
+    assert experience.weights.tolist() == [1.0, 2.0]
+    assert experience.corrections is not None and experience.correction_weights is not None
+    assert experience.corrections.prompt_ids.tolist() == [[WARM], [UNK_ID]]
+    assert experience.corrections.output_ids.tolist() == [
+        [WARM, SUN, EOS_ID],
+        [SUN, EOS_ID, PAD_ID],
+    ]
+    assert experience.correction_weights.tolist() == [1.0, 2.0]
+    for t in (
+        experience.behaviour_logprobs,
+        experience.rewards,
+        experience.weights,
+        experience.correction_weights,
+    ):
+        assert t.dtype == torch.float32
+
+
+def test_corrections_alone_train_beside_one_placeholder_sequence_of_weight_zero() -> None:
+    experience, skipped = build_experience(TOKENIZER, [], [CorrectionTarget("sun", "warm", 1.0)])
+    assert experience is not None and skipped == 0
+    assert experience.batch.prompt_ids.tolist() == [[UNK_ID]]
+    assert experience.batch.output_ids.tolist() == [[EOS_ID]]
+    assert experience.behaviour_logprobs.tolist() == [[0.0]]
+    assert experience.rewards.tolist() == [0.0] and experience.weights.tolist() == [0.0]
+    assert experience.corrections is not None
+
+
+def test_generations_alone_make_an_experience_without_corrections() -> None:
+    experience, skipped = build_experience(TOKENIZER, [(generation("g"), 0.5, 1.0)], [])
+    assert experience is not None and skipped == 0
+    assert experience.size == 1
+    assert experience.corrections is None and experience.correction_weights is None
+
+
+def test_nothing_usable_makes_no_experience_and_counts_the_skipped_corrections() -> None:
+    unusable = [(dataclasses.replace(generation("g"), output_ids=[]), 1.0, 1.0)]
+    corrections = [CorrectionTarget("sun", "cold", 1.0), CorrectionTarget("sun", "", 1.0)]
+    assert build_experience(TOKENIZER, unusable, corrections) == (None, 2)

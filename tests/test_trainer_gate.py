@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_gate_estimates import constant_reward_model
 from trainer_support import SPLIT, TRAIN_PROMPTS, one_torch_thread
 
 from feedloop.core.checkpoint import load_checkpoint
@@ -19,6 +20,7 @@ from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.gate import (
     Gate,
     best_so_far,
+    heldout_pairs,
     kl_to_reference,
     off_policy_values,
     sequence_behaviour_logprobs,
@@ -190,3 +192,64 @@ def test_a_negative_number_of_earlier_versions_to_compare_with_is_a_config_error
 ) -> None:
     with pytest.raises(ValueError, match="gate_best_of_recent"):
         TrainConfig(data_dir=tmp_path, gate_best_of_recent=-1)
+
+
+def test_a_refusal_names_the_version_it_falls_below_and_how_many_were_compared(
+    best_so_far_setting,  # type: ignore[no-untyped-def]
+) -> None:
+    gate, live, older, heldout = best_so_far_setting
+    worse = leaning(live, "good", -3.0)
+    alone = gate.evaluate(worse, live, heldout, None, seed=0, live_version="v0002")
+    assert not alone.passed
+    live_value = alone.figures["ope_best_value"]
+    assert alone.reasons[-1].endswith(f"is clearly below live v0002's {live_value:.3f}")
+
+    candidate = leaning(live, "good", -0.2)
+    for recent, compared in (
+        ([("v0001", older)], "1 earlier live version"),
+        ([("v0001", older), ("v0000", older)], "2 earlier live versions"),
+    ):
+        report = gate.evaluate(
+            candidate, live, heldout, None, seed=0, live_version="v0002", recent=recent
+        )
+        best = report.figures["ope_best_value"]
+        assert report.reasons[-1].endswith(
+            f"is clearly below v0001's {best:.3f}, the best of live v0002 and {compared}"
+        )
+
+
+def test_with_a_reward_model_every_version_is_valued_doubly_robust(
+    best_so_far_setting,  # type: ignore[no-untyped-def]
+) -> None:
+    gate, live, older, heldout = best_so_far_setting
+    report = gate.evaluate(
+        live,
+        live,
+        heldout,
+        constant_reward_model(0.0),
+        seed=0,
+        live_version="v0002",
+        recent=[("v0001", older)],
+    )
+    f = report.figures
+    assert f["ope_estimator"] == "dr"
+    assert all("dr" in f[k] and "dm" in f[k] for k in ("ope_candidate", "ope_live"))
+    assert "dr" in f["ope_recent"]["v0001"]
+
+
+def test_the_gates_prompts_are_fixed_by_the_seed() -> None:
+    assert heldout_pairs(SPLIT.test, 3) == heldout_pairs(SPLIT.test, 3)
+    assert heldout_pairs(SPLIT.test, 3) != heldout_pairs(SPLIT.test, 4)
+
+
+def test_the_gate_values_the_ratings_at_their_full_precision(
+    best_so_far_setting,  # type: ignore[no-untyped-def]
+) -> None:
+    gate, live, _, heldout = best_so_far_setting
+    tenths = [(record, (i % 7) / 10 - 0.3) for i, (record, _) in enumerate(heldout)]
+    report = gate.evaluate(live, live, tenths, None, seed=0, live_version="v0002")
+    ratings = torch.tensor([r for _, r in tenths], dtype=torch.float64)
+    records = [record for record, _ in tenths]
+    weight_max = gate.config.gate_ope_weight_max
+    expected = off_policy_values(live, records, ratings, None, weight_max=weight_max, seed=0)
+    assert report.figures["ope_candidate"]["snips"] == expected["snips"]

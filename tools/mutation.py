@@ -42,6 +42,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.toml"
@@ -49,14 +50,14 @@ EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.toml"
 # Each mutated module and the test files that specify it: only these run against its mutants.
 MODULES: dict[str, tuple[str, ...]] = {
     "trainer/rl_math.py": ("tests/test_rl_math.py", "tests/test_rl_math_edges.py"),
-    "trainer/algorithms.py": ("tests/test_algorithms.py", "tests/test_trainer_loop.py"),
+    "trainer/algorithms.py": ("tests/test_algorithms.py",),
     "trainer/update.py": ("tests/test_trainer_update.py", "tests/test_algorithms.py"),
     "trainer/gate.py": (
         "tests/test_gate_checks.py",
         "tests/test_trainer_gate.py",
         "tests/test_gate_estimates.py",
     ),
-    "trainer/signals.py": ("tests/test_heldout_isolation.py", "tests/test_trainer_loop.py"),
+    "trainer/signals.py": ("tests/test_heldout_isolation.py",),
     "trainer/rewards.py": (
         "tests/test_rewards.py",
         "tests/test_heldout_isolation.py",
@@ -68,7 +69,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_reward_model_heldout.py",
         "tests/test_heldout_isolation.py",
     ),
-    "trainer/data.py": ("tests/test_trainer_loop.py", "tests/test_data_window.py"),
+    "trainer/data.py": ("tests/test_data_window.py", "tests/test_trainer_data.py"),
     "core/sampling.py": (
         "tests/test_sampling_draws.py",
         "tests/test_sampling.py",
@@ -235,6 +236,35 @@ def staged_path(module: str, packages: dict[str, str]) -> Path:
     raise ValueError(f"{module} is in no package of pyproject's package-dir")
 
 
+def type_check_command(target: Path) -> list[str]:
+    """mypy on one staged file, one JSON object per error (what mutmut's type filter reads)."""
+    cache = ["--cache-dir", str(ROOT / ".mypy_cache")]
+    return [sys.executable, "-m", "mypy", str(target), "-O", "json", *cache]
+
+
+def unmutated_type_errors(scratch: Path, target: Path) -> list[str]:
+    """mypy's errors in the staged module before any mutation, as `path:line: message` (errors
+    in the modules it imports, which mutmut skips, are not reported).
+
+    In the scratch layout mypy resolves `feedloop.*` imports to their real types; the work
+    tree's mypy run sees them as Any (the installed package-dir mapping is invisible to it) and
+    so passes code that is wrong here. mutmut's type filter attributes each error to the mutant
+    whose function holds the line: an error in the unmutated code would count every mutant of
+    its function as caught, and one outside them stops mutmut with "Could not find mutant for
+    type error". So the staged module must type-check clean first.
+    """
+    out = subprocess.run(
+        type_check_command(target), cwd=scratch, capture_output=True, text=True, check=False
+    )
+    errors = []
+    for line in out.stdout.splitlines():
+        if line.strip():
+            d = json.loads(line)
+            if d["severity"] == "error" and Path(d["file"]) == target:
+                errors.append(f"{d['file']}:{d['line']}: {d['message']}")
+    return errors
+
+
 def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, str]) -> Path:
     """Lay out the scratch directory for one module; returns the mutated file's path in it."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -256,16 +286,7 @@ def stage(scratch: Path, module: str, tests: Sequence[str], packages: dict[str, 
         "process_isolation": "forkserver",
         # A mutant mypy rejects cannot land (CI type-checks trainer and core): it counts as
         # killed without running the tests. The project's mypy cache keeps this to seconds.
-        "type_check_command": [
-            sys.executable,
-            "-m",
-            "mypy",
-            str(target),
-            "-O",
-            "json",
-            "--cache-dir",
-            str(ROOT / ".mypy_cache"),
-        ],
+        "type_check_command": type_check_command(target),
     }
     config = "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
@@ -286,13 +307,46 @@ def run_mutmut(
     """Run mutmut in `scratch` until done or the deadline; True when it finished by itself."""
     command = [str(Path(sys.executable).parent / "mutmut"), "run", "--max-children", str(jobs)]
     log = (scratch / "mutmut.log").open("wb")
+    # One torch thread: each mutant's tests run in a process forked from one that has run
+    # torch already (a test module that computes at import), and a forked child that uses
+    # the parent's intra-op thread pool hangs until mutmut's timeout, which counts it as
+    # killed whatever the tests would have said. (The trainer runs on one thread too.)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     process = subprocess.Popen(
         command + list(patterns),
         cwd=scratch,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    assert process.stdout is not None
+    try:
+        return _follow(process, log, deadline, label)
+    except BaseException:
+        # mutmut runs in a session of its own (so that the deadline can stop its workers
+        # together): an interrupt of this tool must stop it too, or it runs on unowned.
+        stop(process)
+        raise
+    finally:
+        log.close()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Interrupt mutmut's session (it stops its workers and keeps every result recorded), then
+    kill whatever of it is left: a process started in the background ignores SIGINT."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _follow(process: subprocess.Popen[bytes], log: IO[bytes], deadline: float, label: str) -> bool:
+    """Log mutmut's output and echo its progress until it ends (True) or the deadline stops it
+    (False); RuntimeError when it fails."""
     assert process.stdout is not None
     tail, last_progress = b"", time.monotonic()
     while True:
@@ -314,16 +368,9 @@ def run_mutmut(
                 )
             last_progress = time.monotonic()
         if time.time() > deadline:
-            # mutmut stops its workers on an interrupt and keeps every result it has recorded.
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-            log.close()
+            stop(process)
             return False
     process.wait()
-    log.close()
     if process.returncode != 0:
         tail_text = tail.decode("utf-8", "replace").replace("\r", "\n")
         raise RuntimeError(f"mutmut failed on {label} (exit {process.returncode}):\n{tail_text}")
@@ -381,6 +428,13 @@ def test_module(
     scratch = Path(tempfile.mkdtemp(prefix="feedloop-mutation-"))
     try:
         target = stage(scratch, module, MODULES[module], package_dirs())
+        type_errors = unmutated_type_errors(scratch, target)
+        if type_errors:
+            raise RuntimeError(
+                f"mypy rejects {module} before any mutation, in the layout mutmut runs it in "
+                "(with feedloop's real types), so mutmut's type filter cannot attribute its "
+                "errors: fix these first\n" + "\n".join(type_errors)
+            )
         pattern = sample_pattern(module_name(target), share)
         finished = run_mutmut(scratch, [pattern] if pattern else [], jobs, deadline, module)
         result.status_by_mutant = read_results(scratch, complete=finished)
@@ -412,12 +466,13 @@ def report(
     results: Sequence[ModuleResult], equivalents: Sequence[Equivalent], share: float
 ) -> None:
     print()
-    header = f"{'module':<26}{'mutants':>8}{'killed':>8}{'survived':>9}{'uncovered':>10}"
-    print(header + f"{'equivalent':>11}{'not run':>8}{'score':>7}{'time':>8}")
+    header = f"{'module':<26}{'mutants':>8}{'killed':>8}{'timeout':>8}{'survived':>9}"
+    print(header + f"{'uncovered':>10}{'equivalent':>11}{'not run':>8}{'score':>7}{'time':>8}")
     for r in results:
         score = r.score()
         print(
             f"{r.module:<26}{len(r.status_by_mutant):>8}{len(r.names(KILLED)):>8}"
+            f"{len(r.names({'timeout'})):>8}"
             f"{len(r.names(SURVIVED)):>9}{len(r.names(UNCOVERED)):>10}{len(r.equivalent):>11}"
             f"{r.not_run:>8}{'' if score != score else f'{score:.0%}':>7}{r.seconds:>7.0f}s"
             + (f"  {r.note}" if r.note else "")

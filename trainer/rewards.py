@@ -140,8 +140,8 @@ def preference_pairs(
         w = weights.get(e.event_id, 1.0)
         ids = [g for g in e.generation_ids if g in generations]
         if e.kind == "comparison" and len(e.generation_ids) == 2 and len(ids) == 2:
-            a, b = generations[ids[0]], generations[ids[1]]
-            add(a, b.text, a.text, w, "comparison", e.event_id, (ids[0], ids[1]))
+            first, second = generations[ids[0]], generations[ids[1]]
+            add(first, second.text, first.text, w, "comparison", e.event_id, (ids[0], ids[1]))
         elif e.kind == "ranking" and len(ids) >= 2:
             ranked = [generations[g] for g in e.generation_ids if g in generations]
             # A ranking of n weighs like n - 1 comparisons: its Plackett-Luce likelihood is n - 1
