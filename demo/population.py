@@ -86,11 +86,15 @@ def to_client_event(feedback: SimulatedFeedback) -> FeedbackInput:
     """A simulated user's feedback as the client's event type."""
     ids = feedback.generation_ids
     if feedback.kind == "rating":
+        if feedback.score is None:
+            raise ValueError("a simulated rating without a score")
         return Rating(ids[0], float(feedback.score), scale=feedback.scale or "unit")
     if feedback.kind == "comparison":
         return Comparison(ids[0], ids[1])
     if feedback.kind == "ranking":
         return Ranking(tuple(ids))
+    if feedback.text is None:
+        raise ValueError("a simulated correction without its text")
     return Correction(ids[0], feedback.text)
 
 

@@ -185,8 +185,10 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         outcome = await self.writer.submit(record)
         return pb.FeedbackAck(event_id=event.event_id, outcome=OUTCOMES[outcome])
 
+    # grpc sees the coroutine `streaming` makes of this generator (rpc.py), whose signature the
+    # generated servicer's base class does not know.
     @streaming("SubmitStream")
-    async def SubmitStream(
+    async def SubmitStream(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.FeedbackEvent],
         context: grpc.aio.ServicerContext,

@@ -170,7 +170,7 @@ class PostgresRegistry(ModelRegistry):
         self._pool.run("migrate", self._migrate, transaction=True)
         schema = self._pool.schema or self._pool.run(
             "schema",
-            lambda c: c.execute("SELECT current_schema()").fetchone()[0],
+            lambda c: c.execute("SELECT current_schema()").fetchone()[0],  # type: ignore[index]
             transaction=False,
         )
         # One channel per schema (channels are database-wide); names are at most 63 bytes.
