@@ -26,6 +26,7 @@ from server_harness import (
     test_config,
 )
 
+from feedloop.client.aio import AsyncFeedloopClient
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError, FieldViolation
 from feedloop.client.options import RetryPolicy
@@ -212,3 +213,31 @@ async def test_the_python_client_waits_as_long_as_retry_info_asks_then_succeeds(
         waited_s, version = await asyncio.to_thread(session)
     assert version == "v0001"
     assert 0.4 < waited_s < 5.0
+
+
+async def test_the_asyncio_client_exposes_the_details_and_waits_as_asked(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    quick = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+    async with (
+        serving(tmp_path, tiny_checkpoint, rate_limit_rps=2.0, rate_limit_burst=1) as running,
+        AsyncFeedloopClient(f"127.0.0.1:{running.server.grpc_port}", retry=quick) as client,
+    ):
+        with pytest.raises(FeedloopClientError) as bad:
+            await client.generate("a", top_p=1.5)
+        started = time.monotonic()
+        reply = await client.generate("a")  # the bad call took the token: refused, then served
+        waited_s = time.monotonic() - started
+    assert bad.value.field_violations[0].field == "sampling.top_p"
+    assert reply.model_version == "v0001"
+    assert 0.4 < waited_s < 5.0
+
+
+def test_retries_wait_at_least_the_servers_delay_and_only_where_the_server_invites_them() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.01)
+    unavailable, exhausted = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert policy.delay_s(1, unavailable, None) <= 0.01
+    assert policy.delay_s(1, unavailable, 0.7) == 0.7
+    assert policy.delay_s(1, exhausted, 0.7) == 0.7  # a refusal before any work: safe to repeat
+    assert policy.delay_s(1, exhausted, None) is None  # a full disk says nothing: an answer
+    assert policy.delay_s(3, unavailable, 0.7) is None  # attempts spent
