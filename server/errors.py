@@ -102,19 +102,14 @@ def require_text(value: str, field: str) -> str:
 
 
 class InContext(ServiceError):
-    """Another error's status, with a message that names where it happened; its details are
-    the inner error's."""
+    """Another error's status, with a message that starts with prefix (e.g. the event id); its
+    details are the inner error's."""
 
     def __init__(self, inner: BaseException, prefix: str) -> None:
         code, message = status_of(inner)
         super().__init__(f"{prefix}: {message}")
         self.code = code
         self.inner = inner
-
-
-def in_context(exc: BaseException, prefix: str) -> ServiceError:
-    """The same status as exc, with a message that starts with prefix (e.g. the event id)."""
-    return InContext(exc, prefix)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
