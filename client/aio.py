@@ -94,10 +94,8 @@ class AsyncFeedloopClient:
                 error = FeedloopClientError.from_rpc_error(exc)
             except FeedloopClientError as exc:  # raised by an attempt that read a status itself
                 error = exc
-            if error.code != grpc.StatusCode.UNAVAILABLE or number >= policy.max_attempts:
-                raise error
-            delay_s = policy.backoff_s(number)
-            if time.monotonic() + delay_s >= deadline:
+            delay_s = policy.delay_s(number, error.code, error.retry_delay_s)
+            if delay_s is None or time.monotonic() + delay_s >= deadline:
                 raise error
             await asyncio.sleep(delay_s)
             number += 1

@@ -1,9 +1,11 @@
 """How a client connects: target, credentials, deadlines and the retry policy.
 
-Retries cover UNAVAILABLE only: it is the one code that says the request was not processed (the
-server was unreachable, restarting or shedding load). Other codes are answers, and repeating the
-call would only repeat the answer. Feedback stays safe to retry because each event carries an
-`event_id` fixed before the first attempt, which the server stores once.
+Retries cover UNAVAILABLE, the one code that says the request was not processed (the server was
+unreachable, restarting or shedding load), and any refusal that carries a google.rpc.RetryInfo:
+the server sends one only when it turned the call away before doing anything (a full queue, a
+rate limit), and its delay is then the least the client waits. Other codes are answers, and
+repeating the call would only repeat the answer. Feedback stays safe to retry because each event
+carries an `event_id` fixed before the first attempt, which the server stores once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, on UNAVAILABLE only."""
+    """Exponential backoff with full jitter, on UNAVAILABLE or a server's RetryInfo."""
 
     max_attempts: int = 4  # first try included; 1 means no retry
     initial_backoff_s: float = 0.1
@@ -41,6 +43,18 @@ class RetryPolicy:
         exponential_s = self.initial_backoff_s * self.multiplier ** (retry_number - 1)
         cap = min(self.max_backoff_s, exponential_s)
         return (rng or random).uniform(0.0, cap)
+
+    def delay_s(
+        self, attempt_number: int, code: grpc.StatusCode, server_delay_s: float | None
+    ) -> float | None:
+        """Seconds to wait after failed attempt `attempt_number` (1 for the first) before the
+        next, or None when the call must not be retried. server_delay_s is the RetryInfo delay
+        the failure carried, if any: the server knows how long its queue or rate limit needs."""
+        if attempt_number >= self.max_attempts:
+            return None
+        if code != grpc.StatusCode.UNAVAILABLE and server_delay_s is None:
+            return None
+        return max(server_delay_s or 0.0, self.backoff_s(attempt_number))
 
 
 @dataclass(frozen=True)

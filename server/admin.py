@@ -32,7 +32,7 @@ from feedloop.core.registry.pointer import unix_seconds, valid_share
 from feedloop.core.store import ReplayStore
 from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.server.batcher import Batcher
-from feedloop.server.errors import InvalidArgument, NotFound
+from feedloop.server.errors import MODEL_VERSION, InvalidArgument, NotFound
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.rpc import unary
@@ -185,7 +185,11 @@ def get_online_report(
     published = sorted(registry.versions() + registry.pruned_versions(), key=lambda v: (len(v), v))
     unknown = [v for v in versions if v not in published]
     if unknown:
-        raise NotFound(f"versions: not in the registry: {', '.join(map(repr, unknown))}")
+        raise NotFound(
+            f"versions: not in the registry: {', '.join(map(repr, unknown))}",
+            field="versions",
+            resource=(MODEL_VERSION, unknown[0]),
+        )
     since = now - window_s
     trial = pointer.trial
     if versions:

@@ -34,6 +34,7 @@ from feedloop.core.errors import ConfigError
 from feedloop.server.errors import ServiceError
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
+from feedloop.server.rpc import abort
 
 ROLES = ("generate", "feedback", "admin")
 ANONYMOUS = "anonymous"
@@ -133,13 +134,25 @@ class Authenticator:
         return key.name if key else ANONYMOUS
 
 
+# Refused's reason for a call past its key's rate: counted in feedloop_rate_limited, not with the
+# answered calls, so one client over its limit does not read as server errors.
+RATE_LIMITED = "rate_limited"
+
+
 class Refused(ServiceError):
     """A call turned away before its handler ran; `reason` labels feedloop_auth_denied."""
 
-    def __init__(self, reason: str, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self,
+        reason: str,
+        code: grpc.StatusCode,
+        message: str,
+        retry_delay_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.code = code
+        self.retry_delay_s = retry_delay_s
 
 
 def admit(
@@ -169,23 +182,24 @@ def admit(
         name = key.name
     if not limiter.allow(name):
         raise Refused(
-            "rate_limited",
+            RATE_LIMITED,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"rate limit of {limiter.rate_per_s:g} requests/s exceeded for {name!r}; retry later",
+            retry_delay_s=limiter.wait_s(name),
         )
     return name
 
 
-def _deny(streaming: bool, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _deny(streaming: bool, refused: Refused) -> grpc.RpcMethodHandler:
     if streaming:
 
         async def deny_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(code, message)
+            await abort(context, refused)
 
         return grpc.stream_stream_rpc_method_handler(deny_stream)
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        await abort(context, refused)
 
     return grpc.unary_unary_rpc_method_handler(deny)
 
@@ -213,8 +227,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             admit(self.authenticator, self.limiter, details.invocation_metadata, role)
         except Refused as refused:
             self.metrics.auth_denied.labels(refused.reason).inc()
-            self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], refused.code.name).inc()
-            return _deny(streaming, refused.code, str(refused))
+            method = details.method.rsplit("/", 1)[-1]
+            if refused.reason == RATE_LIMITED:
+                self.metrics.rate_limited.labels(method).inc()
+            else:
+                self.metrics.requests.labels(method, refused.code.name).inc()
+            return _deny(streaming, refused)
         return await continuation(details)
 
 

@@ -1,12 +1,19 @@
 """The server's named errors and the one place that maps every error to a gRPC status.
 
 Servicers and the parts behind them raise these (or the core's errors); `status_of` turns any of
-them into (code, message) for the caller, with a message that says what to fix.
+them into (code, message) for the caller, with a message that says what to fix, and
+`rich_status` adds the google.rpc details a client in any language can read without parsing
+the message: BadRequest naming the field, RetryInfo on back-pressure, ResourceInfo naming what
+was not found, ErrorInfo with a machine-readable reason.
 """
 
 from __future__ import annotations
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from feedloop.core.errors import (
     CheckpointError,
@@ -17,11 +24,20 @@ from feedloop.core.errors import (
     UnknownVersionError,
 )
 
+# ErrorInfo's domain, and ResourceInfo's types of what a caller can name.
+ERROR_DOMAIN = "feedloop"
+MODEL_VERSION = "model_version"
+GENERATION = "generation"
+
 
 class ServiceError(Exception):
     """Base of the errors a caller sees; `code` is the gRPC status it maps to."""
 
     code = grpc.StatusCode.INTERNAL
+    # Seconds the caller should wait before retrying (sent as RetryInfo); None: do not say.
+    retry_delay_s: float | None = None
+    # A machine-readable cause in UPPER_SNAKE_CASE (sent as ErrorInfo); None: the code says it.
+    reason: str | None = None
 
 
 class InvalidArgument(ServiceError):
@@ -32,29 +48,39 @@ class InvalidArgument(ServiceError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
 
 
 class NotFound(ServiceError):
     """A named generation or model version does not exist (or is not loaded); `field`, when
-    known, names the request field that named it."""
+    known, names the request field that named it, and `resource` the (type, name) missing."""
 
     code = grpc.StatusCode.NOT_FOUND
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, field: str | None = None, resource: tuple[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.field = field
+        self.resource = resource
 
 
 class Overloaded(ServiceError):
     """A bounded queue is full: the caller should back off and retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A full queue drains in about a batch or two: long enough not to refill it at once.
+    retry_delay_s = 0.5
+    reason = "QUEUE_FULL"
 
 
 class Unavailable(ServiceError):
     """The server cannot serve now (draining, no model, store down); retrying may succeed."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    # A restarting model process or a draining server (whose replacement, or another replica
+    # behind the same address, takes over) is back within about a second.
+    retry_delay_s = 1.0
 
 
 class DeadlineExceeded(ServiceError):
@@ -75,12 +101,15 @@ def require_text(value: str, field: str) -> str:
     return value
 
 
-def in_context(exc: BaseException, prefix: str) -> ServiceError:
-    """The same status as exc, with a message that starts with prefix (e.g. the event id)."""
-    code, message = status_of(exc)
-    wrapped = ServiceError(f"{prefix}: {message}")
-    wrapped.code = code
-    return wrapped
+class InContext(ServiceError):
+    """Another error's status, with a message that starts with prefix (e.g. the event id); its
+    details are the inner error's."""
+
+    def __init__(self, inner: BaseException, prefix: str) -> None:
+        code, message = status_of(inner)
+        super().__init__(f"{prefix}: {message}")
+        self.code = code
+        self.inner = inner
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -103,3 +132,46 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StoreUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, f"replay store unavailable: {exc}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def details_of(exc: BaseException) -> list[Message]:
+    """The google.rpc detail messages for any error raised while serving a call."""
+    if isinstance(exc, InContext):
+        return details_of(exc.inner)
+    details: list[Message] = []
+    if isinstance(exc, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=exc.field, description=exc.problem
+        )
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif isinstance(exc, NotFound) and exc.resource is not None:
+        resource_type, resource_name = exc.resource
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type=resource_type, resource_name=resource_name, description=str(exc)
+            )
+        )
+    elif isinstance(exc, UnknownVersionError):
+        details.append(
+            error_details_pb2.ResourceInfo(resource_type=MODEL_VERSION, description=str(exc))
+        )
+    if isinstance(exc, ServiceError):
+        if exc.retry_delay_s is not None:
+            delay = Duration()
+            delay.FromNanoseconds(round(exc.retry_delay_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        if exc.reason is not None:
+            details.append(
+                error_details_pb2.ErrorInfo(reason=exc.reason.upper(), domain=ERROR_DOMAIN)
+            )
+    return details
+
+
+def rich_status(exc: BaseException) -> grpc.Status:
+    """status_of's code and message with details_of's details, as grpc sends them: the
+    google.rpc.Status in the `grpc-status-details-bin` trailer."""
+    code, message = status_of(exc)
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details_of(exc):
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)

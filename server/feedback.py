@@ -20,7 +20,7 @@ import grpc
 from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
 from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
-from feedloop.server.errors import InvalidArgument, ServiceError, in_context, require_text
+from feedloop.server.errors import InContext, InvalidArgument, ServiceError, require_text
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.rpc import Undecodable, streaming, unary
@@ -208,7 +208,7 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                     window.made_room()
                     outcome = item.outcome
                     if isinstance(outcome, BaseException):
-                        raise in_context(outcome, f"event {item.record.event_id!r}") from outcome
+                        raise InContext(outcome, f"event {item.record.event_id!r}") from outcome
                     yield pb.FeedbackAck(event_id=item.record.event_id, outcome=OUTCOMES[outcome])
                 if not in_flight and reader.done():
                     break
@@ -217,7 +217,7 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                 event_id, exc = window.failure
                 if not event_id:  # the request stream failed, not one event
                     raise exc
-                raise in_context(exc, f"event {event_id!r}") from exc
+                raise InContext(exc, f"event {event_id!r}") from exc
         finally:
             if not reader.done():
                 reader.cancel()

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, ReplayStore
-from feedloop.server.errors import InvalidArgument, NotFound, Unavailable
+from feedloop.server.errors import GENERATION, InvalidArgument, NotFound, Unavailable
 from feedloop.server.generation_log import GenerationLog, GenerationRef
 from feedloop.server.metrics import ServerMetrics
 
@@ -287,7 +287,11 @@ class FeedbackWriter:
             return None
         for field_name, gid in zip(id_fields(record), ids, strict=True):
             if gid not in found:
-                return NotFound(f"{field_name}: no generation {gid!r}")
+                return NotFound(
+                    f"{field_name}: no generation {gid!r}",
+                    field=field_name,
+                    resource=(GENERATION, gid),
+                )
         if record.kind == "ranking":
             requests = {found[gid][0] for gid in record.generation_ids}
             if len(requests) > 1:

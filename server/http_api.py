@@ -25,7 +25,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 
-from feedloop.server.auth import Authenticator, Refused, admit
+from feedloop.server.auth import RATE_LIMITED, Authenticator, Refused, admit
 from feedloop.server.errors import InvalidArgument, NotFound, status_of
 from feedloop.server.feedback import FeedbackService
 from feedloop.server.generation import GenerationService
@@ -73,6 +73,7 @@ ERROR_TYPES = {
 OUTCOMES = {pb.FEEDBACK_OUTCOME_ACCEPTED: "accepted", pb.FEEDBACK_OUTCOME_DUPLICATE: "duplicate"}
 
 CODE = web.ResponseKey("feedloop_code", grpc.StatusCode)  # what a response counts as
+RATE_LIMITED_REFUSAL = web.ResponseKey("feedloop_rate_limited", bool)  # counted apart
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -96,6 +97,7 @@ def error_response(exc: BaseException, *, chat: bool = False) -> web.Response:
     }
     response = web.json_response({"error": error}, status=status)
     response[CODE] = code
+    response[RATE_LIMITED_REFUSAL] = isinstance(exc, Refused) and exc.reason == RATE_LIMITED
     return response
 
 
@@ -129,18 +131,24 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
 
     def _counted(self, path: str, handler: Handler) -> Handler:
-        """Count and time every call in feedloop_requests{method="HTTP /v1/..."}."""
+        """Count and time every call in feedloop_requests{method="HTTP /v1/..."} (or, refused
+        by its key's rate limit, in feedloop_rate_limited)."""
         calls = CallMetrics(self.metrics, f"HTTP {path}")
 
         async def counted(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
             code = grpc.StatusCode.CANCELLED  # unless it finishes: the client went away
+            rate_limited = False
             try:
                 response = await handler(request)
                 code = response.get(CODE, grpc.StatusCode.OK)
+                rate_limited = response.get(RATE_LIMITED_REFUSAL, False)
                 return response
             finally:
-                calls.done(code, started)
+                if rate_limited:
+                    calls.rate_limited()
+                else:
+                    calls.done(code, started)
 
         return counted
 

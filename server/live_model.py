@@ -32,7 +32,7 @@ from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.policy import nonempty_prompt
 from feedloop.core.registry import CANARY, REFUSED, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.tokenizer import Tokenizer
-from feedloop.server.errors import FailedPrecondition, NotFound, ServiceError
+from feedloop.server.errors import MODEL_VERSION, FailedPrecondition, NotFound, ServiceError
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
 
@@ -146,6 +146,7 @@ class LiveModel:
                 f"model_version {version!r} is not loaded on this server "
                 f"(loaded: {', '.join(self.loaded_versions()) or 'none'})",
                 field="model_version",
+                resource=(MODEL_VERSION, version),
             )
         return model
 

@@ -366,6 +366,13 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "feedloop_rate_limited",
+            "Calls refused by their key's rate limit, by method; counted here instead of in "
+            "feedloop_requests, where they would read as server errors",
+            ["method"],
+            registry=r,
+        )
         self.auth_denied = Counter(
             "feedloop_auth_denied",
             "Calls refused by auth or rate limit, by reason",

@@ -46,3 +46,13 @@ class RateLimiter:
         if bucket is None:
             bucket = self._buckets[key] = TokenBucket(self.rate_per_s, self.burst, self.burst, now)
         return bucket.take(now)
+
+    def wait_s(self, key: str, now: float | None = None) -> float:
+        """Seconds until key's bucket holds a whole token again (0 when it does now): the
+        retry delay a refused caller is told."""
+        bucket = self._buckets.get(key)
+        if not self.enabled or bucket is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens = min(bucket.capacity, bucket.tokens + (now - bucket.updated_at) * self.rate_per_s)
+        return max(0.0, (1.0 - tokens) / self.rate_per_s)

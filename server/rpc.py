@@ -2,7 +2,8 @@
 
 Servicer methods are decorated with `unary` or `streaming`; they raise ServiceError (or core
 errors) and never call context.abort themselves, so `errors.status_of` stays the one place that
-decides status codes. The metric children are bound once per (method, code), not per call.
+decides status codes (and `errors.rich_status` the one that adds their google.rpc details).
+The metric children are bound once per (method, code), not per call.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from feedloop.server.errors import InvalidArgument, status_of
+from feedloop.server.errors import InvalidArgument, rich_status, status_of
 from feedloop.server.metrics import ServerMetrics
 from feedloop.v1 import feedloop_pb2 as pb
 
@@ -82,6 +83,7 @@ class CallMetrics:
     def __init__(self, metrics: ServerMetrics, method: str) -> None:
         self.duration = metrics.request_duration.labels(method)
         self._requests = metrics.requests
+        self._rate_limited = metrics.rate_limited.labels(method)
         self._method = method
         self._by_code: dict[grpc.StatusCode, Any] = {}
 
@@ -91,6 +93,10 @@ class CallMetrics:
             child = self._by_code[code] = self._requests.labels(self._method, code.name)
         child.inc()
         self.duration.observe(time.perf_counter() - started)
+
+    def rate_limited(self) -> None:
+        """A call its key's rate limit refused: counted apart from the answered calls."""
+        self._rate_limited.inc()
 
 
 def _call_metrics(servicer: Any, method: str) -> CallMetrics:
@@ -102,12 +108,13 @@ def _call_metrics(servicer: Any, method: str) -> CallMetrics:
     return found
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
-    code, message = status_of(exc)
-    if code == grpc.StatusCode.INTERNAL:
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """End the call with exc's status: its code, its message and its google.rpc details."""
+    status = rich_status(exc)
+    if status.code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
-    await context.abort(code, message)
-    return code  # not reached: abort raises
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    return status.code  # not reached: abort raises
 
 
 def unary(method: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
@@ -126,7 +133,7 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...
                 raise
             except Exception as exc:
                 code = status_of(exc)[0]
-                await _abort(context, exc)
+                await abort(context, exc)
             finally:
                 calls.done(code, started)
 
@@ -164,7 +171,7 @@ def streaming(
                     code = grpc.StatusCode.CANCELLED
                     raise
                 code = status_of(exc)[0]
-                await _abort(context, exc)
+                await abort(context, exc)
             finally:
                 try:
                     await responses.aclose()

@@ -94,6 +94,18 @@ async def running_server(
         await server.stop(5.0)
 
 
+async def flood_generate(running: Running, calls: int = 40) -> list[Any]:
+    """Send calls long Generates at once: their replies, or the AioRpcErrors of those refused."""
+    requests = [
+        running.generation.Generate(
+            pb.GenerateRequest(prompt=f"p {i}", sampling=pb.SamplingParams(max_tokens=48)),
+            timeout=30,
+        )
+        for i in range(calls)
+    ]
+    return await asyncio.gather(*requests, return_exceptions=True)
+
+
 async def wait_until(
     condition: Callable[[], Any], *, timeout_s: float = 10.0, interval_s: float = 0.01
 ) -> Any:

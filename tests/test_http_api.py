@@ -357,7 +357,14 @@ async def test_rate_limited_calls_are_429s(tmp_path: Path, tiny_checkpoint: Path
         await api.completions.create(model="feedloop", prompt="ocean")
         with pytest.raises(openai.RateLimitError) as err:
             await api.completions.create(model="feedloop", prompt="ocean")
+        sample = running.server.metrics.registry.get_sample_value
+        method = {"method": "HTTP /v1/completions"}
+        counted = (
+            sample("feedloop_rate_limited_total", method),
+            sample("feedloop_requests_total", {**method, "code": "RESOURCE_EXHAUSTED"}),
+        )
     assert err.value.status_code == 429
+    assert counted == (1.0, None)  # counted apart from server errors
 
 
 def test_back_pressure_maps_to_429_and_unavailability_to_503() -> None:

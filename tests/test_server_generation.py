@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import running_server, seeded_registry, test_config, wait_until
+from server_harness import flood_generate, running_server, seeded_registry, test_config, wait_until
 
 from feedloop.core.policy import SampledOutput
 from feedloop.core.sampling import SamplingParams
@@ -206,14 +206,7 @@ async def test_full_queue_answers_resource_exhausted(tmp_path: Path, tiny_checkp
     registry = seeded_registry(tmp_path / "registry", tiny_checkpoint)
     config = test_config(tmp_path, max_queue_size=2, max_batch_size=1)
     async with running_server(config, registry=registry) as running:
-        calls = [
-            running.generation.Generate(
-                pb.GenerateRequest(prompt=f"p {i}", sampling=pb.SamplingParams(max_tokens=48)),
-                timeout=30,
-            )
-            for i in range(40)
-        ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await flood_generate(running)
     codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
     assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert any(isinstance(r, pb.GenerateResponse) for r in results)

@@ -11,6 +11,11 @@ The standard grpc.health.v1.Health service and server reflection are served besi
 
 Conventions: times are Unix seconds (double) or google.protobuf.Timestamp; lengths are in
 tokens unless named otherwise; every id is an opaque string chosen by whoever the comment says.
+Errors: a failed call has a status code and a message that says what to fix, and a
+google.rpc.Status in its `grpc-status-details-bin` trailer with details: BadRequest naming the
+field (INVALID_ARGUMENT), RetryInfo with the delay to wait (RESOURCE_EXHAUSTED from a full queue
+or a rate limit, UNAVAILABLE), ResourceInfo naming what is missing (NOT_FOUND), and ErrorInfo
+(domain "feedloop") with a reason where the code alone is ambiguous (RATE_LIMITED, QUEUE_FULL).
 """
 
 from collections import abc as _abc
