@@ -74,6 +74,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_sampling_draws.py",
         "tests/test_sampling.py",
         "tests/test_policy.py",
+        "tests/test_decoding.py",
     ),
 }
 
