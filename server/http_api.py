@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -96,6 +97,11 @@ def error_response(exc: BaseException, *, chat: bool = False) -> web.Response:
         "code": code.name.lower(),
     }
     response = web.json_response({"error": error}, status=status)
+    delay_s = getattr(exc, "retry_delay_s", None)
+    if delay_s is not None:
+        # HTTP's Retry-After counts whole seconds; the OpenAI SDKs also read retry-after-ms.
+        response.headers["Retry-After"] = str(max(1, math.ceil(delay_s)))
+        response.headers["retry-after-ms"] = str(round(delay_s * 1000))
     response[CODE] = code
     response[RATE_LIMITED_REFUSAL] = isinstance(exc, Refused) and exc.reason == RATE_LIMITED
     return response

@@ -365,12 +365,19 @@ async def test_rate_limited_calls_are_429s(tmp_path: Path, tiny_checkpoint: Path
         )
     assert err.value.status_code == 429
     assert counted == (1.0, None)  # counted apart from server errors
+    # the bucket refills one token in 100 s: the wait the server asks for says so
+    headers = err.value.response.headers
+    assert 90 <= int(headers["retry-after"]) <= 100
+    assert 89_000 <= int(headers["retry-after-ms"]) <= 100_000
 
 
 def test_back_pressure_maps_to_429_and_unavailability_to_503() -> None:
-    assert error_response(Overloaded("queue full")).status == 429
+    full = error_response(Overloaded("queue full"))
+    assert full.status == 429
+    assert (full.headers["Retry-After"], full.headers["retry-after-ms"]) == ("1", "500")
     assert error_response(Unavailable("draining")).status == 503
-    assert error_response(RuntimeError("boom")).status == 500
+    broken = error_response(RuntimeError("boom"))
+    assert broken.status == 500 and "Retry-After" not in broken.headers
 
 
 def test_feedloop_serve_turns_the_api_on_from_its_environment_and_drains_it(
