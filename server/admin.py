@@ -30,7 +30,7 @@ from feedloop.core.online_eval import (
 from feedloop.core.registry import CANARY, SHADOW, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.registry.pointer import unix_seconds, valid_share
 from feedloop.core.store import ReplayStore
-from feedloop.core.store.outcomes import VersionOutcomes
+from feedloop.core.store.outcomes import VersionOutcomes, tally_outcomes
 from feedloop.server.batcher import Batcher
 from feedloop.server.errors import MODEL_VERSION, InvalidArgument, NotFound
 from feedloop.server.live_model import LiveModel
@@ -141,7 +141,8 @@ def trial_comparison(
     """Blocking: the trial against live on the feedback since the trial began, as the trainer's
     decision policy reads it."""
     since = unix_seconds(trial.since)
-    outcomes = store.online_outcomes(since, now, versions=[live, trial.version])
+    judged = store.judged_generations(since, now)  # read once: the tally and the shadow's
+    outcomes = tally_outcomes(judged, [live, trial.version])
     candidate, current = outcomes[trial.version], outcomes[live]
     comparison = pb.TrialComparison(
         trial_version=trial.version,
@@ -152,7 +153,7 @@ def trial_comparison(
         difference=estimate_pb(rating_difference(candidate, current, alpha)),
     )
     if trial.mode == SHADOW:
-        shadow = shadow_estimate(store.shadow_evidence(trial.version, live, since, now), alpha)
+        shadow = shadow_estimate(store.shadow_evidence(trial.version, live, judged), alpha)
         comparison.shadow.CopyFrom(
             pb.ShadowOffPolicyEstimate(
                 count=shadow.n,

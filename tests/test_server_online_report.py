@@ -188,7 +188,8 @@ async def test_a_shadow_trial_adds_its_off_policy_estimate_from_lives_rated_gene
     assert shadow.mean == pytest.approx((1.0 - w) / (1.0 + w))
     assert shadow.effective_count == pytest.approx((1 + w) ** 2 / (1 + w * w))
     since = seconds(reply.until) - reply.trial_comparison.trial_age_s
-    evidence = live.store.shadow_evidence("v0002", "v0001", since, seconds(reply.until))
+    judged = live.store.judged_generations(since, seconds(reply.until))
+    evidence = live.store.shadow_evidence("v0002", "v0001", judged)
     assert shadow.low == shadow_estimate(evidence, 0.2).low
     await live.admin.EndTrial(pb.EndTrialRequest(promote=False), timeout=10)
     await live.admin.StartTrial(pb.StartTrialRequest(version="v0003", share=0.5), timeout=10)

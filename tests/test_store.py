@@ -480,11 +480,13 @@ def test_shadow_evidence_pairs_live_ratings_with_the_shadow_versions_scores(
             judged("cmp", "comparison", ["a1", "a2"], 104.0),  # not a rating
         ]
     )
-    evidence = store.shadow_evidence("v9", "v1", 100.0)
+    evidence = store.shadow_evidence("v9", "v1", store.judged_generations(100.0))
     assert evidence == [ShadowEvidence("a1", 0.0, pytest.approx(-1.475), -1.0)]
-    assert store.shadow_evidence("v9", "v1", 0.0)[1].generation_id == "a3"
-    assert store.shadow_evidence("v9", "v1", 100.0, 100.5)[0].rating == 1.0
-    assert store.shadow_evidence("v7", "v1", 0.0) == []
+    assert store.shadow_evidence("v9", "v1", store.judged_generations(0.0))[1].generation_id == "a3"
+    assert (
+        store.shadow_evidence("v9", "v1", store.judged_generations(100.0, 100.5))[0].rating == 1.0
+    )
+    assert store.shadow_evidence("v7", "v1", store.judged_generations(0.0)) == []
 
 
 def test_size_bytes_is_what_the_store_takes_on_disk_and_grows_with_it(store: ReplayStore) -> None:

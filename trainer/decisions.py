@@ -81,6 +81,17 @@ def _undecided(
     )
 
 
+def _too_little(
+    trial: Trial, age_s: float, config: TrainConfig, figures: dict[str, Any], counts: str
+) -> Verdict:
+    """Too little evidence to judge: wait, or past max_trial_s end the trial saying so."""
+    evidence = f"{counts} (min_ratings {config.decision_min_ratings})"
+    return _undecided(
+        trial, age_s, config, figures, f"too little evidence: {evidence}",
+        f": too little evidence, {evidence}",
+    )  # fmt: skip
+
+
 def judge_trial(
     trial: Trial,
     age_s: float,
@@ -104,13 +115,9 @@ def judge_trial(
         "difference": difference.as_dict(),
     }
     if not _enough(config, live, candidate):
-        evidence = (
-            f"{candidate.ratings} ratings of {trial.version}, {live.ratings} of {live.version} "
-            f"(min_ratings {config.decision_min_ratings})"
-        )
-        return _undecided(
-            trial, age_s, config, figures, f"too little evidence: {evidence}",
-            f": too little evidence, {evidence}",
+        return _too_little(
+            trial, age_s, config, figures,
+            f"{candidate.ratings} ratings of {trial.version}, {live.ratings} of {live.version}",
         )  # fmt: skip
     versus = (
         f"{trial.version} minus {live.version}: {_interval(difference)} "
@@ -148,13 +155,10 @@ def _judge_shadow(
     }
     scored = shadow.n if shadow is not None else 0
     if shadow is None or scored < config.decision_min_ratings or not _enough(config, live):
-        evidence = (
+        return _too_little(
+            trial, age_s, config, figures,
             f"{scored} rated generations scored by {trial.version}, {live.ratings} ratings of "
-            f"{live.version} (min_ratings {config.decision_min_ratings})"
-        )
-        return _undecided(
-            trial, age_s, config, figures, f"too little evidence: {evidence}",
-            f": too little evidence, {evidence}",
+            f"{live.version}",
         )  # fmt: skip
     versus = (
         f"{trial.version}'s off-policy lower bound {shadow.low:+.3f} (self-normalised estimate "

@@ -58,6 +58,7 @@ from feedloop.core.registry import (
 )
 from feedloop.core.registry.pointer import unix_seconds
 from feedloop.core.store.base import ReplayStore
+from feedloop.core.store.outcomes import tally_outcomes
 from feedloop.trainer.algorithms import make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.data import Cursor, Window, build_experience, read_window, version_number
@@ -476,10 +477,11 @@ class Trainer:
         trial = pointer.trial
         if trial is not None:
             since = unix_seconds(trial.since)
-            outcomes = self.store.online_outcomes(since, versions=[live, trial.version])
+            judged = self.store.judged_generations(since)  # read once: tally and shadow
+            outcomes = tally_outcomes(judged, [live, trial.version])
             shadow = None
             if trial.mode == SHADOW:
-                evidence = self.store.shadow_evidence(trial.version, live, since)
+                evidence = self.store.shadow_evidence(trial.version, live, judged)
                 shadow = shadow_estimate(evidence, c.decision_alpha / 2, c.shadow_max_weight)
             verdict = judge_trial(
                 trial, now - since, outcomes[live], outcomes[trial.version], c, shadow

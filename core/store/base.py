@@ -18,7 +18,7 @@ Promises every backend keeps (one test suite runs on both):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -245,15 +245,14 @@ class ReplayStore(ABC):
         return tally_outcomes(self.judged_generations(since, until), versions)
 
     def shadow_evidence(
-        self, version: str, served_by: str, since: float, until: float | None = None
+        self, version: str, served_by: str, judged: Iterable[JudgedGeneration]
     ) -> list[ShadowEvidence]:
-        """The generations served by `served_by`, rated in [since, until) and scored by the
-        shadow `version`: each one's mean normalised rating and both log-probabilities."""
+        """Of the generations served by `served_by` and rated in `judged` (judged_generations'
+        rows, which the caller has usually tallied already), those the shadow `version` scored:
+        each one's mean normalised rating and both log-probabilities."""
         rated = {
             generation_id: rating
-            for generation_id, (served, rating) in rated_generations(
-                self.judged_generations(since, until)
-            ).items()
+            for generation_id, (served, rating) in rated_generations(judged).items()
             if served == served_by
         }
         scores = self.shadow_scores(version, sorted(rated))
