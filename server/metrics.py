@@ -25,6 +25,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -249,6 +251,10 @@ class StorageUsage(Collector):
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_* (memory, CPU seconds, open fds) and python_info, as every Prometheus client
+        # exports them: a private registry gets them only when asked.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.tallies = Tallies()
         self._lock = threading.Lock()
         r = self.registry

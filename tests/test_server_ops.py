@@ -256,6 +256,9 @@ async def test_metrics_scrape_has_every_series_and_passes_promtool(open_server) 
     for series in EXPECTED_SERIES:
         assert series in text, series
     assert "feedloop_generations_logged_total 1.0" in text
+    # The process's own series, as every Prometheus client exports them: this process's memory.
+    assert sample_value(text, "process_resident_memory_bytes") > 10_000_000
+    assert "python_info{" in text
     promtool = shutil.which("promtool")
     if promtool:
         check = subprocess.run(

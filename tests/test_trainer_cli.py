@@ -98,6 +98,9 @@ def test_train_serves_metrics_and_exits_0_on_sigterm(env: Env) -> None:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
             body = reply.read().decode()
         assert 'feedloop_trainer_rounds_total{outcome="published"} 1.0' in body
+        # process_* of the trainer process itself (a torch process holds well over 10 MB)
+        rss = next(x for x in body.splitlines() if x.startswith("process_resident_memory_bytes "))
+        assert float(rss.split()[1]) > 10_000_000
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

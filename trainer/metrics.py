@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from feedloop.trainer.decisions import VERDICTS
 
@@ -22,6 +30,9 @@ PREFIX = "feedloop_trainer_"
 class TrainerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_* and python_info, which a private registry gets only when asked.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         r = self.registry
         self.rounds = Counter(
             PREFIX + "rounds_total", "Training rounds by outcome", ["outcome"], registry=r
