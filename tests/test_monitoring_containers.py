@@ -8,7 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -131,3 +133,60 @@ def test_compose_mounts_the_monitoring_config_the_repo_ships(compose):
         (REPO / "monitoring/grafana/provisioning/datasources/prometheus.yml").read_text()
     )["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
+
+
+# The variables compose must refuse to start without: a default would be a secret every reader
+# of docker-compose.yml knows, on a published port.
+SECRETS = ("POSTGRES_PASSWORD", "FEEDLOOP_APP_KEY", "FEEDLOOP_ADMIN_KEY")
+REFERENCE = re.compile(r"\$\{(\w+)(?:(:?[?-])([^}]*))?\}")
+
+
+def interpolate(node: Any, env: dict[str, str]) -> Any:
+    """The parsed compose file with compose's `${VAR}`, `${VAR:-default}` and `${VAR:?message}`
+    (the subset it uses) replaced in every value, as compose does after parsing the YAML;
+    ValueError(message) where compose refuses to start."""
+
+    def value(match: re.Match[str]) -> str:
+        name, operator, argument = match[1], match[2], match[3]
+        if env.get(name):
+            return env[name]
+        if operator in (":?", "?"):
+            raise ValueError(f"{name}: {argument}")
+        return argument if operator in (":-", "-") else ""
+
+    if isinstance(node, dict):
+        return {key: interpolate(item, env) for key, item in node.items()}
+    if isinstance(node, list):
+        return [interpolate(item, env) for item in node]
+    return REFERENCE.sub(value, node) if isinstance(node, str) else node
+
+
+def test_compose_refuses_to_start_without_each_secret_and_has_no_default_for_any():
+    text = COMPOSE.read_text()
+    uses = [(name, operator) for name, operator, _ in REFERENCE.findall(text) if name in SECRETS]
+    assert {name for name, _ in uses} == set(SECRETS)
+    for name, operator in uses:
+        assert operator == ":?", f"${{{name}}} must use the :? form, not {operator!r}"
+    parsed = yaml.safe_load(text)
+    full = dict.fromkeys(SECRETS, "s3cret")
+    interpolate(parsed, full)
+    for missing in SECRETS:
+        for unset in ({k: v for k, v in full.items() if k != missing}, {**full, missing: ""}):
+            with pytest.raises(ValueError, match=missing):
+                interpolate(parsed, unset)
+
+
+def test_the_keys_compose_writes_are_the_ones_set_and_the_images_user_can_read_them():
+    env = {"POSTGRES_PASSWORD": "pw", "FEEDLOOP_APP_KEY": "app-k", "FEEDLOOP_ADMIN_KEY": "ops-k"}
+    config = interpolate(yaml.safe_load(COMPOSE.read_text()), env)
+    keys = tomllib.loads(config["configs"]["feedloop-keys"]["content"])["keys"]
+    assert {k["name"]: k["key"] for k in keys} == {"app": "app-k", "ops": "ops-k"}
+    assert "feedloop:pw@postgres" in config["services"]["server"]["environment"]["FEEDLOOP_STORE"]
+    # The server runs as the Dockerfile's USER; the file it reads must be readable by that user.
+    uid, gid = re.findall(r"(?m)^USER\s+(\d+):(\d+)", stages(DOCKERFILE.read_text())["runtime"])[-1]
+    (mount,) = config["services"]["server"]["configs"]
+    mode = mount["mode"]
+    owner_reads = str(mount.get("uid")) == uid and mode & 0o400
+    group_reads = str(mount.get("gid")) == gid and mode & 0o040
+    assert owner_reads or group_reads, (mount, uid, gid)
+    assert not mode & 0o007, "the keys file must not be readable by every user"
