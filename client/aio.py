@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -44,8 +44,6 @@ from feedloop.client.types import (
 )
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
-
-R = TypeVar("R")
 
 
 def open_aio_channel(options: ClientOptions) -> grpc.aio.Channel:
@@ -79,32 +77,14 @@ class AsyncFeedloopClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _with_retries(
-        self, attempt: Callable[[float], Awaitable[R]], timeout_s: float | None
-    ) -> R:
-        """Await attempt(remaining_s) until it succeeds, fails for good, or the deadline passes."""
-        policy = self.options.retry
-        deadline = time.monotonic() + (timeout_s or self.options.timeout_s)
-        number = 1
-        while True:
-            remaining_s = deadline - time.monotonic()
-            try:
-                return await attempt(max(remaining_s, 0.001))
-            except grpc.RpcError as exc:
-                error = FeedloopClientError.from_rpc_error(exc)
-            except FeedloopClientError as exc:  # raised by an attempt that read a status itself
-                error = exc
-            delay_s = policy.delay_s(number, error.code, error.retry_delay_s)
-            if delay_s is None or time.monotonic() + delay_s >= deadline:
-                raise error
-            await asyncio.sleep(delay_s)
-            number += 1
-
     async def _unary(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        async def attempt(remaining_s: float) -> Any:
-            return await method(request, timeout=remaining_s, metadata=self._metadata)
-
-        return await self._with_retries(attempt, timeout_s)
+        """One call; gRPC makes its retries (the channel's service config)."""
+        try:
+            return await method(
+                request, timeout=timeout_s or self.options.timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise FeedloopClientError.from_rpc_error(exc) from None
 
     async def generate(
         self,
@@ -190,6 +170,8 @@ class AsyncFeedloopClient:
         """Send events over one stream; unacknowledged ones are resent (same ids) on UNAVAILABLE."""
         messages = [event_to_proto(e) for e in events]
         results: list[FeedbackResult] = []
+        policy = self.options.retry
+        deadline = time.monotonic() + (timeout_s or self.options.timeout_s)
 
         async def attempt(remaining_s: float) -> list[FeedbackResult]:
             pending = messages[len(results) :]
@@ -221,7 +203,20 @@ class AsyncFeedloopClient:
                 )
             return results
 
-        return await self._with_retries(attempt, timeout_s)
+        # The stream's resend of unacknowledged events, which no service config can do.
+        number = 1
+        while True:
+            try:
+                return await attempt(max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as exc:
+                error = FeedloopClientError.from_rpc_error(exc)
+            except FeedloopClientError as exc:  # the stream ended short of its acks
+                error = exc
+            delay_s = policy.delay_s(number, error.code, error.retry_delay_s)
+            if delay_s is None or time.monotonic() + delay_s >= deadline:
+                raise error
+            await asyncio.sleep(delay_s)
+            number += 1
 
     async def list_models(
         self, *, max_decisions: int = 0, timeout_s: float | None = None

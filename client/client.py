@@ -7,15 +7,17 @@
         best = result.candidates[0]
         client.rate(best.generation_id, 1.0, scale="thumbs")
 
-Every call takes an optional `timeout_s` (default: the client's), retries UNAVAILABLE with
-backoff within that deadline, and raises FeedloopClientError on failure.
+Every call takes an optional `timeout_s` (default: the client's) and raises FeedloopClientError
+on failure. gRPC retries the unary calls within that deadline, by the service config the channel
+is opened with (client/service_config.py); submit_many resends a broken stream's unacknowledged
+events itself.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,8 +46,6 @@ from feedloop.client.types import (
 )
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
-
-R = TypeVar("R")
 
 
 def open_channel(options: ClientOptions) -> grpc.Channel:
@@ -82,30 +82,14 @@ class FeedloopClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _with_retries(self, attempt: Callable[[float], R], timeout_s: float | None) -> R:
-        """Run attempt(remaining_s) until it succeeds, fails for good, or the deadline passes."""
-        policy = self.options.retry
-        deadline = time.monotonic() + (timeout_s or self.options.timeout_s)
-        number = 1
-        while True:
-            remaining_s = deadline - time.monotonic()
-            try:
-                return attempt(max(remaining_s, 0.001))
-            except grpc.RpcError as exc:
-                error = FeedloopClientError.from_rpc_error(exc)
-            except FeedloopClientError as exc:  # raised by an attempt that read a status itself
-                error = exc
-            delay_s = policy.delay_s(number, error.code, error.retry_delay_s)
-            if delay_s is None or time.monotonic() + delay_s >= deadline:
-                raise error
-            time.sleep(delay_s)
-            number += 1
-
     def _unary(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        return self._with_retries(
-            lambda remaining_s: method(request, timeout=remaining_s, metadata=self._metadata),
-            timeout_s,
-        )
+        """One call; gRPC makes its retries (the channel's service config)."""
+        try:
+            return method(
+                request, timeout=timeout_s or self.options.timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise FeedloopClientError.from_rpc_error(exc) from None
 
     # ------------------------------------------------------------------ generation
 
@@ -199,6 +183,8 @@ class FeedloopClient:
         """
         messages = [event_to_proto(e) for e in events]
         results: list[FeedbackResult] = []
+        policy = self.options.retry
+        deadline = time.monotonic() + (timeout_s or self.options.timeout_s)
 
         def attempt(remaining_s: float) -> list[FeedbackResult]:
             pending = messages[len(results) :]
@@ -214,7 +200,21 @@ class FeedloopClient:
                 )
             return results
 
-        return self._with_retries(attempt, timeout_s)
+        # A service config cannot resend a stream's unacknowledged events (gRPC would resend
+        # them all, or none once a reply arrived), so this loop does, by the same policy.
+        number = 1
+        while True:
+            try:
+                return attempt(max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as exc:
+                error = FeedloopClientError.from_rpc_error(exc)
+            except FeedloopClientError as exc:  # the stream ended short of its acks
+                error = exc
+            delay_s = policy.delay_s(number, error.code, error.retry_delay_s)
+            if delay_s is None or time.monotonic() + delay_s >= deadline:
+                raise error
+            time.sleep(delay_s)
+            number += 1
 
     # ------------------------------------------------------------------ admin
 

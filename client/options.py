@@ -1,11 +1,12 @@
 """How a client connects: target, credentials, deadlines and the retry policy.
 
-Retries cover UNAVAILABLE, the one code that says the request was not processed (the server was
-unreachable, restarting or shedding load), and any refusal that carries a google.rpc.RetryInfo:
-the server sends one only when it turned the call away before doing anything (a full queue, a
-rate limit), and its delay is then the least the client waits. Other codes are answers, and
-repeating the call would only repeat the answer. Feedback stays safe to retry because each event
-carries an `event_id` fixed before the first attempt, which the server stores once.
+Unary calls are retried by gRPC itself, from the service config the channel is opened with
+(client/service_config.py says which methods and codes, and why): UNAVAILABLE, and
+RESOURCE_EXHAUSTED when the server invites a retry, waiting at least the delay it names. Other
+codes are answers, and repeating the call would only repeat the answer. The feedback stream's
+resend of unacknowledged events follows the same policy in Python (RetryPolicy.delay_s). Feedback
+stays safe to retry because each event carries an `event_id` fixed before the first attempt,
+which the server stores once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from feedloop.client.service_config import service_config_json
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -23,7 +26,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 class RetryPolicy:
     """Exponential backoff with full jitter, on UNAVAILABLE or a server's RetryInfo."""
 
-    max_attempts: int = 4  # first try included; 1 means no retry
+    # First try included; 1 means no retry. gRPC caps a unary call's attempts at 5.
+    max_attempts: int = 4
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
@@ -99,7 +103,11 @@ class ClientOptions:
         )
 
     def channel_args(self) -> list[tuple[str, str | int]]:
-        args: list[tuple[str, str | int]] = []
+        """The channel's options: the retrying service config, and TLS's expected name."""
+        args: list[tuple[str, str | int]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config_json(self.retry)),
+        ]
         if self.tls_server_name:
             args.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return args

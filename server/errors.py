@@ -9,6 +9,9 @@ was not found, ErrorInfo with a machine-readable reason.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -167,11 +170,59 @@ def details_of(exc: BaseException) -> list[Message]:
     return details
 
 
-def rich_status(exc: BaseException) -> grpc.Status:
+def retry_delay_of(exc: BaseException) -> float | None:
+    """The seconds exc asks the caller to wait before retrying (its RetryInfo), or None."""
+    if isinstance(exc, InContext):
+        return retry_delay_of(exc.inner)
+    return exc.retry_delay_s if isinstance(exc, ServiceError) else None
+
+
+# gRFC A6 server pushback: a client whose gRPC service config retries this code waits this many
+# milliseconds before its next attempt, or, for a negative value, does not retry at all. It is
+# RetryInfo said in the words every gRPC library's retry policy reads.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The codes the service config in client/service_config.py retries.
+RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def pushback_ms(exc: BaseException, time_remaining_s: float | None) -> str | None:
+    """The pushback trailer's value for an error, or None to leave the client's backoff alone.
+
+    RESOURCE_EXHAUSTED without a delay (a full disk) is an answer, not a moment's refusal: no
+    retry. Nor is there one when the wait would outlast the call's deadline (time_remaining_s):
+    the caller then gets the refusal and its RetryInfo at once, not a DEADLINE_EXCEEDED later.
+    """
+    code = status_of(exc)[0]
+    if code not in RETRIED_CODES:
+        return None
+    delay_s = retry_delay_of(exc)
+    if delay_s is None:
+        return "-1" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if time_remaining_s is not None and delay_s >= time_remaining_s:
+        return "-1"
+    return str(math.ceil(delay_s * 1000))
+
+
+def rich_status(exc: BaseException, time_remaining_s: float | None = None) -> grpc.Status:
     """status_of's code and message with details_of's details, as grpc sends them: the
-    google.rpc.Status in the `grpc-status-details-bin` trailer."""
+    google.rpc.Status in the `grpc-status-details-bin` trailer, and beside it, for a retried
+    code, the A6 pushback (see pushback_ms; time_remaining_s is the call's)."""
     code, message = status_of(exc)
     status = status_pb2.Status(code=code.value[0], message=message)
     for detail in details_of(exc):
         status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+    wire = rpc_status.to_status(status)
+    pushback = pushback_ms(exc, time_remaining_s)
+    if pushback is None:
+        return wire
+    trailers = (*wire.trailing_metadata, (PUSHBACK_KEY, pushback))
+    return _Status(wire.code, wire.details, trailers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Status(grpc.Status):
+    """grpc.Status is an interface with these three attributes (grpc_status makes its own)."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]

@@ -110,7 +110,7 @@ def _call_metrics(servicer: Any, method: str) -> CallMetrics:
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
     """End the call with exc's status: its code, its message and its google.rpc details."""
-    status = rich_status(exc)
+    status = rich_status(exc, context.time_remaining())
     if status.code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
     await context.abort(status.code, status.details, status.trailing_metadata)

@@ -13,6 +13,7 @@ import uuid
 from collections import deque
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +26,8 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 class Script:
     """What the fake does next; tests mutate it between calls."""
 
-    fail_next: deque[tuple[grpc.StatusCode, str]] = field(default_factory=deque)
+    # (code, message) or (code, message, trailing metadata), e.g. a grpc-retry-pushback-ms
+    fail_next: deque[tuple[Any, ...]] = field(default_factory=deque)
     break_stream_after_acks: int | None = None  # once: UNAVAILABLE after this many acks
     invalid_event_ids: set[str] = field(default_factory=set)  # INVALID_ARGUMENT naming them
     required_api_key: str | None = None
@@ -55,7 +57,9 @@ class _Base:
         if key is not None and metadata.get("authorization") != f"Bearer {key}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
         if failure is not None:
-            context.abort(*failure)
+            if len(failure) > 2:
+                context.set_trailing_metadata(failure[2])
+            context.abort(failure[0], failure[1])
 
 
 class Generation(_Base, pb_grpc.GenerationServicer):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import socket
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,8 +24,11 @@ from feedloop.client import (
     Rating,
     RetryPolicy,
 )
+from feedloop.client.options import ClientOptions
+from feedloop.client.service_config import service_config_json
 from feedloop.client.types import GenerateResult, Sampling, event_to_proto, generate_request
 from feedloop.v1 import feedloop_pb2 as pb
+from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "try again")
@@ -91,20 +97,78 @@ def test_retries_stop_after_max_attempts_and_raise_unavailable(client, fake):
 
 
 @pytest.mark.parametrize(
-    "code",
+    "failure",
     [
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
+        (grpc.StatusCode.INVALID_ARGUMENT, "no"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "no"),
+        (grpc.StatusCode.INTERNAL, "no"),
+        # a full disk: the server says "do not retry" in A6's pushback
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "no", (("grpc-retry-pushback-ms", "-1"),)),
     ],
 )
-def test_codes_other_than_unavailable_are_raised_at_once_without_retry(client, fake, code):
-    fake.script.fail_next.append((code, "no"))
+def test_answers_and_refusals_without_a_retry_invited_are_raised_at_once(client, fake, failure):
+    fake.script.fail_next.append(failure)
     with pytest.raises(FeedloopClientError) as raised:
         client.generate("x")
-    assert raised.value.code == code
+    assert raised.value.code == failure[0]
     assert fake.script.calls == ["Generate"]
+
+
+def test_a_refusal_is_retried_after_the_wait_the_server_pushes_back(client, fake):
+    pushback = (("grpc-retry-pushback-ms", "300"),)
+    fake.script.fail_next.append((grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", pushback))
+    started = time.monotonic()
+    result = client.generate("x")
+    waited_s = time.monotonic() - started
+    assert result.candidates and fake.script.calls == ["Generate", "Generate"]
+    assert waited_s >= 0.3  # not FAST_RETRY's 10 ms backoff
+
+
+def test_a_rollback_is_never_retried_since_a_repeat_would_roll_back_twice(client, fake):
+    fake.script.fail_next.append(UNAVAILABLE)
+    with pytest.raises(FeedloopClientError) as raised:
+        client.rollback()
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert fake.script.calls == ["Rollback"]
+
+
+def test_the_retries_are_grpcs_own_from_the_service_config_not_a_python_loop(fake):
+    """The channel options ClientOptions makes retry a raw stub's call; without the service
+    config the same channel fails at the first UNAVAILABLE."""
+    request = pb.GetStatusRequest()
+    with_config = ClientOptions(target=fake.target, retry=FAST_RETRY).channel_args()
+    assert any(name == "grpc.service_config" for name, _ in with_config)
+    fake.script.fail_next.extend([UNAVAILABLE, UNAVAILABLE])
+    with grpc.insecure_channel(fake.target, options=with_config) as channel:
+        reply = pb_grpc.ModelAdminStub(channel).GetStatus(request, timeout=5)
+    assert reply.live_version == "v0001"
+    assert fake.script.calls == ["GetStatus"] * 3
+
+    without = [(k, v) for k, v in with_config if k != "grpc.service_config"]
+    fake.script.calls.clear()
+    fake.script.fail_next.append(UNAVAILABLE)
+    with (
+        grpc.insecure_channel(fake.target, options=without) as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        pb_grpc.ModelAdminStub(channel).GetStatus(request, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert fake.script.calls == ["GetStatus"]
+
+
+def test_the_service_config_names_only_methods_a_repeat_cannot_harm():
+    config = json.loads(service_config_json(RetryPolicy(max_attempts=9, initial_backoff_s=0.25)))
+    (method_config,) = config["methodConfig"]
+    names = {(n["service"], n["method"]) for n in method_config["name"]}
+    assert ("feedloop.v1.Feedback", "Submit") in names
+    assert ("feedloop.v1.Generation", "Generate") in names
+    for unsafe in ("Rollback", "StartTrial", "EndTrial", "SubmitStream"):
+        assert all(method != unsafe for _, method in names)
+    retry = method_config["retryPolicy"]
+    assert retry["maxAttempts"] == 5  # gRPC's cap
+    assert retry["initialBackoff"] == "0.25s" and retry["maxBackoff"] == "2s"
+    assert retry["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    assert service_config_json(RetryPolicy(max_attempts=1)) == "{}"  # no retries at all
 
 
 def test_server_errors_carry_the_grpc_code_and_the_servers_message(client):
@@ -382,3 +446,9 @@ def test_token_logprobs_are_read_from_the_reply() -> None:
     first, second = GenerateResult.from_proto(reply).candidates
     assert first.token_logprobs == (-0.5, -0.25)
     assert second.token_logprobs == ()
+
+
+def test_the_service_config_documented_for_other_languages_is_the_clients():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "client.md").read_text()
+    documented = page.split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(documented) == json.loads(service_config_json(RetryPolicy()))

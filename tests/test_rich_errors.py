@@ -241,3 +241,27 @@ def test_retries_wait_at_least_the_servers_delay_and_only_where_the_server_invit
     assert policy.delay_s(1, exhausted, 0.7) == 0.7  # a refusal before any work: safe to repeat
     assert policy.delay_s(1, exhausted, None) is None  # a full disk says nothing: an answer
     assert policy.delay_s(3, unavailable, 0.7) is None  # attempts spent
+
+
+def test_the_pushback_trailer_says_when_any_grpc_client_may_retry() -> None:
+    from feedloop.core.errors import StoreFullError, StoreUnavailableError
+    from feedloop.server.errors import (
+        PUSHBACK_KEY,
+        InContext,
+        InvalidArgument,
+        Overloaded,
+        pushback_ms,
+        rich_status,
+    )
+
+    assert pushback_ms(Overloaded("queue full"), time_remaining_s=10.0) == "500"
+    assert pushback_ms(InContext(Overloaded("full"), "event e1"), time_remaining_s=None) == "500"
+    # a wait past the caller's deadline: refuse now, with RetryInfo, rather than time out later
+    assert pushback_ms(Overloaded("queue full"), time_remaining_s=0.4) == "-1"
+    assert pushback_ms(StoreFullError("disk"), time_remaining_s=10.0) == "-1"  # an answer
+    assert pushback_ms(StoreUnavailableError("down"), time_remaining_s=10.0) is None  # backoff
+    assert pushback_ms(InvalidArgument("prompt", "empty"), time_remaining_s=10.0) is None
+    status = rich_status(Overloaded("queue full"), time_remaining_s=10.0)
+    assert (PUSHBACK_KEY, "500") in status.trailing_metadata
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert PUSHBACK_KEY not in dict(rich_status(InvalidArgument("p", "x")).trailing_metadata)
