@@ -49,6 +49,22 @@ def test_torch_is_locked_to_the_cpu_build_of_2_13_0():
     assert (torch.public, torch.local) == ("2.13.0", "cpu")
 
 
+def test_torch_is_a_range_for_users_and_a_relock_holds_it_at_the_locked_build():
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]["core"]
+    (torch,) = [Requirement(line) for line in core if Requirement(line).name == "torch"]
+    assert len(torch.specifier) == 2 and not any(s.operator == "==" for s in torch.specifier)
+    locked = {"numpy": "2.4.6", "torch": "2.13.0+cpu", "grpcio": "1.85.4"}
+    assert lock.held_pins(locked, upgrade=False) == locked
+    assert lock.held_pins(locked, upgrade=False, released=["GRPCio"]) == {
+        "numpy": "2.4.6",
+        "torch": "2.13.0+cpu",
+    }
+    assert lock.held_pins(locked, upgrade=True) == {"torch": "2.13.0+cpu"}
+    assert lock.held_pins(locked, upgrade=False, released=["torch"]) == locked
+
+
 def test_the_lock_is_sorted_canonical_pins_without_the_project_itself():
     assert list(LOCKED) == sorted(LOCKED)
     assert all(lock.canonical(name) == name for name in LOCKED)

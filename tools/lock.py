@@ -1,6 +1,7 @@
 """Write requirements.lock: every package `pip install -e '.[dev]'` brings in, at one exact version.
 
-    .venv/bin/python tools/lock.py            # re-resolve and rewrite requirements.lock
+    .venv/bin/python tools/lock.py            # re-resolve, keeping what is locked, and rewrite
+    .venv/bin/python tools/lock.py --upgrade  # the newest of everything, torch held where it is
     .venv/bin/python tools/lock.py --check    # the venv holds exactly the locked packages
 
 `[dev]` includes `[demo]`, which includes `[serve]`, `[train]` and `[core]`, so one resolution
@@ -19,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -60,13 +62,32 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
     return pins
 
 
-def resolve() -> dict[str, str]:
-    """What pip would install into an empty environment for `-e '.[dev]'`, by canonical name."""
+# pyproject allows a range of torch (an app brings its own); the lock holds the CPU build these
+# machines have on disk, which a free resolution would leave for the newest release.
+HELD = ("torch",)
+
+
+def held_pins(
+    locked: dict[str, str], upgrade: bool, released: Sequence[str] = ()
+) -> dict[str, str]:
+    """The pins a resolution keeps: every locked one but those released, or with upgrade only
+    HELD's."""
+    free = {canonical(name) for name in released}
+    return {
+        n: v for n, v in locked.items() if (n in HELD if upgrade else n not in free) or n in HELD
+    }
+
+
+def resolve(keep: dict[str, str]) -> dict[str, str]:
+    """What pip would install into an empty environment for `-e '.[dev]'`, by canonical name,
+    with the versions in keep as constraints (they bind only packages something requires)."""
     with tempfile.TemporaryDirectory() as scratch:
         report_path = Path(scratch) / "report.json"
+        constraints = Path(scratch) / "keep.txt"
+        constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(keep.items())))
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-             "--report", str(report_path), "-e", f"{ROOT}[dev]"],
+             "--report", str(report_path), "-c", str(constraints), "-e", f"{ROOT}[dev]"],
             check=True,
         )  # fmt: skip
         report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -120,6 +141,19 @@ def main() -> int:
         action="store_true",
         help="compare this interpreter's installed packages with the lock instead of writing it",
     )
+    parser.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="resolve every package afresh (torch stays at its locked version); by default "
+        "the locked versions are kept and only what pyproject.toml adds or removes changes",
+    )
+    parser.add_argument(
+        "--upgrade-package",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="resolve this package afresh, keep the others (repeatable)",
+    )
     args = parser.parse_args()
 
     if args.check:
@@ -140,7 +174,7 @@ def main() -> int:
         )
         return 2
     before = read_lock() if LOCK.exists() else {}
-    pins = resolve()
+    pins = resolve(held_pins(before, args.upgrade, args.upgrade_package))
     write_lock(pins)
     changed = sorted(
         f"{name} {before.get(name, '-')} -> {pins.get(name, '-')}"
