@@ -38,6 +38,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("feedloop.core.cli", "core", "supervised pretraining of a policy on a corpus"),
     "sample": ("feedloop.core.cli", "core", "print sample generations from a checkpoint"),
     "store": ("feedloop.core.store.cli", "core", "replay store tools (export, erase)"),
+    "export": (
+        "feedloop.core.export_cli",
+        "core",
+        "feedback as training datasets: preference pairs, KTO, SFT (JSONL, Parquet)",
+    ),
     "registry": ("feedloop.core.registry.cli", "core", "model registry tools (prune)"),
     "demo": ("feedloop.demo.cli", "demo", "the whole loop, end to end, with simulated users"),
 }
