@@ -15,6 +15,7 @@ import sys
 
 from feedloop.core.config import add_config_flags, config_from_args
 from feedloop.core.errors import FeedloopError
+from feedloop.core.logs import configure_logging
 from feedloop.server.app import FeedloopServer
 from feedloop.server.config import ServeConfig
 
@@ -66,11 +67,7 @@ def main(argv: list[str]) -> int:
     except FeedloopError as exc:
         print(f"feedloop serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format)
     return asyncio.run(serve(config))
 
 

@@ -160,7 +160,15 @@ class ServeConfig:
         default=10.0, metadata=_help("how long in-flight calls may take to finish on SIGTERM")
     )
     log_level: Literal["debug", "info", "warning", "error"] = field(
-        default="info", metadata=_help("logging level (logs go to stderr)")
+        default="info",
+        metadata=_help("logging level (logs go to stderr; debug: a line per request and event)"),
+    )
+    log_format: Literal["text", "json"] = field(
+        default="text",
+        metadata=_help(
+            "text, or json: one object a line with generation_ids, event_id, request_id and "
+            "version as fields"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -151,6 +152,9 @@ def _correction(correction: pb.Correction, max_chars: int) -> tuple[list[str], s
     return [gid], require_text(text, "correction.text")
 
 
+log = logging.getLogger("feedloop.server")
+
+
 class FeedbackService(pb_grpc.FeedbackServicer):
     def __init__(
         self,
@@ -183,6 +187,18 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         comes here, so each one is checked, stored and deduplicated alike."""
         record = self._parse(event, client_id)
         outcome = await self.writer.submit(record)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "feedback %s %s from %s",
+                record.kind,
+                outcome,
+                client_id,
+                extra={
+                    "event_id": record.event_id,
+                    "generation_ids": record.generation_ids,
+                    "outcome": outcome,
+                },
+            )
         return pb.FeedbackAck(event_id=event.event_id, outcome=OUTCOMES[outcome])
 
     # grpc sees the coroutine `streaming` makes of this generator (rpc.py), whose signature the

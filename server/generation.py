@@ -5,6 +5,7 @@ Everything here is cheap and runs on the loop; the model runs in the model proce
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import time
@@ -50,6 +51,9 @@ def resolve_params(request: pb.GenerateRequest, config: ServeConfig) -> Sampling
             "sampling.max_tokens", f"must be 1 to {config.max_tokens_cap}, got {s.max_tokens}"
         )
     return params
+
+
+log = logging.getLogger("feedloop.server")
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -122,4 +126,16 @@ class GenerationService(pb_grpc.GenerationServicer):
             deadline=deadline,
             return_token_logprobs=request.return_token_logprobs,
         )
-        return await self.batcher.generate(job)
+        reply: pb.GenerateResponse = await self.batcher.generate(job)
+        if log.isEnabledFor(logging.DEBUG):  # one line a request: built only when wanted
+            log.debug(
+                "generated %d candidates for %s",
+                len(reply.candidates),
+                client_id,
+                extra={
+                    "request_id": reply.request_id,
+                    "generation_ids": [c.generation_id for c in reply.candidates],
+                    "version": reply.model_version,
+                },
+            )
+        return reply

@@ -211,7 +211,12 @@ class LiveModel:
         except ServiceError as exc:  # the model process failed, not the checkpoint
             if self._live is None:
                 raise  # at start-up: nothing to fall back on, the server cannot start
-            log.error("could not load model version %s, will retry: %s", version, exc)
+            log.error(
+                "could not load model version %s, will retry: %s",
+                version,
+                exc,
+                extra={"version": version},
+            )
             self._seen = previous
             return False
         if model is None:
@@ -220,7 +225,7 @@ class LiveModel:
         self._hold(model)
         self.metrics.swap_done(version, time.perf_counter() - started)
         self.metrics.set_live(version)
-        log.info("serving model version %s", version)
+        log.info("serving model version %s", version, extra={"version": version})
         return True
 
     def follow_trial(self, trial: Trial | None) -> None:
@@ -259,7 +264,13 @@ class LiveModel:
     def _refuse(self, version: str, exc: BaseException) -> None:
         self.metrics.swap_refused()
         serving = self._live.version if self._live else "none"
-        log.error("refused model version %s (still serving %s): %s", version, serving, exc)
+        log.error(
+            "refused model version %s (still serving %s): %s",
+            version,
+            serving,
+            exc,
+            extra={"version": version},
+        )
         try:
             self.registry.record(
                 Decision(version, REFUSED, f"server refused to load: {exc}", {"serving": serving})

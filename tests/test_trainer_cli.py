@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,21 @@ def test_train_once_prints_its_start_line_runs_one_round_and_exits_0(env: Env) -
     assert f"registry={env.root / 'registry'}" in start_line
     assert "published v0002" in lines[-1]
     assert open_registry(env.root / "registry").live() == "v0002"
+
+
+def test_with_log_format_json_a_rounds_line_carries_its_round_version_and_outcome(
+    env: Env,
+) -> None:
+    proc = start(env, "--once", "--log-format", "json")
+    try:
+        lines = read_until(proc, '"round": 1')
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert lines[0].startswith("feedloop train: metrics=")  # the human start line stays
+    record = json.loads(lines[-1])
+    assert record["logger"] == "feedloop.trainer" and record["message"].startswith("round 1:")
+    assert (record["round"], record["version"], record["outcome"]) == (1, "v0002", "published")
 
 
 def test_train_serves_metrics_and_exits_0_on_sigterm(env: Env) -> None:

@@ -11,6 +11,7 @@ one line per round. SIGTERM or SIGINT abandons the round in progress at its next
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from feedloop.core.config import add_config_flags, config_from_args
 from feedloop.core.errors import FeedloopError
+from feedloop.core.logs import configure_logging
 
 EXIT_USAGE = 2
 
@@ -81,14 +83,22 @@ def main(argv: list[str]) -> int:
         f"registry={config.registry_location} algorithm={config.algorithm}",
         flush=True,
     )
-    trainer = Trainer(
-        config,
-        store,
-        registry,
-        metrics=metrics,
-        stop=stop,
-        log=lambda line: print(f"feedloop train: {line}", flush=True),
+    # Round and decision lines are log records (round, version, outcome as fields in JSON); in
+    # text they read as before, on stdout, where the start line is too.
+    configure_logging(
+        config.log_level,
+        config.log_format,
+        stream=sys.stdout,
+        text_format="feedloop train: %(message)s",
     )
+    logger = logging.getLogger("feedloop.trainer")
+
+    def log(line: str, **fields: object) -> None:
+        logger.info(line, extra={k: v for k, v in fields.items() if v is not None})
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+
+    trainer = Trainer(config, store, registry, metrics=metrics, stop=stop, log=log)
     try:
         code = trainer.run(once=args.once)
     finally:

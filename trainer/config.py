@@ -88,6 +88,15 @@ class TrainConfig:
         ),
     )
     seed: int = field(default=0, metadata=_help("seed of replay sampling and minibatch order"))
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata=_help("logging level of the round and decision lines (stdout)")
+    )
+    log_format: Literal["text", "json"] = field(
+        default="text",
+        metadata=_help(
+            "text, or json: one object a line with round, version and outcome as fields"
+        ),
+    )
     # -- the window --------------------------------------------------------------------------
     max_feedback_events: int = field(
         default=5000, metadata=_help("newest feedback events read per round (bounds round time)")

@@ -86,6 +86,12 @@ class RoundAbandoned(Exception):
     """A stop was requested mid-round: nothing of the round is kept."""
 
 
+def print_line(line: str, **fields: Any) -> None:
+    """The default log of a Trainer: the human line alone. The CLI logs the fields too
+    (round, version, outcome: the JSON log's fields, core/logs.py)."""
+    print(line)
+
+
 @dataclass
 class RoundResult:
     outcome: str  # published, superseded, refused, skipped, aborted, abandoned
@@ -132,7 +138,7 @@ class Trainer:
         *,
         metrics: TrainerMetrics | None = None,
         stop: threading.Event | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[..., None] = print_line,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -525,7 +531,10 @@ class Trainer:
             self.registry.set_live(
                 verdict.version, reason=verdict.reason, action=ROLLED_BACK, expect_live=live
             )
-        self.log(f"decision: {verdict.action} {verdict.version} ({verdict.reason})")
+        self.log(
+            f"decision: {verdict.action} {verdict.version} ({verdict.reason})",
+            version=verdict.version,
+        )
 
     def _promoted_at(self, live: str) -> float | None:
         """When `live` was last promoted (None if it became live otherwise, e.g. a rollback)."""
@@ -568,7 +577,12 @@ class Trainer:
             self._decide_logging_failures()
             try:
                 result = self.run_round()
-                self.log(result.line())
+                self.log(
+                    result.line(),
+                    round=result.figures.get("round"),
+                    version=result.version,
+                    outcome=result.outcome,
+                )
                 waiting = result.outcome in ("skipped", "abandoned")
             except Exception as exc:  # a failed round must not end the loop: report, retry
                 self.metrics.rounds.labels("failed").inc()
