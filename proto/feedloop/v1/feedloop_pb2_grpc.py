@@ -5,7 +5,7 @@ import warnings
 
 from feedloop.v1 import feedloop_pb2 as feedloop_dot_v1_dot_feedloop__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in feedloop/v1/feedloop_pb2_grpc.py depends on'
+        + f' but the generated code in feedloop/v1/feedloop_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class GenerationStub:
+class GenerationStub(object):
     """----------------------------------------------------------------------------------------------
     Generation
     ----------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ class GenerationStub:
                 _registered_method=True)
 
 
-class GenerationServicer:
+class GenerationServicer(object):
     """----------------------------------------------------------------------------------------------
     Generation
     ----------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def add_GenerationServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Generation:
+class Generation(object):
     """----------------------------------------------------------------------------------------------
     Generation
     ----------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Generation:
             _registered_method=True)
 
 
-class FeedbackStub:
+class FeedbackStub(object):
     """----------------------------------------------------------------------------------------------
     Feedback
     ----------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class FeedbackStub:
                 _registered_method=True)
 
 
-class FeedbackServicer:
+class FeedbackServicer(object):
     """----------------------------------------------------------------------------------------------
     Feedback
     ----------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def add_FeedbackServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Feedback:
+class Feedback(object):
     """----------------------------------------------------------------------------------------------
     Feedback
     ----------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ class Feedback:
             _registered_method=True)
 
 
-class ModelAdminStub:
+class ModelAdminStub(object):
     """----------------------------------------------------------------------------------------------
     ModelAdmin
     ----------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ class ModelAdminStub:
                 _registered_method=True)
 
 
-class ModelAdminServicer:
+class ModelAdminServicer(object):
     """----------------------------------------------------------------------------------------------
     ModelAdmin
     ----------------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def add_ModelAdminServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelAdmin:
+class ModelAdmin(object):
     """----------------------------------------------------------------------------------------------
     ModelAdmin
     ----------------------------------------------------------------------------------------------
