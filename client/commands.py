@@ -371,7 +371,8 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=3,
         metavar="N",
-        help="retries on UNAVAILABLE, with backoff (default: %(default)s)",
+        help="retries on UNAVAILABLE and invited RESOURCE_EXHAUSTED, with backoff, by gRPC's "
+        "service config (at most 4; 0: none) (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
