@@ -26,7 +26,7 @@ from feedloop.core.config import add_config_flags, config_from_args
 from feedloop.core.errors import ConfigError, StoreError
 from feedloop.core.feedback_kinds import FEEDBACK_KINDS
 from feedloop.core.store.base import ReplayStore
-from feedloop.core.store.cli import StoreToolConfig, _open_existing
+from feedloop.core.store.cli import StoreToolConfig, open_existing
 from feedloop.core.tool_cli import ToolParser, UsageError
 from feedloop.core.training_rows import (
     COLUMNS,
@@ -196,7 +196,7 @@ def export_dataset(
     kto_threshold: float = 0.0,
 ) -> tuple[int, dict[str, int]]:
     """Write dataset's rows from the store at location; (rows written, skipped by reason)."""
-    store = _open_existing(location)
+    store = open_existing(location)
     skipped = Skipped({})
     written = 0
     try:

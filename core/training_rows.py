@@ -20,7 +20,7 @@ columns.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Literal, get_args
 
@@ -65,11 +65,11 @@ def kto_label(score: float, scale: str | None, threshold: float) -> bool | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Skipped:
-    """Why an event gave fewer rows than it names pairs or generations, by reason."""
+    """Why events gave fewer rows than they name pairs or generations: a count by reason."""
 
-    counts: dict[str, int]
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, reason: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1

@@ -139,7 +139,7 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         tmp.unlink(missing_ok=True)
 
 
-def _open_existing(location: str) -> ReplayStore:
+def open_existing(location: str) -> ReplayStore:
     """The store at location; FileNotFoundError rather than a new empty SQLite file."""
     if not is_postgres_url(location) and not Path(location).is_file():
         raise FileNotFoundError(f"no replay store at {location}")
@@ -148,7 +148,7 @@ def _open_existing(location: str) -> ReplayStore:
 
 def export(location: str, output: str | None) -> tuple[int, int]:
     """Export the store at location; (generations, feedback events) written."""
-    store = _open_existing(location)
+    store = open_existing(location)
     try:
         total = store.counts().generations
         generations = events = 0
@@ -174,7 +174,7 @@ def export(location: str, output: str | None) -> tuple[int, int]:
 
 def erase(location: str, client_id: str, requested_by: str) -> ErasureRecord:
     """Erase client_id's data from the store at location (see EXAMPLES_ERASE)."""
-    store = _open_existing(location)
+    store = open_existing(location)
     try:
         return store.erase_client(client_id, requested_by=requested_by, now=time.time())
     finally:
@@ -182,7 +182,7 @@ def erase(location: str, client_id: str, requested_by: str) -> ErasureRecord:
 
 
 def list_erasures(location: str) -> list[ErasureRecord]:
-    store = _open_existing(location)
+    store = open_existing(location)
     try:
         return store.erasures()
     finally:
