@@ -26,9 +26,7 @@ PREF = IncludeWord("little")
 
 def trainer(env: Env, **overrides: Any) -> Trainer:
     values: dict[str, Any] = {"publish_as": "canary", "canary_share": 0.2, **overrides}
-    return Trainer(
-        fast_config(env.root, **values), env.store, env.registry, log=lambda *_, **__: None
-    )
+    return Trainer(fast_config(env.root, **values), env.store, env.registry, log=lambda _: None)
 
 
 def test_a_passing_candidate_goes_on_trial_as_a_canary_and_no_round_runs_beside_it(

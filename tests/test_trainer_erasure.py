@@ -51,7 +51,7 @@ def clients_read(env: Env, monkeypatch: pytest.MonkeyPatch) -> set[str]:
 def test_a_round_after_an_erasure_runs_on_its_cursor_and_never_reads_erased_rows(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda *_, **__: None)
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
     serve(env, "keeps-data", seed=0)
     serve(env, "asks-for-erasure", seed=1)
     first = trainer.run_round()

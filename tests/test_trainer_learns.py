@@ -44,7 +44,7 @@ def test_actor_critic_raises_the_simulated_reward_clearly_within_the_perplexity_
 
     # Defaults throughout, except the join window: simulated users answer at once.
     config = TrainConfig(data_dir=env.root, join_window_s=0.0, publish_as="live")
-    trainer = Trainer(config, env.store, env.registry, log=lambda *_, **__: None)
+    trainer = Trainer(config, env.store, env.registry, log=lambda _: None)
     sim = simulation(env, preference, seed=11, requests_per_batch=32)
     outcomes = []
     for _ in range(ROUNDS):

@@ -30,9 +30,7 @@ def cursor(env: Env) -> dict:
 
 def test_a_round_publishes_a_candidate_that_passes_the_gate_and_makes_it_live(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
-    result = Trainer(
-        fast_config(env.root), env.store, env.registry, log=lambda *_, **__: None
-    ).run_round()
+    result = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None).run_round()
 
     assert result.outcome == "published", result.reason
     assert env.registry.live() == result.version == "v0002"
@@ -61,7 +59,7 @@ def test_too_little_data_skips_the_round_says_so_and_keeps_the_cursor(env: Env) 
     sim = simulation(env, PREF, requests_per_batch=1)
     sim.serve_batch()
     config = fast_config(env.root, min_feedback_events=1000)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.outcome == "skipped"
     assert "too little data" in result.reason
     assert env.store.get_cursor("trainer") is None
@@ -71,7 +69,7 @@ def test_too_little_data_skips_the_round_says_so_and_keeps_the_cursor(env: Env) 
 def test_a_refused_candidate_is_recorded_with_every_figure_and_live_is_unchanged(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     config = fast_config(env.root, gate_max_perplexity_ratio_live=0.5)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
 
     assert result.outcome == "refused"
     assert "perplexity" in result.reason
@@ -93,7 +91,7 @@ def test_a_refused_candidate_is_recorded_with_every_figure_and_live_is_unchanged
 def test_an_exploding_loss_aborts_the_round_and_keeps_the_live_policy(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     config = fast_config(env.root, max_loss=1e-9)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.outcome == "aborted"
     assert "round abandoned" in result.reason
     assert env.registry.live() == "v0001"
@@ -111,7 +109,7 @@ def test_a_window_of_a_single_feedback_kind_still_trains_and_says_so(
 ) -> None:
     simulation(env, preference, mix={kind: 1.0}).serve_events(40)
     config = fast_config(env.root, rm_min_pairs=4)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.outcome == "published", result.reason
     assert any(f"only {kind} feedback" in note for note in result.figures["notes"])
     assert result.figures["train_sequences"] + result.figures["corrections"] > 0
@@ -135,9 +133,9 @@ def test_unrated_generations_are_left_out_or_given_the_default_as_configured(env
 def test_a_restart_after_a_publish_whose_cursor_write_was_lost_skips_the_window(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     config = fast_config(env.root)
-    Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     env.store.set_cursor("trainer", {"generation_seq": 0, "feedback_seq": 0})  # as if killed
-    restarted = Trainer(config, env.store, env.registry, log=lambda *_, **__: None)
+    restarted = Trainer(config, env.store, env.registry, log=lambda _: None)
     assert restarted.cursor("v0002").feedback_seq == env.store.max_seq()[1]
     result = restarted.run_round()
     assert result.outcome == "skipped" and "too little data" in result.reason
@@ -151,7 +149,7 @@ def test_a_non_positive_kl_coefficient_in_the_cursor_restarts_from_the_configure
     simulation(env, PREF).serve_events(40)
     env.store.set_cursor("trainer", Cursor(kl_coef=-0.063).to_dict())
     config = fast_config(env.root)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.figures["kl_coef"] == config.kl_coef
     assert cursor(env)["kl_coef"] > 0
 
@@ -162,7 +160,7 @@ def test_a_kl_coefficient_saved_past_the_bound_restarts_at_the_bound(env: Env) -
     simulation(env, PREF).serve_events(40)
     env.store.set_cursor("trainer", Cursor(kl_coef=50.0).to_dict())
     config = fast_config(env.root, kl_coef_max=0.5)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.figures["kl_coef"] == 0.5
     assert result.figures["kl_coef_next"] <= 0.5 and cursor(env)["kl_coef"] <= 0.5
 
@@ -171,7 +169,7 @@ def test_later_rounds_mix_in_replayed_older_generations_and_drop_stale_ones(env:
     sim = simulation(env, PREF)
     sim.serve_events(40)
     config = fast_config(env.root, max_version_lag=0)
-    trainer = Trainer(config, env.store, env.registry, log=lambda *_, **__: None)
+    trainer = Trainer(config, env.store, env.registry, log=lambda _: None)
     assert trainer.run_round().outcome == "published"
     sim.serve_events(40)  # now served by v0002; the replay sample holds v0001's generations
     result = trainer.run_round()
@@ -183,7 +181,7 @@ def test_after_several_rounds_the_trainer_holds_only_the_live_and_reference_poli
     env: Env,
 ) -> None:
     sim = simulation(env, PREF)
-    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda *_, **__: None)
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
     for _ in range(3):
         sim.serve_events(40)
         result = trainer.run_round()
@@ -197,7 +195,7 @@ def test_after_several_rounds_the_trainer_holds_only_the_live_and_reference_poli
 def test_reinforce_runs_a_round_through_the_same_interface(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     config = fast_config(env.root, algorithm="reinforce")
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.outcome == "published", result.reason
     assert env.registry.manifest("v0002").training_summary["algorithm"] == "reinforce"
 
@@ -206,16 +204,14 @@ def test_a_stop_request_abandons_the_round_and_keeps_nothing(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     stop = threading.Event()
     stop.set()
-    trainer = Trainer(
-        fast_config(env.root), env.store, env.registry, stop=stop, log=lambda *_, **__: None
-    )
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, stop=stop, log=lambda _: None)
     assert trainer.run_round().outcome == "abandoned"
     assert env.store.get_cursor("trainer") is None and env.registry.live() == "v0001"
 
 
 def test_metrics_export_rounds_by_outcome_and_the_rounds_figures(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
-    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda *_, **__: None)
+    trainer = Trainer(fast_config(env.root), env.store, env.registry, log=lambda _: None)
     trainer.run_round()
     text = generate_latest(trainer.metrics.registry).decode()
     assert 'feedloop_trainer_rounds_total{outcome="published"} 1.0' in text
@@ -241,7 +237,7 @@ def test_metrics_export_rounds_by_outcome_and_the_rounds_figures(env: Env) -> No
 def test_unrated_generations_wait_out_the_join_window_before_they_are_consumed(env: Env) -> None:
     simulation(env, PREF).serve_events(40)
     config = fast_config(env.root, join_window_s=3600.0)
-    result = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    result = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert result.outcome in ("published", "refused")
     # Every event is consumed; no generation is settled yet, so the generation cursor stays.
     assert cursor(env)["feedback_seq"] == env.store.max_seq()[1]
@@ -253,13 +249,13 @@ def test_with_a_join_window_each_feedback_event_is_trained_on_in_one_round_only(
 ) -> None:
     config = fast_config(env.root, join_window_s=30.0, replay_sample_size=0)
     simulation(env, PREF, seed=1).serve_events(40)
-    first = Trainer(config, env.store, env.registry, log=lambda *_, **__: None).run_round()
+    first = Trainer(config, env.store, env.registry, log=lambda _: None).run_round()
     assert first.outcome in ("published", "refused"), first.reason
     # An hour later every generation has settled; the second round reads only the new events.
     simulation(env, PREF, seed=2).serve_events(40)
     later = time.time() + 3600.0
     second = Trainer(
-        config, env.store, env.registry, log=lambda *_, **__: None, clock=lambda: later
+        config, env.store, env.registry, log=lambda _: None, clock=lambda: later
     ).run_round()
     assert second.outcome in ("published", "refused"), second.reason
     assert second.figures["window_events"] == second.figures["new_events"]
@@ -307,7 +303,7 @@ def test_a_round_reads_and_keeps_its_cursor_in_a_postgresql_store(
         try:
             simulation(env, PREF).serve_events(40)
             result = Trainer(
-                fast_config(tmp_path), env.store, registry, log=lambda *_, **__: None
+                fast_config(tmp_path), env.store, registry, log=lambda _: None
             ).run_round()
             assert result.outcome == "published", result.reason
             assert cursor(env)["feedback_seq"] == env.store.max_seq()[1]

@@ -11,7 +11,6 @@ one line per round. SIGTERM or SIGINT abandons the round in progress at its next
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -91,14 +90,7 @@ def main(argv: list[str]) -> int:
         stream=sys.stdout,
         text_format="feedloop train: %(message)s",
     )
-    logger = logging.getLogger("feedloop.trainer")
-
-    def log(line: str, **fields: object) -> None:
-        logger.info(line, extra={k: v for k, v in fields.items() if v is not None})
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-
-    trainer = Trainer(config, store, registry, metrics=metrics, stop=stop, log=log)
+    trainer = Trainer(config, store, registry, metrics=metrics, stop=stop, log=lambda _: None)
     try:
         code = trainer.run(once=args.once)
     finally:

@@ -31,6 +31,7 @@ back (that only takes a version away from users) but promotes nothing.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import shutil
 import threading
@@ -86,10 +87,8 @@ class RoundAbandoned(Exception):
     """A stop was requested mid-round: nothing of the round is kept."""
 
 
-def print_line(line: str, **fields: Any) -> None:
-    """The default log of a Trainer: the human line alone. The CLI logs the fields too
-    (round, version, outcome: the JSON log's fields, core/logs.py)."""
-    print(line)
+# The round and decision lines as log records (the CLI routes them; core/logs.py).
+records = logging.getLogger("feedloop.trainer")
 
 
 @dataclass
@@ -138,7 +137,7 @@ class Trainer:
         *,
         metrics: TrainerMetrics | None = None,
         stop: threading.Event | None = None,
-        log: Callable[..., None] = print_line,
+        log: Callable[[str], None] = print,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -428,14 +427,14 @@ class Trainer:
                 )
                 self.metrics.registry_pruned.inc(len(plan.prune))
                 if plan.prune:
-                    self.log(f"registry retention pruned {', '.join(plan.prune)}")
+                    self._report(f"registry retention pruned {', '.join(plan.prune)}")
             self.metrics.observe_registry(
                 self.registry.size_bytes(),
                 len(self.registry.versions()),
                 len(self.registry.pruned_versions()),
             )
         except FeedloopError as exc:
-            self.log(f"registry retention failed: {type(exc).__name__}: {exc}")
+            self._report(f"registry retention failed: {type(exc).__name__}: {exc}", logging.WARNING)
 
     def _save_cursor(self, window: Window, cursor: Cursor, kl: AdaptiveKLController) -> None:
         self.store.set_cursor(
@@ -513,7 +512,7 @@ class Trainer:
         try:
             self._apply(verdict, live, trial is not None)
         except LiveChanged as exc:
-            self.log(f"decision dropped, the pointer moved: {exc} ({verdict.reason})")
+            self._report(f"decision dropped, the pointer moved: {exc} ({verdict.reason})")
         return verdict
 
     def _apply(self, verdict: Verdict, live: str, on_trial: bool) -> None:
@@ -531,7 +530,7 @@ class Trainer:
             self.registry.set_live(
                 verdict.version, reason=verdict.reason, action=ROLLED_BACK, expect_live=live
             )
-        self.log(
+        self._report(
             f"decision: {verdict.action} {verdict.version} ({verdict.reason})",
             version=verdict.version,
         )
@@ -566,7 +565,14 @@ class Trainer:
         try:
             self.decide()
         except Exception as exc:  # a failed look must not end the loop: the next one retries
-            self.log(f"decision failed: {type(exc).__name__}: {exc}")
+            self._report(f"decision failed: {type(exc).__name__}: {exc}", logging.WARNING)
+
+    def _report(self, line: str, level: int = logging.INFO, **fields: Any) -> None:
+        """A line for `log` (the human summary) and the same as a log record of
+        "feedloop.trainer" with fields (round, version, outcome), which `--log-format json`
+        writes as JSON (core/logs.py); without logging configured, INFO records go nowhere."""
+        self.log(line)
+        records.log(level, line, extra={k: v for k, v in fields.items() if v is not None})
 
     def run(self, *, once: bool = False) -> int:
         """Rounds until stopped (or one with once=True); returns the process exit code."""
@@ -577,7 +583,7 @@ class Trainer:
             self._decide_logging_failures()
             try:
                 result = self.run_round()
-                self.log(
+                self._report(
                     result.line(),
                     round=result.figures.get("round"),
                     version=result.version,
@@ -586,7 +592,7 @@ class Trainer:
                 waiting = result.outcome in ("skipped", "abandoned")
             except Exception as exc:  # a failed round must not end the loop: report, retry
                 self.metrics.rounds.labels("failed").inc()
-                self.log(f"round failed: {type(exc).__name__}: {exc}")
+                self._report(f"round failed: {type(exc).__name__}: {exc}", logging.WARNING)
                 if once:
                     return 1
                 waiting = True
