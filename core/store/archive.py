@@ -24,8 +24,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from feedloop.core.store.base import ErasureTarget
-
 ARCHIVE_SUFFIX = ".jsonl.gz"
 
 
@@ -73,22 +71,25 @@ def read_archive(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _without(row: dict[str, Any], target: ErasureTarget) -> tuple[dict[str, Any] | None, int]:
-    """The row with the target's data removed (None: the whole row is theirs); rows removed."""
-    if target.client_id and row.get("client_id") == target.client_id:
+def _without(
+    row: dict[str, Any], client_id: str, end_user: str
+) -> tuple[dict[str, Any] | None, int]:
+    """The row with the identity's data removed (None: the whole row is theirs); rows removed."""
+    if client_id and row.get("client_id") == client_id:
         return None, 1 + len(row.get("feedback", []))
-    if target.end_user and row.get("end_user") == target.end_user:
+    if end_user and row.get("end_user") == end_user:
         return None, 1 + len(row.get("feedback", []))
     events = row.get("feedback", [])
-    if target.client_id:
-        kept = [e for e in events if e.get("client_id") != target.client_id]
+    if client_id:
+        kept = [e for e in events if e.get("client_id") != client_id]
         if len(kept) != len(events):
             return {**row, "feedback": kept}, len(events) - len(kept)
     return row, 0
 
 
-def erase_from_archives(paths: Sequence[str], target: ErasureTarget) -> int:
-    """Rewrite each archive file without the target's generations and events; rows removed.
+def erase_from_archives(paths: Sequence[str], *, client_id: str = "", end_user: str = "") -> int:
+    """Rewrite each archive file without the client's (or end user's) generations and the
+    events the client sent or that name those generations; rows removed.
 
     Each file is rewritten beside itself, fsynced and renamed over the old one, so a crash
     leaves either the old file or the new one. A file that no longer exists (an operator moved
@@ -104,7 +105,7 @@ def erase_from_archives(paths: Sequence[str], target: ErasureTarget) -> int:
         kept: list[dict[str, Any]] = []
         removed_here = 0
         for row in rows:
-            rest, gone = _without(row, target)
+            rest, gone = _without(row, client_id, end_user)
             removed_here += gone
             if rest is not None:
                 kept.append(rest)

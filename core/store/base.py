@@ -419,7 +419,9 @@ def erase_identity(
     from feedloop.core.store.archive import erase_from_archives
 
     with store.maintenance_lock():
-        archive_rows = erase_from_archives(store.archives(), target)
+        archive_rows = erase_from_archives(
+            store.archives(), client_id=target.client_id, end_user=target.end_user
+        )
         return store.erase_rows(
             target, requested_by=requested_by, now=now, archive_rows=archive_rows
         )
