@@ -12,7 +12,10 @@ is simulated) and the registry's retention (the trainer's default policy). Both 
 rows in the same order in one run.
 
     .venv/bin/python bench/bench_retention_long.py [--days 30] [--generations-per-day 50000]
-        [--plot docs/retention_long_run.png] [--json out.json]
+        [--plot docs/retention_long_run.png] [--json out.json] [--backend sqlite|postgres]
+
+On PostgreSQL each prune ends with a plain VACUUM of the pruned tables (the store's
+reclaim_space), so later rows reuse the space: the size levels off rather than shrinking.
 """
 
 from __future__ import annotations
@@ -30,13 +33,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from bench_serve import prepare_checkpoint
+from bench_serve import pg_schema, prepare_checkpoint
 
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.registry.retention import RetentionPolicy
-from feedloop.core.store import FeedbackRecord, GenerationRecord
+from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore, open_store
 from feedloop.core.store.retention import DAY_S, StorePruner, StoreRetentionPolicy
-from feedloop.core.store.sqlite import SQLiteStore
 
 HOUR_S = 3600.0
 BATCH = 1000
@@ -83,18 +85,18 @@ def rating(j: int, generation_id: str, t: float) -> FeedbackRecord:
 @dataclass
 class Arm:
     name: str
-    store: SQLiteStore
+    store: ReplayStore
     registry: DirectoryRegistry
     pruner: StorePruner | None
     prune_s: list[float] = field(default_factory=list)
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, workdir: Path, locations: dict[str, str]) -> dict[str, Any]:
     checkpoint, checkpoint_kind = prepare_checkpoint(None, workdir)
     clock = {"now": 0.0}
     arms = []
     for name, retained in (("off", False), ("on", True)):
-        store = SQLiteStore(workdir / name / "replay.sqlite3")
+        store = open_store(locations[name])
         registry = DirectoryRegistry(workdir / name / "registry")
         registry.publish(checkpoint, reason="seed", make_live=True)
         pruner = (
@@ -165,6 +167,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 )
     on = arms[1]
     return {
+        "backend": args.backend,
         "checkpoint": checkpoint_kind,
         "days": args.days,
         "generations_per_day": per_hour * 24,
@@ -186,7 +189,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         left.plot(days, [s[f"store_bytes_{arm}"] / 1e6 for s in samples], style, label=label)
         right.plot(days, [s[f"registry_bytes_{arm}"] / 1e6 for s in samples], style, label=label)
     left.set_title(
-        f"replay store (SQLite), {result['generations_per_day']:,} generations/day "
+        f"replay store ({result['backend']}), {result['generations_per_day']:,} generations/day "
         f"+ 0.6 events each; keep {result['retain_days']:g} days",
         fontsize=9,
     )
@@ -212,9 +215,20 @@ def main() -> None:
     parser.add_argument("--publish-every-h", type=int, default=6)
     parser.add_argument("--plot", type=Path, default=Path("docs/retention_long_run.png"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-retention-") as workdir:
-        result = run(args, Path(workdir))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-retention-") as workdir,
+        pg_schema() as off_url,
+        pg_schema() as on_url,
+    ):
+        if args.backend == "postgres":
+            if off_url is None or on_url is None:
+                raise SystemExit("no PostgreSQL at 127.0.0.1:5432")
+            locations = {"off": off_url, "on": on_url}
+        else:
+            locations = {arm: str(Path(workdir) / arm / "replay.sqlite3") for arm in ("off", "on")}
+        result = run(args, Path(workdir), locations)
     plot(result, args.plot)
     last = result["samples"][-1]
     summary = {k: v for k, v in result.items() if k != "samples"} | {"last": last}
