@@ -295,7 +295,11 @@ class SQLiteStore(ReplayStore):
         if self.vacuum_mode() == "incremental":
             return
         if self.size_bytes() <= _CONVERT_AT_OPEN_BYTES:
-            self.convert_to_incremental_vacuum()
+            # Best effort: another process writing all along (the server, as the trainer
+            # starts) can keep the VACUUM from its lock past busy_timeout; the store then opens
+            # as it is and a later open, or `feedloop store vacuum`, converts it.
+            with contextlib.suppress(StoreUnavailableError):
+                self.convert_to_incremental_vacuum()
 
     def _migrate(self) -> None:
         with self._transaction("migrate") as conn:
