@@ -11,7 +11,7 @@ rows are still needed. Whatever the policy says, a row is kept while it is:
     young                   created (generation) or received (event) less than `min_age_s`
                             ago: a generation whose feedback may still arrive, and the feedback
                             the online evaluation reads (the trainer's decision_lookback_s, a
-                            day by default, and a trial's own feedback)
+                            day by default; a trial's and a watch's feedback, 30 min each)
     named by a kept event   a generation some kept event names (so no kept event names a
                             deleted generation; rewards and the reward model read both)
 A store with no trainer cursor yet has trained on nothing: nothing is deleted.
