@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from feedloop.core.config import add_config_flags, is_postgres_url
+from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.store.base import ReplayStore
 from feedloop.core.store.cli_common import StoreToolConfig, open_existing
 from feedloop.core.store.retention import DAY_S, StorePruner, StoreRetentionPolicy
@@ -128,7 +129,16 @@ def run_prune(config: StoreRetentionConfig, args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise UsageError(f"feedloop store prune: {exc}") from None
         while True:
-            report = pruner.run_once()
+            try:
+                report = pruner.run_once()
+            except StoreUnavailableError as exc:
+                if config.prune_every_s is None:
+                    raise
+                # Repeating: a pass that met a busy or unreachable store is tried again at the
+                # next one (each batch is its own transaction: nothing is left half-done).
+                print(f"feedloop store prune: pass failed, retrying: {exc}", file=sys.stderr)
+                time.sleep(config.prune_every_s)
+                continue
             if args.json:
                 print(json.dumps({**asdict(report), "rows": asdict(report.rows)}), flush=True)
             else:
