@@ -10,7 +10,10 @@ Promises every backend keeps (one test suite runs on both):
   repeated event_id is reported as a duplicate and stored once.
 - `append_generations` writes a batch in one transaction (the server's group commit).
 - Every row gets a store-assigned, strictly increasing `seq`: the trainer's cursors use it.
-- A client's data can be erased (`erase_client`); the erasure is recorded without the content.
+- A client's or an end user's data can be erased (`erase_client`, `erase_end_user`), from the
+  store and the archives it wrote; the erasure is recorded without the content.
+- Old rows can be pruned in batches (`feedloop.core.store.retention` decides which, the
+  backends delete them and give the space back); a pruned seq is never reused.
 - Write failures raise StoreUnavailableError (StoreFullError when the disk is full), so the
   server can answer UNAVAILABLE/RESOURCE_EXHAUSTED; nothing half-written remains.
 """
