@@ -192,3 +192,22 @@ def test_prune_command_refuses_a_window_cutting_policy_and_prunes_a_good_one(
     report = json.loads(capsys.readouterr().out)
     assert report["rows"]["generations"] == 3  # g1, g3, g4; g2 is named by a kept event
     assert ids(opener()) == ["g2", "g5", "g6"]
+
+
+def test_an_end_user_erasure_rewrites_the_archives_too(store: ReplayStore, tmp_path: Path) -> None:
+    old = NOW - 40 * DAY_S
+    store.append_generations(
+        [
+            at(generation("theirs"), old, end_user="user-3"),
+            at(generation("others"), old, end_user="user-4"),
+        ]
+    )
+    store.insert_feedback([at(rating("on-theirs", "theirs"), old + 5)])
+    store.set_cursor("trainer", {"generation_seq": 2, "feedback_seq": 1})
+    report = prune(store, tmp_path, retain_s=7 * DAY_S, min_age_s=HOUR).run_once()
+    assert report.archive is not None and ids(store) == []
+
+    record = store.erase_end_user("user-3", requested_by="dpo", now=NOW)
+
+    assert (record.generations, record.archive_rows) == (0, 2)  # the row and its rating
+    assert [r["generation_id"] for r in read_archive(Path(report.archive))] == ["others"]
