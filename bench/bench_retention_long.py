@@ -2,7 +2,7 @@
 stores and two registries, one pair under retention and one without, disk measured as it goes.
 
 Each simulated hour writes --generations-per-day / 24 generations (synthetic rows the size of
-real ones: 12 output tokens, both log-probability lists) and 0.6 feedback events per generation,
+real ones: 12 output tokens, both log-probability lists) and a rating for every second one,
 in group commits of 1,000, with created_at/received_at on the simulated clock. The trainer's
 cursor is moved as the trainer would move it (everything older than the current hour
 consumed), and every --publish-every-h simulated hours both registries get a publication of the
@@ -42,7 +42,7 @@ from feedloop.core.store.retention import DAY_S, StorePruner, StoreRetentionPoli
 
 HOUR_S = 3600.0
 BATCH = 1000
-EVENTS_PER_GENERATION = 0.6
+RATED_EVERY = 2  # every second generation gets a rating: 0.5 events a generation
 
 
 def log(message: str) -> None:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, workdir: Path, locations: dict[str, str]) -> d
         clock["now"] = t0 + HOUR_S
         gens = [generation(gen_i + k, t0 + k * HOUR_S / per_hour) for k in range(per_hour)]
         gen_i += per_hour
-        rated = gens[:: max(1, round(1 / EVENTS_PER_GENERATION))][: int(per_hour * 0.6)]
+        rated = gens[::RATED_EVERY]
         events = [
             rating(event_j + k, g.generation_id, g.created_at + 30.0) for k, g in enumerate(rated)
         ]
@@ -189,8 +189,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         left.plot(days, [s[f"store_bytes_{arm}"] / 1e6 for s in samples], style, label=label)
         right.plot(days, [s[f"registry_bytes_{arm}"] / 1e6 for s in samples], style, label=label)
     left.set_title(
-        f"replay store ({result['backend']}), {result['generations_per_day']:,} generations/day "
-        f"+ 0.6 events each; keep {result['retain_days']:g} days",
+        f"replay store ({result['backend']}), {result['generations_per_day']:,} generations "
+        f"+ {result['generations_per_day'] // RATED_EVERY:,} ratings a day; "
+        f"keep {result['retain_days']:g} days",
         fontsize=9,
     )
     right.set_title(
@@ -216,7 +217,11 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path("docs/retention_long_run.png"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--replot", type=Path, help="only redraw --plot from a --json file")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.plot)
+        return
     with (
         tempfile.TemporaryDirectory(prefix="bench-retention-") as workdir,
         pg_schema() as off_url,
