@@ -187,6 +187,8 @@ def test_prune_command_refuses_a_window_cutting_policy_and_prunes_a_good_one(
     if location.startswith("postgresql"):  # its size never comes down: refused there
         assert main([*base, "--retain-max-gb", "1"]) == 2
         assert "on PostgreSQL use retain_days" in capsys.readouterr().err
+        assert main(["store", "backup", "/nonexistent-dest", "--store", location]) == 2
+        assert "back it up with pg_dump" in capsys.readouterr().err
     assert len(ids(opener())) == 6  # refused: nothing changed
 
     # The rows are dated 100 days after the epoch: all older than a day by the real clock, so
