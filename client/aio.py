@@ -101,6 +101,7 @@ class AsyncFeedloopClient:
         routing_key: str | None = None,
         token_logprobs: bool = False,
         timeout_s: float | None = None,
+        end_user: str | None = None,
     ) -> GenerateResult:
         request = generate_request(
             prompt,
@@ -110,6 +111,7 @@ class AsyncFeedloopClient:
             request_id,
             routing_key,
             token_logprobs,
+            end_user,
         )
         reply = await self._unary(self._generation.Generate, request, timeout_s)
         return GenerateResult.from_proto(reply)

@@ -37,7 +37,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("feedloop.trainer.cli", "train", "run the trainer (RL from stored feedback)"),
     "pretrain": ("feedloop.core.cli", "core", "supervised pretraining of a policy on a corpus"),
     "sample": ("feedloop.core.cli", "core", "print sample generations from a checkpoint"),
-    "store": ("feedloop.core.store.cli", "core", "replay store tools (export, erase)"),
+    "store": (
+        "feedloop.core.store.cli",
+        "core",
+        "replay store tools (export, erase, prune, backup)",
+    ),
     "export": (
         "feedloop.core.export_cli",
         "core",

@@ -108,11 +108,14 @@ class FeedloopClient:
         routing_key: str | None = None,
         token_logprobs: bool = False,
         timeout_s: float | None = None,
+        end_user: str | None = None,
     ) -> GenerateResult:
         """n candidate phrases for a prompt, all from one model version (named in the result).
 
         temperature 0 decodes greedily; None (like every None here) takes the server's default.
         token_logprobs: each candidate also carries its per-token log-probabilities.
+        end_user: the app's key of its end user, stored with the generations so that
+        `feedloop store erase --end-user KEY` can delete them on request.
         """
         request = generate_request(
             prompt,
@@ -122,6 +125,7 @@ class FeedloopClient:
             request_id,
             routing_key,
             token_logprobs,
+            end_user,
         )
         return GenerateResult.from_proto(self._unary(self._generation.Generate, request, timeout_s))
 

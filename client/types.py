@@ -398,6 +398,7 @@ def generate_request(
     request_id: str | None,
     routing_key: str | None,
     token_logprobs: bool = False,
+    end_user: str | None = None,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt=prompt,
@@ -414,6 +415,7 @@ def generate_request(
         request_id=request_id or "",
         routing_key=routing_key or "",
         return_token_logprobs=token_logprobs,
+        end_user=end_user or "",
     )
 
 

@@ -26,7 +26,7 @@ from feedloop.core.config import add_config_flags, config_from_args
 from feedloop.core.errors import ConfigError, StoreError
 from feedloop.core.feedback_kinds import FEEDBACK_KINDS
 from feedloop.core.store.base import ReplayStore
-from feedloop.core.store.cli import StoreToolConfig, open_existing
+from feedloop.core.store.cli_common import StoreToolConfig, open_existing
 from feedloop.core.tool_cli import ToolParser, UsageError
 from feedloop.core.training_rows import (
     COLUMNS,

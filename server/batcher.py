@@ -68,6 +68,7 @@ class GenerateJob:
     routing_key: str  # "" for none: a canary split draws at random
     deadline: float | None  # time.monotonic() after which the caller has given up
     return_token_logprobs: bool = False  # the reply's candidates carry per-token log-probs
+    end_user: str = ""  # the app's end-user key, stored with each generation ("" for none)
     future: asyncio.Future[Any] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -329,6 +330,7 @@ class Batcher:
                 client_id=job.client_id,
                 created_at=created_at,
                 served_as=job.served_as,
+                end_user=job.end_user,
             )
             reply = generate_reply(
                 job.request_id,

@@ -108,6 +108,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
         if len(request.routing_key) > MAX_ROUTING_KEY_CHARS:
             raise InvalidArgument("routing_key", f"at most {MAX_ROUTING_KEY_CHARS} characters")
+        if len(request.end_user) > MAX_ROUTING_KEY_CHARS:
+            raise InvalidArgument("end_user", f"at most {MAX_ROUTING_KEY_CHARS} characters")
+        require_text(request.end_user, "end_user")
         require_text(request.prompt, "prompt")
         require_text(request.request_id, "request_id")
         params = resolve_params(request, config)
@@ -123,6 +126,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             client_id=client_id,
             pinned_version=pinned,
             routing_key=request.routing_key,
+            end_user=request.end_user,
             deadline=deadline,
             return_token_logprobs=request.return_token_logprobs,
         )

@@ -54,6 +54,7 @@ _OPENAI_PARAMS = {
     "sampling.seed": "seed",
     "model_version": "model",
     "routing_key": "user",
+    "end_user": "user",
 }
 
 
@@ -90,6 +91,7 @@ def parse_completion(body: Any, *, chat: bool) -> CompletionCall:
         prompt=_chat_prompt(params) if chat else _prompt(params),
         model_version="" if model == MODEL_ALIAS else model,
         routing_key=_string(params, "user"),
+        end_user=_string(params, "user"),
     )
     if "n" in params:
         request.num_candidates = _integer(params, "n", low=1)

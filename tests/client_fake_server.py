@@ -38,6 +38,7 @@ class Script:
     previous_versions: list[str] = field(default_factory=list)
     trial: pb.Trial | None = None
     routing_keys: list[str] = field(default_factory=list)  # of each Generate request
+    end_users: list[str] = field(default_factory=list)  # of each Generate request
     trainer_paused: bool = False
     online_requests: list[pb.GetOnlineReportRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -70,6 +71,7 @@ class Generation(_Base, pb_grpc.GenerationServicer):
         if request.model_version and request.model_version != self.script.live_version:
             context.abort(grpc.StatusCode.NOT_FOUND, f"model_version {request.model_version!r}")
         self.script.routing_keys.append(request.routing_key)
+        self.script.end_users.append(request.end_user)
         words = request.prompt.split()
         candidates = [
             pb.Candidate(

@@ -309,8 +309,9 @@ def test_set_live_with_an_expected_live_version_is_aborted_when_it_changed(clien
 
 
 def test_generate_sends_the_routing_key_and_reads_served_as(client, fake):
-    result = client.generate("sea", routing_key="user-7")
+    result = client.generate("sea", routing_key="user-7", end_user="person-7")
     assert fake.script.routing_keys == ["user-7"]
+    assert fake.script.end_users == ["person-7"]
     assert result.served_as == "live"
 
 

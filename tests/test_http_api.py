@@ -81,7 +81,13 @@ def feedback_by_id(running: Any) -> dict[str, Any]:
 async def test_a_completion_is_served_and_logged_exactly_like_grpc_generate(served) -> None:
     async with client(served) as api:
         reply = await api.completions.create(
-            model="feedloop", prompt="ocean sunrise", n=3, max_tokens=6, seed=77, temperature=0.8
+            model="feedloop",
+            prompt="ocean sunrise",
+            n=3,
+            max_tokens=6,
+            seed=77,
+            temperature=0.8,
+            user="end-user-5",
         )
     assert reply.model == "v0001"
     assert len(reply.choices) == 3
@@ -95,6 +101,7 @@ async def test_a_completion_is_served_and_logged_exactly_like_grpc_generate(serv
         assert record.prompt == "ocean sunrise"
         assert record.model_version == "v0001" and record.served_as == "live"
         assert record.client_id == "app"  # the key's name, as over gRPC
+        assert record.end_user == "end-user-5"  # OpenAI's `user`: erasable by end user
         assert record.sampling["seed"] == 77 and record.sampling["temperature"] == pytest.approx(
             0.8
         )

@@ -83,8 +83,11 @@ def compose() -> dict:
 
 def test_compose_runs_server_trainer_postgres_prometheus_and_grafana(compose):
     services = compose["services"]
-    assert set(services) == {"server", "trainer", "postgres", "prometheus", "grafana"}
+    assert set(services) == {"server", "trainer", "pruner", "postgres", "prometheus", "grafana"}
     server, trainer = services["server"], services["trainer"]
+    pruner = services["pruner"]  # store retention, as its own process (README)
+    assert pruner["command"][:2] == ["store", "prune"] and pruner["image"] == trainer["image"]
+    assert pruner["environment"]["FEEDLOOP_STORE"].startswith("postgresql://")
     assert server["build"] == "." and server["image"] == trainer["image"]
     assert server["command"][0] == "serve" and trainer["command"][0] == "train"
     assert "50051:50051" in server["ports"] and "9464:9464" in server["ports"]

@@ -187,6 +187,8 @@ BAD_REQUESTS = [
         pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(max_tokens=-3)),
     ),
     ("request_id", pb.GenerateRequest(prompt="a", request_id="r" * 129)),
+    ("end_user", pb.GenerateRequest(prompt="a", end_user="u" * 129)),
+    ("end_user", pb.GenerateRequest(prompt="a", end_user="u\x00")),
 ]
 
 

@@ -83,7 +83,7 @@ def test_an_unreachable_database_is_a_one_line_failure(capsys) -> None:
     assert err.startswith("feedloop store export: PostgreSQL at") and "\n" not in err
 
 
-@pytest.mark.parametrize("argv", [["store"], ["store", "vacuum"], ["store", "export", "--bogus"]])
+@pytest.mark.parametrize("argv", [["store"], ["store", "compact"], ["store", "export", "--bogus"]])
 def test_usage_errors_exit_2(argv: list[str], capsys) -> None:
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("feedloop store")

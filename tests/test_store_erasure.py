@@ -92,7 +92,7 @@ def test_store_erase_command_erases_says_what_and_finds_nothing_twice(
     args = ["--store", location, "--client", "alice", "--requested-by", "ticket 7"]
     assert main(["store", "erase", *args]) == 0
     out = capsys.readouterr().out
-    assert "client 'alice': 2 generations, 4 feedback events, 1 shadow scores erased" in out
+    assert "'alice': 2 generations, 4 feedback events, 1 shadow scores, 0 archive rows" in out
     assert "requested by ticket 7" in out
 
     assert main(["store", "erase", *args, "--json"]) == 0  # again: nothing left to find
@@ -100,6 +100,10 @@ def test_store_erase_command_erases_says_what_and_finds_nothing_twice(
     assert again["found"] is False and again["generations"] == again["feedback"] == 0
     assert main(["store", "erase", "--store", location, "--client", "nobody"]) == 0
     assert "found nothing for client 'nobody'; nothing changed" in capsys.readouterr().out
+    assert main(["store", "erase", "--store", location, "--end-user", "nobody"]) == 0
+    assert "found nothing for end user 'nobody'; nothing changed" in capsys.readouterr().out
+    both = ["--client", "alice", "--end-user", "u"]
+    assert main(["store", "erase", "--store", location, *both]) == 2
 
     assert main(["store", "erasures", "--store", location, "--json"]) == 0
     records = json.loads(capsys.readouterr().out)

@@ -127,6 +127,41 @@ class DirectoryRegistry(ModelRegistry):
     def manifest(self, version: str) -> Manifest:
         return read_manifest(self._version_path(version))
 
+    def backup(self, destination: Path) -> list[str]:
+        """Copy the registry to destination (a new folder), consistently while it is in use; the
+        versions copied.
+
+        Under the writers' lock, so no publish, pointer change or prune lands halfway: a
+        version's folder never changes once published (only a prune deletes its weights, under
+        this lock), so a plain copy of each folder, the pointer, the pins and the history is a
+        consistent snapshot. Pruned versions travel as their manifest and marker. Files are
+        copied, not linked: a backup must survive the disk it came from.
+        """
+        destination = Path(destination)
+        if destination.exists() and any(destination.iterdir()):
+            raise RegistryError(f"backup destination {destination} is not empty")
+        copied = []
+        with self._locked():
+            (destination / "versions").mkdir(parents=True, exist_ok=True)
+            for _, name, path in self._numbered():
+                target = destination / "versions" / name
+                target.mkdir()
+                for f in path.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, target / f.name)
+                copied.append(name)
+            for name in ("LIVE", "PINNED", "history.jsonl"):
+                if (self.root / name).is_file():
+                    shutil.copy2(self.root / name, destination / name)
+        for copy in [*destination.rglob("*")]:
+            if copy.is_file():
+                with open(copy, "rb") as handle:
+                    os.fsync(handle.fileno())
+        for folder in [destination / "versions", *(destination / "versions").iterdir()]:
+            fsync_dir(folder)
+        fsync_dir(destination)
+        return copied
+
     def size_bytes(self) -> int:
         folders = [path for _, _, path in self._numbered()]
         return sum(f.stat().st_size for path in folders for f in path.iterdir() if f.is_file())

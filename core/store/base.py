@@ -10,13 +10,17 @@ Promises every backend keeps (one test suite runs on both):
   repeated event_id is reported as a duplicate and stored once.
 - `append_generations` writes a batch in one transaction (the server's group commit).
 - Every row gets a store-assigned, strictly increasing `seq`: the trainer's cursors use it.
-- A client's data can be erased (`erase_client`); the erasure is recorded without the content.
+- A client's or an end user's data can be erased (`erase_client`, `erase_end_user`), from the
+  store and the archives it wrote; the erasure is recorded without the content.
+- Old rows can be pruned in batches (`feedloop.core.store.retention` decides which, the
+  backends delete them and give the space back); a pruned seq is never reused.
 - Write failures raise StoreUnavailableError (StoreFullError when the disk is full), so the
   server can answer UNAVAILABLE/RESOURCE_EXHAUSTED; nothing half-written remains.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +75,9 @@ class GenerationRecord:
     candidate_index: int = 0
     num_candidates: int = 1
     served_as: str = SERVED_LIVE  # one of the SERVED_* reasons
+    # The app's key of its end user (GenerateRequest.end_user, the OpenAI API's `user`), so that
+    # user's data can be erased (`erase_end_user`); "" when the app sent none.
+    end_user: str = ""
     seq: int = 0  # assigned by the store; 0 before it is stored
 
     @classmethod
@@ -88,6 +95,7 @@ class GenerationRecord:
         client_id: str,
         created_at: float,
         served_as: str = SERVED_LIVE,
+        end_user: str = "",
     ) -> list[GenerationRecord]:
         """The records of one request's candidates, one per sample, in the samples' order."""
         sampling = params.to_dict()
@@ -109,6 +117,7 @@ class GenerationRecord:
                 candidate_index=index,
                 num_candidates=len(samples),
                 served_as=served_as,
+                end_user=end_user,
             )
             for index, (sample, generation_id, text) in enumerate(
                 zip(samples, generation_ids, texts, strict=True)
@@ -163,8 +172,9 @@ class FeedbackRecord:
 
 @dataclass(frozen=True)
 class ErasureRecord:
-    """What `erase_client` deleted, as recorded in the store: who asked, when, how many rows;
-    never the content. Counts of zero: nothing was found and nothing changed (not recorded)."""
+    """What an erasure deleted, as recorded in the store: whose data (a client id, or an end-user
+    key with client_id ""), who asked, when, how many rows; never the content. Counts of zero:
+    nothing was found and nothing changed (not recorded)."""
 
     client_id: str
     requested_by: str
@@ -172,10 +182,45 @@ class ErasureRecord:
     generations: int
     feedback: int
     shadow_scores: int
+    end_user: str = ""
+    # Rows removed from the archive files retention wrote (feedloop.core.store.archive).
+    archive_rows: int = 0
 
     @property
     def found(self) -> bool:
-        return self.generations > 0 or self.feedback > 0
+        return self.generations > 0 or self.feedback > 0 or self.archive_rows > 0
+
+    @property
+    def identity(self) -> str:
+        return f"end user {self.end_user!r}" if self.end_user else f"client {self.client_id!r}"
+
+
+@dataclass(frozen=True)
+class PrunedRows:
+    """Rows one retention batch deleted (`ReplayStore.delete_pruned`)."""
+
+    generations: int = 0
+    feedback: int = 0
+    shadow_scores: int = 0
+
+    def __add__(self, other: PrunedRows) -> PrunedRows:
+        return PrunedRows(
+            self.generations + other.generations,
+            self.feedback + other.feedback,
+            self.shadow_scores + other.shadow_scores,
+        )
+
+
+@dataclass(frozen=True)
+class ErasureTarget:
+    """Whose data an erasure deletes: a client id or an end-user key (exactly one is set)."""
+
+    client_id: str = ""
+    end_user: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.client_id) == bool(self.end_user):
+            raise ValueError("an erasure names exactly one of client_id and end_user")
 
 
 @dataclass(frozen=True)
@@ -267,13 +312,70 @@ class ReplayStore(ABC):
             for generation_id in sorted(generations)
         ]
 
-    @abstractmethod
     def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
         """Delete in one transaction every generation the client was served, every feedback
-        event it sent or that names one of those generations, and their shadow scores; record
-        the erasure (counts, not content). Seqs are never reused, so the trainer's cursors stay
-        valid and it never reads the erased rows again. Nothing found: nothing changes and
-        nothing is recorded (the returned counts are zero)."""
+        event it sent or that names one of those generations, and their shadow scores, after
+        removing the same rows from every archive file the store wrote; record the erasure
+        (counts, not content). Seqs are never reused, so the trainer's cursors stay valid and it
+        never reads the erased rows again. Nothing found: nothing changes and nothing is
+        recorded (the returned counts are zero)."""
+        return erase_identity(self, ErasureTarget(client_id=client_id), requested_by, now)
+
+    def erase_end_user(self, end_user: str, *, requested_by: str, now: float) -> ErasureRecord:
+        """As erase_client, for the generations logged with this end-user key, the events that
+        name them and their shadow scores (events carry no end-user key of their own)."""
+        return erase_identity(self, ErasureTarget(end_user=end_user), requested_by, now)
+
+    @abstractmethod
+    def erase_rows(
+        self, target: ErasureTarget, *, requested_by: str, now: float, archive_rows: int
+    ) -> ErasureRecord:
+        """The store's part of an erasure (see erase_client), in one transaction; recorded when
+        it or the archives (archive_rows, already removed by the caller) found something."""
+
+    # -- retention (feedloop.core.store.retention decides; the backends delete) -----------------
+
+    @abstractmethod
+    def generation_ages(
+        self, after_seq: int, upto_seq: int, limit: int
+    ) -> list[tuple[int, str, float]]:
+        """(seq, generation id, created_at) of the generations with after_seq < seq <= upto_seq,
+        oldest first, at most limit."""
+
+    @abstractmethod
+    def delete_pruned(
+        self, generation_ids: Sequence[str], events: Sequence[FeedbackRecord], archive: str | None
+    ) -> PrunedRows:
+        """Delete these generations, their shadow scores and these events in one transaction;
+        archive: the file their rows were written to, whose recorded counts grow by as many."""
+
+    @abstractmethod
+    def register_archive(self, path: str, now: float) -> None:
+        """Record an archive file before retention writes to it (so an erasure always knows it)."""
+
+    @abstractmethod
+    def maintenance_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by each retention batch and by each erasure, across processes: an erasure never
+        runs between a batch's read of rows and their archiving."""
+
+    @abstractmethod
+    def archives(self) -> list[str]:
+        """The paths of every archive file retention wrote, oldest first."""
+
+    @abstractmethod
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        """Every named cursor."""
+
+    def used_bytes(self) -> int | None:
+        """Bytes of live data, what size-based retention compares with its limit; None where
+        the backend cannot tell it apart from free space (PostgreSQL: a DELETE's space stays
+        in the table for reuse)."""
+        return None
+
+    def reclaim_space(self) -> int:
+        """Give the space of deleted rows back to the file system where the backend can do it
+        online; the bytes given back."""
+        return 0
 
     @abstractmethod
     def erasures(self) -> list[ErasureRecord]:
@@ -308,3 +410,21 @@ class ReplayStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         pass
+
+
+def erase_identity(
+    store: ReplayStore, target: ErasureTarget, requested_by: str, now: float
+) -> ErasureRecord:
+    """Archives first, then the store, under the store's maintenance lock (retention holds it
+    over each batch's read, archive and delete, so it cannot archive the identity's rows between
+    the two): a crash between them leaves rows in the store only, and the erasure run again
+    finds and removes them."""
+    from feedloop.core.store.archive import erase_from_archives
+
+    with store.maintenance_lock():
+        archive_rows = erase_from_archives(
+            store.archives(), client_id=target.client_id, end_user=target.end_user
+        )
+        return store.erase_rows(
+            target, requested_by=requested_by, now=now, archive_rows=archive_rows
+        )

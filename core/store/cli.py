@@ -1,5 +1,7 @@
 """`feedloop store`: replay store tools. `export` writes generations joined with their feedback;
-`erase` deletes one client's data and records the erasure; `erasures` lists those records.
+`erase` deletes one client's or end user's data and records the erasure; `erasures` lists those
+records; `prune`, `vacuum` and `backup` keep a long run's store bounded and safe
+(feedloop.core.store.maintenance_cli).
 
 Exit codes: 0 done (also for an erase that found nothing: it says so), 1 the store could not be
 read or written, 2 usage.
@@ -16,21 +18,16 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from tqdm import tqdm
 
-from feedloop.core.config import (
-    add_config_flags,
-    config_from_args,
-    default_data_dir,
-    is_postgres_url,
-)
+from feedloop.core.config import add_config_flags, config_from_args
 from feedloop.core.errors import ConfigError, StoreError
-from feedloop.core.store.base import ErasureRecord, ReplayStore
-from feedloop.core.store.factory import open_store
+from feedloop.core.store import maintenance_cli
+from feedloop.core.store.base import ErasureRecord
+from feedloop.core.store.cli_common import StoreToolConfig, open_existing
 from feedloop.core.tool_cli import ToolParser, UsageError, parse_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -52,34 +49,17 @@ examples:
   feedloop store erase --client app-42                      # the embedded store
   feedloop store erase --client app-42 --requested-by "ticket 1234 (dpo@example.com)"
   feedloop store erase --client app-42 --store 'postgresql://feedloop@db/feedloop?schema=prod'
+  feedloop store erase --end-user user-7781                 # the app's end-user key
 
-Deletes, in one transaction, every generation served to the client, every feedback event it sent
-or that names one of those generations, and their shadow scores; records who asked, when and how
-many rows (never the content: `feedloop store erasures` lists the records). The trainer never
+Deletes, in one transaction, every generation served to the client (or logged with the end-user
+key: GenerateRequest.end_user, the OpenAI API's `user`), every feedback event the client sent or
+that names one of those generations, and their shadow scores, after removing the same rows from
+every archive file retention wrote; records who asked, when and how many rows (never the
+content: `feedloop store erasures` lists the records). The trainer never
 reads the erased rows again and its cursors stay valid. Models trained before the erasure keep
 their weights: what they learnt from the data is not unlearnt. Rows the server logs for the
 client after the erasure are not erased. An unknown client: nothing is found, nothing changes.
 """
-
-
-@dataclass(frozen=True)
-class StoreToolConfig:
-    """Where the store is: the same keys as the server's and trainer's configs."""
-
-    data_dir: Path = field(
-        default_factory=default_data_dir,
-        metadata={"help": "feedloop's data directory (holds the embedded store)"},
-    )
-    store: str | None = field(
-        default=None,
-        metadata={
-            "help": "replay store: a SQLite path or a postgresql:// URL "
-            "(unset: DATA_DIR/replay.sqlite3)"
-        },
-    )
-
-    def store_location(self) -> str:
-        return self.store or str(self.data_dir / "replay.sqlite3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES_ERASE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    erase.add_argument("--client", required=True, metavar="ID", help="the client id to erase")
+    whose = erase.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--client", metavar="ID", help="the client id to erase")
+    whose.add_argument(
+        "--end-user", metavar="KEY", help="the end-user key to erase (GenerateRequest.end_user)"
+    )
     erase.add_argument(
         "--requested-by",
         metavar="WHO",
@@ -117,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="TOML config file ([store] table)")
         add_config_flags(sub, StoreToolConfig)
         sub.add_argument("--json", action="store_true", help="print JSON")
+    maintenance_cli.add_parsers(commands)
     return parser
 
 
@@ -137,13 +122,6 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def open_existing(location: str) -> ReplayStore:
-    """The store at location; FileNotFoundError rather than a new empty SQLite file."""
-    if not is_postgres_url(location) and not Path(location).is_file():
-        raise FileNotFoundError(f"no replay store at {location}")
-    return open_store(location)
 
 
 def export(location: str, output: str | None) -> tuple[int, int]:
@@ -172,10 +150,15 @@ def export(location: str, output: str | None) -> tuple[int, int]:
         store.close()
 
 
-def erase(location: str, client_id: str, requested_by: str) -> ErasureRecord:
-    """Erase client_id's data from the store at location (see EXAMPLES_ERASE)."""
+def erase(
+    location: str, requested_by: str, *, client_id: str | None = None, end_user: str | None = None
+) -> ErasureRecord:
+    """Erase a client's or an end user's data from the store at location (EXAMPLES_ERASE)."""
     store = open_existing(location)
     try:
+        if end_user is not None:
+            return store.erase_end_user(end_user, requested_by=requested_by, now=time.time())
+        assert client_id is not None
         return store.erase_client(client_id, requested_by=requested_by, now=time.time())
     finally:
         store.close()
@@ -191,24 +174,33 @@ def list_erasures(location: str) -> list[ErasureRecord]:
 
 def _erasure_text(record: ErasureRecord) -> str:
     return (
-        f"client {record.client_id!r}: {record.generations} generations, {record.feedback} "
-        f"feedback events, {record.shadow_scores} shadow scores erased at "
+        f"{record.identity}: {record.generations} generations, {record.feedback} "
+        f"feedback events, {record.shadow_scores} shadow scores, {record.archive_rows} archive "
+        "rows erased at "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(record.erased_at))} UTC, "
         f"requested by {record.requested_by}"
     )
 
 
 def run_erase(config: StoreToolConfig, args: argparse.Namespace) -> None:
-    if not args.client.strip():
-        raise UsageError("feedloop store erase: --client must not be empty")
-    record = erase(config.store_location(), args.client, args.requested_by or getpass.getuser())
+    flag, value = (
+        ("--client", args.client) if args.client is not None else ("--end-user", args.end_user)
+    )
+    if not value.strip():
+        raise UsageError(f"feedloop store erase: {flag} must not be empty")
+    record = erase(
+        config.store_location(),
+        args.requested_by or getpass.getuser(),
+        client_id=args.client,
+        end_user=args.end_user,
+    )
     if args.json:
         print(json.dumps({**dataclasses.asdict(record), "found": record.found}))
     elif record.found:
         print(f"feedloop store erase: {_erasure_text(record)}")
     else:
         print(
-            f"feedloop store erase: found nothing for client {args.client!r}; nothing changed "
+            f"feedloop store erase: found nothing for {record.identity}; nothing changed "
             "and nothing was recorded"
         )
 
@@ -225,7 +217,10 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parse_command(parser, argv)
-        config = config_from_args(StoreToolConfig, args, section="store")
+        config_class = (
+            maintenance_cli.StoreRetentionConfig if args.command == "prune" else StoreToolConfig
+        )
+        config = config_from_args(config_class, args, section="store")
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
@@ -240,6 +235,16 @@ def main(argv: list[str]) -> int:
             return EXIT_OK
         if args.command == "erasures":
             run_erasures(config, args)
+            return EXIT_OK
+        if args.command == "prune":
+            assert isinstance(config, maintenance_cli.StoreRetentionConfig)
+            maintenance_cli.run_prune(config, args)
+            return EXIT_OK
+        if args.command == "vacuum":
+            maintenance_cli.run_vacuum(config, args)
+            return EXIT_OK
+        if args.command == "backup":
+            maintenance_cli.run_backup(config, args)
             return EXIT_OK
         generations, events = export(config.store_location(), args.output)
     except UsageError as exc:

@@ -15,6 +15,7 @@ lock is held only for the length of one batch insert (group commit keeps those f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,8 +30,10 @@ from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import (
     ErasureRecord,
+    ErasureTarget,
     FeedbackRecord,
     GenerationRecord,
+    PrunedRows,
     ReplayStore,
     ShadowScore,
     StoreCounts,
@@ -100,6 +103,7 @@ def _generation_params(record: GenerationRecord) -> tuple[Any, ...]:
         record.candidate_index,
         record.num_candidates,
         record.served_as,
+        record.end_user,
     )
 
 
@@ -230,41 +234,138 @@ class PostgresStore(ReplayStore):
             inserted.discard(record.event_id)  # a later repeat in this batch is a duplicate
         return accepted
 
-    def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
+    def erase_rows(
+        self, target: ErasureTarget, *, requested_by: str, now: float, archive_rows: int
+    ) -> ErasureRecord:
+        column, value = (
+            ("client_id", target.client_id) if target.client_id else ("end_user", target.end_user)
+        )
+
         def work(conn: psycopg.Connection) -> ErasureRecord:
             # The writers' locks, in the order no writer reverses (each takes one): no feedback
             # naming a generation being erased commits beside this transaction.
             advisory_xact_lock(conn, "generations")
             advisory_xact_lock(conn, "feedback")
-            erased_generations = (
-                "SELECT generation_id FROM generations WHERE client_id = %(client)s"
-            )
+            erased_generations = f"SELECT generation_id FROM generations WHERE {column} = %(who)s"
             # Events naming an erased generation are found by a scan joined on the unnested id
             # arrays, not through their GIN index: with fastupdate the index's recent entries
             # sit in its pending list, which `&&` with the client's 1,000 ids searched once per
             # id (the erasure took 7.1 s among 100,000 events, 0.9 s with this scan; see
-            # docs/performance.md).
+            # docs/performance.md). An end user sent no events of their own (events carry no
+            # end-user key): only those naming their generations go.
             feedback = conn.execute(
                 "DELETE FROM feedback WHERE client_id = %(client)s OR seq IN ("
                 "SELECT f.seq FROM feedback AS f CROSS JOIN LATERAL unnest(f.generation_ids) AS "
                 f"named(id) WHERE named.id IN ({erased_generations}))",
-                {"client": client_id},
+                {"client": target.client_id or None, "who": value},
             ).rowcount
             shadow_scores = conn.execute(
                 f"DELETE FROM shadow_scores WHERE generation_id IN ({erased_generations})",
-                {"client": client_id},
+                {"who": value},
             ).rowcount
             generations = conn.execute(
-                "DELETE FROM generations WHERE client_id = %s", (client_id,)
+                f"DELETE FROM generations WHERE {column} = %s", (value,)
             ).rowcount
             record = ErasureRecord(
-                client_id, requested_by, now, generations, feedback, shadow_scores
+                target.client_id,
+                requested_by,
+                now,
+                generations,
+                feedback,
+                shadow_scores,
+                target.end_user,
+                archive_rows,
             )
             if record.found:
                 conn.execute(erasure_insert("%s"), dataclasses.astuple(record))
             return record
 
-        return self._pool.run("erase_client", work, transaction=True)
+        return self._pool.run("erase", work, transaction=True)
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def generation_ages(
+        self, after_seq: int, upto_seq: int, limit: int
+    ) -> list[tuple[int, str, float]]:
+        rows = self._fetch(
+            "generation_ages",
+            "SELECT seq, generation_id, created_at FROM generations "
+            "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
+            (after_seq, upto_seq, limit),
+        )
+        return [(int(seq), gid, float(created_at)) for seq, gid, created_at in rows]
+
+    def delete_pruned(
+        self, generation_ids: Sequence[str], events: Sequence[FeedbackRecord], archive: str | None
+    ) -> PrunedRows:
+        if not generation_ids and not events:
+            return PrunedRows()
+        ids, seqs = list(generation_ids), [e.seq for e in events]
+
+        def work(conn: psycopg.Connection) -> PrunedRows:
+            feedback = conn.execute(
+                "DELETE FROM feedback WHERE seq = ANY(%s::bigint[])", (seqs,)
+            ).rowcount
+            shadow_scores = conn.execute(
+                "DELETE FROM shadow_scores WHERE generation_id = ANY(%s::text[])", (ids,)
+            ).rowcount
+            generations = conn.execute(
+                "DELETE FROM generations WHERE generation_id = ANY(%s::text[])", (ids,)
+            ).rowcount
+            if archive is not None:
+                conn.execute(
+                    "UPDATE archives SET generations = generations + %s, "
+                    "feedback = feedback + %s WHERE path = %s",
+                    (generations, feedback, archive),
+                )
+            return PrunedRows(generations, feedback, shadow_scores)
+
+        return self._pool.run("delete_pruned", work, transaction=True)
+
+    def register_archive(self, path: str, now: float) -> None:
+        self._pool.run(
+            "register_archive",
+            lambda conn: conn.execute(
+                "INSERT INTO archives (path, created_at, generations, feedback) "
+                "VALUES (%s, %s, 0, 0) ON CONFLICT (path) DO NOTHING",
+                (path, now),
+            ),
+            transaction=True,
+        )
+
+    def archives(self) -> list[str]:
+        rows = self._fetch("archives", "SELECT path FROM archives ORDER BY created_at, path")
+        return [row[0] for row in rows]
+
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        return dict(self._fetch("cursors", "SELECT name, value FROM cursors"))
+
+    def reclaim_space(self) -> int:
+        """A plain VACUUM of the pruned tables right after a prune, rather than waiting for
+        autovacuum: it marks the deleted rows' space reusable, so the next inserts fill it and
+        the tables stop growing. It takes no lock that blocks reads or writes (unlike VACUUM
+        FULL, which would give the space back to the file system but locks the table while it
+        rewrites it). The file system gets nothing back: 0."""
+
+        def work(conn: psycopg.Connection) -> None:
+            conn.execute("VACUUM generations, feedback, shadow_scores")
+
+        self._pool.run("reclaim_space", work, transaction=False)
+        return 0
+
+    @contextlib.contextmanager
+    def maintenance_lock(self) -> Iterator[None]:
+        # A session advisory lock on a connection of its own (the pool's are shared): held
+        # across processes and replicas, released when the connection closes if we die.
+        try:
+            conn = self._pool.connect()
+        except psycopg.Error as exc:
+            raise _unavailable(f"PostgreSQL: maintenance lock failed: {exc}", exc) from exc
+        try:
+            conn.execute("SELECT pg_advisory_lock(hashtext(current_schema() || '.maintenance'))")
+            yield
+        finally:
+            conn.close()
 
     def erasures(self) -> list[ErasureRecord]:
         rows = self._fetch(

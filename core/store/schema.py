@@ -14,8 +14,11 @@ Both backends carry the same tables with the same meaning:
     cursors               name -> JSON value (the trainer's progress)
     shadow_scores         (version, generation_id) -> a shadow version's per-token
                           log-probabilities of a live generation's output, created_at
-    erasures              one row per `erase_client` that found something: client id, who
-                          asked, when, rows deleted per table (never the erased content)
+    erasures              one row per erasure that found something: the client id or end-user
+                          key, who asked, when, rows deleted per table and archive rows
+                          rewritten away (never the erased content)
+    archives              one row per archive file retention wrote (path, rows in it), so an
+                          erasure can rewrite every archive the store wrote
 """
 
 from __future__ import annotations
@@ -105,6 +108,21 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             shadow_scores INTEGER NOT NULL
         )""",
     ),
+    # 8: the app's end-user key per generation (erasure by end user; the partial index keeps
+    # rows without one out of it), erasures by end user and of archive rows, and the archive
+    # files retention wrote (an erasure rewrites each of them).
+    (
+        "ALTER TABLE generations ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX generations_end_user ON generations (end_user) WHERE end_user <> ''",
+        "ALTER TABLE erasures ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE erasures ADD COLUMN archive_rows INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE archives (
+            path TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            generations INTEGER NOT NULL,
+            feedback INTEGER NOT NULL
+        )""",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -170,6 +188,18 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             shadow_scores BIGINT NOT NULL
         )""",
     ),
+    (
+        "ALTER TABLE generations ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX generations_end_user ON generations (end_user) WHERE end_user <> ''",
+        "ALTER TABLE erasures ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE erasures ADD COLUMN archive_rows BIGINT NOT NULL DEFAULT 0",
+        """CREATE TABLE archives (
+            path TEXT PRIMARY KEY,
+            created_at DOUBLE PRECISION NOT NULL,
+            generations BIGINT NOT NULL,
+            feedback BIGINT NOT NULL
+        )""",
+    ),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -194,6 +224,7 @@ GENERATION_COLUMNS: tuple[str, ...] = (
     "candidate_index",
     "num_candidates",
     "served_as",
+    "end_user",
 )
 SHADOW_SCORE_COLUMNS: tuple[str, ...] = ("version", "generation_id", "logprobs", "created_at")
 ERASURE_COLUMNS: tuple[str, ...] = (
@@ -203,6 +234,8 @@ ERASURE_COLUMNS: tuple[str, ...] = (
     "generations",
     "feedback",
     "shadow_scores",
+    "end_user",
+    "archive_rows",
 )
 ERASURES_SELECT = "SELECT " + ", ".join(ERASURE_COLUMNS) + " FROM erasures ORDER BY seq"
 

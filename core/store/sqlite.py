@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,8 +32,10 @@ from feedloop.core.errors import StoreFullError, StoreUnavailableError
 from feedloop.core.migrations import migrate
 from feedloop.core.store.base import (
     ErasureRecord,
+    ErasureTarget,
     FeedbackRecord,
     GenerationRecord,
+    PrunedRows,
     ReplayStore,
     ShadowScore,
     StoreCounts,
@@ -55,6 +59,11 @@ _SQLITE_FULL = 13
 _EXPORT_PAGE_ROWS = 500
 # SQLite's default limit on bound parameters is 32766; stay well under it for IN (...) lists.
 _MAX_IN_PARAMS = 900
+# Pages an incremental vacuum step frees (4 KiB each: 8 MiB), one short write transaction.
+_VACUUM_STEP_PAGES = 2048
+# A file smaller than this that is not yet auto_vacuum=INCREMENTAL is converted when it is
+# opened (its VACUUM takes well under a second); a larger one waits for `feedloop store vacuum`.
+_CONVERT_AT_OPEN_BYTES = 64 << 20
 
 
 # json.dumps(value, separators=(",", ":")) without building an encoder per call.
@@ -83,6 +92,7 @@ def _generation_row(record: GenerationRecord) -> tuple[Any, ...]:
         record.candidate_index,
         record.num_candidates,
         record.served_as,
+        record.end_user,
     )
 
 
@@ -197,6 +207,7 @@ class SQLiteStore(ReplayStore):
         with self._mapped_errors("open"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._migrate()
+            self._incremental_vacuum_at_open()
 
     # -- connections and errors ----------------------------------------------------------------
 
@@ -214,6 +225,9 @@ class SQLiteStore(ReplayStore):
             check_same_thread=False,
             timeout=self.busy_timeout_ms / 1000,
         )
+        # auto_vacuum must be chosen before the first table exists (it is a no-op on a file with
+        # tables: see _incremental_vacuum_at_open); the journal mode comes after it.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         # Statement journals in memory, not temp files: a multi-row INSERT in a transaction
@@ -271,6 +285,21 @@ class SQLiteStore(ReplayStore):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def _incremental_vacuum_at_open(self) -> None:
+        """Retention gives space back by incremental vacuum, which needs auto_vacuum=INCREMENTAL
+        in the file's header. A new file gets it before its first table (the pragma is free
+        then); an older file needs one VACUUM, done here when the file is small and left to
+        `feedloop store vacuum` when it is not (until then freed pages are reused, not given
+        back)."""
+        if self.vacuum_mode() == "incremental":
+            return
+        if self.size_bytes() <= _CONVERT_AT_OPEN_BYTES:
+            # Best effort: another process writing all along (the server, as the trainer
+            # starts) can keep the VACUUM from its lock past busy_timeout; the store then opens
+            # as it is and a later open, or `feedloop store vacuum`, converts it.
+            with contextlib.suppress(StoreUnavailableError):
+                self.convert_to_incremental_vacuum()
 
     def _migrate(self) -> None:
         with self._transaction("migrate") as conn:
@@ -357,34 +386,50 @@ class SQLiteStore(ReplayStore):
                 _catch_up_index(conn, indexed_upto)
         return accepted
 
-    def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
-        # secure_delete: the freed pages are overwritten with zeros, so the erased content does
-        # not linger in the file's free pages (the WAL holds the zeroed pages, not the old ones).
-        # foreign_keys off: the erasure deletes the index rows of the events it deletes itself,
-        # and the check would scan the whole unindexed feedback_generations.feedback_seq for
-        # every deleted event (minutes for a thousand events among 100,000). Both pragmas are
-        # no-ops inside a transaction, so they are set around it on this thread's connection.
-        with self._mapped_errors("erase_client"):
-            self._conn().execute("PRAGMA secure_delete=ON")
+    @contextlib.contextmanager
+    def _bulk_delete(self, action: str) -> Iterator[None]:
+        """Around an erasure or a retention batch, on this thread's connection (both pragmas
+        are no-ops inside a transaction). foreign_keys off: the caller deletes the index rows of
+        the events it deletes itself, and the check would scan the whole unindexed
+        feedback_generations.feedback_seq for every deleted event (minutes for a thousand
+        events among 100,000). secure_delete (erasures): the freed pages are overwritten with
+        zeros, so erased content does not linger in the file's free pages."""
+        secure = action == "erase"
+        with self._mapped_errors(action):
+            if secure:
+                self._conn().execute("PRAGMA secure_delete=ON")
             self._conn().execute("PRAGMA foreign_keys=OFF")
         try:
-            return self._erase_client(client_id, requested_by, now)
+            yield
         finally:
-            with self._mapped_errors("erase_client"):
+            with self._mapped_errors(action):
                 self._conn().execute("PRAGMA foreign_keys=ON")
-                self._conn().execute("PRAGMA secure_delete=OFF")
+                if secure:
+                    self._conn().execute("PRAGMA secure_delete=OFF")
 
-    def _erase_client(self, client_id: str, requested_by: str, now: float) -> ErasureRecord:
-        with self._transaction("erase_client") as conn:
+    def erase_rows(
+        self, target: ErasureTarget, *, requested_by: str, now: float, archive_rows: int
+    ) -> ErasureRecord:
+        with self._bulk_delete("erase"):
+            return self._erase_rows(target, requested_by, now, archive_rows)
+
+    def _erase_rows(
+        self, target: ErasureTarget, requested_by: str, now: float, archive_rows: int
+    ) -> ErasureRecord:
+        column, value = (
+            ("client_id", target.client_id) if target.client_id else ("end_user", target.end_user)
+        )
+        with self._transaction("erase") as conn:
             conn.execute("CREATE TEMP TABLE IF NOT EXISTS erased_generations (id TEXT PRIMARY KEY)")
             conn.execute("DELETE FROM temp.erased_generations")
             conn.execute(
                 "INSERT INTO temp.erased_generations SELECT generation_id FROM generations "
-                "WHERE client_id = ?",
-                (client_id,),
+                f"WHERE {column} = ?",
+                (value,),
             )
-            # The client's own events, and any event naming one of its generations: through the
-            # index up to indexed_upto, by a scan of the unindexed tail past it.
+            # The client's own events (an end user has none: events carry no end-user key), and
+            # any event naming one of the erased generations: through the index up to
+            # indexed_upto, by a scan of the unindexed tail past it.
             (indexed_upto,) = conn.execute("SELECT indexed_upto FROM feedback_index").fetchone()
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS erased_feedback (seq INTEGER PRIMARY KEY)"
@@ -397,7 +442,7 @@ class SQLiteStore(ReplayStore):
                 "WHERE generation_id IN (SELECT id FROM temp.erased_generations) "
                 "UNION SELECT feedback.seq FROM feedback, json_each(feedback.generation_ids) AS ids"
                 " WHERE feedback.seq > ? AND ids.value IN (SELECT id FROM temp.erased_generations)",
-                (client_id, indexed_upto),
+                (target.client_id or None, indexed_upto),
             )
             erased = "(SELECT seq FROM temp.erased_feedback)"
             conn.execute(f"DELETE FROM feedback_generations WHERE feedback_seq IN {erased}")
@@ -407,16 +452,169 @@ class SQLiteStore(ReplayStore):
                 "WHERE generation_id IN (SELECT id FROM temp.erased_generations)"
             ).rowcount
             generations = conn.execute(
-                "DELETE FROM generations WHERE client_id = ?", (client_id,)
+                f"DELETE FROM generations WHERE {column} = ?", (value,)
             ).rowcount
             record = ErasureRecord(
-                client_id, requested_by, now, generations, feedback, shadow_scores
+                target.client_id,
+                requested_by,
+                now,
+                generations,
+                feedback,
+                shadow_scores,
+                target.end_user,
+                archive_rows,
             )
             if record.found:
                 conn.execute(erasure_insert("?"), dataclasses.astuple(record))
             conn.execute("DELETE FROM temp.erased_generations")
             conn.execute("DELETE FROM temp.erased_feedback")
         return record
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def generation_ages(
+        self, after_seq: int, upto_seq: int, limit: int
+    ) -> list[tuple[int, str, float]]:
+        return [
+            (int(seq), gid, float(created_at))
+            for seq, gid, created_at in self._read(
+                "generation_ages",
+                "SELECT seq, generation_id, created_at FROM generations "
+                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after_seq, upto_seq, limit),
+            )
+        ]
+
+    def delete_pruned(
+        self, generation_ids: Sequence[str], events: Sequence[FeedbackRecord], archive: str | None
+    ) -> PrunedRows:
+        if not generation_ids and not events:
+            return PrunedRows()
+        with self._bulk_delete("delete_pruned"), self._transaction("delete_pruned") as conn:
+            feedback = shadow_scores = generations = 0
+            conn.executemany(
+                "DELETE FROM feedback_generations WHERE generation_id = ? AND feedback_seq = ?",
+                [(gid, e.seq) for e in events for gid in dict.fromkeys(e.generation_ids)],
+            )
+            for start in range(0, len(events), _MAX_IN_PARAMS):
+                chunk = [e.seq for e in events[start : start + _MAX_IN_PARAMS]]
+                feedback += conn.execute(
+                    f"DELETE FROM feedback WHERE seq IN ({', '.join('?' * len(chunk))})", chunk
+                ).rowcount
+            for start in range(0, len(generation_ids), _MAX_IN_PARAMS):
+                ids = list(generation_ids[start : start + _MAX_IN_PARAMS])
+                marks = ", ".join("?" * len(ids))
+                shadow_scores += conn.execute(
+                    f"DELETE FROM shadow_scores WHERE generation_id IN ({marks})", ids
+                ).rowcount
+                generations += conn.execute(
+                    f"DELETE FROM generations WHERE generation_id IN ({marks})", ids
+                ).rowcount
+            if archive is not None:
+                conn.execute(
+                    "UPDATE archives SET generations = generations + ?, feedback = feedback + ? "
+                    "WHERE path = ?",
+                    (generations, feedback, archive),
+                )
+        return PrunedRows(generations, feedback, shadow_scores)
+
+    def register_archive(self, path: str, now: float) -> None:
+        with self._transaction("register_archive") as conn:
+            conn.execute(
+                "INSERT INTO archives (path, created_at, generations, feedback) "
+                "VALUES (?, ?, 0, 0) ON CONFLICT (path) DO NOTHING",
+                (path, now),
+            )
+
+    def archives(self) -> list[str]:
+        return [
+            row[0]
+            for row in self._read("archives", "SELECT path FROM archives ORDER BY created_at, path")
+        ]
+
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: json.loads(value)
+            for name, value in self._read("cursors", "SELECT name, value FROM cursors")
+        }
+
+    @contextlib.contextmanager
+    def maintenance_lock(self) -> Iterator[None]:
+        # A file lock beside the database: held across processes (the pruner, an erasure).
+        with self._mapped_errors("maintenance lock"), open(f"{self.path}.maintenance", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def used_bytes(self) -> int:
+        ((pages, free, page_size),) = self._read(
+            "used_bytes",
+            "SELECT (SELECT page_count FROM pragma_page_count), "
+            "(SELECT freelist_count FROM pragma_freelist_count), "
+            "(SELECT page_size FROM pragma_page_size)",
+        )
+        return int(pages - free) * int(page_size)
+
+    def reclaim_space(self, pages_per_step: int = _VACUUM_STEP_PAGES) -> int:
+        """Incremental vacuum in steps of pages_per_step pages (each one short write
+        transaction, so the server's group commits pass between them), then a WAL checkpoint
+        that truncates the log; bytes given back. Needs auto_vacuum=INCREMENTAL (see
+        `vacuum_mode`); without it the freed pages are reused by later writes instead."""
+        before = self.size_bytes()
+        if self.vacuum_mode() != "incremental":
+            return 0
+        while True:
+            with self._mapped_errors("reclaim_space"), self._write_lock:
+                conn = self._conn()
+                (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+                if not free:
+                    break
+                conn.execute(f"PRAGMA incremental_vacuum({int(pages_per_step)})").fetchall()
+        with self._mapped_errors("reclaim_space"), self._write_lock:
+            # TRUNCATE gives the log's space back too; a busy reader makes it a no-op, not an
+            # error (the next checkpoint catches up).
+            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return max(0, before - self.size_bytes())
+
+    def vacuum_mode(self) -> str:
+        """The file's auto_vacuum mode: "none", "full" or "incremental"."""
+        ((mode,),) = self._read("vacuum_mode", "PRAGMA auto_vacuum")
+        return ("none", "full", "incremental")[int(mode)]
+
+    def convert_to_incremental_vacuum(self) -> None:
+        """Switch an existing file to auto_vacuum=INCREMENTAL: the mode only takes effect through
+        a VACUUM, which rewrites the whole file (it needs as much free disk again, and holds
+        the write lock throughout: writers wait, so run it while the server is stopped or
+        quiet). Files feedloop creates are incremental from the start."""
+        with self._mapped_errors("vacuum"), self._write_lock:
+            conn = self._conn()
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+
+    def backup(self, destination: Path) -> None:
+        """A consistent copy of the store at destination, while writers go on: SQLite's online
+        backup API in one step, which reads one snapshot of the WAL-mode file (writers are
+        never blocked by a reader). Written beside destination and renamed into place."""
+        destination = Path(destination)
+        tmp = destination.with_name(f".{destination.name}.partial")
+        tmp.unlink(missing_ok=True)
+        with self._mapped_errors("backup"):
+            target = sqlite3.connect(tmp)
+            try:
+                self._conn().backup(target)
+                target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            finally:
+                target.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, destination)
+            fd = os.open(destination.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def erasures(self) -> list[ErasureRecord]:
         rows = self._read(

@@ -174,6 +174,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Free text; typically one to three keywords ("ocean sunrise"). Set by the client app."""
     num_candidates: _builtins.int
@@ -193,6 +194,13 @@ class GenerateRequest(_message.Message):
     """True: each candidate carries token_logprobs, its per-token log-probabilities. False or
     unset: only the summed log_prob (smaller replies).
     """
+    end_user: _builtins.str
+    """Optional: the app's stable key of its end user (no personal data needed: an opaque id), at
+    most 128 characters. The server stores it with each generation so that `feedloop store
+    erase --end-user KEY` can delete that user's generations and the feedback naming them (a
+    deletion request, GDPR article 17). Empty: none stored. The OpenAI-compatible API's `user`
+    sets both this and routing_key.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     def __init__(
@@ -205,10 +213,11 @@ class GenerateRequest(_message.Message):
         request_id: _builtins.str = ...,
         routing_key: _builtins.str = ...,
         return_token_logprobs: _builtins.bool = ...,
+        end_user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "num_candidates", b"num_candidates", "prompt", b"prompt", "request_id", b"request_id", "return_token_logprobs", b"return_token_logprobs", "routing_key", b"routing_key", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user", b"end_user", "model_version", b"model_version", "num_candidates", b"num_candidates", "prompt", b"prompt", "request_id", b"request_id", "return_token_logprobs", b"return_token_logprobs", "routing_key", b"routing_key", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
