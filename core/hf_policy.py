@@ -104,6 +104,13 @@ class HFCausalPolicy(Policy):
         *,
         hidden: bool = False,
     ) -> Any:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and int(positions.max()) >= limit:
+            # The model would index past its position table (an IndexError deep in torch).
+            raise ValueError(
+                f"a sequence of {int(positions.max()) + 1} tokens (prompt and output) is longer "
+                f"than the model's {limit} positions"
+            )
         return self.model(
             input_ids=self._model_input(ids),
             attention_mask=attention_mask,

@@ -39,7 +39,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.checkpoint
 
 
-HF_TINY = dict(vocab_size=320, layers=2, width=32, heads=2, context=64, value_hidden_dim=16)
+HF_TINY = dict(vocab_size=320, layers=2, width=32, heads=2, context=160, value_hidden_dim=16)
 
 
 @pytest.fixture(scope="session")
