@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from hf_support import build_user_model
 from safetensors.torch import load_file, save_file
 
 from feedloop.core.checkpoint import (
@@ -25,7 +26,6 @@ from feedloop.core.checkpoint import (
     save_checkpoint,
     sha256_of,
 )
-from feedloop.core.corpus import load_phrases
 from feedloop.core.errors import CheckpointError
 from feedloop.core.hf_import import import_model_dir
 from feedloop.core.hf_policy import HFCausalPolicy
@@ -33,41 +33,10 @@ from feedloop.core.policy import SampleRequest, TokenBatch
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.tokenizer import EOS_ID
 
-ENDOFTEXT = "<|endoftext|>"
-
 
 @pytest.fixture(scope="module")
 def user_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A GPT-2-style model directory with a GPT-2-style tokenizer (end-of-text only)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(load_phrases()[:300], trainer)
-    tokenizer.add_special_tokens([ENDOFTEXT])  # last, as in GPT-2
-    eos = tokenizer.token_to_id(ENDOFTEXT)
-    torch.manual_seed(3)
-    config = GPT2Config(
-        vocab_size=tokenizer.get_vocab_size() + 4,  # padded past the tokenizer, as some are
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=eos,
-        eos_token_id=eos,
-    )
-    directory = tmp_path_factory.mktemp("user") / "my-model"
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return directory
+    return build_user_model(tmp_path_factory.mktemp("user") / "my-model")
 
 
 @pytest.fixture(scope="module")

@@ -100,3 +100,47 @@ async def test_a_bad_hf_checkpoint_is_refused_by_name_and_the_live_version_keeps
         refused = [d for d in registry.history() if d.action == "refused"]
         assert refused and refused[0].version == version
         assert "vocabulary mismatch" in refused[0].reason
+
+
+def test_feedloop_serve_policy_serves_a_users_own_hf_model_directory(tmp_path: Path) -> None:
+    """`feedloop serve --policy DIR` on a directory as save_pretrained leaves it: imported with
+    the declared prompt template, published as v0001, served."""
+    import grpc
+    from hf_support import build_user_model
+    from server_harness import serve_args, serve_process
+
+    from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
+
+    model = build_user_model(tmp_path / "my-model")
+    template = "Keywords: {keywords}. Phrase:"
+    args = serve_args(tmp_path / "data", "--policy", str(model), "--prompt-template", template)
+    with (
+        serve_process(args, timeout_s=120) as proc,
+        grpc.insecure_channel(proc.grpc_address) as channel,
+    ):
+        assert proc.live == "v0001"
+        generation = pb_grpc.GenerationStub(channel)
+        reply = generation.Generate(
+            pb.GenerateRequest(prompt="ocean", num_candidates=3), timeout=60
+        )
+        assert reply.model_version == "v0001" and len(reply.candidates) == 3
+    registry = DirectoryRegistry(tmp_path / "data" / "registry")
+    try:
+        manifest = registry.manifest("v0001")
+    finally:
+        registry.close()
+    assert manifest.architecture == "hf-causal-lm"
+    assert manifest.hyperparameters["prompt_template"] == template
+
+
+def test_serve_policy_refuses_a_directory_that_is_no_model(tmp_path: Path) -> None:
+    from feedloop.server.app import StartupError, seed_registry
+
+    (tmp_path / "empty").mkdir()
+    registry = DirectoryRegistry(tmp_path / "registry")
+    try:
+        with pytest.raises(StartupError, match="neither a feedloop checkpoint"):
+            seed_registry(registry, tmp_path, "here", tmp_path / "empty")
+        assert registry.versions() == []
+    finally:
+        registry.close()
