@@ -46,11 +46,12 @@ def run_ours(policy: HFCausalPolicy, requests) -> tuple[float, list]:
 
 
 @torch.inference_mode()
-def run_generate(policy: HFCausalPolicy, requests, max_tokens: int) -> float:
+def run_generate(policy: HFCausalPolicy, requests, max_tokens: int) -> tuple[float, int]:
+    """Seconds, and the tokens generated (up to each row's end-of-text, included)."""
     ids, lengths = pad([r.prompt_ids for r in requests])
     prompt, mask = left_aligned(ids, lengths)
     started = time.perf_counter()
-    policy.model.generate(
+    sequences = policy.model.generate(
         input_ids=policy._model_input(prompt),
         attention_mask=mask,
         do_sample=True,
@@ -62,7 +63,11 @@ def run_generate(policy: HFCausalPolicy, requests, max_tokens: int) -> float:
         pad_token_id=policy.tokenizer.model_eos_id if policy.tokenizer.offset else PAD_ID,
         use_cache=True,
     )
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    new = sequences[:, prompt.shape[1] :]
+    ended = (new == policy.tokenizer.model_eos_id).long().cumsum(dim=1)
+    tokens = int(((ended == 0) | ((ended == 1) & (new == policy.tokenizer.model_eos_id))).sum())
+    return elapsed, tokens
 
 
 def mismatch(policy: HFCausalPolicy, requests, outputs) -> list[float]:
@@ -97,17 +102,18 @@ def main() -> int:
     prompts = [" ".join(keywords_of(p)[:2]) for p in split_corpus(load_phrases(), seed=0).test]
     rows, gaps = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
-        ours_s, theirs_s, tokens = [], [], []
+        ours_s, theirs_s, tokens, their_tokens = [], [], [], []
         for r in range(args.repeats + 1):
             chosen = [prompts[(r * batch + i) % len(prompts)] for i in range(batch)]
             requests = requests_for(policy, chosen, 1 + r * batch, args.max_tokens)
             elapsed, outputs = run_ours(policy, requests)
-            generate_s = run_generate(policy, requests, args.max_tokens)
+            generate_s, generated = run_generate(policy, requests, args.max_tokens)
             if r == 0:
                 continue  # warm-up of both arms
             ours_s.append(elapsed)
             theirs_s.append(generate_s)
             tokens.append(sum(len(o[0].token_ids) for o in outputs))
+            their_tokens.append(generated)
             gaps.extend(mismatch(policy, requests, outputs))
         ours, theirs = statistics.median(ours_s), statistics.median(theirs_s)
         rows.append(
@@ -116,13 +122,16 @@ def main() -> int:
                 "ours_generations_per_s": batch / ours,
                 "generate_generations_per_s": batch / theirs,
                 "ratio": theirs / ours,
-                "mean_tokens": statistics.mean(tokens) / batch,
+                "ours_tokens_per_phrase": statistics.mean(tokens) / batch,
+                "generate_tokens_per_phrase": statistics.mean(their_tokens) / batch,
             }
         )
+        row = rows[-1]
         print(
             f"batch {batch:3d}: ours {batch / ours:8.1f} gen/s   generate {batch / theirs:8.1f} "
-            f"gen/s   ratio {theirs / ours:5.2f}x   ({statistics.mean(tokens) / batch:.1f} "
-            "tokens/phrase)"
+            f"gen/s   ratio {theirs / ours:5.2f}x   (tokens/phrase: "
+            f"ours {row['ours_tokens_per_phrase']:.1f}, "
+            f"generate {row['generate_tokens_per_phrase']:.1f})"
         )
     summary = {
         "checkpoint": str(args.checkpoint),
