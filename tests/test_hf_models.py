@@ -182,3 +182,22 @@ def rehash(directory: Path, name: str) -> None:
     manifest = json.loads((directory / MANIFEST).read_text())
     manifest["files"][name] = sha256_of(directory / name)
     (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_the_tokenizer_travels_to_the_server_process_as_its_json(imported):
+    policy, _ = load_checkpoint(imported)
+    copy = pickle.loads(pickle.dumps(policy.tokenizer))
+    assert copy._compiled is None or copy is not policy.tokenizer
+    assert copy.encode_prompt("ocean") == policy.tokenizer.encode_prompt("ocean")
+    assert copy.decode(policy.tokenizer.encode("warm sun")) == "warm sun"
+    assert copy == policy.tokenizer
+
+
+def test_a_tokenizer_without_end_of_text_or_a_template_without_keywords_is_refused(imported):
+    from feedloop.core.hf_tokenizer import HFTokenizer
+
+    text = (imported / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="declares no end-of-text token"):
+        HFTokenizer.from_json(text, eos_token_id=None)
+    with pytest.raises(ValueError, match="no \\{keywords\\} placeholder"):
+        HFTokenizer.from_json(text, prompt_template="Phrase:", eos_token_id=0)
