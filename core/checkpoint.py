@@ -204,6 +204,10 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     for name in required:
         if name not in manifest.files:
             raise CheckpointError(f"{directory / MANIFEST}: no checksum for {name}")
+    for name in manifest.files:
+        # Registries copy these names into their own folders: a path would write elsewhere.
+        if not name or Path(name).name != name or name in (".", "..", MANIFEST):
+            raise CheckpointError(f"{directory / MANIFEST}: {name!r} is not a plain file name")
     for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():

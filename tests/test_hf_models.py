@@ -201,3 +201,13 @@ def test_a_tokenizer_without_end_of_text_or_a_template_without_keywords_is_refus
         HFTokenizer.from_json(text, eos_token_id=None)
     with pytest.raises(ValueError, match="no \\{keywords\\} placeholder"):
         HFTokenizer.from_json(text, prompt_template="Phrase:", eos_token_id=0)
+
+
+def test_a_manifest_naming_a_path_outside_the_checkpoint_is_refused(imported, tmp_path):
+    bad = copy_of(imported, tmp_path)
+    (tmp_path / "elsewhere.json").write_text("{}")
+    manifest = json.loads((bad / MANIFEST).read_text())
+    manifest["files"]["../elsewhere.json"] = sha256_of(tmp_path / "elsewhere.json")
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"'\.\./elsewhere\.json' is not a plain file name"):
+        load_checkpoint(bad)
