@@ -64,3 +64,22 @@ def test_the_mismatch_figure_is_the_max_and_mean_absolute_token_gap() -> None:
     assert result is not None
     assert (result.tokens, result.max_abs, result.mean_abs) == (3, 0.5, 0.25)
     assert summarise([]) is None
+
+
+def test_a_correction_is_learned_under_the_checkpoints_prompt_template(hf_checkpoint: Path) -> None:
+    from feedloop.core.checkpoint import load_checkpoint
+    from feedloop.core.tokenizer import EOS_ID
+    from feedloop.trainer.data import build_experience
+    from feedloop.trainer.rewards import CorrectionTarget
+
+    policy, _ = load_checkpoint(hf_checkpoint)
+    tokenizer = policy.tokenizer
+    experience, skipped = build_experience(
+        tokenizer, [], [CorrectionTarget("ocean", "a calm sea", 1.0)]
+    )
+    assert experience is not None and experience.corrections is not None and skipped == 0
+    prompt = tokenizer.encode_prompt("ocean")
+    assert experience.corrections.prompt_ids[0, : len(prompt)].tolist() == prompt
+    assert prompt != tokenizer.encode("ocean")  # the template, not the bare keyword
+    target = [*tokenizer.encode("a calm sea"), EOS_ID]
+    assert experience.corrections.output_ids[0].tolist() == target
