@@ -5,6 +5,10 @@
     weights.safetensors tensors only: loading never executes code (no pickle anywhere)
     tokenizer.json      the vocabulary, so nothing is rebuilt at load time
 
+That is the GRU's layout; an architecture declares its own files (`ARCHITECTURES`): a Hugging
+Face causal LM's checkpoint is a model directory as `save_pretrained` writes it (config.json,
+model.safetensors), its tokenizer.json and value_head.safetensors (core/hf_checkpoint.py).
+
 `load_checkpoint` verifies all of it (checksums, architecture, shapes, vocabulary, finite
 weights) and raises one CheckpointError that says what is wrong and where.
 """
@@ -14,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +31,7 @@ from feedloop.core.errors import CheckpointError
 from feedloop.core.gru import GRUConfig, GRUPolicy
 from feedloop.core.policy import Policy
 from feedloop.core.tokenizer import SPECIAL_TOKENS, Tokenizer
+from feedloop.core.weights import load_verified_state
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -34,12 +39,70 @@ TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
 
 
-def _build_gru(hyperparameters: dict[str, Any], tokenizer: Tokenizer) -> Policy:
-    return GRUPolicy(GRUConfig(**hyperparameters), tokenizer)
+@dataclass(frozen=True)
+class Architecture:
+    """How one architecture's checkpoints are written and read.
+
+    save(policy, directory) writes its files and returns their names; load(directory, manifest)
+    builds and verifies the policy from files already checksummed, raising CheckpointError;
+    required_files: what a manifest of this architecture must list.
+    """
+
+    save: Callable[[Policy, Path], list[str]]
+    load: Callable[[Path, Manifest], Policy]
+    required_files: tuple[str, ...]
 
 
-# Architecture name -> builder from (hyperparameters, tokenizer). A new policy is added here.
-ARCHITECTURES = {GRUPolicy.architecture: _build_gru}
+def _save_state_dict(policy: Policy, directory: Path) -> list[str]:
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"architecture": policy.architecture})
+    policy.tokenizer.save(directory / TOKENIZER)
+    return [WEIGHTS, TOKENIZER]
+
+
+def _load_gru(directory: Path, manifest: Manifest) -> Policy:
+    try:
+        tokenizer = Tokenizer.load(directory / TOKENIZER)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{directory / TOKENIZER}: bad tokenizer: {exc}") from exc
+    if tokenizer.tokens[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+        raise CheckpointError(f"{directory / TOKENIZER}: special tokens out of place")
+    try:
+        policy = GRUPolicy(GRUConfig(**manifest.hyperparameters), tokenizer)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / MANIFEST}: hyperparameters do not fit: {exc}") from exc
+    try:
+        weights = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights: {exc}") from exc
+    load_verified_state(policy, weights, directory / WEIGHTS)
+    return policy
+
+
+def _save_hf(policy: Policy, directory: Path) -> list[str]:
+    from feedloop.core import hf_checkpoint  # transformers only where a model needs it
+
+    return hf_checkpoint.save_files(policy, directory)
+
+
+def _load_hf(directory: Path, manifest: Manifest) -> Policy:
+    try:
+        from feedloop.core import hf_checkpoint
+    except ImportError as exc:
+        raise CheckpointError(
+            f"{directory / MANIFEST}: architecture hf-causal-lm needs the hf extra "
+            f"(pip install 'feedloop[hf]'): {exc}"
+        ) from exc
+    return hf_checkpoint.load_policy(directory, manifest.hyperparameters, list(manifest.files))
+
+
+# Architecture name -> how its checkpoints are written and read. A new policy is added here.
+ARCHITECTURES = {
+    GRUPolicy.architecture: Architecture(_save_state_dict, _load_gru, (WEIGHTS, TOKENIZER)),
+    "hf-causal-lm": Architecture(
+        _save_hf, _load_hf, ("config.json", TOKENIZER, "value_head.safetensors")
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -101,10 +164,8 @@ def save_checkpoint(
 ) -> Manifest:
     """Write policy to directory (created; must be empty or absent), every file fsynced."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS), metadata={"architecture": policy.architecture})
-    policy.tokenizer.save(directory / TOKENIZER)
-    for name in (WEIGHTS, TOKENIZER):
+    names = ARCHITECTURES[policy.architecture].save(policy, directory)
+    for name in names:
         with (directory / name).open("rb") as f:
             os.fsync(f.fileno())
     manifest = Manifest(
@@ -112,7 +173,7 @@ def save_checkpoint(
         parent_version=parent_version,
         architecture=policy.architecture,
         hyperparameters=policy.hyperparameters(),
-        files={name: sha256_of(directory / name) for name in (WEIGHTS, TOKENIZER)},
+        files={name: sha256_of(directory / name) for name in names},
         created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         parameter_count=policy.parameter_count(),
         training_summary=training_summary or {},
@@ -138,9 +199,15 @@ def read_manifest(directory: Path) -> Manifest:
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Check that every file the manifest names exists and matches its sha256."""
-    for name in (WEIGHTS, TOKENIZER):
+    architecture = ARCHITECTURES.get(manifest.architecture)
+    required = architecture.required_files if architecture else (WEIGHTS, TOKENIZER)
+    for name in required:
         if name not in manifest.files:
             raise CheckpointError(f"{directory / MANIFEST}: no checksum for {name}")
+    for name in manifest.files:
+        # Registries copy these names into their own folders: a path would write elsewhere.
+        if not name or Path(name).name != name or name in (".", "..", MANIFEST):
+            raise CheckpointError(f"{directory / MANIFEST}: {name!r} is not a plain file name")
     for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():
@@ -157,43 +224,13 @@ def load_checkpoint(directory: Path) -> tuple[Policy, Manifest]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
-    try:
-        tokenizer = Tokenizer.load(directory / TOKENIZER)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory / TOKENIZER}: bad tokenizer: {exc}") from exc
-    if tokenizer.tokens[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
-        raise CheckpointError(f"{directory / TOKENIZER}: special tokens out of place")
-    build = ARCHITECTURES.get(manifest.architecture)
-    if build is None:
+    architecture = ARCHITECTURES.get(manifest.architecture)
+    if architecture is None:
         raise CheckpointError(
             f"{directory / MANIFEST}: unknown architecture {manifest.architecture!r} "
             f"(known: {', '.join(sorted(ARCHITECTURES))})"
         )
-    try:
-        policy = build(manifest.hyperparameters, tokenizer)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / MANIFEST}: hyperparameters do not fit: {exc}") from exc
-    try:
-        weights = load_file(str(directory / WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights: {exc}") from exc
-    expected = policy.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory / WEIGHTS}: tensors do not match the architecture "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{directory / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, the architecture "
-                f"needs {tuple(expected[name].shape)}"
-            )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{directory / WEIGHTS}: {name} has non-finite values")
-    policy.load_state_dict(weights)
+    policy = architecture.load(directory, manifest)
     if policy.parameter_count() != manifest.parameter_count:
         raise CheckpointError(
             f"{directory / MANIFEST}: parameter_count {manifest.parameter_count} != "

@@ -148,7 +148,7 @@ class Policy(ABC, torch.nn.Module):
         return [logprobs[i, : len(o)].tolist() for i, o in enumerate(outputs)]
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return nonempty_prompt(self.tokenizer.encode(prompt))
+        return nonempty_prompt(self.tokenizer.encode_prompt(prompt))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids)

@@ -39,6 +39,7 @@ from feedloop.core.sampling import SamplingParams
 from feedloop.core.tokenizer import EOS_ID, Tokenizer, split_words
 
 DEFAULT_CHECKPOINT_NAME = "default-policy"
+ARCHITECTURE_NAMES = ("gru-seq2seq", "hf-causal-lm")
 
 
 def default_checkpoint_dir(data_dir: Path) -> Path:
@@ -80,7 +81,21 @@ class PretrainConfig:
     learning_rate: float = field(default=4e-3, metadata={"help": "Adam learning rate"})
     lr_decay: float = field(default=0.93, metadata={"help": "learning rate factor per epoch"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    embedding_dim: int = field(default=128, metadata={"help": "token embedding size"})
+    architecture: str = field(
+        default="gru-seq2seq",
+        metadata={
+            "help": "gru-seq2seq (the default policy) or hf-causal-lm (a tiny GPT-2 with a BPE "
+            "tokenizer trained on the corpus; needs the hf extra)"
+        },
+    )
+    embedding_dim: int = field(
+        default=128, metadata={"help": "token embedding size (hf-causal-lm: the model's width)"}
+    )
+    layers: int = field(default=2, metadata={"help": "hf-causal-lm: transformer blocks"})
+    heads: int = field(default=4, metadata={"help": "hf-causal-lm: attention heads"})
+    bpe_vocab: int = field(
+        default=1024, metadata={"help": "hf-causal-lm: BPE vocabulary size, specials included"}
+    )
     hidden_dim: int = field(default=256, metadata={"help": "GRU state size"})
     value_hidden_dim: int = field(default=128, metadata={"help": "value head hidden size"})
     dropout: float = field(default=0.1, metadata={"help": "dropout while pretraining"})
@@ -94,7 +109,12 @@ class PretrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "max_vocab"):
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ValueError(
+                f"architecture must be one of {', '.join(ARCHITECTURE_NAMES)}, "
+                f"got {self.architecture!r}"
+            )
+        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "max_vocab", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not self.learning_rate > 0:
@@ -116,7 +136,7 @@ class PretrainResult:
 def encode_pairs(
     tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
 ) -> tuple[list[list[int]], list[list[int]]]:
-    prompts = [tokenizer.encode(p) for p, _ in pairs]
+    prompts = [tokenizer.encode_prompt(p) for p, _ in pairs]
     outputs = [[*tokenizer.encode(t), EOS_ID] for _, t in pairs]
     return prompts, outputs
 
@@ -158,6 +178,33 @@ def chance_inclusion(prompts: Sequence[str], phrases: Sequence[str], seed: int) 
     return hits / max(len(prompts), 1)
 
 
+def new_policy(config: PretrainConfig, texts: Sequence[str]) -> Policy:
+    """A freshly initialised policy of config's architecture, its tokenizer built on texts."""
+    if config.architecture == "hf-causal-lm":
+        from feedloop.core.hf_build import TinyGPTConfig, tiny_policy
+
+        sizes = TinyGPTConfig(
+            vocab_size=config.bpe_vocab,
+            layers=config.layers,
+            width=config.embedding_dim,
+            heads=config.heads,
+            dropout=config.dropout,
+            value_hidden_dim=config.value_hidden_dim,
+        )
+        return tiny_policy(texts, sizes, seed=config.seed)
+    tokenizer = Tokenizer.build(texts, min_count=config.min_count, max_size=config.max_vocab)
+    return GRUPolicy(
+        GRUConfig(
+            vocab_size=tokenizer.vocab_size,
+            embedding_dim=config.embedding_dim,
+            hidden_dim=config.hidden_dim,
+            value_hidden_dim=config.value_hidden_dim,
+            dropout=config.dropout,
+        ),
+        tokenizer,
+    )
+
+
 def _state_path(config: PretrainConfig) -> Path:
     return config.output_dir.with_name(config.output_dir.name + ".pretrain-state.pt")
 
@@ -169,17 +216,8 @@ def pretrain(config: PretrainConfig, *, progress: bool = True) -> PretrainResult
     torch.manual_seed(config.seed)
     phrases = load_phrases(config.corpus)
     split = split_corpus(phrases, seed=config.seed)
-    tokenizer = Tokenizer.build(split.train, min_count=config.min_count, max_size=config.max_vocab)
-    policy = GRUPolicy(
-        GRUConfig(
-            vocab_size=tokenizer.vocab_size,
-            embedding_dim=config.embedding_dim,
-            hidden_dim=config.hidden_dim,
-            value_hidden_dim=config.value_hidden_dim,
-            dropout=config.dropout,
-        ),
-        tokenizer,
-    )
+    policy = new_policy(config, split.train)
+    tokenizer = policy.tokenizer
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     validation_pairs = make_pairs(

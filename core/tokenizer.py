@@ -79,6 +79,11 @@ class Tokenizer:
         """Token ids of text, without bos/eos."""
         return [self.id_of(w) for w in split_words(text)]
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a keyword prompt as the policy reads it (here: the words themselves; a
+        causal LM's tokenizer wraps them in its prompt template first)."""
+        return self.encode(prompt)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids; special tokens other than <unk> are dropped, decoding stops at <eos>."""
         words: list[str] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from feedloop.core.checkpoint import MANIFEST
-from feedloop.core.errors import FeedloopError
+from feedloop.core.errors import CheckpointError, FeedloopError
 from feedloop.core.registry import ModelRegistry, open_registry
 from feedloop.core.store import ReplayStore, open_store
 from feedloop.server.admin import ModelAdminService
@@ -61,13 +62,33 @@ class StartupError(FeedloopError):
     """The server cannot start; the message tells the operator what to do."""
 
 
-def seed_registry(registry: ModelRegistry, data_dir: Path, location: str) -> None:
-    """Give an empty registry a live version: the default pretrained checkpoint."""
+def seed_registry(
+    registry: ModelRegistry,
+    data_dir: Path,
+    location: str,
+    policy: Path | None = None,
+    prompt_template: str = "{keywords}",
+) -> None:
+    """Give an empty registry a live version: `policy` (a checkpoint, or a Hugging Face model
+    directory imported as one), else the default pretrained checkpoint.
+
+    A registry that has versions keeps them: `--policy` never replaces what training made.
+    """
     if registry.live() is not None:
+        if policy is not None:
+            log.warning(
+                "--policy %s ignored: the registry at %s already has a live version",
+                policy,
+                location,
+            )
         return
     versions = registry.versions()
     if versions:
         registry.set_live(versions[-1], reason="no live version at server start: newest made live")
+        return
+    if policy is not None:
+        checkpoint = _policy_checkpoint(Path(policy), data_dir, prompt_template)
+        registry.publish(checkpoint, reason=f"seed: --policy {policy}", make_live=True)
         return
     from feedloop.core.pretrain import default_checkpoint_dir
 
@@ -78,6 +99,31 @@ def seed_registry(registry: ModelRegistry, data_dir: Path, location: str) -> Non
             f"checkpoint at {checkpoint}; run `feedloop pretrain` first"
         )
     registry.publish(checkpoint, reason="seed: the default pretrained checkpoint", make_live=True)
+
+
+def _policy_checkpoint(policy: Path, data_dir: Path, prompt_template: str) -> Path:
+    """--policy as a checkpoint directory: as it is, or a Hugging Face model imported."""
+    if (policy / MANIFEST).is_file():
+        return policy
+    if not (policy / "config.json").is_file():
+        raise StartupError(
+            f"--policy {policy}: neither a feedloop checkpoint (manifest.json) nor a Hugging "
+            "Face model directory (config.json, *.safetensors, tokenizer.json)"
+        )
+    try:
+        from feedloop.core.hf_import import import_model_dir
+    except ImportError as exc:
+        raise StartupError(
+            f"--policy {policy} is a Hugging Face model: install the hf extra "
+            f"(pip install 'feedloop[hf]'): {exc}"
+        ) from exc
+    target = data_dir / "imported-policy"
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        import_model_dir(policy, target, prompt_template=prompt_template)
+    except (CheckpointError, ValueError) as exc:
+        raise StartupError(f"--policy {policy}: {exc}") from exc
+    return target
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -147,7 +193,12 @@ class FeedloopServer:
                 data_dir=config.data_dir,
             )
         await asyncio.to_thread(
-            seed_registry, self.registry, config.data_dir, config.registry_location
+            seed_registry,
+            self.registry,
+            config.data_dir,
+            config.registry_location,
+            config.policy,
+            config.prompt_template,
         )
 
         loop = asyncio.get_running_loop()

@@ -113,6 +113,21 @@ class ServeConfig:
         default=100, metadata=_help("token bucket size per API key (requests)")
     )
     # -- model
+    policy: Path | None = field(
+        default=None,
+        metadata=_help(
+            "the model an empty registry starts with: a feedloop checkpoint directory, or a "
+            "Hugging Face causal-LM directory (config.json, *.safetensors, tokenizer.json; "
+            "needs the hf extra), imported with a fresh value head; unset: the default policy"
+        ),
+    )
+    prompt_template: str = field(
+        default="{keywords}",
+        metadata=_help(
+            "how a Hugging Face model imported by --policy reads a prompt: text with "
+            "{keywords} where the request's prompt goes"
+        ),
+    )
     torch_threads: int = field(
         default=1,
         metadata=_help("torch intra-op threads of the model process; 1 leaves a core for gRPC"),

@@ -53,7 +53,7 @@ class LoadedModel:
     loaded_at: float  # Unix seconds
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return nonempty_prompt(self.tokenizer.encode(prompt))
+        return nonempty_prompt(self.tokenizer.encode_prompt(prompt))
 
 
 @dataclass(frozen=True)

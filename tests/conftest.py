@@ -2,6 +2,9 @@
 
 - tiny_checkpoint: a small policy pretrained for one short epoch (seconds): for tests that need
   real weights and a real tokenizer but not fluent phrases.
+- hf_checkpoint: a tiny GPT-2-style Hugging Face policy (2 layers, width 32, a BPE tokenizer of
+  320 tokens trained on part of the corpus), random weights, saved as a checkpoint (seconds);
+  tests that use it are skipped where the hf extra (transformers) is not installed.
 - pretrained_checkpoint: the real default policy (the one `feedloop pretrain` builds and the
   README's setup builds first); built here if missing, which takes a few minutes once.
 """
@@ -34,6 +37,22 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     result = pretrain(PretrainConfig(data_dir=root, **TINY), progress=False)  # type: ignore[arg-type]
     return result.checkpoint
+
+
+HF_TINY = dict(vocab_size=320, layers=2, width=32, heads=2, context=160, value_hidden_dim=16)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    from feedloop.core.checkpoint import save_checkpoint
+    from feedloop.core.corpus import load_phrases
+    from feedloop.core.hf_build import TinyGPTConfig, tiny_policy
+
+    policy = tiny_policy(load_phrases()[:600], TinyGPTConfig(**HF_TINY))  # type: ignore[arg-type]
+    directory = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    save_checkpoint(policy, directory, version="tiny-hf")
+    return directory
 
 
 @pytest.fixture(scope="session")

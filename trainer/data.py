@@ -200,7 +200,7 @@ def build_experience(
         if ids is None:
             skipped += 1
         else:
-            targets.append((nonempty_prompt(tokenizer.encode(c.prompt)), ids, c.weight))
+            targets.append((nonempty_prompt(tokenizer.encode_prompt(c.prompt)), ids, c.weight))
     if not usable and not targets:
         return None, skipped
     if usable:

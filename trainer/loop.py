@@ -75,6 +75,7 @@ from feedloop.trainer.decisions import (
 )
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
+from feedloop.trainer.mismatch import behaviour_mismatch
 from feedloop.trainer.rl_math import AdaptiveKLController
 from feedloop.trainer.signals import learning_signals
 from feedloop.trainer.update import TrainingDiverged
@@ -287,6 +288,9 @@ class Trainer:
             c.kl_coef_max,
         )
         figures["kl_coef"] = kl.value
+        mismatch = behaviour_mismatch(live_policy, live, window.generations.values())
+        if mismatch is not None:
+            figures.update(mismatch.figures())
         signals = learning_signals(window, live_policy.tokenizer, c)
         figures.update(signals.figures)
         experience, skipped_corrections = build_experience(

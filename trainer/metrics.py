@@ -74,6 +74,13 @@ class TrainerMetrics:
             "Reward model pairwise accuracy on held-out pairs",
             registry=r,
         )
+        self.logprob_mismatch = Gauge(
+            PREFIX + "behaviour_logprob_mismatch_nats",
+            "|logged behaviour log-prob - trainer recompute| per token on the live version's "
+            "generations of the last round: max and mean",
+            ["stat"],
+            registry=r,
+        )
         self.mean_reward = Gauge(
             PREFIX + "window_mean_reward",
             "Mean reward of the last round's training data",
@@ -194,6 +201,8 @@ class TrainerMetrics:
         put(self.kl_coef, "kl_coef")
         put(self.reward_model_accuracy, "rm_heldout_accuracy")
         put(self.mean_reward, "mean_reward")
+        put(self.logprob_mismatch.labels("max"), "logprob_mismatch_max")
+        put(self.logprob_mismatch.labels("mean"), "logprob_mismatch_mean")
         put(self.gate_perplexity_ratio, "perplexity_ratio_live")
         put(self.window_generations, "window_generations")
         put(self.newest_data_age, "newest_event_age_s")
