@@ -89,6 +89,27 @@ def test_train_once_prints_its_start_line_runs_one_round_and_exits_0(env: Env) -
     assert open_registry(env.root / "registry").live() == "v0002"
 
 
+@pytest.mark.slow
+def test_train_nproc_2_runs_the_update_on_two_ranks_and_publishes_from_rank_0(env: Env) -> None:
+    proc = start(env, "--once", "--nproc", "2", "--nice", "0")
+    try:
+        lines = read_until(proc, "round 1:")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert "nproc=2" in lines[0]
+    assert "published v0002" in lines[-1]
+    assert open_registry(env.root / "registry").live() == "v0002"
+
+
+def test_train_refuses_nproc_0_naming_the_field(env: Env) -> None:
+    out = subprocess.run(
+        train_command(env, "--once", "--nproc", "0"), capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "nproc must be > 0" in out.stderr
+
+
 def test_train_serves_metrics_and_exits_0_on_sigterm(env: Env) -> None:
     proc = start(env)
     try:

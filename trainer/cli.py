@@ -2,6 +2,7 @@
 
     feedloop train --store replay.sqlite3 --registry registry/ --metrics-port 9466
     feedloop train --once --algorithm reinforce      # one round, then exit (cron, tests)
+    feedloop train --nproc 4                         # each update data-parallel on 4 processes
 
 Prints one line when ready (`feedloop train: metrics=HOST:PORT store=... registry=...`), then
 one line per round. SIGTERM or SIGINT abandons the round in progress at its next step boundary
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
     from feedloop.core.registry import open_registry
     from feedloop.core.store import open_store
     from feedloop.trainer.config import TrainConfig
+    from feedloop.trainer.distributed import DataParallel
     from feedloop.trainer.loop import Trainer
     from feedloop.trainer.metrics import TrainerMetrics
 
@@ -78,8 +80,15 @@ def main(argv: list[str]) -> int:
         return 1
     print(
         f"feedloop train: metrics={host}:{port} store={config.store_location} "
-        f"registry={config.registry_location} algorithm={config.algorithm}",
+        f"registry={config.registry_location} algorithm={config.algorithm} "
+        f"nproc={config.nproc}",
         flush=True,
+    )
+    # Rank 0 is this process; the other ranks are spawned at the first update.
+    data_parallel = (
+        DataParallel(config, config.nproc, timeout_s=config.dist_timeout_s)
+        if config.nproc > 1
+        else None
     )
     trainer = Trainer(
         config,
@@ -88,10 +97,13 @@ def main(argv: list[str]) -> int:
         metrics=metrics,
         stop=stop,
         log=lambda line: print(f"feedloop train: {line}", flush=True),
+        data_parallel=data_parallel,
     )
     try:
         code = trainer.run(once=args.once)
     finally:
+        if data_parallel is not None:
+            data_parallel.close()
         store.close()
         registry.close()
     if stop.is_set():
