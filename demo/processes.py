@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class ChildStartupError(RuntimeError):
@@ -33,12 +34,24 @@ def parse_banner(line: str) -> dict[str, str]:
     return {key: value for key, sep, value in pairs if sep}
 
 
+def _load_prctl() -> Any:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    return None
+
+
+# Looked up here, in the parent: loading a library in the child between fork and exec takes
+# the dynamic loader's lock, which another thread of the parent (gRPC's, asyncio's executor)
+# may have held at the fork, and the child then crashed (SIGSEGV) or hung before exec.
+_PRCTL = _load_prctl() if sys.platform == "linux" else None
+
+
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel for SIGKILL when the parent dies.
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    # Runs in the child between fork and exec: ask the kernel for SIGKILL when the parent dies
+    # (strictly: when the thread that started the child ends).
+    if _PRCTL is not None:
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        _PRCTL(pr_set_pdeathsig, signal.SIGKILL)
 
 
 @dataclass
