@@ -39,7 +39,7 @@ import socket
 import sys
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -113,7 +113,7 @@ class ProcessGroupRanks:
 
     def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        _collective(lambda: dist.all_gather(parts, tensor))
+        collective(lambda: dist.all_gather(parts, tensor))
         return parts
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
@@ -121,19 +121,36 @@ class ProcessGroupRanks:
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        _collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+        collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 
-def _collective(call: Callable[[], object]) -> None:
+def collective(call: Callable[[], object]) -> None:
     try:
         call()
     except (RuntimeError, ValueError) as exc:  # gloo: a peer closed its connection, a timeout
         reason = str(exc).splitlines()[0].split(". This is typically")[0]  # gloo's advice, cut
         raise RankFailed(f"data-parallel collective failed: {reason}") from exc
+
+
+class SharedUpdate(Protocol):
+    """An update shared with other ranks: DataParallel (spawned), TorchrunDataParallel."""
+
+    def update(
+        self,
+        algorithm: Algorithm[Any],
+        policy: Policy,
+        reference: Policy,
+        experience: Experience,
+        kl_coef: float,
+        *,
+        on_step: Callable[[int], None] | None = None,
+    ) -> UpdateResult: ...
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +161,12 @@ class RoundJob:
     reference: Policy
     experience: Experience
     kl_coef: float
+
+
+def round_job(policy: Policy, reference: Policy, experience: Experience, kl_coef: float) -> bytes:
+    """The job, pickled now (not by a queue's feeder thread later: rank 0 starts changing the
+    policy in place at its first step)."""
+    return pickle.dumps(RoundJob(policy, reference, experience, kl_coef))
 
 
 def _free_port() -> int:
@@ -167,9 +190,7 @@ def _worker_main(
     timeout_s: float,
     jobs: Any,
 ) -> None:
-    """A worker rank: join the group, then run the update of every job rank 0 sends."""
-    from feedloop.trainer.algorithms import make_algorithm
-
+    """A spawned worker rank: join the group, then serve rank 0's jobs from its queue."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the workers stop
     torch.set_num_threads(config.torch_threads)
@@ -180,13 +201,20 @@ def _worker_main(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    serve_jobs(config, jobs.get)
+    dist.destroy_process_group()
+
+
+def serve_jobs(config: TrainConfig, receive: Callable[[], bytes | None]) -> None:
+    """A worker rank's life in the group: the update of every job rank 0 sends, until None."""
+    from feedloop.trainer.algorithms import make_algorithm
+
     ranks = ProcessGroupRanks()
     algorithm = make_algorithm(config)
-    while (payload := jobs.get()) is not None:
+    while (payload := receive()) is not None:
         job: RoundJob = pickle.loads(payload)
         with contextlib.suppress(TrainingDiverged):  # raised on every rank alike: next job
             algorithm.update(job.policy, job.reference, job.experience, job.kl_coef, ranks=ranks)
-    dist.destroy_process_group()
 
 
 class DataParallel:
@@ -249,9 +277,7 @@ class DataParallel:
             self.close()  # a rank died between rounds: this round starts a fresh group
         if not self.workers:
             self._start()
-        # Pickled now, not by the queue's feeder thread later: rank 0 starts changing the
-        # policy in place at its first step.
-        job = pickle.dumps(RoundJob(policy, reference, experience, kl_coef))
+        job = round_job(policy, reference, experience, kl_coef)
         try:
             for jobs in self.queues:
                 jobs.put(job)

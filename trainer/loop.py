@@ -72,7 +72,7 @@ from feedloop.trainer.decisions import (
     judge_trial,
     recent_versions,
 )
-from feedloop.trainer.distributed import DataParallel
+from feedloop.trainer.distributed import SharedUpdate
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.rl_math import AdaptiveKLController
@@ -135,10 +135,10 @@ class Trainer:
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
         clock: Callable[[], float] = time.time,
-        data_parallel: DataParallel | None = None,
+        data_parallel: SharedUpdate | None = None,
     ) -> None:
         self.config = config
-        self.data_parallel = data_parallel  # the update's worker ranks, with --nproc > 1
+        self.data_parallel = data_parallel  # the update's other ranks (--nproc > 1, torchrun)
         self.store = store
         self.registry = registry
         self.metrics = metrics or TrainerMetrics()
