@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 
 class ChildStartupError(RuntimeError):
@@ -34,24 +33,12 @@ def parse_banner(line: str) -> dict[str, str]:
     return {key: value for key, sep, value in pairs if sep}
 
 
-def _load_prctl() -> Any:
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    return None
-
-
-# Looked up here, in the parent: loading a library in the child between fork and exec takes
-# the dynamic loader's lock, which another thread of the parent (gRPC's, asyncio's executor)
-# may have held at the fork, and the child then crashed (SIGSEGV) or hung before exec.
-_PRCTL = _load_prctl() if sys.platform == "linux" else None
-
-
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel for SIGKILL when the parent dies
-    # (strictly: when the thread that started the child ends).
-    if _PRCTL is not None:
+    # Runs in the child between fork and exec: ask the kernel for SIGKILL when the parent dies.
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
-        _PRCTL(pr_set_pdeathsig, signal.SIGKILL)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 @dataclass
@@ -147,8 +134,15 @@ def start_child(
     banner_prefix: str,
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
+    die_with_parent: bool = True,
 ) -> Child:
-    """Start argv and wait for its stdout line starting with banner_prefix."""
+    """Start argv and wait for its stdout line starting with banner_prefix.
+
+    die_with_parent=False leaves out the PR_SET_PDEATHSIG request, which runs Python in the
+    child between fork and exec: from a process whose other threads are busy in gRPC that
+    child can crash (SIGSEGV in threading's after-fork handler) before it execs. The caller
+    must then stop the child itself.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (the child keeps it)
     process = subprocess.Popen(
@@ -159,7 +153,7 @@ def start_child(
         text=True,
         env=env,
         start_new_session=True,  # its own process group: stopped as a whole, not by Ctrl-C
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
     )
     log_file.close()  # the child holds its own descriptor
     lines: queue.Queue[str | None] = queue.Queue()

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -66,7 +67,7 @@ class Replica:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, die_with_parent: bool = True) -> None:
         argv = serve_argv(
             self.data_dir,
             *("--store", self.url, "--registry", self.url, "--port", str(self.port)),
@@ -77,6 +78,7 @@ class Replica:
             argv,
             log_path=self.data_dir / f"serve-{self.restarts}.log",
             banner_prefix="feedloop serve: listening",
+            die_with_parent=die_with_parent,
         )
 
     def sigkill(self) -> None:
@@ -311,7 +313,11 @@ async def test_a_fleet_of_three_replicas_keeps_every_promise_under_load(
         await asyncio.to_thread(victim.sigkill)
         await asyncio.sleep(0.5)
         # the same port: the clients' address lists stay valid
-        await loop.run_in_executor(fleet.starter, victim.start)
+        # Started while the clients' gRPC threads run: without the pre-exec hook, which can
+        # crash the forked child then (the fixture stops it, as every replica).
+        await loop.run_in_executor(
+            fleet.starter, functools.partial(victim.start, die_with_parent=False)
+        )
         back_s = time.monotonic() - killed_at
         print(f"\nfleet: replica {victim.index} SIGKILLed, serving again after {back_s:.1f} s")
         fleet.down.discard(victim.index)
