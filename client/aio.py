@@ -49,9 +49,9 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 def open_aio_channel(options: ClientOptions) -> grpc.aio.Channel:
     if options.uses_tls:
         return grpc.aio.secure_channel(
-            options.target, options.channel_credentials(), options=options.channel_args()
+            options.grpc_target, options.channel_credentials(), options=options.channel_args()
         )
-    return grpc.aio.insecure_channel(options.target, options=options.channel_args())
+    return grpc.aio.insecure_channel(options.grpc_target, options=options.channel_args())
 
 
 class AsyncFeedloopClient:

@@ -51,9 +51,9 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 def open_channel(options: ClientOptions) -> grpc.Channel:
     if options.uses_tls:
         return grpc.secure_channel(
-            options.target, options.channel_credentials(), options=options.channel_args()
+            options.grpc_target, options.channel_credentials(), options=options.channel_args()
         )
-    return grpc.insecure_channel(options.target, options=options.channel_args())
+    return grpc.insecure_channel(options.grpc_target, options=options.channel_args())
 
 
 class FeedloopClient:
@@ -334,5 +334,5 @@ class FeedloopClient:
             time.sleep(0.05)
         raise FeedloopClientError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"{self.options.target} not serving after {timeout_s:g}s (last: {last})",
+            f"{self.options.grpc_target} not serving after {timeout_s:g}s (last: {last})",
         )

@@ -332,7 +332,9 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         "--target",
         default=os.environ.get("FEEDLOOP_TARGET") or DEFAULT_TARGET,
         metavar="HOST:PORT",
-        help="server address (default: $FEEDLOOP_TARGET or %(default)s)",
+        help="server address; several replicas as IP:PORT,IP:PORT,... or one DNS name "
+        "resolving to all of them (dns:///NAME:PORT), spread round-robin "
+        "(default: $FEEDLOOP_TARGET or %(default)s)",
     )
     group.add_argument(
         "--api-key",

@@ -11,7 +11,10 @@ which the server stores once.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,51 @@ import grpc
 from feedloop.client.service_config import service_config_json
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+
+
+def fleet_target(addresses: Sequence[str]) -> str:
+    """One gRPC target naming several servers by address: `ipv4:HOST:PORT,HOST:PORT,...` (or
+    `ipv6:[HOST]:PORT,...`), gRPC's static address list, which client-side load balancing
+    spreads calls over. Host names cannot go in such a list: name them with one DNS name that
+    resolves to every replica (`dns:///feedloop.internal:50051`)."""
+    addresses = [a.strip() for a in addresses]
+    if not addresses:
+        raise ValueError("target: no server address given")
+    families = set()
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            ip = None
+        if not sep or not port.isdigit() or ip is None:
+            raise ValueError(
+                f"target: {address!r} is not IP:PORT; several servers are named by IP "
+                "addresses, or by one DNS name that resolves to all of them "
+                "('dns:///NAME:PORT')"
+            )
+        families.add(ip.version)
+    if len(families) > 1:
+        raise ValueError("target: IPv4 and IPv6 addresses cannot be mixed in one list")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
+
+
+def normalise_target(target: str | Sequence[str]) -> str:
+    """A target as gRPC takes it: a list, or a comma-separated string of several addresses,
+    becomes fleet_target's static list; anything else (one address, a URI) is kept as is."""
+    if isinstance(target, str):
+        if "," not in target or ":/" in target or target.startswith(("ipv4:", "ipv6:")):
+            return target
+        target = target.split(",")
+    addresses = list(target)
+    return addresses[0] if len(addresses) == 1 else fleet_target(addresses)
+
+
+def names_several_servers(target: str) -> bool:
+    """Whether calls to target may reach several servers: a static list or a DNS name, whose
+    resolver can return one address per replica."""
+    return "," in target or target.startswith("dns:")
 
 
 @dataclass(frozen=True)
@@ -65,7 +113,13 @@ class RetryPolicy:
 class ClientOptions:
     """Everything a client needs to reach a server. Paths are read when the channel opens."""
 
-    target: str = DEFAULT_TARGET
+    # One server (HOST:PORT), several (a list, or "HOST:PORT,HOST:PORT"), or any gRPC target URI
+    # (`dns:///feedloop.internal:50051`: one name resolving to every replica).
+    target: str | Sequence[str] = DEFAULT_TARGET
+    # Client-side load balancing across the addresses the target resolves to. None: round_robin
+    # where the target names several servers (gRPC's own default, pick_first, would send every
+    # call to the first one that answers), gRPC's default otherwise.
+    load_balancing: str | None = None
     api_key: str | None = None  # sent as `authorization: Bearer KEY` on every call
     tls: bool = False  # implied by any of the certificate paths below
     root_ca_path: Path | None = None  # CA bundle that signed the server's certificate
@@ -76,10 +130,22 @@ class ClientOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target", normalise_target(self.target))
+        if self.load_balancing is not None and self.load_balancing not in LOAD_BALANCING_POLICIES:
+            raise ValueError(
+                f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)}, "
+                f"not {self.load_balancing!r}"
+            )
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if (self.client_cert_path is None) != (self.client_key_path is None):
             raise ValueError("mutual TLS needs both client_cert_path and client_key_path")
+
+    @property
+    def grpc_target(self) -> str:
+        """The target as gRPC takes it (__post_init__ has made a list of addresses one)."""
+        assert isinstance(self.target, str)
+        return self.target
 
     @property
     def uses_tls(self) -> bool:
@@ -110,4 +176,12 @@ class ClientOptions:
         ]
         if self.tls_server_name:
             args.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        policy = self.load_balancing
+        if policy is None and names_several_servers(self.grpc_target):
+            policy = "round_robin"
+        if policy is not None:
+            # The service config's loadBalancingConfig is gRPC's documented way to choose the
+            # policy (grpc.lb_policy_name is the older channel argument for the same thing).
+            config: dict[str, object] = {"loadBalancingConfig": [{policy: {}}]}
+            args.append(("grpc.service_config", json.dumps(config)))
         return args

@@ -134,8 +134,15 @@ def start_child(
     banner_prefix: str,
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
+    die_with_parent: bool = True,
 ) -> Child:
-    """Start argv and wait for its stdout line starting with banner_prefix."""
+    """Start argv and wait for its stdout line starting with banner_prefix.
+
+    die_with_parent=False leaves out the PR_SET_PDEATHSIG request, which runs Python in the
+    child between fork and exec: from a process whose other threads are busy in gRPC that
+    child can crash (SIGSEGV in threading's after-fork handler) before it execs. The caller
+    must then stop the child itself.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (the child keeps it)
     process = subprocess.Popen(
@@ -146,7 +153,7 @@ def start_child(
         text=True,
         env=env,
         start_new_session=True,  # its own process group: stopped as a whole, not by Ctrl-C
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
     )
     log_file.close()  # the child holds its own descriptor
     lines: queue.Queue[str | None] = queue.Queue()

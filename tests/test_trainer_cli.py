@@ -105,6 +105,46 @@ def test_with_log_format_json_a_rounds_line_carries_its_round_version_and_outcom
     assert (record["round"], record["version"], record["outcome"]) == (1, "v0002", "published")
 
 
+@pytest.mark.slow
+def test_train_nproc_2_runs_the_update_on_two_ranks_and_publishes_from_rank_0(env: Env) -> None:
+    proc = start(env, "--once", "--nproc", "2", "--nice", "0")
+    try:
+        lines = read_until(proc, "round 1:")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert "nproc=2" in lines[0]
+    assert "published v0002" in lines[-1]
+    assert open_registry(env.root / "registry").live() == "v0002"
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_runs_the_update_on_its_ranks_and_publishes_from_rank_0(
+    env: Env,
+) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = train_command(env, "--once", "--nice", "0")
+    cli = command.index("feedloop.client.cli")
+    argv = [*torchrun, "--nproc-per-node", "2", "-m", *command[cli:]]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FEEDLOOP_")}
+    out = subprocess.run(argv, capture_output=True, text=True, env=environment, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("feedloop train:")]
+    # one trainer (rank 0) started; the other rank only served its update
+    assert [line for line in lines if line.startswith("feedloop train: metrics=")] == lines[:1]
+    assert "nproc=2" in lines[0]
+    assert any("round 1: published v0002" in line for line in lines), out.stdout
+    assert open_registry(env.root / "registry").live() == "v0002"
+
+
+def test_train_refuses_nproc_0_naming_the_field(env: Env) -> None:
+    out = subprocess.run(
+        train_command(env, "--once", "--nproc", "0"), capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "nproc must be > 0" in out.stderr
+
+
 def test_train_serves_metrics_and_exits_0_on_sigterm(env: Env) -> None:
     proc = start(env)
     try:

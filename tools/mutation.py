@@ -51,7 +51,11 @@ EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.toml"
 MODULES: dict[str, tuple[str, ...]] = {
     "trainer/rl_math.py": ("tests/test_rl_math.py", "tests/test_rl_math_edges.py"),
     "trainer/algorithms.py": ("tests/test_algorithms.py",),
-    "trainer/update.py": ("tests/test_trainer_update.py", "tests/test_algorithms.py"),
+    "trainer/update.py": (
+        "tests/test_trainer_update.py",
+        "tests/test_algorithms.py",
+        "tests/test_trainer_update_ranks.py",
+    ),
     "trainer/gate.py": (
         "tests/test_gate_checks.py",
         "tests/test_trainer_gate.py",

@@ -2,6 +2,8 @@
 
     feedloop train --store replay.sqlite3 --registry registry/ --metrics-port 9466
     feedloop train --once --algorithm reinforce      # one round, then exit (cron, tests)
+    feedloop train --nproc 4                         # each update data-parallel on 4 processes
+    torchrun --nproc-per-node 4 -m feedloop.client.cli train ...   # the same, ranks by torchrun
 
 Prints one line when ready (`feedloop train: metrics=HOST:PORT store=... registry=...`), then
 one line per round. SIGTERM or SIGINT abandons the round in progress at its next step boundary
@@ -46,8 +48,10 @@ def main(argv: list[str]) -> int:
     from feedloop.core.registry import open_registry
     from feedloop.core.store import open_store
     from feedloop.trainer.config import TrainConfig
+    from feedloop.trainer.distributed import DataParallel
     from feedloop.trainer.loop import Trainer
     from feedloop.trainer.metrics import TrainerMetrics
+    from feedloop.trainer.torchrun import TorchrunDataParallel
 
     try:
         config = config_from_args(TrainConfig, args, section="train")
@@ -57,6 +61,16 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(config.torch_threads)
     if config.nice:
         os.nice(config.nice)  # the process's own priority: the server's requests go first
+    # torchrun tells each process its rank in the environment (its contract, read here at
+    # the edge); rank 0 is the trainer, the others only serve its update jobs.
+    torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torchrun_world > 1 and config.nproc > 1:
+        print("feedloop train: --nproc spawns ranks; under torchrun leave it 1", file=sys.stderr)
+        return EXIT_USAGE
+    if torchrun_world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        from feedloop.trainer.torchrun import serve_as_worker
+
+        return serve_as_worker(config)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -79,7 +93,8 @@ def main(argv: list[str]) -> int:
         return 1
     print(
         f"feedloop train: metrics={host}:{port} store={config.store_location} "
-        f"registry={config.registry_location} algorithm={config.algorithm}",
+        f"registry={config.registry_location} algorithm={config.algorithm} "
+        f"nproc={max(config.nproc, torchrun_world)}",
         flush=True,
     )
     # Round and decision lines are log records (round, version, outcome as fields in JSON); in
@@ -90,12 +105,31 @@ def main(argv: list[str]) -> int:
         stream=sys.stdout,
         text_format="feedloop train: %(message)s",
     )
-    trainer = Trainer(config, store, registry, metrics=metrics, stop=stop, log=lambda _: None)
+    # Rank 0 is this process; the other ranks are spawned at the first update, or torchrun's.
+    data_parallel: DataParallel | TorchrunDataParallel | None = None
+    if torchrun_world > 1:
+        data_parallel = TorchrunDataParallel(config, on_failure=stop.set)
+    elif config.nproc > 1:
+        data_parallel = DataParallel(config, config.nproc, timeout_s=config.dist_timeout_s)
+    trainer = Trainer(
+        config,
+        store,
+        registry,
+        metrics=metrics,
+        stop=stop,
+        log=lambda _: None,
+        data_parallel=data_parallel,
+    )
     try:
         code = trainer.run(once=args.once)
     finally:
+        if data_parallel is not None:
+            data_parallel.close()
         store.close()
         registry.close()
+    if isinstance(data_parallel, TorchrunDataParallel) and data_parallel.failed:
+        print("feedloop train: a rank failed; exiting for torchrun to restart them", flush=True)
+        return 1
     if stop.is_set():
         print("feedloop train: stopped", flush=True)
     return code

@@ -97,6 +97,21 @@ class TrainConfig:
             "text, or json: one object a line with round, version and outcome as fields"
         ),
     )
+    nproc: int = field(
+        default=1,
+        metadata=_help(
+            "processes that share each round's update (data parallel on torch.distributed, "
+            "gloo): this one (rank 0: reads, gates, publishes) and nproc-1 spawned ranks, each "
+            "taking a slice of every minibatch; gradients are all-reduced every step"
+        ),
+    )
+    dist_timeout_s: float = field(
+        default=300.0,
+        metadata=_help(
+            "a data-parallel rank silent this long in a collective fails the round (a rank "
+            "that dies fails it at once); the next round starts the ranks afresh"
+        ),
+    )
     # -- the window --------------------------------------------------------------------------
     max_feedback_events: int = field(
         default=5000, metadata=_help("newest feedback events read per round (bounds round time)")
@@ -398,6 +413,8 @@ class TrainConfig:
             "max_trial_s",
             "decision_interval_s",
             "shadow_max_weight",
+            "nproc",
+            "dist_timeout_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:

@@ -73,12 +73,13 @@ from feedloop.trainer.decisions import (
     judge_trial,
     recent_versions,
 )
+from feedloop.trainer.distributed import SharedUpdate
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.mismatch import behaviour_mismatch
 from feedloop.trainer.rl_math import AdaptiveKLController
 from feedloop.trainer.signals import learning_signals
-from feedloop.trainer.update import TrainingDiverged
+from feedloop.trainer.update import Experience, TrainingDiverged, UpdateResult
 
 # A promotion older than this many decisions is long past any watch_s.
 _PROMOTION_SEARCH_DECISIONS = 200
@@ -140,8 +141,10 @@ class Trainer:
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
         clock: Callable[[], float] = time.time,
+        data_parallel: SharedUpdate | None = None,
     ) -> None:
         self.config = config
+        self.data_parallel = data_parallel  # the update's other ranks (--nproc > 1, torchrun)
         self.store = store
         self.registry = registry
         self.metrics = metrics or TrainerMetrics()
@@ -313,9 +316,7 @@ class Trainer:
 
         candidate = copy.deepcopy(live_policy)
         try:
-            update = self.algorithm.update(
-                candidate, reference, experience, kl.value, on_step=lambda _: self._check_stop()
-            )
+            update = self._update(candidate, reference, experience, kl.value)
         except TrainingDiverged as exc:
             phase("update")
             return self._finish_without_candidate(
@@ -374,6 +375,18 @@ class Trainer:
         self.prune_registry(reference_version)
         phase("prune")
         return RoundResult("published", f"{deployed}; {report.summary}", version, figures)
+
+    def _update(
+        self, candidate: Policy, reference: Policy, experience: Experience, kl_coef: float
+    ) -> UpdateResult:
+        """The algorithm's update of the candidate, here or shared with the data-parallel ranks
+        (whose failure raises RankFailed: the round is lost, nothing is published)."""
+        on_step = lambda _: self._check_stop()  # noqa: E731
+        if self.data_parallel is None:
+            return self.algorithm.update(candidate, reference, experience, kl_coef, on_step=on_step)
+        return self.data_parallel.update(
+            self.algorithm, candidate, reference, experience, kl_coef, on_step=on_step
+        )
 
     def _publish(
         self,

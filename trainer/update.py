@@ -10,6 +10,10 @@ The loop owns the rest, the same for every algorithm: shuffled minibatches over 
 up to a step cap, the users' corrections as a teacher-forced loss term, the finiteness checks,
 gradient-norm clipping, Adam, stopping once approx_kl passes target_approx_kl, and averaging
 each figure over the steps taken.
+
+The loop runs the same on one process or on several data-parallel ranks (trainer.distributed):
+there the losses see the policy through `Ranks.sharded`, whose teacher-forced pass each rank
+computes for its slice of the rows only, and the ranks' gradients are summed before each step.
 """
 
 from __future__ import annotations
@@ -108,6 +112,27 @@ class Prepared(Protocol):
 PreparedT = TypeVar("PreparedT", bound=Prepared)
 
 
+class Ranks(Protocol):
+    """The processes one update runs on: this one alone, or data-parallel ranks."""
+
+    def sharded(self, policy: Policy) -> Policy:
+        """The policy as the losses see it: on data-parallel ranks, a view whose teacher-forced
+        pass is shared out among the ranks (trainer.distributed.ShardedForward)."""
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Replace each parameter's gradient by its sum over the ranks."""
+
+
+class OneProcess:
+    """The update on this process alone: the policy itself, nothing to sum."""
+
+    def sharded(self, policy: Policy) -> Policy:
+        return policy
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        return None
+
+
 def select(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
     return TokenBatch(
         batch.prompt_ids[index],
@@ -184,22 +209,32 @@ class Algorithm(ABC, Generic[PreparedT]):
         kl_coef: float,
         *,
         on_step: Callable[[int], None] | None = None,
+        ranks: Ranks | None = None,
     ) -> UpdateResult:
-        """Update `policy` in place from the experience; raise TrainingDiverged on blow-ups."""
+        """Update `policy` in place from the experience; raise TrainingDiverged on blow-ups.
+
+        With data-parallel `ranks`, every rank calls this with the same policy, experience and
+        config: one seeded generator gives each the same minibatches, and every rank computes
+        the same losses (on the whole minibatch) and takes the same steps.
+        """
         c = self.config
+        ranks = ranks or OneProcess()
         policy.eval()  # dropout off: recomputed log-probs are deterministic
         prepared = self.prepare(policy, reference, experience, kl_coef)
         optimizer = torch.optim.Adam(policy.parameters(), lr=c.learning_rate)
         generator = torch.Generator().manual_seed(c.seed)
         stats: dict[str, list[float]] = {"approx_kl": [], "grad_norm": [], "correction_loss": []}
         steps = 0
+        stepped = ranks.sharded(policy)
         for index in minibatches(
             experience.size, c.minibatch_size, c.epochs, c.max_updates_per_round, generator
         ):
-            step = self.loss(policy, prepared, select(experience.batch, index), index)
-            corr = correction_loss(policy, experience, max(8, c.minibatch_size // 4), generator)
+            step = self.loss(stepped, prepared, select(experience.batch, index), index)
+            corr = correction_loss(stepped, experience, max(8, c.minibatch_size // 4), generator)
             stats["grad_norm"].append(
-                self._optimizer_step(policy, optimizer, step.loss + c.correction_loss_weight * corr)
+                self._optimizer_step(
+                    policy, optimizer, step.loss + c.correction_loss_weight * corr, ranks
+                )
             )
             stats["approx_kl"].append(step.approx_kl)
             stats["correction_loss"].append(float(corr.detach()))
@@ -216,11 +251,12 @@ class Algorithm(ABC, Generic[PreparedT]):
         return UpdateResult(steps, figures)
 
     def _optimizer_step(
-        self, policy: Policy, optimizer: torch.optim.Optimizer, loss: torch.Tensor
+        self, policy: Policy, optimizer: torch.optim.Optimizer, loss: torch.Tensor, ranks: Ranks
     ) -> float:
         check_finite("loss", loss, self.config.max_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.sum_gradients(list(policy.parameters()))  # before clipping: the whole gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), self.config.max_grad_norm)
         check_finite("grad norm", grad_norm, float("inf"))
         optimizer.step()

@@ -1,0 +1,113 @@
+"""The client spreads calls over several server replicas with gRPC's client-side round_robin."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+
+import pytest
+from client_fake_server import FakeServer
+
+from feedloop.client import AsyncFeedloopClient, FeedloopClient
+from feedloop.client.options import ClientOptions, fleet_target, normalise_target
+
+
+@pytest.fixture
+def fleet() -> Iterator[list[FakeServer]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(FakeServer()) for _ in range(3)]
+
+
+def generate_calls(server: FakeServer) -> int:
+    return server.script.calls.count("Generate")
+
+
+def test_a_list_of_addresses_becomes_one_static_ipv4_target() -> None:
+    assert fleet_target(["127.0.0.1:1", "10.0.0.2:2"]) == "ipv4:127.0.0.1:1,10.0.0.2:2"
+    assert fleet_target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    assert normalise_target("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert normalise_target(["127.0.0.1:7"]) == "127.0.0.1:7"
+    for kept in ("127.0.0.1:7", "dns:///feedloop.internal:50051", "ipv4:1.2.3.4:5,1.2.3.4:6"):
+        assert normalise_target(kept) == kept
+
+
+@pytest.mark.parametrize(
+    ("addresses", "named"),
+    [
+        (["feedloop-a:1", "feedloop-b:1"], "feedloop-a:1"),  # names go through one DNS name
+        (["127.0.0.1", "127.0.0.1:2"], "'127.0.0.1'"),  # no port
+        (["127.0.0.1:1", "[::1]:2"], "cannot be mixed"),
+        ([], "no server address"),
+    ],
+)
+def test_addresses_that_cannot_form_a_static_list_are_refused_naming_the_target(
+    addresses: list[str], named: str
+) -> None:
+    with pytest.raises(ValueError, match="target") as err:
+        fleet_target(addresses)
+    assert named in str(err.value)
+
+
+def lb_policy(options: ClientOptions) -> str | None:
+    for key, value in options.channel_args():
+        if key == "grpc.service_config":
+            (config,) = json.loads(str(value))["loadBalancingConfig"]
+            (name,) = config
+            return str(name)
+    return None
+
+
+def test_round_robin_is_chosen_where_the_target_names_several_servers() -> None:
+    assert lb_policy(ClientOptions(target=["127.0.0.1:1", "127.0.0.1:2"])) == "round_robin"
+    assert lb_policy(ClientOptions(target="dns:///feedloop.internal:50051")) == "round_robin"
+    assert lb_policy(ClientOptions(target="127.0.0.1:1")) is None  # gRPC's default
+    assert lb_policy(ClientOptions(target="127.0.0.1:1", load_balancing="round_robin")) == (
+        "round_robin"
+    )
+    chosen = ClientOptions(target="127.0.0.1:1,127.0.0.1:2", load_balancing="pick_first")
+    assert lb_policy(chosen) == "pick_first"
+    with pytest.raises(ValueError, match="load_balancing"):
+        ClientOptions(load_balancing="random")
+
+
+def test_calls_are_spread_evenly_over_every_replica(fleet: list[FakeServer]) -> None:
+    with FeedloopClient([s.target for s in fleet], timeout_s=5) as client:
+        client.wait_until_serving(timeout_s=5)
+        for _ in range(30):
+            client.generate("ocean")
+    # round_robin takes the ready replicas in turn: each gets a third, once all are connected
+    assert sorted(generate_calls(s) for s in fleet)[0] >= 8
+    assert sum(generate_calls(s) for s in fleet) == 30
+
+
+async def test_the_asyncio_client_spreads_its_calls_too(fleet: list[FakeServer]) -> None:
+    target = ",".join(s.target for s in fleet)
+    async with AsyncFeedloopClient(target, timeout_s=5) as client:
+        for _ in range(30):
+            await client.generate("ocean")
+    assert all(generate_calls(s) >= 8 for s in fleet)
+
+
+def test_one_address_keeps_grpcs_default_and_sticks_to_its_server(
+    fleet: list[FakeServer],
+) -> None:
+    with FeedloopClient(fleet[0].target, timeout_s=5) as client:
+        for _ in range(5):
+            client.generate("ocean")
+    assert [generate_calls(s) for s in fleet] == [5, 0, 0]
+
+
+def test_a_stopped_replica_is_skipped_and_the_calls_go_to_the_others(
+    fleet: list[FakeServer],
+) -> None:
+    with FeedloopClient([s.target for s in fleet], timeout_s=5) as client:
+        for _ in range(6):
+            client.generate("ocean")
+        fleet[1].__exit__(None, None, None)
+        before = [generate_calls(s) for s in fleet]
+        for _ in range(20):
+            client.generate("ocean")  # a call caught by the stop is retried (UNAVAILABLE)
+    after = [generate_calls(s) for s in fleet]
+    assert after[1] == before[1]
+    assert after[0] - before[0] + after[2] - before[2] == 20
