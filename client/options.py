@@ -12,7 +12,6 @@ which the server stores once.
 from __future__ import annotations
 
 import ipaddress
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,18 +169,16 @@ class ClientOptions:
 
     def channel_args(self) -> list[tuple[str, str | int]]:
         """The channel's options: the retrying service config, and TLS's expected name."""
-        args: list[tuple[str, str | int]] = [
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", service_config_json(self.retry)),
-        ]
-        if self.tls_server_name:
-            args.append(("grpc.ssl_target_name_override", self.tls_server_name))
         policy = self.load_balancing
         if policy is None and names_several_servers(self.grpc_target):
             policy = "round_robin"
-        if policy is not None:
-            # The service config's loadBalancingConfig is gRPC's documented way to choose the
-            # policy (grpc.lb_policy_name is the older channel argument for the same thing).
-            config: dict[str, object] = {"loadBalancingConfig": [{policy: {}}]}
-            args.append(("grpc.service_config", json.dumps(config)))
+        # The service config's loadBalancingConfig is gRPC's documented way to choose the
+        # policy (grpc.lb_policy_name is the older channel argument for the same thing); one
+        # service config per channel, so it travels with the retry policy.
+        args: list[tuple[str, str | int]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config_json(self.retry, policy)),
+        ]
+        if self.tls_server_name:
+            args.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return args

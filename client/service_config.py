@@ -60,11 +60,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
 
 
-def service_config(policy: RetryPolicy) -> dict[str, Any]:
+def service_config(policy: RetryPolicy, load_balancing: str | None = None) -> dict[str, Any]:
     """The service config (as a dict) retrying RETRIED_METHODS on RETRIED_CODES by policy;
-    with max_attempts 1, none (A6 requires at least 2 attempts in a retryPolicy)."""
+    with max_attempts 1, none (A6 requires at least 2 attempts in a retryPolicy). With
+    load_balancing, its loadBalancingConfig too: a channel takes one service config, so the
+    retries and the balancing policy must travel in the same one."""
+    balancing: dict[str, Any] = (
+        {"loadBalancingConfig": [{load_balancing: {}}]} if load_balancing is not None else {}
+    )
     if policy.max_attempts < 2:
-        return {}
+        return balancing
     names = [
         {"service": service, "method": method}
         for service, methods in RETRIED_METHODS.items()
@@ -80,6 +85,7 @@ def service_config(policy: RetryPolicy) -> dict[str, Any]:
         "retryableStatusCodes": list(RETRIED_CODES),
     }
     return {
+        **balancing,
         "methodConfig": [{"name": names, "retryPolicy": retry}],
         "retryThrottling": {
             "maxTokens": THROTTLE_MAX_TOKENS,
@@ -88,6 +94,6 @@ def service_config(policy: RetryPolicy) -> dict[str, Any]:
     }
 
 
-def service_config_json(policy: RetryPolicy) -> str:
-    """service_config(policy) as the JSON text a channel option or another language takes."""
-    return json.dumps(service_config(policy), indent=2)
+def service_config_json(policy: RetryPolicy, load_balancing: str | None = None) -> str:
+    """service_config(...) as the JSON text a channel option or another language takes."""
+    return json.dumps(service_config(policy, load_balancing), indent=2)

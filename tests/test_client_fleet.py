@@ -52,7 +52,11 @@ def test_addresses_that_cannot_form_a_static_list_are_refused_naming_the_target(
 def lb_policy(options: ClientOptions) -> str | None:
     for key, value in options.channel_args():
         if key == "grpc.service_config":
-            (config,) = json.loads(str(value))["loadBalancingConfig"]
+            # one service config per channel: the balancing policy rides with the retries
+            configs = json.loads(str(value)).get("loadBalancingConfig")
+            if configs is None:
+                return None
+            (config,) = configs
             (name,) = config
             return str(name)
     return None
@@ -111,3 +115,14 @@ def test_a_stopped_replica_is_skipped_and_the_calls_go_to_the_others(
     after = [generate_calls(s) for s in fleet]
     assert after[1] == before[1]
     assert after[0] - before[0] + after[2] - before[2] == 20
+
+
+def test_a_fleet_target_keeps_the_retry_policy_in_its_one_service_config() -> None:
+    # gRPC takes one service config per channel: a second grpc.service_config option would
+    # replace the first, so a fleet client would silently lose its retries (or its balancing).
+    args = ClientOptions(target=["127.0.0.1:1", "127.0.0.1:2"]).channel_args()
+    configs = [json.loads(str(value)) for key, value in args if key == "grpc.service_config"]
+    assert len(configs) == 1
+    (config,) = configs
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["methodConfig"][0]["retryPolicy"]["maxAttempts"] >= 2
