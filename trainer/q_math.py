@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from feedloop.trainer.rl_math import masked_mean
+
 
 def soft_q_values(
     values: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, beta: float
@@ -52,8 +54,7 @@ def soft_bellman_loss(
     q_values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """0.5 * E_mask[(y_t - Q(s_t, a_t))^2], the targets not differentiated."""
-    residual = targets.detach() - q_values
-    return 0.5 * (residual**2 * mask).sum() / mask.sum().clamp(min=1e-8)
+    return 0.5 * masked_mean((targets.detach() - q_values) ** 2, mask)
 
 
 def path_consistency_residuals(
@@ -72,18 +73,15 @@ def path_consistency_residuals(
     zero for the optimal policy and its soft value on any path (Nachum et al. 2017).
     """
     valid = (mask > 0).float()
-    soft_rewards = (token_rewards - beta * (logprobs - ref_logprobs)) * valid
-    to_go = torch.zeros_like(soft_rewards)
-    running = torch.zeros(soft_rewards.shape[0], dtype=soft_rewards.dtype)
-    for t in range(soft_rewards.shape[1] - 1, -1, -1):
-        running = soft_rewards[:, t] + gamma * running
-        to_go[:, t] = running
+    to_go = (token_rewards - beta * (logprobs - ref_logprobs)) * valid
+    for t in range(to_go.shape[1] - 2, -1, -1):  # backwards: each adds the discounted rest
+        to_go[:, t] += gamma * to_go[:, t + 1]
     return (to_go - values) * valid
 
 
 def path_consistency_loss(residuals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """0.5 * E_mask[C_t^2]: every term of the path is differentiated, as in PCL."""
-    return 0.5 * (residuals**2 * mask).sum() / mask.sum().clamp(min=1e-8)
+    return 0.5 * masked_mean(residuals**2, mask)
 
 
 @torch.no_grad()
