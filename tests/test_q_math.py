@@ -128,3 +128,19 @@ def test_polyak_moves_the_target_tau_of_the_way_to_the_online_weights() -> None:
     torch.testing.assert_close(target[0], torch.tensor([1.5, 1.0]))
     q_math.polyak_update(target, online, 1.0)
     torch.testing.assert_close(target[0], torch.tensor([3.0, -2.0]))
+
+
+def test_path_consistency_discounts_every_later_soft_reward_of_a_longer_phrase() -> None:
+    """Three tokens, log ratios 0.1, 0.2, 0.3 (beta 1), the rating 1 at the end, gamma 1/2,
+    V = 0: to go from the last token 1 - 0.3 = 0.7; from the second -0.2 + 0.7 / 2 = 0.15;
+    from the first -0.1 + 0.15 / 2 = -0.025."""
+    residuals = q_math.path_consistency_residuals(
+        torch.tensor([[0.0, 0.0, 1.0]]),
+        torch.tensor([[0.1, 0.2, 0.3]]),
+        torch.zeros(1, 3),
+        torch.zeros(1, 3),
+        torch.ones(1, 3),
+        0.5,
+        1.0,
+    )
+    torch.testing.assert_close(residuals, torch.tensor([[-0.025, 0.15, 0.7]]))
