@@ -1,8 +1,10 @@
 """Learning curves: reward of each live version against feedback events consumed.
 
     .venv/bin/python bench/learning_curves.py [--events 2000] [--events-per-round 256]
-        [--algorithms actor-critic,reinforce] [--preferences include:good,length:3,avoid:a]
-        [--output bench/learning_curves.png] [--torch-threads 2] [--join-window-s 30]
+        [--algorithms actor-critic,reinforce,q-learning]
+        [--preferences include:good,length:3,avoid:a] [--offpolicy-preferences include:good]
+        [--offpolicy-lag 1] [--output bench/learning_curves.png] [--torch-threads 2]
+        [--join-window-s 30]
 
 For every algorithm and preference: a fresh store and registry whose live version is the
 default pretrained policy; a simulated user with that preference (noisy ratings, comparisons,
@@ -12,6 +14,13 @@ included (`--join-window-s`): the simulated users answer at once, so the window 
 unrated generations back for a later round, as in production. After each round the live
 version's mean true reward is measured on held-out prompts (validation split), with its
 perplexity on the corpus test split relative to the pretrained policy's.
+
+Off-policy traffic (`--offpolicy-preferences`, every algorithm): the same users, prompts and
+seeds, but served by the live version's ancestor `--offpolicy-lag` versions back (replicas that
+have not swapped yet) with a mix of tempered and filtered sampling (temperature 0.7 with top-k
+20, top-p 0.9, temperature 1.3 with top-k 50): the behaviour policy is then neither the policy
+being trained nor its raw softmax, and only a correct off-policy correction learns as fast as on
+the plain traffic (live, temperature 1), the same curve in the plain arm.
 
 Printed for each algorithm and preference: the feedback events needed to close half the gap
 between the pretrained policy's reward and the best reachable reward (1.0: every preference here
@@ -39,6 +48,7 @@ from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.evaluation import perplexity
 from feedloop.core.pretrain import ensure_default_checkpoint
 from feedloop.core.registry import open_registry
+from feedloop.core.sampling import SamplingParams
 from feedloop.core.store import open_store
 from feedloop.demo.simulate import Simulation, corpus_prompts, mean_true_reward
 from feedloop.demo.simusers import SimulatedUser, parse_preference
@@ -48,12 +58,20 @@ from feedloop.trainer.loop import Trainer
 
 BEST_REACHABLE = 1.0
 EVAL_SEED = 5
+PLAIN = "live, t=1"
+OFF_POLICY = "older, tempered"
+OFF_POLICY_SAMPLING = (
+    SamplingParams(temperature=0.7, top_k=20, max_tokens=16),
+    SamplingParams(top_p=0.9, max_tokens=16),
+    SamplingParams(temperature=1.3, top_k=50, max_tokens=16),
+)
 
 
 @dataclass
 class Curve:
     algorithm: str
     preference: str
+    traffic: str = PLAIN
     events: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     perplexity_ratios: list[float] = field(default_factory=list)
@@ -67,7 +85,9 @@ class Curve:
         return None
 
 
-def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namespace) -> Curve:
+def run_curve(
+    algorithm: str, spec: str, traffic: str, checkpoint: Path, args: argparse.Namespace
+) -> Curve:
     preference = parse_preference(spec)
     split = split_corpus(load_phrases(), seed=0)
     train_prompts = corpus_prompts(split.train, seed=1)
@@ -93,9 +113,11 @@ def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namesp
         seed=12,
         requests_per_batch=32,
     )
+    if traffic == OFF_POLICY:
+        sim.sampling_mix, sim.version_lag = OFF_POLICY_SAMPLING, args.offpolicy_lag
     pretrained, _ = load_checkpoint(checkpoint)
     base_ppl = perplexity(pretrained, ppl_pairs)
-    curve = Curve(algorithm, spec)
+    curve = Curve(algorithm, spec, traffic)
 
     def measure(events: int, outcome: str) -> None:
         live, _ = load_checkpoint(registry.checkpoint_dir(str(registry.live())))
@@ -104,7 +126,8 @@ def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namesp
         curve.perplexity_ratios.append(perplexity(live, ppl_pairs) / base_ppl)
         curve.outcomes.append(outcome)
         print(
-            f"  {algorithm:<12} {spec:<13} events={events:5d} reward={curve.rewards[-1]:.3f} "
+            f"  {algorithm:<12} {spec:<13} {traffic:<15} events={events:5d} "
+            f"reward={curve.rewards[-1]:.3f} "
             f"ppl_ratio={curve.perplexity_ratios[-1]:.3f} {outcome}",
             flush=True,
         )
@@ -120,12 +143,12 @@ def run_curve(algorithm: str, spec: str, checkpoint: Path, args: argparse.Namesp
 
 
 def plot(curves: list[Curve], output: Path) -> None:
-    preferences = list(dict.fromkeys(c.preference for c in curves))
+    panels = list(dict.fromkeys((c.preference, c.traffic) for c in curves))
     fig, axes = plt.subplots(
-        2, len(preferences), figsize=(5 * len(preferences), 7), squeeze=False, sharex=True
+        2, len(panels), figsize=(5 * len(panels), 7), squeeze=False, sharex=True
     )
-    for col, spec in enumerate(preferences):
-        for curve in (c for c in curves if c.preference == spec):
+    for col, (spec, traffic) in enumerate(panels):
+        for curve in (c for c in curves if (c.preference, c.traffic) == (spec, traffic)):
             axes[0][col].plot(curve.events, curve.rewards, marker="o", label=curve.algorithm)
             axes[1][col].plot(
                 curve.events, curve.perplexity_ratios, marker="o", label=curve.algorithm
@@ -134,7 +157,7 @@ def plot(curves: list[Curve], output: Path) -> None:
         axes[0][col].axhline(
             base + 0.5 * (BEST_REACHABLE - base), ls="--", c="grey", label="half the gap"
         )
-        axes[0][col].set_title(spec)
+        axes[0][col].set_title(f"{spec} ({traffic} traffic)")
         axes[0][col].set_ylabel("mean true reward of live version")
         axes[1][col].axhline(1.3, ls="--", c="red", label="perplexity bound")
         axes[1][col].set_ylabel("held-out perplexity / pretrained")
@@ -150,8 +173,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--events-per-round", type=int, default=256)
-    parser.add_argument("--algorithms", default="actor-critic,reinforce")
+    parser.add_argument("--algorithms", default="actor-critic,reinforce,q-learning")
     parser.add_argument("--preferences", default="include:good,length:3,avoid:a")
+    parser.add_argument(
+        "--offpolicy-preferences",
+        default="include:good",
+        help="preferences also learned on off-policy traffic (empty: none)",
+    )
+    parser.add_argument(
+        "--offpolicy-lag", type=int, default=1, help="versions behind live that serve it"
+    )
     parser.add_argument("--eval-prompts", type=int, default=300)
     parser.add_argument("--output", type=Path, default=Path("bench/learning_curves.png"))
     parser.add_argument("--torch-threads", type=int, default=2)
@@ -162,24 +193,27 @@ def main() -> int:
     torch.set_num_threads(args.torch_threads)
     checkpoint = ensure_default_checkpoint(default_data_dir())
     started = time.perf_counter()
+    arms = [(spec, PLAIN) for spec in args.preferences.split(",")]
+    arms += [(spec, OFF_POLICY) for spec in args.offpolicy_preferences.split(",") if spec]
     curves = []
-    for spec in args.preferences.split(","):
+    for spec, traffic in arms:
         for algorithm in args.algorithms.split(","):
-            curves.append(run_curve(algorithm, spec, checkpoint, args))
+            curves.append(run_curve(algorithm, spec, traffic, checkpoint, args))
     plot(curves, args.output)
     print(
         f"\nfeedback events to close half the gap to the best reachable reward "
         f"({BEST_REACHABLE}), budget {args.events} events:"
     )
     print(
-        f"  {'algorithm':<12} {'preference':<13} {'pretrained':>10} {'final':>6} "
+        f"  {'algorithm':<12} {'preference':<13} {'traffic':<15} {'pretrained':>10} {'final':>6} "
         f"{'half-gap events':>15} {'ppl ratio there':>15} {'final ppl ratio':>15}"
     )
     for c in curves:
         events = c.half_gap_events()
         at = c.perplexity_ratios[c.events.index(events)] if events is not None else float("nan")
         print(
-            f"  {c.algorithm:<12} {c.preference:<13} {c.rewards[0]:10.3f} {c.rewards[-1]:6.3f} "
+            f"  {c.algorithm:<12} {c.preference:<13} {c.traffic:<15} {c.rewards[0]:10.3f} "
+            f"{c.rewards[-1]:6.3f} "
             f"{events if events is not None else 'not reached':>15} {at:15.3f} "
             f"{c.perplexity_ratios[-1]:15.3f}"
         )

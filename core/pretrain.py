@@ -32,11 +32,10 @@ from feedloop.core.checkpoint import save_checkpoint
 from feedloop.core.config import default_data_dir, describe
 from feedloop.core.corpus import load_phrases, make_pairs, split_corpus
 from feedloop.core.errors import CheckpointError
-from feedloop.core.evaluation import perplexity
+from feedloop.core.evaluation import contains_keywords, keyword_inclusion, perplexity
 from feedloop.core.gru import GRUConfig, GRUPolicy
-from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
-from feedloop.core.sampling import SamplingParams
-from feedloop.core.tokenizer import EOS_ID, Tokenizer, split_words
+from feedloop.core.policy import Policy, TokenBatch, token_logprobs
+from feedloop.core.tokenizer import EOS_ID, Tokenizer
 
 DEFAULT_CHECKPOINT_NAME = "default-policy"
 ARCHITECTURE_NAMES = ("gru-seq2seq", "hf-causal-lm")
@@ -150,31 +149,12 @@ def sequence_nll(
     return -(logprobs * batch.output_mask).sum(dim=1)
 
 
-def keyword_inclusion(
-    policy: Policy, prompts: Sequence[str], *, seed: int, temperature: float = 1.0
-) -> float:
-    """Share of phrases sampled at `temperature` containing every keyword of their prompt."""
-    requests = [
-        SampleRequest(
-            policy.encode_prompt(p),
-            SamplingParams(temperature=temperature, max_tokens=16, seed=seed + i),
-        )
-        for i, p in enumerate(prompts)
-    ]
-    hits = 0
-    for prompt, outs in zip(prompts, policy.sample(requests), strict=True):
-        words = set(split_words(policy.decode(outs[0].token_ids)))
-        hits += all(k in words for k in split_words(prompt))
-    return hits / max(len(prompts), 1)
-
-
 def chance_inclusion(prompts: Sequence[str], phrases: Sequence[str], seed: int) -> float:
     """The same figure for a phrase drawn at random from the corpus: what chance gives."""
     rng = random.Random(seed)
     hits = 0
     for prompt in prompts:
-        words = set(split_words(rng.choice(phrases)))
-        hits += all(k in words for k in split_words(prompt))
+        hits += contains_keywords(prompt, rng.choice(phrases))
     return hits / max(len(prompts), 1)
 
 

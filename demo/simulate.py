@@ -84,7 +84,13 @@ def feedback_records(
 
 @dataclass
 class Simulation:
-    """Serves the live version to one simulated user and logs everything to the store."""
+    """Serves the live version to one simulated user and logs everything to the store.
+
+    Off-policy traffic on request: `sampling_mix` (each request draws one of these parameter
+    sets, e.g. tempered, top-k and top-p ones, instead of `sampling`) and `version_lag` (serve
+    the live version's ancestor that many parents back, as replicas that have not yet swapped
+    do): the behaviour policy then differs from the one being trained, as in production.
+    """
 
     store: ReplayStore
     registry: ModelRegistry
@@ -94,26 +100,43 @@ class Simulation:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
     seed: int = 0
     requests_per_batch: int = 32
+    sampling_mix: Sequence[SamplingParams] = ()
+    version_lag: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self._policy: tuple[str, Policy] | None = None
         self.events_stored = 0
 
-    def live_policy(self) -> tuple[str, Policy]:
-        live = self.registry.live()
-        if live is None:
+    def served_version(self) -> str:
+        """Live, or its ancestor `version_lag` parents back (the oldest there is, if fewer)."""
+        version = self.registry.live()
+        if version is None:
             raise RuntimeError("no live version to serve")
-        if self._policy is None or self._policy[0] != live:
-            policy, _ = load_checkpoint(self.registry.checkpoint_dir(live))
-            self._policy = (live, policy)
+        for _ in range(self.version_lag):
+            parent = self.registry.manifest(version).parent_version
+            if parent is None:
+                break
+            version = parent
+        return version
+
+    def live_policy(self) -> tuple[str, Policy]:
+        """The version served (live unless version_lag says otherwise) and its policy."""
+        served = self.served_version()
+        if self._policy is None or self._policy[0] != served:
+            policy, _ = load_checkpoint(self.registry.checkpoint_dir(served))
+            self._policy = (served, policy)
         return self._policy
+
+    def _draw_params(self) -> SamplingParams:
+        base = self.rng.choice(list(self.sampling_mix)) if self.sampling_mix else self.sampling
+        return replace(base, seed=self.rng.getrandbits(63) or 1)
 
     def serve_batch(self) -> int:
         """Serve one batch of requests and store their feedback; returns events stored."""
         version, policy = self.live_policy()
         prompts = [self.rng.choice(self.prompts) for _ in range(self.requests_per_batch)]
-        params = [replace(self.sampling, seed=self.rng.getrandbits(63) or 1) for _ in prompts]
+        params = [self._draw_params() for _ in prompts]
         requests = [
             SampleRequest(policy.encode_prompt(p), sp, self.candidates_per_request)
             for p, sp in zip(prompts, params, strict=True)

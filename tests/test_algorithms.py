@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from feedloop.core.policy import Policy, PolicyOutput, SampledOutput, SampleRequest, TokenBatch
-from feedloop.trainer.algorithms import ActorCritic, Reinforce, make_algorithm
+from feedloop.trainer.algorithms import ActorCritic, Reinforce, SoftQLearning, make_algorithm
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.update import Experience
 
@@ -126,9 +126,9 @@ def test_actor_critic_whitens_advantages_over_real_tokens_weighted_by_client_wei
     torch.testing.assert_close(weighted.advantages, torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
 
 
-@pytest.mark.parametrize("algorithm", [ActorCritic, Reinforce])
+@pytest.mark.parametrize("algorithm", [ActorCritic, Reinforce, SoftQLearning])
 def test_with_no_reward_the_kl_penalty_alone_pulls_the_policy_towards_the_reference(
-    algorithm: type[ActorCritic] | type[Reinforce], tmp_path: Path
+    algorithm: type[ActorCritic] | type[Reinforce] | type[SoftQLearning], tmp_path: Path
 ) -> None:
     """Unrated token 1 sits above the reference and token 2 below: the penalty lowers the one
     and raises the other, whatever the critic learns meanwhile."""
@@ -241,8 +241,9 @@ def test_make_algorithm_builds_the_configured_one_and_names_the_choices_otherwis
 ) -> None:
     assert isinstance(make_algorithm(config(tmp_path, algorithm="reinforce")), Reinforce)
     assert isinstance(make_algorithm(config(tmp_path)), ActorCritic)
+    assert isinstance(make_algorithm(config(tmp_path, algorithm="q-learning")), SoftQLearning)
     with pytest.raises(
-        ValueError, match=r"^unknown algorithm 'q' \(one of actor-critic, reinforce\)$"
+        ValueError, match=r"^unknown algorithm 'q' \(one of actor-critic, reinforce, q-learning\)$"
     ):
         make_algorithm(config(tmp_path, algorithm="q"))
 

@@ -19,7 +19,7 @@ import torch
 from trainer_support import SPLIT, one_torch_thread
 
 from feedloop.core.checkpoint import load_checkpoint
-from feedloop.core.evaluation import perplexity
+from feedloop.core.evaluation import keyword_inclusion, perplexity
 from feedloop.core.policy import Policy
 from feedloop.trainer import gate as gate_module
 from feedloop.trainer.config import TrainConfig
@@ -175,4 +175,32 @@ def test_each_perplexity_is_reported_and_lives_is_measured_once_per_live_policy(
     new_live = perturbed(gate.reference, 3, 0.3)
     after_swap = gate.evaluate(candidate, new_live, [], None, seed=0, live_version="v0003")
     assert after_swap.figures["perplexity_live"] == perplexity(new_live, gate.pairs)
+    assert sum(p is new_live for p in measured) == 1
+
+
+def test_every_report_carries_keyword_inclusion_of_candidate_and_live_on_one_seed(
+    setting: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate: Gate = setting["gate"]
+    gate.config = setting["config"]
+    candidate = setting["candidate"]
+    seed = setting["config"].corpus_seed
+    measured: list[Policy] = []
+
+    def counted(policy: Policy, prompts: Any, *, seed: int) -> float:
+        measured.append(policy)
+        return keyword_inclusion(policy, prompts, seed=seed)
+
+    monkeypatch.setattr(gate_module, "keyword_inclusion", counted)
+    new_live = perturbed(gate.reference, 4, 0.3)
+    first = gate.evaluate(candidate, new_live, [], None, seed=1, live_version="v0004").figures
+    second = gate.evaluate(candidate, new_live, [], None, seed=2, live_version="v0004").figures
+    assert first["keyword_inclusion_candidate"] == keyword_inclusion(
+        candidate, gate.kl_prompts, seed=seed
+    )
+    assert first["keyword_inclusion_live"] == keyword_inclusion(
+        new_live, gate.kl_prompts, seed=seed
+    )
+    # the round's seed does not move it (the same draws for every version), live's is kept
+    assert second["keyword_inclusion_candidate"] == first["keyword_inclusion_candidate"]
     assert sum(p is new_live for p in measured) == 1

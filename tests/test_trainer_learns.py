@@ -2,7 +2,7 @@
 
 Through the whole loop (real SQLite store, trainer rounds with the default TrainConfig, the
 gate, registry publishes), starting from the default pretrained policy. The full curves for
-both algorithms and three preferences are bench/learning_curves.py's.
+all three algorithms and three preferences are bench/learning_curves.py's.
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ def env(tmp_path: Path, pretrained_checkpoint: Path) -> Iterator[Env]:
 
 
 @pytest.mark.slow
-def test_actor_critic_raises_the_simulated_reward_clearly_within_the_perplexity_bound(
-    env: Env, pretrained_checkpoint: Path
+@pytest.mark.parametrize(
+    ("algorithm", "gain", "ratio"),
+    # Soft Q-learning learns more slowly here (docs/learning.md): a smaller margin, still
+    # twice the standard error of the difference.
+    [("actor-critic", 0.08, 2.0), ("q-learning", 0.04, 1.5)],
+)
+def test_the_algorithm_raises_the_simulated_reward_clearly_within_the_perplexity_bound(
+    env: Env, pretrained_checkpoint: Path, algorithm: str, gain: float, ratio: float
 ) -> None:
     preference = IncludeWord("good")
     prompts = EVAL_PROMPTS[:300]
@@ -43,7 +49,9 @@ def test_actor_critic_raises_the_simulated_reward_clearly_within_the_perplexity_
     before = mean_true_reward(pretrained, preference, prompts, seed=5)
 
     # Defaults throughout, except the join window: simulated users answer at once.
-    config = TrainConfig(data_dir=env.root, join_window_s=0.0, publish_as="live")
+    config = TrainConfig(
+        data_dir=env.root, algorithm=algorithm, join_window_s=0.0, publish_as="live"
+    )
     trainer = Trainer(config, env.store, env.registry, log=lambda _: None)
     sim = simulation(env, preference, seed=11, requests_per_batch=32)
     outcomes = []
@@ -58,6 +66,6 @@ def test_actor_critic_raises_the_simulated_reward_clearly_within_the_perplexity_
 
     assert "published" in outcomes
     # 300 prompts: a standard error of about 0.02 on each mean; these margins are several.
-    assert after >= before + 0.08, (before, after, outcomes)
-    assert after >= 2 * before, (before, after, outcomes)
+    assert after >= before + gain, (before, after, outcomes)
+    assert after >= ratio * before, (before, after, outcomes)
     assert perplexity_ratio <= config.gate_max_perplexity_ratio_reference

@@ -50,7 +50,8 @@ EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.toml"
 # Each mutated module and the test files that specify it: only these run against its mutants.
 MODULES: dict[str, tuple[str, ...]] = {
     "trainer/rl_math.py": ("tests/test_rl_math.py", "tests/test_rl_math_edges.py"),
-    "trainer/algorithms.py": ("tests/test_algorithms.py",),
+    "trainer/algorithms.py": ("tests/test_algorithms.py", "tests/test_q_learning.py"),
+    "trainer/q_math.py": ("tests/test_q_math.py", "tests/test_q_learning.py"),
     "trainer/update.py": (
         "tests/test_trainer_update.py",
         "tests/test_algorithms.py",

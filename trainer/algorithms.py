@@ -9,20 +9,27 @@
 - `reinforce`: REINFORCE with the value head's first-state value as a learned baseline, the
   sequence's truncated importance weight pi / mu, and the same KL-shaped return.
 
+- `q-learning`: soft Q-learning for text (Guo et al. 2022) with the policy's log-ratio to the
+  reference as the advantage, Q(s, a) = V(s) + beta * log(pi / ref) (Rafailov et al. 2024),
+  beta being the KL coefficient: the soft Bellman backup against a Polyak-averaged target
+  network's V, plus the multi-step path consistency (Nachum et al. 2017) that carries the
+  phrase's reward to every token. Off-policy by construction: no importance weights
+  (trainer.q_math explains why; docs/learning.md why this method and not ILQL).
+
 The loop adds the users' corrections as a teacher-forced loss, clips gradient norms and runs
-several epochs of minibatches per round, the same for both. A Q-learning algorithm (a
-token-level Q head trained by Bellman backups on logged data) would be a third `Algorithm`.
+several epochs of minibatches per round, the same for all three.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from feedloop.core.policy import Policy, TokenBatch, token_logprobs
-from feedloop.trainer import rl_math
+from feedloop.trainer import q_math, rl_math
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.update import Algorithm, Experience, StepLoss, score_logged
 
@@ -187,9 +194,96 @@ class Reinforce(Algorithm[ReinforceTargets]):
         )
 
 
+@dataclass(frozen=True)
+class SoftQTargets:
+    """Per token (B, T): the sequence's reward at its last token, log ref, log pi_old and the
+    client-weighted mask; beta (the round's KL coefficient); the target network, which trails
+    the policy by Polyak averaging after every step."""
+
+    token_rewards: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    weighted_mask: torch.Tensor
+    beta: float
+    target: Policy
+    figures: dict[str, float]
+
+
+class SoftQLearning(Algorithm[SoftQTargets]):
+    name = "q-learning"
+
+    def prepare(
+        self, policy: Policy, reference: Policy, experience: Experience, kl_coef: float
+    ) -> SoftQTargets:
+        mask = experience.batch.output_mask
+        logged = score_logged(policy, reference, experience.batch)
+        # The KL leash is inside Q (beta * log pi/ref), not in the reward: kl_coef 0 here.
+        token_rewards = rl_math.kl_penalty_rewards(
+            experience.rewards, logged.old_logprobs, logged.ref_logprobs, mask, 0.0
+        )
+        weighted_mask = mask * experience.weights.unsqueeze(1)
+        q_old = q_math.soft_q_values(
+            logged.old_values, logged.old_logprobs, logged.ref_logprobs, kl_coef
+        )
+        return SoftQTargets(
+            token_rewards,
+            logged.ref_logprobs,
+            logged.old_logprobs,
+            weighted_mask,
+            kl_coef,
+            copy.deepcopy(policy).requires_grad_(False),
+            {
+                "logged_kl_to_reference": float(logged.kl_to_reference(mask).mean()),
+                "mean_q_logged": float(rl_math.masked_mean(q_old, weighted_mask)),
+            },
+        )
+
+    def loss(
+        self,
+        policy: Policy,
+        prepared: SoftQTargets,
+        minibatch: TokenBatch,
+        index: torch.Tensor,
+    ) -> StepLoss:
+        c, p = self.config, prepared
+        # The target trails every step taken so far (none before the first).
+        q_math.polyak_update(
+            list(p.target.parameters()), list(policy.parameters()), c.q_target_polyak
+        )
+        out = policy.teacher_forced(minibatch)
+        logprobs = token_logprobs(out.logits, minibatch.output_ids)
+        mask = p.weighted_mask[index]
+        real = minibatch.output_mask
+        rewards, ref = p.token_rewards[index], p.ref_logprobs[index]
+        with torch.no_grad():
+            target_values = p.target.teacher_forced(minibatch).values
+        q = q_math.soft_q_values(out.values, logprobs, ref, p.beta)
+        targets = q_math.soft_bellman_targets(
+            rewards, q_math.next_state_values(target_values, real), real, c.gamma
+        )
+        bellman = q_math.soft_bellman_loss(q, targets, mask)
+        residuals = q_math.path_consistency_residuals(
+            rewards, logprobs, ref, out.values, real, c.gamma, p.beta
+        )
+        path = q_math.path_consistency_loss(residuals, mask)
+        entropy = rl_math.entropy_from_logits(out.logits, mask)
+        log_ratio = logprobs.detach() - p.old_logprobs[index]
+        return StepLoss(
+            bellman + c.q_path_consistency_coef * path - c.entropy_coef * entropy,
+            float(rl_math.masked_mean(torch.expm1(log_ratio) - log_ratio, real)),
+            {
+                "bellman_loss": float(bellman.detach()),
+                "path_consistency_loss": float(path.detach()),
+                "entropy": float(entropy.detach()),
+                "mean_q": float(rl_math.masked_mean(q.detach(), mask)),
+            },
+        )
+
+
 ALGORITHMS: dict[str, type[Algorithm[Any]]] = {
     ActorCritic.name: ActorCritic,
     Reinforce.name: Reinforce,
+    SoftQLearning.name: SoftQLearning,
 }
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 from feedloop.core.config import default_data_dir
 from feedloop.core.registry.retention import RetentionPolicy
 
-Algorithm = Literal["actor-critic", "reinforce"]
+Algorithm = Literal["actor-critic", "reinforce", "q-learning"]
 Aggregation = Literal["mean", "earliest", "latest", "sum"]
 UnratedRule = Literal["reward-model", "default", "leave-out"]
 PublishAs = Literal["canary", "live", "shadow"]
@@ -50,7 +50,12 @@ class TrainConfig:
         default="actor-critic",
         metadata=_help(
             "actor-critic: PPO-style clipped, off-policy, value critic, KL leash; "
-            "reinforce: policy gradient with a learned baseline"
+            "reinforce: policy gradient with a learned baseline; q-learning: soft Q-learning "
+            "(Guo et al. 2022, 'Efficient (Soft) Q-Learning for Text Generation with Limited "
+            "Good Data') with Q = V + kl_coef * log(pi/ref) (Rafailov et al. 2024, 'From r to "
+            "Q*'): soft Bellman backups on a Polyak target plus path consistency, no "
+            "importance weights; its knobs are q_target_polyak, q_path_consistency_coef, "
+            "gamma, and kl_coef as the soft-Q temperature beta"
         ),
     )
     reference_version: str | None = field(
@@ -203,6 +208,22 @@ class TrainConfig:
         ),
     )
     gamma: float = field(default=1.0, metadata=_help("discount: phrases are short episodes"))
+    q_target_polyak: float = field(
+        default=0.05,
+        metadata=_help(
+            "q-learning: Polyak rate tau of the target network, target <- (1 - tau) target + "
+            "tau policy after each step (Lillicrap et al. 2016); the target restarts from the "
+            "live policy each round, so tau sets how far it trails within one round's steps"
+        ),
+    )
+    q_path_consistency_coef: float = field(
+        default=1.0,
+        metadata=_help(
+            "q-learning: weight of the multi-step path consistency beside the single-step "
+            "soft Bellman loss (Guo et al. 2022 combine both: with the reward only at a "
+            "phrase's end, single-step backups alone move it back one token per target update)"
+        ),
+    )
     gae_lambda: float = field(
         default=0.95, metadata=_help("GAE lambda: bias (0) vs variance (1) of advantages")
     )
@@ -429,6 +450,12 @@ class TrainConfig:
             raise ValueError(f"canary_share must be in [0, 1], got {self.canary_share}")
         if not 0 < self.decision_alpha < 1:
             raise ValueError(f"decision_alpha must be in (0, 1), got {self.decision_alpha}")
+        if not 0 <= self.q_target_polyak <= 1:
+            raise ValueError(f"q_target_polyak must be in [0, 1], got {self.q_target_polyak}")
+        if self.q_path_consistency_coef < 0:
+            raise ValueError(
+                f"q_path_consistency_coef must be >= 0, got {self.q_path_consistency_coef}"
+            )
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
         self.retention_policy  # noqa: B018 - raises ValueError naming a bad registry_keep_* knob

@@ -1,5 +1,10 @@
 """The evaluation gate: a candidate goes live only if it is no worse than the live policy.
 
+Every candidate's report also carries its automatic evaluation beside live's, the figures
+pretraining reports (core.evaluation): held-out perplexity and keyword inclusion, the share of
+phrases sampled (temperature 1, seeded) for held-out prompts that contain every keyword of
+their prompt. Inclusion is reported, not gated: a preference may rightly trade it away.
+
 Three checks, every figure reported whatever the outcome:
 1. Fluency: per-token perplexity on the corpus's test split may not exceed
    `gate_max_perplexity_ratio_live` x the live policy's, nor
@@ -30,7 +35,7 @@ import torch
 
 from feedloop.core import sampling
 from feedloop.core.corpus import prompt_for
-from feedloop.core.evaluation import perplexity
+from feedloop.core.evaluation import keyword_inclusion, perplexity
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import GenerationRecord
@@ -168,12 +173,22 @@ class Gate:
         prompts = [p for p, _ in self.pairs]
         self.kl_prompts = [prompts[i % len(prompts)] for i in range(config.gate_kl_prompts)]
         self.reference_perplexity = perplexity(reference, self.pairs)
-        self._live_cache: tuple[int, float] | None = None
+        self._live_cache: tuple[int, float, float] | None = None
 
-    def _live_perplexity(self, live: Policy) -> float:
+    def keyword_inclusion(self, policy: Policy) -> float:
+        """Keyword inclusion on the KL's held-out prompts, one seed for every policy (common
+        random numbers: two versions' figures differ by the policies, not by the draws)."""
+        return keyword_inclusion(policy, self.kl_prompts, seed=self.config.corpus_seed)
+
+    def _live_figures(self, live: Policy) -> tuple[float, float]:
+        """Live's perplexity and keyword inclusion, measured once per live policy."""
         if self._live_cache is None or self._live_cache[0] != id(live):
-            self._live_cache = (id(live), perplexity(live, self.pairs))
-        return self._live_cache[1]
+            self._live_cache = (
+                id(live),
+                perplexity(live, self.pairs),
+                self.keyword_inclusion(live),
+            )
+        return self._live_cache[1], self._live_cache[2]
 
     def evaluate(
         self,
@@ -192,7 +207,7 @@ class Gate:
         reasons: list[str] = []
         passed = True
         ppl_candidate = perplexity(candidate, self.pairs)
-        ppl_live = self._live_perplexity(live)
+        ppl_live, inclusion_live = self._live_figures(live)
         ratio_live = ppl_candidate / ppl_live
         ratio_ref = ppl_candidate / self.reference_perplexity
         figures: dict[str, Any] = {
@@ -201,6 +216,8 @@ class Gate:
             "perplexity_reference": self.reference_perplexity,
             "perplexity_ratio_live": ratio_live,
             "perplexity_ratio_reference": ratio_ref,
+            "keyword_inclusion_candidate": self.keyword_inclusion(candidate),
+            "keyword_inclusion_live": inclusion_live,
         }
         if not math.isfinite(ratio_live) or ratio_live > c.gate_max_perplexity_ratio_live:
             passed = False

@@ -109,6 +109,7 @@ class RoundResult:
             ("new_events", "{}"),
             ("train_sequences", "{}"),
             ("perplexity_ratio_live", "{:.3f}"),
+            ("keyword_inclusion_candidate", "{:.3f}"),
             ("kl_to_reference", "{:.3f}"),
             ("rm_heldout_accuracy", "{:.3f}"),
             ("round_seconds", "{:.1f}s"),
@@ -413,6 +414,7 @@ class Trainer:
         self._retain(self._gate_reference)  # the parent is no longer live
         self._policies[version] = candidate
         self.metrics.last_publish.set(time.time())
+        self.metrics.observe_version(version, figures)
         return version
 
     def _deploy(self, version: str, parent: str, reason: str, figures: dict[str, Any]) -> str:

@@ -23,6 +23,9 @@ from feedloop.trainer.decisions import VERDICTS
 
 # superseded: published, but live changed during the round, so the candidate was neither made
 # live nor put on trial, and its window is left for the next round (from the new live version).
+# Per-version series keep only the newest published versions: a label per version forever
+# would grow the series without bound (one per round).
+VERSIONS_EXPORTED = 5
 OUTCOMES = ("published", "superseded", "refused", "skipped", "aborted", "abandoned", "failed")
 PREFIX = "feedloop_trainer_"
 
@@ -92,6 +95,25 @@ class TrainerMetrics:
         self.gate_perplexity = Gauge(
             PREFIX + "gate_perplexity", "Held-out perplexity", ["policy"], registry=r
         )
+        self.gate_keyword_inclusion = Gauge(
+            PREFIX + "gate_keyword_inclusion_ratio",
+            "Share of held-out prompts whose sampled phrase contains all their keywords",
+            ["policy"],
+            registry=r,
+        )
+        self.version_perplexity = Gauge(
+            PREFIX + "version_heldout_perplexity",
+            f"Held-out perplexity of each published version (the newest {VERSIONS_EXPORTED})",
+            ["version"],
+            registry=r,
+        )
+        self.version_keyword_inclusion = Gauge(
+            PREFIX + "version_keyword_inclusion_ratio",
+            f"Keyword inclusion of each published version (the newest {VERSIONS_EXPORTED})",
+            ["version"],
+            registry=r,
+        )
+        self._versions: list[str] = []
         self.gate_ope_value = Gauge(
             PREFIX + "gate_offpolicy_reward",
             "Off-policy expected reward on held-out feedback",
@@ -174,6 +196,23 @@ class TrainerMetrics:
             registry=r,
         )
 
+    def observe_version(self, version: str, figures: dict[str, Any]) -> None:
+        """A published version's automatic evaluation, by version; the oldest label goes once
+        more than VERSIONS_EXPORTED are exported."""
+        for gauge, key in (
+            (self.version_perplexity, "perplexity_candidate"),
+            (self.version_keyword_inclusion, "keyword_inclusion_candidate"),
+        ):
+            value = figures.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                gauge.labels(version).set(value)
+        if version not in self._versions:
+            self._versions.append(version)
+        while len(self._versions) > VERSIONS_EXPORTED:
+            old = self._versions.pop(0)
+            for gauge in (self.version_perplexity, self.version_keyword_inclusion):
+                gauge.remove(old)  # a label never set is no error
+
     def observe_registry(self, size_bytes: int, servable: int, pruned: int) -> None:
         self.registry_bytes.set(size_bytes)
         self.registry_versions.labels("servable").set(servable)
@@ -208,6 +247,8 @@ class TrainerMetrics:
         put(self.newest_data_age, "newest_event_age_s")
         put(self.oldest_data_age, "oldest_event_age_s")
         put(self.live_version, "live_version_number")
+        for policy in ("candidate", "live"):
+            put(self.gate_keyword_inclusion.labels(policy), f"keyword_inclusion_{policy}")
         for policy in ("candidate", "live", "reference"):
             put(self.gate_perplexity.labels(policy), f"perplexity_{policy}")
             ope = figures.get(f"ope_{policy}")
