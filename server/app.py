@@ -220,6 +220,7 @@ class FeedloopServer:
             authenticator,
             metrics,
             max_correction_chars=config.max_correction_chars,
+            max_ranking_ids=config.max_candidates,
         )
         admin = ModelAdminService(
             self.registry,

@@ -8,6 +8,17 @@ Clients send `authorization: Bearer KEY` metadata. Keys are defined in a TOML fi
     roles = ["generate", "feedback"]
 
     [[keys]]
+    name = "web-app-canary"
+    tenant = "web-app"                    # keys of one tenant share its data (default: name)
+    sha256 = "2c26b46b68ffc68f..."
+    roles = ["generate", "feedback"]
+
+    [[keys]]
+    name = "rating-console"
+    sha256 = "fcde2b2edba56bf4..."
+    roles = ["feedback", "labeller"]      # may give feedback on any tenant's generations
+
+    [[keys]]
     name = "ops"
     key = "a-plain-key"                   # accepted too, for throwaway set-ups
     roles = ["admin"]
@@ -16,6 +27,11 @@ Clients send `authorization: Bearer KEY` metadata. Keys are defined in a TOML fi
 method: Generate needs `generate`, Feedback/* needs `feedback`, ModelAdmin/* needs `admin`. A
 missing or unknown key is UNAUTHENTICATED, a key without the role PERMISSION_DENIED, an empty
 token bucket RESOURCE_EXHAUSTED. Health and reflection stay open (load balancers probe them).
+
+Tenants: a key's `tenant` (its own name when it declares none) is the client id logged with
+its generations and feedback. A tenant's event ids are its own (another tenant's "order-42" is
+another event), and it gives feedback only on generations served to it, unless its key holds
+the `labeller` role (a rating console, a back-office labeller: feedback on any generation).
 """
 
 from __future__ import annotations
@@ -36,7 +52,9 @@ from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import abort
 
-ROLES = ("generate", "feedback", "admin")
+ROLES = ("generate", "feedback", "admin", "labeller")
+# The role that lets a key's feedback name generations served to other tenants.
+LABELLER = "labeller"
 ANONYMOUS = "anonymous"
 _PACKAGE = "/feedloop.v1."
 # method path -> (role, whether the request side is a stream)
@@ -64,6 +82,27 @@ def hash_key(key: str) -> str:
 class ApiKey:
     name: str
     roles: frozenset[str]
+    tenant: str = ""  # "": the key is a tenant of its own
+
+    @property
+    def client_id(self) -> str:
+        """The tenant this key acts for: the identity stored with its data."""
+        return self.tenant or self.name
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a call comes from: the key (rate limits are per key), the tenant whose data it may
+    touch, and whether its feedback may name other tenants' generations."""
+
+    key_name: str
+    client_id: str
+    any_tenant: bool = False
+
+
+ANONYMOUS_CALLER = Caller(ANONYMOUS, ANONYMOUS)
+# Tenant names are stored with every row and named by erasure: bounded, printable.
+MAX_TENANT_CHARS = 128
 
 
 def load_keys(path: Path) -> dict[str, ApiKey]:
@@ -86,6 +125,13 @@ def load_keys(path: Path) -> dict[str, ApiKey]:
             raise ConfigError(f"{where}: 'name' is required")
         if not isinstance(roles, list) or not roles or any(r not in ROLES for r in roles):
             raise ConfigError(f"{where}: 'roles' must be a non-empty list from {ROLES}")
+        tenant = entry.get("tenant", "")
+        if not isinstance(tenant, str) or len(tenant) > MAX_TENANT_CHARS:
+            raise ConfigError(f"{where}: 'tenant' must be a name of at most {MAX_TENANT_CHARS}")
+        if any(not ch.isprintable() for ch in tenant + name) or len(name) > MAX_TENANT_CHARS:
+            raise ConfigError(
+                f"{where}: 'name' and 'tenant' must be printable, at most {MAX_TENANT_CHARS}"
+            )
         if isinstance(entry.get("sha256"), str):
             digest = entry["sha256"].strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -96,7 +142,10 @@ def load_keys(path: Path) -> dict[str, ApiKey]:
             raise ConfigError(f"{where}: give 'sha256' (preferred) or 'key'")
         if digest in keys:
             raise ConfigError(f"{where}: the same key appears twice")
-        keys[digest] = ApiKey(name, frozenset(roles))
+        keys[digest] = ApiKey(name, frozenset(roles), tenant)
+    names = [key.name for key in keys.values()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"auth keys file {path}: two keys share a name (rate limits go by it)")
     return keys
 
 
@@ -126,12 +175,18 @@ class Authenticator:
             return None
         return self.keys.get(hash_key(token))
 
-    def client_id(self, context: grpc.aio.ServicerContext) -> str:
-        """The key's name for the call in context (the identity logged with generations)."""
+    def caller(self, metadata: Iterable[Any] | None) -> Caller:
+        """Who sends a call with this metadata (anonymous with auth off, or no valid key)."""
         if self.keys is None:
-            return ANONYMOUS
-        key = self.key_of(context.invocation_metadata())
-        return key.name if key else ANONYMOUS
+            return ANONYMOUS_CALLER
+        key = self.key_of(metadata)
+        if key is None:
+            return ANONYMOUS_CALLER
+        return Caller(key.name, key.client_id, LABELLER in key.roles)
+
+    def client_id(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant of the call in context (the identity logged with generations)."""
+        return self.caller(context.invocation_metadata()).client_id
 
 
 # Refused's reason for a call past its key's rate: counted in feedloop_rate_limited, not with the
@@ -157,11 +212,11 @@ class Refused(ServiceError):
 
 def admit(
     authenticator: Authenticator, limiter: RateLimiter, metadata: Iterable[Any] | None, role: str
-) -> str:
-    """The caller's name (the key's, or 'anonymous' with auth off) if its key may call a method
-    that needs role and its rate allows one more call; else Refused. Every front door (the gRPC
+) -> Caller:
+    """The caller (its key, or anonymous with auth off) if its key may call a method that
+    needs role and its rate allows one more call; else Refused. Every front door (the gRPC
     interceptor, the HTTP API) decides here."""
-    name = ANONYMOUS
+    caller = ANONYMOUS_CALLER
     if authenticator.enabled:
         key = authenticator.key_of(metadata)
         if key is None:
@@ -179,7 +234,8 @@ def admit(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"API key {key.name!r} lacks the {role!r} role this method needs",
             )
-        name = key.name
+        caller = Caller(key.name, key.client_id, LABELLER in key.roles)
+    name = caller.key_name
     if not limiter.allow(name):
         raise Refused(
             RATE_LIMITED,
@@ -187,7 +243,7 @@ def admit(
             f"rate limit of {limiter.rate_per_s:g} requests/s exceeded for {name!r}; retry later",
             retry_delay_s=limiter.wait_s(name),
         )
-    return name
+    return caller
 
 
 def _deny(streaming: bool, refused: Refused) -> grpc.RpcMethodHandler:

@@ -1,8 +1,9 @@
 """The Feedback service: validate an event, hand it to the group-commit writer, ack once durable.
 
 Checks that need no lookup run here, on the loop (they are cheap); checks that need the stored
-generations (ids exist, a ranking's candidates share one request) run in the writer thread,
-which sees the generation log's buffer too. A rejected event is never written.
+generations (ids exist and were served to the caller's tenant, a ranking's candidates share one
+server-issued reply) run in the writer thread, which sees the generation log's buffer too. A
+rejected event is never written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import grpc
 
 from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
 from feedloop.core.store.base import FeedbackRecord
-from feedloop.server.auth import Authenticator
+from feedloop.server.auth import Authenticator, Caller
 from feedloop.server.errors import InContext, InvalidArgument, ServiceError, require_text
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
 from feedloop.server.metrics import ServerMetrics
@@ -57,9 +58,16 @@ def _require_id(value: str, field: str) -> str:
 
 
 def parse_event(
-    event: pb.FeedbackEvent, client_id: str, *, max_correction_chars: int
+    event: pb.FeedbackEvent,
+    client_id: str,
+    *,
+    max_correction_chars: int,
+    max_ranking_ids: int = 64,
 ) -> FeedbackRecord:
     """A FeedbackRecord from a wire event, or InvalidArgument naming the bad field.
+
+    max_ranking_ids: the most candidates one Generate reply can hold (the server's
+    max_candidates): a longer ranking cannot come from one reply.
 
     Runs on the event loop for every event of every stream, so each field is read once.
     """
@@ -77,7 +85,7 @@ def parse_event(
     if kind == "rating":
         ids, score, scale = _rating(event.rating)
     elif kind == "ranking":
-        ids = _ranking(event.ranking)
+        ids = _ranking(event.ranking, max_ranking_ids)
     elif kind == "comparison":
         ids = _comparison(event.comparison)
     elif kind == "correction":
@@ -122,10 +130,15 @@ def _rating(rating: pb.Rating) -> tuple[list[str], float, RatingScaleName]:
     return [gid], score, name
 
 
-def _ranking(ranking: pb.Ranking) -> list[str]:
+def _ranking(ranking: pb.Ranking, max_ids: int) -> list[str]:
     ids = list(ranking.generation_ids)
     if len(ids) < 2:
         raise InvalidArgument("ranking.generation_ids", "rank at least two candidates")
+    if len(ids) > max_ids:
+        raise InvalidArgument(
+            "ranking.generation_ids",
+            f"at most {max_ids} ids (the candidates of one Generate reply), got {len(ids)}",
+        )
     for i, gid in enumerate(ids):
         _require_id(gid, f"ranking.generation_ids[{i}]")
     if len(set(ids)) != len(ids):
@@ -159,15 +172,22 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         metrics: ServerMetrics,
         *,
         max_correction_chars: int,
+        max_ranking_ids: int = 64,
     ) -> None:
         self.writer = writer
         self.auth = auth
         self.metrics = metrics
         self.max_correction_chars = max_correction_chars
+        self.max_ranking_ids = max_ranking_ids
 
     def _parse(self, event: pb.FeedbackEvent, client_id: str) -> FeedbackRecord:
         try:
-            return parse_event(event, client_id, max_correction_chars=self.max_correction_chars)
+            return parse_event(
+                event,
+                client_id,
+                max_correction_chars=self.max_correction_chars,
+                max_ranking_ids=self.max_ranking_ids,
+            )
         except InvalidArgument:
             self.metrics.feedback_outcome(event.WhichOneof("kind") or "none", "invalid")
             raise
@@ -176,13 +196,13 @@ class FeedbackService(pb_grpc.FeedbackServicer):
     async def Submit(
         self, request: pb.FeedbackEvent, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackAck:
-        return await self.submit(request, self.auth.client_id(context))
+        return await self.submit(request, self.auth.caller(context.invocation_metadata()))
 
-    async def submit(self, event: pb.FeedbackEvent, client_id: str) -> pb.FeedbackAck:
+    async def submit(self, event: pb.FeedbackEvent, caller: Caller) -> pb.FeedbackAck:
         """Check one event and acknowledge it once durable: every front door (gRPC, HTTP)
         comes here, so each one is checked, stored and deduplicated alike."""
-        record = self._parse(event, client_id)
-        outcome = await self.writer.submit(record)
+        record = self._parse(event, caller.client_id)
+        outcome = await self.writer.submit(record, any_tenant=caller.any_tenant)
         return pb.FeedbackAck(event_id=event.event_id, outcome=OUTCOMES[outcome])
 
     # grpc sees the coroutine `streaming` makes of this generator (rpc.py), whose signature the
@@ -198,7 +218,7 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         # the acks and one stream's events share group commits.
         window = AckWindow()
         reader = asyncio.create_task(
-            self._read_stream(context, self.auth.client_id(context), window)
+            self._read_stream(context, self.auth.caller(context.invocation_metadata()), window)
         )
         in_flight = window.in_flight
         try:
@@ -225,12 +245,13 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                     await reader
 
     async def _read_stream(
-        self, context: grpc.aio.ServicerContext, client_id: str, window: AckWindow
+        self, context: grpc.aio.ServicerContext, caller: Caller, window: AckWindow
     ) -> None:
         """Read ahead of the acks, at most STREAM_WINDOW events in flight; stop at the first
         event that fails the cheap checks, so nothing after an invalid event is submitted."""
         in_flight = window.in_flight
         read = context.read
+        client_id, any_tenant = caller.client_id, caller.any_tenant
         try:
             while (event := await read()) is not grpc.aio.EOF:
                 if type(event) is Undecodable:
@@ -240,7 +261,9 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                     await window.room()
                 try:
                     in_flight.append(
-                        self.writer.submit_waking(self._parse(event, client_id), window)
+                        self.writer.submit_waking(
+                            self._parse(event, client_id), window, any_tenant=any_tenant
+                        )
                     )
                 except ServiceError as exc:
                     window.failure = (event.event_id, exc)

@@ -18,6 +18,7 @@ from feedloop.server.batcher import Batcher, GenerateJob
 from feedloop.server.config import ServeConfig
 from feedloop.server.errors import InvalidArgument, require_text
 from feedloop.server.generation_log import GenerationLog
+from feedloop.server.limits import require_version
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.rpc import unary
@@ -104,6 +105,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
         if len(request.routing_key) > MAX_ROUTING_KEY_CHARS:
             raise InvalidArgument("routing_key", f"at most {MAX_ROUTING_KEY_CHARS} characters")
+        require_version(request.model_version, "model_version")
         require_text(request.prompt, "prompt")
         require_text(request.request_id, "request_id")
         params = resolve_params(request, config)

@@ -288,8 +288,16 @@ class ServerMetrics:
         )
         self.dropped = Counter(
             "feedloop_batch_dropped_requests",
-            "Requests dropped before compute, by reason (deadline, cancelled)",
+            "Requests dropped because their caller had gone, by reason: deadline, cancelled "
+            "(before compute); deadline_after_compute, cancelled_after_compute (the model ran, "
+            "but nothing was logged or counted as served)",
             ["reason"],
+            registry=r,
+        )
+        self.nonfinite_logprobs = Counter(
+            "feedloop_nonfinite_logprobs",
+            "Generations refused (not served, not logged) because a log-probability the model "
+            "returned was not finite: an invariant of sampling broke; never expected to fire",
             registry=r,
         )
         self.tokens_generated = Counter(
