@@ -44,6 +44,7 @@ from feedloop.server.generation_log import GenerationLog
 from feedloop.server.http_api import HttpApi, server_ssl_context
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.metrics_http import load_metrics_credentials
 from feedloop.server.model_client import ModelProcessClient
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import add_service
@@ -213,7 +214,13 @@ class FeedloopServer:
         )
         self._server = server
         generation = GenerationService(
-            config, self.batcher, self.live_model, self.generation_log, authenticator, metrics
+            config,
+            self.batcher,
+            self.live_model,
+            self.generation_log,
+            authenticator,
+            metrics,
+            limiter,
         )
         feedback = FeedbackService(
             self.feedback_writer,
@@ -221,6 +228,9 @@ class FeedloopServer:
             metrics,
             max_correction_chars=config.max_correction_chars,
             max_ranking_ids=config.max_candidates,
+            limiter=limiter,
+            max_streams_per_key=config.max_streams_per_key,
+            stream_idle_timeout_s=config.stream_idle_timeout_s,
         )
         admin = ModelAdminService(
             self.registry,
@@ -285,7 +295,18 @@ class FeedloopServer:
                 ) from None
         metrics_host = config.metrics_host or config.host
         try:
-            self.metrics_port = metrics.serve_http(metrics_host, config.metrics_port)
+            self.metrics_port = metrics.serve_http(
+                metrics_host,
+                config.metrics_port,
+                ssl_context=server_ssl_context(
+                    config.metrics_tls_cert, config.metrics_tls_key, None
+                ),
+                credentials=(
+                    load_metrics_credentials(config.metrics_auth_file)
+                    if config.metrics_auth_file
+                    else None
+                ),
+            )
         except OSError as exc:
             raise StartupError(
                 f"cannot bind metrics to {metrics_host}:{config.metrics_port}: {exc}"

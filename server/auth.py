@@ -237,13 +237,19 @@ def admit(
         caller = Caller(key.name, key.client_id, LABELLER in key.roles)
     name = caller.key_name
     if not limiter.allow(name):
-        raise Refused(
-            RATE_LIMITED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"rate limit of {limiter.rate_per_s:g} requests/s exceeded for {name!r}; retry later",
-            retry_delay_s=limiter.wait_s(name),
-        )
+        raise rate_limited(limiter, name, "one token per call")
     return caller
+
+
+def rate_limited(limiter: RateLimiter, name: str, what: str) -> Refused:
+    """The refusal of a call (or an event of a stream) past name's rate."""
+    return Refused(
+        RATE_LIMITED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"rate limit of {limiter.rate_per_s:g} tokens/s exceeded for {name!r} ({what}); "
+        "retry later",
+        retry_delay_s=limiter.wait_s(name),
+    )
 
 
 def _deny(streaming: bool, refused: Refused) -> grpc.RpcMethodHandler:

@@ -20,10 +20,17 @@ import grpc
 
 from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
 from feedloop.core.store.base import FeedbackRecord
-from feedloop.server.auth import Authenticator, Caller
-from feedloop.server.errors import InContext, InvalidArgument, ServiceError, require_text
+from feedloop.server.auth import Authenticator, Caller, Refused, rate_limited
+from feedloop.server.errors import (
+    DeadlineExceeded,
+    InContext,
+    InvalidArgument,
+    ServiceError,
+    require_text,
+)
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import Undecodable, streaming, unary
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
@@ -173,12 +180,20 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         *,
         max_correction_chars: int,
         max_ranking_ids: int = 64,
+        limiter: RateLimiter | None = None,
+        max_streams_per_key: int = 16,
+        stream_idle_timeout_s: float = 0.0,
     ) -> None:
         self.writer = writer
         self.auth = auth
         self.metrics = metrics
         self.max_correction_chars = max_correction_chars
         self.max_ranking_ids = max_ranking_ids
+        # Charged per event of a stream (the stream's opening paid for one call at the door).
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.max_streams_per_key = max_streams_per_key
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self._open_streams: collections.Counter[str] = collections.Counter()
 
     def _parse(self, event: pb.FeedbackEvent, client_id: str) -> FeedbackRecord:
         try:
@@ -216,9 +231,23 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         # Events are read with context.read() (request_iterator is an async generator around
         # it: one layer less per event), by a task of their own so that reading runs ahead of
         # the acks and one stream's events share group commits.
+        caller = self.auth.caller(context.invocation_metadata())
+        if self._open_streams[caller.key_name] >= self.max_streams_per_key:
+            self.metrics.rate_limited.labels("SubmitStream").inc()
+            raise Refused(
+                "too_many_streams",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.max_streams_per_key} feedback streams may be open per API key; "
+                "send on an open one, or close one first",
+                retry_delay_s=1.0,
+            )
+        self._open_streams[caller.key_name] += 1
         window = AckWindow()
-        reader = asyncio.create_task(
-            self._read_stream(context, self.auth.caller(context.invocation_metadata()), window)
+        reader = asyncio.create_task(self._read_stream(context, caller, window))
+        watchdog = (
+            asyncio.create_task(self._close_when_idle(reader, window))
+            if self.stream_idle_timeout_s > 0
+            else None
         )
         in_flight = window.in_flight
         try:
@@ -239,10 +268,36 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                     raise exc
                 raise InContext(exc, f"event {event_id!r}") from exc
         finally:
+            self._open_streams[caller.key_name] -= 1
+            if self._open_streams[caller.key_name] <= 0:
+                del self._open_streams[caller.key_name]
+            if watchdog is not None:
+                watchdog.cancel()
             if not reader.done():
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+
+    async def _close_when_idle(self, reader: asyncio.Task[None], window: AckWindow) -> None:
+        """End the stream once its client has sent nothing for stream_idle_timeout_s (while the
+        reader waits for an event, not for room in the window): an open stream holds a slot of
+        max_streams_per_key and memory, so a silent one must not hold them for ever."""
+        timeout_s = self.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        while not reader.done():
+            idle_s = loop.time() - window.last_read
+            if idle_s < timeout_s or len(window.in_flight) >= STREAM_WINDOW:
+                await asyncio.sleep(max(timeout_s - idle_s, 0.01))
+                continue
+            window.failure = (
+                "",
+                DeadlineExceeded(
+                    f"the feedback stream sent no event for {timeout_s:g} s and was closed; "
+                    "events acknowledged so far are stored: open a new stream for more"
+                ),
+            )
+            reader.cancel()
+            return
 
     async def _read_stream(
         self, context: grpc.aio.ServicerContext, caller: Caller, window: AckWindow
@@ -252,10 +307,20 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         in_flight = window.in_flight
         read = context.read
         client_id, any_tenant = caller.client_id, caller.any_tenant
+        limiter, key_name = self.limiter, caller.key_name
+        loop = asyncio.get_running_loop()
         try:
             while (event := await read()) is not grpc.aio.EOF:
+                window.last_read = loop.time()
                 if type(event) is Undecodable:
                     window.failure = ("", event.problem())
+                    return
+                if limiter is not None and not limiter.allow(key_name):
+                    self.metrics.rate_limited.labels("SubmitStream").inc()
+                    window.failure = (
+                        event.event_id,
+                        rate_limited(limiter, key_name, "one token per streamed event"),
+                    )
                     return
                 if len(in_flight) >= STREAM_WINDOW:
                     await window.room()
@@ -283,10 +348,12 @@ class AckWindow:
     on them, so nothing is left unretrieved.
     """
 
-    __slots__ = ("_changed", "_room", "failure", "in_flight")
+    __slots__ = ("_changed", "_room", "failure", "in_flight", "last_read")
 
     def __init__(self) -> None:
         self.in_flight: collections.deque[Pending] = collections.deque()
+        # loop.time() of the last event read (or of the stream's start): idle streams close.
+        self.last_read = asyncio.get_running_loop().time()
         # (event_id or "" for the stream itself, error): why the reader stopped early.
         self.failure: tuple[str, BaseException] | None = None
         self._changed: asyncio.Future[None] | None = None

@@ -197,9 +197,14 @@ class HttpApi:
 
     async def _complete(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            client_id = self._caller(request, "generate").client_id
+            caller = self._caller(request, "generate")
             call = parse_completion(await _json_body(request), chat=chat)
-            reply = await self.generation.generate(call.request, client_id=client_id, deadline=None)
+            reply = await self.generation.generate(
+                call.request,
+                client_id=caller.client_id,
+                deadline=None,
+                key_name=caller.key_name,
+            )
         except Exception as exc:
             return error_response(exc, chat=chat)
         if not call.stream:

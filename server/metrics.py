@@ -13,6 +13,7 @@ import bisect
 import logging
 import math
 import shutil
+import ssl
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,12 +26,13 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from feedloop.server.metrics_http import MetricsCredentials, serve_metrics
 
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -435,9 +437,19 @@ class ServerMetrics:
 
     # -- the /metrics endpoint -------------------------------------------------------------------
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Start /metrics on its own thread; returns the bound port (port 0 picks one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        credentials: MetricsCredentials | None = None,
+    ) -> int:
+        """Start /metrics on its own thread (HTTPS with ssl_context, asking for credentials when
+        given); returns the bound port (port 0 picks one)."""
+        self._http = serve_metrics(
+            self.registry, host, port, ssl_context=ssl_context, credentials=credentials
+        )
         return int(self._http.server_port)
 
     def stop_http(self) -> None:
