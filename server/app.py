@@ -228,7 +228,7 @@ class FeedloopServer:
             metrics,
             max_correction_chars=config.max_correction_chars,
             max_ranking_ids=config.max_candidates,
-            limiter=limiter,
+            limiter=limiter if config.rate_limit_per_event else None,
             max_streams_per_key=config.max_streams_per_key,
             stream_idle_timeout_s=config.stream_idle_timeout_s,
         )

@@ -130,7 +130,14 @@ class ServeConfig:
         default=True,
         metadata=_help(
             "charge Generate one token per candidate (num_candidates), as it costs one row of "
-            "compute each; false: one per call. Feedback streams pay one token per event"
+            "compute each; false: one per call"
+        ),
+    )
+    rate_limit_per_event: bool = field(
+        default=True,
+        metadata=_help(
+            "charge a SubmitStream one token per event it carries; false: only its opening "
+            "(one call), which lets one stream carry any number of events"
         ),
     )
     max_streams_per_key: int = field(
