@@ -33,7 +33,7 @@ from feedloop.core.errors import FeedloopError
 from feedloop.core.registry import ModelRegistry, open_registry
 from feedloop.core.store import ReplayStore, open_store
 from feedloop.server.admin import ModelAdminService
-from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
+from feedloop.server.auth import SUBJECT_PREFIX, Authenticator, AuthInterceptor, load_keys
 from feedloop.server.batcher import Batcher
 from feedloop.server.config import ServeConfig, is_loopback
 from feedloop.server.errors import ServiceError
@@ -136,6 +136,11 @@ class FeedloopServer:
                 f"(--auth-keys-file) or bind to 127.0.0.1"
             )
         keys = load_keys(config.auth_keys_file) if config.auth_keys_file else None
+        if keys and any(d.startswith(SUBJECT_PREFIX) for d in keys) and not config.tls_client_ca:
+            raise StartupError(
+                "the auth keys file names certificate subjects, which only mutual TLS "
+                "(tls_client_ca) can verify"
+            )
         if keys is None:
             log.warning("auth is off: allowed only because %s is a loopback address", config.host)
         if self.store is None:

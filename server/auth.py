@@ -23,6 +23,11 @@ Clients send `authorization: Bearer KEY` metadata. Keys are defined in a TOML fi
     key = "a-plain-key"                   # accepted too, for throwaway set-ups
     roles = ["admin"]
 
+    [[keys]]
+    name = "billing-service"
+    subject = "billing.internal"          # with mutual TLS: the client certificate's common name
+    roles = ["generate"]                  # names this identity when the call sends no key
+
 `hash_key` gives the sha256 form (`python -m feedloop.server.auth KEY` prints it). Roles per
 method: Generate needs `generate`, Feedback/* needs `feedback`, ModelAdmin/* needs `admin`. A
 missing or unknown key is UNAUTHENTICATED, a key without the role PERMISSION_DENIED, an empty
@@ -56,6 +61,8 @@ ROLES = ("generate", "feedback", "admin", "labeller")
 # The role that lets a key's feedback name generations served to other tenants.
 LABELLER = "labeller"
 ANONYMOUS = "anonymous"
+# load_keys files a certificate identity under this prefix and its subject (never a digest).
+SUBJECT_PREFIX = "subject:"
 _PACKAGE = "/feedloop.v1."
 # method path -> (role, whether the request side is a stream)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -132,20 +139,20 @@ def load_keys(path: Path) -> dict[str, ApiKey]:
             raise ConfigError(
                 f"{where}: 'name' and 'tenant' must be printable, at most {MAX_TENANT_CHARS}"
             )
-        if isinstance(entry.get("sha256"), str):
+        if isinstance(entry.get("subject"), str) and entry["subject"]:
+            # A certificate identity: found by the subject, never by a token's digest.
+            digest = SUBJECT_PREFIX + entry["subject"]
+        elif isinstance(entry.get("sha256"), str):
             digest = entry["sha256"].strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError(f"{where}: 'sha256' must be 64 hex digits")
         elif isinstance(entry.get("key"), str) and entry["key"]:
             digest = hash_key(entry["key"])
         else:
-            raise ConfigError(f"{where}: give 'sha256' (preferred) or 'key'")
+            raise ConfigError(f"{where}: give 'sha256' (preferred), 'key' or 'subject'")
         if digest in keys:
             raise ConfigError(f"{where}: the same key appears twice")
         keys[digest] = ApiKey(name, frozenset(roles), tenant)
-    names = [key.name for key in keys.values()]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"auth keys file {path}: two keys share a name (rate limits go by it)")
     return keys
 
 
@@ -159,11 +166,23 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
+def common_name(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the verified client certificate of a mutual-TLS call, or None."""
+    names = context.auth_context().get("x509_common_name") or ()
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 class Authenticator:
     """Who a call comes from. With no keys (auth off) every caller is 'anonymous'."""
 
     def __init__(self, keys: dict[str, ApiKey] | None) -> None:
         self.keys = keys
+        # Certificate identities by subject (load_keys files them under SUBJECT_PREFIX).
+        self.subjects = {
+            digest[len(SUBJECT_PREFIX) :]: key
+            for digest, key in (keys or {}).items()
+            if digest.startswith(SUBJECT_PREFIX)
+        }
 
     @property
     def enabled(self) -> bool:
@@ -184,9 +203,19 @@ class Authenticator:
             return ANONYMOUS_CALLER
         return Caller(key.name, key.client_id, LABELLER in key.roles)
 
+    def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who sends the call in context: its API key's identity, or, when it sends no key,
+        the identity its mutual-TLS certificate's subject names in the key file."""
+        metadata = context.invocation_metadata()
+        if self.subjects and bearer_token(metadata) is None:
+            key = self.subjects.get(common_name(context) or "")
+            if key is not None:
+                return _caller(key)
+        return self.caller(metadata)
+
     def client_id(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant of the call in context (the identity logged with generations)."""
-        return self.caller(context.invocation_metadata()).client_id
+        return self.caller_of(context).client_id
 
 
 # Refused's reason for a call past its key's rate: counted in feedloop_rate_limited, not with the
@@ -210,15 +239,27 @@ class Refused(ServiceError):
         self.retry_delay_s = retry_delay_s
 
 
+def _caller(key: ApiKey) -> Caller:
+    return Caller(key.name, key.client_id, LABELLER in key.roles)
+
+
 def admit(
-    authenticator: Authenticator, limiter: RateLimiter, metadata: Iterable[Any] | None, role: str
+    authenticator: Authenticator,
+    limiter: RateLimiter,
+    metadata: Iterable[Any] | None,
+    role: str,
+    *,
+    subject: str | None = None,
 ) -> Caller:
     """The caller (its key, or anonymous with auth off) if its key may call a method that
     needs role and its rate allows one more call; else Refused. Every front door (the gRPC
-    interceptor, the HTTP API) decides here."""
+    interceptor, the HTTP API) decides here. subject: the verified client certificate's
+    common name, which names the identity of a call that sends no key."""
     caller = ANONYMOUS_CALLER
     if authenticator.enabled:
         key = authenticator.key_of(metadata)
+        if key is None and subject is not None and bearer_token(metadata) is None:
+            key = authenticator.subjects.get(subject)
         if key is None:
             raise Refused(
                 "unauthenticated",
@@ -234,7 +275,7 @@ def admit(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"API key {key.name!r} lacks the {role!r} role this method needs",
             )
-        caller = Caller(key.name, key.client_id, LABELLER in key.roles)
+        caller = _caller(key)
     name = caller.key_name
     if not limiter.allow(name):
         raise rate_limited(limiter, name, "one token per call")
@@ -285,17 +326,63 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if spec is None:
             return await continuation(details)  # health, reflection: open
         role, streaming = spec
+        method = details.method.rsplit("/", 1)[-1]
+        metadata = details.invocation_metadata
+        if self.authenticator.subjects and bearer_token(metadata) is None:
+            # No key: the certificate may name the caller, but only the call's context holds
+            # it, so the handler decides (the details an interceptor gets carry no peer).
+            return self._by_certificate(await continuation(details), role, method, metadata)
         try:
-            admit(self.authenticator, self.limiter, details.invocation_metadata, role)
+            admit(self.authenticator, self.limiter, metadata, role)
         except Refused as refused:
-            self.metrics.auth_denied.labels(refused.reason).inc()
-            method = details.method.rsplit("/", 1)[-1]
-            if refused.reason == RATE_LIMITED:
-                self.metrics.rate_limited.labels(method).inc()
-            else:
-                self.metrics.requests.labels(method, refused.code.name).inc()
+            self._count(refused, method)
             return _deny(streaming, refused)
         return await continuation(details)
+
+    def _count(self, refused: Refused, method: str) -> None:
+        self.metrics.auth_denied.labels(refused.reason).inc()
+        if refused.reason == RATE_LIMITED:
+            self.metrics.rate_limited.labels(method).inc()
+        else:
+            self.metrics.requests.labels(method, refused.code.name).inc()
+
+    def _by_certificate(
+        self, handler: grpc.RpcMethodHandler, role: str, method: str, metadata: Any
+    ) -> grpc.RpcMethodHandler:
+        """handler, admitting its call by the client certificate's subject first."""
+
+        async def admitted(context: grpc.aio.ServicerContext) -> bool:
+            try:
+                admit(
+                    self.authenticator, self.limiter, metadata, role, subject=common_name(context)
+                )
+            except Refused as refused:
+                self._count(refused, method)
+                await abort(context, refused)
+                return False
+            return True
+
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                if await admitted(context):
+                    return await inner_stream(request_iterator, context)
+                return None
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if await admitted(context):
+                return await inner(request, context)
+            return None
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
 
 
 if __name__ == "__main__":

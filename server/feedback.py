@@ -211,7 +211,7 @@ class FeedbackService(pb_grpc.FeedbackServicer):
     async def Submit(
         self, request: pb.FeedbackEvent, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackAck:
-        return await self.submit(request, self.auth.caller(context.invocation_metadata()))
+        return await self.submit(request, self.auth.caller_of(context))
 
     async def submit(self, event: pb.FeedbackEvent, caller: Caller) -> pb.FeedbackAck:
         """Check one event and acknowledge it once durable: every front door (gRPC, HTTP)
@@ -231,7 +231,7 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         # Events are read with context.read() (request_iterator is an async generator around
         # it: one layer less per event), by a task of their own so that reading runs ahead of
         # the acks and one stream's events share group commits.
-        caller = self.auth.caller(context.invocation_metadata())
+        caller = self.auth.caller_of(context)
         if self._open_streams[caller.key_name] >= self.max_streams_per_key:
             self.metrics.rate_limited.labels("SubmitStream").inc()
             raise Refused(

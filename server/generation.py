@@ -78,7 +78,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         remaining_s = context.time_remaining()
-        caller = self.auth.caller(context.invocation_metadata())
+        caller = self.auth.caller_of(context)
         return await self.generate(
             request,
             client_id=caller.client_id,

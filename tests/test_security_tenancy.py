@@ -28,9 +28,11 @@ import pytest
 from pg_support import ADMIN_URL, fresh_schema, schema_url
 from server_harness import running_server, seeded_registry, test_config
 
+from feedloop.core.errors import ConfigError
 from feedloop.core.migrations import migrate
 from feedloop.core.store import open_store
 from feedloop.core.store.schema import LATEST_VERSION, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
+from feedloop.server.auth import load_keys
 from feedloop.server.limits import MAX_REASON_CHARS, MAX_VERSION_CHARS
 from feedloop.v1 import feedloop_pb2 as pb
 
@@ -336,3 +338,16 @@ def test_an_existing_store_migrates_to_per_tenant_event_ids(old_store: str) -> N
     reopened = open_store(old_store)  # at the latest version now: nothing runs again
     reopened.close()
     assert LATEST_VERSION == OLD_VERSION + 1
+
+
+def test_the_key_file_groups_keys_into_tenants(tmp_path: Path) -> None:
+    keys = load_keys(keys_file(tmp_path / "keys.toml"))
+    by_name = {key.name: key for key in keys.values()}
+    assert by_name["acme-web"].client_id == by_name["acme-batch"].client_id == "acme"
+    assert by_name["beta"].client_id == "beta"  # no tenant: its own
+    assert "labeller" in by_name["console"].roles
+    for bad in ("tenant = 7", f'tenant = "{"t" * 129}"', 'tenant = "a\\nb"'):
+        path = tmp_path / "bad.toml"
+        path.write_text(f'[[keys]]\nname = "x"\nkey = "k"\n{bad}\nroles = ["feedback"]\n')
+        with pytest.raises(ConfigError, match="tenant"):
+            load_keys(path)
