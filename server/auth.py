@@ -107,7 +107,9 @@ class Caller:
     any_tenant: bool = False
 
 
-ANONYMOUS_CALLER = Caller(ANONYMOUS, ANONYMOUS)
+# With auth off (loopback only) there are no tenants to keep apart: every caller may judge
+# every generation, as before tenants existed.
+ANONYMOUS_CALLER = Caller(ANONYMOUS, ANONYMOUS, any_tenant=True)
 # Tenant names are stored with every row and named by erasure: bounded, printable.
 MAX_TENANT_CHARS = 128
 
@@ -199,8 +201,8 @@ class Authenticator:
         if self.keys is None:
             return ANONYMOUS_CALLER
         key = self.key_of(metadata)
-        if key is None:
-            return ANONYMOUS_CALLER
+        if key is None:  # refused at the door: a caller of no tenant, allowed nothing
+            return Caller(ANONYMOUS, ANONYMOUS)
         return Caller(key.name, key.client_id, LABELLER in key.roles)
 
     def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:

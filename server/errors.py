@@ -35,9 +35,10 @@ GENERATION = "generation"
 MAX_MESSAGE_CHARS = 512
 # How much of a caller's value a message quotes.
 QUOTE_CHARS = 40
-# An absolute file system path (two components or more): the server's layout is not the
-# caller's business. The look-behind spares "requests/s" and "a/b"-style words.
-_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+[^\s'\",;:)]*")
+# The directories of an absolute file system path (two components or more): the server's layout
+# is not the caller's business; the last component (a file's name, "LIVE") stays, as it says
+# what is wrong. The look-behind spares "requests/s" and "a/b"-style words.
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+")
 
 
 def quote(value: str) -> str:
@@ -49,7 +50,7 @@ def quote(value: str) -> str:
 
 def scrub(message: str) -> str:
     """A message fit for a caller: file system paths replaced, at most MAX_MESSAGE_CHARS long."""
-    message = _PATH.sub("<path>", message)
+    message = _PATH.sub("<path>/", message)
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     return message
