@@ -40,6 +40,11 @@ class TrialError(RegistryError):
     is, there is no live version to compare it with, or the version is the live one."""
 
 
+class InvalidRecordError(FeedloopError):
+    """A record breaks an invariant of the replay store (a non-finite log-probability): the
+    whole write is refused and nothing of it is stored."""
+
+
 class StoreError(FeedloopError):
     """The replay store failed in a way the caller cannot fix (disk, connection)."""
 

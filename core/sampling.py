@@ -23,6 +23,13 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 SEED_MASK = (1 << 64) - 1
+# The smallest temperature above 0 that is sampled as asked. Logits divided by a temperature
+# near 0 overflow float32 (1e-38 makes every logit +-inf, the softmax NaN, and NaN behaviour
+# log-probabilities reach the store and every importance ratio). Below 0.01 the distribution is
+# already greedy to float32 precision for any logit gap over about 1, so nothing is lost by
+# asking for 0 (greedy) instead; vLLM bounds its temperatures at the same 0.01 for the same
+# reason (vllm/sampling_params.py, _MAX_TEMP).
+MIN_TEMPERATURE = 0.01
 
 
 class InvalidSamplingParams(ValueError):
@@ -52,6 +59,11 @@ class SamplingParams:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidSamplingParams(
                 "temperature", f"must be a finite number >= 0 (0: greedy), got {self.temperature}"
+            )
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidSamplingParams(
+                "temperature",
+                f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature:g}",
             )
         if self.top_k < 0:
             raise InvalidSamplingParams("top_k", f"must be >= 0, got {self.top_k}")

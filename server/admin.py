@@ -32,7 +32,14 @@ from feedloop.core.registry.pointer import unix_seconds, valid_share
 from feedloop.core.store import ReplayStore
 from feedloop.core.store.outcomes import VersionOutcomes, tally_outcomes
 from feedloop.server.batcher import Batcher
-from feedloop.server.errors import MODEL_VERSION, InvalidArgument, NotFound
+from feedloop.server.errors import MODEL_VERSION, InvalidArgument, NotFound, quote
+from feedloop.server.limits import (
+    MAX_DECISIONS_PER_REPLY,
+    require_reason,
+    require_version,
+    require_versions,
+    shorten,
+)
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.rpc import unary
@@ -58,7 +65,8 @@ def decision_pb(decision: Decision) -> pb.Decision:
         at=timestamp(decision.at),
         version=decision.version,
         action=decision.action,
-        reason=decision.reason,
+        # Reasons stored before they were bounded must not make the listing fail.
+        reason=shorten(decision.reason),
         details_json=json.dumps(decision.details, sort_keys=True),
     )
 
@@ -187,7 +195,7 @@ def get_online_report(
     unknown = [v for v in versions if v not in published]
     if unknown:
         raise NotFound(
-            f"versions: not in the registry: {', '.join(map(repr, unknown))}",
+            f"versions: not in the registry: {', '.join(map(quote, unknown))}",
             field="versions",
             resource=(MODEL_VERSION, unknown[0]),
         )
@@ -258,8 +266,8 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        if request.max_decisions < 0:
-            raise InvalidArgument("max_decisions", "must be >= 0")
+        if not 0 <= request.max_decisions <= MAX_DECISIONS_PER_REPLY:
+            raise InvalidArgument("max_decisions", f"must be 0 to {MAX_DECISIONS_PER_REPLY}")
         limit = request.max_decisions or DEFAULT_MAX_DECISIONS
         return await asyncio.to_thread(list_models, self.registry, limit)
 
@@ -289,8 +297,9 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def SetLive(
         self, request: pb.SetLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetLiveResponse:
-        if not request.version:
-            raise InvalidArgument("version", "required")
+        require_version(request.version, "version", required=True)
+        require_version(request.expected_live_version, "expected_live_version")
+        require_reason(request.reason)
         before = await asyncio.to_thread(self.registry.live)
         pointer = await asyncio.to_thread(
             self.registry.set_live,
@@ -304,6 +313,7 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def Rollback(
         self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetLiveResponse:
+        require_reason(request.reason)
         before = await asyncio.to_thread(self.registry.live)
         pointer = await asyncio.to_thread(
             self.registry.rollback, reason=request.reason or "rollback via ModelAdmin"
@@ -314,8 +324,9 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def StartTrial(
         self, request: pb.StartTrialRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegistryState:
-        if not request.version:
-            raise InvalidArgument("version", "required")
+        require_version(request.version, "version", required=True)
+        require_version(request.expected_live_version, "expected_live_version")
+        require_reason(request.reason)
         if not valid_share(request.share):
             raise InvalidArgument("share", f"must be in [0, 1], got {request.share!r}")
         if request.mode not in (pb.TRIAL_MODE_UNSPECIFIED, *TRIAL_MODES_PB.values()):
@@ -335,6 +346,8 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def EndTrial(
         self, request: pb.EndTrialRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegistryState:
+        require_version(request.expected_trial_version, "expected_trial_version")
+        require_reason(request.reason)
         verb = "promoted" if request.promote else "rolled back"
         pointer = await asyncio.to_thread(
             self.registry.end_trial,
@@ -348,6 +361,7 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def SetTrainerPaused(
         self, request: pb.SetTrainerPausedRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegistryState:
+        require_reason(request.reason)
         verb = "paused" if request.paused else "resumed"
         pointer = await asyncio.to_thread(
             self.registry.set_paused,
@@ -360,8 +374,8 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def SetPinned(
         self, request: pb.SetPinnedRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetPinnedResponse:
-        if not request.version:
-            raise InvalidArgument("version", "required")
+        require_version(request.version, "version", required=True)
+        require_reason(request.reason)
         verb = "pinned" if request.pinned else "unpinned"
         change = self.registry.pin if request.pinned else self.registry.unpin
         changed = await asyncio.to_thread(
@@ -375,13 +389,12 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
         self, request: pb.GetOnlineReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.OnlineReport:
         window_s, alpha = online_window(request)
-        if any(not version for version in request.versions):
-            raise InvalidArgument("versions", "must not hold an empty name")
+        versions = require_versions(request.versions, "versions")
         return await asyncio.to_thread(
             get_online_report,
             self.registry,
             self.store,
-            list(request.versions),
+            versions,
             window_s,
             alpha,
             time.time(),

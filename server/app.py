@@ -34,7 +34,7 @@ from feedloop.core.errors import CheckpointError, FeedloopError
 from feedloop.core.registry import ModelRegistry, open_registry
 from feedloop.core.store import ReplayStore, open_store
 from feedloop.server.admin import ModelAdminService
-from feedloop.server.auth import Authenticator, AuthInterceptor, load_keys
+from feedloop.server.auth import SUBJECT_PREFIX, Authenticator, AuthInterceptor, load_keys
 from feedloop.server.batcher import Batcher
 from feedloop.server.config import ServeConfig, is_loopback
 from feedloop.server.errors import ServiceError
@@ -45,6 +45,7 @@ from feedloop.server.generation_log import GenerationLog
 from feedloop.server.http_api import HttpApi, server_ssl_context
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.metrics_http import load_metrics_credentials
 from feedloop.server.model_client import ModelProcessClient
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import add_service
@@ -181,6 +182,11 @@ class FeedloopServer:
                 f"(--auth-keys-file) or bind to 127.0.0.1"
             )
         keys = load_keys(config.auth_keys_file) if config.auth_keys_file else None
+        if keys and any(d.startswith(SUBJECT_PREFIX) for d in keys) and not config.tls_client_ca:
+            raise StartupError(
+                "the auth keys file names certificate subjects, which only mutual TLS "
+                "(tls_client_ca) can verify"
+            )
         if keys is None:
             log.warning("auth is off: allowed only because %s is a loopback address", config.host)
         if self.store is None:
@@ -264,13 +270,23 @@ class FeedloopServer:
         )
         self._server = server
         generation = GenerationService(
-            config, self.batcher, self.live_model, self.generation_log, authenticator, metrics
+            config,
+            self.batcher,
+            self.live_model,
+            self.generation_log,
+            authenticator,
+            metrics,
+            limiter,
         )
         feedback = FeedbackService(
             self.feedback_writer,
             authenticator,
             metrics,
             max_correction_chars=config.max_correction_chars,
+            max_ranking_ids=config.max_candidates,
+            limiter=limiter if config.rate_limit_per_event else None,
+            max_streams_per_key=config.max_streams_per_key,
+            stream_idle_timeout_s=config.stream_idle_timeout_s,
         )
         admin = ModelAdminService(
             self.registry,
@@ -335,7 +351,18 @@ class FeedloopServer:
                 ) from None
         metrics_host = config.metrics_host or config.host
         try:
-            self.metrics_port = metrics.serve_http(metrics_host, config.metrics_port)
+            self.metrics_port = metrics.serve_http(
+                metrics_host,
+                config.metrics_port,
+                ssl_context=server_ssl_context(
+                    config.metrics_tls_cert, config.metrics_tls_key, None
+                ),
+                credentials=(
+                    load_metrics_credentials(config.metrics_auth_file)
+                    if config.metrics_auth_file
+                    else None
+                ),
+            )
         except OSError as exc:
             raise StartupError(
                 f"cannot bind metrics to {metrics_host}:{config.metrics_port}: {exc}"

@@ -8,14 +8,35 @@ Clients send `authorization: Bearer KEY` metadata. Keys are defined in a TOML fi
     roles = ["generate", "feedback"]
 
     [[keys]]
+    name = "web-app-canary"
+    tenant = "web-app"                    # keys of one tenant share its data (default: name)
+    sha256 = "2c26b46b68ffc68f..."
+    roles = ["generate", "feedback"]
+
+    [[keys]]
+    name = "rating-console"
+    sha256 = "fcde2b2edba56bf4..."
+    roles = ["feedback", "labeller"]      # may give feedback on any tenant's generations
+
+    [[keys]]
     name = "ops"
     key = "a-plain-key"                   # accepted too, for throwaway set-ups
     roles = ["admin"]
+
+    [[keys]]
+    name = "billing-service"
+    subject = "billing.internal"          # with mutual TLS: the client certificate's common name
+    roles = ["generate"]                  # names this identity when the call sends no key
 
 `hash_key` gives the sha256 form (`python -m feedloop.server.auth KEY` prints it). Roles per
 method: Generate needs `generate`, Feedback/* needs `feedback`, ModelAdmin/* needs `admin`. A
 missing or unknown key is UNAUTHENTICATED, a key without the role PERMISSION_DENIED, an empty
 token bucket RESOURCE_EXHAUSTED. Health and reflection stay open (load balancers probe them).
+
+Tenants: a key's `tenant` (its own name when it declares none) is the client id logged with
+its generations and feedback. A tenant's event ids are its own (another tenant's "order-42" is
+another event), and it gives feedback only on generations served to it, unless its key holds
+the `labeller` role (a rating console, a back-office labeller: feedback on any generation).
 """
 
 from __future__ import annotations
@@ -36,8 +57,12 @@ from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import abort
 
-ROLES = ("generate", "feedback", "admin")
+ROLES = ("generate", "feedback", "admin", "labeller")
+# The role that lets a key's feedback name generations served to other tenants.
+LABELLER = "labeller"
 ANONYMOUS = "anonymous"
+# load_keys files a certificate identity under this prefix and its subject (never a digest).
+SUBJECT_PREFIX = "subject:"
 _PACKAGE = "/feedloop.v1."
 # method path -> (role, whether the request side is a stream)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -64,6 +89,29 @@ def hash_key(key: str) -> str:
 class ApiKey:
     name: str
     roles: frozenset[str]
+    tenant: str = ""  # "": the key is a tenant of its own
+
+    @property
+    def client_id(self) -> str:
+        """The tenant this key acts for: the identity stored with its data."""
+        return self.tenant or self.name
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a call comes from: the key (rate limits are per key), the tenant whose data it may
+    touch, and whether its feedback may name other tenants' generations."""
+
+    key_name: str
+    client_id: str
+    any_tenant: bool = False
+
+
+# With auth off (loopback only) there are no tenants to keep apart: every caller may judge
+# every generation, as before tenants existed.
+ANONYMOUS_CALLER = Caller(ANONYMOUS, ANONYMOUS, any_tenant=True)
+# Tenant names are stored with every row and named by erasure: bounded, printable.
+MAX_TENANT_CHARS = 128
 
 
 def load_keys(path: Path) -> dict[str, ApiKey]:
@@ -86,17 +134,27 @@ def load_keys(path: Path) -> dict[str, ApiKey]:
             raise ConfigError(f"{where}: 'name' is required")
         if not isinstance(roles, list) or not roles or any(r not in ROLES for r in roles):
             raise ConfigError(f"{where}: 'roles' must be a non-empty list from {ROLES}")
-        if isinstance(entry.get("sha256"), str):
+        tenant = entry.get("tenant", "")
+        if not isinstance(tenant, str) or len(tenant) > MAX_TENANT_CHARS:
+            raise ConfigError(f"{where}: 'tenant' must be a name of at most {MAX_TENANT_CHARS}")
+        if any(not ch.isprintable() for ch in tenant + name) or len(name) > MAX_TENANT_CHARS:
+            raise ConfigError(
+                f"{where}: 'name' and 'tenant' must be printable, at most {MAX_TENANT_CHARS}"
+            )
+        if isinstance(entry.get("subject"), str) and entry["subject"]:
+            # A certificate identity: found by the subject, never by a token's digest.
+            digest = SUBJECT_PREFIX + entry["subject"]
+        elif isinstance(entry.get("sha256"), str):
             digest = entry["sha256"].strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError(f"{where}: 'sha256' must be 64 hex digits")
         elif isinstance(entry.get("key"), str) and entry["key"]:
             digest = hash_key(entry["key"])
         else:
-            raise ConfigError(f"{where}: give 'sha256' (preferred) or 'key'")
+            raise ConfigError(f"{where}: give 'sha256' (preferred), 'key' or 'subject'")
         if digest in keys:
             raise ConfigError(f"{where}: the same key appears twice")
-        keys[digest] = ApiKey(name, frozenset(roles))
+        keys[digest] = ApiKey(name, frozenset(roles), tenant)
     return keys
 
 
@@ -110,11 +168,23 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
+def common_name(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the verified client certificate of a mutual-TLS call, or None."""
+    names = context.auth_context().get("x509_common_name") or ()
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 class Authenticator:
     """Who a call comes from. With no keys (auth off) every caller is 'anonymous'."""
 
     def __init__(self, keys: dict[str, ApiKey] | None) -> None:
         self.keys = keys
+        # Certificate identities by subject (load_keys files them under SUBJECT_PREFIX).
+        self.subjects = {
+            digest[len(SUBJECT_PREFIX) :]: key
+            for digest, key in (keys or {}).items()
+            if digest.startswith(SUBJECT_PREFIX)
+        }
 
     @property
     def enabled(self) -> bool:
@@ -126,12 +196,28 @@ class Authenticator:
             return None
         return self.keys.get(hash_key(token))
 
-    def client_id(self, context: grpc.aio.ServicerContext) -> str:
-        """The key's name for the call in context (the identity logged with generations)."""
+    def caller(self, metadata: Iterable[Any] | None) -> Caller:
+        """Who sends a call with this metadata (anonymous with auth off, or no valid key)."""
         if self.keys is None:
-            return ANONYMOUS
-        key = self.key_of(context.invocation_metadata())
-        return key.name if key else ANONYMOUS
+            return ANONYMOUS_CALLER
+        key = self.key_of(metadata)
+        if key is None:  # refused at the door: a caller of no tenant, allowed nothing
+            return Caller(ANONYMOUS, ANONYMOUS)
+        return Caller(key.name, key.client_id, LABELLER in key.roles)
+
+    def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who sends the call in context: its API key's identity, or, when it sends no key,
+        the identity its mutual-TLS certificate's subject names in the key file."""
+        metadata = context.invocation_metadata()
+        if self.subjects and bearer_token(metadata) is None:
+            key = self.subjects.get(common_name(context) or "")
+            if key is not None:
+                return _caller(key)
+        return self.caller(metadata)
+
+    def client_id(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant of the call in context (the identity logged with generations)."""
+        return self.caller_of(context).client_id
 
 
 # Refused's reason for a call past its key's rate: counted in feedloop_rate_limited, not with the
@@ -155,15 +241,27 @@ class Refused(ServiceError):
         self.retry_delay_s = retry_delay_s
 
 
+def _caller(key: ApiKey) -> Caller:
+    return Caller(key.name, key.client_id, LABELLER in key.roles)
+
+
 def admit(
-    authenticator: Authenticator, limiter: RateLimiter, metadata: Iterable[Any] | None, role: str
-) -> str:
-    """The caller's name (the key's, or 'anonymous' with auth off) if its key may call a method
-    that needs role and its rate allows one more call; else Refused. Every front door (the gRPC
-    interceptor, the HTTP API) decides here."""
-    name = ANONYMOUS
+    authenticator: Authenticator,
+    limiter: RateLimiter,
+    metadata: Iterable[Any] | None,
+    role: str,
+    *,
+    subject: str | None = None,
+) -> Caller:
+    """The caller (its key, or anonymous with auth off) if its key may call a method that
+    needs role and its rate allows one more call; else Refused. Every front door (the gRPC
+    interceptor, the HTTP API) decides here. subject: the verified client certificate's
+    common name, which names the identity of a call that sends no key."""
+    caller = ANONYMOUS_CALLER
     if authenticator.enabled:
         key = authenticator.key_of(metadata)
+        if key is None and subject is not None and bearer_token(metadata) is None:
+            key = authenticator.subjects.get(subject)
         if key is None:
             raise Refused(
                 "unauthenticated",
@@ -179,15 +277,22 @@ def admit(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"API key {key.name!r} lacks the {role!r} role this method needs",
             )
-        name = key.name
+        caller = _caller(key)
+    name = caller.key_name
     if not limiter.allow(name):
-        raise Refused(
-            RATE_LIMITED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"rate limit of {limiter.rate_per_s:g} requests/s exceeded for {name!r}; retry later",
-            retry_delay_s=limiter.wait_s(name),
-        )
-    return name
+        raise rate_limited(limiter, name, "one token per call")
+    return caller
+
+
+def rate_limited(limiter: RateLimiter, name: str, what: str) -> Refused:
+    """The refusal of a call (or an event of a stream) past name's rate."""
+    return Refused(
+        RATE_LIMITED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"rate limit of {limiter.rate_per_s:g} tokens/s exceeded for {name!r} ({what}); "
+        "retry later",
+        retry_delay_s=limiter.wait_s(name),
+    )
 
 
 def _deny(streaming: bool, refused: Refused) -> grpc.RpcMethodHandler:
@@ -223,17 +328,63 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if spec is None:
             return await continuation(details)  # health, reflection: open
         role, streaming = spec
+        method = details.method.rsplit("/", 1)[-1]
+        metadata = details.invocation_metadata
+        if self.authenticator.subjects and bearer_token(metadata) is None:
+            # No key: the certificate may name the caller, but only the call's context holds
+            # it, so the handler decides (the details an interceptor gets carry no peer).
+            return self._by_certificate(await continuation(details), role, method, metadata)
         try:
-            admit(self.authenticator, self.limiter, details.invocation_metadata, role)
+            admit(self.authenticator, self.limiter, metadata, role)
         except Refused as refused:
-            self.metrics.auth_denied.labels(refused.reason).inc()
-            method = details.method.rsplit("/", 1)[-1]
-            if refused.reason == RATE_LIMITED:
-                self.metrics.rate_limited.labels(method).inc()
-            else:
-                self.metrics.requests.labels(method, refused.code.name).inc()
+            self._count(refused, method)
             return _deny(streaming, refused)
         return await continuation(details)
+
+    def _count(self, refused: Refused, method: str) -> None:
+        self.metrics.auth_denied.labels(refused.reason).inc()
+        if refused.reason == RATE_LIMITED:
+            self.metrics.rate_limited.labels(method).inc()
+        else:
+            self.metrics.requests.labels(method, refused.code.name).inc()
+
+    def _by_certificate(
+        self, handler: grpc.RpcMethodHandler, role: str, method: str, metadata: Any
+    ) -> grpc.RpcMethodHandler:
+        """handler, admitting its call by the client certificate's subject first."""
+
+        async def admitted(context: grpc.aio.ServicerContext) -> bool:
+            try:
+                admit(
+                    self.authenticator, self.limiter, metadata, role, subject=common_name(context)
+                )
+            except Refused as refused:
+                self._count(refused, method)
+                await abort(context, refused)
+                return False
+            return True
+
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                if await admitted(context):
+                    return await inner_stream(request_iterator, context)
+                return None
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if await admitted(context):
+                return await inner(request, context)
+            return None
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ Per batch the dispatcher reads the live model and the canary once, and routes ea
 version: the one it pins, else the canary for the canary's share of jobs (LiveModel's Canary),
 else the live one. Jobs are sent as one batch per version, so every batch, and so every reply, is
 served by exactly one version, and a swap or a trial's end lands between batches. Jobs whose
-deadline passed or that were cancelled are dropped before they are sent. Once a batch's replies
+deadline passed or that were cancelled are dropped before they are sent; one whose caller left
+while the model ran is neither logged nor counted as served (nobody received it, so nobody can
+rate it). A request whose samples carry a non-finite log-probability is refused the same way:
+the store would refuse the rows, and training would divide by them. Once a batch's replies
 are on their way, its records go to the shadow scorer (shadow.py), which scores a share of the
 live ones with the version on shadow trial, if there is one.
 """
@@ -39,8 +42,15 @@ from feedloop.core.store.base import (
     SERVED_LIVE,
     SERVED_PINNED,
     GenerationRecord,
+    has_finite_logprobs,
 )
-from feedloop.server.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
+from feedloop.server.errors import (
+    DeadlineExceeded,
+    NonFiniteOutput,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+)
 from feedloop.server.generation_log import GenerationLog
 from feedloop.server.live_model import LiveModel, LoadedModel
 from feedloop.server.metrics import ServerMetrics
@@ -227,12 +237,11 @@ class Batcher:
         live, canary = self.live_model.live, self.live_model.canary
         groups: dict[str, tuple[LoadedModel, list[GenerateJob]]] = {}
         for job in batch:
-            if job.cancelled or (job.future is not None and job.future.cancelled()):
-                self.metrics.dropped.labels("cancelled").inc()
-                continue
-            if job.deadline is not None and now >= job.deadline:
-                self.metrics.dropped.labels("deadline").inc()
-                results.append((job, DeadlineExceeded("deadline passed while queued")))
+            gone = _gone(job, now)
+            if gone is not None:
+                self.metrics.dropped.labels(gone).inc()
+                if gone == "deadline":
+                    results.append((job, DeadlineExceeded("deadline passed while queued")))
                 continue
             self.metrics.queue_wait.observe(now - job.enqueued_at)
             try:
@@ -312,13 +321,21 @@ class Batcher:
     ) -> tuple[list[tuple[GenerateJob, Any]], list[GenerationRecord]]:
         """Each job's reply, once the generation records (returned too) are with the log."""
         created_at = time.time()
-        ids = iter(new_generation_ids(sum(len(samples) for samples in outputs)))
+        # One draw for every candidate's generation id and every reply's id.
+        ids = iter(new_generation_ids(sum(len(samples) for samples in outputs) + len(jobs)))
         records: list[GenerationRecord] = []
         results: list[tuple[GenerateJob, Any]] = []
+        now = time.monotonic()
         for job, job_prompt_ids, samples in zip(jobs, prompt_ids, outputs, strict=True):
             generation_ids = [next(ids) for _ in samples]
+            reply_id = next(ids)
+            gone = _gone(job, now)
+            if gone is not None:
+                self.metrics.dropped.labels(f"{gone}_after_compute").inc()
+                results.append((job, DeadlineExceeded(f"the caller had gone ({gone})")))
+                continue
             texts = [model.tokenizer.decode(sample.phrase_ids) for sample in samples]
-            records += GenerationRecord.from_samples(
+            job_records = GenerationRecord.from_samples(
                 samples,
                 generation_ids=generation_ids,
                 texts=texts,
@@ -331,7 +348,19 @@ class Batcher:
                 created_at=created_at,
                 served_as=job.served_as,
                 end_user=job.end_user,
+                reply_id=reply_id,
             )
+            if not all(map(has_finite_logprobs, job_records)):
+                self.metrics.nonfinite_logprobs.inc(len(job_records))
+                log.error(
+                    "model version %s returned a non-finite log-probability (request %r): "
+                    "not served, not logged",
+                    model.version,
+                    job.request_id[:32],
+                )
+                results.append((job, NonFiniteOutput("the model returned a non-finite number")))
+                continue
+            records += job_records
             reply = generate_reply(
                 job.request_id,
                 model.version,
@@ -342,6 +371,7 @@ class Batcher:
                 texts=texts,
                 tokenizer=model.tokenizer,
                 token_logprobs=job.return_token_logprobs,
+                reply_id=reply_id,
             )
             results.append((job, reply))
         # Logged before the replies go out: a client can only rate what the log already holds
@@ -355,6 +385,15 @@ class Batcher:
             # RuntimeError: the loop is closed, so nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(_resolve, results)
+
+
+def _gone(job: GenerateJob, now: float) -> str | None:
+    """Why job's caller no longer waits for it ("cancelled", "deadline"), or None."""
+    if job.cancelled or (job.future is not None and job.future.cancelled()):
+        return "cancelled"
+    if job.deadline is not None and now >= job.deadline:
+        return "deadline"
+    return None
 
 
 def _resolve(results: list[tuple[GenerateJob, Any]]) -> None:

@@ -102,6 +102,20 @@ class ServeConfig:
     tls_client_ca: Path | None = field(
         default=None, metadata=_help("PEM CA bundle; set: clients must present a cert (mTLS)")
     )
+    metrics_tls_cert: Path | None = field(
+        default=None,
+        metadata=_help("PEM certificate of the metrics endpoint (HTTPS); unset: plain HTTP"),
+    )
+    metrics_tls_key: Path | None = field(
+        default=None, metadata=_help("PEM private key of metrics_tls_cert")
+    )
+    metrics_auth_file: Path | None = field(
+        default=None,
+        metadata=_help(
+            "TOML file of the bearer tokens and basic-auth users (sha256) allowed to scrape "
+            "/metrics; unset: no credentials asked"
+        ),
+    )
     rate_limit_rps: float = field(
         default=0.0,
         metadata=_help(
@@ -111,6 +125,34 @@ class ServeConfig:
     )
     rate_limit_burst: int = field(
         default=100, metadata=_help("token bucket size per API key (requests)")
+    )
+    rate_limit_per_candidate: bool = field(
+        default=True,
+        metadata=_help(
+            "charge Generate one token per candidate (num_candidates), as it costs one row of "
+            "compute each; false: one per call"
+        ),
+    )
+    rate_limit_per_event: bool = field(
+        default=True,
+        metadata=_help(
+            "charge a SubmitStream one token per event it carries; false: only its opening "
+            "(one call), which lets one stream carry any number of events"
+        ),
+    )
+    max_streams_per_key: int = field(
+        default=16,
+        metadata=_help(
+            "open SubmitStream calls per API key on this server (each holds up to 1,024 events "
+            "in flight); one more is RESOURCE_EXHAUSTED"
+        ),
+    )
+    stream_idle_timeout_s: float = field(
+        default=300.0,
+        metadata=_help(
+            "a SubmitStream that sends no event for this long is closed with DEADLINE_EXCEEDED "
+            "(its acknowledged events stay stored); 0: never"
+        ),
     )
     # -- model
     policy: Path | None = field(
@@ -198,6 +240,7 @@ class ServeConfig:
             "max_correction_chars",
             "max_message_bytes",
             "rate_limit_burst",
+            "max_streams_per_key",
             "torch_threads",
             "keep_versions",
             "generation_buffer_size",
@@ -213,6 +256,7 @@ class ServeConfig:
             "feedback_commit_interval_ms",
             "unknown_generation_wait_ms",
             "rate_limit_rps",
+            "stream_idle_timeout_s",
             "registry_poll_interval_s",
             "shutdown_grace_s",
         ):
@@ -220,6 +264,8 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError("default_max_tokens must not exceed max_tokens_cap")
+        if bool(self.metrics_tls_cert) != bool(self.metrics_tls_key):
+            raise ConfigError("metrics_tls_cert and metrics_tls_key must be given together")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -31,6 +32,30 @@ from feedloop.core.errors import (
 ERROR_DOMAIN = "feedloop"
 MODEL_VERSION = "model_version"
 GENERATION = "generation"
+# A status message or detail never exceeds this (a 100,000-character name echoed whole once made
+# a NOT_FOUND larger than gRPC's metadata limit, which default clients see as RESOURCE_EXHAUSTED).
+MAX_MESSAGE_CHARS = 512
+# How much of a caller's value a message quotes.
+QUOTE_CHARS = 40
+# The directories of an absolute file system path (two components or more): the server's layout
+# is not the caller's business; the last component (a file's name, "LIVE") stays, as it says
+# what is wrong. The look-behind spares "requests/s" and "a/b"-style words.
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+")
+
+
+def quote(value: str) -> str:
+    """repr of value, or of its first QUOTE_CHARS characters and its length when longer."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
+
+
+def scrub(message: str) -> str:
+    """A message fit for a caller: file system paths replaced, at most MAX_MESSAGE_CHARS long."""
+    message = _PATH.sub("<path>/", message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return message
 
 
 class ServiceError(Exception):
@@ -68,6 +93,17 @@ class NotFound(ServiceError):
         self.resource = resource
 
 
+class AlreadyExists(ServiceError):
+    """An idempotency key (a feedback event id) is already taken by a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "EVENT_ID_REUSED"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
 class Overloaded(ServiceError):
     """A bounded queue is full: the caller should back off and retry."""
 
@@ -88,6 +124,14 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NonFiniteOutput(ServiceError):
+    """The model returned a non-finite log-probability for a request's samples: they are not
+    served and not logged (the store would refuse them; training would divide by them). Valid
+    sampling parameters never lead here, so this is the server's fault: INTERNAL."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class FailedPrecondition(ServiceError):
@@ -116,7 +160,12 @@ class InContext(ServiceError):
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for any error raised while serving a call."""
+    """The gRPC status for any error raised while serving a call (its message scrubbed)."""
+    code, message = _status_of(exc)
+    return code, scrub(message)
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, UnknownVersionError):
@@ -144,19 +193,21 @@ def details_of(exc: BaseException) -> list[Message]:
     details: list[Message] = []
     if isinstance(exc, InvalidArgument):
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=exc.field, description=exc.problem
+            field=exc.field[: QUOTE_CHARS * 2], description=scrub(exc.problem)
         )
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(exc, NotFound) and exc.resource is not None:
         resource_type, resource_name = exc.resource
         details.append(
             error_details_pb2.ResourceInfo(
-                resource_type=resource_type, resource_name=resource_name, description=str(exc)
+                resource_type=resource_type,
+                resource_name=resource_name[:QUOTE_CHARS],
+                description=scrub(str(exc)),
             )
         )
     elif isinstance(exc, UnknownVersionError):
         details.append(
-            error_details_pb2.ResourceInfo(resource_type=MODEL_VERSION, description=str(exc))
+            error_details_pb2.ResourceInfo(resource_type=MODEL_VERSION, description=scrub(str(exc)))
         )
     if isinstance(exc, ServiceError):
         if exc.retry_delay_s is not None:

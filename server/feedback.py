@@ -1,8 +1,9 @@
 """The Feedback service: validate an event, hand it to the group-commit writer, ack once durable.
 
 Checks that need no lookup run here, on the loop (they are cheap); checks that need the stored
-generations (ids exist, a ranking's candidates share one request) run in the writer thread,
-which sees the generation log's buffer too. A rejected event is never written.
+generations (ids exist and were served to the caller's tenant, a ranking's candidates share one
+server-issued reply) run in the writer thread, which sees the generation log's buffer too. A
+rejected event is never written.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ import grpc
 
 from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
 from feedloop.core.store.base import FeedbackRecord
-from feedloop.server.auth import Authenticator
-from feedloop.server.errors import InContext, InvalidArgument, ServiceError, require_text
+from feedloop.server.auth import Authenticator, Caller, Refused, rate_limited
+from feedloop.server.errors import (
+    DeadlineExceeded,
+    InContext,
+    InvalidArgument,
+    ServiceError,
+    require_text,
+)
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import Undecodable, streaming, unary
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
@@ -58,9 +66,16 @@ def _require_id(value: str, field: str) -> str:
 
 
 def parse_event(
-    event: pb.FeedbackEvent, client_id: str, *, max_correction_chars: int
+    event: pb.FeedbackEvent,
+    client_id: str,
+    *,
+    max_correction_chars: int,
+    max_ranking_ids: int = 64,
 ) -> FeedbackRecord:
     """A FeedbackRecord from a wire event, or InvalidArgument naming the bad field.
+
+    max_ranking_ids: the most candidates one Generate reply can hold (the server's
+    max_candidates): a longer ranking cannot come from one reply.
 
     Runs on the event loop for every event of every stream, so each field is read once.
     """
@@ -78,7 +93,7 @@ def parse_event(
     if kind == "rating":
         ids, score, scale = _rating(event.rating)
     elif kind == "ranking":
-        ids = _ranking(event.ranking)
+        ids = _ranking(event.ranking, max_ranking_ids)
     elif kind == "comparison":
         ids = _comparison(event.comparison)
     elif kind == "correction":
@@ -123,10 +138,15 @@ def _rating(rating: pb.Rating) -> tuple[list[str], float, RatingScaleName]:
     return [gid], score, name
 
 
-def _ranking(ranking: pb.Ranking) -> list[str]:
+def _ranking(ranking: pb.Ranking, max_ids: int) -> list[str]:
     ids = list(ranking.generation_ids)
     if len(ids) < 2:
         raise InvalidArgument("ranking.generation_ids", "rank at least two candidates")
+    if len(ids) > max_ids:
+        raise InvalidArgument(
+            "ranking.generation_ids",
+            f"at most {max_ids} ids (the candidates of one Generate reply), got {len(ids)}",
+        )
     for i, gid in enumerate(ids):
         _require_id(gid, f"ranking.generation_ids[{i}]")
     if len(set(ids)) != len(ids):
@@ -163,15 +183,30 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         metrics: ServerMetrics,
         *,
         max_correction_chars: int,
+        max_ranking_ids: int = 64,
+        limiter: RateLimiter | None = None,
+        max_streams_per_key: int = 16,
+        stream_idle_timeout_s: float = 0.0,
     ) -> None:
         self.writer = writer
         self.auth = auth
         self.metrics = metrics
         self.max_correction_chars = max_correction_chars
+        self.max_ranking_ids = max_ranking_ids
+        # Charged per event of a stream (the stream's opening paid for one call at the door).
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.max_streams_per_key = max_streams_per_key
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self._open_streams: collections.Counter[str] = collections.Counter()
 
     def _parse(self, event: pb.FeedbackEvent, client_id: str) -> FeedbackRecord:
         try:
-            return parse_event(event, client_id, max_correction_chars=self.max_correction_chars)
+            return parse_event(
+                event,
+                client_id,
+                max_correction_chars=self.max_correction_chars,
+                max_ranking_ids=self.max_ranking_ids,
+            )
         except InvalidArgument:
             self.metrics.feedback_outcome(event.WhichOneof("kind") or "none", "invalid")
             raise
@@ -180,19 +215,19 @@ class FeedbackService(pb_grpc.FeedbackServicer):
     async def Submit(
         self, request: pb.FeedbackEvent, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackAck:
-        return await self.submit(request, self.auth.client_id(context))
+        return await self.submit(request, self.auth.caller_of(context))
 
-    async def submit(self, event: pb.FeedbackEvent, client_id: str) -> pb.FeedbackAck:
+    async def submit(self, event: pb.FeedbackEvent, caller: Caller) -> pb.FeedbackAck:
         """Check one event and acknowledge it once durable: every front door (gRPC, HTTP)
         comes here, so each one is checked, stored and deduplicated alike."""
-        record = self._parse(event, client_id)
-        outcome = await self.writer.submit(record)
+        record = self._parse(event, caller.client_id)
+        outcome = await self.writer.submit(record, any_tenant=caller.any_tenant)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "feedback %s %s from %s",
                 record.kind,
                 outcome,
-                client_id,
+                caller.client_id,
                 extra={
                     "event_id": record.event_id,
                     "generation_ids": record.generation_ids,
@@ -212,9 +247,23 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         # Events are read with context.read() (request_iterator is an async generator around
         # it: one layer less per event), by a task of their own so that reading runs ahead of
         # the acks and one stream's events share group commits.
+        caller = self.auth.caller_of(context)
+        if self._open_streams[caller.key_name] >= self.max_streams_per_key:
+            self.metrics.rate_limited.labels("SubmitStream").inc()
+            raise Refused(
+                "too_many_streams",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.max_streams_per_key} feedback streams may be open per API key; "
+                "send on an open one, or close one first",
+                retry_delay_s=1.0,
+            )
+        self._open_streams[caller.key_name] += 1
         window = AckWindow()
-        reader = asyncio.create_task(
-            self._read_stream(context, self.auth.client_id(context), window)
+        reader = asyncio.create_task(self._read_stream(context, caller, window))
+        watchdog = (
+            asyncio.create_task(self._close_when_idle(reader, window))
+            if self.stream_idle_timeout_s > 0
+            else None
         )
         in_flight = window.in_flight
         try:
@@ -235,28 +284,67 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                     raise exc
                 raise InContext(exc, f"event {event_id!r}") from exc
         finally:
+            self._open_streams[caller.key_name] -= 1
+            if self._open_streams[caller.key_name] <= 0:
+                del self._open_streams[caller.key_name]
+            if watchdog is not None:
+                watchdog.cancel()
             if not reader.done():
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
 
+    async def _close_when_idle(self, reader: asyncio.Task[None], window: AckWindow) -> None:
+        """End the stream once its client has sent nothing for stream_idle_timeout_s (while the
+        reader waits for an event, not for room in the window): an open stream holds a slot of
+        max_streams_per_key and memory, so a silent one must not hold them for ever."""
+        timeout_s = self.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        while not reader.done():
+            idle_s = loop.time() - window.last_read
+            if idle_s < timeout_s or len(window.in_flight) >= STREAM_WINDOW:
+                await asyncio.sleep(max(timeout_s - idle_s, 0.01))
+                continue
+            window.failure = (
+                "",
+                DeadlineExceeded(
+                    f"the feedback stream sent no event for {timeout_s:g} s and was closed; "
+                    "events acknowledged so far are stored: open a new stream for more"
+                ),
+            )
+            reader.cancel()
+            return
+
     async def _read_stream(
-        self, context: grpc.aio.ServicerContext, client_id: str, window: AckWindow
+        self, context: grpc.aio.ServicerContext, caller: Caller, window: AckWindow
     ) -> None:
         """Read ahead of the acks, at most STREAM_WINDOW events in flight; stop at the first
         event that fails the cheap checks, so nothing after an invalid event is submitted."""
         in_flight = window.in_flight
         read = context.read
+        client_id, any_tenant = caller.client_id, caller.any_tenant
+        limiter, key_name = self.limiter, caller.key_name
+        loop = asyncio.get_running_loop()
         try:
             while (event := await read()) is not grpc.aio.EOF:
+                window.last_read = loop.time()
                 if type(event) is Undecodable:
                     window.failure = ("", event.problem())
+                    return
+                if limiter is not None and not limiter.allow(key_name):
+                    self.metrics.rate_limited.labels("SubmitStream").inc()
+                    window.failure = (
+                        event.event_id,
+                        rate_limited(limiter, key_name, "one token per streamed event"),
+                    )
                     return
                 if len(in_flight) >= STREAM_WINDOW:
                     await window.room()
                 try:
                     in_flight.append(
-                        self.writer.submit_waking(self._parse(event, client_id), window)
+                        self.writer.submit_waking(
+                            self._parse(event, client_id), window, any_tenant=any_tenant
+                        )
                     )
                 except ServiceError as exc:
                     window.failure = (event.event_id, exc)
@@ -276,10 +364,12 @@ class AckWindow:
     on them, so nothing is left unretrieved.
     """
 
-    __slots__ = ("_changed", "_room", "failure", "in_flight")
+    __slots__ = ("_changed", "_room", "failure", "in_flight", "last_read")
 
     def __init__(self) -> None:
         self.in_flight: collections.deque[Pending] = collections.deque()
+        # loop.time() of the last event read (or of the stream's start): idle streams close.
+        self.last_read = asyncio.get_running_loop().time()
         # (event_id or "" for the stream itself, error): why the reader stopped early.
         self.failure: tuple[str, BaseException] | None = None
         self._changed: asyncio.Future[None] | None = None

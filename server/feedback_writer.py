@@ -5,8 +5,11 @@ Each round it takes everything queued, looks every named generation up at once (
 generation log's buffer first, then in the store), parks events that name generations it cannot
 find (another replica sharing the store may not have committed them yet: they are looked up
 again on later rounds, and answered NOT_FOUND only once `unknown_generation_wait_s` has passed),
-rejects events whose generations do not fit them, waits for the commit of any generation still
-buffered (the feedback row must not be durable before the generation it refers to), and
+answers NOT_FOUND as well for generations served to another tenant (unless the caller's key is
+a labeller's: the answer does not tell whether such a generation exists), rejects events whose
+generations do not fit them (a ranking spanning server-issued replies), waits for the commit
+of any generation still buffered (the feedback row must not be durable before the generation
+it refers to), and
 commits the rest in ONE insert_feedback transaction. Only then are the submitters told, in one
 callback on the event loop per group: a unary call's future resolves, and each stream is woken
 once however many of its events the group held. An ack always follows durability.
@@ -25,7 +28,14 @@ from typing import Any, Protocol
 
 from feedloop.core.feedback_kinds import normalise_rating
 from feedloop.core.store.base import FeedbackRecord, ReplayStore
-from feedloop.server.errors import GENERATION, InvalidArgument, NotFound, Unavailable
+from feedloop.server.errors import (
+    GENERATION,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    quote,
+)
 from feedloop.server.generation_log import GenerationLog, GenerationRef
 from feedloop.server.metrics import ServerMetrics
 
@@ -76,6 +86,8 @@ class Pending:
     decided: bool = False
     # Monotonic time after which generations still not found make it NOT_FOUND (0: not parked).
     not_found_at: float = 0.0
+    # Whether it may name generations served to other tenants (a labeller's key).
+    any_tenant: bool = False
 
 
 class FeedbackWriter:
@@ -118,17 +130,19 @@ class FeedbackWriter:
         self._loop = loop
         self._thread.start()
 
-    def submit(self, record: FeedbackRecord) -> asyncio.Future[Any]:
+    def submit(self, record: FeedbackRecord, *, any_tenant: bool = False) -> asyncio.Future[Any]:
         """Queue a parsed event; the future resolves to "accepted"/"duplicate" once durable."""
         assert self._loop is not None
         future = self._loop.create_future()
-        self._enqueue(Pending(record, future))
+        self._enqueue(Pending(record, future, any_tenant=any_tenant))
         return future
 
-    def submit_waking(self, record: FeedbackRecord, waker: Waker) -> Pending:
+    def submit_waking(
+        self, record: FeedbackRecord, waker: Waker, *, any_tenant: bool = False
+    ) -> Pending:
         """Queue a parsed event of a stream: its outcome is on the returned Pending once
         `decided`, and waker.wake() is called then (once per group, not per event)."""
-        pending = Pending(record, waker)
+        pending = Pending(record, waker, any_tenant=any_tenant)
         self._enqueue(pending)
         return pending
 
@@ -218,15 +232,15 @@ class FeedbackWriter:
         missing = wanted - found.keys()
         if missing:
             stored = self.store.get_generations(list(missing))
-            found.update((gid, (g.request_id, g.model_version)) for gid, g in stored.items())
+            found.update((gid, GenerationRef.of(g)) for gid, g in stored.items())
         to_insert: list[Pending] = []
         parked: list[Pending] = []
-        first_by_event: dict[str, Pending] = {}
+        first_by_event: dict[tuple[str, str], Pending] = {}
         waits: set[str] = set()
         now = time.monotonic()
         for item in group:
             record = item.record
-            problem = self._check(record, found)
+            problem = self._check(record, found, item.any_tenant)
             if problem is not None:
                 if isinstance(problem, NotFound) and self._stopping:
                     # Another replica may know it: UNAVAILABLE sends the client there.
@@ -236,11 +250,12 @@ class FeedbackWriter:
                     continue
                 item.outcome = problem
                 continue
-            first = first_by_event.get(record.event_id)
+            key = (record.client_id, record.event_id)
+            first = first_by_event.get(key)
             if first is not None:  # a retry inside the same group: stored once
-                item.outcome = first
+                item.outcome = first if first.record.same_event(record) else _reused(record)
                 continue
-            first_by_event[record.event_id] = item
+            first_by_event[key] = item
             to_insert.append(item)
             if buffered:
                 waits.update(gid for gid in record.generation_ids if gid in buffered)
@@ -251,13 +266,20 @@ class FeedbackWriter:
         started = time.perf_counter()
         fresh = self.store.insert_feedback([item.record for item in to_insert])
         self._duration.observe(time.perf_counter() - started)
+        repeats = [item.record for item, is_new in zip(to_insert, fresh, strict=True) if not is_new]
+        stored_events = (
+            self.store.get_feedback([(r.client_id, r.event_id) for r in repeats]) if repeats else {}
+        )
         ratings: list[tuple[str, float]] = []
         wins: list[tuple[str, str]] = []
         for item, is_new in zip(to_insert, fresh, strict=True):
-            item.outcome = ACCEPTED if is_new else DUPLICATE
             record = item.record
             if not is_new:
+                earlier = stored_events.get((record.client_id, record.event_id))
+                same = earlier is None or earlier.same_event(record)
+                item.outcome = DUPLICATE if same else _reused(record)
                 continue
+            item.outcome = ACCEPTED
             ids = record.generation_ids
             if record.kind == "rating" and record.score is not None:
                 ratings.append((found[ids[0]][1], normalise_rating(record.score, record.scale)))
@@ -270,7 +292,11 @@ class FeedbackWriter:
         if len(to_insert) < len(group):
             for item in group:
                 if isinstance(item.outcome, Pending):
-                    item.outcome = DUPLICATE
+                    # A copy of an event stored or refused in this group: its fate.
+                    first = item.outcome.outcome
+                    item.outcome = (
+                        _reused(item.record) if isinstance(first, AlreadyExists) else DUPLICATE
+                    )
         return parked
 
     def _may_wait(self, item: Pending, now: float) -> bool:
@@ -281,20 +307,27 @@ class FeedbackWriter:
         return now < item.not_found_at
 
     @staticmethod
-    def _check(record: FeedbackRecord, found: dict[str, GenerationRef]) -> BaseException | None:
+    def _check(
+        record: FeedbackRecord, found: dict[str, GenerationRef], any_tenant: bool
+    ) -> BaseException | None:
         ids = record.generation_ids
-        if len(ids) == 1 and ids[0] in found:  # rating, correction: the common case
-            return None
+        if len(ids) == 1:  # rating, correction: the common case
+            ref = found.get(ids[0])
+            if ref is not None and (any_tenant or ref.client_id == record.client_id):
+                return None
         for field_name, gid in zip(id_fields(record), ids, strict=True):
-            if gid not in found:
+            ref = found.get(gid)
+            if ref is None or not (any_tenant or ref.client_id == record.client_id):
+                # Another tenant's generation reads as unknown: the answer must not tell a
+                # guesser which ids exist.
                 return NotFound(
-                    f"{field_name}: no generation {gid!r}",
+                    f"{field_name}: no generation {quote(gid)}",
                     field=field_name,
                     resource=(GENERATION, gid),
                 )
         if record.kind == "ranking":
-            requests = {found[gid][0] for gid in record.generation_ids}
-            if len(requests) > 1:
+            replies = {found[gid].reply for gid in record.generation_ids}
+            if len(replies) > 1:
                 return InvalidArgument(
                     "ranking.generation_ids", "all candidates must come from one Generate reply"
                 )
@@ -310,6 +343,8 @@ class FeedbackWriter:
                 label = "not_found"
             elif isinstance(outcome, InvalidArgument):
                 label = "invalid"
+            elif isinstance(outcome, AlreadyExists):
+                label = "conflict"
             else:
                 label = "error"
             counts[item.record.kind, label] += 1
@@ -322,6 +357,14 @@ class FeedbackWriter:
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_set_outcomes, group)
+
+
+def _reused(record: FeedbackRecord) -> AlreadyExists:
+    return AlreadyExists(
+        "event_id",
+        f"{quote(record.event_id)} was already used by this client for a different event; "
+        "a retry must resend the same event, a new event needs a new id",
+    )
 
 
 def _set_outcomes(group: list[Pending]) -> None:

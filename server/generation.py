@@ -14,13 +14,15 @@ import grpc
 
 from feedloop.core.sampling import InvalidSamplingParams, SamplingParams
 from feedloop.core.tokenizer import split_words
-from feedloop.server.auth import Authenticator
+from feedloop.server.auth import Authenticator, rate_limited
 from feedloop.server.batcher import Batcher, GenerateJob
 from feedloop.server.config import ServeConfig
 from feedloop.server.errors import InvalidArgument, require_text
 from feedloop.server.generation_log import GenerationLog
+from feedloop.server.limits import require_version
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
+from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import unary
 from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
@@ -65,8 +67,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         generation_log: GenerationLog,
         auth: Authenticator,
         metrics: ServerMetrics,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
+        self.limiter = limiter
         self.batcher = batcher
         self.live_model = live_model
         self.generation_log = generation_log
@@ -78,18 +82,27 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         remaining_s = context.time_remaining()
+        caller = self.auth.caller_of(context)
         return await self.generate(
             request,
-            client_id=self.auth.client_id(context),
+            client_id=caller.client_id,
             deadline=None if remaining_s is None else time.monotonic() + remaining_s,
+            key_name=caller.key_name,
         )
 
     async def generate(
-        self, request: pb.GenerateRequest, *, client_id: str, deadline: float | None
+        self,
+        request: pb.GenerateRequest,
+        *,
+        client_id: str,
+        deadline: float | None,
+        key_name: str | None = None,
     ) -> pb.GenerateResponse:
         """Validate a request and have the batcher serve it: every front door (gRPC, HTTP) comes
         here, so each one is checked, batched and logged alike. deadline: time.monotonic()
-        after which the caller has given up (None: never)."""
+        after which the caller has given up (None: never). key_name: the API key whose rate
+        pays for the candidates past the first (the call's own token is taken at the door);
+        None: the door charged everything."""
         config = self.config
         if not request.prompt.strip():
             raise InvalidArgument("prompt", "must not be empty")
@@ -111,9 +124,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         if len(request.end_user) > MAX_ROUTING_KEY_CHARS:
             raise InvalidArgument("end_user", f"at most {MAX_ROUTING_KEY_CHARS} characters")
         require_text(request.end_user, "end_user")
+        require_version(request.model_version, "model_version")
         require_text(request.prompt, "prompt")
         require_text(request.request_id, "request_id")
         params = resolve_params(request, config)
+        self._charge_candidates(key_name, num_candidates)
         pinned = request.model_version or None
         if pinned is not None:
             self.live_model.get(pinned)  # NotFound now rather than after queueing
@@ -143,3 +158,19 @@ class GenerationService(pb_grpc.GenerationServicer):
                 },
             )
         return reply
+
+    def _charge_candidates(self, key_name: str | None, num_candidates: int) -> None:
+        """Take a token for each candidate past the first (RESOURCE_EXHAUSTED, taking none,
+        when the key's bucket holds too few): n candidates cost n rows of compute."""
+        limiter = self.limiter
+        if (
+            key_name is None
+            or limiter is None
+            or not limiter.enabled
+            or not self.config.rate_limit_per_candidate
+            or num_candidates <= 1
+        ):
+            return
+        if not limiter.allow(key_name, cost=num_candidates - 1):
+            self.metrics.rate_limited.labels("Generate").inc()
+            raise rate_limited(limiter, key_name, f"one token per candidate, {num_candidates}")

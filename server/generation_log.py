@@ -16,18 +16,36 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
-from feedloop.core.store.base import GenerationRecord, ReplayStore
+from feedloop.core.errors import InvalidRecordError
+from feedloop.core.store.base import GenerationRecord, ReplayStore, has_finite_logprobs
 from feedloop.server.errors import Unavailable
 from feedloop.server.metrics import ServerMetrics
 
 log = logging.getLogger("feedloop.server.generation_log")
 RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
-# Committed generations remembered for feedback validation: about 150 bytes each.
+# Committed generations remembered for feedback validation: about 200 bytes each.
 RECENT_CAPACITY = 100_000
 
-# What feedback validation needs of a generation: (request_id, model_version).
-GenerationRef = tuple[str, str]
+
+class GenerationRef(NamedTuple):
+    """What feedback validation needs of a generation."""
+
+    request_id: str
+    model_version: str
+    client_id: str  # the tenant it was served to
+    reply_id: str  # the server-issued reply that carried it ("" for old rows)
+
+    @classmethod
+    def of(cls, record: GenerationRecord) -> GenerationRef:
+        return cls(record.request_id, record.model_version, record.client_id, record.reply_id)
+
+    @property
+    def reply(self) -> str:
+        """The reply it came from: the server's id, or for rows stored before replies had
+        one, the request id the client chose (the best those rows can say)."""
+        return self.reply_id or f"request:{self.request_id}"
 
 
 class GenerationLog:
@@ -84,7 +102,7 @@ class GenerationLog:
             for gid in generation_ids:
                 record = self._pending.get(gid)
                 if record is not None:
-                    found[gid] = (record.request_id, record.model_version)
+                    found[gid] = GenerationRef.of(record)
                     buffered.add(gid)
                 else:
                     ref = self._recent.get(gid)
@@ -142,7 +160,7 @@ class GenerationLog:
                 recent = self._recent
                 for record in batch:
                     self._pending.pop(record.generation_id, None)
-                    recent[record.generation_id] = (record.request_id, record.model_version)
+                    recent[record.generation_id] = GenerationRef.of(record)
                 while len(recent) > RECENT_CAPACITY:
                     recent.popitem(last=False)
                 self._cond.notify_all()
@@ -156,6 +174,16 @@ class GenerationLog:
             started = time.perf_counter()
             try:
                 self.store.append_generations(batch)
+            except InvalidRecordError as exc:
+                # Retrying cannot help a row the store refuses: keep the others. The batcher
+                # refuses such rows before they get here, so this is a second line of defence.
+                bad = [record for record in batch if not has_finite_logprobs(record)]
+                log.error("the store refused %d generations: %s", len(bad), exc)
+                self.metrics.nonfinite_logprobs.inc(len(bad))
+                batch = [record for record in batch if has_finite_logprobs(record)]
+                if not bad:  # a refusal this log does not know how to mend: never loop on it
+                    return
+                continue
             except Exception as exc:  # any failure keeps the rows buffered
                 self._errors.inc()
                 with self._cond:

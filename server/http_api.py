@@ -26,7 +26,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 
-from feedloop.server.auth import RATE_LIMITED, Authenticator, Refused, admit
+from feedloop.server.auth import RATE_LIMITED, Authenticator, Caller, Refused, admit
 from feedloop.server.errors import InvalidArgument, NotFound, status_of
 from feedloop.server.feedback import FeedbackService
 from feedloop.server.generation import GenerationService
@@ -158,7 +158,7 @@ class HttpApi:
 
         return counted
 
-    def _caller(self, request: web.Request, role: str) -> str:
+    def _caller(self, request: web.Request, role: str) -> Caller:
         header = request.headers.get("Authorization")
         metadata = [("authorization", header)] if header is not None else []
         try:
@@ -197,9 +197,14 @@ class HttpApi:
 
     async def _complete(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            client_id = self._caller(request, "generate")
+            caller = self._caller(request, "generate")
             call = parse_completion(await _json_body(request), chat=chat)
-            reply = await self.generation.generate(call.request, client_id=client_id, deadline=None)
+            reply = await self.generation.generate(
+                call.request,
+                client_id=caller.client_id,
+                deadline=None,
+                key_name=caller.key_name,
+            )
         except Exception as exc:
             return error_response(exc, chat=chat)
         if not call.stream:
@@ -229,7 +234,7 @@ class HttpApi:
     async def submit_feedback(self, request: web.Request) -> web.StreamResponse:
         """The body is a feedloop.v1.FeedbackEvent in protobuf's JSON form."""
         try:
-            client_id = self._caller(request, "feedback")
+            caller = self._caller(request, "feedback")
             body = await _json_body(request)
             if not isinstance(body, dict):
                 raise InvalidArgument("body", "must be a JSON object (a FeedbackEvent)")
@@ -237,7 +242,7 @@ class HttpApi:
                 event = json_format.ParseDict(body, pb.FeedbackEvent())
             except json_format.ParseError as exc:
                 raise InvalidArgument("body", f"not a FeedbackEvent: {exc}") from None
-            ack = await self.feedback.submit(event, client_id)
+            ack = await self.feedback.submit(event, caller)
         except Exception as exc:
             return error_response(exc)
         return web.json_response({"event_id": ack.event_id, "outcome": OUTCOMES[ack.outcome]})

@@ -32,7 +32,13 @@ from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.policy import nonempty_prompt
 from feedloop.core.registry import CANARY, REFUSED, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.tokenizer import Tokenizer
-from feedloop.server.errors import MODEL_VERSION, FailedPrecondition, NotFound, ServiceError
+from feedloop.server.errors import (
+    MODEL_VERSION,
+    FailedPrecondition,
+    NotFound,
+    ServiceError,
+    quote,
+)
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
 
@@ -138,12 +144,13 @@ class LiveModel:
         shadow = self._shadow
         if shadow is not None and shadow.model.version == version:
             raise FailedPrecondition(
-                f"model_version {version!r} is on shadow trial: it scores traffic and serves none"
+                f"model_version {quote(version)} is on shadow trial: it scores traffic and "
+                "serves none"
             )
         model = self._loaded.get(version)
         if model is None:
             raise NotFound(
-                f"model_version {version!r} is not loaded on this server "
+                f"model_version {quote(version)} is not loaded on this server "
                 f"(loaded: {', '.join(self.loaded_versions()) or 'none'})",
                 field="model_version",
                 resource=(MODEL_VERSION, version),

@@ -13,6 +13,7 @@ import bisect
 import logging
 import math
 import shutil
+import ssl
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,12 +28,13 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from feedloop.server.metrics_http import MetricsCredentials, serve_metrics
 
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -294,8 +296,16 @@ class ServerMetrics:
         )
         self.dropped = Counter(
             "feedloop_batch_dropped_requests",
-            "Requests dropped before compute, by reason (deadline, cancelled)",
+            "Requests dropped because their caller had gone, by reason: deadline, cancelled "
+            "(before compute); deadline_after_compute, cancelled_after_compute (the model ran, "
+            "but nothing was logged or counted as served)",
             ["reason"],
+            registry=r,
+        )
+        self.nonfinite_logprobs = Counter(
+            "feedloop_nonfinite_logprobs",
+            "Generations refused (not served, not logged) because a log-probability the model "
+            "returned was not finite: an invariant of sampling broke; never expected to fire",
             registry=r,
         )
         self.tokens_generated = Counter(
@@ -433,9 +443,19 @@ class ServerMetrics:
 
     # -- the /metrics endpoint -------------------------------------------------------------------
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Start /metrics on its own thread; returns the bound port (port 0 picks one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        credentials: MetricsCredentials | None = None,
+    ) -> int:
+        """Start /metrics on its own thread (HTTPS with ssl_context, asking for credentials when
+        given); returns the bound port (port 0 picks one)."""
+        self._http = serve_metrics(
+            self.registry, host, port, ssl_context=ssl_context, credentials=credentials
+        )
         return int(self._http.server_port)
 
     def stop_http(self) -> None:

@@ -31,6 +31,7 @@ def generate_reply(
     texts: Sequence[str],
     tokenizer: Tokenizer,
     token_logprobs: bool = False,
+    reply_id: str = "",
 ) -> pb.GenerateResponse:
     """One request's reply; a candidate's log_prob is under the distribution sampled from, and
     so are its token_logprobs (one per phrase token, <eos> left out) when asked for."""
@@ -52,4 +53,5 @@ def generate_reply(
         ],
         seed=seed,
         served_as=served_as,
+        reply_id=reply_id,
     )

@@ -137,6 +137,11 @@ class SlowStore(ReplayStore):
     def shadow_scores(self, version: str, generation_ids: Sequence[str]) -> dict[str, ShadowScore]:
         return self.inner.shadow_scores(version, generation_ids)
 
+    def get_feedback(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], FeedbackRecord]:
+        return self.inner.get_feedback(keys)
+
     def get_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRecord]:
         return self.inner.get_generations(generation_ids)
 

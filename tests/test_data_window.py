@@ -210,6 +210,7 @@ def test_a_windows_figures_name_each_count_and_lag() -> None:
         "new_generations": 4,
         "replayed_generations": 5,
         "dropped_stale": 6,
+        "dropped_unusable": 0,
         "generation_seq_after": 7,
         "feedback_seq_after": 8,
         "newest_event_age_s": 1.5,

@@ -5,12 +5,14 @@ the commit interval."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
-from store_support import comparison, generation, rating
+from store_support import comparison as other_clients_comparison
+from store_support import generation, rating
 
-from feedloop.core.store import open_store
+from feedloop.core.store import FeedbackRecord, open_store
 from feedloop.server.errors import NotFound, Unavailable
 from feedloop.server.feedback_writer import (
     ACCEPTED,
@@ -21,6 +23,14 @@ from feedloop.server.feedback_writer import (
 )
 from feedloop.server.generation_log import GenerationLog
 from feedloop.server.metrics import OTHER_VERSION, ServerMetrics
+
+
+def comparison(event_id: str, preferred: str, rejected: str) -> FeedbackRecord:
+    """A comparison by the tenant the test generations were served to (store_support's is
+    another client's, which may not judge them)."""
+    return dataclasses.replace(
+        other_clients_comparison(event_id, preferred, rejected), client_id="app-1"
+    )
 
 
 def loop_time() -> float:

@@ -41,6 +41,7 @@ from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 # The codes that mean "you, the client, sent something wrong / too much": documented, expected.
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,  # an event id reused for a different event
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAUTHENTICATED,

@@ -49,6 +49,22 @@ def event(
     )  # type: ignore[arg-type]
 
 
+def by_event_id(weights: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Weights by event id alone, for tests whose event ids are all distinct."""
+    return {event_id: w for (_, event_id), w in weights.items()}
+
+
+def test_two_clients_events_of_the_same_id_keep_their_own_weights() -> None:
+    """Event ids are unique per client (tenant) only: one client's flood must not lend its
+    cut weight to another client's event that happens to share an id."""
+    events = [event(f"e{i}", "rating", ["g"], client="flood") for i in range(8)]
+    events += [event("e0", "rating", ["g"], client="quiet")]
+    weights = client_weights(events, 0.5)
+    assert len(weights) == 9
+    assert weights["quiet", "e0"] == 1.0
+    assert weights["flood", "e0"] == pytest.approx(1 / 8)
+
+
 @pytest.mark.parametrize(
     ("score", "scale", "expected"),
     [
@@ -113,7 +129,7 @@ def test_a_rated_generation_weighs_the_mean_of_its_ratings_weights_one_when_unca
         event("b", "rating", ["g1"], score=4.0, scale="stars5"),
         event("c", "rating", ["g2"], score=1.0, scale="thumbs"),
     ]
-    rated = rated_generations(events, {"a": 1.0, "b": 0.5}, "mean")
+    rated = rated_generations(events, {("u1", "a"): 1.0, ("u1", "b"): 0.5}, "mean")
     assert rated["g1"].reward == pytest.approx((1.0 * 1.0 + 0.5 * 0.5) / 1.5)  # on its scale
     assert rated["g1"].weight == pytest.approx(0.75)
     assert rated["g1"].events == 2
@@ -133,7 +149,7 @@ def test_rated_generations_use_the_users_time_when_given() -> None:
 def test_no_client_carries_more_than_its_share_of_the_weight() -> None:
     events = [event(f"a{i}", "rating", ["g"], client="flood") for i in range(8)]
     events += [event("b", "rating", ["g"], client="b"), event("c", "rating", ["g"], client="c")]
-    weights = client_weights(events, 0.5)
+    weights = by_event_id(client_weights(events, 0.5))
     flood = sum(w for eid, w in weights.items() if eid.startswith("a"))
     assert flood / sum(weights.values()) == pytest.approx(0.5)
     assert weights["b"] == weights["c"] == 1.0
@@ -147,7 +163,7 @@ def test_client_cap_leaves_a_balanced_batch_alone() -> None:
 def test_with_too_few_clients_for_the_cap_every_client_weighs_the_same() -> None:
     events = [event(f"a{i}", "rating", ["g"], client="a") for i in range(9)]
     events.append(event("b", "rating", ["g"], client="b"))
-    weights = client_weights(events, 0.3)  # two clients cannot each stay under 30%
+    weights = by_event_id(client_weights(events, 0.3))  # two clients cannot each stay under 30%
     a_total = sum(w for eid, w in weights.items() if eid.startswith("a"))
     assert a_total == pytest.approx(weights["b"])
     assert all(w > 0 for w in weights.values())
@@ -167,7 +183,7 @@ def test_clients_exactly_at_the_cap_keep_weight_one() -> None:
     # cap 1/4: the flood is cut to 1 in 4 of the total; b, c and d sit exactly at the cap.
     events = [event(f"a{i}", "rating", ["g"], client="flood") for i in range(3)]
     events += [event(c, "rating", ["g"], client=c) for c in ("b", "c", "d")]
-    weights = client_weights(events, 0.25)
+    weights = by_event_id(client_weights(events, 0.25))
     assert weights["b"] == weights["c"] == weights["d"] == 1.0
     assert weights["a0"] == pytest.approx(1 / 3)
 
@@ -175,7 +191,7 @@ def test_clients_exactly_at_the_cap_keep_weight_one() -> None:
 def test_with_too_few_clients_for_the_cap_the_total_weight_is_the_number_of_events() -> None:
     events = [event(f"a{i}", "rating", ["g"], client="a") for i in range(9)]
     events.append(event("b", "rating", ["g"], client="b"))
-    weights = client_weights(events, 0.3)
+    weights = by_event_id(client_weights(events, 0.3))
     assert weights["b"] == pytest.approx(5.0)  # each client weighs the mean count, 10 / 2
     assert sum(weights.values()) == pytest.approx(10.0)
 
@@ -210,7 +226,9 @@ def test_rankings_expand_to_every_implied_pair_weighing_like_n_minus_one_compari
 
 def test_a_capped_ranking_spreads_its_capped_weight_over_its_pairs() -> None:
     gens = {g: generation(g, f"text {g}") for g in ("g1", "g2", "g3")}
-    pairs = preference_pairs([event("r", "ranking", ["g2", "g1", "g3"])], gens, {"r": 0.5}, {})
+    pairs = preference_pairs(
+        [event("r", "ranking", ["g2", "g1", "g3"])], gens, {("u1", "r"): 0.5}, {}
+    )
     assert [p.weight for p in pairs] == pytest.approx([1 / 3] * 3)  # 2 * 0.5 / 3 each
 
 
@@ -236,7 +254,7 @@ def test_comparisons_and_corrections_become_preferences() -> None:
         ("comparison", "text g2", "text g1"),
         ("correction", "a better text", "text g1"),
     ]
-    assert correction_targets(events, gens, {"x": 0.5})[0].weight == 0.5
+    assert correction_targets(events, gens, {("u1", "x"): 0.5})[0].weight == 0.5
     assert correction_targets(events, gens, {})[0].weight == 1.0  # uncapped
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from feedloop.core.sampling import (
+    MIN_TEMPERATURE,
     InvalidSamplingParams,
     SamplingParams,
     candidate_seeds,
@@ -109,6 +110,9 @@ INVALID = [
     ("temperature", {"temperature": -0.5}),  # 0 is valid: greedy
     ("temperature", {"temperature": math.nan}),
     ("temperature", {"temperature": math.inf}),
+    # Above 0 and below MIN_TEMPERATURE: float32 logits overflow (1e-38 stored NaN log-probs).
+    ("temperature", {"temperature": 1e-38}),
+    ("temperature", {"temperature": 0.0099}),
     ("top_k", {"top_k": -1}),
     ("top_p", {"top_p": 0}),
     ("top_p", {"top_p": 1.5}),
@@ -130,6 +134,11 @@ def test_a_refusal_names_the_field_and_the_value(field, kwargs):
     assert err.value.field == field
     assert str(err.value).startswith(f"{field}: must be ")
     assert str(err.value).endswith(f"got {kwargs[field]}")
+
+
+def test_zero_and_the_temperature_bound_itself_are_accepted():
+    assert SamplingParams(temperature=0.0).temperature == 0.0
+    assert SamplingParams(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE == 0.01
 
 
 def test_the_dict_form_round_trips_through_json():

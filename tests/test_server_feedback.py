@@ -77,7 +77,12 @@ async def test_every_kind_is_accepted_and_stored_before_the_ack(live) -> None:
 async def test_repeated_event_id_is_acked_duplicate_and_stored_once(live) -> None:
     (a,) = await generate(live, 1)
     first = await live.feedback.Submit(rating("same", a, 1.0), timeout=10)
-    again = await live.feedback.Submit(rating("same", a, 0.0), timeout=10)
+    again = await live.feedback.Submit(rating("same", a, 1.0), timeout=10)
+    # The same id saying something else is not a retry: refused, not silently dropped.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await live.feedback.Submit(rating("same", a, 0.0), timeout=10)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert err.value.details().startswith("event_id: 'same' was already used")
     concurrent = await asyncio.gather(
         *[live.feedback.Submit(rating("race", a, 1.0), timeout=10) for _ in range(8)]
     )
@@ -176,7 +181,7 @@ async def test_stream_acks_every_event_in_order(live) -> None:
     async def events() -> AsyncIterator[pb.FeedbackEvent]:
         for i in range(300):
             yield rating(f"s-{i}", ids[i % 4], (i % 2) * 1.0, pb.RATING_SCALE_THUMBS)
-        yield rating("s-0", ids[0], 1.0, pb.RATING_SCALE_THUMBS)  # a retry
+        yield rating("s-0", ids[0], 0.0, pb.RATING_SCALE_THUMBS)  # a retry
 
     acks = [ack async for ack in live.feedback.SubmitStream(events(), timeout=30)]
     assert [a.event_id for a in acks] == [f"s-{i}" for i in range(300)] + ["s-0"]

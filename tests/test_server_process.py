@@ -115,6 +115,9 @@ def test_acknowledged_feedback_survives_sigkill_and_restart(
         grpc.insecure_channel(proc.grpc_address) as channel,
     ):
         feedback = pb_grpc.FeedbackStub(channel)
+        # A retry resends the same event (the same id with another body is ALREADY_EXISTS).
+        sent = {f"unary-{i}": (ids[i % len(ids)], 1.0) for i in range(50)}
+        sent.update({f"stream-{i}": (ids[i % len(ids)], 0.0) for i in range(500)})
         for event_id in (acked[0], acked[-1]):
-            ack = feedback.Submit(rating(event_id, ids[0], 1.0), timeout=20)
+            ack = feedback.Submit(rating(event_id, *sent[event_id]), timeout=20)
             assert ack.outcome == pb.FEEDBACK_OUTCOME_DUPLICATE

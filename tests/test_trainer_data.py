@@ -4,15 +4,25 @@ tensors (build_experience) carry exactly the usable generations and corrections.
 from __future__ import annotations
 
 import dataclasses
+import math
+import sqlite3
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from store_support import generation, rating
 
 from feedloop.core.store import open_store
 from feedloop.core.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.data import Cursor, build_experience, encode_correction, read_window
+from feedloop.trainer.data import (
+    Cursor,
+    build_experience,
+    encode_correction,
+    learnable,
+    read_window,
+)
 from feedloop.trainer.rewards import CorrectionTarget
 
 SERVED_AT = 1000.0
@@ -127,3 +137,53 @@ def test_nothing_usable_makes_no_experience_and_counts_the_skipped_corrections()
     unusable = [(dataclasses.replace(generation("g"), output_ids=[]), 1.0, 1.0)]
     corrections = [CorrectionTarget("sun", "cold", 1.0), CorrectionTarget("sun", "", 1.0)]
     assert build_experience(TOKENIZER, unusable, corrections) == (None, 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"behaviour_logprobs": [-0.5, math.nan]},
+        {"behaviour_logprobs": [math.inf]},
+        {"policy_logprobs": [-math.inf, -0.5]},
+        {"sampling": {"temperature": 1e-38}},
+        {"sampling": {"top_p": 0.0}},
+        {"sampling": {"not_a_parameter": 1}},
+    ],
+)
+def test_a_generation_with_non_finite_logprobs_or_invalid_sampling_is_not_learnable(
+    change: dict[str, object],
+) -> None:
+    assert learnable(generation("g"))
+    assert not learnable(dataclasses.replace(generation("g"), **change))  # type: ignore[arg-type]
+
+
+def test_the_window_skips_unusable_rows_and_reports_them(tmp_path: Path) -> None:
+    path = tmp_path / "replay.db"
+    store = open_store(str(path))
+    store.append_generations([generation("good"), generation("other"), generation("third")])
+    store.insert_feedback([rating("e1", "good"), rating("e2", "other"), rating("e3", "third")])
+    store.close()
+    with sqlite3.connect(path) as conn:  # what an older server let through
+        conn.execute(
+            "UPDATE generations SET behaviour_logprobs = '[NaN]' WHERE generation_id = 'other'"
+        )
+    store = open_store(str(path))
+    config = TrainConfig(join_window_s=0.0, max_data_age_s=1e12, replay_sample_size=0)
+    window = read_window(store, Cursor(), config, now=time.time(), live_version="v0001", seed=1)
+    store.close()
+    assert set(window.generations) == {"good", "third"}
+    assert window.dropped_unusable == 1 and window.figures()["dropped_unusable"] == 1
+    assert [e.event_id for e in window.events] == ["e1", "e3"]
+    assert (
+        window.notes[-1].startswith("skipped 1 unusable generations")
+        and "other" in window.notes[-1]
+    )
+    clean = read_window(
+        open_store(str(tmp_path / "clean.db")),
+        Cursor(),
+        config,
+        now=time.time(),
+        live_version=None,
+        seed=1,
+    )
+    assert clean.dropped_unusable == 0 and not clean.notes

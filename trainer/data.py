@@ -10,7 +10,9 @@ it has consumed):
 - a seeded sample of older generations (the replay buffer), with their feedback;
 - every event on any of these generations (so several events on one generation aggregate).
 Data produced more than `max_version_lag` versions before live, or older than
-`max_data_age_s`, is dropped and counted.
+`max_data_age_s`, is dropped and counted; so is a generation that cannot be learnt from at all
+(a non-finite logged log-probability, or sampling parameters that no longer validate: rows an
+older server may have stored), rather than aborting the round.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from typing import Any
 import torch
 
 from feedloop.core.policy import TokenBatch, nonempty_prompt
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.core.sampling import InvalidSamplingParams, SamplingParams
+from feedloop.core.store.base import (
+    FeedbackRecord,
+    GenerationRecord,
+    ReplayStore,
+    has_finite_logprobs,
+)
 from feedloop.core.tokenizer import EOS_ID, UNK_ID, Tokenizer
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.rewards import CorrectionTarget
@@ -75,6 +83,8 @@ class Window:
     newest_event_age_s: float = float("nan")
     oldest_event_age_s: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    # Generations dropped as unusable (see `learnable`).
+    dropped_unusable: int = 0
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -84,11 +94,25 @@ class Window:
             "new_generations": self.new_generations,
             "replayed_generations": self.replayed,
             "dropped_stale": self.dropped_stale,
+            "dropped_unusable": self.dropped_unusable,
             "generation_seq_after": self.next_generation_seq,
             "feedback_seq_after": self.next_feedback_seq,
             "newest_event_age_s": self.newest_event_age_s,
             "oldest_event_age_s": self.oldest_event_age_s,
         }
+
+
+def learnable(generation: GenerationRecord) -> bool:
+    """Whether an update can use a stored generation: every logged log-probability is finite
+    (it divides every importance ratio) and its sampling parameters still validate (the gate
+    rescores with them)."""
+    if not has_finite_logprobs(generation):
+        return False
+    try:
+        SamplingParams.from_dict(generation.sampling)
+    except (InvalidSamplingParams, TypeError, ValueError):
+        return False
+    return True
 
 
 def read_window(
@@ -146,6 +170,9 @@ def read_window(
         if too_old or too_stale:
             del generations[gid]
             dropped += 1
+    unusable = [gid for gid, g in generations.items() if not learnable(g)]
+    for gid in unusable:
+        del generations[gid]
     events = store.feedback_for(sorted(generations)) if generations else []
     window = Window(
         generations=generations,
@@ -163,6 +190,12 @@ def read_window(
         window.oldest_event_age_s = max(0.0, now - min(times))
     if dropped:
         window.notes.append(f"dropped {dropped} generations older than the staleness bounds")
+    if unusable:
+        window.dropped_unusable = len(unusable)
+        window.notes.append(
+            f"skipped {len(unusable)} unusable generations (non-finite log-probabilities or "
+            f"invalid sampling parameters), e.g. {unusable[0]}"
+        )
     return window
 
 

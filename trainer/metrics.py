@@ -133,6 +133,12 @@ class TrainerMetrics:
             "Generations dropped as too old or too stale",
             registry=r,
         )
+        self.window_unusable = Counter(
+            PREFIX + "window_dropped_unusable_total",
+            "Generations skipped as unusable (a non-finite logged log-probability, or sampling "
+            "parameters that do not validate)",
+            registry=r,
+        )
         self.newest_data_age = Gauge(
             PREFIX + "newest_feedback_age_seconds",
             "Age of the newest feedback consumed (feedback lag)",
@@ -266,6 +272,9 @@ class TrainerMetrics:
         dropped = figures.get("dropped_stale")
         if isinstance(dropped, int) and dropped > 0:
             self.window_dropped.inc(dropped)
+        unusable = figures.get("dropped_unusable")
+        if isinstance(unusable, int) and unusable > 0:
+            self.window_unusable.inc(unusable)
         if "gate_passed" in figures:
             self.gate_decisions.labels("pass" if figures["gate_passed"] else "refuse").inc()
         for phase, seconds in (figures.get("phase_seconds") or {}).items():

@@ -29,8 +29,18 @@ def event_time(event: FeedbackRecord) -> float:
     return event.given_at if event.given_at is not None else event.received_at
 
 
-def client_weights(events: Sequence[FeedbackRecord], cap: float) -> dict[str, float]:
-    """Per-event weights so that no client carries more than `cap` of the total weight.
+# An event's identity: its id is unique only within its client (tenant), whose ids are its own.
+EventKey = tuple[str, str]
+
+
+def event_key(event: FeedbackRecord) -> EventKey:
+    """(client_id, event_id): the key of an event's weight."""
+    return (event.client_id, event.event_id)
+
+
+def client_weights(events: Sequence[FeedbackRecord], cap: float) -> dict[EventKey, float]:
+    """Per-event weights (by event_key) so that no client carries more than `cap` of the total
+    weight.
 
     Water-filling: the k largest clients are cut to exactly `cap` of the total each, the rest
     keep weight 1. With too few clients for any client to fit under the cap (k * cap >= 1),
@@ -42,7 +52,7 @@ def client_weights(events: Sequence[FeedbackRecord], cap: float) -> dict[str, fl
     counts = sorted(by_client.items(), key=lambda kv: -kv[1])
     factor = {client: 1.0 for client in by_client}
     if cap >= 1.0 or not counts:
-        return {e.event_id: 1.0 for e in events}
+        return {event_key(e): 1.0 for e in events}
     for k in range(len(counts)):
         if k * cap >= 1.0:
             break
@@ -51,10 +61,10 @@ def client_weights(events: Sequence[FeedbackRecord], cap: float) -> dict[str, fl
         if all(n <= cap * total + 1e-9 for _, n in counts[k:]):
             for client, n in counts[:k]:
                 factor[client] = cap * total / n
-            return {e.event_id: factor[e.client_id] for e in events}
+            return {event_key(e): factor[e.client_id] for e in events}
     mean_count = sum(by_client.values()) / len(counts)
     factor = {client: mean_count / n for client, n in counts}
-    return {e.event_id: factor[e.client_id] for e in events}
+    return {event_key(e): factor[e.client_id] for e in events}
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ def aggregate(values: Sequence[tuple[float, float, float]], rule: str) -> float:
 
 
 def rated_generations(
-    events: Iterable[FeedbackRecord], weights: Mapping[str, float], rule: str
+    events: Iterable[FeedbackRecord], weights: Mapping[EventKey, float], rule: str
 ) -> dict[str, RatedGeneration]:
     """Explicit rewards from ratings, one per rated generation."""
     per_generation: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
@@ -91,7 +101,7 @@ def rated_generations(
         if e.kind == "rating" and e.score is not None and e.generation_ids:
             value = normalise_rating(e.score, e.scale)
             per_generation[e.generation_ids[0]].append(
-                (event_time(e), value, weights.get(e.event_id, 1.0))
+                (event_time(e), value, weights.get(event_key(e), 1.0))
             )
     return {
         gid: RatedGeneration(
@@ -119,7 +129,7 @@ class PreferencePair:
 def preference_pairs(
     events: Iterable[FeedbackRecord],
     generations: Mapping[str, GenerationRecord],
-    weights: Mapping[str, float],
+    weights: Mapping[EventKey, float],
     rated: Mapping[str, RatedGeneration],
 ) -> list[PreferencePair]:
     """Every preference the events imply, over generations present in `generations`."""
@@ -137,7 +147,7 @@ def preference_pairs(
         pairs.append(PreferencePair(better.prompt, better_text, worse_text, w, src, key, ids))
 
     for e in events:
-        w = weights.get(e.event_id, 1.0)
+        w = weights.get(event_key(e), 1.0)
         ids = [g for g in e.generation_ids if g in generations]
         if e.kind == "comparison" and len(e.generation_ids) == 2 and len(ids) == 2:
             first, second = generations[ids[0]], generations[ids[1]]
@@ -198,7 +208,7 @@ class CorrectionTarget:
 def correction_targets(
     events: Iterable[FeedbackRecord],
     generations: Mapping[str, GenerationRecord],
-    weights: Mapping[str, float],
+    weights: Mapping[EventKey, float],
 ) -> list[CorrectionTarget]:
     out = []
     for e in events:
@@ -210,7 +220,7 @@ def correction_targets(
         ):
             out.append(
                 CorrectionTarget(
-                    generations[e.generation_ids[0]].prompt, e.text, weights.get(e.event_id, 1.0)
+                    generations[e.generation_ids[0]].prompt, e.text, weights.get(event_key(e), 1.0)
                 )
             )
     return out

@@ -7,7 +7,7 @@ Backends (`feedloop.core.store.factory.open_store` picks one from a path or URL)
 
 Promises every backend keeps (one test suite runs on both):
 - `insert_feedback` returns only after its events are durable (committed with fsync), and a
-  repeated event_id is reported as a duplicate and stored once.
+  repeated (client_id, event_id) is reported as a duplicate and stored once.
 - `append_generations` writes a batch in one transaction (the server's group commit).
 - Every row gets a store-assigned, strictly increasing `seq`: the trainer's cursors use it.
 - A client's or an end user's data can be erased (`erase_client`, `erase_end_user`), from the
@@ -21,11 +21,13 @@ Promises every backend keeps (one test suite runs on both):
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from feedloop.core.errors import InvalidRecordError
 from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
 from feedloop.core.store.outcomes import (
     JudgedGeneration,
@@ -70,6 +72,9 @@ class GenerationRecord:
     # The request's SamplingParams.to_dict(), its seed resolved (read back with from_dict).
     sampling: dict[str, Any]
     model_version: str
+    # The tenant served: the API key's tenant (its name when it declares none; "anonymous"
+    # with auth off). Feedback ownership, feedback idempotency, the trainer's per-client
+    # weighting and erasure all go by it.
     client_id: str
     created_at: float  # Unix seconds
     candidate_index: int = 0
@@ -78,6 +83,10 @@ class GenerationRecord:
     # The app's key of its end user (GenerateRequest.end_user, the OpenAI API's `user`), so that
     # user's data can be erased (`erase_end_user`); "" when the app sent none.
     end_user: str = ""
+    # The server-issued id of the Generate reply that carried it (all candidates of a reply
+    # share it; "" for rows stored before it existed). Unlike request_id, which the client
+    # chooses, it cannot be shared by two replies.
+    reply_id: str = ""
     seq: int = 0  # assigned by the store; 0 before it is stored
 
     @classmethod
@@ -96,6 +105,7 @@ class GenerationRecord:
         created_at: float,
         served_as: str = SERVED_LIVE,
         end_user: str = "",
+        reply_id: str = "",
     ) -> list[GenerationRecord]:
         """The records of one request's candidates, one per sample, in the samples' order."""
         sampling = params.to_dict()
@@ -118,11 +128,34 @@ class GenerationRecord:
                 num_candidates=len(samples),
                 served_as=served_as,
                 end_user=end_user,
+                reply_id=reply_id,
             )
             for index, (sample, generation_id, text) in enumerate(
                 zip(samples, generation_ids, texts, strict=True)
             )
         ]
+
+
+def has_finite_logprobs(record: GenerationRecord) -> bool:
+    """Whether every logged log-probability of a generation is a finite number.
+
+    A sampled token always has a positive probability under the distribution it was drawn from,
+    so its behaviour log-probability is finite; a NaN or infinity means the sampling itself
+    broke (logits that overflowed), and as the denominator of every importance ratio it would
+    poison each update that read it.
+    """
+    return all(map(math.isfinite, record.behaviour_logprobs)) and all(
+        map(math.isfinite, record.policy_logprobs)
+    )
+
+
+def require_finite_logprobs(records: Iterable[GenerationRecord]) -> None:
+    """InvalidRecordError naming the first generation with a non-finite log-probability."""
+    for record in records:
+        if not has_finite_logprobs(record):
+            raise InvalidRecordError(
+                f"generation {record.generation_id}: non-finite log-probability; not stored"
+            )
 
 
 @dataclass(frozen=True)
@@ -158,7 +191,7 @@ class FeedbackRecord:
     Treat it as a value all the same: nothing changes one once built.
     """
 
-    event_id: str
+    event_id: str  # the idempotency key, unique per client_id (tenant)
     kind: FeedbackKind
     generation_ids: list[str]
     client_id: str
@@ -168,6 +201,17 @@ class FeedbackRecord:
     text: str | None = None  # correction only
     given_at: float | None = None  # when the user gave it, if the app said
     seq: int = 0  # assigned by the store
+
+    def same_event(self, other: FeedbackRecord) -> bool:
+        """Whether other says the same thing (a retry of this event), whatever its receipt."""
+        return (
+            self.kind == other.kind
+            and list(self.generation_ids) == list(other.generation_ids)
+            and self.score == other.score
+            and (self.scale or None) == (other.scale or None)
+            and self.text == other.text
+            and self.given_at == other.given_at
+        )
 
 
 @dataclass(frozen=True)
@@ -235,7 +279,9 @@ class ReplayStore(ABC):
 
     @abstractmethod
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
-        """Store a batch of generations in one transaction (ids are unique; repeats ignored)."""
+        """Store a batch of generations in one transaction (ids are unique; repeats ignored).
+
+        A batch holding a non-finite log-probability is refused whole (InvalidRecordError)."""
 
     @abstractmethod
     def append_shadow_scores(self, scores: Sequence[ShadowScore]) -> None:
@@ -247,10 +293,17 @@ class ReplayStore(ABC):
 
     @abstractmethod
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[bool]:
-        """Store events durably in one transaction; True per event if new, False if duplicate.
+        """Store events durably in one transaction; True per event if new, False if its
+        (client_id, event_id) is stored already (or repeats an earlier event of the batch).
 
         Returns only once the events are committed. Validation (ids exist etc.) is the caller's.
         """
+
+    @abstractmethod
+    def get_feedback(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], FeedbackRecord]:
+        """The stored events among these (client_id, event_id) keys, by key."""
 
     @abstractmethod
     def get_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRecord]:

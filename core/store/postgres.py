@@ -37,6 +37,7 @@ from feedloop.core.store.base import (
     ReplayStore,
     ShadowScore,
     StoreCounts,
+    require_finite_logprobs,
 )
 from feedloop.core.store.outcomes import (
     JUDGING_KINDS,
@@ -104,6 +105,7 @@ def _generation_params(record: GenerationRecord) -> tuple[Any, ...]:
         record.num_candidates,
         record.served_as,
         record.end_user,
+        record.reply_id,
     )
 
 
@@ -124,7 +126,7 @@ _FB_INSERT_JSON = (
     "score float8, scale text, text text, given_at float8"
     f")) WITH ORDINALITY AS batch({', '.join(FEEDBACK_COLUMNS)}, position) ORDER BY position "
     # DO NOTHING also skips a repeat inside the same statement: the first one wins.
-    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    "ON CONFLICT (client_id, event_id) DO NOTHING RETURNING client_id, event_id"
 )
 _strict_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
@@ -191,6 +193,7 @@ class PostgresStore(ReplayStore):
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
         if not records:
             return
+        require_finite_logprobs(records)
         rows = [_generation_params(r) for r in records]
 
         def work(conn: psycopg.Connection) -> None:
@@ -219,19 +222,20 @@ class PostgresStore(ReplayStore):
             for start in range(0, len(records), _INSERT_CHUNK_ROWS)
         ]
 
-        def work(conn: psycopg.Connection) -> set[str]:
+        def work(conn: psycopg.Connection) -> set[tuple[str, str]]:
             advisory_xact_lock(conn, "feedback")
-            inserted: set[str] = set()
+            inserted: set[tuple[str, str]] = set()
             for document in documents:
                 cursor = conn.execute(_FB_INSERT_JSON, (document,))
-                inserted.update(row[0] for row in cursor.fetchall())
+                inserted.update((row[0], row[1]) for row in cursor.fetchall())
             return inserted
 
         inserted = self._pool.run("insert_feedback", work, transaction=True)
         accepted: list[bool] = []
         for record in records:
-            accepted.append(record.event_id in inserted)
-            inserted.discard(record.event_id)  # a later repeat in this batch is a duplicate
+            key = (record.client_id, record.event_id)
+            accepted.append(key in inserted)
+            inserted.discard(key)  # a later repeat in this batch is a duplicate
         return accepted
 
     def erase_rows(
@@ -431,6 +435,21 @@ class PostgresStore(ReplayStore):
             (chosen,),
         )
         return [_generation_from_row(row) for row in rows]
+
+    def get_feedback(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], FeedbackRecord]:
+        if not keys:
+            return {}
+        unique = list(dict.fromkeys(keys))
+        rows = self._fetch(
+            "get_feedback",
+            f"{_FB_SELECT} WHERE (client_id, event_id) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([k[0] for k in unique], [k[1] for k in unique]),
+        )
+        records = [_feedback_from_row(row) for row in rows]
+        return {(r.client_id, r.event_id): r for r in records}
 
     def feedback_after(self, seq: int, limit: int) -> list[FeedbackRecord]:
         rows = self._fetch(

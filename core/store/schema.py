@@ -7,7 +7,7 @@ is never edited: changes are new entries appended to the list.
 Both backends carry the same tables with the same meaning:
     generations           seq (store-assigned, strictly increasing), generation_id unique, and
                           every field of GenerationRecord
-    feedback              seq, event_id unique, every field of FeedbackRecord
+    feedback              seq, (client_id, event_id) unique, every field of FeedbackRecord
     feedback_generations  (SQLite) generation id -> feedback seq, so `feedback_for` is an
                           indexed lookup; caught up in bulk to feedback_index.indexed_upto
                           (SQLite); PostgreSQL uses a GIN index on the id array instead
@@ -123,6 +123,49 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             feedback INTEGER NOT NULL
         )""",
     ),
+    # 9: tenancy and server-issued replies. An event id is the idempotency key of its client
+    # (the tenant: see GenerationRecord.client_id), not of the whole store: another tenant's
+    # "order-42" is another event. SQLite cannot drop a column's UNIQUE, so feedback is rebuilt
+    # (seq values kept, and the AUTOINCREMENT high-water mark, which the trainer's cursor relies
+    # on never going back); its index table, which references it, is rebuilt around it. Every
+    # generation gets the id of the reply that served it ("" for older rows).
+    (
+        "ALTER TABLE generations ADD COLUMN reply_id TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE feedback_v9 (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            generation_ids TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            score REAL,
+            scale TEXT,
+            text TEXT,
+            given_at REAL,
+            UNIQUE (client_id, event_id)
+        )""",
+        "INSERT INTO feedback_v9 SELECT * FROM feedback ORDER BY seq",
+        "CREATE TEMP TABLE feedback_generations_v9 AS SELECT * FROM feedback_generations",
+        "CREATE TEMP TABLE feedback_seq_v9 AS "
+        "SELECT seq FROM sqlite_sequence WHERE name = 'feedback'",
+        "DROP TABLE feedback_generations",
+        "DROP TABLE feedback",
+        "ALTER TABLE feedback_v9 RENAME TO feedback",
+        """INSERT INTO sqlite_sequence (name, seq) SELECT 'feedback', 0
+            WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'feedback')""",
+        """UPDATE sqlite_sequence
+            SET seq = MAX(seq, COALESCE((SELECT MAX(seq) FROM temp.feedback_seq_v9), 0))
+            WHERE name = 'feedback'""",
+        """CREATE TABLE feedback_generations (
+            generation_id TEXT NOT NULL,
+            feedback_seq INTEGER NOT NULL REFERENCES feedback(seq),
+            PRIMARY KEY (generation_id, feedback_seq)
+        ) WITHOUT ROWID""",
+        "INSERT INTO feedback_generations SELECT * FROM temp.feedback_generations_v9",
+        "DROP TABLE temp.feedback_generations_v9",
+        "DROP TABLE temp.feedback_seq_v9",
+        "CREATE INDEX feedback_received_at ON feedback (received_at)",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -200,6 +243,14 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             feedback BIGINT NOT NULL
         )""",
     ),
+    # 9: see SQLite's 9. The new key's index leads with client_id: a tenant's events are found
+    # by it (erasure) as well.
+    (
+        "ALTER TABLE generations ADD COLUMN reply_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE feedback DROP CONSTRAINT feedback_event_id_key",
+        "ALTER TABLE feedback ADD CONSTRAINT feedback_client_event_key "
+        "UNIQUE (client_id, event_id)",
+    ),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -225,6 +276,7 @@ GENERATION_COLUMNS: tuple[str, ...] = (
     "num_candidates",
     "served_as",
     "end_user",
+    "reply_id",
 )
 SHADOW_SCORE_COLUMNS: tuple[str, ...] = ("version", "generation_id", "logprobs", "created_at")
 ERASURE_COLUMNS: tuple[str, ...] = (

@@ -39,6 +39,7 @@ from feedloop.core.store.base import (
     ReplayStore,
     ShadowScore,
     StoreCounts,
+    require_finite_logprobs,
 )
 from feedloop.core.store.outcomes import (
     JUDGING_KINDS,
@@ -93,6 +94,7 @@ def _generation_row(record: GenerationRecord) -> tuple[Any, ...]:
         record.num_candidates,
         record.served_as,
         record.end_user,
+        record.reply_id,
     )
 
 
@@ -138,7 +140,7 @@ def _feedback_from_row(row: Sequence[Any]) -> FeedbackRecord:
 
 _GEN_SELECT = "SELECT seq, " + ", ".join(GENERATION_COLUMNS) + " FROM generations"
 _FB_SELECT = "SELECT seq, " + ", ".join(FEEDBACK_COLUMNS) + " FROM feedback"
-# Rows per multi-row INSERT: at most 500 x 16 bound parameters, under SQLite's limit (32766).
+# Rows per multi-row INSERT: at most 500 x 17 bound parameters, under SQLite's limit (32766).
 _INSERT_CHUNK_ROWS = 500
 
 
@@ -320,6 +322,7 @@ class SQLiteStore(ReplayStore):
     def append_generations(self, records: Sequence[GenerationRecord]) -> None:
         if not records:
             return
+        require_finite_logprobs(records)
         values = [value for record in records for value in _generation_row(record)]
         with self._transaction("append_generations") as conn:
             _insert_rows(
@@ -366,22 +369,27 @@ class SQLiteStore(ReplayStore):
             before = conn.total_changes
             # DO NOTHING also skips a repeat inside the same statement: the first one wins.
             _insert_rows(
-                conn, "feedback", FEEDBACK_COLUMNS, values, " ON CONFLICT (event_id) DO NOTHING"
+                conn,
+                "feedback",
+                FEEDBACK_COLUMNS,
+                values,
+                " ON CONFLICT (client_id, event_id) DO NOTHING",
             )
             inserted = conn.total_changes - before
             if inserted == len(records):  # the common case: no duplicate, nothing to look up
                 accepted = [True] * len(records)
             else:
-                new_ids = {
-                    row[0]
+                new_keys = {
+                    (row[0], row[1])
                     for row in conn.execute(
-                        "SELECT event_id FROM feedback WHERE seq > ?", (last_seq,)
+                        "SELECT client_id, event_id FROM feedback WHERE seq > ?", (last_seq,)
                     )
                 }
                 accepted = []
                 for record in records:
-                    accepted.append(record.event_id in new_ids)
-                    new_ids.discard(record.event_id)  # a later repeat in the batch: duplicate
+                    key = (record.client_id, record.event_id)
+                    accepted.append(key in new_keys)
+                    new_keys.discard(key)  # a later repeat in the batch: duplicate
             if inserted and last_seq + inserted - indexed_upto >= _INDEX_CATCH_UP_ROWS:
                 _catch_up_index(conn, indexed_upto)
         return accepted
@@ -683,6 +691,20 @@ class SQLiteStore(ReplayStore):
                 _generation_from_row(r) for r in self._read("sample_generations", sql, chunk)
             ]
         return records
+
+    def get_feedback(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], FeedbackRecord]:
+        found: dict[tuple[str, str], FeedbackRecord] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _MAX_IN_PARAMS // 2):
+            chunk = unique[start : start + _MAX_IN_PARAMS // 2]
+            marks = ", ".join(["(?, ?)"] * len(chunk))
+            sql = f"{_FB_SELECT} WHERE (client_id, event_id) IN (VALUES {marks})"
+            for row in self._read("get_feedback", sql, [v for key in chunk for v in key]):
+                record = _feedback_from_row(row)
+                found[record.client_id, record.event_id] = record
+        return found
 
     def feedback_after(self, seq: int, limit: int) -> list[FeedbackRecord]:
         rows = self._read(

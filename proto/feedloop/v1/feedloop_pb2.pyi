@@ -281,6 +281,7 @@ class GenerateResponse(_message.Message):
     CANDIDATES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SERVED_AS_FIELD_NUMBER: _builtins.int
+    REPLY_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The client's request_id, or the one the server made."""
     model_version: _builtins.str
@@ -290,6 +291,10 @@ class GenerateResponse(_message.Message):
     served_as: _builtins.str
     """Why model_version served this request: "live" (the live version), "canary" (the version on
     canary trial, for its share of the traffic) or "pinned" (the request named model_version).
+    """
+    reply_id: _builtins.str
+    """The server's id of this reply, unique whatever request_id the client chose. A ranking must
+    rank candidates of one reply: the server checks it against this id, not request_id.
     """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]: ...
@@ -301,10 +306,11 @@ class GenerateResponse(_message.Message):
         candidates: _abc.Iterable[Global___Candidate] | None = ...,
         seed: _builtins.int = ...,
         served_as: _builtins.str = ...,
+        reply_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "model_version", b"model_version", "request_id", b"request_id", "seed", b"seed", "served_as", b"served_as"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "model_version", b"model_version", "reply_id", b"reply_id", "request_id", b"request_id", "seed", b"seed", "served_as", b"served_as"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,7 +351,11 @@ class Ranking(_message.Message):
 
     GENERATION_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def generation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def generation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Best first: distinct candidates of ONE Generate reply (the same reply_id), so at most its
+        num_candidates.
+        """
+
     def __init__(
         self,
         *,
@@ -419,8 +429,10 @@ class FeedbackEvent(_message.Message):
     CORRECTION_FIELD_NUMBER: _builtins.int
     GIVEN_AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The client's idempotency key: a retried event with the same id is stored once and
-    acknowledged as DUPLICATE. Required, at most 128 characters.
+    """The client's idempotency key, scoped to its tenant (another tenant's same id is another
+    event): a retried event with the same id and content is stored once and acknowledged as
+    DUPLICATE; the same id with different content is ALREADY_EXISTS. Required, at most 128
+    characters.
     """
     @_builtins.property
     def rating(self) -> Global___Rating: ...
