@@ -84,6 +84,13 @@ UNSAFE_LOADERS = re.compile(
     r"|\bnp\.load\([^)]*allow_pickle\s*=\s*True"
 )
 TORCH_LOAD = re.compile(r"\btorch\.load\(([^)]*)\)", re.S)
+# Each exception names the only bytes it unpickles and why no caller of feedloop can send them.
+TRUSTED_UNPICKLERS = {
+    # A data-parallel rank unpickles the round job its own trainer (rank 0) pickled and handed to
+    # the worker it spawned, over that worker's private multiprocessing pipe (which pickles by
+    # design). No network peer, key holder or stored row reaches it.
+    "trainer/distributed.py: pickle.loads",
+}
 
 
 def test_no_shipped_module_can_unpickle() -> None:
@@ -99,7 +106,7 @@ def test_no_shipped_module_can_unpickle() -> None:
                 if not re.search(r"weights_only\s*=\s*True", match.group(1)):
                     offenders.append(f"{path.relative_to(REPO)}: torch.load({match.group(1)})")
     assert scanned > 30
-    assert offenders == []
+    assert sorted(set(offenders) - TRUSTED_UNPICKLERS) == []
 
 
 def scrape(port: int) -> str:

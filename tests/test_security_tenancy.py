@@ -337,7 +337,7 @@ def test_an_existing_store_migrates_to_per_tenant_event_ids(old_store: str) -> N
         store.close()
     reopened = open_store(old_store)  # at the latest version now: nothing runs again
     reopened.close()
-    assert LATEST_VERSION == OLD_VERSION + 1
+    assert LATEST_VERSION > OLD_VERSION
 
 
 def test_the_key_file_groups_keys_into_tenants(tmp_path: Path) -> None:
