@@ -42,6 +42,7 @@ from feedloop.server.feedback_writer import FeedbackWriter
 from feedloop.server.generation import GenerationService
 from feedloop.server.generation_log import GenerationLog
 from feedloop.server.http_api import HttpApi, server_ssl_context
+from feedloop.server.human_eval import VerdictRecorder
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.model_client import ModelProcessClient
@@ -220,6 +221,13 @@ class FeedloopServer:
             authenticator,
             metrics,
             max_correction_chars=config.max_correction_chars,
+            verdicts=VerdictRecorder(
+                self.store,
+                self.generation_log,
+                self.feedback_writer,
+                metrics,
+                self.live_model.loaded_versions,
+            ),
         )
         admin = ModelAdminService(
             self.registry,

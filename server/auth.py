@@ -38,6 +38,25 @@ from feedloop.server.rpc import abort
 
 ROLES = ("generate", "feedback", "admin")
 ANONYMOUS = "anonymous"
+# With auth off (a loopback server), a caller may name itself in this metadata entry: the name is
+# then its client identity (logged with its generations and feedback, and its rate-limit
+# bucket), so people at one console are told apart. With auth on, the API key names the caller
+# and this entry is ignored: a key is what proves who someone is.
+CLIENT_NAME_METADATA = "feedloop-client-name"
+MAX_CLIENT_NAME_CHARS = 64
+
+
+def declared_name(metadata: Iterable[Any] | None) -> str | None:
+    """The caller's declared name, if it sent a usable one (printable, 1 to 64 characters)."""
+    for item in metadata or ():
+        if item[0] == CLIENT_NAME_METADATA:
+            value = item[1].decode() if isinstance(item[1], bytes) else item[1]
+            name = value.strip()
+            if 0 < len(name) <= MAX_CLIENT_NAME_CHARS and name.isprintable():
+                return name
+    return None
+
+
 _PACKAGE = "/feedloop.v1."
 # method path -> (role, whether the request side is a stream)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -53,6 +72,9 @@ METHODS: dict[str, tuple[str, bool]] = {
     _PACKAGE + "ModelAdmin/SetTrainerPaused": ("admin", False),
     _PACKAGE + "ModelAdmin/SetPinned": ("admin", False),
     _PACKAGE + "ModelAdmin/GetOnlineReport": ("admin", False),
+    _PACKAGE + "Feedback/SubmitVerdict": ("feedback", False),
+    _PACKAGE + "ModelAdmin/GetHumanEvaluation": ("admin", False),
+    _PACKAGE + "ModelAdmin/LoadVersion": ("admin", False),
 }
 
 
@@ -127,9 +149,10 @@ class Authenticator:
         return self.keys.get(hash_key(token))
 
     def client_id(self, context: grpc.aio.ServicerContext) -> str:
-        """The key's name for the call in context (the identity logged with generations)."""
+        """The key's name for the call in context (the identity logged with generations); with
+        auth off, the name the caller declared, else 'anonymous'."""
         if self.keys is None:
-            return ANONYMOUS
+            return declared_name(context.invocation_metadata()) or ANONYMOUS
         key = self.key_of(context.invocation_metadata())
         return key.name if key else ANONYMOUS
 
@@ -158,10 +181,10 @@ class Refused(ServiceError):
 def admit(
     authenticator: Authenticator, limiter: RateLimiter, metadata: Iterable[Any] | None, role: str
 ) -> str:
-    """The caller's name (the key's, or 'anonymous' with auth off) if its key may call a method
-    that needs role and its rate allows one more call; else Refused. Every front door (the gRPC
-    interceptor, the HTTP API) decides here."""
-    name = ANONYMOUS
+    """The caller's name (the key's; with auth off, the declared one or 'anonymous') if its key
+    may call a method that needs role and its rate allows one more call; else Refused. Every
+    front door (the gRPC interceptor, the HTTP API) decides here."""
+    name = declared_name(metadata) or ANONYMOUS
     if authenticator.enabled:
         key = authenticator.key_of(metadata)
         if key is None:

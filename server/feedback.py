@@ -20,8 +20,15 @@ import grpc
 from feedloop.core.feedback_kinds import DEFAULT_RATING_SCALE, RATING_SCALES, RatingScaleName
 from feedloop.core.store.base import FeedbackRecord
 from feedloop.server.auth import Authenticator
-from feedloop.server.errors import InContext, InvalidArgument, ServiceError, require_text
+from feedloop.server.errors import (
+    InContext,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+    require_text,
+)
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
+from feedloop.server.human_eval import VerdictRecorder, parse_verdict
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.rpc import Undecodable, streaming, unary
 from feedloop.v1 import feedloop_pb2 as pb
@@ -159,7 +166,9 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         metrics: ServerMetrics,
         *,
         max_correction_chars: int,
+        verdicts: VerdictRecorder | None = None,
     ) -> None:
+        self.verdicts = verdicts
         self.writer = writer
         self.auth = auth
         self.metrics = metrics
@@ -184,6 +193,16 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         record = self._parse(event, client_id)
         outcome = await self.writer.submit(record)
         return pb.FeedbackAck(event_id=event.event_id, outcome=OUTCOMES[outcome])
+
+    @unary("SubmitVerdict")
+    async def SubmitVerdict(
+        self, request: pb.EvaluationVerdict, context: grpc.aio.ServicerContext
+    ) -> pb.FeedbackAck:
+        if self.verdicts is None:
+            raise Unavailable("this server does not record human evaluation verdicts")
+        draft = parse_verdict(request, self.auth.client_id(context))
+        outcome = await self.verdicts.record(draft)
+        return pb.FeedbackAck(event_id=request.verdict_id, outcome=OUTCOMES[outcome])
 
     # grpc sees the coroutine `streaming` makes of this generator (rpc.py), whose signature the
     # generated servicer's base class does not know.

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.store.outcomes import (
     JudgedGeneration,
     ShadowEvidence,
@@ -266,6 +267,15 @@ class ReplayStore(ABC):
             )
             for generation_id in sorted(generations)
         ]
+
+    @abstractmethod
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        """Store a human evaluation's verdict durably; True if new, False for a repeated
+        verdict_id (stored once). Returns only once it is committed."""
+
+    @abstractmethod
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        """Every stored verdict on these two versions, in either order, oldest first."""
 
     @abstractmethod
     def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:

@@ -25,6 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailableError
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import (
@@ -48,6 +49,8 @@ from feedloop.core.store.schema import (
     erasure_insert,
     export_rows,
     sample_seqs,
+    verdict_insert,
+    verdicts_select,
 )
 
 _EXPORT_PAGE_ROWS = 500
@@ -229,6 +232,20 @@ class PostgresStore(ReplayStore):
             accepted.append(record.event_id in inserted)
             inserted.discard(record.event_id)  # a later repeat in this batch is a duplicate
         return accepted
+
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            return conn.execute(verdict_insert("%s"), dataclasses.astuple(record)).rowcount > 0
+
+        return bool(self._pool.run("insert_verdict", work, transaction=True))
+
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        rows = self._fetch(
+            "verdicts_between",
+            verdicts_select("%s"),
+            (version_a, version_b, version_b, version_a),
+        )
+        return [VerdictRecord(*row) for row in rows]
 
     def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
         def work(conn: psycopg.Connection) -> ErasureRecord:

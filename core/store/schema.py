@@ -16,6 +16,8 @@ Both backends carry the same tables with the same meaning:
                           log-probabilities of a live generation's output, created_at
     erasures              one row per `erase_client` that found something: client id, who
                           asked, when, rows deleted per table (never the erased content)
+    verdicts              seq, verdict_id unique, every field of a human evaluation's
+                          VerdictRecord (feedloop.core.human_eval), read by version pair
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 
 SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -105,6 +108,25 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             shadow_scores INTEGER NOT NULL
         )""",
     ),
+    # 8: human evaluation: raters' blind verdicts on two versions' candidates for one prompt.
+    (
+        """CREATE TABLE verdicts (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            verdict_id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL,
+            rater TEXT NOT NULL,
+            version_a TEXT NOT NULL,
+            generation_id_a TEXT NOT NULL,
+            version_b TEXT NOT NULL,
+            generation_id_b TEXT NOT NULL,
+            choice TEXT NOT NULL,
+            a_shown_left INTEGER NOT NULL,
+            prompt TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            given_at REAL
+        )""",
+        "CREATE INDEX verdicts_versions ON verdicts (version_a, version_b)",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -170,6 +192,24 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             shadow_scores BIGINT NOT NULL
         )""",
     ),
+    (
+        """CREATE TABLE verdicts (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            verdict_id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL,
+            rater TEXT NOT NULL,
+            version_a TEXT NOT NULL,
+            generation_id_a TEXT NOT NULL,
+            version_b TEXT NOT NULL,
+            generation_id_b TEXT NOT NULL,
+            choice TEXT NOT NULL,
+            a_shown_left BOOLEAN NOT NULL,
+            prompt TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            given_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX verdicts_versions ON verdicts (version_a, version_b)",
+    ),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -211,6 +251,28 @@ def erasure_insert(placeholder: str) -> str:
     """The INSERT of one erasure record (its fields in ERASURE_COLUMNS order)."""
     values = ", ".join([placeholder] * len(ERASURE_COLUMNS))
     return f"INSERT INTO erasures ({', '.join(ERASURE_COLUMNS)}) VALUES ({values})"
+
+
+VERDICT_COLUMNS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(VerdictRecord))
+
+
+def verdict_insert(placeholder: str) -> str:
+    """The INSERT of one verdict (its fields in VERDICT_COLUMNS order), skipping a repeated id."""
+    values = ", ".join([placeholder] * len(VERDICT_COLUMNS))
+    return (
+        f"INSERT INTO verdicts ({', '.join(VERDICT_COLUMNS)}) VALUES ({values}) "
+        "ON CONFLICT (verdict_id) DO NOTHING"
+    )
+
+
+def verdicts_select(placeholder: str) -> str:
+    """The SELECT of every verdict on two versions, in either order (4 parameters: a, b, b, a)."""
+    p = placeholder
+    return (
+        f"SELECT {', '.join(VERDICT_COLUMNS)} FROM verdicts "
+        f"WHERE (version_a = {p} AND version_b = {p}) OR (version_a = {p} AND version_b = {p}) "
+        "ORDER BY seq"
+    )
 
 
 FEEDBACK_COLUMNS: tuple[str, ...] = (

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreFullError, StoreUnavailableError
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.store.base import (
     ErasureRecord,
@@ -46,9 +47,12 @@ from feedloop.core.store.schema import (
     GENERATION_COLUMNS,
     SHADOW_SCORE_COLUMNS,
     SQLITE_MIGRATIONS,
+    VERDICT_COLUMNS,
     erasure_insert,
     export_rows,
     sample_seqs,
+    verdict_insert,
+    verdicts_select,
 )
 
 _SQLITE_FULL = 13
@@ -133,6 +137,12 @@ _INSERT_CHUNK_ROWS = 500
 
 
 @functools.lru_cache(maxsize=256)
+def _verdict_from_row(row: Sequence[Any]) -> VerdictRecord:
+    fields = dict(zip(VERDICT_COLUMNS, row, strict=True))
+    fields["a_shown_left"] = bool(fields["a_shown_left"])
+    return VerdictRecord(**fields)
+
+
 def _multi_row_insert(table: str, columns: tuple[str, ...], rows: int, suffix: str) -> str:
     row = f"({', '.join('?' * len(columns))})"
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * rows)}{suffix}"
@@ -356,6 +366,20 @@ class SQLiteStore(ReplayStore):
             if inserted and last_seq + inserted - indexed_upto >= _INDEX_CATCH_UP_ROWS:
                 _catch_up_index(conn, indexed_upto)
         return accepted
+
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        with self._transaction("insert_verdict") as conn:
+            before = conn.total_changes
+            conn.execute(verdict_insert("?"), dataclasses.astuple(record))
+            return conn.total_changes > before
+
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        rows = self._read(
+            "verdicts_between",
+            verdicts_select("?"),
+            (version_a, version_b, version_b, version_a),
+        )
+        return [_verdict_from_row(row) for row in rows]
 
     def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
         # secure_delete: the freed pages are overwritten with zeros, so the erased content does
