@@ -110,9 +110,9 @@ def connect(config: ConsoleConfig, rater: str, key: str) -> AsyncFeedloopClient:
         tls=config.tls,
         root_ca_path=config.ca_cert or None,
         timeout_s=config.timeout_s,
-        # One retry, on UNAVAILABLE or a short server-given delay: a rater waiting on a click is
-        # better told "too fast" than kept waiting out a rate limit.
-        retry=RetryPolicy(max_attempts=2, max_backoff_s=0.5),
+        # No retries: a person waiting on a click is better told at once that the server is
+        # busy or that they are too fast (and clicks again) than kept waiting out a delay.
+        retry=RetryPolicy(max_attempts=1),
     )
 
 

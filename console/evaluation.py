@@ -118,10 +118,9 @@ def parse_setup(form: dict[str, str], config: ConsoleConfig) -> tuple[str, str, 
 async def _pair(
     client: AsyncFeedloopClient, prompt: str, version_a: str, version_b: str
 ) -> EvaluationItem:
-    seed = random.getrandbits(63) or 1
     a, b = await asyncio.gather(
-        client.generate(prompt, model_version=version_a, seed=seed),
-        client.generate(prompt, model_version=version_b, seed=seed),
+        client.generate(prompt, model_version=version_a),
+        client.generate(prompt, model_version=version_b),
     )
     return EvaluationItem(
         prompt,

@@ -41,6 +41,11 @@ def esc(value: object) -> str:
     return escape(str(value), quote=True)
 
 
+def phrase(text: str) -> str:
+    """A candidate's text for display; an empty phrase is said to be one, not left blank."""
+    return esc(text) if text.strip() else "<i>(empty phrase)</i>"
+
+
 @dataclass(frozen=True)
 class Notice:
     """The message at the top of a page: an acknowledgement or what went wrong."""
@@ -141,7 +146,7 @@ def _rate_body(task: Task, scale: str) -> str:
             for value, label in SCALE_CHOICES[scale]
         )
         rows.append(
-            f'<li class="candidate"><span class="text">{esc(c.text)}</span>'
+            f'<li class="candidate"><span class="text">{phrase(c.text)}</span>'
             f'<form method="post" action="/rate/submit" class="scale">'
             f"{_hidden(task, c.generation_id)}"
             f'<input type="hidden" name="generation_id" value="{esc(c.generation_id)}">'
@@ -164,7 +169,7 @@ def _rank_body(task: Task) -> str:
         rows.append(
             f'<li class="candidate"><label for="rank-{i}">place</label>'
             f'<select id="rank-{i}" name="rank_{esc(c.generation_id)}">{options}</select>'
-            f'<span class="text">{esc(c.text)}</span></li>'
+            f'<span class="text">{phrase(c.text)}</span></li>'
         )
     return (
         '<form method="post" action="/rank/submit">'
@@ -178,7 +183,7 @@ def _rank_body(task: Task) -> str:
 def _compare_body(task: Task) -> str:
     left, right = task.candidates[0], task.candidates[1]
     sides = "".join(
-        f'<div class="side"><p class="text">{esc(c.text)}</p>'
+        f'<div class="side"><p class="text">{phrase(c.text)}</p>'
         f'<button type="submit" name="preferred" value="{esc(c.generation_id)}" '
         f'id="prefer-{side}" data-key="{key}">This one is better ({label})</button></div>'
         for c, side, key, label in ((left, "left", "1", "← or 1"), (right, "right", "2", "→ or 2"))
@@ -196,7 +201,7 @@ def _correct_body(task: Task, max_chars: int) -> str:
             f'<li class="candidate"><form method="post" action="/correct/submit">'
             f"{_hidden(task, c.generation_id)}"
             f'<input type="hidden" name="generation_id" value="{esc(c.generation_id)}">'
-            f'<label for="correction-{i}">phrase {i + 1}: <span class="text">{esc(c.text)}'
+            f'<label for="correction-{i}">phrase {i + 1}: <span class="text">{phrase(c.text)}'
             f"</span></label>"
             f'<textarea id="correction-{i}" name="text" rows="2" maxlength="{max_chars * 2}">'
             f"{esc(c.text)}</textarea>"
@@ -280,10 +285,10 @@ def evaluation_item_page(rater: str, evaluation: Evaluation, notice: Notice | No
         f'data-shortcuts="verdict">'
         f'<input type="hidden" name="session_id" value="{esc(evaluation.session_id)}">'
         f'<input type="hidden" name="position" value="{evaluation.position}">'
-        f'<div class="side"><h2>Left</h2><p class="text" id="left-text">{esc(item.left.text)}'
+        f'<div class="side"><h2>Left</h2><p class="text" id="left-text">{phrase(item.left.text)}'
         "</p></div>"
         f'<div class="side"><h2>Right</h2><p class="text" id="right-text">'
-        f"{esc(item.right.text)}</p></div>"
+        f"{phrase(item.right.text)}</p></div>"
         f'<div class="verdicts">{buttons}</div></form>'
     )
     return layout(MODE_TITLES["evaluate"], body, rater=rater, active="evaluate")
