@@ -5,6 +5,7 @@ and the identity a caller declares with auth off."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
@@ -192,3 +193,30 @@ def test_a_declared_name_is_the_identity_only_with_auth_off():
     keys = {hash_key("secret"): ApiKey("rater-7", frozenset({"feedback"}))}
     with_key = (("authorization", "Bearer secret"), *declared)
     assert admit(Authenticator(keys), RateLimiter(0, 0), with_key, "feedback") == "rater-7"
+
+
+async def test_the_cli_prints_the_evaluation_as_a_table_and_as_json(live, capsys):
+    import asyncio
+    import json
+
+    from feedloop.client.commands import main
+
+    await live.admin.LoadVersion(pb.LoadVersionRequest(version="v0002"), timeout=30)
+    for i, choice in enumerate((pb.VERDICT_CHOICE_A, pb.VERDICT_CHOICE_BOTH_BAD)):
+        gid_a, gid_b = await pair(live, f"prompt {i}")
+        await live.feedback.SubmitVerdict(verdict(f"c{i}", gid_a, gid_b, choice), timeout=10)
+    target = f"127.0.0.1:{live.server.grpc_port}"
+    assert await asyncio.to_thread(main, ["human-eval", "v0002", "v0001", "--target", target]) == 0
+    table = capsys.readouterr().out
+    assert "2 verdicts from 1 raters in 1 sessions" in table
+    assert re.search(r"^overall +2 +1 +0 +0 +1 +0.750 \[0.198, 0.973\]$", table, re.M)
+    code = await asyncio.to_thread(
+        main, ["human-eval", "v0001", "v0002", "--target", target, "--json"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["version_a"] == "v0001"
+    assert (report["overall"]["b_wins"], report["overall"]["both_bad"]) == (1, 1)
+    assert report["overall"]["a_win_rate"] == pytest.approx(0.25)
+    assert [t["rater"] for t in report["raters"]] == ["anonymous"]
+    bad = await asyncio.to_thread(main, ["human-eval", "v1", "v1", "--target", target])
+    assert bad == 5 and "version_b" in capsys.readouterr().err
