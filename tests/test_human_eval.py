@@ -123,3 +123,24 @@ def test_verdicts_are_stored_once_and_read_by_pair_in_either_order(store: Replay
     assert found[1].a_shown_left is False
     assert store.verdicts_between("v0002", "v0001") == found
     assert store.verdicts_between("v0002", "v0003") == []
+
+
+def test_erasing_a_client_deletes_its_verdicts_and_those_naming_its_generations(store):
+    from store_support import generation
+
+    store.append_generations([generation("g-carol", version="v0002")])
+    store.append_generations([generation("g-other", version="v0001")])
+    store.insert_verdict(verdict("by-carol", TIE, rater="carol"))
+    naming = dataclasses.replace(verdict("names-carol", A_BETTER), generation_id_a="g-carol")
+    store.insert_verdict(naming)
+    store.insert_verdict(verdict("kept", B_BETTER, rater="dan"))
+    record = store.erase_client("app-1", requested_by="dpo", now=3000.0)  # g-carol's client
+    assert (record.generations, record.verdicts) == (2, 1)
+    assert [v.verdict_id for v in store.verdicts_between("v0001", "v0002")] == [
+        "by-carol",
+        "kept",
+    ]
+    rater = store.erase_client("carol", requested_by="dpo", now=3001.0)
+    assert (rater.generations, rater.feedback, rater.verdicts, rater.found) == (0, 0, 1, True)
+    assert [v.verdict_id for v in store.verdicts_between("v0001", "v0002")] == ["kept"]
+    assert [e.verdicts for e in store.erasures()] == [1, 1]

@@ -173,10 +173,12 @@ class ErasureRecord:
     generations: int
     feedback: int
     shadow_scores: int
+    # Human-evaluation verdicts the client gave or that name one of its generations.
+    verdicts: int = 0
 
     @property
     def found(self) -> bool:
-        return self.generations > 0 or self.feedback > 0
+        return self.generations > 0 or self.feedback > 0 or self.verdicts > 0
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,8 @@ class ReplayStore(ABC):
     @abstractmethod
     def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
         """Delete in one transaction every generation the client was served, every feedback
-        event it sent or that names one of those generations, and their shadow scores; record
+        event it sent or that names one of those generations, their shadow scores, and every
+        human-evaluation verdict it gave or that names one of those generations; record
         the erasure (counts, not content). Seqs are never reused, so the trainer's cursors stay
         valid and it never reads the erased rows again. Nothing found: nothing changes and
         nothing is recorded (the returned counts are zero)."""

@@ -192,7 +192,8 @@ def list_erasures(location: str) -> list[ErasureRecord]:
 def _erasure_text(record: ErasureRecord) -> str:
     return (
         f"client {record.client_id!r}: {record.generations} generations, {record.feedback} "
-        f"feedback events, {record.shadow_scores} shadow scores erased at "
+        f"feedback events, {record.shadow_scores} shadow scores, {record.verdicts} "
+        f"human-evaluation verdicts erased at "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(record.erased_at))} UTC, "
         f"requested by {record.requested_by}"
     )

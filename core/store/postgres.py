@@ -271,11 +271,17 @@ class PostgresStore(ReplayStore):
                 f"DELETE FROM shadow_scores WHERE generation_id IN ({erased_generations})",
                 {"client": client_id},
             ).rowcount
+            verdicts = conn.execute(
+                "DELETE FROM verdicts WHERE rater = %(client)s "
+                f"OR generation_id_a IN ({erased_generations}) "
+                f"OR generation_id_b IN ({erased_generations})",
+                {"client": client_id},
+            ).rowcount
             generations = conn.execute(
                 "DELETE FROM generations WHERE client_id = %s", (client_id,)
             ).rowcount
             record = ErasureRecord(
-                client_id, requested_by, now, generations, feedback, shadow_scores
+                client_id, requested_by, now, generations, feedback, shadow_scores, verdicts
             )
             if record.found:
                 conn.execute(erasure_insert("%s"), dataclasses.astuple(record))

@@ -15,7 +15,8 @@ Both backends carry the same tables with the same meaning:
     shadow_scores         (version, generation_id) -> a shadow version's per-token
                           log-probabilities of a live generation's output, created_at
     erasures              one row per `erase_client` that found something: client id, who
-                          asked, when, rows deleted per table (never the erased content)
+                          asked, when, rows deleted per table (never the erased content;
+                          verdicts since migration 8)
     verdicts              seq, verdict_id unique, every field of a human evaluation's
                           VerdictRecord (feedloop.core.human_eval), read by version pair
 """
@@ -126,6 +127,8 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             given_at REAL
         )""",
         "CREATE INDEX verdicts_versions ON verdicts (version_a, version_b)",
+        # An erasure deletes the client's verdicts too, and counts them.
+        "ALTER TABLE erasures ADD COLUMN verdicts INTEGER NOT NULL DEFAULT 0",
     ),
 )
 
@@ -209,6 +212,8 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             given_at DOUBLE PRECISION
         )""",
         "CREATE INDEX verdicts_versions ON verdicts (version_a, version_b)",
+        # An erasure deletes the client's verdicts too, and counts them.
+        "ALTER TABLE erasures ADD COLUMN verdicts BIGINT NOT NULL DEFAULT 0",
     ),
 )
 
@@ -243,6 +248,7 @@ ERASURE_COLUMNS: tuple[str, ...] = (
     "generations",
     "feedback",
     "shadow_scores",
+    "verdicts",
 )
 ERASURES_SELECT = "SELECT " + ", ".join(ERASURE_COLUMNS) + " FROM erasures ORDER BY seq"
 

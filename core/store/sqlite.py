@@ -430,11 +430,17 @@ class SQLiteStore(ReplayStore):
                 "DELETE FROM shadow_scores "
                 "WHERE generation_id IN (SELECT id FROM temp.erased_generations)"
             ).rowcount
+            verdicts = conn.execute(
+                "DELETE FROM verdicts WHERE rater = ? "
+                "OR generation_id_a IN (SELECT id FROM temp.erased_generations) "
+                "OR generation_id_b IN (SELECT id FROM temp.erased_generations)",
+                (client_id,),
+            ).rowcount
             generations = conn.execute(
                 "DELETE FROM generations WHERE client_id = ?", (client_id,)
             ).rowcount
             record = ErasureRecord(
-                client_id, requested_by, now, generations, feedback, shadow_scores
+                client_id, requested_by, now, generations, feedback, shadow_scores, verdicts
             )
             if record.found:
                 conn.execute(erasure_insert("?"), dataclasses.astuple(record))
