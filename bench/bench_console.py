@@ -98,7 +98,8 @@ def screenshots(rater: Rater, folder: Path) -> None:
 
     rater.open("rate")
     rater.ask("ocean sunrise")
-    rater.after(lambda: rater.finds(".candidate")[1].find_element("css selector", "button").click())
+    second = rater.finds(".candidate")[1]
+    rater.after(lambda: second.find_element("css selector", "button[value='4']").click())
     rater.screenshot(folder, "rate")
     rater.open("rank")
     rater.ask("garden")

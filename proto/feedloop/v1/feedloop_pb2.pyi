@@ -209,8 +209,8 @@ class GenerateRequest(_message.Message):
     num_candidates: _builtins.int
     """How many candidates to return, 1 to the server's cap. 0 or unset: 1."""
     model_version: _builtins.str
-    """Optional: serve from this model version if the server has it loaded, else NOT_FOUND.
-    Empty: the live version.
+    """Optional: serve from this model version if the server has it loaded, else NOT_FOUND (an
+    operator loads a published version with ModelAdmin.LoadVersion). Empty: the live version.
     """
     request_id: _builtins.str
     """Optional idempotency/tracing id chosen by the client; the server makes one if empty."""
