@@ -30,7 +30,7 @@ from feedloop.client import (
 )
 from feedloop.client.types import FeedbackInput
 from feedloop.console import pages
-from feedloop.console.config import ConsoleConfig
+from feedloop.console.config import ConsoleConfig, connect
 from feedloop.console.pages import Notice
 from feedloop.console.sessions import MODES, RaterSession, Sessions, Shown, Task
 
@@ -101,19 +101,11 @@ def rater_of(request: web.Request) -> RaterSession:
     return session
 
 
-def connect(config: ConsoleConfig, rater: str, key: str) -> AsyncFeedloopClient:
+def rater_client(config: ConsoleConfig, rater: str, key: str) -> AsyncFeedloopClient:
     """A client that speaks as the rater: their key, or with auth off their declared name."""
-    return AsyncFeedloopClient(
-        config.target,
-        api_key=key or None,
-        client_name=rater,
-        tls=config.tls,
-        root_ca_path=config.ca_cert or None,
-        timeout_s=config.timeout_s,
-        # No retries: a person waiting on a click is better told at once that the server is
-        # busy or that they are too fast (and clicks again) than kept waiting out a delay.
-        retry=RetryPolicy(max_attempts=1),
-    )
+    # No retries: a person waiting on a click is better told at once that the server is busy
+    # or that they are too fast (and clicks again) than kept waiting out a delay.
+    return connect(config, key, rater, retry=RetryPolicy(max_attempts=1))
 
 
 def check_text(text: str, what: str, max_chars: int) -> str:
@@ -147,7 +139,7 @@ async def login(request: web.Request) -> web.Response:
     if not name or len(name) > 64 or not name.isprintable():
         notice = Notice(False, "Enter a rater name (1 to 64 printable characters).")
         return html(pages.login_page(notice), 400)
-    session, dropped = request.app[sessions_key].add(name, lambda: connect(config, name, key))
+    session, dropped = request.app[sessions_key].add(name, lambda: rater_client(config, name, key))
     for old in dropped:
         await old.client.close()
     response = web.HTTPSeeOther("/rate")

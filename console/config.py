@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feedloop.client import AsyncFeedloopClient
+
 ENV_PREFIX = "FEEDLOOP_CONSOLE_"
 SCALES = ("stars5", "thumbs", "unit")
 
@@ -40,6 +42,10 @@ class ConsoleConfig:
     )
     tls: bool = field(default=False, metadata=_help("reach the server over TLS (system roots)"))
     ca_cert: str = field(default="", metadata=_help("CA bundle for the server's certificate"))
+    client_cert: str = field(
+        default="", metadata=_help("the console's certificate, for a server asking mutual TLS")
+    )
+    client_key: str = field(default="", metadata=_help("the key of --client-cert"))
     candidates: int = field(
         default=4, metadata=_help("candidates shown per prompt (rate, rank, correct)")
     )
@@ -66,8 +72,25 @@ class ConsoleConfig:
             raise ValueError(f"candidates must be in [2, 8], got {self.candidates}")
         if self.max_text_chars < 1 or self.evaluation_prompts < 1 or self.max_sessions < 1:
             raise ValueError("max_text_chars, evaluation_prompts and max_sessions must be >= 1")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("mutual TLS needs both client_cert and client_key")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+def connect(config: ConsoleConfig, api_key: str, name: str, **options: Any) -> AsyncFeedloopClient:
+    """A client of config.target speaking as `name` (with api_key when given)."""
+    return AsyncFeedloopClient(
+        config.target,
+        api_key=api_key or None,
+        client_name=name,
+        tls=config.tls,
+        root_ca_path=Path(config.ca_cert) if config.ca_cert else None,
+        client_cert_path=Path(config.client_cert) if config.client_cert else None,
+        client_key_path=Path(config.client_key) if config.client_key else None,
+        timeout_s=config.timeout_s,
+        **options,
+    )
 
 
 def _coerce(kind: type, value: Any, where: str) -> Any:

@@ -28,7 +28,7 @@ from feedloop.console.app import (
     html,
     rater_of,
 )
-from feedloop.console.config import ConsoleConfig
+from feedloop.console.config import ConsoleConfig, connect
 from feedloop.console.pages import Notice
 from feedloop.console.sessions import Evaluation, EvaluationItem, RaterSession, Shown
 
@@ -42,14 +42,7 @@ def admin_client(app: web.Application) -> AsyncFeedloopClient | None:
     if not config.admin_key:
         return None
     if admin_client_key not in app:
-        app[admin_client_key] = AsyncFeedloopClient(
-            config.target,
-            api_key=config.admin_key,
-            client_name="feedloop-console",
-            tls=config.tls,
-            root_ca_path=config.ca_cert or None,
-            timeout_s=config.timeout_s,
-        )
+        app[admin_client_key] = connect(config, config.admin_key, "feedloop-console")
     return app[admin_client_key]
 
 
