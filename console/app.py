@@ -108,6 +108,11 @@ def rater_client(config: ConsoleConfig, rater: str, key: str) -> AsyncFeedloopCl
     return connect(config, key, rater, retry=RetryPolicy(max_attempts=1))
 
 
+def quoted(text: str) -> str:
+    """A phrase inside a message: quoted, or said to be empty."""
+    return f"“{text}”" if text.strip() else "(empty phrase)"
+
+
 def check_text(text: str, what: str, max_chars: int) -> str:
     text = text.strip()
     if not text:
@@ -239,7 +244,7 @@ def _rating(task: Task, form: dict[str, str], scale: str) -> tuple[str, Feedback
     if score not in allowed:
         raise BadInput(f"choose a score on the scale ({', '.join(sorted(allowed))}).")
     event = Rating(candidate.generation_id, float(score), scale, form.get("event_id") or None)
-    return candidate.generation_id, event, f"rating {score} ({scale}) of “{candidate.text}”"
+    return candidate.generation_id, event, f"rating {score} ({scale}) of {quoted(candidate.text)}"
 
 
 def _ranking(task: Task, form: dict[str, str]) -> tuple[str, FeedbackInput, str]:
@@ -263,7 +268,7 @@ def _comparison(task: Task, form: dict[str, str]) -> tuple[str, FeedbackInput, s
     event = Comparison(
         preferred.generation_id, rejected.generation_id, form.get("event_id") or None
     )
-    return "comparison", event, f"“{preferred.text}” preferred over “{rejected.text}”"
+    return "comparison", event, f"{quoted(preferred.text)} preferred over {quoted(rejected.text)}"
 
 
 def _correction(task: Task, form: dict[str, str], max_chars: int) -> tuple[str, FeedbackInput, str]:
@@ -272,7 +277,7 @@ def _correction(task: Task, form: dict[str, str], max_chars: int) -> tuple[str, 
     if text == candidate.text:
         raise BadInput("the correction is the phrase unchanged: edit it first. Nothing was stored.")
     event = Correction(candidate.generation_id, text, form.get("event_id") or None)
-    return candidate.generation_id, event, f"correction “{candidate.text}” → “{text}”"
+    return candidate.generation_id, event, f"correction {quoted(candidate.text)} → {quoted(text)}"
 
 
 async def submit(request: web.Request) -> web.Response:
