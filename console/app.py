@@ -38,7 +38,7 @@ COOKIE = "feedloop_console"
 STATIC_DIR = Path(__file__).parent / "static"
 # Prompts offered by "Give me a prompt": keywords of the phrase corpus the default policy knows.
 SUGGESTED_PROMPTS = (
-    "ocean sunrise",
+    "ocean morning",
     "garden",
     "rain",
     "city night",
