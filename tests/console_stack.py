@@ -155,17 +155,26 @@ class Rater:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def after(self, action: Any, timeout_s: float = 20.0) -> None:
-        """Do action (a click, a key) and wait until the page it causes has loaded."""
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
+        """Do action (a click, a key) and wait until the page it causes has loaded.
+
+        The current document is marked first; the wait ends at a loaded document without the
+        mark. (selenium's staleness_of asks chromedriver about the old element, which during
+        the navigation can fail with "unhandled inspector error" instead of reporting it
+        stale.) Errors while the browser is between documents are waited out."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        old = self.driver.find_element(By.TAG_NAME, "html")
+        self.driver.execute_script("document.documentElement.dataset.left = '1'")
         action()
         # Poll every 5 ms (selenium's default is 500 ms): the bench times these waits.
-        wait = WebDriverWait(self.driver, timeout_s, poll_frequency=0.005)
-        wait.until(expected_conditions.staleness_of(old))
-        wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+        WebDriverWait(
+            self.driver, timeout_s, poll_frequency=0.005, ignored_exceptions=[WebDriverException]
+        ).until(
+            lambda d: d.execute_script(
+                "return document.readyState === 'complete' && "
+                "document.documentElement.dataset.left === undefined"
+            )
+        )
 
     def sign_in(self, name: str) -> None:
         self.driver.get(self.url + "/")
