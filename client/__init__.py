@@ -13,6 +13,7 @@ carrying the gRPC status code and the server's message.
 from feedloop.client.aio import AsyncFeedloopClient
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.human_eval import EvaluationTally, HumanEvaluationResult, Verdict
 from feedloop.client.online import (
     OnlineEstimate,
     OnlineReportResult,
@@ -46,10 +47,12 @@ __all__ = [
     "Comparison",
     "Correction",
     "DecisionInfo",
+    "EvaluationTally",
     "FeedbackResult",
     "FeedloopClient",
     "FeedloopClientError",
     "GenerateResult",
+    "HumanEvaluationResult",
     "ModelInfo",
     "ModelsResult",
     "OnlineEstimate",
@@ -63,5 +66,6 @@ __all__ = [
     "StatusResult",
     "TrialComparisonInfo",
     "TrialInfo",
+    "Verdict",
     "VersionOnline",
 ]

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedloop.client import health
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.human_eval import HumanEvaluationResult, Verdict
 from feedloop.client.online import OnlineReportResult, online_report_request
 from feedloop.client.options import ClientOptions
 from feedloop.client.types import (
@@ -312,6 +313,38 @@ class AsyncFeedloopClient:
         request = online_report_request(window_s, alpha, versions)
         reply = await self._unary(self._admin.GetOnlineReport, request, timeout_s)
         return OnlineReportResult.from_proto(reply)
+
+    async def submit_verdict(
+        self, verdict: Verdict, *, timeout_s: float | None = None
+    ) -> FeedbackResult:
+        """Store one blind human-evaluation verdict (a verdict for one side is also stored as
+        comparison feedback); idempotent by verdict_id, fixed before the first attempt."""
+        message = verdict.to_proto()
+        reply = await self._unary(self._feedback.SubmitVerdict, message, timeout_s)
+        return FeedbackResult.from_proto(reply)
+
+    async def human_evaluation(
+        self,
+        version_a: str,
+        version_b: str,
+        *,
+        alpha: float | None = None,
+        timeout_s: float | None = None,
+    ) -> HumanEvaluationResult:
+        """Version A's win rate over B from raters' verdicts, overall and per rater, with Wilson
+        intervals at level 1 - alpha (default 0.05)."""
+        request = pb.GetHumanEvaluationRequest(
+            version_a=version_a, version_b=version_b, alpha=alpha or 0.0
+        )
+        reply = await self._unary(self._admin.GetHumanEvaluation, request, timeout_s)
+        return HumanEvaluationResult.from_proto(reply)
+
+    async def load_version(self, version: str, *, timeout_s: float | None = None) -> list[str]:
+        """Load a published version on the server for requests that name it (admin); the
+        versions loaded after."""
+        request = pb.LoadVersionRequest(version=version)
+        reply = await self._unary(self._admin.LoadVersion, request, timeout_s or 60.0)
+        return list(reply.loaded_versions)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)

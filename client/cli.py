@@ -33,6 +33,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "",
         "online reward by version, with confidence intervals",
     ),
+    "human-eval": (
+        "feedloop.client.commands",
+        "",
+        "human evaluation of two versions: win rate with its interval, per rater",
+    ),
+    "console": (
+        "feedloop.console.cli",
+        "console",
+        "the rating and evaluation console for people (a web app)",
+    ),
     "serve": ("feedloop.server.cli", "serve", "run the gRPC server"),
     "train": ("feedloop.trainer.cli", "train", "run the trainer (RL from stored feedback)"),
     "pretrain": ("feedloop.core.cli", "core", "supervised pretraining of a policy on a corpus"),

@@ -23,6 +23,7 @@ import grpc
 
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
+from feedloop.client.human_eval import human_evaluation_text
 from feedloop.client.online import OnlineEstimate, OnlineReportResult
 from feedloop.client.options import DEFAULT_TARGET, RetryPolicy
 from feedloop.client.types import RATING_SCALES, RegistryStateResult, TrialInfo
@@ -323,6 +324,11 @@ def run_online_report(client: FeedloopClient, args: argparse.Namespace) -> Any:
     return report if args.json else _online_text(report)
 
 
+def run_human_eval(client: FeedloopClient, args: argparse.Namespace) -> Any:
+    result = client.human_evaluation(args.version_a, args.version_b, alpha=args.alpha)
+    return result if args.json else human_evaluation_text(result)
+
+
 # ------------------------------------------------------------------------------ parsers
 
 
@@ -579,6 +585,20 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             help="report this version, even without feedback (repeatable; default: every "
             "version with feedback, live and the trial)",
         )
+    elif name == "human-eval":
+        p = _parser(
+            name,
+            "Human evaluation of version A against version B: raters' blind verdicts (from "
+            "`feedloop console`), A's win rate with a Wilson interval, overall and per rater.",
+            "  feedloop human-eval v0004 v0003\n  feedloop human-eval v0004 v0003 --json\n",
+        )
+        p.add_argument("version_a", help="version A (its win rate is reported)")
+        p.add_argument("version_b", help="version B")
+        p.add_argument(
+            "--alpha",
+            type=float,
+            help="intervals cover at level 1 - alpha, alpha in (0, 1) (default: 0.05)",
+        )
     else:
         raise KeyError(name)
     add_connection_flags(p)
@@ -597,6 +617,7 @@ RUNNERS: dict[str, Callable[[FeedloopClient, argparse.Namespace], Any]] = {
     "canary": run_canary,
     "trainer": run_trainer,
     "online-report": run_online_report,
+    "human-eval": run_human_eval,
 }
 
 

@@ -120,6 +120,9 @@ class ClientOptions:
     # call to the first one that answers), gRPC's default otherwise.
     load_balancing: str | None = None
     api_key: str | None = None  # sent as `authorization: Bearer KEY` on every call
+    # Who is calling, for a server with auth off (sent as `feedloop-client-name`): the server
+    # logs it as the client identity. With auth on, the API key's name is the identity instead.
+    client_name: str | None = None
     tls: bool = False  # implied by any of the certificate paths below
     root_ca_path: Path | None = None  # CA bundle that signed the server's certificate
     client_cert_path: Path | None = None  # for mutual TLS, with client_key_path
@@ -153,9 +156,12 @@ class ClientOptions:
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        entries: list[tuple[str, str]] = []
         if self.api_key:
-            return (("authorization", f"Bearer {self.api_key}"),)
-        return ()
+            entries.append(("authorization", f"Bearer {self.api_key}"))
+        if self.client_name:
+            entries.append(("feedloop-client-name", self.client_name))
+        return tuple(entries)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         def read(path: Path | None) -> bytes | None:

@@ -1,5 +1,6 @@
 """The ModelAdmin service: the registry's versions and decisions, this replica's status, SetLive,
-Rollback, trials, the trainer's pause, pins and the online report by version. Registry and store
+Rollback, trials, the trainer's pause, pins, the online report by version, human evaluation and
+loading a version for requests that name it. Registry and store
 calls block (disk, PostgreSQL), so they run in worker threads.
 
 The online report gives figures, not the decision policy's verdict: the policy's margin, minimum
@@ -33,6 +34,12 @@ from feedloop.core.store import ReplayStore
 from feedloop.core.store.outcomes import VersionOutcomes, tally_outcomes
 from feedloop.server.batcher import Batcher
 from feedloop.server.errors import MODEL_VERSION, InvalidArgument, NotFound, quote
+from feedloop.server.human_eval import (
+    evaluation_request,
+    human_evaluation,
+    publish_human_evaluation,
+    report_pb,
+)
 from feedloop.server.limits import (
     MAX_DECISIONS_PER_REPLY,
     require_reason,
@@ -383,6 +390,26 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
         )
         pins = await asyncio.to_thread(self.registry.pins)
         return pb.SetPinnedResponse(changed=changed, pinned_versions=pins)
+
+    @unary("GetHumanEvaluation")
+    async def GetHumanEvaluation(
+        self, request: pb.GetHumanEvaluationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HumanEvaluationReport:
+        alpha = evaluation_request(request)
+        evaluation = await asyncio.to_thread(
+            human_evaluation, self.store, request.version_a, request.version_b
+        )
+        publish_human_evaluation(self.metrics, evaluation, alpha, self.live_model.loaded_versions())
+        return report_pb(evaluation, alpha)
+
+    @unary("LoadVersion")
+    async def LoadVersion(
+        self, request: pb.LoadVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadVersionResponse:
+        if not request.version:
+            raise InvalidArgument("version", "required")
+        loaded = await asyncio.to_thread(self.live_model.load_version, request.version)
+        return pb.LoadVersionResponse(loaded_versions=loaded)
 
     @unary("GetOnlineReport")
     async def GetOnlineReport(

@@ -43,6 +43,7 @@ from feedloop.server.feedback_writer import FeedbackWriter
 from feedloop.server.generation import GenerationService
 from feedloop.server.generation_log import GenerationLog
 from feedloop.server.http_api import HttpApi, server_ssl_context
+from feedloop.server.human_eval import VerdictRecorder
 from feedloop.server.live_model import LiveModel
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.metrics_http import load_metrics_credentials
@@ -287,6 +288,13 @@ class FeedloopServer:
             limiter=limiter if config.rate_limit_per_event else None,
             max_streams_per_key=config.max_streams_per_key,
             stream_idle_timeout_s=config.stream_idle_timeout_s,
+            verdicts=VerdictRecorder(
+                self.store,
+                self.generation_log,
+                self.feedback_writer,
+                metrics,
+                self.live_model.loaded_versions,
+            ),
         )
         admin = ModelAdminService(
             self.registry,

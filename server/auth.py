@@ -63,6 +63,25 @@ LABELLER = "labeller"
 ANONYMOUS = "anonymous"
 # load_keys files a certificate identity under this prefix and its subject (never a digest).
 SUBJECT_PREFIX = "subject:"
+# With auth off (a loopback server), a caller may name itself in this metadata entry: the name is
+# then its client identity (logged with its generations and feedback, and its rate-limit
+# bucket), so people at one console are told apart. With auth on, the API key names the caller
+# and this entry is ignored: a key is what proves who someone is.
+CLIENT_NAME_METADATA = "feedloop-client-name"
+MAX_CLIENT_NAME_CHARS = 64
+
+
+def declared_name(metadata: Iterable[Any] | None) -> str | None:
+    """The caller's declared name, if it sent a usable one (printable, 1 to 64 characters)."""
+    for item in metadata or ():
+        if item[0] == CLIENT_NAME_METADATA:
+            value = item[1].decode() if isinstance(item[1], bytes) else item[1]
+            name = value.strip()
+            if 0 < len(name) <= MAX_CLIENT_NAME_CHARS and name.isprintable():
+                return name
+    return None
+
+
 _PACKAGE = "/feedloop.v1."
 # method path -> (role, whether the request side is a stream)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -78,6 +97,9 @@ METHODS: dict[str, tuple[str, bool]] = {
     _PACKAGE + "ModelAdmin/SetTrainerPaused": ("admin", False),
     _PACKAGE + "ModelAdmin/SetPinned": ("admin", False),
     _PACKAGE + "ModelAdmin/GetOnlineReport": ("admin", False),
+    _PACKAGE + "Feedback/SubmitVerdict": ("feedback", False),
+    _PACKAGE + "ModelAdmin/GetHumanEvaluation": ("admin", False),
+    _PACKAGE + "ModelAdmin/LoadVersion": ("admin", False),
 }
 
 
@@ -110,6 +132,15 @@ class Caller:
 # With auth off (loopback only) there are no tenants to keep apart: every caller may judge
 # every generation, as before tenants existed.
 ANONYMOUS_CALLER = Caller(ANONYMOUS, ANONYMOUS, any_tenant=True)
+
+
+def anonymous_caller(metadata: Iterable[Any] | None) -> Caller:
+    """A caller with auth off: no tenants (it may rate anything), named by the name it declared
+    (CLIENT_NAME_METADATA) or 'anonymous'; the name is its identity and rate-limit bucket."""
+    name = declared_name(metadata)
+    return ANONYMOUS_CALLER if name is None else Caller(name, name, any_tenant=True)
+
+
 # Tenant names are stored with every row and named by erasure: bounded, printable.
 MAX_TENANT_CHARS = 128
 
@@ -199,7 +230,7 @@ class Authenticator:
     def caller(self, metadata: Iterable[Any] | None) -> Caller:
         """Who sends a call with this metadata (anonymous with auth off, or no valid key)."""
         if self.keys is None:
-            return ANONYMOUS_CALLER
+            return anonymous_caller(metadata)
         key = self.key_of(metadata)
         if key is None:  # refused at the door: a caller of no tenant, allowed nothing
             return Caller(ANONYMOUS, ANONYMOUS)
@@ -255,9 +286,10 @@ def admit(
 ) -> Caller:
     """The caller (its key, or anonymous with auth off) if its key may call a method that
     needs role and its rate allows one more call; else Refused. Every front door (the gRPC
-    interceptor, the HTTP API) decides here. subject: the verified client certificate's
+    interceptor, the HTTP API) decides here; with auth off, the name the caller declared (or
+    'anonymous'). subject: the verified client certificate's
     common name, which names the identity of a call that sends no key."""
-    caller = ANONYMOUS_CALLER
+    caller = anonymous_caller(metadata)
     if authenticator.enabled:
         key = authenticator.key_of(metadata)
         if key is None and subject is not None and bearer_token(metadata) is None:

@@ -27,9 +27,11 @@ from feedloop.server.errors import (
     InContext,
     InvalidArgument,
     ServiceError,
+    Unavailable,
     require_text,
 )
 from feedloop.server.feedback_writer import ACCEPTED, FeedbackWriter, Pending
+from feedloop.server.human_eval import VerdictRecorder, parse_verdict
 from feedloop.server.metrics import ServerMetrics
 from feedloop.server.ratelimit import RateLimiter
 from feedloop.server.rpc import Undecodable, streaming, unary
@@ -187,7 +189,9 @@ class FeedbackService(pb_grpc.FeedbackServicer):
         limiter: RateLimiter | None = None,
         max_streams_per_key: int = 16,
         stream_idle_timeout_s: float = 0.0,
+        verdicts: VerdictRecorder | None = None,
     ) -> None:
+        self.verdicts = verdicts
         self.writer = writer
         self.auth = auth
         self.metrics = metrics
@@ -235,6 +239,16 @@ class FeedbackService(pb_grpc.FeedbackServicer):
                 },
             )
         return pb.FeedbackAck(event_id=event.event_id, outcome=OUTCOMES[outcome])
+
+    @unary("SubmitVerdict")
+    async def SubmitVerdict(
+        self, request: pb.EvaluationVerdict, context: grpc.aio.ServicerContext
+    ) -> pb.FeedbackAck:
+        if self.verdicts is None:
+            raise Unavailable("this server does not record human evaluation verdicts")
+        draft = parse_verdict(request, self.auth.client_id(context))
+        outcome = await self.verdicts.record(draft)
+        return pb.FeedbackAck(event_id=request.verdict_id, outcome=OUTCOMES[outcome])
 
     # grpc sees the coroutine `streaming` makes of this generator (rpc.py), whose signature the
     # generated servicer's base class does not know.

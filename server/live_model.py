@@ -268,6 +268,19 @@ class LiveModel:
                 "model version %s on %s trial, share %g", model.version, trial.mode, trial.share
             )
 
+    def load_version(self, version: str) -> list[str]:
+        """Load a published version beside the live one for requests that name it (an operator's
+        ModelAdmin.LoadVersion; blocking); the versions loaded after. FailedPrecondition when
+        its checkpoint is refused (recorded like any refusal); the registry's errors else."""
+        self.registry.manifest(version)  # UnknownVersionError (NOT_FOUND) before any loading
+        model = self._load(version)
+        if model is None:
+            raise FailedPrecondition(
+                f"version {version!r}: its checkpoint was refused (see the registry history)"
+            )
+        self._hold(model)
+        return self.loaded_versions()
+
     def _refuse(self, version: str, exc: BaseException) -> None:
         self.metrics.swap_refused()
         serving = self._live.version if self._live else "none"

@@ -395,6 +395,27 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+        self.human_eval_verdicts = Counter(
+            "feedloop_human_eval_verdicts",
+            "Human evaluation verdicts received, by choice (a, b, tie, both_bad) and outcome",
+            ["choice", "outcome"],
+            registry=r,
+        )
+        # Set whenever a verdict on the pair is stored or its report is read; only for pairs of
+        # versions this replica holds loaded, so the label values stay bounded.
+        self.human_eval_win_rate = Gauge(
+            "feedloop_human_eval_win_rate",
+            "Human evaluation: version_a's win rate over version_b (ties and both-bad count "
+            "half), with its Wilson interval bounds (bound: mean, low, high)",
+            ["version_a", "version_b", "bound"],
+            registry=r,
+        )
+        self.human_eval_pair_verdicts = Gauge(
+            "feedloop_human_eval_pair_verdicts",
+            "Human evaluation: verdicts stored on version_a against version_b",
+            ["version_a", "version_b"],
+            registry=r,
+        )
         for table in ("generations", "feedback", "shadow_scores"):
             self.store_buffer_depth.labels(table)
             self.store_write_duration.labels(table)
@@ -440,6 +461,14 @@ class ServerMetrics:
                     self.tallies.feedback_accepted += n
                 else:
                     self.tallies.feedback_duplicates += n
+
+    def human_evaluation(
+        self, version_a: str, version_b: str, verdicts: int, rate: float, low: float, high: float
+    ) -> None:
+        """A pair's latest human evaluation (call only for loaded versions: bounded labels)."""
+        for bound, value in (("mean", rate), ("low", low), ("high", high)):
+            self.human_eval_win_rate.labels(version_a, version_b, bound).set(value)
+        self.human_eval_pair_verdicts.labels(version_a, version_b).set(verdicts)
 
     # -- the /metrics endpoint -------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreUnavailableError
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.store.base import (
     ErasureRecord,
     FeedbackRecord,
@@ -183,6 +184,13 @@ class SlowStore(ReplayStore):
 
     def erasures(self) -> list[ErasureRecord]:
         return self.inner.erasures()
+
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        self._slow()
+        return self.inner.insert_verdict(record)
+
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        return self.inner.verdicts_between(version_a, version_b)
 
     def iter_export(self) -> Iterator[dict[str, Any]]:
         return self.inner.iter_export()

@@ -9,7 +9,8 @@ Of feedloop, each part imports itself and what ALLOWED names for it, nothing els
 - the demo: the client (its simulated users talk to a real server through it) and the core (the
   simulated users split words with the tokenizer and draw prompts from the corpus; the
   in-process simulation samples the registry's policies and writes the replay store). It starts
-  server and trainer as processes, never by import.
+  server and trainer as processes, never by import;
+- the console: the client alone (it is a client of the server like any app), never torch.
 Every part may import the package root `feedloop` (proto/feedloop/__init__.py: the version).
 """
 
@@ -30,8 +31,9 @@ ALLOWED = {
     "trainer": ("feedloop.core",),
     "client": ("feedloop.v1",),
     "demo": ("feedloop.client", "feedloop.core"),
+    "console": ("feedloop.client",),
 }
-FORBIDDEN_LIBRARIES = {"client": ("torch", "numpy")}
+FORBIDDEN_LIBRARIES = {"client": ("torch", "numpy"), "console": ("torch", "numpy")}
 
 
 def imports_of(path: Path) -> set[str]:

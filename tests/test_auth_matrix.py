@@ -153,6 +153,38 @@ CALLS: dict[str, tuple[str, Call]] = {
             pb.GetOnlineReportRequest(), metadata=md, timeout=CALL_TIMEOUT_S
         ),
     ),
+    "SubmitVerdict": (
+        "feedback",
+        # v0001 against an unknown version: past auth it is refused (NOT_FOUND), never stored.
+        lambda ch, gid, md: pb_grpc.FeedbackStub(ch).SubmitVerdict(
+            pb.EvaluationVerdict(
+                verdict_id=f"verdict-{md_label(md)}",
+                session_id="auth matrix",
+                version_a="v0001",
+                generation_id_a=gid,
+                version_b="v9999",
+                generation_id_b="unknown",
+                choice=pb.VERDICT_CHOICE_TIE,
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ),
+    ),
+    "GetHumanEvaluation": (
+        "admin",
+        lambda ch, gid, md: pb_grpc.ModelAdminStub(ch).GetHumanEvaluation(
+            pb.GetHumanEvaluationRequest(version_a="v0001", version_b="v0002"),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ),
+    ),
+    "LoadVersion": (
+        "admin",
+        # v0001 is live, so loaded: a successful call changes nothing.
+        lambda ch, gid, md: pb_grpc.ModelAdminStub(ch).LoadVersion(
+            pb.LoadVersionRequest(version="v0001"), metadata=md, timeout=CALL_TIMEOUT_S
+        ),
+    ),
 }
 
 

@@ -43,7 +43,8 @@ IMPORT_CHECK = textwrap.dedent(
     import feedloop.client.commands
     from feedloop.client import AsyncFeedloopClient, FeedloopClient, FeedloopClientError
     from feedloop.client.cli import main
-    for command in ("generate", "feedback", "models", "status", "set-live", "rollback"):
+    for command in ("generate", "feedback", "models", "status", "set-live", "rollback",
+                    "human-eval"):
         try:
             main([command, "--help"])
         except SystemExit:
@@ -58,6 +59,27 @@ IMPORT_CHECK = textwrap.dedent(
 def test_client_and_its_commands_import_with_torch_and_numpy_blocked():
     result = subprocess.run(
         [sys.executable, "-c", IMPORT_CHECK.format(blocked=BLOCKED)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "client imports without torch" in result.stdout
+
+
+CONSOLE_CHECK = IMPORT_CHECK.replace(
+    "import feedloop.client\n",
+    "import feedloop.client\nimport feedloop.console.cli\n"
+    "from feedloop.console.app import build_app\n"
+    "from feedloop.console.config import ConsoleConfig\nbuild_app(ConsoleConfig())\n",
+)
+
+
+def test_console_imports_with_torch_and_numpy_blocked():
+    """The console is a client: with its extra (aiohttp) it runs where torch is not installed."""
+    assert CONSOLE_CHECK != IMPORT_CHECK
+    result = subprocess.run(
+        [sys.executable, "-c", CONSOLE_CHECK.format(blocked=BLOCKED)],
         capture_output=True,
         text=True,
         timeout=60,

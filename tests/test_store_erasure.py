@@ -92,7 +92,10 @@ def test_store_erase_command_erases_says_what_and_finds_nothing_twice(
     args = ["--store", location, "--client", "alice", "--requested-by", "ticket 7"]
     assert main(["store", "erase", *args]) == 0
     out = capsys.readouterr().out
-    assert "'alice': 2 generations, 4 feedback events, 1 shadow scores, 0 archive rows" in out
+    assert (
+        "client 'alice': 2 generations, 4 feedback events, 1 shadow scores, 0 archive rows, "
+        "0 human-evaluation verdicts erased"
+    ) in out
     assert "requested by ticket 7" in out
 
     assert main(["store", "erase", *args, "--json"]) == 0  # again: nothing left to find

@@ -394,6 +394,26 @@ class TrainConfig:
         default=30.0,
         metadata=_help("how often the trainer judges the trial and the watched live version"),
     )
+    require_human_eval: bool = field(
+        default=False,
+        metadata=_help(
+            "promote a trial only after people judged it against live in blind evaluations "
+            "(feedloop console): at least human_eval_min_verdicts verdicts, and the trial's "
+            "win rate not clearly below human_eval_min_win_rate (else it is rolled back)"
+        ),
+    )
+    human_eval_min_verdicts: int = field(
+        default=20,
+        metadata=_help("blind verdicts on trial against live needed before a promotion"),
+    )
+    human_eval_min_win_rate: float = field(
+        default=0.5,
+        metadata=_help(
+            "roll the trial back when the upper end of its win rate's Wilson interval (at "
+            "decision_alpha; ties and both-bad count half) is below this: 0.5 means raters "
+            "clearly prefer live"
+        ),
+    )
     # -- registry retention ------------------------------------------------------------------
     registry_retention: bool = field(
         default=True,
@@ -455,6 +475,19 @@ class TrainConfig:
         if self.q_path_consistency_coef < 0:
             raise ValueError(
                 f"q_path_consistency_coef must be >= 0, got {self.q_path_consistency_coef}"
+            )
+        if self.human_eval_min_verdicts < 1:
+            raise ValueError(
+                f"human_eval_min_verdicts must be >= 1, got {self.human_eval_min_verdicts}"
+            )
+        if not 0 <= self.human_eval_min_win_rate <= 1:
+            raise ValueError(
+                f"human_eval_min_win_rate must be in [0, 1], got {self.human_eval_min_win_rate}"
+            )
+        if self.require_human_eval and self.publish_as == "live":
+            raise ValueError(
+                "require_human_eval needs publish_as canary or shadow: a version published "
+                "live at once goes live before anyone could evaluate it"
             )
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")

@@ -19,6 +19,15 @@ sampling with the exact ratios, feedloop.core.online_eval.shadow_estimate):
 - otherwise wait, and end it without promotion after max_trial_s. A lower bound cannot say that
   a shadow is worse, and a shadow costs its users nothing, so it is never rolled back early.
 
+With require_human_eval, a trial the online evidence would promote is promoted only once people
+have judged it against live in blind side-by-side evaluations (feedloop.core.human_eval): it
+waits for human_eval_min_verdicts verdicts (and is ended without promotion after max_trial_s),
+and is rolled back when the upper end of its win rate's Wilson interval is below
+human_eval_min_win_rate (raters clearly prefer live). The Wilson interval is a fixed-sample
+interval: looked at every decision_interval_s once the minimum is reached, its coverage is lower
+than stated, so the minimum count is the guard, and a human evaluation is best run as a session
+of a planned size.
+
 A live version promoted less than watch_s ago is compared with each recent version (the
 rollback stack's latest ones, and the best-rated one on the stack): if it is below one of them
 with confidence 1 - alpha (split evenly over the comparisons), the best such version is made
@@ -31,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from feedloop.core.human_eval import HumanEvaluation
 from feedloop.core.online_eval import Estimate, ShadowEstimate, mean_rating, rating_difference
 from feedloop.core.registry import SHADOW, Trial
 from feedloop.core.store.outcomes import VersionOutcomes
@@ -135,6 +145,48 @@ def judge_trial(
             figures,
         )
     return _undecided(trial, age_s, config, figures, f"undecided: {versus}", f": {versus}")
+
+
+def require_human_evaluation(
+    verdict: Verdict,
+    trial: Trial,
+    age_s: float,
+    evaluation: HumanEvaluation,
+    config: TrainConfig,
+) -> Verdict:
+    """A promotion held to the human evaluation of the trial (A) against live (B); any other
+    verdict, or any verdict when the requirement is off, stands."""
+    if verdict.action != PROMOTE or not config.require_human_eval:
+        return verdict
+    tally = evaluation.overall
+    low, high = tally.interval(config.decision_alpha)
+    figures = {
+        **verdict.figures,
+        "human_evaluation": {
+            "verdicts": tally.verdicts,
+            "a_wins": tally.a_wins,
+            "b_wins": tally.b_wins,
+            "ties": tally.ties,
+            "both_bad": tally.both_bad,
+            "win_rate": tally.a_win_rate,
+            "low": low,
+            "high": high,
+            "raters": len(evaluation.raters),
+        },
+    }
+    if tally.verdicts < config.human_eval_min_verdicts:
+        counts = f"{tally.verdicts} of {config.human_eval_min_verdicts} verdicts"
+        waiting = f"awaiting human evaluation ({counts}); {verdict.reason}"
+        return _undecided(
+            trial, age_s, config, figures, waiting, f": no human evaluation ({counts})"
+        )
+    versus = (
+        f"human evaluation of {trial.version} against {evaluation.version_b}: win rate "
+        f"{tally.a_win_rate:.3f} [{low:.3f}, {high:.3f}] over {tally.verdicts} verdicts"
+    )
+    if high < config.human_eval_min_win_rate:
+        return Verdict(ROLL_BACK, trial.version, f"raters prefer live: {versus}", figures)
+    return Verdict(PROMOTE, trial.version, f"{verdict.reason}; {versus}", figures)
 
 
 def _judge_shadow(

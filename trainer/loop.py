@@ -47,6 +47,7 @@ from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
 from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.errors import FeedloopError, LiveChanged
+from feedloop.core.human_eval import tally_verdicts
 from feedloop.core.online_eval import shadow_estimate
 from feedloop.core.policy import Policy
 from feedloop.core.registry import (
@@ -72,6 +73,7 @@ from feedloop.trainer.decisions import (
     judge_live,
     judge_trial,
     recent_versions,
+    require_human_evaluation,
 )
 from feedloop.trainer.distributed import SharedUpdate
 from feedloop.trainer.gate import Gate
@@ -510,6 +512,11 @@ class Trainer:
             verdict = judge_trial(
                 trial, now - since, outcomes[live], outcomes[trial.version], c, shadow
             )
+            if c.require_human_eval and verdict.action == PROMOTE:
+                evaluation = tally_verdicts(
+                    self.store.verdicts_between(trial.version, live), trial.version, live
+                )
+                verdict = require_human_evaluation(verdict, trial, now - since, evaluation, c)
             if verdict.action == PROMOTE and pointer.paused:
                 verdict = Verdict(WAIT, trial.version, f"paused: {verdict.reason}", verdict.figures)
         else:

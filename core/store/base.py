@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from feedloop.core.errors import InvalidRecordError
 from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.store.outcomes import (
     JudgedGeneration,
     ShadowEvidence,
@@ -229,10 +230,14 @@ class ErasureRecord:
     end_user: str = ""
     # Rows removed from the archive files retention wrote (feedloop.core.store.archive).
     archive_rows: int = 0
+    # Human-evaluation verdicts the client gave or that name one of its generations.
+    verdicts: int = 0
 
     @property
     def found(self) -> bool:
-        return self.generations > 0 or self.feedback > 0 or self.archive_rows > 0
+        return (
+            self.generations > 0 or self.feedback > 0 or self.archive_rows > 0 or self.verdicts > 0
+        )
 
     @property
     def identity(self) -> str:
@@ -365,9 +370,19 @@ class ReplayStore(ABC):
             for generation_id in sorted(generations)
         ]
 
+    @abstractmethod
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        """Store a human evaluation's verdict durably; True if new, False for a repeated
+        verdict_id (stored once). Returns only once it is committed."""
+
+    @abstractmethod
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        """Every stored verdict on these two versions, in either order, oldest first."""
+
     def erase_client(self, client_id: str, *, requested_by: str, now: float) -> ErasureRecord:
         """Delete in one transaction every generation the client was served, every feedback
-        event it sent or that names one of those generations, and their shadow scores, after
+        event it sent or that names one of those generations, their shadow scores, and every
+        human-evaluation verdict it gave or that names one of those generations, after
         removing the same rows from every archive file the store wrote; record the erasure
         (counts, not content). Seqs are never reused, so the trainer's cursors stay valid and it
         never reads the erased rows again. Nothing found: nothing changes and nothing is

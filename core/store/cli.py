@@ -176,7 +176,7 @@ def _erasure_text(record: ErasureRecord) -> str:
     return (
         f"{record.identity}: {record.generations} generations, {record.feedback} "
         f"feedback events, {record.shadow_scores} shadow scores, {record.archive_rows} archive "
-        "rows erased at "
+        f"rows, {record.verdicts} human-evaluation verdicts erased at "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(record.erased_at))} UTC, "
         f"requested by {record.requested_by}"
     )

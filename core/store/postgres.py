@@ -26,6 +26,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from feedloop.core.errors import FeedloopError, StoreFullError, StoreUnavailableError
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import (
@@ -52,6 +53,8 @@ from feedloop.core.store.schema import (
     erasure_insert,
     export_rows,
     sample_seqs,
+    verdict_insert,
+    verdicts_select,
 )
 
 _EXPORT_PAGE_ROWS = 500
@@ -238,6 +241,20 @@ class PostgresStore(ReplayStore):
             inserted.discard(key)  # a later repeat in this batch is a duplicate
         return accepted
 
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            return conn.execute(verdict_insert("%s"), dataclasses.astuple(record)).rowcount > 0
+
+        return bool(self._pool.run("insert_verdict", work, transaction=True))
+
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        rows = self._fetch(
+            "verdicts_between",
+            verdicts_select("%s"),
+            (version_a, version_b, version_b, version_a),
+        )
+        return [VerdictRecord(*row) for row in rows]
+
     def erase_rows(
         self, target: ErasureTarget, *, requested_by: str, now: float, archive_rows: int
     ) -> ErasureRecord:
@@ -267,6 +284,13 @@ class PostgresStore(ReplayStore):
                 f"DELETE FROM shadow_scores WHERE generation_id IN ({erased_generations})",
                 {"who": value},
             ).rowcount
+            verdicts = conn.execute(
+                # a client's own verdicts too; an end user gives none (raters are clients)
+                "DELETE FROM verdicts WHERE (%(client)s <> '' AND rater = %(client)s) "
+                f"OR generation_id_a IN ({erased_generations}) "
+                f"OR generation_id_b IN ({erased_generations})",
+                {"client": target.client_id, "who": value},
+            ).rowcount
             generations = conn.execute(
                 f"DELETE FROM generations WHERE {column} = %s", (value,)
             ).rowcount
@@ -279,6 +303,7 @@ class PostgresStore(ReplayStore):
                 shadow_scores,
                 target.end_user,
                 archive_rows,
+                verdicts,
             )
             if record.found:
                 conn.execute(erasure_insert("%s"), dataclasses.astuple(record))

@@ -19,6 +19,9 @@ Both backends carry the same tables with the same meaning:
                           rewritten away (never the erased content)
     archives              one row per archive file retention wrote (path, rows in it), so an
                           erasure can rewrite every archive the store wrote
+    verdicts              seq, verdict_id unique, every field of a human evaluation's
+                          VerdictRecord (feedloop.core.human_eval), read by version pair; an
+                          erasure deletes a client's verdicts and counts them (migration 10)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
 
 SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -166,6 +170,27 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE temp.feedback_seq_v9",
         "CREATE INDEX feedback_received_at ON feedback (received_at)",
     ),
+    # 10: human evaluation: raters' blind verdicts on two versions' candidates for one prompt.
+    (
+        """CREATE TABLE verdicts (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            verdict_id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL,
+            rater TEXT NOT NULL,
+            version_a TEXT NOT NULL,
+            generation_id_a TEXT NOT NULL,
+            version_b TEXT NOT NULL,
+            generation_id_b TEXT NOT NULL,
+            choice TEXT NOT NULL,
+            a_shown_left INTEGER NOT NULL,
+            prompt TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            given_at REAL
+        )""",
+        "CREATE INDEX verdicts_versions ON verdicts (version_a, version_b)",
+        # An erasure deletes the client's verdicts too, and counts them.
+        "ALTER TABLE erasures ADD COLUMN verdicts INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -251,6 +276,27 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE feedback ADD CONSTRAINT feedback_client_event_key "
         "UNIQUE (client_id, event_id)",
     ),
+    # 10: see SQLite's 10.
+    (
+        """CREATE TABLE verdicts (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            verdict_id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL,
+            rater TEXT NOT NULL,
+            version_a TEXT NOT NULL,
+            generation_id_a TEXT NOT NULL,
+            version_b TEXT NOT NULL,
+            generation_id_b TEXT NOT NULL,
+            choice TEXT NOT NULL,
+            a_shown_left BOOLEAN NOT NULL,
+            prompt TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            given_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX verdicts_versions ON verdicts (version_a, version_b)",
+        # An erasure deletes the client's verdicts too, and counts them.
+        "ALTER TABLE erasures ADD COLUMN verdicts BIGINT NOT NULL DEFAULT 0",
+    ),
 )
 
 LATEST_VERSION = len(SQLITE_MIGRATIONS)
@@ -288,6 +334,7 @@ ERASURE_COLUMNS: tuple[str, ...] = (
     "shadow_scores",
     "end_user",
     "archive_rows",
+    "verdicts",
 )
 ERASURES_SELECT = "SELECT " + ", ".join(ERASURE_COLUMNS) + " FROM erasures ORDER BY seq"
 
@@ -296,6 +343,28 @@ def erasure_insert(placeholder: str) -> str:
     """The INSERT of one erasure record (its fields in ERASURE_COLUMNS order)."""
     values = ", ".join([placeholder] * len(ERASURE_COLUMNS))
     return f"INSERT INTO erasures ({', '.join(ERASURE_COLUMNS)}) VALUES ({values})"
+
+
+VERDICT_COLUMNS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(VerdictRecord))
+
+
+def verdict_insert(placeholder: str) -> str:
+    """The INSERT of one verdict (its fields in VERDICT_COLUMNS order), skipping a repeated id."""
+    values = ", ".join([placeholder] * len(VERDICT_COLUMNS))
+    return (
+        f"INSERT INTO verdicts ({', '.join(VERDICT_COLUMNS)}) VALUES ({values}) "
+        "ON CONFLICT (verdict_id) DO NOTHING"
+    )
+
+
+def verdicts_select(placeholder: str) -> str:
+    """The SELECT of every verdict on two versions, in either order (4 parameters: a, b, b, a)."""
+    p = placeholder
+    return (
+        f"SELECT {', '.join(VERDICT_COLUMNS)} FROM verdicts "
+        f"WHERE (version_a = {p} AND version_b = {p}) OR (version_a = {p} AND version_b = {p}) "
+        "ORDER BY seq"
+    )
 
 
 FEEDBACK_COLUMNS: tuple[str, ...] = (

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from feedloop.core.errors import StoreFullError, StoreUnavailableError
+from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.store.base import (
     ErasureRecord,
@@ -51,9 +52,12 @@ from feedloop.core.store.schema import (
     GENERATION_COLUMNS,
     SHADOW_SCORE_COLUMNS,
     SQLITE_MIGRATIONS,
+    VERDICT_COLUMNS,
     erasure_insert,
     export_rows,
     sample_seqs,
+    verdict_insert,
+    verdicts_select,
 )
 
 _SQLITE_FULL = 13
@@ -145,6 +149,12 @@ _INSERT_CHUNK_ROWS = 500
 
 
 @functools.lru_cache(maxsize=256)
+def _verdict_from_row(row: Sequence[Any]) -> VerdictRecord:
+    fields = dict(zip(VERDICT_COLUMNS, row, strict=True))
+    fields["a_shown_left"] = bool(fields["a_shown_left"])
+    return VerdictRecord(**fields)
+
+
 def _multi_row_insert(table: str, columns: tuple[str, ...], rows: int, suffix: str) -> str:
     row = f"({', '.join('?' * len(columns))})"
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * rows)}{suffix}"
@@ -394,6 +404,20 @@ class SQLiteStore(ReplayStore):
                 _catch_up_index(conn, indexed_upto)
         return accepted
 
+    def insert_verdict(self, record: VerdictRecord) -> bool:
+        with self._transaction("insert_verdict") as conn:
+            before = conn.total_changes
+            conn.execute(verdict_insert("?"), dataclasses.astuple(record))
+            return conn.total_changes > before
+
+    def verdicts_between(self, version_a: str, version_b: str) -> list[VerdictRecord]:
+        rows = self._read(
+            "verdicts_between",
+            verdicts_select("?"),
+            (version_a, version_b, version_b, version_a),
+        )
+        return [_verdict_from_row(row) for row in rows]
+
     @contextlib.contextmanager
     def _bulk_delete(self, action: str) -> Iterator[None]:
         """Around an erasure or a retention batch, on this thread's connection (both pragmas
@@ -459,6 +483,13 @@ class SQLiteStore(ReplayStore):
                 "DELETE FROM shadow_scores "
                 "WHERE generation_id IN (SELECT id FROM temp.erased_generations)"
             ).rowcount
+            verdicts = conn.execute(
+                # a client's own verdicts too; an end user gives none (raters are clients)
+                "DELETE FROM verdicts WHERE (? <> '' AND rater = ?) "
+                "OR generation_id_a IN (SELECT id FROM temp.erased_generations) "
+                "OR generation_id_b IN (SELECT id FROM temp.erased_generations)",
+                (target.client_id, target.client_id),
+            ).rowcount
             generations = conn.execute(
                 f"DELETE FROM generations WHERE {column} = ?", (value,)
             ).rowcount
@@ -471,6 +502,7 @@ class SQLiteStore(ReplayStore):
                 shadow_scores,
                 target.end_user,
                 archive_rows,
+                verdicts,
             )
             if record.found:
                 conn.execute(erasure_insert("?"), dataclasses.astuple(record))

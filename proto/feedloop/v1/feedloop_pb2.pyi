@@ -63,6 +63,36 @@ RATING_SCALE_UNIT: RatingScale.ValueType  # 3
 """A value in [0, 1]."""
 Global___RatingScale: _TypeAlias = RatingScale  # noqa: Y015
 
+class _VerdictChoice:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerdictChoiceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerdictChoice.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERDICT_CHOICE_UNSPECIFIED: _VerdictChoice.ValueType  # 0
+    VERDICT_CHOICE_A: _VerdictChoice.ValueType  # 1
+    """Version A's candidate is better."""
+    VERDICT_CHOICE_B: _VerdictChoice.ValueType  # 2
+    """Version B's candidate is better."""
+    VERDICT_CHOICE_TIE: _VerdictChoice.ValueType  # 3
+    """Equally good."""
+    VERDICT_CHOICE_BOTH_BAD: _VerdictChoice.ValueType  # 4
+    """Neither is acceptable."""
+
+class VerdictChoice(_VerdictChoice, metaclass=_VerdictChoiceEnumTypeWrapper):
+    """A rater's verdict on two versions' candidates for one prompt."""
+
+VERDICT_CHOICE_UNSPECIFIED: VerdictChoice.ValueType  # 0
+VERDICT_CHOICE_A: VerdictChoice.ValueType  # 1
+"""Version A's candidate is better."""
+VERDICT_CHOICE_B: VerdictChoice.ValueType  # 2
+"""Version B's candidate is better."""
+VERDICT_CHOICE_TIE: VerdictChoice.ValueType  # 3
+"""Equally good."""
+VERDICT_CHOICE_BOTH_BAD: VerdictChoice.ValueType  # 4
+"""Neither is acceptable."""
+Global___VerdictChoice: _TypeAlias = VerdictChoice  # noqa: Y015
+
 class _FeedbackOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -180,8 +210,8 @@ class GenerateRequest(_message.Message):
     num_candidates: _builtins.int
     """How many candidates to return, 1 to the server's cap. 0 or unset: 1."""
     model_version: _builtins.str
-    """Optional: serve from this model version if the server has it loaded, else NOT_FOUND.
-    Empty: the live version.
+    """Optional: serve from this model version if the server has it loaded, else NOT_FOUND (an
+    operator loads a published version with ModelAdmin.LoadVersion). Empty: the live version.
     """
     request_id: _builtins.str
     """Optional idempotency/tracing id chosen by the client; the server makes one if empty."""
@@ -469,6 +499,63 @@ class FeedbackEvent(_message.Message):
 Global___FeedbackEvent: _TypeAlias = FeedbackEvent  # noqa: Y015
 
 @_typing.final
+class EvaluationVerdict(_message.Message):
+    """One verdict of a human evaluation of version A against version B. Set by the rating console
+    (or any app running a blind evaluation); the rater is the call's client identity.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    VERSION_A_FIELD_NUMBER: _builtins.int
+    GENERATION_ID_A_FIELD_NUMBER: _builtins.int
+    VERSION_B_FIELD_NUMBER: _builtins.int
+    GENERATION_ID_B_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    A_SHOWN_LEFT_FIELD_NUMBER: _builtins.int
+    GIVEN_AT_FIELD_NUMBER: _builtins.int
+    verdict_id: _builtins.str
+    """The client's idempotency key, as FeedbackEvent.event_id. Required, at most 100 characters."""
+    session_id: _builtins.str
+    """The evaluation session the verdict belongs to (one rater's run), chosen by the app.
+    Required, at most 128 characters.
+    """
+    version_a: _builtins.str
+    generation_id_a: _builtins.str
+    """Version A's candidate for the prompt (served by version_a)."""
+    version_b: _builtins.str
+    generation_id_b: _builtins.str
+    """Version B's candidate for the same prompt (served by version_b)."""
+    choice: Global___VerdictChoice.ValueType
+    a_shown_left: _builtins.bool
+    """True when A's candidate was shown on the left: kept to check raters for position bias."""
+    @_builtins.property
+    def given_at(self) -> _timestamp_pb2.Timestamp:
+        """When the rater gave the verdict, if the app knows; the server's receive time is stored too."""
+
+    def __init__(
+        self,
+        *,
+        verdict_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        version_a: _builtins.str = ...,
+        generation_id_a: _builtins.str = ...,
+        version_b: _builtins.str = ...,
+        generation_id_b: _builtins.str = ...,
+        choice: Global___VerdictChoice.ValueType = ...,
+        a_shown_left: _builtins.bool = ...,
+        given_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["given_at", b"given_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a_shown_left", b"a_shown_left", "choice", b"choice", "generation_id_a", b"generation_id_a", "generation_id_b", b"generation_id_b", "given_at", b"given_at", "session_id", b"session_id", "verdict_id", b"verdict_id", "version_a", b"version_a", "version_b", b"version_b"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationVerdict: _TypeAlias = EvaluationVerdict  # noqa: Y015
+
+@_typing.final
 class FeedbackAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -489,6 +576,168 @@ class FeedbackAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeedbackAck: _TypeAlias = FeedbackAck  # noqa: Y015
+
+@_typing.final
+class GetHumanEvaluationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_A_FIELD_NUMBER: _builtins.int
+    VERSION_B_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    version_a: _builtins.str
+    version_b: _builtins.str
+    alpha: _builtins.float
+    """Every interval covers its true value with probability at least 1 - alpha; in (0, 1).
+    0: 0.05.
+    """
+    def __init__(
+        self,
+        *,
+        version_a: _builtins.str = ...,
+        version_b: _builtins.str = ...,
+        alpha: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "version_a", b"version_a", "version_b", b"version_b"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHumanEvaluationRequest: _TypeAlias = GetHumanEvaluationRequest  # noqa: Y015
+
+@_typing.final
+class HumanEvaluationTally(_message.Message):
+    """Verdicts on A against B, and A's win rate: (A's wins + half the ties and both-bads) / verdicts.
+    A tie or a both-bad prefers neither version, so each counts as half a win for each side.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
+    A_WINS_FIELD_NUMBER: _builtins.int
+    B_WINS_FIELD_NUMBER: _builtins.int
+    TIES_FIELD_NUMBER: _builtins.int
+    BOTH_BAD_FIELD_NUMBER: _builtins.int
+    A_WIN_RATE_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    A_SHOWN_LEFT_FIELD_NUMBER: _builtins.int
+    rater: _builtins.str
+    """The rater's client identity; empty for the overall tally."""
+    verdicts: _builtins.int
+    a_wins: _builtins.int
+    b_wins: _builtins.int
+    ties: _builtins.int
+    both_bad: _builtins.int
+    a_win_rate: _builtins.float
+    """NaN when verdicts is 0."""
+    low: _builtins.float
+    """Wilson score interval of a_win_rate at 1 - alpha; [0, 1] when verdicts is 0."""
+    high: _builtins.float
+    a_shown_left: _builtins.int
+    """Verdicts where A was shown on the left (position-bias check)."""
+    def __init__(
+        self,
+        *,
+        rater: _builtins.str = ...,
+        verdicts: _builtins.int = ...,
+        a_wins: _builtins.int = ...,
+        b_wins: _builtins.int = ...,
+        ties: _builtins.int = ...,
+        both_bad: _builtins.int = ...,
+        a_win_rate: _builtins.float = ...,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+        a_shown_left: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a_shown_left", b"a_shown_left", "a_win_rate", b"a_win_rate", "a_wins", b"a_wins", "b_wins", b"b_wins", "both_bad", b"both_bad", "high", b"high", "low", b"low", "rater", b"rater", "ties", b"ties", "verdicts", b"verdicts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HumanEvaluationTally: _TypeAlias = HumanEvaluationTally  # noqa: Y015
+
+@_typing.final
+class HumanEvaluationReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_A_FIELD_NUMBER: _builtins.int
+    VERSION_B_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    OVERALL_FIELD_NUMBER: _builtins.int
+    RATERS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    version_a: _builtins.str
+    version_b: _builtins.str
+    alpha: _builtins.float
+    sessions: _builtins.int
+    """Evaluation sessions the verdicts came from."""
+    @_builtins.property
+    def overall(self) -> Global___HumanEvaluationTally: ...
+    @_builtins.property
+    def raters(self) -> _containers.RepeatedCompositeFieldContainer[Global___HumanEvaluationTally]:
+        """One per rater, by rater name."""
+
+    def __init__(
+        self,
+        *,
+        version_a: _builtins.str = ...,
+        version_b: _builtins.str = ...,
+        alpha: _builtins.float = ...,
+        overall: Global___HumanEvaluationTally | None = ...,
+        raters: _abc.Iterable[Global___HumanEvaluationTally] | None = ...,
+        sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["overall", b"overall"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "overall", b"overall", "raters", b"raters", "sessions", b"sessions", "version_a", b"version_a", "version_b", b"version_b"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HumanEvaluationReport: _TypeAlias = HumanEvaluationReport  # noqa: Y015
+
+@_typing.final
+class LoadVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadVersionRequest: _TypeAlias = LoadVersionRequest  # noqa: Y015
+
+@_typing.final
+class LoadVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOADED_VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def loaded_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The versions this replica holds after the call."""
+
+    def __init__(
+        self,
+        *,
+        loaded_versions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded_versions", b"loaded_versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadVersionResponse: _TypeAlias = LoadVersionResponse  # noqa: Y015
 
 @_typing.final
 class Trial(_message.Message):

@@ -133,6 +133,11 @@ class FeedbackStub(object):
                 request_serializer=feedloop_dot_v1_dot_feedloop__pb2.FeedbackEvent.SerializeToString,
                 response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.FeedbackAck.FromString,
                 _registered_method=True)
+        self.SubmitVerdict = channel.unary_unary(
+                '/feedloop.v1.Feedback/SubmitVerdict',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.EvaluationVerdict.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.FeedbackAck.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer(object):
@@ -160,6 +165,20 @@ class FeedbackServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitVerdict(self, request, context):
+        """Store one verdict of a blind human evaluation durably, then acknowledge it: a rater saw the
+        candidates of two versions for one prompt side by side, not knowing which was which, and
+        judged them. A repeated verdict_id is acknowledged DUPLICATE and stored once. A verdict for
+        one side is also stored as comparison feedback (event_id "<verdict_id>/comparison", the
+        rater's client id), so the trainer learns from it like any preference; a tie or both-bad is
+        recorded in the evaluation only. INVALID_ARGUMENT names the field at fault (a candidate not
+        served by the version it is named for, candidates of two prompts); NOT_FOUND an unknown
+        candidate. Needs the feedback role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +190,11 @@ def add_FeedbackServicer_to_server(servicer, server):
             'SubmitStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitStream,
                     request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.FeedbackEvent.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.FeedbackAck.SerializeToString,
+            ),
+            'SubmitVerdict': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitVerdict,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.EvaluationVerdict.FromString,
                     response_serializer=feedloop_dot_v1_dot_feedloop__pb2.FeedbackAck.SerializeToString,
             ),
     }
@@ -242,6 +266,33 @@ class Feedback(object):
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def SubmitVerdict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.Feedback/SubmitVerdict',
+            feedloop_dot_v1_dot_feedloop__pb2.EvaluationVerdict.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.FeedbackAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ModelAdminStub(object):
     """----------------------------------------------------------------------------------------------
@@ -300,6 +351,16 @@ class ModelAdminStub(object):
                 '/feedloop.v1.ModelAdmin/GetOnlineReport',
                 request_serializer=feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.SerializeToString,
                 response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.OnlineReport.FromString,
+                _registered_method=True)
+        self.GetHumanEvaluation = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/GetHumanEvaluation',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.GetHumanEvaluationRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.HumanEvaluationReport.FromString,
+                _registered_method=True)
+        self.LoadVersion = channel.unary_unary(
+                '/feedloop.v1.ModelAdmin/LoadVersion',
+                request_serializer=feedloop_dot_v1_dot_feedloop__pb2.LoadVersionRequest.SerializeToString,
+                response_deserializer=feedloop_dot_v1_dot_feedloop__pb2.LoadVersionResponse.FromString,
                 _registered_method=True)
 
 
@@ -390,6 +451,27 @@ class ModelAdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHumanEvaluation(self, request, context):
+        """Human evaluation of version A against version B: the verdicts raters gave in blind
+        side-by-side sessions (Feedback.SubmitVerdict), in either order, as A's win rate with a
+        confidence interval, overall and per rater. Reads the replay store, so any replica gives the
+        same report. INVALID_ARGUMENT for a missing or repeated version or an alpha outside (0, 1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadVersion(self, request, context):
+        """Load a published version on this replica beside the live one (verified and warmed up like
+        any version), so that Generate requests naming it in model_version are served: a human
+        evaluation of a version that is not live starts here. It stays loaded like a recent version
+        (the oldest beyond the server's keep_versions that is neither live nor on trial is evicted).
+        NOT_FOUND for an unpublished version; FAILED_PRECONDITION when its checkpoint is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -437,6 +519,16 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.GetOnlineReport,
                     request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.FromString,
                     response_serializer=feedloop_dot_v1_dot_feedloop__pb2.OnlineReport.SerializeToString,
+            ),
+            'GetHumanEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHumanEvaluation,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.GetHumanEvaluationRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.HumanEvaluationReport.SerializeToString,
+            ),
+            'LoadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVersion,
+                    request_deserializer=feedloop_dot_v1_dot_feedloop__pb2.LoadVersionRequest.FromString,
+                    response_serializer=feedloop_dot_v1_dot_feedloop__pb2.LoadVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -686,6 +778,60 @@ class ModelAdmin(object):
             '/feedloop.v1.ModelAdmin/GetOnlineReport',
             feedloop_dot_v1_dot_feedloop__pb2.GetOnlineReportRequest.SerializeToString,
             feedloop_dot_v1_dot_feedloop__pb2.OnlineReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHumanEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/GetHumanEvaluation',
+            feedloop_dot_v1_dot_feedloop__pb2.GetHumanEvaluationRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.HumanEvaluationReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedloop.v1.ModelAdmin/LoadVersion',
+            feedloop_dot_v1_dot_feedloop__pb2.LoadVersionRequest.SerializeToString,
+            feedloop_dot_v1_dot_feedloop__pb2.LoadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,6 +100,16 @@ class FeedbackStub:
     without an ack reaching the client: resend them with the same event_id (they come back
     DUPLICATE if they were stored), which is always safe.
     """
+    SubmitVerdict: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.EvaluationVerdict, _feedloop_pb2.FeedbackAck]
+    """Store one verdict of a blind human evaluation durably, then acknowledge it: a rater saw the
+    candidates of two versions for one prompt side by side, not knowing which was which, and
+    judged them. A repeated verdict_id is acknowledged DUPLICATE and stored once. A verdict for
+    one side is also stored as comparison feedback (event_id "<verdict_id>/comparison", the
+    rater's client id), so the trainer learns from it like any preference; a tie or both-bad is
+    recorded in the evaluation only. INVALID_ARGUMENT names the field at fault (a candidate not
+    served by the version it is named for, candidates of two prompts); NOT_FOUND an unknown
+    candidate. Needs the feedback role.
+    """
 
 @_typing.type_check_only
 class FeedbackAsyncStub(FeedbackStub):
@@ -117,6 +127,16 @@ class FeedbackAsyncStub(FeedbackStub):
     acknowledged before it stay stored. Events sent after the invalid one may have been stored
     without an ack reaching the client: resend them with the same event_id (they come back
     DUPLICATE if they were stored), which is always safe.
+    """
+    SubmitVerdict: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.EvaluationVerdict, _feedloop_pb2.FeedbackAck]  # type: ignore[assignment]
+    """Store one verdict of a blind human evaluation durably, then acknowledge it: a rater saw the
+    candidates of two versions for one prompt side by side, not knowing which was which, and
+    judged them. A repeated verdict_id is acknowledged DUPLICATE and stored once. A verdict for
+    one side is also stored as comparison feedback (event_id "<verdict_id>/comparison", the
+    rater's client id), so the trainer learns from it like any preference; a tie or both-bad is
+    recorded in the evaluation only. INVALID_ARGUMENT names the field at fault (a candidate not
+    served by the version it is named for, candidates of two prompts); NOT_FOUND an unknown
+    candidate. Needs the feedback role.
     """
 
 class FeedbackServicer(metaclass=_abc_1.ABCMeta):
@@ -144,6 +164,22 @@ class FeedbackServicer(metaclass=_abc_1.ABCMeta):
         acknowledged before it stay stored. Events sent after the invalid one may have been stored
         without an ack reaching the client: resend them with the same event_id (they come back
         DUPLICATE if they were stored), which is always safe.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitVerdict(
+        self,
+        request: _feedloop_pb2.EvaluationVerdict,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.FeedbackAck, _abc.Awaitable[_feedloop_pb2.FeedbackAck]]:
+        """Store one verdict of a blind human evaluation durably, then acknowledge it: a rater saw the
+        candidates of two versions for one prompt side by side, not knowing which was which, and
+        judged them. A repeated verdict_id is acknowledged DUPLICATE and stored once. A verdict for
+        one side is also stored as comparison feedback (event_id "<verdict_id>/comparison", the
+        rater's client id), so the trainer learns from it like any preference; a tie or both-bad is
+        recorded in the evaluation only. INVALID_ARGUMENT names the field at fault (a candidate not
+        served by the version it is named for, candidates of two prompts); NOT_FOUND an unknown
+        candidate. Needs the feedback role.
         """
 
 def add_FeedbackServicer_to_server(servicer: FeedbackServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -200,6 +236,19 @@ class ModelAdminStub:
     INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
     requested version the registry does not hold.
     """
+    GetHumanEvaluation: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.GetHumanEvaluationRequest, _feedloop_pb2.HumanEvaluationReport]
+    """Human evaluation of version A against version B: the verdicts raters gave in blind
+    side-by-side sessions (Feedback.SubmitVerdict), in either order, as A's win rate with a
+    confidence interval, overall and per rater. Reads the replay store, so any replica gives the
+    same report. INVALID_ARGUMENT for a missing or repeated version or an alpha outside (0, 1).
+    """
+    LoadVersion: _grpc.UnaryUnaryMultiCallable[_feedloop_pb2.LoadVersionRequest, _feedloop_pb2.LoadVersionResponse]
+    """Load a published version on this replica beside the live one (verified and warmed up like
+    any version), so that Generate requests naming it in model_version are served: a human
+    evaluation of a version that is not live starts here. It stays loaded like a recent version
+    (the oldest beyond the server's keep_versions that is neither live nor on trial is evicted).
+    NOT_FOUND for an unpublished version; FAILED_PRECONDITION when its checkpoint is refused.
+    """
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -250,6 +299,19 @@ class ModelAdminAsyncStub(ModelAdminStub):
     Reads the replay store shared by every replica, so any replica gives the same report.
     INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
     requested version the registry does not hold.
+    """
+    GetHumanEvaluation: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.GetHumanEvaluationRequest, _feedloop_pb2.HumanEvaluationReport]  # type: ignore[assignment]
+    """Human evaluation of version A against version B: the verdicts raters gave in blind
+    side-by-side sessions (Feedback.SubmitVerdict), in either order, as A's win rate with a
+    confidence interval, overall and per rater. Reads the replay store, so any replica gives the
+    same report. INVALID_ARGUMENT for a missing or repeated version or an alpha outside (0, 1).
+    """
+    LoadVersion: _aio.UnaryUnaryMultiCallable[_feedloop_pb2.LoadVersionRequest, _feedloop_pb2.LoadVersionResponse]  # type: ignore[assignment]
+    """Load a published version on this replica beside the live one (verified and warmed up like
+    any version), so that Generate requests naming it in model_version are served: a human
+    evaluation of a version that is not live starts here. It stays loaded like a recent version
+    (the oldest beyond the server's keep_versions that is neither live nor on trial is evicted).
+    NOT_FOUND for an unpublished version; FAILED_PRECONDITION when its checkpoint is refused.
     """
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -352,6 +414,31 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         Reads the replay store shared by every replica, so any replica gives the same report.
         INVALID_ARGUMENT for a negative window_s or an alpha outside (0, 1); NOT_FOUND for a
         requested version the registry does not hold.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHumanEvaluation(
+        self,
+        request: _feedloop_pb2.GetHumanEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.HumanEvaluationReport, _abc.Awaitable[_feedloop_pb2.HumanEvaluationReport]]:
+        """Human evaluation of version A against version B: the verdicts raters gave in blind
+        side-by-side sessions (Feedback.SubmitVerdict), in either order, as A's win rate with a
+        confidence interval, overall and per rater. Reads the replay store, so any replica gives the
+        same report. INVALID_ARGUMENT for a missing or repeated version or an alpha outside (0, 1).
+        """
+
+    @_abc_1.abstractmethod
+    def LoadVersion(
+        self,
+        request: _feedloop_pb2.LoadVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedloop_pb2.LoadVersionResponse, _abc.Awaitable[_feedloop_pb2.LoadVersionResponse]]:
+        """Load a published version on this replica beside the live one (verified and warmed up like
+        any version), so that Generate requests naming it in model_version are served: a human
+        evaluation of a version that is not live starts here. It stays loaded like a recent version
+        (the oldest beyond the server's keep_versions that is neither live nor on trial is evicted).
+        NOT_FOUND for an unpublished version; FAILED_PRECONDITION when its checkpoint is refused.
         """
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
