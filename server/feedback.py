@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -246,7 +247,10 @@ class FeedbackService(pb_grpc.FeedbackServicer):
     ) -> pb.FeedbackAck:
         if self.verdicts is None:
             raise Unavailable("this server does not record human evaluation verdicts")
-        draft = parse_verdict(request, self.auth.client_id(context))
+        caller = self.auth.caller_of(context)
+        draft = dataclasses.replace(
+            parse_verdict(request, caller.client_id), any_tenant=caller.any_tenant
+        )
         outcome = await self.verdicts.record(draft)
         return pb.FeedbackAck(event_id=request.verdict_id, outcome=OUTCOMES[outcome])
 

@@ -57,6 +57,9 @@ class VerdictDraft:
     choice: str
     rater: str
     given_at: float | None
+    # The rater's key may judge other tenants' generations (a labeller, or auth off); else a
+    # verdict names only generations served to the rater's own tenant, as feedback does.
+    any_tenant: bool = False
 
 
 def _required(value: str, field: str, max_chars: int) -> str:
@@ -112,7 +115,9 @@ class VerdictRecorder:
         self.generation_log.wait_committed(ids.values(), GENERATION_COMMIT_WAIT_S)
         found = self.store.get_generations(list(ids.values()))
         for field, generation_id in ids.items():
-            if generation_id not in found:
+            record = found.get(generation_id)
+            if record is None or not (draft.any_tenant or record.client_id == draft.rater):
+                # another tenant's generation reads as an unknown one, as for feedback
                 raise NotFound(
                     f"{field}: unknown generation {generation_id!r}",
                     field=field,
@@ -148,7 +153,8 @@ class VerdictRecorder:
                 received_at=now,
                 given_at=draft.given_at,
             )
-            await self.writer.submit(comparison)  # the writer counts it
+            # the writer counts it
+            await self.writer.submit(comparison, any_tenant=draft.any_tenant)
         record = VerdictRecord(
             verdict_id=v.verdict_id,
             session_id=v.session_id,

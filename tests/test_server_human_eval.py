@@ -180,19 +180,26 @@ def test_a_declared_name_is_the_identity_only_with_auth_off():
 
     declared = (("feedloop-client-name", "ann"),)
     limiter = RateLimiter(rate_per_s=0.001, burst=1)
-    assert admit(Authenticator(None), limiter, declared, "feedback") == "ann"
+
+    def who(authenticator, limiter, metadata, role):
+        caller = admit(authenticator, limiter, metadata, role)
+        assert caller.key_name == caller.client_id  # the bucket and the stored identity agree
+        return caller.client_id
+
+    assert who(Authenticator(None), limiter, declared, "feedback") == "ann"
     assert (
-        admit(Authenticator(None), limiter, (("feedloop-client-name", "bob"),), "feedback") == "bob"
+        who(Authenticator(None), limiter, (("feedloop-client-name", "bob"),), "feedback") == "bob"
     )
     with pytest.raises(Refused):  # ann's bucket is empty; bob's was separate
-        admit(Authenticator(None), limiter, declared, "feedback")
-    assert admit(Authenticator(None), limiter, (), "feedback") == "anonymous"
-    assert admit(
-        Authenticator(None), RateLimiter(0, 0), (("feedloop-client-name", " \x07"),), "x"
-    ) == ("anonymous")
+        who(Authenticator(None), limiter, declared, "feedback")
+    assert who(Authenticator(None), limiter, (), "feedback") == "anonymous"
+    assert (
+        who(Authenticator(None), RateLimiter(0, 0), (("feedloop-client-name", " \x07"),), "x")
+        == "anonymous"
+    )
     keys = {hash_key("secret"): ApiKey("rater-7", frozenset({"feedback"}))}
     with_key = (("authorization", "Bearer secret"), *declared)
-    assert admit(Authenticator(keys), RateLimiter(0, 0), with_key, "feedback") == "rater-7"
+    assert who(Authenticator(keys), RateLimiter(0, 0), with_key, "feedback") == "rater-7"
 
 
 async def test_the_cli_prints_the_evaluation_as_a_table_and_as_json(live, capsys):
