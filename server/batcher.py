@@ -36,6 +36,7 @@ from feedloop.core.policy import SampledOutput, SampleRequest
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import (
     SERVED_CANARY,
+    SERVED_EXPLORATION,
     SERVED_LIVE,
     SERVED_PINNED,
     GenerationRecord,
@@ -68,6 +69,9 @@ class GenerateJob:
     routing_key: str  # "" for none: a canary split draws at random
     deadline: float | None  # time.monotonic() after which the caller has given up
     return_token_logprobs: bool = False  # the reply's candidates carry per-token log-probs
+    # Chosen for exploration (params are already the exploration ones): served by live, never
+    # by a canary, so a trial's evidence compares the two versions' own policies.
+    explore: bool = False
     future: asyncio.Future[Any] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -238,6 +242,8 @@ class Batcher:
                 if job.pinned_version:
                     model: LoadedModel | None = self.live_model.get(job.pinned_version)
                     job.served_as = SERVED_PINNED
+                elif job.explore:
+                    model, job.served_as = live, SERVED_EXPLORATION
                 elif canary is not None and canary.serves(job.routing_key):
                     model, job.served_as = canary.model, SERVED_CANARY
                 else:
@@ -342,6 +348,13 @@ class Batcher:
                 token_logprobs=job.return_token_logprobs,
             )
             results.append((job, reply))
+        self.metrics.observe_served_phrases(
+            [
+                (r.text, sum(r.behaviour_logprobs))
+                for r in records
+                if r.served_as in (SERVED_LIVE, SERVED_CANARY)
+            ]
+        )
         # Logged before the replies go out: a client can only rate what the log already holds
         # (in its buffer or in the store).
         self.generation_log.add(records)

@@ -13,6 +13,7 @@ from typing import Literal
 
 from feedloop.core.config import default_data_dir
 from feedloop.core.registry.retention import RetentionPolicy
+from feedloop.trainer.shaping import ShapingTerm, parse_shaping
 
 Algorithm = Literal["actor-critic", "reinforce"]
 Aggregation = Literal["mean", "earliest", "latest", "sum"]
@@ -120,6 +121,30 @@ class TrainConfig:
         metadata=_help(
             "most share of a round's feedback weight one client may carry "
             "(a guard against floods and poisoning)"
+        ),
+    )
+    rating_class_balance: float = field(
+        default=0.0,
+        metadata=_help(
+            "rebalancing of rating classes (liked, disliked, neutral) in each window: class c "
+            "of K held by n_c of N ratings weighs (N / (K n_c)) ** this; 1: every class "
+            "carries the same total weight, 0: off. Weights are reported per round "
+            "(docs/learning.md has the 90/10 figure behind the default)"
+        ),
+    )
+    feedback_kind_balance: float = field(
+        default=0.0,
+        metadata=_help(
+            "the same rebalancing across feedback kinds (rating, comparison, ranking, "
+            "correction): 1 gives each kind in the window the same total weight, 0: off"
+        ),
+    )
+    shaping: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "declared reward-shaping terms NAME:WEIGHT added to every training reward "
+            "(length: words, keyword: 1 if every prompt keyword is in the phrase, finished: 1 "
+            "if the phrase ended by itself), e.g. length:-0.05,keyword:0.3; reported per round"
         ),
     )
     join_window_s: float = field(
@@ -259,6 +284,26 @@ class TrainConfig:
     )
     gate_kl_prompts: int = field(
         default=256, metadata=_help("held-out prompts sampled to measure the KL")
+    )
+    gate_diversity_prompts: int = field(
+        default=64,
+        metadata=_help(
+            "held-out prompts (4 samples each) on which a candidate's diversity is measured"
+        ),
+    )
+    gate_min_sampled_entropy_nats: float = field(
+        default=0.0,
+        metadata=_help(
+            "a candidate whose own samples' entropy (mean -log p per phrase, nats) is below "
+            "this is refused as collapsing (docs/learning.md has the figure behind it)"
+        ),
+    )
+    gate_min_distinct_share: float = field(
+        default=0.0,
+        metadata=_help(
+            "a candidate whose share of distinct phrases among its own samples is below this "
+            "is refused as collapsing (docs/learning.md has the figure behind it)"
+        ),
     )
     gate_min_ope_samples: int = field(
         default=20, metadata=_help("fewer held-out rated generations: no off-policy check")
@@ -405,7 +450,16 @@ class TrainConfig:
             raise ValueError(f"decision_alpha must be in (0, 1), got {self.decision_alpha}")
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
+        for name in ("rating_class_balance", "feedback_kind_balance"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self.shaping_terms  # noqa: B018 - raises ValueError naming a bad shaping entry
         self.retention_policy  # noqa: B018 - raises ValueError naming a bad registry_keep_* knob
+
+    @property
+    def shaping_terms(self) -> tuple[ShapingTerm, ...]:
+        """The declared reward-shaping terms (ValueError naming a bad entry)."""
+        return parse_shaping(self.shaping)
 
     @property
     def retention_policy(self) -> RetentionPolicy:

@@ -30,6 +30,7 @@ import torch
 
 from feedloop.core import sampling
 from feedloop.core.corpus import prompt_for
+from feedloop.core.diversity import Diversity, diversity
 from feedloop.core.evaluation import perplexity
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
@@ -39,6 +40,8 @@ from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.reward_model import FittedRewardModel
 
 DR_TARGET_SAMPLES = 2  # samples per held-out prompt for the direct-method term
+# Samples per prompt for the diversity figures: a collapse shows as one phrase for a prompt.
+DIVERSITY_CANDIDATES = 4
 
 
 @dataclass
@@ -86,6 +89,44 @@ def kl_to_reference(
         "kl_k3": float(k3.mean()),
         "mean_length_tokens": float(mask.sum(dim=1).mean()),
     }
+
+
+@torch.no_grad()
+def sampled_diversity(
+    policy: Policy, prompts: Sequence[str], seed: int, max_tokens: int = 16
+) -> Diversity:
+    """Diversity of `policy`'s own samples (temperature 1): DIVERSITY_CANDIDATES per prompt."""
+    requests = [
+        SampleRequest(
+            policy.encode_prompt(p),
+            SamplingParams(max_tokens=max_tokens, seed=seed + i),
+            num_candidates=DIVERSITY_CANDIDATES,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    samples = [s for outs in policy.sample(requests) for s in outs]
+    return diversity(
+        [policy.decode(s.token_ids) for s in samples], [sum(s.behaviour_logprobs) for s in samples]
+    )
+
+
+def diversity_refusal(figures: Diversity, config: TrainConfig) -> str | None:
+    """Why a candidate whose samples are below the declared diversity floor is refused (a
+    collapse onto a few phrases), or None."""
+    problems = []
+    if not figures.sampled_entropy_nats >= config.gate_min_sampled_entropy_nats:
+        problems.append(
+            f"sampled entropy {figures.sampled_entropy_nats:.3f} nats per phrase (floor "
+            f"{config.gate_min_sampled_entropy_nats})"
+        )
+    if not figures.distinct_phrase_share >= config.gate_min_distinct_share:
+        problems.append(
+            f"distinct-phrase share {figures.distinct_phrase_share:.3f} (floor "
+            f"{config.gate_min_distinct_share})"
+        )
+    if not problems:
+        return None
+    return "collapsing: " + " and ".join(problems) + " on its own samples"
 
 
 @torch.no_grad()
@@ -167,6 +208,7 @@ class Gate:
             raise ValueError("the corpus test split has no phrase with a keyword")
         prompts = [p for p, _ in self.pairs]
         self.kl_prompts = [prompts[i % len(prompts)] for i in range(config.gate_kl_prompts)]
+        self.diversity_prompts = self.kl_prompts[: config.gate_diversity_prompts]
         self.reference_perplexity = perplexity(reference, self.pairs)
         self._live_cache: tuple[int, float] | None = None
 
@@ -219,6 +261,14 @@ class Gate:
         if not kl["kl_k3"] <= c.gate_max_kl:
             passed = False
             reasons.append(f"KL to reference {kl['kl_k3']:.3f} nats (limit {c.gate_max_kl})")
+
+        spread = sampled_diversity(candidate, self.diversity_prompts, seed)
+        figures["candidate_sampled_entropy_nats"] = spread.sampled_entropy_nats
+        figures["candidate_distinct_phrase_share"] = spread.distinct_phrase_share
+        collapse = diversity_refusal(spread, c)
+        if collapse is not None:
+            passed = False
+            reasons.append(collapse)
 
         figures["ope_heldout"] = len(heldout)
         if len(heldout) >= c.gate_min_ope_samples:
