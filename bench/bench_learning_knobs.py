@@ -374,11 +374,14 @@ def main() -> int:
     p.add_argument("--second-taste", default="include:old")
     p.add_argument("--output", type=Path)
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--checkpoint", type=Path, help="start policy (default: the default pretrained policy)"
+    )
     args = p.parse_args()
     args.output = args.output or Path(f"bench/knobs_{args.mode}.png")
     torch.set_num_threads(args.torch_threads)
     random.seed(0)
-    checkpoint = ensure_default_checkpoint(default_data_dir())
+    checkpoint = args.checkpoint or ensure_default_checkpoint(default_data_dir())
     pretrained, _ = load_checkpoint(checkpoint)
     args.base_ppl = perplexity(pretrained, heldout_pairs(SPLIT.test, 0))
     prompts = corpus_prompts(SPLIT.validation, seed=2)[: args.eval_prompts]

@@ -8,6 +8,7 @@ shaping where the rewards are assembled.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -100,3 +101,30 @@ def test_a_round_reports_exploration_cost_by_arm_rebalancing_and_shaping(env) ->
         assert r == pytest.approx(base + (0.25 if g.finished else 0.0))
         rated_class = "liked" if base > 0 else "disliked" if base < 0 else "neutral"
         assert w == pytest.approx(base_w * figures["rating_class_weights"][rated_class])
+
+
+def test_stale_generations_weigh_less_by_the_declared_half_life(env) -> None:  # noqa: F811
+    sim = explored_simulation(env, 0.0, mix={"rating": 1.0})
+    sim.serve_events(40)
+    config = fast_config(env.root, heldout_share=0.0, unrated="leave-out", data_half_life_s=60.0)
+    window = read_window(
+        env.store, Cursor(), config, now=time.time() + 1.0, live_version="v0001", seed=0
+    )
+    # Age half of the window by two half-lives, as if it had been served before a change.
+    ids = sorted(window.generations)
+    for gid in ids[::2]:
+        g = window.generations[gid]
+        window.generations[gid] = dataclasses.replace(g, created_at=g.created_at - 120.0)
+    policy, _ = load_checkpoint(env.registry.checkpoint_dir("v0001"))
+    aged = learning_signals(window, policy.tokenizer, config)
+    plain = learning_signals(
+        window, policy.tokenizer, dataclasses.replace(config, data_half_life_s=0.0)
+    )
+    newest = max(g.created_at for g in window.generations.values())
+    base = {g.generation_id: w for g, _, w in plain.examples}
+    assert len(aged.examples) == len(plain.examples) > 0
+    for g, _, w in aged.examples:
+        expected = base[g.generation_id] * 0.5 ** ((newest - g.created_at) / 60.0)
+        assert w == pytest.approx(expected)
+    report = aged.figures["data_age_weights"]
+    assert report["half_life_s"] == 60.0 and report["min_weight"] == pytest.approx(0.25, abs=0.01)

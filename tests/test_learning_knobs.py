@@ -14,6 +14,7 @@ from feedloop.trainer.gate import diversity_refusal
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.rewards import (
     RatedGeneration,
+    age_weights,
     balance_weights,
     rating_class,
     rebalanced_weights,
@@ -153,7 +154,10 @@ def test_parse_shaping_reads_name_weight_pairs_and_refuses_bad_ones() -> None:
     )
     assert parse_shaping([]) == ()
     for bad, says in (
-        (["brevity:1"], "unknown term 'brevity'"),
+        (
+            ["brevity:1"],
+            r"unknown term 'brevity' in 'brevity:1' \(one of length, keyword, finished\)",
+        ),
         (["length"], "needs a finite weight"),
         (["length:x"], "needs a finite weight"),
         (["length:nan"], "needs a finite weight"),
@@ -261,3 +265,21 @@ def test_trainer_metrics_export_the_knobs_figures() -> None:
     assert value("feedloop_trainer_balance_weight", group="rating_class", label="liked") == 0.5
     assert value("feedloop_trainer_balance_weight", group="feedback_kind", label="rating") == 2.0
     assert value("feedloop_trainer_shaping_mean_contribution", term="length") == -0.3
+
+
+def test_age_weights_halve_every_half_life_back_from_the_newest_generation() -> None:
+    gens = [
+        gen("new", created_at=1000.0),
+        gen("old", created_at=900.0),
+        gen("older", created_at=700.0),
+    ]
+    weights, report = age_weights(gens, 100.0)
+    assert weights == pytest.approx({"new": 1.0, "old": 0.5, "older": 0.125})
+    assert report == pytest.approx(
+        {"half_life_s": 100.0, "mean_weight": 1.625 / 3, "min_weight": 0.125}
+    )
+    flat, flat_report = age_weights(gens, 0.0)
+    assert flat == {"new": 1.0, "old": 1.0, "older": 1.0} and flat_report["min_weight"] == 1.0
+    assert age_weights([], 100.0) == ({}, {})
+    with pytest.raises(ValueError, match="data_half_life_s"):
+        TrainConfig(data_half_life_s=-1.0)

@@ -139,6 +139,15 @@ class TrainConfig:
             "correction): 1 gives each kind in the window the same total weight, 0: off"
         ),
     )
+    data_half_life_s: float = field(
+        default=0.0,
+        metadata=_help(
+            "weigh each training generation by 0.5 ** (age / this), age counted back from the "
+            "window's newest generation, so feedback from before a change of taste fades "
+            "(discounted evidence, as in discounted UCB); 0: every generation weighs alike. "
+            "Reported per round as data_age_weights"
+        ),
+    )
     shaping: tuple[str, ...] = field(
         default=(),
         metadata=_help(
@@ -450,6 +459,8 @@ class TrainConfig:
             raise ValueError(f"decision_alpha must be in (0, 1), got {self.decision_alpha}")
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
+        if not self.data_half_life_s >= 0:
+            raise ValueError(f"data_half_life_s must be >= 0, got {self.data_half_life_s}")
         for name in ("rating_class_balance", "feedback_kind_balance"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -7,7 +7,10 @@ The trainer's one owner of what feedback means:
 - comparisons, rankings (every pair they imply), corrections (the corrected phrase over the
   original) and ratings of candidates of one request (the better rated over the worse) become
   preference pairs for the Bradley-Terry reward model;
-- corrections also become supervised targets.
+- corrections also become supervised targets;
+- declared rebalancing: rating classes (liked, disliked, neutral) and feedback kinds reweighted
+  by inverse frequency to a declared power, and training data discounted by a declared half-life;
+- the window's ratings by arm (exploration or policy): exploration's cost in served reward.
 """
 
 from __future__ import annotations
@@ -302,4 +305,29 @@ def reward_by_arm(
             "mean_rating": sum(values) / len(values) if values else math.nan,
         }
         for arm, values in sums.items()
+    }
+
+
+def age_weights(
+    generations: Sequence[GenerationRecord], half_life_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-generation weights 0.5 ** (age / half_life_s), age counted back from the window's
+    newest generation (so no clock is read), and the report; half_life_s 0: every weight 1.
+
+    The discounted evidence of non-stationary bandits (discounted UCB, Garivier and Moulines
+    2011) applied to training data: after users' taste moves, what they said before the move
+    fades instead of outvoting what they say now.
+    """
+    if not generations:
+        return {}, {}
+    newest = max(g.created_at for g in generations)
+    weights = {
+        g.generation_id: 0.5 ** ((newest - g.created_at) / half_life_s) if half_life_s > 0 else 1.0
+        for g in generations
+    }
+    values = list(weights.values())
+    return weights, {
+        "half_life_s": half_life_s,
+        "mean_weight": sum(values) / len(values),
+        "min_weight": min(values),
     }

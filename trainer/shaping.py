@@ -32,8 +32,8 @@ def length_term(g: GenerationRecord) -> float:
 
 
 def keyword_term(g: GenerationRecord) -> float:
-    keywords = split_words(g.prompt.lower())
-    words = set(split_words(g.text.lower()))
+    keywords = split_words(g.prompt)  # split_words normalises case
+    words = set(split_words(g.text))
     return 1.0 if keywords and all(k in words for k in keywords) else 0.0
 
 
@@ -58,14 +58,14 @@ def parse_shaping(specs: Sequence[str]) -> tuple[ShapingTerm, ...]:
     """Terms from "name:weight" strings; ValueError naming the bad entry."""
     terms: list[ShapingTerm] = []
     for spec in specs:
-        name, sep, weight_text = spec.partition(":")
+        name, _, weight_text = spec.partition(":")
         name = name.strip()
         if name not in TERMS:
             raise ValueError(
                 f"shaping: unknown term {name!r} in {spec!r} (one of {', '.join(TERMS)})"
             )
         try:
-            weight = float(weight_text) if sep else math.nan
+            weight = float(weight_text)  # "" (no colon) is not a number either
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight):

@@ -23,6 +23,7 @@ from feedloop.trainer.reward_model import (
 )
 from feedloop.trainer.rewards import (
     CorrectionTarget,
+    age_weights,
     client_weights,
     correction_targets,
     feedback_kinds,
@@ -140,6 +141,8 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
         else:
             sources["left-out"] += 1
     figures["reward_sources"] = sources
+    ages, figures["data_age_weights"] = age_weights([g for g, _, _ in examples], c.data_half_life_s)
+    examples = [(g, r, w * ages[g.generation_id]) for g, r, w in examples]
     # Shaping is added last, to every training reward whatever its source; the held-out
     # ratings below stay the users' own: the gate judges by what users said.
     examples, figures["shaping"] = shaped_rewards(examples, c.shaping_terms)
