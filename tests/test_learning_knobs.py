@@ -228,14 +228,16 @@ def test_recent_diversity_forgets_the_oldest_phrases() -> None:
 def test_the_gate_refuses_a_candidate_below_either_diversity_floor() -> None:
     c = TrainConfig(gate_min_sampled_entropy_nats=2.0, gate_min_distinct_share=0.5)
     assert diversity_refusal(diversity(["a", "b"], [-2.0, -2.0]), c) is None  # at the floors
-    low_entropy = diversity_refusal(diversity(["a", "b"], [-1.0, -2.0]), c)
-    assert low_entropy is not None and "sampled entropy 1.500 nats" in low_entropy
-    assert "distinct" not in low_entropy
-    few = diversity_refusal(diversity(["a", "a", "a"], [-9.0] * 3), c)
-    assert few is not None and "distinct-phrase share 0.333 (floor 0.5)" in few
-    assert "entropy" not in few
-    both = diversity_refusal(diversity(["a", "a", "a"], [-1.0] * 3), c)
-    assert both is not None and "entropy" in both and "distinct" in both
+    assert diversity_refusal(diversity(["a", "b"], [-1.0, -2.0]), c) == (
+        "collapsing: sampled entropy 1.500 nats per phrase (floor 2.0) on its own samples"
+    )
+    assert diversity_refusal(diversity(["a", "a", "a"], [-9.0] * 3), c) == (
+        "collapsing: distinct-phrase share 0.333 (floor 0.5) on its own samples"
+    )
+    assert diversity_refusal(diversity(["a", "a", "a"], [-1.0] * 3), c) == (
+        "collapsing: sampled entropy 1.000 nats per phrase (floor 2.0) and distinct-phrase "
+        "share 0.333 (floor 0.5) on its own samples"
+    )
     nan = diversity_refusal(diversity([], []), c)
     assert nan is not None  # nothing sampled cannot pass a floor
 
