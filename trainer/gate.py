@@ -15,7 +15,8 @@ Three checks, every figure reported whatever the outcome:
    candidates each a little worse than its parent would pass every gate while reward drifts
    down. Importance weights are those of the distribution the server sampled from (each
    record's temperature/top-k/top-p applied to the target policy) over the logged behaviour
-   log-probs.
+   log-probs; for a record served for exploration the target serves with the defaults the
+   request left to the server, the behaviour with the exploration parameters.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from feedloop.core.diversity import Diversity, diversity
 from feedloop.core.evaluation import perplexity
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.store.base import GenerationRecord
+from feedloop.core.store.base import SERVED_EXPLORATION, GenerationRecord
 from feedloop.trainer import rl_math
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.reward_model import FittedRewardModel
@@ -129,6 +130,19 @@ def diversity_refusal(figures: Diversity, config: TrainConfig) -> str | None:
     return "collapsing: " + " and ".join(problems) + " on its own samples"
 
 
+def target_params(record: GenerationRecord) -> SamplingParams:
+    """How a target policy would serve the record's request: with its logged parameters, except
+    that an explored request left sampling to the server, whose own parameters are the defaults
+    (the exploration parameters are the behaviour's, not the policy's)."""
+    params = SamplingParams.from_dict(record.sampling)
+    if record.served_as == SERVED_EXPLORATION:
+        default = SamplingParams()
+        return replace(
+            params, temperature=default.temperature, top_k=default.top_k, top_p=default.top_p
+        )
+    return params
+
+
 @torch.no_grad()
 def served_logprobs(policy: Policy, records: Sequence[GenerationRecord]) -> torch.Tensor:
     """Sequence log-probs of logged outputs under `policy` as served with each record's params."""
@@ -136,7 +150,7 @@ def served_logprobs(policy: Policy, records: Sequence[GenerationRecord]) -> torc
     logits = policy.teacher_forced(batch).logits
     b, t, v = logits.shape
 
-    params = [SamplingParams.from_dict(r.sampling) for r in records]
+    params = [target_params(r) for r in records]
 
     def per_token(values: list[float] | list[int]) -> torch.Tensor:
         return torch.tensor(values).repeat_interleave(t)
@@ -162,7 +176,7 @@ def direct_method(
     requests = [
         SampleRequest(
             r.prompt_ids,
-            replace(SamplingParams.from_dict(r.sampling), seed=seed + i),
+            replace(target_params(r), seed=seed + i),
             num_candidates=DR_TARGET_SAMPLES,
         )
         for i, r in enumerate(records)
