@@ -128,3 +128,24 @@ def test_stale_generations_weigh_less_by_the_declared_half_life(env) -> None:  #
         assert w == pytest.approx(expected)
     report = aged.figures["data_age_weights"]
     assert report["half_life_s"] == 60.0 and report["min_weight"] == pytest.approx(0.25, abs=0.01)
+
+
+def test_feedback_kind_balance_is_applied_and_reported_on_its_own(env) -> None:  # noqa: F811
+    sim = explored_simulation(env, 0.0)  # every kind of feedback
+    sim.serve_events(120)
+    config = fast_config(
+        env.root, rating_class_balance=0.0, feedback_kind_balance=1.0, unrated="leave-out"
+    )
+    now = time.time() + 1.0
+    window = read_window(env.store, Cursor(), config, now=now, live_version="v0001", seed=0)
+    policy, _ = load_checkpoint(env.registry.checkpoint_dir("v0001"))
+    figures = learning_signals(window, policy.tokenizer, config).figures
+    kinds = {}
+    for e in window.events:
+        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+    assert len(kinds) > 1
+    n = sum(kinds.values())
+    assert figures["feedback_kind_weights"] == pytest.approx(
+        {k: n / (len(kinds) * c) for k, c in kinds.items()}
+    )
+    assert set(figures["rating_class_weights"].values()) == {1.0}
