@@ -195,6 +195,8 @@ def test_trainer_config_refuses_bad_balance_and_shaping_naming_the_knob() -> Non
         TrainConfig(**{name: 1.0})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shaping"):
         TrainConfig(shaping=("length:oops",))
+    with pytest.raises(ValueError, match="gate_diversity_prompts"):
+        TrainConfig(gate_diversity_prompts=0)
     assert TrainConfig(shaping=("finished:0.2",)).shaping_terms == (ShapingTerm("finished", 0.2),)
 
 
