@@ -108,6 +108,7 @@ def make_arm(
     *,
     exploration: Exploration | None = None,
     torch_threads: int,
+    seed: int = 0,
     **overrides: Any,
 ) -> Arm:
     root = Path(tempfile.mkdtemp(prefix="feedloop-knobs-"))
@@ -126,7 +127,7 @@ def make_arm(
         registry,
         user,
         corpus_prompts(SPLIT.train, seed=1),
-        seed=12,
+        seed=12 + 100 * seed,
         requests_per_batch=32,
         exploration=exploration or Exploration(),
     )
@@ -223,8 +224,9 @@ def run_entropy(args: argparse.Namespace, checkpoint: Path, prompts: list[str]) 
         make_arm(
             f"entropy_coef={coef}",
             checkpoint,
-            SimulatedUser(preference, seed=11),
+            SimulatedUser(preference, seed=11 + 100 * args.seed),
             torch_threads=args.torch_threads,
+            seed=args.seed,
             entropy_coef=coef,
         )
         for coef in (float(c) for c in args.coefs.split(","))
@@ -261,12 +263,13 @@ def run_imbalance(args: argparse.Namespace, checkpoint: Path, prompts: list[str]
             checkpoint,
             ReportingBiasUser(
                 preference,
-                seed=11,
+                seed=11 + 100 * args.seed,
                 scale="thumbs",
                 mix={"rating": 1.0},
                 rate_disliked=rate_disliked,
             ),
             torch_threads=args.torch_threads,
+            seed=args.seed,
             rating_class_balance=power,
         )
         for power in (0.0, 1.0)
@@ -298,9 +301,10 @@ def run_explore(args: argparse.Namespace, checkpoint: Path, prompts: list[str]) 
         make_arm(
             f"explore_share={share}",
             checkpoint,
-            SimulatedUser(first, seed=11),
+            SimulatedUser(first, seed=11 + 100 * args.seed),
             exploration=Exploration(share=share, temperature=args.explore_temperature),
             torch_threads=args.torch_threads,
+            seed=args.seed,
         )
         for share in (float(s) for s in args.shares.split(","))
     ]
@@ -319,7 +323,7 @@ def run_explore(args: argparse.Namespace, checkpoint: Path, prompts: list[str]) 
     pretrained, _ = load_checkpoint(checkpoint)
     second_base = mean_true_reward(pretrained, second, prompts, seed=EVAL_SEED)
     for arm in arms:
-        arm.sim.user = SimulatedUser(second, seed=13)
+        arm.sim.user = SimulatedUser(second, seed=13 + 100 * args.seed)
         arm.events.append(arm.consumed)
         arm.rewards.append(live_reward(arm, second, prompts))
         arm.entropies.append(arm.entropies[-1])
@@ -372,6 +376,7 @@ def main() -> int:
     p.add_argument("--explore-temperature", type=float, default=1.5)
     p.add_argument("--first-taste", default="include:little")
     p.add_argument("--second-taste", default="include:old")
+    p.add_argument("--seed", type=int, default=0, help="seed of the users and the traffic")
     p.add_argument("--output", type=Path)
     p.add_argument("--json", type=Path)
     p.add_argument(

@@ -282,6 +282,8 @@ def test_age_weights_halve_every_half_life_back_from_the_newest_generation() -> 
     assert report == pytest.approx(
         {"half_life_s": 100.0, "mean_weight": 1.625 / 3, "min_weight": 0.125}
     )
+    short, _ = age_weights([gen("a", created_at=10.0), gen("b", created_at=9.5)], 0.5)
+    assert short == {"a": 1.0, "b": 0.5}  # a half-life under a second still discounts
     flat, flat_report = age_weights(gens, 0.0)
     assert flat == {"new": 1.0, "old": 1.0, "older": 1.0} and flat_report["min_weight"] == 1.0
     assert age_weights([], 100.0) == ({}, {})
