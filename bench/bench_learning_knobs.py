@@ -254,8 +254,10 @@ def run_imbalance(args: argparse.Namespace, checkpoint: Path, prompts: list[str]
     preference = parse_preference(args.taste)
     pretrained, _ = load_checkpoint(checkpoint)
     base = mean_true_reward(pretrained, preference, prompts, seed=EVAL_SEED)
-    # liked / (liked + q disliked) = 0.9 at the pretrained policy's liked rate.
-    rate_disliked = min(1.0, base / (9.0 * (1.0 - base)))
+    # liked / (liked + q disliked) = liked_share at the pretrained policy's liked rate (q is
+    # capped at 1: a share below the pretrained policy's own is its natural stream).
+    share = args.liked_share
+    rate_disliked = min(1.0, base * (1.0 - share) / (share * (1.0 - base)))
     print(f"  pretrained liked rate {base:.3f}: disliked phrases rated with p={rate_disliked:.3f}")
     arms = [
         make_arm(
@@ -283,7 +285,8 @@ def run_imbalance(args: argparse.Namespace, checkpoint: Path, prompts: list[str]
     while arms[0].consumed < args.events:
         for arm in arms:
             step(arm, preference, prompts, args.events_per_round)
-    plot(arms, f"90/10 rating stream (reporting bias), taste {args.taste}", args.output)
+    title = f"{share:.0%} liked rating stream (reporting bias), taste {args.taste}"
+    plot(arms, title, args.output)
     return [
         summary_row(
             arm,
@@ -376,6 +379,9 @@ def main() -> int:
     p.add_argument("--explore-temperature", type=float, default=1.5)
     p.add_argument("--first-taste", default="include:little")
     p.add_argument("--second-taste", default="include:old")
+    p.add_argument(
+        "--liked-share", type=float, default=0.9, help="imbalance: share of liked ratings"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the users and the traffic")
     p.add_argument("--output", type=Path)
     p.add_argument("--json", type=Path)

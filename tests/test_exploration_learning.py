@@ -93,7 +93,7 @@ def test_a_round_reports_exploration_cost_by_arm_rebalancing_and_shaping(env) ->
     assert figures["shaping"]["finished"]["weight"] == 0.25
     # Every example's reward is its rating plus the finishing bonus; a rating's weight is its
     # class's.
-    plain = fast_config(env.root, heldout_share=0.0, unrated="leave-out")
+    plain = fast_config(env.root, heldout_share=0.0, unrated="leave-out", rating_class_balance=0.0)
     unshaped = learning_signals(window, policy.tokenizer, plain)
     by_id = {g.generation_id: (r, w) for g, r, w in unshaped.examples}
     for g, r, w in signals.examples:

@@ -124,12 +124,13 @@ class TrainConfig:
         ),
     )
     rating_class_balance: float = field(
-        default=0.0,
+        default=1.0,
         metadata=_help(
             "rebalancing of rating classes (liked, disliked, neutral) in each window: class c "
             "of K held by n_c of N ratings weighs (N / (K n_c)) ** this; 1: every class "
-            "carries the same total weight, 0: off. Weights are reported per round "
-            "(docs/learning.md has the 90/10 figure behind the default)"
+            "carries the same total weight, 0: off. Weights are reported per round. 1 learned "
+            "faster on a 90/10 thumbs stream (0.51 and 0.47 against 0.21 and 0.26 after 1,500 "
+            "events, two seeds) and on a natural one (0.61 against 0.53), docs/learning.md"
         ),
     )
     feedback_kind_balance: float = field(
@@ -222,9 +223,10 @@ class TrainConfig:
     entropy_coef: float = field(
         default=0.0,
         metadata=_help(
-            "entropy bonus; 0 by default: most logged phrases get below-average reward, "
-            "pushing their tokens down already flattens the policy, and a bonus raises "
-            "held-out perplexity further"
+            "entropy bonus; 0 by default: learning one taste to its top with 0, 0.01 and 0.03 "
+            "kept the candidates' sampled entropy (7.8 nats per phrase at the lowest) and "
+            "distinct-phrase share (0.94) alike and near the pretrained policy's, and 0.03 "
+            "was slower to half the gap (docs/learning.md)"
         ),
     )
     kl_coef: float = field(
