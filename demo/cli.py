@@ -348,6 +348,15 @@ def report(
         f"feedloop demo: {stats.requests} requests, {stats.feedback_events} feedback events, "
         f"{len(stats.swaps)} swaps, client errors: {errors}"
     )
+    explored = stats.exploration
+    if explored.requests:
+        served = sum(v.candidates for v in stats.snapshot_versions())
+        policy_reward = sum(v.reward_sum for v in stats.snapshot_versions()) / max(served, 1)
+        print(
+            f"feedloop demo: {explored.requests} requests served for exploration "
+            f"({explored.requests / max(stats.requests, 1):.1%}), mean true reward "
+            f"{explored.mean_reward:.3f} against the policies' {policy_reward:.3f} (its cost)"
+        )
     print(f"feedloop demo: reward plot written to {plot}")
     if kept is not None:
         print(f"feedloop demo: data and logs kept in {kept}")

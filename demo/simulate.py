@@ -19,10 +19,17 @@ import torch
 
 from feedloop.core.checkpoint import load_checkpoint
 from feedloop.core.corpus import prompt_for
+from feedloop.core.exploration import Exploration
 from feedloop.core.policy import Policy, SampledOutput, SampleRequest
 from feedloop.core.registry import ModelRegistry
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.core.store.base import (
+    SERVED_EXPLORATION,
+    SERVED_LIVE,
+    FeedbackRecord,
+    GenerationRecord,
+    ReplayStore,
+)
 from feedloop.demo.simusers import Candidate, Preference, SimulatedUser
 
 
@@ -40,6 +47,7 @@ def generation_records(
     params: SamplingParams,
     client_id: str,
     rng: random.Random,
+    served_as: str = SERVED_LIVE,
 ) -> list[GenerationRecord]:
     """Records for one request's candidates, as the server logs them (ids drawn from rng)."""
     request_id = new_id(rng)
@@ -54,6 +62,7 @@ def generation_records(
         model_version=version,
         client_id=client_id,
         created_at=time.time(),
+        served_as=served_as,
     )
 
 
@@ -102,6 +111,9 @@ class Simulation:
     requests_per_batch: int = 32
     sampling_mix: Sequence[SamplingParams] = ()
     version_lag: int = 0
+    # The server's exploration share, played alike: a share of requests sampled with the
+    # exploration parameters and logged as served_as=exploration.
+    exploration: Exploration = field(default_factory=Exploration)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -137,15 +149,26 @@ class Simulation:
         version, policy = self.live_policy()
         prompts = [self.rng.choice(self.prompts) for _ in range(self.requests_per_batch)]
         params = [self._draw_params() for _ in prompts]
+        # No draw at all without exploration: the seeded stream stays what it was before it.
+        explored = [
+            self.exploration.share > 0 and self.exploration.explores(self.rng.random())
+            for _ in prompts
+        ]
+        params = [
+            self.exploration.params(sp) if explore else sp
+            for sp, explore in zip(params, explored, strict=True)
+        ]
         requests = [
             SampleRequest(policy.encode_prompt(p), sp, self.candidates_per_request)
             for p, sp in zip(prompts, params, strict=True)
         ]
         generations: list[GenerationRecord] = []
         events: list[FeedbackRecord] = []
-        for prompt, sp, outs in zip(prompts, params, policy.sample(requests), strict=True):
+        outputs = policy.sample(requests)
+        for prompt, sp, outs, explore in zip(prompts, params, outputs, explored, strict=True):
+            served_as = SERVED_EXPLORATION if explore else SERVED_LIVE
             records = generation_records(
-                policy, version, prompt, outs, sp, self.user.client_id, self.rng
+                policy, version, prompt, outs, sp, self.user.client_id, self.rng, served_as
             )
             generations.extend(records)
             events.extend(feedback_records(self.user, prompt, records, self.rng))

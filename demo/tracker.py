@@ -81,6 +81,10 @@ class DemoStats:
     swaps: list[Swap] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
     taste_changes: list[tuple[float, str]] = field(default_factory=list)  # (at_s, preference)
+    # Replies the server served for exploration (served_as "exploration"): the live version at
+    # the server's exploration parameters, kept out of the versions' figures, which are the
+    # policies' own; its mean beside theirs is exploration's cost in served reward.
+    exploration: VersionStats = field(default_factory=lambda: VersionStats("exploration", 0.0))
     live_version: str = ""
     initial_version: str = ""
     _recent: deque[tuple[float, int, int]] = field(default_factory=deque)
@@ -100,6 +104,10 @@ class DemoStats:
         with self._lock:
             self.requests += 1
             self.feedback_events += feedback_events
+            self._recent.append((now, 1, feedback_events))
+            if served_as == "exploration":
+                self.exploration.add(rewards)
+                return
             stats = self.versions.get(version)
             if stats is None:
                 stats = self.versions[version] = VersionStats(version, now)
@@ -109,7 +117,6 @@ class DemoStats:
             if served_as == "live" and version != self._last_live_served:
                 self._live_run_started[version] = now
                 self._last_live_served = version
-            self._recent.append((now, 1, feedback_events))
 
     def record_error(self, code: str) -> None:
         with self._lock:

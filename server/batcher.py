@@ -39,6 +39,7 @@ from feedloop.core.policy import SampledOutput, SampleRequest
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store.base import (
     SERVED_CANARY,
+    SERVED_EXPLORATION,
     SERVED_LIVE,
     SERVED_PINNED,
     GenerationRecord,
@@ -79,6 +80,9 @@ class GenerateJob:
     deadline: float | None  # time.monotonic() after which the caller has given up
     return_token_logprobs: bool = False  # the reply's candidates carry per-token log-probs
     end_user: str = ""  # the app's end-user key, stored with each generation ("" for none)
+    # Chosen for exploration (params are already the exploration ones): served by live, never
+    # by a canary, so a trial's evidence compares the two versions' own policies.
+    explore: bool = False
     future: asyncio.Future[Any] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -248,6 +252,8 @@ class Batcher:
                 if job.pinned_version:
                     model: LoadedModel | None = self.live_model.get(job.pinned_version)
                     job.served_as = SERVED_PINNED
+                elif job.explore:
+                    model, job.served_as = live, SERVED_EXPLORATION
                 elif canary is not None and canary.serves(job.routing_key):
                     model, job.served_as = canary.model, SERVED_CANARY
                 else:
@@ -374,6 +380,13 @@ class Batcher:
                 reply_id=reply_id,
             )
             results.append((job, reply))
+        self.metrics.observe_served_phrases(
+            [
+                (r.text, sum(r.behaviour_logprobs))
+                for r in records
+                if r.served_as in (SERVED_LIVE, SERVED_CANARY)
+            ]
+        )
         # Logged before the replies go out: a client can only rate what the log already holds
         # (in its buffer or in the store).
         self.generation_log.add(records)

@@ -13,6 +13,7 @@ from typing import Literal
 
 from feedloop.core.config import default_data_dir, is_postgres_url
 from feedloop.core.errors import ConfigError
+from feedloop.core.exploration import Exploration
 
 
 def _help(text: str) -> dict[str, str]:
@@ -91,6 +92,26 @@ class ServeConfig:
     max_correction_chars: int = field(default=1024, metadata=_help("cap on correction text"))
     max_message_bytes: int = field(
         default=1 << 20, metadata=_help("largest gRPC message accepted or sent")
+    )
+    # -- exploration (feedloop.core.exploration)
+    explore_share: float = field(
+        default=0.05,
+        metadata=_help(
+            "share of eligible Generate requests (those that set no sampling parameter but "
+            "max_tokens and pin no version) served with the explore_* parameters, logged with "
+            "their exact behaviour log-probabilities and served_as=exploration, so phrases the "
+            "policy has learned to avoid keep being rated (a few percent, like decision "
+            "services' exploration budgets; 0: off)"
+        ),
+    )
+    explore_temperature: float = field(
+        default=1.5, metadata=_help("sampling temperature of an explored request (> 0)")
+    )
+    explore_top_k: int = field(
+        default=0, metadata=_help("top-k of an explored request (0: no top-k filtering)")
+    )
+    explore_top_p: float = field(
+        default=1.0, metadata=_help("top-p of an explored request (1: no nucleus filtering)")
     )
     # -- security
     auth_keys_file: Path | None = field(
@@ -262,6 +283,10 @@ class ServeConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        try:
+            self.exploration  # noqa: B018 - raises ValueError naming a bad explore_* knob
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError("default_max_tokens must not exceed max_tokens_cap")
         if bool(self.metrics_tls_cert) != bool(self.metrics_tls_key):
@@ -274,6 +299,13 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be in 0..65535")
+
+    @property
+    def exploration(self) -> Exploration:
+        """Which requests are explored and how (ValueError naming a bad explore_* knob)."""
+        return Exploration(
+            self.explore_share, self.explore_temperature, self.explore_top_k, self.explore_top_p
+        )
 
     @property
     def store_location(self) -> str:

@@ -76,6 +76,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.generation_log = generation_log
         self.auth = auth
         self.metrics = metrics
+        self.exploration = config.exploration
+        metrics.explore_share.set(self.exploration.share)
 
     @unary("Generate")
     async def Generate(
@@ -132,6 +134,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         pinned = request.model_version or None
         if pinned is not None:
             self.live_model.get(pinned)  # NotFound now rather than after queueing
+        params, explore = self.exploration_arm(request, params)
         self.generation_log.check_room()
         job = GenerateJob(
             prompt=request.prompt,
@@ -144,6 +147,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             end_user=request.end_user,
             deadline=deadline,
             return_token_logprobs=request.return_token_logprobs,
+            explore=explore,
         )
         reply: pb.GenerateResponse = await self.batcher.generate(job)
         if log.isEnabledFor(logging.DEBUG):  # one line a request: built only when wanted
@@ -174,3 +178,28 @@ class GenerationService(pb_grpc.GenerationServicer):
         if not limiter.allow(key_name, cost=num_candidates - 1):
             self.metrics.rate_limited.labels("Generate").inc()
             raise rate_limited(limiter, key_name, f"one token per candidate, {num_candidates}")
+
+    def exploration_arm(
+        self, request: pb.GenerateRequest, params: SamplingParams
+    ) -> tuple[SamplingParams, bool]:
+        """The parameters to serve `request` with, and whether it is explored.
+
+        Only a request that leaves sampling to the server (no temperature, top-k, top-p or
+        seed; max_tokens may be set) and pins no version is eligible: a caller who chose a
+        distribution, a seed to reproduce, or a version gets exactly that.
+        """
+        if not exploration_eligible(request):
+            self.metrics.explore_requests.labels("ineligible").inc()
+            return params, False
+        exploration = self.exploration
+        if exploration.explores(random.random()):
+            self.metrics.explore_requests.labels("exploration").inc()
+            return exploration.params(params), True
+        self.metrics.explore_requests.labels("policy").inc()
+        return params, False
+
+
+def exploration_eligible(request: pb.GenerateRequest) -> bool:
+    """Whether the request left every sampling choice but max_tokens to the server."""
+    s = request.sampling
+    return not (s.HasField("temperature") or s.top_k or s.top_p or s.seed or request.model_version)

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from feedloop.core.diversity import RecentDiversity
 from feedloop.server.metrics_http import MetricsCredentials, serve_metrics
 
 LATENCY_BUCKETS_S = (
@@ -56,6 +57,8 @@ LATENCY_BUCKETS_S = (
 BATCH_BUCKETS_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 RATING_BUCKETS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 SWAP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The server's diversity gauges read this many of the newest policy-served phrases.
+DIVERSITY_WINDOW_PHRASES = 1024
 # The version label of feedback on generations of versions this server has not loaded.
 OTHER_VERSION = "other"
 
@@ -416,6 +419,34 @@ class ServerMetrics:
             ["version_a", "version_b"],
             registry=r,
         )
+        self.explore_requests = Counter(
+            "feedloop_explore_requests",
+            "Generate requests by exploration arm: exploration (served with the explore_* "
+            "sampling parameters), policy (eligible, served as asked), ineligible (they set "
+            "sampling parameters or pinned a version)",
+            ["arm"],
+            registry=r,
+        )
+        self.explore_share = Gauge(
+            "feedloop_explore_share",
+            "Configured share of eligible Generate requests explored",
+            registry=r,
+        )
+        for arm in ("exploration", "policy", "ineligible"):
+            self.explore_requests.labels(arm)
+        self.served_diversity = RecentDiversity(DIVERSITY_WINDOW_PHRASES)
+        self.served_entropy = Gauge(
+            "feedloop_served_sampled_entropy_nats",
+            f"Mean -log p(phrase) of the last {DIVERSITY_WINDOW_PHRASES} phrases the policy "
+            "served (exploration left out): the entropy of what users are shown",
+            registry=r,
+        )
+        self.served_distinct_share = Gauge(
+            "feedloop_served_distinct_phrase_share",
+            f"Distinct phrases / phrases among the last {DIVERSITY_WINDOW_PHRASES} the policy "
+            "served (exploration left out): falls when the policy collapses onto a few phrases",
+            registry=r,
+        )
         for table in ("generations", "feedback", "shadow_scores"):
             self.store_buffer_depth.labels(table)
             self.store_write_duration.labels(table)
@@ -452,6 +483,15 @@ class ServerMetrics:
         self.tokens_generated.inc(tokens)
         with self._lock:
             self.tallies.generations_served += candidates
+
+    def observe_served_phrases(self, phrases: Sequence[tuple[str, float]]) -> None:
+        """(text, sequence log-prob) of phrases the policy served, for the diversity gauges."""
+        with self._lock:
+            for text, logprob in phrases:
+                self.served_diversity.add(text, logprob)
+            figures = self.served_diversity.figures()
+        self.served_entropy.set(figures.sampled_entropy_nats)
+        self.served_distinct_share.set(figures.distinct_phrase_share)
 
     def feedback_outcome(self, kind: str, outcome: str, n: int = 1) -> None:
         self.feedback_events.labels(kind, outcome).inc(n)

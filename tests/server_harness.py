@@ -51,6 +51,9 @@ def test_config(tmp_path: Path, **overrides: Any) -> ServeConfig:
         # One server per test, so nothing another replica commits late: a short wait keeps
         # the answers on unknown ids quick.
         unknown_generation_wait_ms=200.0,
+        # Exploration re-samples a random share of default requests at another temperature:
+        # tests of what a request is served with turn it on themselves.
+        explore_share=0.0,
     )
     return replace(config, **overrides)
 

@@ -89,6 +89,16 @@ def test_stats_count_swaps_rounds_and_reward_per_version():
     assert stats.versions["v0001"].mean_reward == 0.5 and stats.feedback_events == 2
 
 
+def test_stats_keep_exploration_out_of_the_versions_figures():
+    stats = DemoStats()
+    stats.record_request("v0001", [1.0, 1.0], 2)
+    stats.record_request("v0001", [0.0, 0.5], 2, "exploration")
+    assert stats.versions["v0001"].mean_reward == 1.0 and stats.versions["v0001"].requests == 1
+    assert stats.exploration.requests == 1 and stats.exploration.mean_reward == 0.25
+    assert stats.requests == 2 and stats.feedback_events == 4
+    assert [s.served_as for s in stats.samples] == ["live"]
+
+
 def test_reward_plot_is_a_png_with_every_version_and_swap(tmp_path):
     assert rolling_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     stats = DemoStats()

@@ -19,8 +19,10 @@ import torch
 from trainer_support import SPLIT, one_torch_thread
 
 from feedloop.core.checkpoint import load_checkpoint
+from feedloop.core.diversity import diversity
 from feedloop.core.evaluation import keyword_inclusion, perplexity
-from feedloop.core.policy import Policy
+from feedloop.core.policy import Policy, SampleRequest
+from feedloop.core.sampling import SamplingParams
 from feedloop.trainer import gate as gate_module
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.gate import Gate, GateReport
@@ -204,3 +206,45 @@ def test_every_report_carries_keyword_inclusion_of_candidate_and_live_on_one_see
     # the round's seed does not move it (the same draws for every version), live's is kept
     assert second["keyword_inclusion_candidate"] == first["keyword_inclusion_candidate"]
     assert sum(p is new_live for p in measured) == 1
+
+
+@pytest.mark.parametrize(
+    ("floor", "figure", "words"),
+    [
+        ("gate_min_sampled_entropy_nats", "candidate_sampled_entropy_nats", "sampled entropy"),
+        ("gate_min_distinct_share", "candidate_distinct_phrase_share", "distinct-phrase share"),
+    ],
+)
+def test_each_diversity_floor_passes_a_figure_at_it_and_alone_refuses_one_below(
+    setting: dict[str, Any], floor: str, figure: str, words: str
+) -> None:
+    measured = setting[figure]
+    assert measured > 0
+    at_floor = evaluate(setting, **{floor: measured})
+    assert at_floor.passed, at_floor.reasons
+    below = evaluate(setting, **{floor: math.nextafter(measured, math.inf)})
+    assert not below.passed
+    (refusal,) = refusals(below)
+    assert refusal.startswith("collapsing: " + words) and "on its own samples" in refusal
+
+
+def test_the_diversity_figures_are_those_of_four_seeded_samples_per_prompt(
+    setting: dict[str, Any],
+) -> None:
+    gate: Gate = setting["gate"]
+    candidate: Policy = setting["candidate"]
+    prompts = gate.diversity_prompts
+    assert prompts == gate.kl_prompts[: setting["config"].gate_diversity_prompts]
+    requests = [
+        SampleRequest(
+            candidate.encode_prompt(p), SamplingParams(max_tokens=16, seed=i), num_candidates=4
+        )
+        for i, p in enumerate(prompts)
+    ]
+    samples = [s for outs in candidate.sample(requests) for s in outs]
+    expected = diversity(
+        [candidate.decode(s.token_ids) for s in samples],
+        [sum(s.behaviour_logprobs) for s in samples],
+    )
+    assert setting["candidate_sampled_entropy_nats"] == expected.sampled_entropy_nats
+    assert setting["candidate_distinct_phrase_share"] == expected.distinct_phrase_share

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,9 +19,14 @@ from feedloop.core.corpus import load_phrases
 from feedloop.core.gru import GRUConfig, GRUPolicy
 from feedloop.core.policy import SampleRequest
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.store.base import GenerationRecord
+from feedloop.core.store.base import SERVED_EXPLORATION, GenerationRecord
 from feedloop.core.tokenizer import EOS_ID, Tokenizer
-from feedloop.trainer.gate import kl_to_reference, off_policy_values, served_logprobs
+from feedloop.trainer.gate import (
+    kl_to_reference,
+    off_policy_values,
+    served_logprobs,
+    target_params,
+)
 from feedloop.trainer.reward_model import Calibration, FittedRewardModel, RewardModel
 
 TOKENIZER = Tokenizer.build(load_phrases())
@@ -164,3 +170,24 @@ def test_doubly_robust_adds_the_weighted_residuals_of_the_logged_rewards() -> No
     # stderr = sample sd of the terms / sqrt(n)
     stderr = float(rewards.std(unbiased=True)) / math.sqrt(8)
     assert values["dr"]["ci_high"] - values["dr"]["value"] == pytest.approx(1.96 * stderr, rel=1e-3)
+
+
+def test_an_explored_record_is_valued_as_the_target_serves_by_default() -> None:
+    # The server sampled it at its exploration parameters (the behaviour); the request itself
+    # left sampling to the server, so the target policy would have served it at the defaults.
+    served = policy(seed=1)
+    explored = SamplingParams(temperature=2.5, top_k=5, top_p=0.9, max_tokens=6, seed=7)
+    [record] = records(served, [explored])
+    record = replace(record, served_as=SERVED_EXPLORATION)
+    assert target_params(record) == SamplingParams(max_tokens=6, seed=7)
+    scored_default = replace(
+        record, served_as="live", sampling=SamplingParams(max_tokens=6, seed=7).to_dict()
+    )
+    assert served_logprobs(served, [record]).tolist() == pytest.approx(
+        served_logprobs(served, [scored_default]).tolist(), abs=1e-6
+    )
+    assert sum(record.behaviour_logprobs) != pytest.approx(
+        served_logprobs(served, [record]).item(), abs=1e-3
+    )
+    live = replace(record, served_as="live")
+    assert target_params(live) == explored

@@ -30,6 +30,7 @@ from feedloop.core.store import (
     VersionOutcomes,
     open_store,
 )
+from feedloop.core.store.base import SERVED_EXPLORATION
 from feedloop.core.store.outcomes import ShadowEvidence
 from feedloop.core.store.schema import LATEST_VERSION
 
@@ -494,3 +495,25 @@ def test_size_bytes_is_what_the_store_takes_on_disk_and_grows_with_it(store: Rep
     assert empty > 0  # the schema's tables and indexes
     store.append_generations([generation(f"g{i}") for i in range(2000)])
     assert store.size_bytes() > empty + 2000 * 100  # each row well over 100 bytes
+
+
+def test_online_outcomes_leave_out_generations_served_for_exploration(store: ReplayStore) -> None:
+    # A version's online figures are its own policy's: a canary is never explored, so counting
+    # live's exploration traffic would tilt every trial towards the canary.
+    store.append_generations(
+        [
+            generation("own", version="v1"),
+            dataclasses.replace(generation("explored", version="v1"), served_as=SERVED_EXPLORATION),
+            generation("rival", version="v2"),
+        ]
+    )
+    store.insert_feedback(
+        [
+            judged("e1", "rating", ["own"], 100.0, score=1.0, scale="unit"),
+            judged("e2", "rating", ["explored"], 101.0, score=0.0, scale="unit"),
+            judged("e3", "comparison", ["rival", "explored"], 102.0),
+        ]
+    )
+    outcomes = store.online_outcomes(0.0)
+    assert (outcomes["v1"].ratings, outcomes["v1"].rating_sum) == (1, 1.0)
+    assert outcomes["v1"].losses == {} and outcomes.get("v2", None) is None

@@ -61,13 +61,16 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_gate_checks.py",
         "tests/test_trainer_gate.py",
         "tests/test_gate_estimates.py",
+        "tests/test_learning_knobs.py",
     ),
-    "trainer/signals.py": ("tests/test_heldout_isolation.py",),
+    "trainer/signals.py": ("tests/test_heldout_isolation.py", "tests/test_exploration_learning.py"),
     "trainer/rewards.py": (
         "tests/test_rewards.py",
         "tests/test_heldout_isolation.py",
         "tests/test_reward_model.py",
+        "tests/test_learning_knobs.py",
     ),
+    "trainer/shaping.py": ("tests/test_learning_knobs.py",),
     "trainer/reward_model.py": (
         "tests/test_reward_model_score.py",
         "tests/test_reward_model.py",

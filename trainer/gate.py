@@ -20,7 +20,8 @@ Three checks, every figure reported whatever the outcome:
    candidates each a little worse than its parent would pass every gate while reward drifts
    down. Importance weights are those of the distribution the server sampled from (each
    record's temperature/top-k/top-p applied to the target policy) over the logged behaviour
-   log-probs.
+   log-probs; for a record served for exploration the target serves with the defaults the
+   request left to the server, the behaviour with the exploration parameters.
 """
 
 from __future__ import annotations
@@ -35,15 +36,18 @@ import torch
 
 from feedloop.core import sampling
 from feedloop.core.corpus import prompt_for
+from feedloop.core.diversity import Diversity, diversity
 from feedloop.core.evaluation import keyword_inclusion, perplexity
 from feedloop.core.policy import Policy, SampleRequest, TokenBatch, token_logprobs
 from feedloop.core.sampling import SamplingParams
-from feedloop.core.store.base import GenerationRecord
+from feedloop.core.store.base import SERVED_EXPLORATION, GenerationRecord
 from feedloop.trainer import rl_math
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.reward_model import FittedRewardModel
 
 DR_TARGET_SAMPLES = 2  # samples per held-out prompt for the direct-method term
+# Samples per prompt for the diversity figures: a collapse shows as one phrase for a prompt.
+DIVERSITY_CANDIDATES = 4
 
 
 @dataclass
@@ -94,13 +98,64 @@ def kl_to_reference(
 
 
 @torch.no_grad()
+def sampled_diversity(
+    policy: Policy, prompts: Sequence[str], seed: int, max_tokens: int = 16
+) -> Diversity:
+    """Diversity of `policy`'s own samples (temperature 1): DIVERSITY_CANDIDATES per prompt."""
+    requests = [
+        SampleRequest(
+            policy.encode_prompt(p),
+            SamplingParams(max_tokens=max_tokens, seed=seed + i),
+            num_candidates=DIVERSITY_CANDIDATES,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    samples = [s for outs in policy.sample(requests) for s in outs]
+    return diversity(
+        [policy.decode(s.token_ids) for s in samples], [sum(s.behaviour_logprobs) for s in samples]
+    )
+
+
+def diversity_refusal(figures: Diversity, config: TrainConfig) -> str | None:
+    """Why a candidate whose samples are below the declared diversity floor is refused (a
+    collapse onto a few phrases), or None."""
+    problems = []
+    if not figures.sampled_entropy_nats >= config.gate_min_sampled_entropy_nats:
+        problems.append(
+            f"sampled entropy {figures.sampled_entropy_nats:.3f} nats per phrase (floor "
+            f"{config.gate_min_sampled_entropy_nats})"
+        )
+    if not figures.distinct_phrase_share >= config.gate_min_distinct_share:
+        problems.append(
+            f"distinct-phrase share {figures.distinct_phrase_share:.3f} (floor "
+            f"{config.gate_min_distinct_share})"
+        )
+    if not problems:
+        return None
+    return "collapsing: " + " and ".join(problems) + " on its own samples"
+
+
+def target_params(record: GenerationRecord) -> SamplingParams:
+    """How a target policy would serve the record's request: with its logged parameters, except
+    that an explored request left sampling to the server, whose own parameters are the defaults
+    (the exploration parameters are the behaviour's, not the policy's)."""
+    params = SamplingParams.from_dict(record.sampling)
+    if record.served_as == SERVED_EXPLORATION:
+        default = SamplingParams()
+        return replace(
+            params, temperature=default.temperature, top_k=default.top_k, top_p=default.top_p
+        )
+    return params
+
+
+@torch.no_grad()
 def served_logprobs(policy: Policy, records: Sequence[GenerationRecord]) -> torch.Tensor:
     """Sequence log-probs of logged outputs under `policy` as served with each record's params."""
     batch = TokenBatch.from_lists([r.prompt_ids for r in records], [r.output_ids for r in records])
     logits = policy.teacher_forced(batch).logits
     b, t, v = logits.shape
 
-    params = [SamplingParams.from_dict(r.sampling) for r in records]
+    params = [target_params(r) for r in records]
 
     def per_token(values: list[float] | list[int]) -> torch.Tensor:
         return torch.tensor(values).repeat_interleave(t)
@@ -126,7 +181,7 @@ def direct_method(
     requests = [
         SampleRequest(
             r.prompt_ids,
-            replace(SamplingParams.from_dict(r.sampling), seed=seed + i),
+            replace(target_params(r), seed=seed + i),
             num_candidates=DR_TARGET_SAMPLES,
         )
         for i, r in enumerate(records)
@@ -172,6 +227,7 @@ class Gate:
             raise ValueError("the corpus test split has no phrase with a keyword")
         prompts = [p for p, _ in self.pairs]
         self.kl_prompts = [prompts[i % len(prompts)] for i in range(config.gate_kl_prompts)]
+        self.diversity_prompts = self.kl_prompts[: config.gate_diversity_prompts]
         self.reference_perplexity = perplexity(reference, self.pairs)
         self._live_cache: tuple[int, float, float] | None = None
 
@@ -236,6 +292,14 @@ class Gate:
         if not kl["kl_k3"] <= c.gate_max_kl:
             passed = False
             reasons.append(f"KL to reference {kl['kl_k3']:.3f} nats (limit {c.gate_max_kl})")
+
+        spread = sampled_diversity(candidate, self.diversity_prompts, seed)
+        figures["candidate_sampled_entropy_nats"] = spread.sampled_entropy_nats
+        figures["candidate_distinct_phrase_share"] = spread.distinct_phrase_share
+        collapse = diversity_refusal(spread, c)
+        if collapse is not None:
+            passed = False
+            reasons.append(collapse)
 
         figures["ope_heldout"] = len(heldout)
         if len(heldout) >= c.gate_min_ope_samples:

@@ -201,6 +201,57 @@ class TrainerMetrics:
             "Versions whose weights this trainer's registry retention deleted",
             registry=r,
         )
+        self._declare_learning_knobs(r)
+
+    def _declare_learning_knobs(self, r: CollectorRegistry) -> None:
+        """Series of exploration, rebalancing, shaping and diversity (issues 14 and 21)."""
+        self.candidate_sampled_entropy = Gauge(
+            PREFIX + "candidate_sampled_entropy_nats",
+            "Mean -log p(phrase) of the last candidate's own samples (the gate's diversity)",
+            registry=r,
+        )
+        self.candidate_distinct_share = Gauge(
+            PREFIX + "candidate_distinct_phrase_share",
+            "Distinct phrases / phrases among the last candidate's own samples",
+            registry=r,
+        )
+        self.reward_by_arm = Gauge(
+            PREFIX + "window_mean_rating_by_arm",
+            "Mean rating of the last window's rated generations by how they were served "
+            "(exploration, policy): the gap is exploration's cost in served reward",
+            ["arm"],
+            registry=r,
+        )
+        self.balance_weight = Gauge(
+            PREFIX + "balance_weight",
+            "Rebalancing weight of each rating class and feedback kind in the last window",
+            ["group", "label"],
+            registry=r,
+        )
+        self.shaping_contribution = Gauge(
+            PREFIX + "shaping_mean_contribution",
+            "Mean reward added by each declared shaping term in the last round",
+            ["term"],
+            registry=r,
+        )
+
+    def observe_learning_knobs(self, figures: dict[str, Any]) -> None:
+        for key, gauge in (
+            ("candidate_sampled_entropy_nats", self.candidate_sampled_entropy),
+            ("candidate_distinct_phrase_share", self.candidate_distinct_share),
+        ):
+            value = figures.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                gauge.set(value)
+        for arm, report in (figures.get("reward_by_arm") or {}).items():
+            mean = report.get("mean_rating")
+            if isinstance(mean, float) and math.isfinite(mean):
+                self.reward_by_arm.labels(arm).set(mean)
+        for group in ("rating_class", "feedback_kind"):
+            for label, weight in (figures.get(f"{group}_weights") or {}).items():
+                self.balance_weight.labels(group, label).set(weight)
+        for term, report in (figures.get("shaping") or {}).items():
+            self.shaping_contribution.labels(term).set(report["mean_contribution"])
 
     def observe_version(self, version: str, figures: dict[str, Any]) -> None:
         """A published version's automatic evaluation, by version; the oldest label goes once
@@ -279,3 +330,4 @@ class TrainerMetrics:
             self.gate_decisions.labels("pass" if figures["gate_passed"] else "refuse").inc()
         for phase, seconds in (figures.get("phase_seconds") or {}).items():
             self.phase_seconds.labels(phase).set(seconds)
+        self.observe_learning_knobs(figures)

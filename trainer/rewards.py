@@ -7,17 +7,22 @@ The trainer's one owner of what feedback means:
 - comparisons, rankings (every pair they imply), corrections (the corrected phrase over the
   original) and ratings of candidates of one request (the better rated over the worse) become
   preference pairs for the Bradley-Terry reward model;
-- corrections also become supervised targets.
+- corrections also become supervised targets;
+- declared rebalancing: rating classes (liked, disliked, neutral) and feedback kinds reweighted
+  by inverse frequency to a declared power, and training data discounted by a declared half-life;
+- the window's ratings by arm (exploration or policy): exploration's cost in served reward.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from feedloop.core.feedback_kinds import normalise_rating
-from feedloop.core.store.base import FeedbackRecord, GenerationRecord
+from feedloop.core.store.base import SERVED_EXPLORATION, FeedbackRecord, GenerationRecord
 
 # A rating pair is formed only when two ratings differ by at least this much on [-1, 1]: a
 # smaller gap is within the noise of one user's hand.
@@ -31,6 +36,7 @@ def event_time(event: FeedbackRecord) -> float:
 
 # An event's identity: its id is unique only within its client (tenant), whose ids are its own.
 EventKey = tuple[str, str]
+Item = TypeVar("Item", bound=Hashable)
 
 
 def event_key(event: FeedbackRecord) -> EventKey:
@@ -231,3 +237,108 @@ def feedback_kinds(events: Iterable[FeedbackRecord]) -> dict[str, int]:
     for e in events:
         counts[e.kind] += 1
     return dict(counts)
+
+
+def rating_class(event: FeedbackRecord) -> str | None:
+    """A rating's class, from its normalised value: liked (> 0), disliked (< 0) or neutral;
+    None for any other kind of event."""
+    if event.kind != "rating" or event.score is None:
+        return None
+    value = normalise_rating(event.score, event.scale)
+    return "liked" if value > 0 else "disliked" if value < 0 else "neutral"
+
+
+def balance_weights(
+    labels: Mapping[Item, str], power: float
+) -> tuple[dict[Item, float], dict[str, float]]:
+    """Inverse-frequency weights of labelled items: (per item, per label).
+
+    Label c of K present, held by n_c of N items, weighs (N / (K n_c)) ** power: at power 1
+    every label carries the same total weight (the "balanced" class weights of King and Zeng
+    2001, as scikit-learn computes them), at 0 nothing changes, in between a tempered mix. The
+    total weight stays N at power 1 and 0.
+    """
+    counts: dict[str, int] = defaultdict(int)
+    for label in labels.values():
+        counts[label] += 1
+    n, k = len(labels), len(counts)
+    per_label = {label: (n / (k * count)) ** power for label, count in counts.items()}
+    return {item: per_label[label] for item, label in labels.items()}, per_label
+
+
+def rebalanced_weights(
+    events: Sequence[FeedbackRecord],
+    weights: Mapping[EventKey, float],
+    *,
+    rating_class_power: float,
+    kind_power: float,
+) -> tuple[dict[EventKey, float], dict[str, Any]]:
+    """Event weights (by event_key) times the rating-class and feedback-kind balance weights,
+    and the report: each class's and kind's count and weight."""
+    classes = {event_key(e): c for e in events if (c := rating_class(e)) is not None}
+    by_class, class_weights = balance_weights(classes, rating_class_power)
+    by_kind, kind_weights = balance_weights({event_key(e): e.kind for e in events}, kind_power)
+    out = {
+        event_key(e): weights.get(event_key(e), 1.0)
+        * by_class.get(event_key(e), 1.0)
+        * by_kind[event_key(e)]
+        for e in events
+    }
+    report = {
+        "rating_classes": _counts(classes.values()),
+        "rating_class_weights": class_weights,
+        "feedback_kind_weights": kind_weights,
+    }
+    return out, report
+
+
+def _counts(labels: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for label in labels:
+        counts[label] += 1
+    return dict(counts)
+
+
+def reward_by_arm(
+    rated: Mapping[str, RatedGeneration], generations: Mapping[str, GenerationRecord]
+) -> dict[str, dict[str, float]]:
+    """Mean rating of the window's rated generations by how they were served: exploration (the
+    server's exploration share) or policy (everything else). The gap is exploration's cost in
+    served reward."""
+    sums: dict[str, list[float]] = {"exploration": [], "policy": []}
+    for gid, r in rated.items():
+        g = generations.get(gid)
+        if g is not None:
+            sums["exploration" if g.served_as == SERVED_EXPLORATION else "policy"].append(r.reward)
+    return {
+        arm: {
+            "rated": len(values),
+            "mean_rating": sum(values) / len(values) if values else math.nan,
+        }
+        for arm, values in sums.items()
+    }
+
+
+def age_weights(
+    generations: Sequence[GenerationRecord], half_life_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-generation weights 0.5 ** (age / half_life_s), age counted back from the window's
+    newest generation (so no clock is read), and the report; half_life_s 0: every weight 1.
+
+    The discounted evidence of non-stationary bandits (discounted UCB, Garivier and Moulines
+    2011) applied to training data: after users' taste moves, what they said before the move
+    fades instead of outvoting what they say now.
+    """
+    if not generations:
+        return {}, {}
+    newest = max(g.created_at for g in generations)
+    weights = {
+        g.generation_id: 0.5 ** ((newest - g.created_at) / half_life_s) if half_life_s > 0 else 1.0
+        for g in generations
+    }
+    values = list(weights.values())
+    return weights, {
+        "half_life_s": half_life_s,
+        "mean_weight": sum(values) / len(values),
+        "min_weight": min(values),
+    }

@@ -23,12 +23,16 @@ from feedloop.trainer.reward_model import (
 )
 from feedloop.trainer.rewards import (
     CorrectionTarget,
+    age_weights,
     client_weights,
     correction_targets,
     feedback_kinds,
     preference_pairs,
     rated_generations,
+    rebalanced_weights,
+    reward_by_arm,
 )
+from feedloop.trainer.shaping import shaped_rewards
 
 # Fewer held-out pairs than this cannot judge the reward model; it is used on trust then.
 RM_MIN_HELDOUT_PAIRS = 10
@@ -63,8 +67,15 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
     figures["feedback_by_kind"] = kinds
     if len(kinds) == 1:
         notes.append(f"only {next(iter(kinds))} feedback in the window")
-    weights = client_weights(window.events, c.client_share_cap)
+    weights, balance = rebalanced_weights(
+        window.events,
+        client_weights(window.events, c.client_share_cap),
+        rating_class_power=c.rating_class_balance,
+        kind_power=c.feedback_kind_balance,
+    )
+    figures.update(balance)
     rated = rated_generations(window.events, weights, c.aggregation)
+    figures["reward_by_arm"] = reward_by_arm(rated, window.generations)
     pairs = preference_pairs(window.events, window.generations, weights, rated)
     # The gate's off-policy test set: rated generations held out by id. Nothing fitted this
     # round (reward model, calibration, policy) sees them.
@@ -130,6 +141,11 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
         else:
             sources["left-out"] += 1
     figures["reward_sources"] = sources
+    ages, figures["data_age_weights"] = age_weights([g for g, _, _ in examples], c.data_half_life_s)
+    examples = [(g, r, w * ages[g.generation_id]) for g, r, w in examples]
+    # Shaping is added last, to every training reward whatever its source; the held-out
+    # ratings below stay the users' own: the gate judges by what users said.
+    examples, figures["shaping"] = shaped_rewards(examples, c.shaping_terms)
     heldout = [
         (g, rated[g.generation_id].reward)
         for g in window.generations.values()

@@ -44,8 +44,9 @@ if TYPE_CHECKING:  # both import torch, which reading and writing records never 
 
 
 # Why a generation's model version served it (GenerationRecord.served_as): the live version, the
-# version on canary trial for its share of the traffic, the version the request named, or
-# (reserved) an exploration policy. Stored rows from before it was recorded hold "".
+# version on canary trial for its share of the traffic, the version the request named, or the live
+# version sampled with the server's exploration parameters (feedloop.core.exploration). Stored
+# rows from before it was recorded hold "".
 SERVED_LIVE, SERVED_CANARY, SERVED_PINNED, SERVED_EXPLORATION = (
     "live",
     "canary",

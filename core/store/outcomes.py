@@ -10,6 +10,9 @@ the rows here, so the two backends count alike:
   first, implies n(n-1)/2) whose two generations were served by different versions is a win for
   one version against the other. Pairs within one version say nothing about versions.
 Corrections rate nothing and are left out.
+Generations served for exploration (served_as "exploration": the live version sampled with the
+server's exploration parameters) are left out too: a version's online figures are those of its
+own policy, and a canary is never explored, so counting them would tilt every trial towards it.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import (
+    SERVED_EXPLORATION,
     ErasureRecord,
     ErasureTarget,
     FeedbackRecord,
@@ -503,9 +504,10 @@ class PostgresStore(ReplayStore):
             "FROM feedback CROSS JOIN LATERAL unnest(feedback.generation_ids) "
             "WITH ORDINALITY AS ids(generation_id, position) "
             "JOIN generations ON generations.generation_id = ids.generation_id "
-            "WHERE feedback.kind = ANY(%s::text[]) AND feedback.received_at >= %s"
+            "WHERE feedback.kind = ANY(%s::text[]) AND feedback.received_at >= %s "
+            "AND generations.served_as <> %s"
         )
-        params: list[Any] = [list(JUDGING_KINDS), since]
+        params: list[Any] = [list(JUDGING_KINDS), since, SERVED_EXPLORATION]
         if until is not None:
             sql += " AND feedback.received_at < %s"
             params.append(until)

@@ -32,6 +32,7 @@ from feedloop.core.errors import StoreFullError, StoreUnavailableError
 from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.store.base import (
+    SERVED_EXPLORATION,
     ErasureRecord,
     ErasureTarget,
     FeedbackRecord,
@@ -778,9 +779,9 @@ class SQLiteStore(ReplayStore):
             "FROM feedback, json_each(feedback.generation_ids) AS ids "
             "JOIN generations ON generations.generation_id = ids.value "
             f"WHERE feedback.kind IN ({', '.join('?' * len(JUDGING_KINDS))}) "
-            "AND feedback.received_at >= ?"
+            "AND feedback.received_at >= ? AND generations.served_as <> ?"
         )
-        params: list[Any] = [*JUDGING_KINDS, since]
+        params: list[Any] = [*JUDGING_KINDS, since, SERVED_EXPLORATION]
         if until is not None:
             sql += " AND feedback.received_at < ?"
             params.append(until)

@@ -320,7 +320,9 @@ class GenerateResponse(_message.Message):
     """The seed actually used (the client's, or the one the server picked)."""
     served_as: _builtins.str
     """Why model_version served this request: "live" (the live version), "canary" (the version on
-    canary trial, for its share of the traffic) or "pinned" (the request named model_version).
+    canary trial, for its share of the traffic), "pinned" (the request named model_version) or
+    "exploration" (the live version sampled with the server's exploration parameters, for its
+    explore_share of the requests that left sampling to the server).
     """
     reply_id: _builtins.str
     """The server's id of this reply, unique whatever request_id the client chose. A ranking must
