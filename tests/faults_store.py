@@ -18,8 +18,10 @@ from feedloop.core.errors import StoreUnavailableError
 from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.store.base import (
     ErasureRecord,
+    ErasureTarget,
     FeedbackRecord,
     GenerationRecord,
+    PrunedRows,
     ReplayStore,
     ShadowScore,
 )
@@ -184,6 +186,36 @@ class SlowStore(ReplayStore):
 
     def erasures(self) -> list[ErasureRecord]:
         return self.inner.erasures()
+
+    def erase_rows(
+        self, target: ErasureTarget, *, requested_by: str, now: float, archive_rows: int
+    ) -> ErasureRecord:
+        return self.inner.erase_rows(
+            target, requested_by=requested_by, now=now, archive_rows=archive_rows
+        )
+
+    def generation_ages(
+        self, after_seq: int, upto_seq: int, limit: int
+    ) -> list[tuple[int, str, float]]:
+        return self.inner.generation_ages(after_seq, upto_seq, limit)
+
+    def delete_pruned(
+        self, generation_ids: Sequence[str], events: Sequence[FeedbackRecord], archive: str | None
+    ) -> PrunedRows:
+        self._slow()
+        return self.inner.delete_pruned(generation_ids, events, archive)
+
+    def register_archive(self, path: str, now: float) -> None:
+        self.inner.register_archive(path, now)
+
+    def maintenance_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self.inner.maintenance_lock()
+
+    def archives(self) -> list[str]:
+        return self.inner.archives()
+
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        return self.inner.cursors()
 
     def insert_verdict(self, record: VerdictRecord) -> bool:
         self._slow()

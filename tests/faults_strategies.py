@@ -65,9 +65,12 @@ def generate_requests(allow_nul: bool) -> st.SearchStrategy[pb.GenerateRequest]:
         ),
         prompt=st.one_of(text, st.just(""), st.just("ocean sunrise")),
         n=st.one_of(st.integers(-2, 10), INT32),
-        temperature=floats32(),
+        # Edge floats, and values a real caller sends (0 greedy, below the lowest valid
+        # temperature, typical): with edge values alone a valid request became rare once
+        # temperatures under the documented floor were refused.
+        temperature=st.one_of(floats32(), st.sampled_from([0.0, 0.001, 0.7, 1.0, 1.5])),
         top_k=small_or_any,
-        top_p=floats32(),
+        top_p=st.one_of(floats32(), st.sampled_from([0.0, 0.5, 0.9, 1.0])),
         max_tokens=small_or_any,
         seed=st.integers(0, 2**64 - 1),
         version=st.one_of(st.just(""), st.just("v0001"), st.just("v9999"), text),

@@ -127,10 +127,9 @@ class Fleet:
 
     async def rate(self, client: AsyncFeedloopClient, gid: str, worker: random.Random) -> None:
         event_id = uuid.uuid4().hex
+        score = worker.choice((0.0, 1.0))
         try:
-            result = await client.rate(
-                gid, worker.choice((0.0, 1.0)), scale="thumbs", event_id=event_id
-            )
+            result = await client.rate(gid, score, scale="thumbs", event_id=event_id)
         except FeedloopClientError as exc:
             if exc.code == grpc.StatusCode.NOT_FOUND:
                 self.ledger.not_found.append((gid, time.monotonic()))
@@ -143,7 +142,8 @@ class Fleet:
         self.ledger.acked[event_id] = gid
         if worker.random() < 0.2:  # a client retrying an acknowledged event elsewhere
             try:
-                again = await client.rate(gid, 1.0, scale="thumbs", event_id=event_id)
+                # the same event (a different body under the same id is ALREADY_EXISTS)
+                again = await client.rate(gid, score, scale="thumbs", event_id=event_id)
             except FeedloopClientError as exc:
                 self.ledger.failures[f"resend {exc.code.name}"] += 1
                 return
