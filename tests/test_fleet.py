@@ -103,7 +103,12 @@ class Ledger:
     generated: dict[str, float] = field(default_factory=dict)  # generation_id -> monotonic time
     not_found: list[tuple[str, float]] = field(default_factory=list)  # (generation_id, time)
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    failed_at: list[float] = field(default_factory=list)  # monotonic time of each failure
     cross_replica_feedback: int = 0  # pair workers: generated on one replica, rated on the next
+
+    def fail(self, what: str) -> None:
+        self.failures[what] += 1
+        self.failed_at.append(time.monotonic())
 
 
 class Fleet:
@@ -134,7 +139,7 @@ class Fleet:
             if exc.code == grpc.StatusCode.NOT_FOUND:
                 self.ledger.not_found.append((gid, time.monotonic()))
             else:
-                self.ledger.failures[f"rate {exc.code.name}"] += 1
+                self.ledger.fail(f"rate {exc.code.name}")
             return
         # `duplicate` on a first call: an attempt was stored but its ack lost (the replica was
         # killed), and the client's retry, with the same event_id, was told so. Acknowledged.
@@ -145,7 +150,7 @@ class Fleet:
                 # the same event (a different body under the same id is ALREADY_EXISTS)
                 again = await client.rate(gid, score, scale="thumbs", event_id=event_id)
             except FeedloopClientError as exc:
-                self.ledger.failures[f"resend {exc.code.name}"] += 1
+                self.ledger.fail(f"resend {exc.code.name}")
                 return
             assert again.outcome == "duplicate"
             self.ledger.duplicates_acked += 1
@@ -154,7 +159,7 @@ class Fleet:
         try:
             reply = await client.generate(worker.choice(PROMPTS), n=2, routing_key=uuid.uuid4().hex)
         except FeedloopClientError as exc:
-            self.ledger.failures[f"generate {exc.code.name}"] += 1
+            self.ledger.fail(f"generate {exc.code.name}")
             await asyncio.sleep(0.05)
             return []
         now = time.monotonic()
@@ -318,7 +323,8 @@ async def test_a_fleet_of_three_replicas_keeps_every_promise_under_load(
         await loop.run_in_executor(
             fleet.starter, functools.partial(victim.start, die_with_parent=False)
         )
-        back_s = time.monotonic() - killed_at
+        back_at = time.monotonic()
+        back_s = back_at - killed_at
         print(f"\nfleet: replica {victim.index} SIGKILLed, serving again after {back_s:.1f} s")
         fleet.down.discard(victim.index)
         await asyncio.sleep(3)
@@ -383,5 +389,8 @@ async def test_a_fleet_of_three_replicas_keeps_every_promise_under_load(
     for gid, when in ledger.not_found:
         assert gid not in stored, f"NOT_FOUND for {gid}, which the store holds"
         assert killed_at - 2.0 <= ledger.generated[gid] <= killed_at + 0.5, (gid, when)
-    # Failures (no ack: the client knows) only around the kill and restart.
-    assert ledger.failures.total() < 100, ledger.failures
+    # Failures (no ack: the client knows) only while the replica is down, and the few seconds
+    # its clients' channels take to reconnect (gRPC's retries, at most 5 attempts, span about a
+    # second, less than a restart, so calls pinned to the victim fail meanwhile).
+    outside = [t - killed_at for t in ledger.failed_at if not killed_at <= t <= back_at + 5.0]
+    assert outside == [], (outside, ledger.failures)
