@@ -77,6 +77,8 @@ CONSOLE_CHECK = IMPORT_CHECK.replace(
 
 def test_console_imports_with_torch_and_numpy_blocked():
     """The console is a client: with its extra (aiohttp) it runs where torch is not installed."""
+    # CI's venv at the client's dependency floors has the client alone, not the console extra.
+    pytest.importorskip("aiohttp", reason="the console extra (aiohttp) is not installed")
     assert CONSOLE_CHECK != IMPORT_CHECK
     result = subprocess.run(
         [sys.executable, "-c", CONSOLE_CHECK.format(blocked=BLOCKED)],
