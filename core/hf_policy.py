@@ -34,6 +34,7 @@ from feedloop.core.policy import (
     SampledOutput,
     SampleRequest,
     TokenBatch,
+    draw_step,
     nonempty_prompt,
     pad,
 )
@@ -184,18 +185,12 @@ class HFCausalPolicy(Policy):
                 out = self._run(token.unsqueeze(1), mask, position.unsqueeze(1), cache)
                 logits = self._policy_logits(out.logits[:, -1])
                 position = position + 1
-            probs = sampling.sampling_probs(logits, temperature, top_k, top_p)
-            token = sampling.draw(probs, uniforms[:, t])
-            chosen = token.unsqueeze(1)
-            picked = probs.gather(1, chosen).squeeze(1).log()
+            token, picked, picked_raw = draw_step(
+                logits, temperature, top_k, top_p, uniforms[:, t], unfiltered
+            )
             tokens[running, t] = token
             behaviour[running, t] = picked
-            if unfiltered:
-                raw[running, t] = picked
-            else:
-                raw[running, t] = (
-                    logits.gather(1, chosen) - logits.logsumexp(-1, keepdim=True)
-                ).squeeze(1)
+            raw[running, t] = picked_raw
             ended = token == EOS_ID
             finished = ended | (max_tokens <= t)
             if bool(finished.any()):

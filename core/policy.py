@@ -174,6 +174,28 @@ def sampled_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     return logprobs.reshape(b, t, v)
 
 
+def draw_step(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+    unfiltered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoding step of every running row, for every policy: (token drawn, its behaviour
+    log-probability under the tempered and filtered distribution it was drawn from, its raw
+    log-probability under the untempered policy). One owner, so every architecture logs the
+    exact propensities the trainer's importance ratios divide by."""
+    probs = sampling.sampling_probs(logits, temperature, top_k, top_p)
+    token = sampling.draw(probs, uniforms)
+    chosen = token.unsqueeze(1)
+    behaviour = probs.gather(1, chosen).squeeze(1).log()
+    if unfiltered:  # temperature 1, no filter: the two distributions are the same
+        return token, behaviour, behaviour
+    raw = (logits.gather(1, chosen) - logits.logsumexp(-1, keepdim=True)).squeeze(1)
+    return token, behaviour, raw
+
+
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log p(token_ids[b, t]) from logits (B, T, V): shape (B, T)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
