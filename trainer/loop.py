@@ -69,13 +69,12 @@ from feedloop.trainer.decisions import (
     ROLL_BACK,
     WAIT,
     Verdict,
-    compared_versions,
-    judge_live,
     judge_trial,
     recent_versions,
     require_human_evaluation,
 )
 from feedloop.trainer.distributed import SharedUpdate
+from feedloop.trainer.evidence import bring_back_candidates, judge_live_now, made_live_at
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.mismatch import behaviour_mismatch
@@ -154,6 +153,8 @@ class Trainer:
         self.stop = stop or threading.Event()
         self.log = log
         self.clock = clock  # Unix seconds: the join window and the trials' ages are read on it
+        # Where the bring-back's looks begin when the history no longer says when live did.
+        self._started_at = clock()
         self.algorithm = make_algorithm(config)
         self._policies: dict[str, Policy] = {}
         self._gate: Gate | None = None
@@ -519,21 +520,24 @@ class Trainer:
                 verdict = require_human_evaluation(verdict, trial, now - since, evaluation, c)
             if verdict.action == PROMOTE and pointer.paused:
                 verdict = Verdict(WAIT, trial.version, f"paused: {verdict.reason}", verdict.figures)
-        else:
-            promoted_at = self._promoted_at(live)
-            if promoted_at is None or now - promoted_at >= c.watch_s:
-                return None
-            stack = [v for v in dict.fromkeys(pointer.previous) if v != live]
-            recent = self.store.online_outcomes(now - c.decision_lookback_s, versions=stack)
-            earlier = compared_versions(
-                pointer.previous,
-                live,
-                c.decision_recent_versions,
-                recent,
-                c.decision_min_ratings,
+        else:  # the watch, then bringing an older version back (trainer/evidence.py)
+            history = self.registry.history(limit=_PROMOTION_SEARCH_DECISIONS)
+            candidates = bring_back_candidates(
+                pointer, self.reference_version(live), self.registry.versions()
             )
-            mine = self.store.online_outcomes(promoted_at, versions=[live])[live]
-            verdict = judge_live(mine, now - promoted_at, [recent[v] for v in earlier], c)
+            found = made_live_at(history, live)
+            outcome = judge_live_now(
+                self.store,
+                pointer,
+                c,
+                now,
+                promoted_at=self._promoted_at(live),
+                live_since=found if found is not None else self._started_at,
+                candidates=candidates,
+            )
+            if outcome is None:
+                return None
+            verdict = outcome
         self.metrics.decisions.labels(verdict.action).inc()
         try:
             self._apply(verdict, live, trial is not None)
@@ -554,7 +558,11 @@ class Trainer:
             )
         else:
             self.registry.set_live(
-                verdict.version, reason=verdict.reason, action=ROLLED_BACK, expect_live=live
+                verdict.version,
+                reason=verdict.reason,
+                action=ROLLED_BACK,
+                expect_live=live,
+                details=figures,
             )
         self._report(
             f"decision: {verdict.action} {verdict.version} ({verdict.reason})",
