@@ -48,6 +48,20 @@ def explore_count(running, arm: str) -> float:
     return running.server.metrics.explore_requests.labels(arm)._value.get()
 
 
+async def explore_three(running) -> tuple[pb.GenerateResponse, dict[str, GenerationRecord]]:
+    """One eligible request for three candidates of 7 tokens, explored by v0001; its reply and
+    its logged generations."""
+    reply = await running.generation.Generate(
+        pb.GenerateRequest(
+            prompt="ocean sunrise", num_candidates=3, sampling=pb.SamplingParams(max_tokens=7)
+        ),
+        timeout=10,
+    )
+    assert (reply.model_version, reply.served_as) == ("v0001", "exploration")
+    await wait_until(lambda: running.server.generation_log.depth == 0)
+    return reply, running.store.get_generations([c.generation_id for c in reply.candidates])
+
+
 async def test_an_explored_request_is_logged_with_the_exploration_distributions_logprobs(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -56,15 +70,7 @@ async def test_an_explored_request_is_logged_with_the_exploration_distributions_
         tmp_path, explore_share=1.0, explore_temperature=1.7, explore_top_k=9, explore_top_p=0.9
     )
     async with running_server(config, registry=registry) as running:
-        reply = await running.generation.Generate(
-            pb.GenerateRequest(
-                prompt="ocean sunrise", num_candidates=3, sampling=pb.SamplingParams(max_tokens=7)
-            ),
-            timeout=10,
-        )
-        assert (reply.model_version, reply.served_as) == ("v0001", "exploration")
-        await wait_until(lambda: running.server.generation_log.depth == 0)
-        stored = running.store.get_generations([c.generation_id for c in reply.candidates])
+        reply, stored = await explore_three(running)
         assert explore_count(running, "exploration") == 1
         assert explore_count(running, "policy") == explore_count(running, "ineligible") == 0
         # Exploration is not what the policy serves: the diversity gauges leave it out.
@@ -196,15 +202,7 @@ async def test_an_older_version_explores_with_the_requests_own_parameters_and_is
     async with running_server(config, registry=registry) as running:
         live_model = running.server.live_model
         await wait_until(lambda: [m.version for m in live_model.explorers] == ["v0001"])
-        reply = await running.generation.Generate(
-            pb.GenerateRequest(
-                prompt="ocean sunrise", num_candidates=3, sampling=pb.SamplingParams(max_tokens=7)
-            ),
-            timeout=10,
-        )
-        assert (reply.model_version, reply.served_as) == ("v0001", "exploration")
-        await wait_until(lambda: running.server.generation_log.depth == 0)
-        stored = running.store.get_generations([c.generation_id for c in reply.candidates])
+        reply, stored = await explore_three(running)
         assert explore_count(running, "older_version") == 1
         assert explore_count(running, "exploration") == 0
         assert running.server.metrics.served_diversity.figures().samples == 0

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-from store_support import generation, rating
+from store_support import rate_version
 from trainer_support import Env, env, fast_config, one_torch_thread
 
 from feedloop.core.registry import ROLLED_BACK
-from feedloop.core.store import FeedbackRecord
 from feedloop.core.store.base import SERVED_EXPLORATION, SERVED_LIVE
 from feedloop.trainer.decisions import ROLL_BACK, WAIT
 from feedloop.trainer.loop import Trainer
@@ -38,19 +36,7 @@ def trainer(env: Env, **overrides: Any) -> Trainer:
 
 
 def rate(env: Env, version: str, scores: list[float], at: float, served_as: str) -> None:
-    ids = [f"{version}-{served_as}-{at:.0f}-{i}" for i in range(len(scores))]
-    env.store.append_generations(
-        [
-            dataclasses.replace(generation(g, version=version, t=at), served_as=served_as)
-            for g in ids
-        ]
-    )
-    events: list[FeedbackRecord] = []
-    for i, (gid, score) in enumerate(zip(ids, scores, strict=True)):
-        event = rating(f"e-{gid}", gid, score)
-        event.received_at = at + i * 1e-3
-        events.append(event)
-    env.store.insert_feedback(events)
+    rate_version(env.store, version, scores, at, served_as)
 
 
 def promote_second(env: Env, tiny_checkpoint: Path) -> float:
