@@ -550,3 +550,5 @@ def test_judged_rows_carry_receipt_time_and_served_as_for_discounted_explored_ta
     assert (outcomes["v1"].ratings, outcomes["v1"].rating_weight) == (2, 1.25)
     assert outcomes["v1"].weighted_rating_sum == 1.25 and outcomes["v2"].mean == -1.0
     assert store.online_outcomes(0.0, versions=["v1"])["v1"].ratings == 0  # not explored there
+    both = store.online_outcomes(0.0, versions=["v1"], discount=discount, explored=["v1"])
+    assert both["v1"] == outcomes["v1"]

@@ -13,6 +13,7 @@ from trainer_support import Env, env, fast_config, one_torch_thread
 from feedloop.core.registry import ROLLED_BACK
 from feedloop.core.store.base import SERVED_EXPLORATION, SERVED_LIVE
 from feedloop.trainer.decisions import ROLL_BACK, WAIT
+from feedloop.trainer.evidence import judge_live_now
 from feedloop.trainer.loop import Trainer
 
 __all__ = ["env", "one_torch_thread"]
@@ -82,7 +83,16 @@ def test_evidence_from_before_a_change_of_taste_fades_and_brings_nothing_back(
     assert verdict is not None and verdict.action == WAIT, verdict
     assert env.registry.live() == "v0002"
     assert verdict.figures["v0001"]["weight"] < 0.2
-    # without the discount the same stale ratings would bring v0001 back
+    # ... and so would they without the discount, unless they are from before a known change
+    undiscounted = fast_config(env.root, evidence_half_life_s=0.0, decision_min_ratings=50)
+    look = {
+        "promoted_at": None,
+        "live_since": promoted,
+        "candidates": ["v0001"],
+    }
+    pointer, now = env.registry.pointer(), promoted + LATER_S
+    cut = judge_live_now(env.store, pointer, undiscounted, now, not_before=promoted, **look)
+    assert cut is not None and cut.action == WAIT
     stale = trainer(env, evidence_half_life_s=0.0).decide()
     assert stale is not None and (stale.action, stale.version) == (ROLL_BACK, "v0001")
 

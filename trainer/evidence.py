@@ -15,7 +15,7 @@ from feedloop.core.discount import Discount
 from feedloop.core.registry import PROMOTED, ROLLED_BACK, Decision, LivePointer
 from feedloop.core.registry.pointer import unix_seconds
 from feedloop.core.store import ReplayStore
-from feedloop.core.store.outcomes import tally_outcomes
+from feedloop.core.store.outcomes import JudgedGeneration, tally_outcomes
 from feedloop.trainer.config import TrainConfig
 from feedloop.trainer.decisions import (
     WAIT,
@@ -65,22 +65,29 @@ def judge_live_now(
     promoted_at: float | None,
     live_since: float,
     candidates: Sequence[str],
+    not_before: float | None = None,
 ) -> Verdict | None:
     """With no trial running: the watch's verdict on a live version promoted less than watch_s
     ago, and when it waits, the bring-back verdict. None when there is nothing to judge.
 
     promoted_at: when live was promoted (None if it became live otherwise); live_since: when it
     became live by any route (the bring-back's looks begin there); candidates: the versions it
-    may bring back (bring_back_candidates)."""
+    may bring back (bring_back_candidates); not_before: ratings received earlier are left out
+    of both (e.g. from before a detected change of taste)."""
     live = pointer.live
     if live is None:
         return None
     c = config
+
+    def read(discount: Discount) -> list[JudgedGeneration]:
+        since = discount.cutoff_s(c.decision_lookback_s)
+        return store.judged_generations(since if not_before is None else max(since, not_before))
+
     stack = [v for v in dict.fromkeys(pointer.previous) if v != live]
     verdict: Verdict | None = None
     if promoted_at is not None and now - promoted_at < c.watch_s:
         discount = Discount(c.evidence_half_life_s, now, promoted_at)
-        judged = store.judged_generations(discount.cutoff_s(c.decision_lookback_s))
+        judged = read(discount)
         recent = tally_outcomes(judged, stack, discount=discount, explored=stack)
         earlier = compared_versions(
             pointer.previous, live, c.decision_recent_versions, recent, c.decision_min_ratings
@@ -93,7 +100,7 @@ def judge_live_now(
     if not c.bring_back or not candidates:
         return verdict
     discount = Discount(c.evidence_half_life_s, now, min(live_since, now))
-    judged = store.judged_generations(discount.cutoff_s(c.decision_lookback_s))
+    judged = read(discount)
     outcomes = tally_outcomes(judged, [live, *candidates], discount=discount, explored=candidates)
     brought = bring_back(outcomes[live], [outcomes[v] for v in candidates], c)
     if brought.action != WAIT and pointer.paused:
