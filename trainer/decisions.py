@@ -136,6 +136,7 @@ def judge_trial(
         "live": mean_rating(live, alpha).as_dict(),
         "candidate": mean_rating(candidate, alpha).as_dict(),
         "difference": difference.as_dict(),
+        "discounted": False,  # trials read undiscounted evidence (module docstring)
     }
     if not _enough(config, live, candidate):
         return _too_little(
@@ -217,6 +218,7 @@ def _judge_shadow(
         "margin": margin,
         "live": live_rating.as_dict(),
         "shadow": shadow.as_dict() if shadow is not None else None,
+        "discounted": False,
     }
     scored = shadow.n if shadow is not None else 0
     if shadow is None or scored < config.decision_min_ratings or not _enough(config, live):

@@ -86,7 +86,7 @@ def judge_live_now(
     stack = [v for v in dict.fromkeys(pointer.previous) if v != live]
     verdict: Verdict | None = None
     if promoted_at is not None and now - promoted_at < c.watch_s:
-        discount = Discount(c.evidence_half_life_s, now, promoted_at)
+        discount = Discount(c.evidence_half_life_s, now, min(promoted_at, now))
         judged = read(discount)
         recent = tally_outcomes(judged, stack, discount=discount, explored=stack)
         earlier = compared_versions(
