@@ -466,9 +466,10 @@ class TrainConfig:
     bring_back: bool = field(
         default=True,
         metadata=_help(
-            "with no trial running, make an older version (the reference, the latest and the "
-            "best on the rollback stack) live again when its discounted ratings, exploration "
-            "traffic included, are above live's with confidence 1 - decision_alpha"
+            "with no trial running, make an older version (the reference, or one on the "
+            "rollback stack with its weights still in the registry) live again when its "
+            "discounted ratings, exploration traffic included, are above live's with "
+            "confidence 1 - decision_alpha (split over those versions)"
         ),
     )
     # -------------------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ rollback stack's latest ones, and the best-rated one on the stack): if it is bel
 with confidence 1 - alpha (split evenly over the comparisons), the best such version is made
 live again.
 
-Bringing an older version back (bring_back, at any time, no trial running): live is compared
-with the older versions users can still judge now, the reference and the rollback stack's
-latest and best ones, on their ratings discounted by age (evidence_half_life_s,
-feedloop.core.discount), the older ones' including the exploration traffic the server gives
-them. If one rates above live with confidence 1 - alpha (split evenly over the comparisons), the
-best such version is made live again. Discounting is what makes this safe under drift: a
-version rated well under yesterday's taste wins nothing once that evidence has aged, and one
-that serves today's taste better shows it in its fresh exploration ratings.
+Bringing an older version back (bring_back, at any time, no trial running): live is compared with
+the older versions it could serve now, the reference and every version on the rollback stack whose
+weights the registry still holds, on their ratings discounted by age (evidence_half_life_s,
+feedloop.core.discount), the older ones' including the exploration traffic the server gives them.
+If one rates above live with confidence 1 - alpha (split evenly over the comparisons), the best
+such version is made live again. Discounting is what makes this safe under drift: a version rated
+well under yesterday's taste wins nothing once that evidence has aged, and one that serves today's
+taste better shows it in its fresh exploration ratings.
 
 Trials are judged on undiscounted evidence since the trial began: both sides are rated by the
 same users over the same span, so a change of taste during the trial moves both alike and aging
