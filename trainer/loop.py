@@ -317,7 +317,7 @@ class Trainer:
             )
         self._check_stop()
 
-        candidate = copy.deepcopy(live_policy)
+        candidate = self._trainable(copy.deepcopy(live_policy), live)
         try:
             update = self._update(candidate, reference, experience, kl.value)
         except TrainingDiverged as exc:
@@ -378,6 +378,19 @@ class Trainer:
         self.prune_registry(reference_version)
         phase("prune")
         return RoundResult("published", f"{deployed}; {report.summary}", version, figures)
+
+    def _trainable(self, candidate: Policy, live: str) -> Policy:
+        """The candidate the update trains: with lora_rank set, a full HF policy gains fresh
+        adapters (B = 0: unchanged outputs) over its own weights, frozen as their base."""
+        c = self.config
+        if not c.lora_rank:
+            return candidate
+        from feedloop.core import hf_lora  # transformers and peft only where LoRA is asked for
+
+        targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
+        return hf_lora.adapt(
+            candidate, self.registry.manifest(live), c.lora_rank, c.lora_alpha, targets
+        )
 
     def _update(
         self, candidate: Policy, reference: Policy, experience: Experience, kl_coef: float
