@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from hf_support import make_adapter
 from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
 
 pytest.importorskip("peft")
@@ -23,7 +24,6 @@ from feedloop.core.checkpoint import (
     base_digest,
     load_checkpoint,
     read_manifest,
-    save_checkpoint,
 )
 from feedloop.core.errors import CheckpointError, RegistryError
 from feedloop.core.hf_lora import ADAPTER, LoRAPolicy, LoRASpec, attach, default_targets
@@ -50,20 +50,6 @@ def load_base(directory: Path) -> tuple[HFCausalPolicy, str]:
     policy, manifest = load_checkpoint(directory)
     assert isinstance(policy, HFCausalPolicy)
     return policy, base_digest(manifest.files)
-
-
-def make_adapter(base_dir: Path, target: Path, *, rank: int = 4, seed: int = 1) -> LoRAPolicy:
-    """An adapter over base_dir's model, A and B drawn from seed (B non-zero: it changes the
-    outputs), saved as a checkpoint at target."""
-    base, digest = load_base(base_dir)
-    adapted = attach(base, LoRASpec(rank, 8, default_targets(base.model)), digest, share_base=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in adapted.model.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    save_checkpoint(adapted, target, version="adapter", parent_version="base")
-    return adapted
 
 
 @pytest.fixture
@@ -281,14 +267,19 @@ def test_every_algorithm_trains_only_the_adapter_and_publishes_it(
     summary = manifest.training_summary
     assert summary["update_steps"] > 0 and summary["corrections"] > 0  # RL and SFT both ran
     assert summary["logprob_mismatch_max"] < 1e-5
-    candidate, _ = load_checkpoint(hf_env.registry.checkpoint_dir(result.version))
-    assert isinstance(candidate, LoRAPolicy)
+    # The policy the trainer trained and gated (cached) is the one published: the adapter
+    # over the untouched base.
+    trained = trainer.policy(result.version)
+    assert isinstance(trained, LoRAPolicy)
     base, _ = load_base(hf_checkpoint)
-    frozen = {k: v for k, v in candidate.model.state_dict().items() if ".lora_" not in k}
+    frozen = {k: v for k, v in trained.model.state_dict().items() if ".lora_" not in k}
     own = base.model.state_dict()
     assert all(torch.equal(v, own[k.replace(".base_layer", "")]) for k, v in frozen.items())
-    moved = [v.abs().max().item() for k, v in candidate.model.state_dict().items() if "lora_B" in k]
+    moved = [v.abs().max().item() for k, v in trained.model.state_dict().items() if "lora_B" in k]
     assert max(moved) > 0  # the update trained the adapter
+    published, _ = load_checkpoint(hf_env.registry.checkpoint_dir(result.version))
+    request = [SampleRequest(base.encode_prompt("ocean"), PARAMS, 2)]
+    assert published.sample(request) == trained.eval().sample(request)
 
 
 def test_a_round_over_a_live_adapter_publishes_the_next_adapter_over_the_same_base(
