@@ -108,7 +108,15 @@ def _load_hf(directory: Path, manifest: Manifest, bases: Bases | None) -> Policy
         ) from exc
     files = list(manifest.files)
     if manifest.architecture == LORA_ARCHITECTURE:
-        return hf_lora.load_adapter(directory, manifest.hyperparameters, files, bases)
+
+        def base_for(digest: str) -> Policy:
+            resident = bases.get(digest) if bases is not None else None
+            if resident is not None:
+                return resident  # type: ignore[no-any-return]
+            found = find_base(directory, digest, tuple(bases or ()))
+            return load_checkpoint(found, bases=bases)[0]  # added to bases there
+
+        return hf_lora.load_adapter(directory, manifest.hyperparameters, files, base_for)
     # A model already resident (the base of adapters loaded before) is not read again.
     digest = base_digest(manifest.files)
     resident = bases.get(digest) if bases is not None else None
@@ -268,6 +276,29 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
             raise CheckpointError(
                 f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…"
             )
+
+
+def find_base(directory: Path, digest: str, resident: tuple[str, ...] = ()) -> Path:
+    """The full HF checkpoint beside directory whose base digest is digest (CheckpointError
+    naming the replica's resident bases, when it has some, and where it looked)."""
+    here = directory.resolve()
+    for sibling in sorted(here.parent.iterdir()):
+        if sibling == here or not (sibling / MANIFEST).is_file():
+            continue
+        try:
+            manifest = read_manifest(sibling)
+        except CheckpointError:
+            continue
+        whole = all((sibling / name).is_file() for name in manifest.files)  # not pruned
+        if whole and provided_base(manifest) == digest:
+            return sibling
+    names = ", ".join(d[:12] + "…" for d in resident)
+    mine = f"this replica's base is {names} and " if resident else ""
+    raise CheckpointError(
+        f"{directory}: the adapter was made for base {digest[:12]}…; {mine}no full checkpoint "
+        f"beside it ({here.parent}) has that digest: publish the adapter's base first, or "
+        "train the adapter over a base the replicas have"
+    )
 
 
 def load_checkpoint(directory: Path, *, bases: Bases | None = None) -> tuple[Policy, Manifest]:

@@ -21,15 +21,15 @@ files (their names and sha256s; its value head aside), so the same weights have 
 in every registry and on every replica. Loading an adapter takes its base from the resident
 bases a model process holds (`bases`, by digest: nothing of the base is read again) or finds it
 beside the adapter (a sibling folder holding the full checkpoint with that digest: a registry's
-versions), and refuses, by name, an adapter whose base is not there, whose file is missing or
-pickled, or whose rank or target modules do not fit the base.
+versions; core/checkpoint.py resolves it), and refuses, by name, an adapter whose base is not
+there, whose file is missing or pickled, or whose rank or target modules do not fit the base.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,19 +38,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from feedloop.core.checkpoint import (
-    HF_ARCHITECTURE,
-    LORA_ARCHITECTURE,
-    MANIFEST,
-    base_digest,
-    load_checkpoint,
-    read_manifest,
-)
+from feedloop.core import hf_checkpoint
 from feedloop.core.errors import CheckpointError
 from feedloop.core.hf_policy import HFCausalPolicy
 from feedloop.core.hf_tokenizer import HFTokenizer
 from feedloop.core.policy import Policy
 
+ARCHITECTURE = "hf-causal-lm-lora"  # core/checkpoint.py's LORA_ARCHITECTURE
+MANIFEST = hf_checkpoint.MANIFEST
 ADAPTER = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # peft's PeftModel saves its adapter's tensors under this prefix; feedloop writes the same names.
@@ -152,7 +147,7 @@ class LoRAPolicy(HFCausalPolicy):
     """An HF causal-LM policy with LoRA adapters on its model; only they and the value head
     train."""
 
-    architecture = LORA_ARCHITECTURE
+    architecture = ARCHITECTURE
 
     def __init__(
         self,
@@ -206,12 +201,12 @@ def attach(policy: HFCausalPolicy, spec: LoRASpec, digest: str, *, share_base: b
 
 
 def adapt(
-    policy: Policy, manifest: Any, rank: int, alpha: int, targets: tuple[str, ...] = ()
+    policy: Policy, digest: str, rank: int, alpha: int, targets: tuple[str, ...] = ()
 ) -> Policy:
-    """policy as the trainer trains it with LoRA: a full HF policy (the checkpoint of manifest)
-    with fresh adapters of rank and alpha on targets (empty: default_targets) over its weights,
-    frozen; an adapter's policy as it is (it keeps its own rank and targets). ValueError for
-    a policy that is no Hugging Face causal LM."""
+    """policy as the trainer trains it with LoRA: a full HF policy (digest: its checkpoint's
+    base digest) with fresh adapters of rank and alpha on targets (empty: default_targets)
+    over its weights, frozen; an adapter's policy as it is (it keeps its own rank and
+    targets). ValueError for a policy that is no Hugging Face causal LM."""
     if isinstance(policy, LoRAPolicy):
         return policy
     if not isinstance(policy, HFCausalPolicy):
@@ -219,7 +214,7 @@ def adapt(
             f"lora_rank needs an hf-causal-lm policy; the live version is {policy.architecture}"
         )
     spec = LoRASpec(rank, alpha, targets or default_targets(policy.model))
-    return attach(policy, spec, base_digest(manifest.files), share_base=False)
+    return attach(policy, spec, digest, share_base=False)
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -227,8 +222,6 @@ def adapt(
 
 def save_files(policy: Policy, directory: Path) -> list[str]:
     """Write an adapter checkpoint's files (the manifest is the caller's); the names written."""
-    from feedloop.core import hf_checkpoint
-
     if not isinstance(policy, LoRAPolicy):
         raise TypeError(f"not a LoRA policy: {type(policy).__name__}")
     spec = {k: json.dumps(v) for k, v in policy.spec.to_dict().items()}
@@ -243,41 +236,11 @@ def save_files(policy: Policy, directory: Path) -> list[str]:
     return [ADAPTER, ADAPTER_CONFIG, hf_checkpoint.VALUE_HEAD]
 
 
-def find_base(directory: Path, digest: str, resident: list[str] | tuple[str, ...] = ()) -> Path:
-    """The full checkpoint beside directory whose base digest is digest (CheckpointError naming
-    the resident bases, when a replica has some, and where it looked)."""
-    here = directory.resolve()
-    for sibling in sorted(here.parent.iterdir()):
-        if sibling == here or not (sibling / MANIFEST).is_file() or (sibling / "PRUNED").exists():
-            continue  # a registry's pruned version (PRUNED) has no weights left
-        try:
-            manifest = read_manifest(sibling)
-        except CheckpointError:
-            continue
-        if manifest.architecture == HF_ARCHITECTURE and base_digest(manifest.files) == digest:
-            return sibling
-    names = ", ".join(d[:12] + "…" for d in resident)
-    mine = f"this replica's base is {names} and " if resident else ""
-    raise CheckpointError(
-        f"{directory}: the adapter was made for base {digest[:12]}…; {mine}no full checkpoint "
-        f"beside it ({here.parent}) has that digest: publish the adapter's base first, or "
-        "train the adapter over a base the replicas have"
-    )
-
-
 def load_adapter(
-    directory: Path,
-    hyper: dict[str, Any],
-    files: list[str],
-    bases: MutableMapping[str, HFCausalPolicy] | None = None,
+    directory: Path, hyper: dict[str, Any], files: list[str], base_for: Callable[[str], Policy]
 ) -> LoRAPolicy:
-    """The LoRA policy of a checksummed adapter checkpoint over its base.
-
-    bases: resident base policies by digest; the base comes from there when present (nothing of
-    it is read again) and is added there when it had to be loaded from beside the adapter.
-    """
-    from feedloop.core import hf_checkpoint
-
+    """The LoRA policy of a checksummed adapter checkpoint over its base; base_for(digest) gives
+    the base policy (CheckpointError when there is none)."""
     pickled = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES))
     if pickled:
         raise CheckpointError(
@@ -291,14 +254,9 @@ def load_adapter(
         digest = str(hyper["base_digest"])
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory / MANIFEST}: bad adapter manifest: {exc}") from exc
-    base = bases.get(digest) if bases is not None else None
-    if base is None:
-        loaded, _ = load_checkpoint(find_base(directory, digest, tuple(bases or ())))
-        if not isinstance(loaded, HFCausalPolicy) or isinstance(loaded, LoRAPolicy):
-            raise CheckpointError(f"{directory}: its base is not a full hf-causal-lm checkpoint")
-        base = loaded
-        if bases is not None:
-            bases[digest] = base
+    base = base_for(digest)
+    if not isinstance(base, HFCausalPolicy) or isinstance(base, LoRAPolicy):
+        raise CheckpointError(f"{directory}: its base is not a full hf-causal-lm checkpoint")
     try:
         policy = attach(base, spec, digest, share_base=True)
     except ValueError as exc:

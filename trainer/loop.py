@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
+from feedloop.core.checkpoint import base_digest, load_checkpoint, save_checkpoint
 from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.errors import FeedloopError, LiveChanged
@@ -388,9 +388,8 @@ class Trainer:
         from feedloop.core import hf_lora  # transformers and peft only where LoRA is asked for
 
         targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
-        return hf_lora.adapt(
-            candidate, self.registry.manifest(live), c.lora_rank, c.lora_alpha, targets
-        )
+        digest = base_digest(self.registry.manifest(live).files)
+        return hf_lora.adapt(candidate, digest, c.lora_rank, c.lora_alpha, targets)
 
     def _update(
         self, candidate: Policy, reference: Policy, experience: Experience, kl_coef: float
