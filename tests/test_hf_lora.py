@@ -338,3 +338,31 @@ def test_the_model_process_swaps_adapters_over_one_resident_base(
     models.load(9, "v0009", str(bad))
     assert pipe.sent[-1][1] == REFUSED and "this replica's base is" in pipe.sent[-1][2]
     assert sorted(models.policies) == ["v0001", "v0002", "v0003"]
+
+
+def test_a_postgresql_registry_stores_an_adapter_beside_its_base_and_keeps_the_base(
+    tmp_path: Path, hf_checkpoint: Path
+) -> None:
+    from pg_support import fresh_schema, require_postgres, schema_url
+
+    from feedloop.core.registry.postgres import PostgresRegistry
+
+    require_postgres()
+    make_adapter(hf_checkpoint, tmp_path / "adapter")
+    make_adapter(hf_checkpoint, tmp_path / "second", seed=2)
+    with fresh_schema("lora") as schema:
+        registry = PostgresRegistry(schema_url(schema), cache_dir=tmp_path / "cache")
+        try:
+            with pytest.raises(RegistryError, match="publish its base"):
+                registry.publish(tmp_path / "adapter")
+            registry.publish(hf_checkpoint, make_live=True)
+            registry.publish(tmp_path / "adapter", make_live=True)
+            registry.publish(tmp_path / "second", make_live=True)
+            plan = registry.prune(RetentionPolicy(keep_last=1, keep_best=0, keep_rollback=0))
+            assert plan.keep == {"v0001": ("base",), "v0003": ("live", "reference", "last")}
+            # A fresh cache: the adapter's folder comes with its base beside it.
+            shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+            policy, _ = load_checkpoint(registry.checkpoint_dir("v0003"))
+            assert isinstance(policy, LoRAPolicy)
+        finally:
+            registry.close()
