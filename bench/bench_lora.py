@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    torch.set_num_threads(args.torch_threads)  # here as in the model process
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         registry, facts = publish_versions(Path(tmp), args)
         full_bytes = [folder_bytes(registry.checkpoint_dir(v)) for v in facts["full_versions"]]
