@@ -156,6 +156,10 @@ class Trainer:
         self.clock = clock  # Unix seconds: the join window and the trials' ages are read on it
         self.algorithm = make_algorithm(config)
         self._policies: dict[str, Policy] = {}
+        # LoRA bases by digest: an adapter version (live, reference, the gate's earlier ones)
+        # loads over the one base held here, never reading it again. Nothing trains them: a
+        # candidate is a deep copy.
+        self._bases: dict[str, Policy] = {}
         self._gate: Gate | None = None
         self._gate_reference: str | None = None
         self.work_dir = config.work_path
@@ -166,7 +170,7 @@ class Trainer:
     def policy(self, version: str) -> Policy:
         """A published version's policy (verified on load), cached: live and reference only."""
         if version not in self._policies:
-            policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
+            policy, _ = load_checkpoint(self.registry.checkpoint_dir(version), bases=self._bases)
             self._retain(self.registry.live(), self._gate_reference)
             self._policies[version] = policy
         return self._policies[version]
@@ -177,7 +181,8 @@ class Trainer:
         for version in versions:
             policy = self._policies.get(version)
             if policy is None:
-                policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
+                directory = self.registry.checkpoint_dir(version)
+                policy, _ = load_checkpoint(directory, bases=self._bases)
             yield version, policy
 
     def _retain(self, *versions: str | None) -> None:
