@@ -366,3 +366,19 @@ def test_a_postgresql_registry_stores_an_adapter_beside_its_base_and_keeps_the_b
             assert isinstance(policy, LoRAPolicy)
         finally:
             registry.close()
+
+
+def test_lora_refuses_a_bad_spec_and_a_policy_that_is_no_hf_model(tiny_checkpoint: Path) -> None:
+    from feedloop.core.hf_lora import adapt
+
+    for rank, alpha, targets, message in [
+        (0, 8, ("c_attn",), "lora rank must be an integer >= 1, got 0"),
+        (4, 0, ("c_attn",), "lora alpha must be an integer >= 1, got 0"),
+        (4, 8, (), "lora targets must be module names"),
+        (4, 8, ("h.0/c_attn",), "lora targets must be module names"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LoRASpec(rank, alpha, targets)
+    gru, _ = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ValueError, match="lora_rank needs an hf-causal-lm policy; the live"):
+        adapt(gru, "0" * 64, 4, 8)
