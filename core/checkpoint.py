@@ -7,7 +7,9 @@
 
 That is the GRU's layout; an architecture declares its own files (`ARCHITECTURES`): a Hugging
 Face causal LM's checkpoint is a model directory as `save_pretrained` writes it (config.json,
-model.safetensors), its tokenizer.json and value_head.safetensors (core/hf_checkpoint.py).
+model.safetensors), its tokenizer.json and value_head.safetensors (core/hf_checkpoint.py); a
+LoRA adapter's is its adapter and value head, its manifest naming the base by content digest
+(core/hf_lora.py).
 
 `load_checkpoint` verifies all of it (checksums, architecture, shapes, vocabulary, finite
 weights) and raises one CheckpointError that says what is wrong and where.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,20 +39,31 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
+# A Hugging Face causal LM's full checkpoint, and a LoRA adapter over one (core/hf_lora.py).
+HF_ARCHITECTURE = "hf-causal-lm"
+LORA_ARCHITECTURE = "hf-causal-lm-lora"
+# A full checkpoint's files that are not its model: an adapter brings its own value head.
+NOT_BASE_MODEL = (MANIFEST, "value_head.safetensors")
 
 
 @dataclass(frozen=True)
 class Architecture:
     """How one architecture's checkpoints are written and read.
 
-    save(policy, directory) writes its files and returns their names; load(directory, manifest)
-    builds and verifies the policy from files already checksummed, raising CheckpointError;
-    required_files: what a manifest of this architecture must list.
+    save(policy, directory) writes its files and returns their names; load(directory, manifest,
+    bases) builds and verifies the policy from files already checksummed, raising
+    CheckpointError (bases: see load_checkpoint); required_files: what a manifest of this
+    architecture must list.
     """
 
     save: Callable[[Policy, Path], list[str]]
-    load: Callable[[Path, Manifest], Policy]
+    load: Callable[[Path, Manifest, Bases | None], Policy]
     required_files: tuple[str, ...]
+
+
+# Resident base models of LoRA adapters, by content digest (core/hf_lora.py): a model process
+# keeps one per base, so an adapter loads without reading its base again.
+Bases = MutableMapping[str, Any]
 
 
 def _save_state_dict(policy: Policy, directory: Path) -> list[str]:
@@ -60,7 +73,7 @@ def _save_state_dict(policy: Policy, directory: Path) -> list[str]:
     return [WEIGHTS, TOKENIZER]
 
 
-def _load_gru(directory: Path, manifest: Manifest) -> Policy:
+def _load_gru(directory: Path, manifest: Manifest, bases: Bases | None) -> Policy:
     try:
         tokenizer = Tokenizer.load(directory / TOKENIZER)
     except (OSError, ValueError, KeyError) as exc:
@@ -85,23 +98,49 @@ def _save_hf(policy: Policy, directory: Path) -> list[str]:
     return hf_checkpoint.save_files(policy, directory)
 
 
-def _load_hf(directory: Path, manifest: Manifest) -> Policy:
+def _load_hf(directory: Path, manifest: Manifest, bases: Bases | None) -> Policy:
     try:
-        from feedloop.core import hf_checkpoint
+        from feedloop.core import hf_checkpoint, hf_lora
     except ImportError as exc:
         raise CheckpointError(
-            f"{directory / MANIFEST}: architecture hf-causal-lm needs the hf extra "
+            f"{directory / MANIFEST}: architecture {manifest.architecture} needs the hf extra "
             f"(pip install 'feedloop[hf]'): {exc}"
         ) from exc
-    return hf_checkpoint.load_policy(directory, manifest.hyperparameters, list(manifest.files))
+    files = list(manifest.files)
+    if manifest.architecture == LORA_ARCHITECTURE:
+
+        def base_for(digest: str) -> Policy:
+            resident = bases.get(digest) if bases is not None else None
+            if resident is not None:
+                return resident  # type: ignore[no-any-return]
+            found = find_base(directory, digest, tuple(bases or ()))
+            return load_checkpoint(found, bases=bases)[0]  # added to bases there
+
+        return hf_lora.load_adapter(directory, manifest.hyperparameters, files, base_for)
+    # A model already resident (the base of adapters loaded before) is not read again.
+    digest = base_digest(manifest.files)
+    resident = bases.get(digest) if bases is not None else None
+    model = resident.model if resident is not None else None
+    policy = hf_checkpoint.load_policy(directory, manifest.hyperparameters, files, model=model)
+    if bases is not None:  # the base of the adapters trained over it
+        bases.setdefault(digest, policy)
+    return policy
+
+
+def _save_lora(policy: Policy, directory: Path) -> list[str]:
+    from feedloop.core import hf_lora
+
+    return hf_lora.save_files(policy, directory)
 
 
 # Architecture name -> how its checkpoints are written and read. A new policy is added here.
 ARCHITECTURES = {
     GRUPolicy.architecture: Architecture(_save_state_dict, _load_gru, (WEIGHTS, TOKENIZER)),
-    "hf-causal-lm": Architecture(
+    HF_ARCHITECTURE: Architecture(
         _save_hf, _load_hf, ("config.json", TOKENIZER, "value_head.safetensors")
     ),
+    # The adapter file itself is checked by the loader, which names a pickled one as such.
+    LORA_ARCHITECTURE: Architecture(_save_lora, _load_hf, ("value_head.safetensors",)),
 }
 
 
@@ -126,6 +165,26 @@ class Manifest:
 
     def with_version(self, version: str) -> Manifest:
         return Manifest(**{**self.__dict__, "version": version})
+
+
+def base_digest(files: dict[str, str]) -> str:
+    """A base model's content digest: sha256 over its checkpoint's model files' names and
+    sha256s (a manifest's `files`; value head aside), the same in every registry and replica."""
+    lines = "".join(f"{n}\0{h}\n" for n, h in sorted(files.items()) if n not in NOT_BASE_MODEL)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def provided_base(manifest: Manifest) -> str | None:
+    """The base digest a version provides to adapters: a full HF checkpoint's, else None."""
+    return base_digest(manifest.files) if manifest.architecture == HF_ARCHITECTURE else None
+
+
+def needed_base(manifest: Manifest) -> str | None:
+    """The base digest an adapter version needs (its manifest's), else None."""
+    if manifest.architecture != LORA_ARCHITECTURE:
+        return None
+    digest = manifest.hyperparameters.get("base_digest")
+    return digest if isinstance(digest, str) else ""
 
 
 def sha256_of(path: Path) -> str:
@@ -219,8 +278,34 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
             )
 
 
-def load_checkpoint(directory: Path) -> tuple[Policy, Manifest]:
-    """Load and verify a checkpoint; the policy comes back in eval() mode."""
+def find_base(directory: Path, digest: str, resident: tuple[str, ...] = ()) -> Path:
+    """The full HF checkpoint beside directory whose base digest is digest (CheckpointError
+    naming the replica's resident bases, when it has some, and where it looked)."""
+    here = directory.resolve()
+    for sibling in sorted(here.parent.iterdir()):
+        if sibling == here or not (sibling / MANIFEST).is_file():
+            continue
+        try:
+            manifest = read_manifest(sibling)
+        except CheckpointError:
+            continue
+        whole = all((sibling / name).is_file() for name in manifest.files)  # not pruned
+        if whole and provided_base(manifest) == digest:
+            return sibling
+    names = ", ".join(d[:12] + "…" for d in resident)
+    mine = f"this replica's base is {names} and " if resident else ""
+    raise CheckpointError(
+        f"{directory}: the adapter was made for base {digest[:12]}…; {mine}no full checkpoint "
+        f"beside it ({here.parent}) has that digest: publish the adapter's base first, or "
+        "train the adapter over a base the replicas have"
+    )
+
+
+def load_checkpoint(directory: Path, *, bases: Bases | None = None) -> tuple[Policy, Manifest]:
+    """Load and verify a checkpoint; the policy comes back in eval() mode.
+
+    bases: resident LoRA bases by digest, used and filled (a model process's); without it an
+    adapter's base is loaded from beside it every time."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
@@ -230,7 +315,7 @@ def load_checkpoint(directory: Path) -> tuple[Policy, Manifest]:
             f"{directory / MANIFEST}: unknown architecture {manifest.architecture!r} "
             f"(known: {', '.join(sorted(ARCHITECTURES))})"
         )
-    policy = architecture.load(directory, manifest)
+    policy = architecture.load(directory, manifest, bases)
     if policy.parameter_count() != manifest.parameter_count:
         raise CheckpointError(
             f"{directory / MANIFEST}: parameter_count {manifest.parameter_count} != "

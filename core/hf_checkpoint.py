@@ -56,13 +56,18 @@ def save_files(policy: Policy, directory: Path) -> list[str]:
     _quiet()
     policy.model.save_pretrained(directory)
     policy.tokenizer.save(directory / TOKENIZER)
+    save_value_head(policy, directory)
+    return sorted(_names(directory))
+
+
+def save_value_head(policy: HFCausalPolicy, directory: Path) -> None:
+    """The critic beside the LM, its metadata naming the vocabulary and width it was made for."""
     head = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
     metadata = {
         "vocab_size": str(policy.tokenizer.vocab_size - policy.tokenizer.offset),
         "hidden_size": str(policy.model.config.hidden_size),
     }
     save_file(head, str(directory / VALUE_HEAD), metadata=metadata)
-    return sorted(_names(directory))
 
 
 def _names(directory: Path) -> list[str]:
@@ -155,31 +160,40 @@ def _single(value: Any) -> int | None:
     return int(value) if value is not None else None
 
 
-def load_policy(directory: Path, hyper: dict[str, Any], files: list[str]) -> Policy:
+def load_policy(
+    directory: Path, hyper: dict[str, Any], files: list[str], *, model: Any = None
+) -> Policy:
     """The policy of a checksummed checkpoint directory (its manifest's hyperparameters and
-    file names), every refusal a CheckpointError."""
+    file names), every refusal a CheckpointError. model: the directory's model, already
+    loaded (a model process's resident base, the same files by digest): not read again."""
     check_model_files(directory, files)
     template = hyper.get("prompt_template", KEYWORDS)
     tokenizer = tokenizer_of(directory, read_config(directory), template)
-    model = load_model(directory)
-    head_path = directory / VALUE_HEAD
-    try:
-        with safe_open(str(head_path), framework="pt") as f:
-            made_for = f.metadata() or {}
-        head = load_file(str(head_path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{head_path}: unreadable value head: {exc}") from exc
-    vocab = tokenizer.vocab_size - tokenizer.offset
-    if made_for.get("vocab_size") != str(vocab):
-        raise CheckpointError(
-            f"{head_path}: vocabulary mismatch: the value head was made for a vocabulary of "
-            f"{made_for.get('vocab_size', 'unknown')} tokens, this model's tokenizer has {vocab}"
-        )
+    if model is None:
+        model = load_model(directory)
     try:
         policy = HFCausalPolicy(
             model, tokenizer, value_hidden_dim=int(hyper.get("value_hidden_dim", 64))
         )
     except ValueError as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
-    load_verified_state(policy.value_head, head, head_path)
+    load_value_head(policy, directory / VALUE_HEAD)
     return policy
+
+
+def load_value_head(policy: HFCausalPolicy, head_path: Path) -> None:
+    """Load a value head file into policy's after checking the vocabulary it was made for."""
+    try:
+        with safe_open(str(head_path), framework="pt") as f:
+            made_for = f.metadata() or {}
+        head = load_file(str(head_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{head_path}: unreadable value head: {exc}") from exc
+    tokenizer = policy.tokenizer
+    vocab = tokenizer.vocab_size - tokenizer.offset
+    if made_for.get("vocab_size") != str(vocab):
+        raise CheckpointError(
+            f"{head_path}: vocabulary mismatch: the value head was made for a vocabulary of "
+            f"{made_for.get('vocab_size', 'unknown')} tokens, this model's tokenizer has {vocab}"
+        )
+    load_verified_state(policy.value_head, head, head_path)

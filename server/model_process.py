@@ -23,6 +23,11 @@ version is sampled from only after its load has replied OK. Scores (a shadow ver
 log-probabilities of outputs served by another) serve no caller waiting for a reply, so they
 run on the main thread only while no other message waits in the pipe: a batch to sample never
 queues behind them for longer than the one score in progress.
+
+A LoRA adapter (core/hf_lora.py) is loaded over a resident base: the process keeps every Hugging
+Face base it has loaded (`bases`, by content digest: a full version it served, or the base an
+adapter named), and an adapter's policy shares that base's tensors, so a swap to an adapter
+reads, verifies and loads only the adapter's few MB; the base stays where it is.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class _Models:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.policies: dict[str, Policy] = {}  # written by the loader, read by the main thread
+        self.bases: dict[str, Any] = {}  # LoRA bases by digest; the loader's alone
         self._send_lock = threading.Lock()
 
     def reply(self, message: tuple[Any, ...]) -> None:
@@ -69,7 +75,7 @@ class _Models:
 
     def load(self, call_id: int, version: str, directory: str) -> None:
         try:
-            policy, manifest = load_checkpoint(Path(directory))
+            policy, manifest = load_checkpoint(Path(directory), bases=self.bases)
             warm_up(policy)
         except (CheckpointError, ValueError, RuntimeError, OSError) as exc:
             self.reply((call_id, REFUSED, str(exc)))

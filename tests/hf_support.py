@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,3 +43,23 @@ def build_user_model(directory: Path) -> Path:
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def make_adapter(base_dir: Path, target: Path, *, rank: int = 4, seed: int = 1) -> Any:
+    """An adapter over base_dir's model, A and B drawn from seed (B non-zero: it changes the
+    outputs), saved as a checkpoint at target."""
+    from feedloop.core.checkpoint import base_digest, load_checkpoint, save_checkpoint
+    from feedloop.core.hf_lora import LoRASpec, attach, default_targets
+    from feedloop.core.hf_policy import HFCausalPolicy
+
+    base, manifest = load_checkpoint(base_dir)
+    assert isinstance(base, HFCausalPolicy)
+    digest = base_digest(manifest.files)
+    adapted = attach(base, LoRASpec(rank, 8, default_targets(base.model)), digest, share_base=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapted.model.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    save_checkpoint(adapted, target, version="adapter", parent_version="base")
+    return adapted

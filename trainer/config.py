@@ -220,6 +220,26 @@ class TrainConfig:
         metadata=_help("held-out pairwise accuracy below this: the reward model scores nothing"),
     )
     # -- the update --------------------------------------------------------------------------
+    lora_rank: int = field(
+        default=0,
+        metadata=_help(
+            "0: the whole policy trains. R > 0 (hf-causal-lm policies): LoRA adapters of rank R "
+            "over the live full version, frozen as their base; only the adapters and the value "
+            "head train, and each publication is an adapter of a few MB naming its base by "
+            "content digest (a live adapter keeps its own rank and targets)"
+        ),
+    )
+    lora_alpha: int = field(
+        default=16, metadata=_help("LoRA scale: the adapter's update is scaled by alpha / rank")
+    )
+    lora_targets: str = field(
+        default="",
+        metadata=_help(
+            "comma-separated module names that carry an adapter (unset: the attention "
+            "projections, q_proj,k_proj,v_proj,o_proj for Llama-style blocks, c_attn,c_proj "
+            "for GPT-2)"
+        ),
+    )
     learning_rate: float = field(
         default=5e-4,
         metadata=_help(
@@ -540,6 +560,11 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lora_rank < 0 or not self.lora_alpha > 0:
+            raise ValueError(
+                f"lora_rank must be >= 0 and lora_alpha > 0, got {self.lora_rank}, "
+                f"{self.lora_alpha}"
+            )
         if self.gate_best_of_recent < 0:
             raise ValueError(f"gate_best_of_recent must be >= 0, got {self.gate_best_of_recent}")
         if not 0 <= self.nice <= 19:

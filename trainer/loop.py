@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from feedloop.core.checkpoint import load_checkpoint, save_checkpoint
+from feedloop.core.checkpoint import base_digest, load_checkpoint, save_checkpoint
 from feedloop.core.config import describe
 from feedloop.core.corpus import load_phrases, split_corpus
 from feedloop.core.errors import FeedloopError, LiveChanged
@@ -157,6 +157,10 @@ class Trainer:
         self._started_at = clock()
         self.algorithm = make_algorithm(config)
         self._policies: dict[str, Policy] = {}
+        # LoRA bases by digest: an adapter version (live, reference, the gate's earlier ones)
+        # loads over the one base held here, never reading it again. Nothing trains them: a
+        # candidate is a deep copy.
+        self._bases: dict[str, Policy] = {}
         self._gate: Gate | None = None
         self._gate_reference: str | None = None
         self.work_dir = config.work_path
@@ -167,7 +171,7 @@ class Trainer:
     def policy(self, version: str) -> Policy:
         """A published version's policy (verified on load), cached: live and reference only."""
         if version not in self._policies:
-            policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
+            policy, _ = load_checkpoint(self.registry.checkpoint_dir(version), bases=self._bases)
             self._retain(self.registry.live(), self._gate_reference)
             self._policies[version] = policy
         return self._policies[version]
@@ -178,7 +182,8 @@ class Trainer:
         for version in versions:
             policy = self._policies.get(version)
             if policy is None:
-                policy, _ = load_checkpoint(self.registry.checkpoint_dir(version))
+                directory = self.registry.checkpoint_dir(version)
+                policy, _ = load_checkpoint(directory, bases=self._bases)
             yield version, policy
 
     def _retain(self, *versions: str | None) -> None:
@@ -318,7 +323,7 @@ class Trainer:
             )
         self._check_stop()
 
-        candidate = copy.deepcopy(live_policy)
+        candidate = self._trainable(copy.deepcopy(live_policy), live)
         try:
             update = self._update(candidate, reference, experience, kl.value)
         except TrainingDiverged as exc:
@@ -379,6 +384,18 @@ class Trainer:
         self.prune_registry(reference_version)
         phase("prune")
         return RoundResult("published", f"{deployed}; {report.summary}", version, figures)
+
+    def _trainable(self, candidate: Policy, live: str) -> Policy:
+        """The candidate the update trains: with lora_rank set, a full HF policy gains fresh
+        adapters (B = 0: unchanged outputs) over its own weights, frozen as their base."""
+        c = self.config
+        if not c.lora_rank:
+            return candidate
+        from feedloop.core import hf_lora  # transformers and peft only where LoRA is asked for
+
+        targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
+        digest = base_digest(self.registry.manifest(live).files)
+        return hf_lora.adapt(candidate, digest, c.lora_rank, c.lora_alpha, targets)
 
     def _update(
         self, candidate: Policy, reference: Policy, experience: Experience, kl_coef: float

@@ -39,6 +39,8 @@ from feedloop.core.checkpoint import (
     MANIFEST,
     Manifest,
     fsync_dir,
+    needed_base,
+    provided_base,
     read_manifest,
     verify_files,
     write_manifest,
@@ -59,7 +61,12 @@ from feedloop.core.registry.pointer import (
     pointer_to_dict,
     to_live,
 )
-from feedloop.core.registry.retention import PrunePlan, RegistrySnapshot, VersionFacts
+from feedloop.core.registry.retention import (
+    PrunePlan,
+    RegistrySnapshot,
+    VersionFacts,
+    base_provider,
+)
 
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 # In a version's folder: retention pruned it (written before any of its weights is deleted).
@@ -178,6 +185,12 @@ class DirectoryRegistry(ModelRegistry):
         manifest = read_manifest(source)
         verify_files(source, manifest)
         with self._locked():
+            needs = needed_base(manifest)
+            if needs is not None and base_provider(needs, self._snapshot().versions) is None:
+                raise RegistryError(
+                    f"{source}: a LoRA adapter over base {needs[:12]}…, which is not in the "
+                    f"registry at {self.root}: publish its base (the full checkpoint) first"
+                )
             existing = self._numbered()
             number = existing[-1][0] + 1 if existing else 1
             version = version_name(number)
@@ -263,7 +276,11 @@ class DirectoryRegistry(ModelRegistry):
         for _, name, path in self._numbered():
             manifest = read_manifest(path)
             facts[name] = VersionFacts(
-                manifest.parent_version, manifest.training_summary or {}, _is_pruned(path)
+                manifest.parent_version,
+                manifest.training_summary or {},
+                _is_pruned(path),
+                provided_base(manifest),
+                needed_base(manifest),
             )
         return RegistrySnapshot(facts, self.pointer(), frozenset(self.pins()))
 

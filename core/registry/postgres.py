@@ -41,6 +41,8 @@ from psycopg.types.json import Jsonb
 from feedloop.core.checkpoint import (
     Manifest,
     fsync_dir,
+    needed_base,
+    provided_base,
     read_manifest,
     verify_files,
     write_manifest,
@@ -69,7 +71,12 @@ from feedloop.core.registry.pointer import (
     now_iso,
     to_live,
 )
-from feedloop.core.registry.retention import PrunePlan, RegistrySnapshot, VersionFacts
+from feedloop.core.registry.retention import (
+    PrunePlan,
+    RegistrySnapshot,
+    VersionFacts,
+    base_provider,
+)
 
 # Serialises the registry's writers (every change takes it first).
 _WRITERS_LOCK = "registry"
@@ -249,8 +256,15 @@ class PostgresRegistry(ModelRegistry):
             if hashlib.sha256(data).hexdigest() != manifest.files[name]:
                 raise CheckpointError(f"{source / name}: changed while being published")
 
+        needs = needed_base(manifest)
+
         def work(conn: psycopg.Connection) -> str:
             advisory_xact_lock(conn, _WRITERS_LOCK)
+            if needs is not None and base_provider(needs, self._snapshot_tx(conn).versions) is None:
+                raise RegistryError(
+                    f"{source}: a LoRA adapter over base {needs[:12]}…, which is not in the "
+                    "registry: publish its base (the full checkpoint) first"
+                )
             (number,) = conn.execute(
                 "SELECT COALESCE(MAX(number), 0) + 1 FROM registry_versions"
             ).fetchall()[0]
@@ -280,6 +294,13 @@ class PostgresRegistry(ModelRegistry):
         if pruned:
             shutil.rmtree(self.cache_dir / version, ignore_errors=True)
             raise _pruned_error(version)
+        needs = needed_base(manifest)
+        if needs is not None:
+            # An adapter is loaded over the base beside it: materialise the base there too.
+            snapshot = self._pool.run("checkpoint_dir", self._snapshot_tx, transaction=False)
+            provider = base_provider(needs, snapshot.versions)
+            if provider is not None:
+                self.checkpoint_dir(provider)
         target = self.cache_dir / version
         if target.is_dir():
             try:
@@ -448,12 +469,15 @@ class PostgresRegistry(ModelRegistry):
         rows = conn.execute(
             "SELECT version, manifest->>'parent_version', "
             "CASE WHEN pruned_at IS NULL THEN manifest->'training_summary' END, "
-            "pruned_at IS NOT NULL, pinned FROM registry_versions ORDER BY number"
+            "pruned_at IS NOT NULL, pinned, manifest FROM registry_versions ORDER BY number"
         ).fetchall()
-        facts = {
-            v: VersionFacts(parent, summary or {}, pruned) for v, parent, summary, pruned, _ in rows
-        }
-        pins = frozenset(v for v, *_, pinned in rows if pinned)
+        facts = {}
+        for v, parent, summary, pruned, _, stored in rows:
+            manifest = Manifest.from_dict(stored)
+            facts[v] = VersionFacts(
+                parent, summary or {}, pruned, provided_base(manifest), needed_base(manifest)
+            )
+        pins = frozenset(v for v, _, _, _, pinned, _ in rows if pinned)
         return RegistrySnapshot(facts, self._pointer_tx(conn), pins)
 
     def _prune(self, planner: Planner, *, dry_run: bool, reason: str) -> PrunePlan:

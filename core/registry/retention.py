@@ -13,6 +13,8 @@ is kept whatever the policy's numbers say:
     reference   the version the KL leash pulls towards: the root of the live (and trial)
                 version's lineage, the reference a manifest says its round used, and one the
                 caller names (the trainer's configured reference)
+    base        the full checkpoint a kept LoRA adapter is trained over (named in the adapter's
+                manifest by its base's content digest): an adapter is nothing without it
     last        the newest `keep_last` published versions
     best        the `keep_best` versions with the highest off-policy value the gate recorded in
                 their manifest (see `evaluation_value`)
@@ -27,7 +29,7 @@ from typing import Any
 
 from feedloop.core.registry.pointer import LivePointer
 
-LIVE, TRIAL, PINNED_REASON, ROLLBACK, REFERENCE, LAST, BEST = (
+LIVE, TRIAL, PINNED_REASON, ROLLBACK, REFERENCE, LAST, BEST, BASE = (
     "live",
     "trial",
     "pinned",
@@ -35,6 +37,7 @@ LIVE, TRIAL, PINNED_REASON, ROLLBACK, REFERENCE, LAST, BEST = (
     "reference",
     "last",
     "best",
+    "base",
 )
 
 
@@ -65,11 +68,22 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class VersionFacts:
-    """What retention reads of one published version."""
+    """What retention reads of one published version; provides_base: the content digest of the
+    base model a full HF checkpoint gives adapters, needs_base: the one an adapter needs."""
 
     parent: str | None
     training_summary: Mapping[str, Any]
     pruned: bool
+    provides_base: str | None = None
+    needs_base: str | None = None
+
+
+def base_provider(digest: str, versions: Mapping[str, VersionFacts]) -> str | None:
+    """The oldest servable version that provides the base with this digest, if any."""
+    for version, facts in versions.items():
+        if facts.provides_base == digest and not facts.pruned:
+            return version
+    return None
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,14 @@ def plan_prune(
     ]
     for _, _, version in sorted(scored, reverse=True)[: policy.keep_best]:
         mark(version, BEST)
+    # Last: every adapter kept above, whatever kept it, keeps its base (bases need none); a
+    # provider of that base kept anyway is enough, else the oldest one is kept for it.
+    provided = {facts[v].provides_base for v in keep}
+    for version in list(keep):
+        needs = facts[version].needs_base
+        if needs is not None and needs not in provided:
+            mark(base_provider(needs, facts), BASE)
+            provided.add(needs)
     return PrunePlan(
         {v: tuple(keep[v]) for v in servable if v in keep},
         tuple(v for v in servable if v not in keep),
