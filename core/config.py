@@ -180,7 +180,8 @@ def add_config_flags(
             dest=f.name,
             default=None,
             metavar=_metavar(kinds[f.name]),
-            help=f"{help_text} (default: {default}; env {env_name})",
+            # argparse %-formats help texts: a literal % (a share, a default) must be doubled.
+            help=f"{help_text} (default: {default}; env {env_name})".replace("%", "%%"),
         )
 
 

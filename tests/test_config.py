@@ -89,3 +89,18 @@ def test_a_process_specific_variable_beats_the_shared_one():
     env = {"FEEDLOOP_PORT": "1", "FEEDLOOP_DEMO_PORT": "2", "FEEDLOOP_OTHER_PORT": "3"}
     assert load_config(Demo, env=env, section="demo").port == 2
     assert load_config(Demo, env=env, section="elsewhere").port == 1
+
+
+@dataclass(frozen=True)
+class WithPercent:
+    share: float = field(default=0.05, metadata={"help": "5% of requests: 100% would be all"})
+    label: str = "50%"
+
+
+def test_a_percent_sign_in_a_help_text_or_default_reaches_help_as_written():
+    # argparse %-formats every help text: an undoubled % made `feedloop serve --help` crash.
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, WithPercent)
+    text = parser.format_help()
+    assert "5% of requests: 100% would be all (default: 0.05;" in text
+    assert "(default: 50%;" in text
