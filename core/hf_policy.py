@@ -20,6 +20,7 @@ specials can never be drawn).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,14 +105,25 @@ class HFCausalPolicy(Policy):
         cache: Any = None,
         *,
         hidden: bool = False,
+        last_only: bool = False,
+        longest: int | None = None,
     ) -> Any:
+        """The model's forward pass. last_only: logits of the last column only (what sampling
+        reads; the others are not computed where the model can skip them). longest: a bound on
+        `positions` the caller knows for free; the exact check (a reduction) runs only when
+        that bound reaches the model's limit."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and int(positions.max()) >= limit:
+        if (
+            limit is not None
+            and (longest is None or longest >= limit)
+            and int(positions.max()) >= limit
+        ):
             # The model would index past its position table (an IndexError deep in torch).
             raise ValueError(
                 f"a sequence of {int(positions.max()) + 1} tokens (prompt and output) is longer "
                 f"than the model's {limit} positions"
             )
+        extra = {"logits_to_keep": 1} if last_only and _keeps_last_logits(self.model) else {}
         return self.model(
             input_ids=self._model_input(ids),
             attention_mask=attention_mask,
@@ -119,6 +131,7 @@ class HFCausalPolicy(Policy):
             cache=cache,
             use_cache=cache is not None,
             output_hidden_states=hidden,
+            **extra,
         )
 
     # -- teacher forcing (training, scoring) --------------------------------------------------
@@ -157,21 +170,27 @@ class HFCausalPolicy(Policy):
         max_tokens = torch.tensor([p.max_tokens for p in params], dtype=torch.long)
         # As the GRU: <eos> is not counted in max_tokens; a row at its limit takes one more
         # step, finished if it draws <eos>, cut (that draw dropped) if not.
-        steps = int(max_tokens.max()) + 1
-        unfiltered = bool((temperature == 1).all() and (top_k == 0).all() and (top_p >= 1).all())
+        steps = max(p.max_tokens for p in params) + 1
+        unfiltered = all(p.temperature == 1 and p.top_k == 0 and p.top_p >= 1 for p in params)
         seeds = sampling.batch_candidate_seeds([r.params.seed for r in requests], counts)
         uniforms = sampling.row_uniforms(seeds, steps)
 
         from transformers import DynamicCache
 
         prompt_ids, prompt_lengths = pad([nonempty_prompt(r.prompt_ids) for r in requests])
-        prompt, mask = left_aligned(prompt_ids, prompt_lengths)
+        prompt, prompt_mask = left_aligned(prompt_ids, prompt_lengths)
+        width = prompt.shape[1]
         cache = DynamicCache()
-        out = self._run(prompt, mask, positions_of(mask), cache)
+        out = self._run(prompt, prompt_mask, positions_of(prompt_mask), cache, last_only=True)
         expand = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
         cache.batch_select_indices(expand)
         logits = self._policy_logits(out.logits[:, -1])[expand]
-        mask, position = mask[expand], prompt_lengths[expand]
+        # The whole attention mask at once (prompt, then one column per step), viewed a column
+        # wider each step: no concatenation per step. Only the prompt's left padding is 0.
+        mask = torch.ones((n, width + steps - 1), dtype=torch.long)
+        mask[:, :width] = prompt_mask[expand]
+        position = prompt_lengths[expand]
+        longest = int(prompt_lengths.max()) - 1  # the last prompt position
 
         tokens = torch.full((n, steps), PAD_ID, dtype=torch.long)
         behaviour = torch.zeros((n, steps))
@@ -181,8 +200,13 @@ class HFCausalPolicy(Policy):
         token = torch.empty(0, dtype=torch.long)  # the last token drawn, per running row
         for t in range(steps):
             if t > 0:
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                out = self._run(token.unsqueeze(1), mask, position.unsqueeze(1), cache)
+                out = self._run(
+                    token.unsqueeze(1),
+                    mask[:, : width + t],
+                    position.unsqueeze(1),
+                    cache,
+                    longest=longest + t,
+                )
                 logits = self._policy_logits(out.logits[:, -1])
                 position = position + 1
             token, picked, picked_raw = draw_step(
@@ -200,10 +224,10 @@ class HFCausalPolicy(Policy):
                     break
                 index = keep.nonzero().squeeze(1)
                 cache.batch_select_indices(index)
-                running, token = running[keep], token[keep]
-                mask, position = mask[keep], position[keep]
-                uniforms, max_tokens = uniforms[keep], max_tokens[keep]
-                temperature, top_k, top_p = temperature[keep], top_k[keep], top_p[keep]
+                running, token = running[index], token[index]
+                mask, position = mask[index], position[index]
+                uniforms, max_tokens = uniforms[index], max_tokens[index]
+                temperature, top_k, top_p = temperature[index], top_k[index], top_p[index]
 
         out_rows: list[list[SampledOutput]] = [[] for _ in requests]
         tokens_l, behaviour_l, raw_l = tokens.tolist(), behaviour.tolist(), raw.tolist()
@@ -218,6 +242,12 @@ class HFCausalPolicy(Policy):
                 )
             )
         return out_rows
+
+
+def _keeps_last_logits(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do since
+    4.45; a model without it computes every column's logits and the caller takes the last)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def left_aligned(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,3 +158,32 @@ def test_left_alignment_moves_each_prompt_to_the_right_edge():
     aligned, mask = left_aligned(ids, torch.tensor([3, 1]))
     assert aligned.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_a_row_running_past_the_models_positions_is_refused_by_name_and_one_ending_before_is_not(
+    policy,
+):
+    """Sampling checks positions only when its cheap bound reaches the model's limit (160 in
+    the fixture): a greedy row that never draws <eos> gets a ValueError naming both lengths, not
+    an IndexError deep in torch; a row whose max_tokens could overflow but that ends sooner is
+    served."""
+    with pytest.raises(ValueError, match="longer than the model's 160 positions"):
+        policy.sample([request(policy, "ocean", 3, temperature=0.0, max_tokens=300)])
+    ended = policy.sample([request(policy, "ocean", 3, max_tokens=300)])[0][0]
+    assert ended.finished
+    assert len(policy.encode_prompt("ocean")) + len(ended.token_ids) < 160
+
+
+def test_the_prompt_pass_computes_logits_for_its_last_column_only(policy):
+    """The prompt pass asks the model for the last column's logits (logits_to_keep=1): the
+    other columns' vocabulary projections are never computed; each step after projects one."""
+    columns: list[int] = []
+    hook = policy.model.lm_head.register_forward_hook(
+        lambda _module, inputs, _output: columns.append(inputs[0].shape[1])
+    )
+    try:
+        policy.sample([request(policy, "quiet winter night walk", 5, max_tokens=4)])
+    finally:
+        hook.remove()
+    assert len(policy.encode_prompt("quiet winter night walk")) > 1
+    assert columns and set(columns) == {1}
