@@ -35,6 +35,7 @@ has phrases that satisfy it fully), and the perplexity ratio then and at the end
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -171,11 +172,11 @@ def plot(curves: list[Curve], output: Path) -> None:
             axes[0][col].plot(curve.events, curve.rewards, marker="o", label=name)
             axes[1][col].plot(curve.events, curve.perplexity_ratios, marker="o", label=name)
         policies = list(dict.fromkeys(c.policy for c in curves))
-        for policy in policies:
+        for policy, style in zip(policies, itertools.cycle(["--", ":", "-."])):
             base = next(c for c in curves if (c.preference, c.policy) == (spec, policy)).rewards[0]
             axes[0][col].axhline(
                 base + 0.5 * (BEST_REACHABLE - base),
-                ls="--",
+                ls=style,
                 c="grey",
                 label="half the gap" + (f" ({policy})" if len(policies) > 1 else ""),
             )
