@@ -100,7 +100,7 @@ class HFCausalPolicy(Policy):
     def _run(
         self,
         ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         positions: torch.Tensor,
         cache: Any = None,
         *,
@@ -180,15 +180,25 @@ class HFCausalPolicy(Policy):
         prompt_ids, prompt_lengths = pad([nonempty_prompt(r.prompt_ids) for r in requests])
         prompt, prompt_mask = left_aligned(prompt_ids, prompt_lengths)
         width = prompt.shape[1]
+        # Without left padding (one prompt, or prompts of one length) every column is real: no
+        # mask at all, which spares the model building one at every step.
+        padded = int(prompt_lengths.min()) < width
         cache = DynamicCache()
-        out = self._run(prompt, prompt_mask, positions_of(prompt_mask), cache, last_only=True)
+        out = self._run(
+            prompt,
+            prompt_mask if padded else None,
+            positions_of(prompt_mask),
+            cache,
+            last_only=True,
+        )
         expand = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
         cache.batch_select_indices(expand)
         logits = self._policy_logits(out.logits[:, -1])[expand]
         # The whole attention mask at once (prompt, then one column per step), viewed a column
         # wider each step: no concatenation per step. Only the prompt's left padding is 0.
-        mask = torch.ones((n, width + steps - 1), dtype=torch.long)
-        mask[:, :width] = prompt_mask[expand]
+        mask = torch.ones((n, width + steps - 1), dtype=torch.long) if padded else None
+        if mask is not None:
+            mask[:, :width] = prompt_mask[expand]
         position = prompt_lengths[expand]
         longest = int(prompt_lengths.max()) - 1  # the last prompt position
 
@@ -202,7 +212,7 @@ class HFCausalPolicy(Policy):
             if t > 0:
                 out = self._run(
                     token.unsqueeze(1),
-                    mask[:, : width + t],
+                    mask[:, : width + t] if mask is not None else None,
                     position.unsqueeze(1),
                     cache,
                     longest=longest + t,
@@ -225,7 +235,8 @@ class HFCausalPolicy(Policy):
                 index = keep.nonzero().squeeze(1)
                 cache.batch_select_indices(index)
                 running, token = running[index], token[index]
-                mask, position = mask[index], position[index]
+                position = position[index]
+                mask = mask[index] if mask is not None else None
                 uniforms, max_tokens = uniforms[index], max_tokens[index]
                 temperature, top_k, top_p = temperature[index], top_k[index], top_p[index]
 

@@ -112,6 +112,13 @@ def test_behaviour_logprobs_equal_the_trainers_recompute_within_1e_5_per_token(p
         assert max(abs(x - y) for x, y in zip(o.policy_logprobs, r, strict=True)) < EXACT
     # greedy rows log 0: a point mass
     assert all(lp == 0.0 for lp in outs[4][0].behaviour_logprobs)
+    # a request alone (no left padding: the model gets no attention mask) is exact too
+    for req in reqs:
+        for out in policy.sample([req])[0]:
+            again = policy.score([req.prompt_ids], [out.token_ids], [req.params])[0]
+            assert (
+                max(abs(x - y) for x, y in zip(out.behaviour_logprobs, again, strict=True)) < EXACT
+            )
 
 
 def test_rows_end_at_eos_or_one_step_past_max_tokens(policy):
