@@ -20,7 +20,6 @@ specials can never be drawn).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,13 +104,10 @@ class HFCausalPolicy(Policy):
         cache: Any = None,
         *,
         hidden: bool = False,
-        last_only: bool = False,
         longest: int | None = None,
     ) -> Any:
-        """The model's forward pass. last_only: logits of the last column only (what sampling
-        reads; the others are not computed where the model can skip them). longest: a bound on
-        `positions` the caller knows for free; the exact check (a reduction) runs only when
-        that bound reaches the model's limit."""
+        """The model's forward pass. longest: a bound on `positions` the caller knows for free;
+        the exact check (a reduction) runs only when that bound reaches the model's limit."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if (
             limit is not None
@@ -123,7 +119,6 @@ class HFCausalPolicy(Policy):
                 f"a sequence of {int(positions.max()) + 1} tokens (prompt and output) is longer "
                 f"than the model's {limit} positions"
             )
-        extra = {"logits_to_keep": 1} if last_only and _keeps_last_logits(self.model) else {}
         return self.model(
             input_ids=self._model_input(ids),
             attention_mask=attention_mask,
@@ -131,7 +126,6 @@ class HFCausalPolicy(Policy):
             cache=cache,
             use_cache=cache is not None,
             output_hidden_states=hidden,
-            **extra,
         )
 
     # -- teacher forcing (training, scoring) --------------------------------------------------
@@ -184,13 +178,10 @@ class HFCausalPolicy(Policy):
         # mask at all, which spares the model building one at every step.
         padded = int(prompt_lengths.min()) < width
         cache = DynamicCache()
-        out = self._run(
-            prompt,
-            prompt_mask if padded else None,
-            positions_of(prompt_mask),
-            cache,
-            last_only=True,
-        )
+        # Every column's logits, though only the last is read: with transformers'
+        # logits_to_keep=1 (sparing the other columns' vocabulary projection) two copies of one
+        # LoRA model's weights sampled log-probs 2e-7 apart, where the LoRA tests ask for equal.
+        out = self._run(prompt, prompt_mask if padded else None, positions_of(prompt_mask), cache)
         expand = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
         cache.batch_select_indices(expand)
         logits = self._policy_logits(out.logits[:, -1])[expand]
@@ -253,12 +244,6 @@ class HFCausalPolicy(Policy):
                 )
             )
         return out_rows
-
-
-def _keeps_last_logits(model: Any) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do since
-    4.45; a model without it computes every column's logits and the caller takes the last)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def left_aligned(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,18 +179,3 @@ def test_a_row_running_past_the_models_positions_is_refused_by_name_and_one_endi
     ended = policy.sample([request(policy, "ocean", 3, max_tokens=300)])[0][0]
     assert ended.finished
     assert len(policy.encode_prompt("ocean")) + len(ended.token_ids) < 160
-
-
-def test_the_prompt_pass_computes_logits_for_its_last_column_only(policy):
-    """The prompt pass asks the model for the last column's logits (logits_to_keep=1): the
-    other columns' vocabulary projections are never computed; each step after projects one."""
-    columns: list[int] = []
-    hook = policy.model.lm_head.register_forward_hook(
-        lambda _module, inputs, _output: columns.append(inputs[0].shape[1])
-    )
-    try:
-        policy.sample([request(policy, "quiet winter night walk", 5, max_tokens=4)])
-    finally:
-        hook.remove()
-    assert len(policy.encode_prompt("quiet winter night walk")) > 1
-    assert columns and set(columns) == {1}
