@@ -6,9 +6,13 @@
 Both arms sample the same model, the same prompts (keywords from the corpus's test split, in
 the checkpoint's prompt template, left-padded) and the same settings: temperature 1, no top-k
 or top-p, at most `max_tokens` phrase tokens plus the one step that may draw <eos>, a KV cache,
-rows ending at <eos>. They are interleaved within each repeat (ours, then generate's), so load
-on a shared machine hits both alike; each figure is the median over the repeats, and the ratio
-is ours / generate's in the same run. `generate` does not return the log-probabilities of the
+rows ending at <eos>. generate's settings are built here, not read from the checkpoint, and a
+check before timing proves it samples the raw softmax (its processed scores equal the model's
+logits). The arms are interleaved within each repeat, each going first every other repeat, so
+load on a shared machine hits both alike; the first repeat warms both up; each figure is the
+median over the repeats, and the ratio (our generations/s over generate's) is taken in the
+same run. Both run at `--threads` torch threads (1 by default: the server's model process
+runs at 1, `serve --torch-threads`). `generate` does not return the log-probabilities of the
 distribution it sampled from; ours do, and the mismatch of those against the trainer's
 teacher-forced recompute is reported (max and mean per token, over every sampled token).
 """
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,29 +51,64 @@ def run_ours(policy: HFCausalPolicy, requests) -> tuple[float, list]:
     return time.perf_counter() - started, outputs
 
 
-@torch.inference_mode()
-def run_generate(policy: HFCausalPolicy, requests, max_tokens: int) -> tuple[float, int]:
-    """Seconds, and the tokens generated (up to each row's end-of-text, included)."""
-    ids, lengths = pad([r.prompt_ids for r in requests])
-    prompt, mask = left_aligned(ids, lengths)
-    started = time.perf_counter()
-    sequences = policy.model.generate(
-        input_ids=policy._model_input(prompt),
-        attention_mask=mask,
+def generation_config(policy: HFCausalPolicy, max_tokens: int) -> Any:
+    """generate's settings, built here rather than read from the checkpoint's
+    generation_config.json (a user's model may ship top_k=50 or a repetition penalty there):
+    temperature 1, no top-k or top-p, one step more than max_tokens (ours: the step that may
+    draw <eos>), stopping each row at end-of-text, a KV cache."""
+    from transformers import GenerationConfig
+
+    eos = policy.tokenizer.model_eos_id
+    return GenerationConfig(
         do_sample=True,
         temperature=1.0,
         top_k=0,
         top_p=1.0,
         max_new_tokens=max_tokens + 1,
-        eos_token_id=policy.tokenizer.model_eos_id,
-        pad_token_id=policy.tokenizer.model_eos_id if policy.tokenizer.offset else PAD_ID,
+        eos_token_id=eos,
+        pad_token_id=eos if policy.tokenizer.offset else PAD_ID,
         use_cache=True,
+    )
+
+
+def generate_inputs(policy: HFCausalPolicy, requests) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, lengths = pad([r.prompt_ids for r in requests])
+    prompt, mask = left_aligned(ids, lengths)
+    return policy._model_input(prompt), mask
+
+
+@torch.inference_mode()
+def run_generate(policy: HFCausalPolicy, requests, config: Any) -> tuple[float, int]:
+    """Seconds, and the tokens generated (up to each row's end-of-text, included)."""
+    prompt, mask = generate_inputs(policy, requests)
+    started = time.perf_counter()
+    sequences = policy.model.generate(
+        input_ids=prompt, attention_mask=mask, generation_config=config
     )
     elapsed = time.perf_counter() - started
     new = sequences[:, prompt.shape[1] :]
     ended = (new == policy.tokenizer.model_eos_id).long().cumsum(dim=1)
     tokens = int(((ended == 0) | ((ended == 1) & (new == policy.tokenizer.model_eos_id))).sum())
     return elapsed, tokens
+
+
+@torch.inference_mode()
+def check_generate_samples_the_raw_softmax(policy: HFCausalPolicy, requests, config: Any) -> None:
+    """Like with like: the scores generate samples from (after every logits processor it
+    builds from its settings) equal the model's raw logits, so it draws from the same
+    distribution as ours at temperature 1 without filters; refuses to time anything else."""
+    prompt, mask = generate_inputs(policy, requests)
+    out = policy.model.generate(
+        input_ids=prompt,
+        attention_mask=mask,
+        generation_config=config,
+        output_scores=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    for processed, raw in zip(out.scores, out.logits, strict=True):
+        if not torch.equal(processed, raw):
+            raise SystemExit("generate processes the logits: the two arms would differ")
 
 
 def mismatch(policy: HFCausalPolicy, requests, outputs) -> list[float]:
@@ -89,8 +130,19 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="an hf-causal-lm checkpoint")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per batch size")
+    parser.add_argument(
+        "--min-phrases",
+        type=int,
+        default=128,
+        help="at least this many phrases per arm and batch size (more repeats for small batches)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of both arms (1: the server's model process default)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -99,15 +151,27 @@ def main() -> int:
     if not isinstance(policy, HFCausalPolicy):
         print(f"{args.checkpoint}: not an hf-causal-lm checkpoint", file=sys.stderr)
         return 2
+    config = generation_config(policy, args.max_tokens)
     prompts = [" ".join(keywords_of(p)[:2]) for p in split_corpus(load_phrases(), seed=0).test]
     rows, gaps = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
         ours_s, theirs_s, tokens, their_tokens = [], [], [], []
-        for r in range(args.repeats + 1):
+        # A phrase's length is drawn, and the steps a batch takes follow its longest phrase:
+        # small batches take more repeats, so both arms' medians cover the same spread.
+        repeats = max(args.repeats, math.ceil(args.min_phrases / batch))
+        for r in range(repeats + 1):
             chosen = [prompts[(r * batch + i) % len(prompts)] for i in range(batch)]
             requests = requests_for(policy, chosen, 1 + r * batch, args.max_tokens)
-            elapsed, outputs = run_ours(policy, requests)
-            generate_s, generated = run_generate(policy, requests, args.max_tokens)
+            if r == 0:
+                check_generate_samples_the_raw_softmax(policy, requests, config)
+            # Each arm goes first in every other repeat, so neither always runs on the
+            # caches (and the load) the other leaves behind.
+            if r % 2:
+                generate_s, generated = run_generate(policy, requests, config)
+                elapsed, outputs = run_ours(policy, requests)
+            else:
+                elapsed, outputs = run_ours(policy, requests)
+                generate_s, generated = run_generate(policy, requests, config)
             if r == 0:
                 continue  # warm-up of both arms
             ours_s.append(elapsed)
@@ -119,6 +183,7 @@ def main() -> int:
         rows.append(
             {
                 "batch": batch,
+                "repeats": repeats,
                 "ours_generations_per_s": batch / ours,
                 "generate_generations_per_s": batch / theirs,
                 "ratio": theirs / ours,
@@ -131,7 +196,8 @@ def main() -> int:
             f"batch {batch:3d}: ours {batch / ours:8.1f} gen/s   generate {batch / theirs:8.1f} "
             f"gen/s   ratio {theirs / ours:5.2f}x   (tokens/phrase: "
             f"ours {row['ours_tokens_per_phrase']:.1f}, "
-            f"generate {row['generate_tokens_per_phrase']:.1f})"
+            f"generate {row['generate_tokens_per_phrase']:.1f})",
+            flush=True,
         )
     summary = {
         "checkpoint": str(args.checkpoint),

@@ -4,7 +4,7 @@
         [--algorithms actor-critic,reinforce,q-learning]
         [--preferences include:good,length:3,avoid:a] [--offpolicy-preferences include:good]
         [--offpolicy-lag 1] [--output bench/learning_curves.png] [--torch-threads 2]
-        [--join-window-s 30]
+        [--join-window-s 30] [--policies gru=default,hf=HF_CHECKPOINT]
 
 For every algorithm and preference: a fresh store and registry whose live version is the
 default pretrained policy; a simulated user with that preference (noisy ratings, comparisons,
@@ -22,6 +22,11 @@ have not swapped yet) with a mix of tempered and filtered sampling (temperature 
 being trained nor its raw softmax, and only a correct off-policy correction learns as fast as on
 the plain traffic (live, temperature 1), the same curve in the plain arm.
 
+Other policies (`--policies NAME=DIR,...`, `default` for the default pretrained GRU): every arm
+runs once per policy, each from its own checkpoint, with the same users, prompts, seeds and event
+budget; the figure draws one line per policy and algorithm (e.g. the tiny Hugging Face GPT-2
+from `feedloop pretrain --architecture hf-causal-lm` beside the GRU).
+
 Printed for each algorithm and preference: the feedback events needed to close half the gap
 between the pretrained policy's reward and the best reachable reward (1.0: every preference here
 has phrases that satisfy it fully), and the perplexity ratio then and at the end. Writes a PNG.
@@ -30,6 +35,7 @@ has phrases that satisfy it fully), and the perplexity ratio then and at the end
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -72,6 +78,7 @@ class Curve:
     algorithm: str
     preference: str
     traffic: str = PLAIN
+    policy: str = "default"
     events: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     perplexity_ratios: list[float] = field(default_factory=list)
@@ -86,7 +93,12 @@ class Curve:
 
 
 def run_curve(
-    algorithm: str, spec: str, traffic: str, checkpoint: Path, args: argparse.Namespace
+    algorithm: str,
+    spec: str,
+    traffic: str,
+    checkpoint: Path,
+    args: argparse.Namespace,
+    policy_name: str = "default",
 ) -> Curve:
     preference = parse_preference(spec)
     split = split_corpus(load_phrases(), seed=0)
@@ -117,7 +129,7 @@ def run_curve(
         sim.sampling_mix, sim.version_lag = OFF_POLICY_SAMPLING, args.offpolicy_lag
     pretrained, _ = load_checkpoint(checkpoint)
     base_ppl = perplexity(pretrained, ppl_pairs)
-    curve = Curve(algorithm, spec, traffic)
+    curve = Curve(algorithm, spec, traffic, policy_name)
 
     def measure(events: int, outcome: str) -> None:
         live, _ = load_checkpoint(registry.checkpoint_dir(str(registry.live())))
@@ -126,7 +138,7 @@ def run_curve(
         curve.perplexity_ratios.append(perplexity(live, ppl_pairs) / base_ppl)
         curve.outcomes.append(outcome)
         print(
-            f"  {algorithm:<12} {spec:<13} {traffic:<15} events={events:5d} "
+            f"  {policy_name:<8} {algorithm:<12} {spec:<13} {traffic:<15} events={events:5d} "
             f"reward={curve.rewards[-1]:.3f} "
             f"ppl_ratio={curve.perplexity_ratios[-1]:.3f} {outcome}",
             flush=True,
@@ -142,6 +154,13 @@ def run_curve(
     return curve
 
 
+def label(curve: Curve, curves: list[Curve]) -> str:
+    """The algorithm, with the policy's name in front when the run compares policies."""
+    if len({c.policy for c in curves}) == 1:
+        return curve.algorithm
+    return f"{curve.policy} {curve.algorithm}"
+
+
 def plot(curves: list[Curve], output: Path) -> None:
     panels = list(dict.fromkeys((c.preference, c.traffic) for c in curves))
     fig, axes = plt.subplots(
@@ -149,14 +168,18 @@ def plot(curves: list[Curve], output: Path) -> None:
     )
     for col, (spec, traffic) in enumerate(panels):
         for curve in (c for c in curves if (c.preference, c.traffic) == (spec, traffic)):
-            axes[0][col].plot(curve.events, curve.rewards, marker="o", label=curve.algorithm)
-            axes[1][col].plot(
-                curve.events, curve.perplexity_ratios, marker="o", label=curve.algorithm
+            name = label(curve, curves)
+            axes[0][col].plot(curve.events, curve.rewards, marker="o", label=name)
+            axes[1][col].plot(curve.events, curve.perplexity_ratios, marker="o", label=name)
+        policies = list(dict.fromkeys(c.policy for c in curves))
+        for policy, style in zip(policies, itertools.cycle(["--", ":", "-."])):
+            base = next(c for c in curves if (c.preference, c.policy) == (spec, policy)).rewards[0]
+            axes[0][col].axhline(
+                base + 0.5 * (BEST_REACHABLE - base),
+                ls=style,
+                c="grey",
+                label="half the gap" + (f" ({policy})" if len(policies) > 1 else ""),
             )
-        base = next(c for c in curves if c.preference == spec).rewards[0]
-        axes[0][col].axhline(
-            base + 0.5 * (BEST_REACHABLE - base), ls="--", c="grey", label="half the gap"
-        )
         axes[0][col].set_title(f"{spec} ({traffic} traffic)")
         axes[0][col].set_ylabel("mean true reward of live version")
         axes[1][col].axhline(1.3, ls="--", c="red", label="perplexity bound")
@@ -167,6 +190,18 @@ def plot(curves: list[Curve], output: Path) -> None:
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
+
+
+def policy_checkpoint(item: str) -> tuple[str, Path]:
+    """`NAME=DIR` (or `default`, or `NAME=default`): the policy's name and its checkpoint."""
+    name, _, directory = item.partition("=")
+    directory = directory or name
+    if directory == "default":
+        return name, ensure_default_checkpoint(default_data_dir())
+    path = Path(directory)
+    if not (path / "manifest.json").is_file():
+        raise SystemExit(f"--policies {item}: {path} is not a checkpoint (no manifest.json)")
+    return name, path
 
 
 def main() -> int:
@@ -187,32 +222,41 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path("bench/learning_curves.png"))
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument(
+        "--policies",
+        default="default",
+        help="NAME=DIR,... checkpoints to learn from, each with every arm; default: the "
+        "default pretrained policy",
+    )
+    parser.add_argument(
         "--join-window-s", type=float, default=TrainConfig.join_window_s, help="see TrainConfig"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
-    checkpoint = ensure_default_checkpoint(default_data_dir())
+    policies = [policy_checkpoint(item) for item in args.policies.split(",")]
     started = time.perf_counter()
     arms = [(spec, PLAIN) for spec in args.preferences.split(",")]
     arms += [(spec, OFF_POLICY) for spec in args.offpolicy_preferences.split(",") if spec]
     curves = []
     for spec, traffic in arms:
         for algorithm in args.algorithms.split(","):
-            curves.append(run_curve(algorithm, spec, traffic, checkpoint, args))
+            for name, checkpoint in policies:
+                curves.append(run_curve(algorithm, spec, traffic, checkpoint, args, name))
     plot(curves, args.output)
     print(
         f"\nfeedback events to close half the gap to the best reachable reward "
         f"({BEST_REACHABLE}), budget {args.events} events:"
     )
     print(
-        f"  {'algorithm':<12} {'preference':<13} {'traffic':<15} {'pretrained':>10} {'final':>6} "
+        f"  {'policy':<8} {'algorithm':<12} {'preference':<13} {'traffic':<15} "
+        f"{'pretrained':>10} {'final':>6} "
         f"{'half-gap events':>15} {'ppl ratio there':>15} {'final ppl ratio':>15}"
     )
     for c in curves:
         events = c.half_gap_events()
         at = c.perplexity_ratios[c.events.index(events)] if events is not None else float("nan")
         print(
-            f"  {c.algorithm:<12} {c.preference:<13} {c.traffic:<15} {c.rewards[0]:10.3f} "
+            f"  {c.policy:<8} {c.algorithm:<12} {c.preference:<13} {c.traffic:<15} "
+            f"{c.rewards[0]:10.3f} "
             f"{c.rewards[-1]:6.3f} "
             f"{events if events is not None else 'not reached':>15} {at:15.3f} "
             f"{c.perplexity_ratios[-1]:15.3f}"

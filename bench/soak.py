@@ -2,6 +2,7 @@
 
     python bench/soak.py --duration-s 120            # the CI soak (about 2.5 minutes)
     python bench/soak.py --duration-s 1800 --policy default --report-json soak.json
+    python bench/soak.py --duration-s 180 --checkpoint HF_CHECKPOINT --logprob-mismatch
 
 What runs: `feedloop serve` and `feedloop train` on a temporary data dir, and
 bench/soak_load.py (its own process, asyncio) keeping a steady mix of Generate and feedback
@@ -12,12 +13,17 @@ descriptors (/proc/PID/fd) of the server and its model process every few seconds
 
 The report: requests sent / succeeded / failed by code, p50/p99 latency per minute, feedback
 acknowledged vs stored (read back from the store after the server has drained), swaps done,
-memory and fds at start and end. Exit status 1 when any request failed, an acknowledged event is
+memory and fds at start and end; with --logprob-mismatch, the behaviour log-prob mismatch over
+every generation of the soak (each recomputed by a trainer's teacher-forced pass under the
+weights of the version that served it, across all the swaps: bench/hf_mismatch.py), max and
+mean per token. Exit status 1 when any request failed, an acknowledged event is
 missing from the store (or stored twice), or memory or descriptors grow steadily:
 
     steady growth: the median of the samples in the LAST third of the run exceeds the median of
     the MIDDLE third by more than max(8 MiB, 5%) for memory, or by more than 8 for open fds. (The
     first third is warm-up: allocator pools, loaded model versions and connections settle.)
+
+or (--logprob-mismatch) a logged behaviour log-prob is further than 1e-5 from its recompute.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ from feedloop.v1 import feedloop_pb2 as pb
 from feedloop.v1 import feedloop_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
+# Served vs recomputed behaviour log-prob, per token: float rounding between a cached sampling
+# step and one teacher-forced pass (tests/test_hf_policy.py and tests/test_hf_server.py).
+EXACT_LOGPROB = 1e-5
 SAMPLE_EVERY_S = 5.0
 RSS_GROWTH_MIN_BYTES = 8 * 1024 * 1024
 RSS_GROWTH_SHARE = 0.05
@@ -128,7 +137,7 @@ def steady_growth(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
-def prepare_data_dir(data_dir: Path, policy: str) -> Path:
+def prepare_data_dir(data_dir: Path, policy: str, checkpoint: Path | None = None) -> Path:
     """Put the policy to serve where `feedloop serve` seeds from; returns its checkpoint."""
     from feedloop.core.pretrain import (
         PretrainConfig,
@@ -138,7 +147,9 @@ def prepare_data_dir(data_dir: Path, policy: str) -> Path:
     )
 
     target = default_checkpoint_dir(data_dir)
-    if policy == "tiny":
+    if checkpoint is not None:
+        shutil.copytree(checkpoint, target)
+    elif policy == "tiny":
         print("soak: pretraining a tiny policy (seconds)", flush=True)
         result = pretrain(PretrainConfig(data_dir=data_dir, **TINY_POLICY), progress=False)  # type: ignore[arg-type]
         if result.checkpoint != target:
@@ -307,6 +318,13 @@ def print_report(report: dict[str, Any]) -> None:
         )
     else:
         print(f"growth: not judged ({growth['reason']})")
+    mismatch = report.get("logprob_mismatch")
+    if mismatch is not None:
+        print(
+            f"behaviour log-prob vs recompute over {mismatch['generations']} generations "
+            f"({mismatch['tokens']} tokens) from {len(mismatch['versions'])} versions: "
+            f"max {mismatch['max']:.2e}, mean {mismatch['mean']:.2e} per token"
+        )
     print(f"server exit code after SIGTERM: {report['server_exit_code']}")
     verdict = "PASS" if not report["problems"] else "FAIL: " + "; ".join(report["problems"])
     print(f"verdict: {verdict}")
@@ -333,6 +351,12 @@ def problems_of(report: dict[str, Any]) -> list[str]:
         problems.append("server open file descriptors grow steadily")
     if report["server_exit_code"] != 0:
         problems.append(f"server exited {report['server_exit_code']} on SIGTERM")
+    mismatch = report.get("logprob_mismatch")
+    if mismatch is not None and mismatch["max"] > EXACT_LOGPROB:
+        problems.append(
+            f"a behaviour log-prob is {mismatch['max']:.2e} from its recompute "
+            f"(> {EXACT_LOGPROB:g})"
+        )
     if report["trainer_died"]:
         problems.append("the trainer died during the soak")
     if sum(load["sent"].values()) == 0:
@@ -341,7 +365,7 @@ def problems_of(report: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
-    checkpoint = prepare_data_dir(data_dir, args.policy)
+    checkpoint = prepare_data_dir(data_dir, args.policy, args.checkpoint)
     server, trainer = start_processes(data_dir, args)
     address = server.banner["grpc"]
     out = data_dir / "load"
@@ -431,6 +455,13 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     }
     if swaps.errors:
         report["load"]["failed"] += len(swaps.errors)
+    if args.logprob_mismatch:
+        from hf_mismatch import store_mismatch  # bench/ is on the path: this file runs as a script
+
+        print("soak: recomputing the behaviour log-probs of every generation", flush=True)
+        report["logprob_mismatch"] = store_mismatch(
+            store_location(data_dir, args), data_dir / "registry"
+        )
     report["problems"] = problems_of(report)
     return report
 
@@ -453,6 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=("tiny", "default"),
         default="tiny",
         help="tiny: pretrained in seconds (CI); default: the real default policy",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="serve this checkpoint directory instead of --policy (e.g. an hf-causal-lm one "
+        "from `feedloop pretrain --architecture hf-causal-lm`)",
+    )
+    parser.add_argument(
+        "--logprob-mismatch",
+        action="store_true",
+        help="after the soak, recompute every generation's behaviour log-probs under the "
+        "version that served it and report max / mean per token (fails above 1e-5)",
     )
     parser.add_argument("--no-trainer", action="store_true", help="soak the server alone")
     parser.add_argument(

@@ -99,14 +99,21 @@ class HFCausalPolicy(Policy):
     def _run(
         self,
         ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         positions: torch.Tensor,
         cache: Any = None,
         *,
         hidden: bool = False,
+        longest: int | None = None,
     ) -> Any:
+        """The model's forward pass. longest: a bound on `positions` the caller knows for free;
+        the exact check (a reduction) runs only when that bound reaches the model's limit."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and int(positions.max()) >= limit:
+        if (
+            limit is not None
+            and (longest is None or longest >= limit)
+            and int(positions.max()) >= limit
+        ):
             # The model would index past its position table (an IndexError deep in torch).
             raise ValueError(
                 f"a sequence of {int(positions.max()) + 1} tokens (prompt and output) is longer "
@@ -157,21 +164,34 @@ class HFCausalPolicy(Policy):
         max_tokens = torch.tensor([p.max_tokens for p in params], dtype=torch.long)
         # As the GRU: <eos> is not counted in max_tokens; a row at its limit takes one more
         # step, finished if it draws <eos>, cut (that draw dropped) if not.
-        steps = int(max_tokens.max()) + 1
-        unfiltered = bool((temperature == 1).all() and (top_k == 0).all() and (top_p >= 1).all())
+        steps = max(p.max_tokens for p in params) + 1
+        unfiltered = all(p.temperature == 1 and p.top_k == 0 and p.top_p >= 1 for p in params)
         seeds = sampling.batch_candidate_seeds([r.params.seed for r in requests], counts)
         uniforms = sampling.row_uniforms(seeds, steps)
 
         from transformers import DynamicCache
 
         prompt_ids, prompt_lengths = pad([nonempty_prompt(r.prompt_ids) for r in requests])
-        prompt, mask = left_aligned(prompt_ids, prompt_lengths)
+        prompt, prompt_mask = left_aligned(prompt_ids, prompt_lengths)
+        width = prompt.shape[1]
+        # Without left padding (one prompt, or prompts of one length) every column is real: no
+        # mask at all, which spares the model building one at every step.
+        padded = int(prompt_lengths.min()) < width
         cache = DynamicCache()
-        out = self._run(prompt, mask, positions_of(mask), cache)
+        # Every column's logits, though only the last is read: with transformers'
+        # logits_to_keep=1 (sparing the other columns' vocabulary projection) two copies of one
+        # LoRA model's weights sampled log-probs 2e-7 apart, where the LoRA tests ask for equal.
+        out = self._run(prompt, prompt_mask if padded else None, positions_of(prompt_mask), cache)
         expand = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
         cache.batch_select_indices(expand)
         logits = self._policy_logits(out.logits[:, -1])[expand]
-        mask, position = mask[expand], prompt_lengths[expand]
+        # The whole attention mask at once (prompt, then one column per step), viewed a column
+        # wider each step: no concatenation per step. Only the prompt's left padding is 0.
+        mask = torch.ones((n, width + steps - 1), dtype=torch.long) if padded else None
+        if mask is not None:
+            mask[:, :width] = prompt_mask[expand]
+        position = prompt_lengths[expand]
+        longest = int(prompt_lengths.max()) - 1  # the last prompt position
 
         tokens = torch.full((n, steps), PAD_ID, dtype=torch.long)
         behaviour = torch.zeros((n, steps))
@@ -181,8 +201,13 @@ class HFCausalPolicy(Policy):
         token = torch.empty(0, dtype=torch.long)  # the last token drawn, per running row
         for t in range(steps):
             if t > 0:
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                out = self._run(token.unsqueeze(1), mask, position.unsqueeze(1), cache)
+                out = self._run(
+                    token.unsqueeze(1),
+                    mask[:, : width + t] if mask is not None else None,
+                    position.unsqueeze(1),
+                    cache,
+                    longest=longest + t,
+                )
                 logits = self._policy_logits(out.logits[:, -1])
                 position = position + 1
             token, picked, picked_raw = draw_step(
@@ -200,10 +225,11 @@ class HFCausalPolicy(Policy):
                     break
                 index = keep.nonzero().squeeze(1)
                 cache.batch_select_indices(index)
-                running, token = running[keep], token[keep]
-                mask, position = mask[keep], position[keep]
-                uniforms, max_tokens = uniforms[keep], max_tokens[keep]
-                temperature, top_k, top_p = temperature[keep], top_k[keep], top_p[keep]
+                running, token = running[index], token[index]
+                position = position[index]
+                mask = mask[index] if mask is not None else None
+                uniforms, max_tokens = uniforms[index], max_tokens[index]
+                temperature, top_k, top_p = temperature[index], top_k[index], top_p[index]
 
         out_rows: list[list[SampledOutput]] = [[] for _ in requests]
         tokens_l, behaviour_l, raw_l = tokens.tolist(), behaviour.tolist(), raw.tolist()

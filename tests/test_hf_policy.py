@@ -112,6 +112,13 @@ def test_behaviour_logprobs_equal_the_trainers_recompute_within_1e_5_per_token(p
         assert max(abs(x - y) for x, y in zip(o.policy_logprobs, r, strict=True)) < EXACT
     # greedy rows log 0: a point mass
     assert all(lp == 0.0 for lp in outs[4][0].behaviour_logprobs)
+    # a request alone (no left padding: the model gets no attention mask) is exact too
+    for req in reqs:
+        for out in policy.sample([req])[0]:
+            again = policy.score([req.prompt_ids], [out.token_ids], [req.params])[0]
+            assert (
+                max(abs(x - y) for x, y in zip(out.behaviour_logprobs, again, strict=True)) < EXACT
+            )
 
 
 def test_rows_end_at_eos_or_one_step_past_max_tokens(policy):
@@ -158,3 +165,17 @@ def test_left_alignment_moves_each_prompt_to_the_right_edge():
     aligned, mask = left_aligned(ids, torch.tensor([3, 1]))
     assert aligned.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_a_row_running_past_the_models_positions_is_refused_by_name_and_one_ending_before_is_not(
+    policy,
+):
+    """Sampling checks positions only when its cheap bound reaches the model's limit (160 in
+    the fixture): a greedy row that never draws <eos> gets a ValueError naming both lengths, not
+    an IndexError deep in torch; a row whose max_tokens could overflow but that ends sooner is
+    served."""
+    with pytest.raises(ValueError, match="longer than the model's 160 positions"):
+        policy.sample([request(policy, "ocean", 3, temperature=0.0, max_tokens=300)])
+    ended = policy.sample([request(policy, "ocean", 3, max_tokens=300)])[0][0]
+    assert ended.finished
+    assert len(policy.encode_prompt("ocean")) + len(ended.token_ids) < 160
