@@ -3,6 +3,7 @@ leaves a process behind, whether it ends on time or is stopped by a signal."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -235,3 +236,22 @@ def test_demo_that_cannot_start_says_why_in_one_line_and_keeps_its_logs(tmp_path
     err = capsys.readouterr().err
     assert code == 1 and "missing" in err and f"logs kept in {tmp_path / 'data'}" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_short_demo_runs_on_a_hugging_face_policy(tmp_path, hf_checkpoint):
+    # Issue 16: the same demo (server, trainer, simulated users) on a transformers policy.
+    result = subprocess.run(
+        demo_command(tmp_path, hf_checkpoint, 20), capture_output=True, text=True, timeout=240
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode in (0, 1), output
+    summary = re.search(r"feedloop demo: (\d+) requests, (\d+) feedback events", output)
+    assert summary and int(summary[1]) > 0 and int(summary[2]) > 0, output
+    assert "per version" in output and "v0001" in output
+    # The trainer published at least one version of its own, as a transformers checkpoint.
+    versions = tmp_path / "data" / "registry" / "versions"
+    published = [json.loads((v / "manifest.json").read_text()) for v in versions.iterdir()]
+    assert len(published) >= 2, output
+    assert {m["architecture"] for m in published} == {"hf-causal-lm"}, published
+    assert_gone(child_pids(output))
