@@ -14,7 +14,14 @@ from feedloop.demo.phases import (
     regression,
     versions_in,
 )
-from feedloop.demo.population import parse_taste_change
+from feedloop.demo.population import (
+    Population,
+    PopulationConfig,
+    TasteChange,
+    parse_taste_change,
+    parse_taste_changes,
+)
+from feedloop.demo.simusers import AvoidWord, IncludeWord
 from feedloop.demo.tracker import DemoStats, Served, Swap
 
 
@@ -89,11 +96,42 @@ def test_too_few_requests_do_not_make_a_version_the_best():
 
 
 def test_taste_change_specs_are_parsed_or_refused_with_the_expected_form():
-    assert parse_taste_change("keyword@120") == ("keyword", 120.0)
-    assert parse_taste_change("include:little@0.5") == ("include:little", 0.5)
-    for bad in ("keyword", "keyword@-1", "keyword@soon", "likes:x@10"):
+    assert parse_taste_change("keyword@120") == TasteChange("keyword", 120.0, 0.0)
+    assert parse_taste_change("include:little@0.5") == TasteChange("include:little", 0.5)
+    assert parse_taste_change("initial:bcd@120-240") == TasteChange("initial:bcd", 120.0, 120.0)
+    for bad in ("keyword", "keyword@-1", "keyword@soon", "likes:x@10", "keyword@20-10"):
         with pytest.raises(ValueError):
             parse_taste_change(bad)
+    with pytest.raises(ValueError, match="overlap"):
+        parse_taste_changes(["keyword@10-30", "avoid:a@20"])
+    assert len(parse_taste_changes(["keyword@10-30", "avoid:a@30"])) == 2
+
+
+def test_a_gradual_change_reaches_the_users_evenly_over_its_span():
+    change = TasteChange("keyword", 100.0, 40.0)
+    assert [change.share_at(t) for t in (99.0, 100.0, 110.0, 130.0, 140.0, 500.0)] == [
+        0.0,
+        0.0,
+        0.25,
+        0.75,
+        1.0,
+        1.0,
+    ]
+    assert TasteChange("keyword", 100.0).share_at(100.0) == 1.0
+
+
+def test_a_share_of_the_users_changes_taste_in_a_seeded_order():
+    config = PopulationConfig("include:a", 8, 1.0, 2, {"rating": 1.0}, 0.1, "unit", seed=3)
+    population = Population(None, config, DemoStats())  # type: ignore[arg-type]
+    population.change_preference("avoid:a", 0.25)
+    changed = [i for i, u in enumerate(population.users) if u.preference == AvoidWord("a")]
+    assert len(changed) == 2 and population.preference == IncludeWord("a")
+    again = Population(None, config, DemoStats())  # type: ignore[arg-type]
+    again.change_preference("avoid:a", 0.25)
+    assert [i for i, u in enumerate(again.users) if u.preference == AvoidWord("a")] == changed
+    population.change_preference("avoid:a", 1.0)
+    assert all(u.preference == AvoidWord("a") for u in population.users)
+    assert population.preference == AvoidWord("a")
 
 
 def test_the_stats_record_taste_changes_and_why_each_request_was_served():
