@@ -2,7 +2,7 @@
 while the users' taste changes, against the same population whose taste does not.
 
     .venv/bin/python bench/bench_drift.py [--runs abrupt:0,abrupt:1,abrupt:2,none:0]
-        [--phase-s 180] [--after-s 420] [--span-s 120] [--json bench/drift.json]
+        [--phase-s 240] [--after-s 360] [--span-s 120] [--json bench/drift.json]
         [--plot bench/drift.png] [--trainer-arg=ARG ...] [--server-arg=ARG ...]
 
 Each run is SCENARIO:PAIR. PAIR seeds the tastes: three disjoint letter sets A, B, C (the last
@@ -39,12 +39,14 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from feedloop.client.errors import FeedloopClientError
@@ -370,6 +372,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def parse_runs(text: str) -> list[tuple[str, int]]:
     runs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -387,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs", type=parse_runs, default=parse_runs("abrupt:0,abrupt:1,abrupt:2,none:0")
     )
-    p.add_argument("--phase-s", type=float, default=180.0)
-    p.add_argument("--after-s", type=float, default=420.0)
+    p.add_argument("--phase-s", type=float, default=240.0)
+    p.add_argument("--after-s", type=float, default=360.0)
     p.add_argument("--span-s", type=float, default=120.0)
     p.add_argument("--bucket-s", type=float, default=15.0)
     p.add_argument("--users", type=int, default=64)
@@ -399,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=Path("bench/drift.json"))
     p.add_argument("--plot", type=Path, default=Path("bench/drift.png"))
     args = p.parse_args(argv)
+    # A stopped benchmark stops its server and trainer too (the demo's finally clauses).
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     checkpoint = default_checkpoint_dir(default_data_dir())
     if not (checkpoint / "manifest.json").exists():
         log(f"no default policy at {checkpoint}: run `feedloop pretrain` first")

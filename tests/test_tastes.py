@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from feedloop.demo.cli import plan_drift
+from feedloop.demo.options import build_parser
 from feedloop.demo.simusers import Candidate, LastWordInitial, SimulatedUser, parse_preference
 from feedloop.demo.tastes import (
     initial_shares,
@@ -79,3 +81,19 @@ def test_the_policys_own_phrases_give_letter_shares_reproducibly(tiny_checkpoint
     shares = policy_initial_shares(tiny_checkpoint, prompts, samples_per_prompt=4, seed=5)
     assert shares == policy_initial_shares(tiny_checkpoint, prompts, samples_per_prompt=4, seed=5)
     assert 0 < sum(shares.values()) <= 1.0
+
+
+def test_the_demos_drift_mode_plans_tastes_and_changes_from_the_seed(
+    tiny_checkpoint: Path,
+) -> None:
+    args = build_parser().parse_args(["--drift", "twice", "--duration-s", "300", "--seed", "2"])
+    plan_drift(args, tiny_checkpoint)
+    first = args.preference
+    assert first.startswith("initial:")
+    second, third = (c.partition("@")[0] for c in args.taste_change)
+    assert [c.partition("@")[2] for c in args.taste_change] == ["100", "200"]
+    letters = [set(t.removeprefix("initial:")) for t in (first, second, third)]
+    assert not (letters[0] & letters[1] or letters[1] & letters[2] or letters[0] & letters[2])
+    gradual = build_parser().parse_args(["--drift", "gradual", "--drift-at-s", "60", "--seed", "2"])
+    plan_drift(gradual, tiny_checkpoint)
+    assert gradual.preference == first and gradual.taste_change == [f"{second}@60-120"]

@@ -69,11 +69,16 @@ def test_a_sharp_drop_restarts_from_the_reference_and_weighs_data_before_it_down
     metrics = TrainerMetrics()
     config = fast_config(
         env.root,
+        kl_coef=0.1,
         drift_window_s=40.0,
         drift_buckets=8,
         drift_min_ratings=50,
         drift_stale_weight=0.0,  # the old taste's data counts for nothing: visible in the update
         **LOOSE,
+    )
+    # Phase 1 had pushed the KL coefficient up (carried in the cursor).
+    env.store.set_cursor(
+        config.cursor_name, {"generation_seq": 0, "feedback_seq": 0, "kl_coef": 0.5, "rounds": 0}
     )
     now = [T0 + 40.0]
     t = Trainer(
@@ -110,6 +115,7 @@ def test_a_sharp_drop_restarts_from_the_reference_and_weighs_data_before_it_down
     rated = experience.rewards[experience.weights > 0]
     assert len(rated) > 0 and bool(torch.all(rated < 0))
     assert "trained_from=v0001" in first.line()
+    assert first.figures["kl_coef"] == 0.1  # a restart starts the KL controller afresh
     page = generate_latest(metrics.registry).decode()
     assert "feedloop_trainer_drift_changes_total 1.0" in page
     assert "feedloop_trainer_drift_restarted 1.0" in page

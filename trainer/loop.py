@@ -455,6 +455,13 @@ class Trainer:
 
         base = self.training_base(live, reference_version, drift, drift_figures)
         candidate = copy.deepcopy(live_policy if base == live else self.policy(base))
+        if base != live:
+            # The carried coefficient was adapted to live's distance from the reference; a
+            # restart starts elsewhere (often at the reference itself), so the controller does.
+            kl = AdaptiveKLController(
+                min(c.kl_coef, c.kl_coef_max), c.kl_target, c.kl_horizon, c.kl_coef_max
+            )
+            figures["kl_coef"] = kl.value
         try:
             update = self._update(candidate, reference, experience, kl.value)
         except TrainingDiverged as exc:
