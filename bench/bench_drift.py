@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -254,7 +255,8 @@ def measure(
     for (at_s, taste), until in zip(changes, boundaries[1:], strict=True):
         level = served_mean(answered, at_s - LEVEL_WINDOW_S, at_s)
         per_change.append(
-            {"at_s": at_s, "taste": taste} | after_change(buckets, at_s, bases[taste], level, until)
+            {"at_s": at_s, "until_s": until, "taste": taste}
+            | after_change(buckets, at_s, bases[taste], level, until)
         )
     explored = [a.reward for a in answered if a.served_as == "exploration"]
     policy = [a.reward for a in answered if a.served_as != "exploration"]
@@ -338,13 +340,26 @@ def summary_line(run: dict[str, Any]) -> str:
     return "; ".join(bits)
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
+def plot(runs: list[dict[str, Any]], path: Path, also: Sequence[dict[str, Any]] = ()) -> None:
+    """The runs' served liked rate over time; `also` (another benchmark's runs, e.g. the
+    before figure) drawn thin and grey beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(11, 5.5), dpi=110)
+    for run in also:
+        rate = [(t, m) for t, m, n, _ in run["served_rate"] if n]
+        label = f"{run['scenario']}:{run['pair']} {run['label']}".strip()
+        axes.plot(
+            [t for t, _ in rate],
+            [m for _, m in rate],
+            color="grey",
+            linewidth=1,
+            linestyle="-.",
+            label=label,
+        )
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         label = f"{run['scenario']}:{run['pair']}" + (f" {run['label']}" if run["label"] else "")
@@ -355,7 +370,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             axes.hlines(
                 change["base"],
                 change["at_s"],
-                change["at_s"] + 60,
+                change.get("until_s", change["at_s"] + 60),
                 colors=color,
                 linestyles="--",
                 linewidth=1,
@@ -404,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", action="append", default=[])
     p.add_argument("--json", type=Path, default=Path("bench/drift.json"))
     p.add_argument("--plot", type=Path, default=Path("bench/drift.png"))
+    p.add_argument(
+        "--also",
+        type=Path,
+        help="another run's JSON (e.g. bench/drift_before.json), drawn beside these runs",
+    )
     args = p.parse_args(argv)
     # A stopped benchmark stops its server and trainer too (the demo's finally clauses).
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -414,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     shares = policy_initial_shares(checkpoint, demo_prompts(0)[:SHARE_PROMPTS], seed=0)
     log(f"letter shares of the pretrained policy's phrases: {shares}")
     results: list[dict[str, Any]] = []
+    also = json.loads(args.also.read_text())["runs"] if args.also else []
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
         for scenario, pair in args.runs:
             run = measure(scenario, pair, args, checkpoint, shares, Path(tmp))
@@ -427,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                     default=str,
                 )
             )
-            plot(results, args.plot)
+            plot(results, args.plot, also)
     for run in results:
         print(summary_line(run))
     return 0

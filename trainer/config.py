@@ -200,11 +200,12 @@ class TrainConfig:
         default=12, metadata=_help("buckets of drift_window_s (at least 2): the split points")
     )
     drift_min_drop: float = field(
-        default=0.3,
+        default=0.2,
         metadata=_help(
             "a drop counts when its lower confidence bound (mean rating on [-1, 1] before minus "
-            "after the split) exceeds this: 0.3 is 0.15 of a liked rate, the size of change the "
-            "trainer must react to; learning one taste never lowers the rating that much"
+            "after the split) exceeds this: 0.2 is 0.1 of a liked rate, beyond the noise of "
+            "learning one taste; 0.3 missed a fall of the served liked rate from 0.41 to 0.15 "
+            "(bound 0.27, docs/learning.md)"
         ),
     )
     drift_alpha: float = field(
