@@ -35,6 +35,13 @@ costs in tightness, provided a user's rating depends on the text, not on who ser
 clipped terms lie in [0, 2W], so the same mixture boundary with sigma = W bounds their mean at
 every look. The self-normalised estimate (sum w r / sum w) rides along as the point figure, with
 the effective sample size (sum w)^2 / sum w^2 that says how much of the sample it rests on.
+
+Evidence that ages (feedloop.core.discount): outcomes tallied with a discount carry, for their
+ratings, the weights w_i = 0.5 ** (age_i / H) <= 1. Their mean rating is the discounted mean
+sum w x / sum w, and its sequence is the same boundary with V = sigma^2 sum w_i^2, rho scaled by
+the look's c^2 and alpha by the look's block share, divided by sum w (the derivation is in
+feedloop.core.discount's docstring). With every weight 1 this is the plain sequence above, so
+the undiscounted figures are the special case, not a second formula.
 """
 
 from __future__ import annotations
@@ -51,18 +58,38 @@ WIN_SIGMA = 0.5  # a pair's outcome lies in {0, 1}
 TIGHTEST_AT = 500.0
 
 
+def mixture_rho(alpha: float, sigma: float, tightest_at: float = TIGHTEST_AT) -> float:
+    """The mixture's rho that makes the boundary nearly narrowest at tightest_at observations."""
+    log_inverse = 2 * math.log(1 / alpha)
+    return sigma**2 * tightest_at / (log_inverse + math.log(1 + log_inverse))
+
+
+def weighted_radius(
+    weight: float,
+    weight_sq: float,
+    alpha: float,
+    *,
+    sigma: float,
+    rho_scale: float = 1.0,
+    tightest_at: float = TIGHTEST_AT,
+) -> float:
+    """Radius of the normal-mixture CS around a weighted mean sum w x / sum w: weight is sum w,
+    weight_sq sum w^2 (V = sigma^2 weight_sq), rho_scale the look's c^2
+    (feedloop.core.discount); inf when weight is 0."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), not {alpha}")
+    if weight <= 0:
+        return math.inf
+    rho = mixture_rho(alpha, sigma, tightest_at) * rho_scale
+    v = sigma**2 * weight_sq
+    return math.sqrt((v + rho) * math.log((v + rho) / (rho * alpha**2))) / weight
+
+
 def mixture_radius(
     n: int, alpha: float, *, sigma: float, tightest_at: float = TIGHTEST_AT
 ) -> float:
     """Radius of the normal-mixture CS around the mean of n observations (inf when n is 0)."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), not {alpha}")
-    if n <= 0:
-        return math.inf
-    log_inverse = 2 * math.log(1 / alpha)
-    rho = sigma**2 * tightest_at / (log_inverse + math.log(1 + log_inverse))
-    v = sigma**2 * n
-    return math.sqrt((v + rho) * math.log((v + rho) / (rho * alpha**2))) / n
+    return weighted_radius(n, n, alpha, sigma=sigma, tightest_at=tightest_at)
 
 
 @dataclass(frozen=True)
@@ -73,9 +100,16 @@ class Estimate:
     mean: float  # nan without observations
     low: float
     high: float
+    # Discounted estimates: sum of the weights (the evidence's discounted count), and the share
+    # of alpha the look spent (feedloop.core.discount); None for plain ones.
+    weight: float | None = None
+    alpha: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"n": self.n, "mean": self.mean, "low": self.low, "high": self.high}
+        plain = {"n": self.n, "mean": self.mean, "low": self.low, "high": self.high}
+        if self.weight is None or self.alpha is None:
+            return plain
+        return {**plain, "weight": self.weight, "alpha": self.alpha}
 
 
 def _bounded(n: int, mean: float, radius: float, lowest: float, highest: float) -> Estimate:
@@ -84,8 +118,23 @@ def _bounded(n: int, mean: float, radius: float, lowest: float, highest: float) 
 
 
 def mean_rating(outcomes: VersionOutcomes, alpha: float) -> Estimate:
-    """The version's mean normalised rating, one observation per rated generation."""
-    n = outcomes.ratings
+    """The version's mean normalised rating, one observation per rated generation; discounted
+    (and its sequence with it) when the outcomes were tallied with a discount."""
+    n, discount = outcomes.ratings, outcomes.discount
+    if discount is not None:
+        spent = discount.alpha(alpha)
+        weight = outcomes.rating_weight
+        if n == 0 or weight <= 0:
+            return Estimate(n, math.nan, -1.0, 1.0, weight, spent)
+        radius = weighted_radius(
+            weight,
+            outcomes.rating_weight_sq,
+            spent,
+            sigma=RATING_SIGMA,
+            rho_scale=discount.rho_scale,
+        )
+        bounded = _bounded(n, outcomes.mean, radius, -1.0, 1.0)
+        return Estimate(n, bounded.mean, bounded.low, bounded.high, weight, spent)
     if n == 0:
         return Estimate(0, math.nan, -1.0, 1.0)
     radius = mixture_radius(n, alpha, sigma=RATING_SIGMA)

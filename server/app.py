@@ -215,8 +215,15 @@ class FeedloopServer:
         metrics.storage.watch(store.size_bytes, registry.size_bytes, config.local_volumes())
         self.model_client = ModelProcessClient(metrics, torch_threads=config.torch_threads)
         await asyncio.to_thread(self.model_client.start)
+        exploration = config.exploration
         self.live_model = LiveModel(
-            self.registry, self.model_client, metrics, keep_versions=config.keep_versions
+            self.registry,
+            self.model_client,
+            metrics,
+            keep_versions=config.keep_versions,
+            explore_versions=exploration.versions
+            if exploration.share > 0 and exploration.version_share > 0
+            else 0,
         )
         self.generation_log = GenerationLog(
             self.store,

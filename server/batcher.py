@@ -83,6 +83,9 @@ class GenerateJob:
     # Chosen for exploration (params are already the exploration ones): served by live, never
     # by a canary, so a trial's evidence compares the two versions' own policies.
     explore: bool = False
+    # The older version chosen to serve this explored request with its own parameters
+    # (core/exploration.py); None: live at the exploration parameters.
+    explore_version: str | None = None
     future: asyncio.Future[Any] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -252,6 +255,11 @@ class Batcher:
                 if job.pinned_version:
                     model: LoadedModel | None = self.live_model.get(job.pinned_version)
                     job.served_as = SERVED_PINNED
+                elif job.explore_version is not None:
+                    model = self.live_model.loaded(job.explore_version)
+                    # Evicted since it was chosen: live serves the request as asked, as policy.
+                    job.served_as = SERVED_EXPLORATION if model is not None else SERVED_LIVE
+                    model = model or live
                 elif job.explore:
                     model, job.served_as = live, SERVED_EXPLORATION
                 elif canary is not None and canary.serves(job.routing_key):

@@ -113,6 +113,21 @@ class ServeConfig:
     explore_top_p: float = field(
         default=1.0, metadata=_help("top-p of an explored request (1: no nucleus filtering)")
     )
+    explore_version_share: float = field(
+        default=0.5,
+        metadata=_help(
+            "part of the explored requests served instead by an older version (the root of "
+            "live's lineage, then the latest earlier live versions, in turn) with the "
+            "request's own sampling parameters, logged with that version and served_as="
+            "exploration: its ratings keep the evidence about older versions current, so the "
+            "trainer can bring one back (issue 21). 0.5 of the default 5%: 2.5% of eligible "
+            "requests. 0: the live version at the explore_* parameters only"
+        ),
+    )
+    explore_versions: int = field(
+        default=2,
+        metadata=_help("older versions held beside live that take turns serving that part"),
+    )
     # -- security
     auth_keys_file: Path | None = field(
         default=None,
@@ -304,7 +319,12 @@ class ServeConfig:
     def exploration(self) -> Exploration:
         """Which requests are explored and how (ValueError naming a bad explore_* knob)."""
         return Exploration(
-            self.explore_share, self.explore_temperature, self.explore_top_k, self.explore_top_p
+            self.explore_share,
+            self.explore_temperature,
+            self.explore_top_k,
+            self.explore_top_p,
+            self.explore_version_share,
+            self.explore_versions,
         )
 
     @property

@@ -134,7 +134,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         pinned = request.model_version or None
         if pinned is not None:
             self.live_model.get(pinned)  # NotFound now rather than after queueing
-        params, explore = self.exploration_arm(request, params)
+        params, explore, explore_version = self.exploration_arm(request, params)
         self.generation_log.check_room()
         job = GenerateJob(
             prompt=request.prompt,
@@ -148,6 +148,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             deadline=deadline,
             return_token_logprobs=request.return_token_logprobs,
             explore=explore,
+            explore_version=explore_version,
         )
         reply: pb.GenerateResponse = await self.batcher.generate(job)
         if log.isEnabledFor(logging.DEBUG):  # one line a request: built only when wanted
@@ -181,22 +182,30 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def exploration_arm(
         self, request: pb.GenerateRequest, params: SamplingParams
-    ) -> tuple[SamplingParams, bool]:
-        """The parameters to serve `request` with, and whether it is explored.
+    ) -> tuple[SamplingParams, bool, str | None]:
+        """The parameters to serve `request` with, whether it is explored, and the older version
+        that explores it (None: the live version, at the exploration parameters).
 
         Only a request that leaves sampling to the server (no temperature, top-k, top-p or
         seed; max_tokens may be set) and pins no version is eligible: a caller who chose a
-        distribution, a seed to reproduce, or a version gets exactly that.
+        distribution, a seed to reproduce, or a version gets exactly that. Of the explored
+        requests, exploration.version_share go to the older versions held beside live, in turn,
+        sampled with the request's own parameters (core/exploration.py).
         """
         if not exploration_eligible(request):
             self.metrics.explore_requests.labels("ineligible").inc()
-            return params, False
+            return params, False, None
         exploration = self.exploration
         if exploration.explores(random.random()):
+            if exploration.by_version(random.random()):
+                older = self.live_model.next_explorer()
+                if older is not None:
+                    self.metrics.explore_requests.labels("older_version").inc()
+                    return params, True, older.version
             self.metrics.explore_requests.labels("exploration").inc()
-            return exploration.params(params), True
+            return exploration.params(params), True, None
         self.metrics.explore_requests.labels("policy").inc()
-        return params, False
+        return params, False, None
 
 
 def exploration_eligible(request: pb.GenerateRequest) -> bool:

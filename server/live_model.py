@@ -15,11 +15,17 @@ reference too): a canary (`canary`), to which the batcher routes its share of th
 requests, or a shadow (`shadow`), which serves nothing and scores its share of the live
 requests (shadow.py). When the trial ends the reference is cleared; work already routed to the
 version still completes with it: it stays loaded like any recent version.
+
+The older versions that serve a part of the exploration share (feedloop.core.exploration: the
+root of live's lineage and the latest earlier live versions) are loaded and warmed up the same
+way whenever the pointer moves, held beside live (never evicted while they explore), and
+published as one tuple that the Generation service reads for each explored request, in turn.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 import threading
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 from feedloop.core.checkpoint import Manifest
 from feedloop.core.errors import CheckpointError, RegistryError
+from feedloop.core.exploration import exploration_versions
 from feedloop.core.policy import nonempty_prompt
 from feedloop.core.registry import CANARY, REFUSED, Decision, LivePointer, ModelRegistry, Trial
 from feedloop.core.tokenizer import Tokenizer
@@ -101,11 +108,16 @@ class LiveModel:
         metrics: ServerMetrics,
         *,
         keep_versions: int,
+        explore_versions: int = 0,
     ) -> None:
         self.registry = registry
         self.model_client = model_client
         self.metrics = metrics
         self.keep_versions = keep_versions
+        self.explore_versions = explore_versions  # older versions held to explore with
+        self._explorers: tuple[LoadedModel, ...] = ()
+        self._explorers_for: tuple[object, ...] | None = None  # the pointer they were chosen for
+        self._explorer_turn = itertools.count()
         # Guards _loaded; _live, _canary and _shadow change by one assignment each.
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -132,6 +144,22 @@ class LiveModel:
     @property
     def shadow(self) -> Shadow | None:
         return self._shadow
+
+    @property
+    def explorers(self) -> tuple[LoadedModel, ...]:
+        """The older versions held to serve the version part of the exploration share."""
+        return self._explorers
+
+    def next_explorer(self) -> LoadedModel | None:
+        """The older version whose turn it is to serve an explored request (None: none held)."""
+        explorers = self._explorers
+        if not explorers:
+            return None
+        return explorers[next(self._explorer_turn) % len(explorers)]
+
+    def loaded(self, version: str) -> LoadedModel | None:
+        """A loaded version, or None (it may have been evicted since it was chosen)."""
+        return self._loaded.get(version)
 
     @property
     def pointer(self) -> LivePointer | None:
@@ -207,7 +235,8 @@ class LiveModel:
 
     def _serving(self) -> list[LoadedModel]:
         trial = self._canary or self._shadow
-        return [m for m in (self._live, trial.model if trial else None) if m is not None]
+        serving = [m for m in (self._live, trial.model if trial else None) if m is not None]
+        return serving + list(self._explorers)
 
     def swap_to(self, version: str) -> bool:
         """Load, verify and warm up `version`, then make it live. False if it was refused."""
@@ -267,6 +296,39 @@ class LiveModel:
             log.info(
                 "model version %s on %s trial, share %g", model.version, trial.mode, trial.share
             )
+
+    def follow_exploration(self, pointer: LivePointer) -> None:
+        """Load the older versions that explore for this pointer (core.exploration's choice)
+        and hold them; nothing when the pointer's live, stack and trial are as last time."""
+        key = (pointer.live, pointer.previous, pointer.trial.version if pointer.trial else None)
+        if self.explore_versions <= 0 or pointer.live is None or key == self._explorers_for:
+            return
+        try:
+            wanted = exploration_versions(
+                pointer.live,
+                pointer.previous,
+                self.registry.lineage_root(pointer.live),
+                self.registry.versions(),
+                self.explore_versions,
+                exclude=[key[2]] if key[2] else [],
+            )
+        except RegistryError as exc:
+            log.warning("could not choose the versions to explore with, will retry: %s", exc)
+            return
+        models = []
+        for version in wanted:
+            try:
+                model = self._load(version)
+            except ServiceError as exc:
+                log.error("could not load %s to explore with, will retry: %s", version, exc)
+                return
+            if model is not None:
+                models.append(model)
+        self._explorers, self._explorers_for = tuple(models), key
+        for model in models:
+            self._hold(model)
+        if models:
+            log.info("exploring with %s", ", ".join(m.version for m in models))
 
     def load_version(self, version: str) -> list[str]:
         """Load a published version beside the live one for requests that name it (an operator's
@@ -345,6 +407,7 @@ class LiveModel:
                 if version is not None and version != self._seen:
                     self.swap_to(version)
                 self.follow_trial(self._pointer.trial)
+                self.follow_exploration(self._pointer)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop watching; waits for a swap in progress, not for the watch call (a daemon)."""

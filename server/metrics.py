@@ -422,8 +422,9 @@ class ServerMetrics:
         self.explore_requests = Counter(
             "feedloop_explore_requests",
             "Generate requests by exploration arm: exploration (served with the explore_* "
-            "sampling parameters), policy (eligible, served as asked), ineligible (they set "
-            "sampling parameters or pinned a version)",
+            "sampling parameters), older_version (explored by an older version at the "
+            "request's own parameters), policy (eligible, served as asked), ineligible (they "
+            "set sampling parameters or pinned a version)",
             ["arm"],
             registry=r,
         )
@@ -432,7 +433,7 @@ class ServerMetrics:
             "Configured share of eligible Generate requests explored",
             registry=r,
         )
-        for arm in ("exploration", "policy", "ineligible"):
+        for arm in ("exploration", "older_version", "policy", "ineligible"):
             self.explore_requests.labels(arm)
         self.served_diversity = RecentDiversity(DIVERSITY_WINDOW_PHRASES)
         self.served_entropy = Gauge(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from feedloop.core.store import FeedbackRecord, GenerationRecord
+import dataclasses
+
+from feedloop.core.store import FeedbackRecord, GenerationRecord, ReplayStore
+from feedloop.core.store.base import SERVED_LIVE
 
 
 def generation(gid: str, *, version: str = "v0001", t: float = 1000.0) -> GenerationRecord:
@@ -46,3 +49,21 @@ def comparison(event_id: str, preferred: str, rejected: str) -> FeedbackRecord:
         client_id="app-2",
         received_at=2001.0,
     )
+
+
+def rate_version(
+    store: ReplayStore, version: str, scores: list[float], at: float, served_as: str = SERVED_LIVE
+) -> None:
+    """One generation of `version` (served as `served_as`) per score, each rated that score on
+    the unit scale, received from `at` on, a millisecond apart (call it once per version and
+    served_as: the ids repeat)."""
+    prefix = version if served_as == SERVED_LIVE else f"{version}-{served_as}"
+    ids = [f"{prefix}-{i}" for i in range(len(scores))]  # version-i: the shadow tests' ids
+    served = [generation(g, version=version, t=at) for g in ids]
+    store.append_generations([dataclasses.replace(g, served_as=served_as) for g in served])
+    events: list[FeedbackRecord] = []
+    for i, (gid, score) in enumerate(zip(ids, scores, strict=True)):
+        event = rating(f"e-{gid}", gid, score)
+        event.received_at = at + i * 1e-3
+        events.append(event)
+    store.insert_feedback(events)

@@ -21,6 +21,7 @@ import pytest
 from pg_support import fresh_schema, schema_url
 from store_support import comparison, generation, rating
 
+from feedloop.core.discount import Discount
 from feedloop.core.feedback_kinds import FeedbackKind
 from feedloop.core.store import (
     FeedbackRecord,
@@ -31,7 +32,7 @@ from feedloop.core.store import (
     open_store,
 )
 from feedloop.core.store.base import SERVED_EXPLORATION
-from feedloop.core.store.outcomes import ShadowEvidence
+from feedloop.core.store.outcomes import ShadowEvidence, tally_outcomes
 from feedloop.core.store.schema import LATEST_VERSION
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -517,3 +518,37 @@ def test_online_outcomes_leave_out_generations_served_for_exploration(store: Rep
     outcomes = store.online_outcomes(0.0)
     assert (outcomes["v1"].ratings, outcomes["v1"].rating_sum) == (1, 1.0)
     assert outcomes["v1"].losses == {} and outcomes.get("v2", None) is None
+
+
+def test_judged_rows_carry_receipt_time_and_served_as_for_discounted_explored_tallies(
+    store: ReplayStore,
+) -> None:
+    # An older version's exploration traffic is its own policy's: counted when named explored,
+    # each rating discounted by its receipt time (half-life 100 s, look at 300: weights 0.25, 1).
+    store.append_generations(
+        [
+            generation("live-own", version="v2"),
+            dataclasses.replace(generation("old", version="v1"), served_as=SERVED_EXPLORATION),
+            dataclasses.replace(generation("old2", version="v1"), served_as=SERVED_EXPLORATION),
+        ]
+    )
+    store.insert_feedback(
+        [
+            judged("e1", "rating", ["live-own"], 300.0, score=0.0, scale="unit"),
+            judged("e2", "rating", ["old"], 100.0, score=1.0, scale="unit"),
+            judged("e3", "rating", ["old2"], 300.0, score=1.0, scale="unit"),
+        ]
+    )
+    rows = store.judged_generations(0.0)
+    assert [(r.generation_id, r.received_at, r.served_as) for r in rows] == [
+        ("live-own", 300.0, "live"),
+        ("old", 100.0, SERVED_EXPLORATION),
+        ("old2", 300.0, SERVED_EXPLORATION),
+    ]
+    discount = Discount(100.0, 300.0, 0.0)
+    outcomes = tally_outcomes(rows, ["v1", "v2"], discount=discount, explored=["v1"])
+    assert (outcomes["v1"].ratings, outcomes["v1"].rating_weight) == (2, 1.25)
+    assert outcomes["v1"].weighted_rating_sum == 1.25 and outcomes["v2"].mean == -1.0
+    assert store.online_outcomes(0.0, versions=["v1"])["v1"].ratings == 0  # not explored there
+    both = store.online_outcomes(0.0, versions=["v1"], discount=discount, explored=["v1"])
+    assert both["v1"] == outcomes["v1"]

@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
-from store_support import generation, rating
+from store_support import rate_version
 from trainer_support import Env, env, fast_config, one_torch_thread, simulation
 
 from feedloop.core.registry import PROMOTED, ROLLED_BACK, SHADOW
 from feedloop.core.registry.retention import RetentionPolicy
-from feedloop.core.store import FeedbackRecord
 from feedloop.core.store.base import ShadowScore
 from feedloop.demo.simusers import IncludeWord
 from feedloop.trainer.decisions import PROMOTE, ROLL_BACK, WAIT
@@ -82,14 +81,7 @@ def test_nothing_is_trained_or_published_while_paused_and_the_gauge_says_so(env:
 
 
 def rate(env: Env, version: str, scores: list[float], at: float) -> None:
-    ids = [f"{version}-{i}" for i in range(len(scores))]
-    env.store.append_generations([generation(g, version=version, t=at) for g in ids])
-    events: list[FeedbackRecord] = []
-    for i, (gid, score) in enumerate(zip(ids, scores, strict=True)):
-        event = rating(f"e-{gid}", gid, score)
-        event.received_at = at + i * 1e-3
-        events.append(event)
-    env.store.insert_feedback(events)
+    rate_version(env.store, version, scores, at)
 
 
 def on_trial(env: Env, tiny_checkpoint: Path) -> str:

@@ -513,6 +513,26 @@ class TrainConfig:
         default=30.0,
         metadata=_help("how often the trainer judges the trial and the watched live version"),
     )
+    # -- evidence that ages, and bringing an older version back (issue 21; core/discount.py) --
+    evidence_half_life_s: float = field(
+        default=300.0,
+        metadata=_help(
+            "the watch and bring_back weigh each rating by 0.5 ** (age / this), so evidence "
+            "from before a change of taste fades (discounted UCB, Garivier & Moulines 2011); "
+            "their confidence sequences use V = sum of the squared weights and stay valid at "
+            "every look. 300: five minutes after a change, what users said before it weighs "
+            "half. 0: off (every rating weighs 1). Trials stay undiscounted"
+        ),
+    )
+    bring_back: bool = field(
+        default=True,
+        metadata=_help(
+            "with no trial running, make an older version (the reference, the latest and the "
+            "best on the rollback stack) live again when its discounted ratings, exploration "
+            "traffic included, are above live's with confidence 1 - decision_alpha"
+        ),
+    )
+    # -------------------------------------------------------------------------------------------
     require_human_eval: bool = field(
         default=False,
         metadata=_help(
@@ -611,6 +631,8 @@ class TrainConfig:
             )
         if not 0 <= self.heldout_share < 1:
             raise ValueError(f"heldout_share must be in [0, 1), got {self.heldout_share}")
+        if not self.evidence_half_life_s >= 0:  # issue 21's evidence that ages
+            raise ValueError(f"evidence_half_life_s must be >= 0, got {self.evidence_half_life_s}")
         if not self.data_half_life_s >= 0:
             raise ValueError(f"data_half_life_s must be >= 0, got {self.data_half_life_s}")
         if not self.drift_window_s > 0 or self.drift_buckets < 2:

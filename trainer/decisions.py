@@ -32,6 +32,19 @@ A live version promoted less than watch_s ago is compared with each recent versi
 rollback stack's latest ones, and the best-rated one on the stack): if it is below one of them
 with confidence 1 - alpha (split evenly over the comparisons), the best such version is made
 live again.
+
+Bringing an older version back (bring_back, at any time, no trial running): live is compared
+with the older versions users can still judge now, the reference and the rollback stack's
+latest and best ones, on their ratings discounted by age (evidence_half_life_s,
+feedloop.core.discount), the older ones' including the exploration traffic the server gives
+them. If one rates above live with confidence 1 - alpha (split evenly over the comparisons), the
+best such version is made live again. Discounting is what makes this safe under drift: a
+version rated well under yesterday's taste wins nothing once that evidence has aged, and one
+that serves today's taste better shows it in its fresh exploration ratings.
+
+Trials are judged on undiscounted evidence since the trial began: both sides are rated by the
+same users over the same span, so a change of taste during the trial moves both alike and aging
+adds nothing to the comparison's fairness, while it would cost the trial half its alpha.
 """
 
 from __future__ import annotations
@@ -123,6 +136,7 @@ def judge_trial(
         "live": mean_rating(live, alpha).as_dict(),
         "candidate": mean_rating(candidate, alpha).as_dict(),
         "difference": difference.as_dict(),
+        "discounted": False,  # trials read undiscounted evidence (module docstring)
     }
     if not _enough(config, live, candidate):
         return _too_little(
@@ -204,6 +218,7 @@ def _judge_shadow(
         "margin": margin,
         "live": live_rating.as_dict(),
         "shadow": shadow.as_dict() if shadow is not None else None,
+        "discounted": False,
     }
     scored = shadow.n if shadow is not None else 0
     if shadow is None or scored < config.decision_min_ratings or not _enough(config, live):
@@ -229,6 +244,43 @@ def _judge_shadow(
     )
 
 
+def _comparison_figures(live: VersionOutcomes, alpha: float) -> dict[str, Any]:
+    figures: dict[str, Any] = {
+        "alpha_per_comparison": alpha,
+        "live": mean_rating(live, alpha).as_dict(),
+    }
+    if live.discount is not None:
+        figures["discount"] = live.discount.as_dict()
+    return figures
+
+
+def _better_than_live(
+    live: VersionOutcomes,
+    others: Sequence[VersionOutcomes],
+    alpha: float,
+    config: TrainConfig,
+    figures: dict[str, Any],
+) -> list[tuple[float, str, Estimate]]:
+    """The others whose mean rating is above live's with confidence 1 - alpha: (their mean,
+    version, live minus them); each one's figures added to `figures`."""
+    better: list[tuple[float, str, Estimate]] = []
+    for other in others:
+        figures[other.version] = mean_rating(other, alpha).as_dict()
+        if not _enough(config, live, other):
+            continue
+        difference = rating_difference(live, other, alpha)
+        figures[f"difference_to_{other.version}"] = difference.as_dict()
+        if difference.high < 0:
+            better.append((other.mean, other.version, difference))
+    return better
+
+
+def _ratings_kind(live: VersionOutcomes) -> str:
+    if live.discount is None or not live.discount.on:
+        return "time-uniform"
+    return f"time-uniform, discounted with half-life {live.discount.half_life_s:.0f} s"
+
+
 def judge_live(
     live: VersionOutcomes,
     live_for_s: float,
@@ -239,28 +291,46 @@ def judge_live(
     if live_for_s >= config.watch_s or not recent:
         return Verdict(WAIT, None, f"{live.version} is past its watch or has no recent versions")
     alpha = config.decision_alpha / len(recent)  # one comparison per recent version
-    figures: dict[str, Any] = {
-        "live_for_s": live_for_s,
-        "alpha_per_comparison": alpha,
-        "live": mean_rating(live, alpha).as_dict(),
-    }
-    better: list[tuple[float, str, Estimate]] = []
-    for other in recent:
-        figures[other.version] = mean_rating(other, alpha).as_dict()
-        if not _enough(config, live, other):
-            continue
-        difference = rating_difference(live, other, alpha)
-        figures[f"difference_to_{other.version}"] = difference.as_dict()
-        if difference.high < 0:
-            better.append((other.rating_sum / other.ratings, other.version, difference))
+    figures = {"live_for_s": live_for_s, **_comparison_figures(live, alpha)}
+    better = _better_than_live(live, recent, alpha, config, figures)
     if not better:
-        return Verdict(WAIT, None, f"{live.version} is not confidently below a recent version")
+        return Verdict(
+            WAIT, None, f"{live.version} is not confidently below a recent version", figures
+        )
     _, best, difference = max(better)
     return Verdict(
         ROLL_BACK,
         best,
         f"{live.version}, live for {live_for_s:.0f} s, rates below {best}: {live.version} minus "
-        f"{best} {_interval(difference)} (time-uniform, alpha {alpha:.3g} per comparison)",
+        f"{best} {_interval(difference)} ({_ratings_kind(live)}, alpha {alpha:.3g} per "
+        "comparison)",
+        figures,
+    )
+
+
+def bring_back(
+    live: VersionOutcomes, older: Sequence[VersionOutcomes], config: TrainConfig
+) -> Verdict:
+    """Make an older version (or the reference) live again when its ratings, discounted by age,
+    are above live's with confidence 1 - alpha, split evenly over the comparisons (module
+    docstring). older: the candidates' outcomes, tallied like live's (same discount)."""
+    if not config.bring_back or not older:
+        return Verdict(WAIT, None, "no older version to bring back")
+    alpha = config.decision_alpha / len(older)
+    figures = _comparison_figures(live, alpha)
+    better = _better_than_live(live, older, alpha, config, figures)
+    if not better:
+        return Verdict(
+            WAIT, None, f"no older version rates confidently above {live.version}", figures
+        )
+    _, best, difference = max(better)
+    figures["brought_back"] = True
+    return Verdict(
+        ROLL_BACK,
+        best,
+        f"brought back {best}: it rates above live {live.version} on current evidence: "
+        f"{live.version} minus {best} {_interval(difference)} ({_ratings_kind(live)}, alpha "
+        f"{alpha:.3g} per comparison)",
         figures,
     )
 
@@ -283,7 +353,7 @@ def compared_versions(
         if v != live and v in outcomes and outcomes[v].ratings >= min_ratings
     ]
     if rated:
-        best = max(rated, key=lambda v: outcomes[v].rating_sum / outcomes[v].ratings)
+        best = max(rated, key=lambda v: outcomes[v].mean)
         if best not in compared:
             compared.append(best)
     return compared

@@ -71,14 +71,13 @@ from feedloop.trainer.decisions import (
     ROLL_BACK,
     WAIT,
     Verdict,
-    compared_versions,
-    judge_live,
     judge_trial,
     recent_versions,
     require_human_evaluation,
 )
 from feedloop.trainer.distributed import SharedUpdate
 from feedloop.trainer.drift import RatingBucket, detect_drop, restart_version
+from feedloop.trainer.evidence import bring_back_candidates, judge_live_now, made_live_at
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.mismatch import behaviour_mismatch
@@ -184,6 +183,8 @@ class Trainer:
         self.stop = stop or threading.Event()
         self.log = log
         self.clock = clock  # Unix seconds: the join window and the trials' ages are read on it
+        # Where the bring-back's looks begin when the history no longer says when live did.
+        self._started_at = clock()
         self.algorithm = make_algorithm(config)
         self._policies: dict[str, Policy] = {}
         self._gate: Gate | None = None
@@ -330,11 +331,13 @@ class Trainer:
             if trained_after:
                 reason = "live was trained after the change"
             else:
-                servable = set(self.registry.versions())
+                # Older versions' exploration traffic counts as theirs (served at the request's
+                # own sampling); live's is at the exploration temperature, so it does not.
+                older = [v for v in self.registry.versions() if v != live]
                 outcomes = {
                     v: o
-                    for v, o in self.store.online_outcomes(drift.change_at).items()
-                    if v in servable
+                    for v, o in self.store.online_outcomes(drift.change_at, explored=older).items()
+                    if v in older or v == live
                 }
                 choice = restart_version(
                     outcomes,
@@ -663,26 +666,26 @@ class Trainer:
                 verdict = require_human_evaluation(verdict, trial, now - since, evaluation, c)
             if verdict.action == PROMOTE and pointer.paused:
                 verdict = Verdict(WAIT, trial.version, f"paused: {verdict.reason}", verdict.figures)
-        else:
-            promoted_at = self._promoted_at(live)
-            if promoted_at is None or now - promoted_at >= c.watch_s:
-                return None
-            stack = [v for v in dict.fromkeys(pointer.previous) if v != live]
-            # Ratings from before a detected change of taste judge the old taste: left out.
-            since = now - c.decision_lookback_s
-            change_at = self.drift_state().change_at
-            if change_at is not None:
-                since = max(since, change_at)
-            recent = self.store.online_outcomes(since, versions=stack)
-            earlier = compared_versions(
-                pointer.previous,
-                live,
-                c.decision_recent_versions,
-                recent,
-                c.decision_min_ratings,
+        else:  # the watch, then bringing an older version back (trainer/evidence.py)
+            history = self.registry.history(limit=_PROMOTION_SEARCH_DECISIONS)
+            candidates = bring_back_candidates(
+                pointer, self.reference_version(live), self.registry.versions()
             )
-            mine = self.store.online_outcomes(promoted_at, versions=[live])[live]
-            verdict = judge_live(mine, now - promoted_at, [recent[v] for v in earlier], c)
+            found = made_live_at(history, live)
+            outcome = judge_live_now(
+                self.store,
+                pointer,
+                c,
+                now,
+                promoted_at=self._promoted_at(live),
+                live_since=found if found is not None else self._started_at,
+                candidates=candidates,
+                # Ratings from before a detected change of taste judge the old taste.
+                not_before=self.drift_state().change_at,
+            )
+            if outcome is None:
+                return None
+            verdict = outcome
         self.metrics.decisions.labels(verdict.action).inc()
         try:
             self._apply(verdict, live, trial is not None)
@@ -703,7 +706,11 @@ class Trainer:
             )
         else:
             self.registry.set_live(
-                verdict.version, reason=verdict.reason, action=ROLLED_BACK, expect_live=live
+                verdict.version,
+                reason=verdict.reason,
+                action=ROLLED_BACK,
+                expect_live=live,
+                details=figures,
             )
         self._report(
             f"decision: {verdict.action} {verdict.version} ({verdict.reason})",

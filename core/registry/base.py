@@ -158,12 +158,13 @@ class ModelRegistry(ABC):
         reason: str = "",
         action: str = PROMOTED,
         expect_live: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> LivePointer:
         """Make a published version live; the old live one goes on the rollback stack. Making the
         trial's version live ends the trial. expect_live, when given, must be the live version
-        (LiveChanged otherwise)."""
+        (LiveChanged otherwise). details: the decision's figures, recorded with it."""
         return self._change(
-            lambda current: to_live(current, version, reason, action, expect_live),
+            lambda current: to_live(current, version, reason, action, expect_live, details),
             published=version,
         )
 

@@ -121,12 +121,17 @@ def _with_live(current: LivePointer, version: str) -> LivePointer:
 
 
 def to_live(
-    current: LivePointer, version: str, reason: str, action: str, expect_live: str | None
+    current: LivePointer,
+    version: str,
+    reason: str,
+    action: str,
+    expect_live: str | None,
+    figures: dict[str, Any] | None = None,
 ) -> Change:
     _check_live(current, expect_live)
     if current.live == version:
         return current, ()
-    details: dict[str, Any] = {"previous": current.live}
+    details: dict[str, Any] = {**(figures or {}), "previous": current.live}
     if current.trial and current.trial.version == version:
         details["trial"] = current.trial.mode
     return _with_live(current, version), (Decision(version, action, reason, details),)

@@ -27,6 +27,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from feedloop.core.discount import Discount
 from feedloop.core.errors import InvalidRecordError
 from feedloop.core.feedback_kinds import FeedbackKind, RatingScaleName
 from feedloop.core.human_eval import VerdictRecord
@@ -339,14 +340,23 @@ class ReplayStore(ABC):
         names) with that generation's model version, ordered by event, then position."""
 
     def online_outcomes(
-        self, since: float, until: float | None = None, versions: Collection[str] | None = None
+        self,
+        since: float,
+        until: float | None = None,
+        versions: Collection[str] | None = None,
+        *,
+        discount: Discount | None = None,
+        explored: Collection[str] = (),
     ) -> dict[str, VersionOutcomes]:
         """Feedback received in [since, until) tallied by its generations' model versions.
 
         versions: report only these (each one, even without feedback); None: every version that
-        has some. How events count: `feedloop.core.store.outcomes`.
+        has some. discount: also tally the ratings discounted by age; explored: versions whose
+        exploration traffic counts as their own (older versions the server explores with). How
+        events count: `feedloop.core.store.outcomes`.
         """
-        return tally_outcomes(self.judged_generations(since, until), versions)
+        rows = self.judged_generations(since, until)
+        return tally_outcomes(rows, versions, discount=discount, explored=explored)
 
     def shadow_evidence(
         self, version: str, served_by: str, judged: Iterable[JudgedGeneration]

@@ -30,7 +30,6 @@ from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.postgres import Pool, advisory_xact_lock, is_disk_full
 from feedloop.core.store.base import (
-    SERVED_EXPLORATION,
     ErasureRecord,
     ErasureTarget,
     FeedbackRecord,
@@ -500,14 +499,14 @@ class PostgresStore(ReplayStore):
     ) -> list[JudgedGeneration]:
         sql = (
             "SELECT feedback.seq, feedback.kind, feedback.score, feedback.scale, "
-            "ids.position::integer - 1, ids.generation_id, generations.model_version "
+            "ids.position::integer - 1, ids.generation_id, generations.model_version, "
+            "feedback.received_at, generations.served_as "
             "FROM feedback CROSS JOIN LATERAL unnest(feedback.generation_ids) "
             "WITH ORDINALITY AS ids(generation_id, position) "
             "JOIN generations ON generations.generation_id = ids.generation_id "
-            "WHERE feedback.kind = ANY(%s::text[]) AND feedback.received_at >= %s "
-            "AND generations.served_as <> %s"
+            "WHERE feedback.kind = ANY(%s::text[]) AND feedback.received_at >= %s"
         )
-        params: list[Any] = [list(JUDGING_KINDS), since, SERVED_EXPLORATION]
+        params: list[Any] = [list(JUDGING_KINDS), since]
         if until is not None:
             sql += " AND feedback.received_at < %s"
             params.append(until)

@@ -32,7 +32,6 @@ from feedloop.core.errors import StoreFullError, StoreUnavailableError
 from feedloop.core.human_eval import VerdictRecord
 from feedloop.core.migrations import migrate
 from feedloop.core.store.base import (
-    SERVED_EXPLORATION,
     ErasureRecord,
     ErasureTarget,
     FeedbackRecord,
@@ -775,13 +774,14 @@ class SQLiteStore(ReplayStore):
     ) -> list[JudgedGeneration]:
         sql = (
             "SELECT feedback.seq, feedback.kind, feedback.score, feedback.scale, "
-            "CAST(ids.key AS INTEGER), ids.value, generations.model_version "
+            "CAST(ids.key AS INTEGER), ids.value, generations.model_version, "
+            "feedback.received_at, generations.served_as "
             "FROM feedback, json_each(feedback.generation_ids) AS ids "
             "JOIN generations ON generations.generation_id = ids.value "
             f"WHERE feedback.kind IN ({', '.join('?' * len(JUDGING_KINDS))}) "
-            "AND feedback.received_at >= ? AND generations.served_as <> ?"
+            "AND feedback.received_at >= ?"
         )
-        params: list[Any] = [*JUDGING_KINDS, since, SERVED_EXPLORATION]
+        params: list[Any] = [*JUDGING_KINDS, since]
         if until is not None:
             sql += " AND feedback.received_at < ?"
             params.append(until)
