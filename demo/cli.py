@@ -32,7 +32,13 @@ from feedloop.client.errors import FeedloopClientError
 from feedloop.client.types import ModelsResult
 from feedloop.core.config import default_data_dir
 from feedloop.demo.options import build_parser
-from feedloop.demo.population import Population, PopulationConfig, parse_mix, parse_taste_change
+from feedloop.demo.population import (
+    Population,
+    PopulationConfig,
+    demo_prompts,
+    parse_mix,
+    parse_taste_changes,
+)
 from feedloop.demo.processes import (
     Child,
     ChildStartupError,
@@ -111,7 +117,8 @@ class Demo:
         self.trainer_lines_seen = 0
         self.next_models_poll = 0.0
         self.last_decision = ""
-        self.taste_change = parse_taste_change(args.taste_change) if args.taste_change else None
+        self.taste_changes = parse_taste_changes(args.taste_change)
+        self.taste_change_share = 0.0  # of the users, in the first pending change
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -163,12 +170,7 @@ class Demo:
 
     def _poll(self) -> None:
         assert self.client is not None
-        if self.taste_change is not None and self.stats.elapsed_s() >= self.taste_change[1]:
-            assert self.population is not None
-            self.population.change_preference(self.taste_change[0])
-            self.stats.observe_taste_change(self.taste_change[0])
-            print(f"feedloop demo: the users' taste is now {self.taste_change[0]}", flush=True)
-            self.taste_change = None
+        self._change_taste()
         lines = self.trainer.stdout_lines
         for line in lines[self.trainer_lines_seen : len(lines)]:
             self.stats.observe_trainer_line(line)
@@ -188,6 +190,26 @@ class Demo:
                     f"{child.name} exited with code {child.process.returncode}; "
                     f"its log ({child.log_path}) ends:\n{child.log_tail()}"
                 )
+
+    def _change_taste(self) -> None:
+        """Apply the first pending taste change as far as the clock says (all at once, or the
+        share of users its span has reached)."""
+        if not self.taste_changes:
+            return
+        change = self.taste_changes[0]
+        share = change.share_at(self.stats.elapsed_s())
+        if share <= self.taste_change_share:
+            return
+        assert self.population is not None
+        self.population.change_preference(change.preference, share)
+        if self.taste_change_share == 0.0:
+            self.stats.observe_taste_change(change.preference)
+            how = "" if change.span_s <= 0 else f", user by user over {change.span_s:.0f} s"
+            print(f"feedloop demo: the users' taste is now {change.preference}{how}", flush=True)
+        self.taste_change_share = share
+        if share >= 1.0:
+            self.taste_changes.pop(0)
+            self.taste_change_share = 0.0
 
     def _last_trainer_line(self) -> str:
         lines = self.trainer.stdout_lines
@@ -275,14 +297,21 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[1:])
     try:
         parse_preference(args.preference)
-        if args.taste_change:
-            parse_taste_change(args.taste_change)
+        parse_taste_changes(args.taste_change)
         mix = parse_mix(args.feedback_mix)
         if args.users < 1 or args.rate_rps <= 0 or args.duration_s <= 0 or args.candidates < 1:
             raise ValueError("--users, --rate-rps, --duration-s and --candidates must be positive")
+        if args.drift_at_s is not None and args.drift_at_s < 0:
+            raise ValueError("--drift-at-s must be >= 0")
     except ValueError as exc:
         print(f"feedloop demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.drift:
+        try:
+            plan_drift(args, args.checkpoint or default_checkpoint())
+        except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+            print(f"feedloop demo: --drift: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     config = PopulationConfig(
         preference=args.preference,
         users=args.users,
@@ -326,6 +355,33 @@ def main(argv: list[str]) -> int:
         if not keep:
             shutil.rmtree(data_dir, ignore_errors=True)
     return report(demo, models, args, data_dir if keep else None)
+
+
+def plan_drift(args: argparse.Namespace, checkpoint: Path) -> None:
+    """--drift: the tastes (letter sets picked by --seed on the policy's own phrases) and their
+    changes, written into args.preference and args.taste_change."""
+    from feedloop.demo.tastes import policy_initial_shares, set_share, taste_names, taste_sets
+
+    shares = policy_initial_shares(checkpoint, demo_prompts(args.seed)[:500], seed=args.seed)
+    sets = taste_sets(shares, 3, args.seed)
+    first, second, third = taste_names(sets)
+    at_s = args.drift_at_s if args.drift_at_s is not None else args.duration_s / 3
+    args.preference = first
+    args.taste_change = {
+        "abrupt": [f"{second}@{at_s:g}"],
+        "twice": [f"{second}@{at_s:g}", f"{third}@{2 * at_s:g}"],
+        "gradual": [f"{second}@{at_s:g}-{2 * at_s:g}"],
+    }[args.drift]
+    bases = ", ".join(
+        f"{name} {set_share(shares, s):.3f}"
+        for name, s in zip((first, second, third), sets, strict=True)
+    )
+    print(
+        f"feedloop demo: drift {args.drift}: preference {first}, then "
+        f"{' then '.join(args.taste_change)}; the pretrained policy's liked rate on each: "
+        f"{bases}",
+        flush=True,
+    )
 
 
 def report(

@@ -11,8 +11,11 @@ EXAMPLES = """examples:
   feedloop demo --preference avoid:the --feedback-mix rating=1 --users 16 --rate-rps 20
   feedloop demo --preference length:3 --feedback-mix comparison=0.5,ranking=0.5 --no-live
   feedloop demo --trainer-arg=--algorithm --trainer-arg=reinforce --keep-data
+  feedloop demo --drift --duration-s 600                # the users' taste changes at 200 s
+  feedloop demo --drift gradual --drift-at-s 120 --duration-s 480
 
-preferences: include:WORD, avoid:WORD, length[:N] (about N words), keyword (contain the prompt)
+preferences: include:WORD, avoid:WORD, length[:N] (about N words), keyword (contain the prompt),
+  initial:LETTERS (the last word starts with one of the letters)
 feedback kinds: rating, comparison, ranking, correction
 
 exit codes: 0 the reward improved; 1 it did not (the reason is printed) or a process failed;
@@ -69,9 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     users.add_argument(
         "--taste-change",
-        metavar="PREFERENCE@SECONDS",
+        action="append",
+        default=[],
+        metavar="PREFERENCE@SECONDS[-END]",
         help="drift: the users' preference becomes PREFERENCE this many seconds into the run "
-        "(e.g. keyword@120); the report then measures each phase on its own taste",
+        "(e.g. keyword@120), or user by user from SECONDS to END (initial:bcd@120-240); "
+        "repeat for several changes; the report then measures each phase on its own taste",
+    )
+    users.add_argument(
+        "--drift",
+        nargs="?",
+        const="abrupt",
+        choices=("abrupt", "twice", "gradual"),
+        help="issue 21's drift: users like phrases whose last word starts with one of a set of "
+        "letters (each set about a quarter of the pretrained policy's phrases, picked by "
+        "--seed), and their set changes: abrupt (once, at --drift-at-s), twice (at it and "
+        "twice it) or gradual (user by user from it to twice it); replaces --preference and "
+        "--taste-change",
+    )
+    users.add_argument(
+        "--drift-at-s",
+        type=float,
+        help="when the first change of --drift starts (default: a third of --duration-s)",
     )
     users.add_argument("--seed", type=int, default=0, help="seed of prompts and users")
     run = p.add_argument_group("the run")

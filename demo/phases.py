@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from feedloop.demo.tracker import Served, Swap
+from feedloop.demo.tracker import Answered, Served, Swap
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,110 @@ def regression(
             t += step_s
         run_start = None  # a stretch does not carry over a change of taste
     return Regression(threshold, longest, longest_at, worst)
+
+
+# -- what users were served, over time (issue 21's drift figures) -------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Requests answered in [start_s, end_s), exploration included: their mean true reward
+    (nan without requests) and the feedback events they brought."""
+
+    start_s: float
+    end_s: float
+    mean_reward: float
+    requests: int
+    feedback_events: int
+
+
+def served_buckets(
+    answered: Sequence[Answered], start_s: float, end_s: float, bucket_s: float
+) -> list[Bucket]:
+    """What users were served in consecutive buckets from start_s (the last one may be short)."""
+    if bucket_s <= 0:
+        raise ValueError(f"bucket_s must be positive, got {bucket_s}")
+    count = max(0, math.ceil((end_s - start_s) / bucket_s - 1e-9))
+    sums = [[0.0, 0, 0] for _ in range(count)]
+    for a in answered:
+        if start_s <= a.at_s < end_s:
+            entry = sums[min(int((a.at_s - start_s) // bucket_s), count - 1)]
+            entry[0] += a.reward
+            entry[1] += 1
+            entry[2] += a.feedback_events
+    return [
+        Bucket(
+            start_s + i * bucket_s,
+            min(end_s, start_s + (i + 1) * bucket_s),
+            total / n if n else math.nan,
+            int(n),
+            int(events),
+        )
+        for i, (total, n, events) in enumerate(sums)
+    ]
+
+
+def served_mean(answered: Sequence[Answered], start_s: float, end_s: float) -> float:
+    """Mean true reward of what users were served in [start_s, end_s) (nan when nothing)."""
+    rewards = [a.reward for a in answered if start_s <= a.at_s < end_s]
+    return sum(rewards) / len(rewards) if rewards else math.nan
+
+
+@dataclass(frozen=True)
+class Reached:
+    """When the served rate first reached a level after a change: seconds from the change to
+    the end of the first bucket at or above it, and the feedback events until then; None for
+    both when it did not within the measured span (`within_s`)."""
+
+    level: float
+    after_s: float | None
+    events: int | None
+    within_s: float
+
+    def describe(self) -> str:
+        if self.after_s is None:
+            return f"{self.level:.3f} not reached in {self.within_s:.0f} s"
+        return f"{self.level:.3f} reached after {self.after_s:.0f} s and {self.events:,} events"
+
+
+def first_reaching(buckets: Sequence[Bucket], level: float) -> Reached:
+    """The first bucket (of those after a change, the first starting at it) whose mean reaches
+    level."""
+    if not buckets:
+        return Reached(level, None, None, 0.0)
+    start = buckets[0].start_s
+    events = 0
+    for b in buckets:
+        events += b.feedback_events
+        if b.requests and b.mean_reward >= level:
+            return Reached(level, b.end_s - start, events, buckets[-1].end_s - start)
+    return Reached(level, None, None, buckets[-1].end_s - start)
+
+
+@dataclass(frozen=True)
+class Below:
+    """How the served rate stood against a level after a change: the worst bucket, the longest
+    run of consecutive buckets below the level and all buckets below it, in seconds."""
+
+    level: float
+    worst: float
+    worst_at_s: float  # seconds from the change to the worst bucket's start
+    longest_s: float
+    total_s: float
+
+
+def time_below(buckets: Sequence[Bucket], level: float) -> Below:
+    measured = [b for b in buckets if b.requests]
+    if not measured:
+        return Below(level, math.nan, math.nan, 0.0, 0.0)
+    start = buckets[0].start_s
+    worst = min(measured, key=lambda b: b.mean_reward)
+    longest = run = total = 0.0
+    for b in buckets:
+        if b.requests and b.mean_reward < level:
+            run += b.end_s - b.start_s
+            total += b.end_s - b.start_s
+            longest = max(longest, run)
+        elif b.requests:
+            run = 0.0
+    return Below(level, worst.mean_reward, worst.start_s - start, longest, total)

@@ -8,10 +8,12 @@ never sees), and sends its feedback through the client.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
@@ -57,17 +59,56 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def parse_taste_change(text: str) -> tuple[str, float]:
-    """`keyword@120` -> ("keyword", 120.0): the new preference and when it takes over."""
-    spec, sep, at = text.rpartition("@")
+class TasteChange(NamedTuple):
+    """The users' preference becomes `preference`: all at once at at_s (span_s 0), or user by
+    user over [at_s, at_s + span_s], each at a moment of their own spread evenly over it."""
+
+    preference: str
+    at_s: float
+    span_s: float = 0.0
+
+    @property
+    def end_s(self) -> float:
+        return self.at_s + self.span_s
+
+    def share_at(self, elapsed_s: float) -> float:
+        """The share of users who have changed their taste by then."""
+        if elapsed_s < self.at_s:
+            return 0.0
+        if self.span_s <= 0 or elapsed_s >= self.end_s:
+            return 1.0
+        return (elapsed_s - self.at_s) / self.span_s
+
+
+def parse_taste_change(text: str) -> TasteChange:
+    """`keyword@120` (at once, 120 s in) or `initial:bcd@120-240` (gradually, from 120 s to
+    240 s): the new preference and when it takes over."""
+    spec, sep, when = text.rpartition("@")
+    start, dash, end = when.partition("-")
     try:
-        at_s = float(at)
+        at_s = float(start)
+        end_s = float(end) if dash else at_s
     except ValueError:
-        at_s = -1.0
-    if not sep or at_s < 0:
-        raise ValueError(f"taste change {text!r}: expected PREFERENCE@SECONDS, SECONDS >= 0")
+        at_s = end_s = -1.0
+    if not sep or at_s < 0 or end_s < at_s:
+        raise ValueError(
+            f"taste change {text!r}: expected PREFERENCE@SECONDS or PREFERENCE@START-END, "
+            "0 <= START <= END"
+        )
     parse_preference(spec)  # a ValueError naming the known preferences
-    return spec, at_s
+    return TasteChange(spec, at_s, end_s - at_s)
+
+
+def parse_taste_changes(texts: list[str]) -> list[TasteChange]:
+    """Several changes, in order: each starts once the one before has ended."""
+    changes = [parse_taste_change(t) for t in texts]
+    for before, after in itertools.pairwise(changes):
+        if after.at_s < before.end_s:
+            raise ValueError(
+                f"taste changes overlap: {after.preference}@{after.at_s:g} starts before "
+                f"{before.preference} has taken over ({before.end_s:g} s)"
+            )
+    return changes
 
 
 def demo_prompts(seed: int, count: int = 2000) -> list[str]:
@@ -118,15 +159,21 @@ class Population:
             )
             for i in range(config.users)
         ]
+        # Who changes taste first in a gradual change: a seeded order, not the users' numbers.
+        self._change_order = list(range(config.users))
+        random.Random(config.seed * 31 + 7).shuffle(self._change_order)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def change_preference(self, spec: str) -> None:
-        """Every user's taste becomes spec from their next request on (a drift of taste)."""
+    def change_preference(self, spec: str, share: float = 1.0) -> None:
+        """The taste of the first `share` of the users (in an order fixed by the seed) becomes
+        spec from their next request on (a drift of taste; share 1: everyone)."""
         preference = parse_preference(spec)
-        for user in self.users:
-            user.preference = preference
-        self.preference = preference
+        changed = round(share * len(self.users))
+        for index in self._change_order[:changed]:
+            self.users[index].preference = preference
+        if changed == len(self.users):
+            self.preference = preference
 
     def start(self) -> None:
         for i, user in enumerate(self.users):

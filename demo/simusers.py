@@ -167,8 +167,39 @@ class ContainsKeyword(Preference):
         return join_words(words)
 
 
+@dataclass(frozen=True)
+class LastWordInitial(Preference):
+    """The user likes a phrase whose last word starts with one of the given letters (issue
+    21's taste: a set of letters covering about a quarter of what the pretrained policy says,
+    demo/tastes.py picks them). Punctuation is not a word; a phrase without words scores 0.
+
+    No correction: rewriting a phrase's ending takes words this user cannot pick from a
+    vocabulary, so a user who drew a correction rates instead.
+    """
+
+    letters: str
+
+    def __post_init__(self) -> None:
+        if not self.letters or not all("a" <= c <= "z" for c in self.letters):
+            raise ValueError(f"initial: needs lower-case letters a-z, got {self.letters!r}")
+        if len(set(self.letters)) != len(self.letters):
+            raise ValueError(f"initial: letters repeat in {self.letters!r}")
+
+    @property
+    def name(self) -> str:
+        return f"initial:{self.letters}"
+
+    def reward(self, text: str, prompt: str = "") -> float:
+        words = [w for w in words_of(text) if any(c.isalnum() for c in w)]
+        return 1.0 if words and words[-1][0].lower() in self.letters else 0.0
+
+    def correct(self, text: str, prompt: str, rng: random.Random) -> str | None:
+        return None
+
+
 def parse_preference(spec: str) -> Preference:
-    """A preference from its name: include:WORD, avoid:WORD, length[:N], keyword."""
+    """A preference from its name: include:WORD, avoid:WORD, length[:N], keyword,
+    initial:LETTERS (the last word starts with one of them)."""
     kind, _, arg = spec.partition(":")
     if kind == "include" and arg:
         return IncludeWord(arg.lower())
@@ -178,7 +209,12 @@ def parse_preference(spec: str) -> Preference:
         return Length(int(arg)) if arg else Length()
     if kind == "keyword":
         return ContainsKeyword()
-    raise ValueError(f"unknown preference {spec!r} (include:WORD, avoid:WORD, length[:N], keyword)")
+    if kind == "initial" and arg:
+        return LastWordInitial(arg.lower())
+    raise ValueError(
+        f"unknown preference {spec!r} "
+        "(include:WORD, avoid:WORD, length[:N], keyword, initial:LETTERS)"
+    )
 
 
 @dataclass(frozen=True)

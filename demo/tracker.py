@@ -55,6 +55,16 @@ class Served(NamedTuple):
     served_as: str = "live"
 
 
+class Answered(NamedTuple):
+    """Every answered request, exploration included: what users were served over time (the
+    mean true reward of its candidates) and the feedback events it brought."""
+
+    at_s: float
+    reward: float
+    feedback_events: int
+    served_as: str
+
+
 @dataclass(frozen=True)
 class Swap:
     at_s: float
@@ -81,6 +91,9 @@ class DemoStats:
     swaps: list[Swap] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
     taste_changes: list[tuple[float, str]] = field(default_factory=list)  # (at_s, preference)
+    answered: list[Answered] = field(default_factory=list)
+    # The trainer's drift lines (a change of taste detected), with when the demo saw them.
+    drift_lines: list[tuple[float, str]] = field(default_factory=list)
     # Replies the server served for exploration (served_as "exploration"): the live version at
     # the server's exploration parameters, kept out of the versions' figures, which are the
     # policies' own; its mean beside theirs is exploration's cost in served reward.
@@ -105,6 +118,10 @@ class DemoStats:
             self.requests += 1
             self.feedback_events += feedback_events
             self._recent.append((now, 1, feedback_events))
+            if rewards:
+                self.answered.append(
+                    Answered(now, sum(rewards) / len(rewards), feedback_events, served_as)
+                )
             if served_as == "exploration":
                 self.exploration.add(rewards)
                 return
@@ -143,6 +160,10 @@ class DemoStats:
             self.taste_changes.append((self.elapsed_s(), preference))
 
     def observe_trainer_line(self, line: str) -> None:
+        if line.startswith("feedloop train: drift:"):
+            with self._lock:
+                self.drift_lines.append((self.elapsed_s(), line.removeprefix("feedloop train: ")))
+            return
         match = ROUND_RE.match(line)
         if match:
             with self._lock:

@@ -7,15 +7,29 @@ import math
 import pytest
 
 from feedloop.demo.phases import (
+    Below,
+    Bucket,
     Phase,
+    Reached,
+    first_reaching,
     live_at,
     live_reward_timeline,
     phases_of,
     regression,
+    served_buckets,
+    served_mean,
+    time_below,
     versions_in,
 )
-from feedloop.demo.population import parse_taste_change
-from feedloop.demo.tracker import DemoStats, Served, Swap
+from feedloop.demo.population import (
+    Population,
+    PopulationConfig,
+    TasteChange,
+    parse_taste_change,
+    parse_taste_changes,
+)
+from feedloop.demo.simusers import AvoidWord, IncludeWord
+from feedloop.demo.tracker import Answered, DemoStats, Served, Swap
 
 
 def test_a_taste_change_splits_the_run_into_phases():
@@ -89,11 +103,42 @@ def test_too_few_requests_do_not_make_a_version_the_best():
 
 
 def test_taste_change_specs_are_parsed_or_refused_with_the_expected_form():
-    assert parse_taste_change("keyword@120") == ("keyword", 120.0)
-    assert parse_taste_change("include:little@0.5") == ("include:little", 0.5)
-    for bad in ("keyword", "keyword@-1", "keyword@soon", "likes:x@10"):
+    assert parse_taste_change("keyword@120") == TasteChange("keyword", 120.0, 0.0)
+    assert parse_taste_change("include:little@0.5") == TasteChange("include:little", 0.5)
+    assert parse_taste_change("initial:bcd@120-240") == TasteChange("initial:bcd", 120.0, 120.0)
+    for bad in ("keyword", "keyword@-1", "keyword@soon", "likes:x@10", "keyword@20-10"):
         with pytest.raises(ValueError):
             parse_taste_change(bad)
+    with pytest.raises(ValueError, match="overlap"):
+        parse_taste_changes(["keyword@10-30", "avoid:a@20"])
+    assert len(parse_taste_changes(["keyword@10-30", "avoid:a@30"])) == 2
+
+
+def test_a_gradual_change_reaches_the_users_evenly_over_its_span():
+    change = TasteChange("keyword", 100.0, 40.0)
+    assert [change.share_at(t) for t in (99.0, 100.0, 110.0, 130.0, 140.0, 500.0)] == [
+        0.0,
+        0.0,
+        0.25,
+        0.75,
+        1.0,
+        1.0,
+    ]
+    assert TasteChange("keyword", 100.0).share_at(100.0) == 1.0
+
+
+def test_a_share_of_the_users_changes_taste_in_a_seeded_order():
+    config = PopulationConfig("include:a", 8, 1.0, 2, {"rating": 1.0}, 0.1, "unit", seed=3)
+    population = Population(None, config, DemoStats())  # type: ignore[arg-type]
+    population.change_preference("avoid:a", 0.25)
+    changed = [i for i, u in enumerate(population.users) if u.preference == AvoidWord("a")]
+    assert len(changed) == 2 and population.preference == IncludeWord("a")
+    again = Population(None, config, DemoStats())  # type: ignore[arg-type]
+    again.change_preference("avoid:a", 0.25)
+    assert [i for i, u in enumerate(again.users) if u.preference == AvoidWord("a")] == changed
+    population.change_preference("avoid:a", 1.0)
+    assert all(u.preference == AvoidWord("a") for u in population.users)
+    assert population.preference == AvoidWord("a")
 
 
 def test_the_stats_record_taste_changes_and_why_each_request_was_served():
@@ -135,3 +180,40 @@ def test_a_swap_is_dated_by_the_new_versions_live_replies_not_its_canary_or_earl
     at(7).record_request("v2", [0.5], 0)  # a late reply of v2, then v2 is live again
     at(8).observe_live("v2")
     assert stats.swaps[-1] == Swap(7.0, "v1", "v2")
+
+
+def answered(*points: tuple[float, float, int]) -> list[Answered]:
+    return [Answered(t, r, e, "live") for t, r, e in points]
+
+
+def test_what_users_were_served_is_bucketed_from_a_moment_on():
+    served = answered((9.0, 1.0, 5), (10.0, 0.2, 1), (14.0, 0.4, 2), (21.0, 0.9, 3), (35.0, 1, 1))
+    buckets = served_buckets(served, 10.0, 30.0, 10.0)
+    assert [(b.start_s, b.end_s, b.requests, b.feedback_events) for b in buckets] == [
+        (10.0, 20.0, 2, 3),
+        (20.0, 30.0, 1, 3),
+    ]
+    assert buckets[0].mean_reward == pytest.approx(0.3) and buckets[1].mean_reward == 0.9
+    assert served_mean(served, 10.0, 30.0) == pytest.approx(0.5)
+    assert math.isnan(served_buckets(served, 40.0, 45.0, 10.0)[0].mean_reward)
+
+
+def test_a_level_is_reached_at_the_end_of_the_first_bucket_at_or_above_it():
+    """Buckets after a change at 100 s: 0.1, 0.3, 0.5 with 10, 20, 30 events: 0.3 is reached at
+    the end of the second, 20 s and 30 events after the change; 0.6 not in the 30 s measured."""
+    buckets = [
+        Bucket(100.0 + 10 * i, 110.0 + 10 * i, m, 5, e)
+        for i, (m, e) in enumerate([(0.1, 10), (0.3, 20), (0.5, 30)])
+    ]
+    assert first_reaching(buckets, 0.3) == Reached(0.3, 20.0, 30, 30.0)
+    never = first_reaching(buckets, 0.6)
+    assert never.after_s is None and never.describe() == "0.600 not reached in 30 s"
+
+
+def test_time_below_a_level_counts_the_longest_run_and_the_worst_bucket():
+    """0.2, 0.1, 0.3, 0.05, 0.15, 0.4 against 0.25: runs of 20 s and 20 s below (40 s in all);
+    the worst, 0.05, starts 30 s after the change."""
+    means = [0.2, 0.1, 0.3, 0.05, 0.15, 0.4]
+    buckets = [Bucket(10.0 * i, 10.0 * (i + 1), m, 5, 1) for i, m in enumerate(means)]
+    below = time_below(buckets, 0.25)
+    assert below == Below(0.25, 0.05, 30.0, 20.0, 40.0)

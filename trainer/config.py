@@ -178,6 +178,67 @@ class TrainConfig:
             "Reported per round as data_age_weights"
         ),
     )
+    # -- drift: a sharp drop of the served rating restarts learning (trainer/drift.py) ----------
+    drift_detect: bool = field(
+        default=True,
+        metadata=_help(
+            "before each round, look for a sharp drop of users' mean rating of what the policies "
+            "serve (exploration left out) over the last drift_window_s; on one, record the "
+            "change point, train from the best version under the evidence since it (drift_"
+            "restart) and down-weight older data (drift_stale_weight). Reported per round as "
+            "`drift` and in feedloop_trainer_drift_* metrics"
+        ),
+    )
+    drift_window_s: float = field(
+        default=120.0,
+        metadata=_help(
+            "how far back the detector looks, cut into drift_buckets buckets whose boundaries "
+            "are the candidate change points (a change is found within about one bucket)"
+        ),
+    )
+    drift_buckets: int = field(
+        default=12, metadata=_help("buckets of drift_window_s (at least 2): the split points")
+    )
+    drift_min_drop: float = field(
+        default=0.2,
+        metadata=_help(
+            "a drop counts when its lower confidence bound (mean rating on [-1, 1] before minus "
+            "after the split) exceeds this: 0.2 is 0.1 of a liked rate, beyond the noise of "
+            "learning one taste; 0.3 missed a fall of the served liked rate from 0.41 to 0.15 "
+            "(bound 0.27, docs/learning.md)"
+        ),
+    )
+    drift_alpha: float = field(
+        default=0.05,
+        metadata=_help(
+            "1 - confidence of a detection, over both sides and every split (Bonferroni) and "
+            "every look (confidence sequences)"
+        ),
+    )
+    drift_min_ratings: int = field(
+        default=100,
+        metadata=_help(
+            "rated generations each side of a split (and a version to be trained from after a "
+            "change) needs before it is judged"
+        ),
+    )
+    drift_restart: bool = field(
+        default=True,
+        metadata=_help(
+            "after a detected change, until live is a version trained after it, train from the "
+            "version with the best lower bound on its rating since the change, if above the "
+            "reference's rating (or, without one, the collapsed level), else the reference: not "
+            "from the collapsed live, which sits at the end of its KL leash"
+        ),
+    )
+    drift_stale_weight: float = field(
+        default=0.05,
+        metadata=_help(
+            "after a detected change, training data and feedback from before the change point "
+            "weigh this (times any other weight), and the gate's held-out ratings leave them "
+            "out: users no longer answer that way; 1: no down-weighting"
+        ),
+    )
     shaping: tuple[str, ...] = field(
         default=(),
         metadata=_help(
@@ -600,6 +661,19 @@ class TrainConfig:
             raise ValueError(f"evidence_half_life_s must be >= 0, got {self.evidence_half_life_s}")
         if not self.data_half_life_s >= 0:
             raise ValueError(f"data_half_life_s must be >= 0, got {self.data_half_life_s}")
+        if not self.drift_window_s > 0 or self.drift_buckets < 2:
+            raise ValueError(
+                "drift_window_s must be > 0 and drift_buckets >= 2, got "
+                f"{self.drift_window_s} and {self.drift_buckets}"
+            )
+        if not 0 < self.drift_alpha < 1:
+            raise ValueError(f"drift_alpha must be in (0, 1), got {self.drift_alpha}")
+        if not 0 <= self.drift_min_drop <= 2:
+            raise ValueError(f"drift_min_drop must be in [0, 2], got {self.drift_min_drop}")
+        if self.drift_min_ratings < 1:
+            raise ValueError(f"drift_min_ratings must be >= 1, got {self.drift_min_ratings}")
+        if not 0 <= self.drift_stale_weight <= 1:
+            raise ValueError(f"drift_stale_weight must be in [0, 1], got {self.drift_stale_weight}")
         for name in ("rating_class_balance", "feedback_kind_balance"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -102,6 +102,18 @@ class Window:
         }
 
 
+def before_change(at: float, change_at: float | None) -> bool:
+    """Whether data from time `at` (Unix seconds) predates a detected change of users' taste."""
+    return change_at is not None and at < change_at
+
+
+def stale_weight(at: float, change_at: float | None, factor: float) -> float:
+    """The weight of data from time `at` once a change of users' taste was detected at
+    change_at: `factor` before it, 1 from it on and when no change is known (the declared rule
+    of trainer/drift.py; config drift_stale_weight)."""
+    return factor if before_change(at, change_at) else 1.0
+
+
 def learnable(generation: GenerationRecord) -> bool:
     """Whether an update can use a stored generation: every logged log-probability is finite
     (it divides every importance ratio) and its sampling parameters still validate (the gate

@@ -31,6 +31,7 @@ back (that only takes a version away from users) but promotes nothing.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import shutil
@@ -60,6 +61,7 @@ from feedloop.core.registry import (
 )
 from feedloop.core.registry.pointer import unix_seconds
 from feedloop.core.store.base import ReplayStore
+from feedloop.core.store.outcomes import rated_generations as rated_by_version
 from feedloop.core.store.outcomes import tally_outcomes
 from feedloop.trainer.algorithms import make_algorithm
 from feedloop.trainer.config import TrainConfig
@@ -74,6 +76,7 @@ from feedloop.trainer.decisions import (
     require_human_evaluation,
 )
 from feedloop.trainer.distributed import SharedUpdate
+from feedloop.trainer.drift import RatingBucket, detect_drop, restart_version
 from feedloop.trainer.evidence import bring_back_candidates, judge_live_now, made_live_at
 from feedloop.trainer.gate import Gate
 from feedloop.trainer.metrics import TrainerMetrics
@@ -88,6 +91,27 @@ _PROMOTION_SEARCH_DECISIONS = 200
 
 class RoundAbandoned(Exception):
     """A stop was requested mid-round: nothing of the round is kept."""
+
+
+@dataclass(frozen=True)
+class DriftState:
+    """The last change of users' taste the trainer detected (persisted beside its cursor):
+    when it happened (the change point), when it was seen, and the mean rating served after it
+    at detection (the collapsed level a version must beat to be trained from)."""
+
+    change_at: float | None = None
+    detected_at: float | None = None
+    collapsed_level: float = math.nan
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> DriftState:
+        if not data or data.get("change_at") is None:
+            return cls()
+        return cls(
+            float(data["change_at"]),
+            float(data["detected_at"]),
+            float(data.get("collapsed_level", math.nan)),
+        )
 
 
 # The round and decision lines as log records (the CLI routes them; core/logs.py).
@@ -118,6 +142,12 @@ class RoundResult:
             value = f.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
                 bits.append(f"{key}={fmt.format(value)}")
+        drift = f.get("drift") or {}
+        if drift.get("restarted"):
+            bits.append(f"trained_from={drift['trained_from']}")
+        stale = f.get("stale_data")
+        if stale:
+            bits.append(f"stale_events={stale['stale_events']}/{stale['events']}x{stale['weight']}")
         return " ".join(bits) + f" ({self.reason})"
 
 
@@ -165,6 +195,7 @@ class Trainer:
         self._gate_reference: str | None = None
         self.work_dir = config.work_path
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.drift_cursor_name = f"{config.cursor_name}:drift"
 
     # -- policies ------------------------------------------------------------------------------
 
@@ -227,6 +258,106 @@ class Trainer:
         if self.stop.is_set():
             raise RoundAbandoned("stop requested")
 
+    # -- drift -----------------------------------------------------------------------------------
+
+    def drift_state(self) -> DriftState:
+        return DriftState.from_dict(self.store.get_cursor(self.drift_cursor_name))
+
+    def rating_buckets(self, since: float | None, now: float) -> list[RatingBucket]:
+        """Users' ratings of what the policies served (exploration left out: the store's
+        judged rows), in drift_buckets buckets ending now, none before `since`."""
+        c = self.config
+        width = c.drift_window_s / c.drift_buckets
+        start = now - c.drift_window_s if since is None else max(since, now - c.drift_window_s)
+        edges = [start] + [
+            now - k * width for k in range(c.drift_buckets - 1, 0, -1) if now - k * width > start
+        ]
+        edges.append(now)
+        buckets = []
+        for begin, end in itertools.pairwise(edges):
+            rated = rated_by_version(self.store.judged_generations(begin, end)).values()
+            buckets.append(RatingBucket(begin, end, len(rated), sum(r for _, r in rated)))
+        return buckets
+
+    def watch_drift(self) -> tuple[DriftState, dict[str, Any]]:
+        """Look for a sharp drop of the served rating since the last known change; record a new
+        change (a decision in the registry, the drift cursor) when there is one."""
+        c = self.config
+        state = self.drift_state()
+        if not c.drift_detect:
+            return state, {"detect": False, "change_at": state.change_at}
+        now = self.clock()
+        check = detect_drop(
+            self.rating_buckets(state.change_at, now),
+            min_drop=c.drift_min_drop,
+            alpha=c.drift_alpha,
+            min_ratings=c.drift_min_ratings,
+        )
+        if check.detected and check.change_at is not None:
+            state = DriftState(check.change_at, now, check.after.mean)
+            self.store.set_cursor(
+                self.drift_cursor_name,
+                {
+                    "change_at": state.change_at,
+                    "detected_at": state.detected_at,
+                    "collapsed_level": state.collapsed_level,
+                },
+            )
+            self.metrics.drift_changes.inc()
+            reason = (
+                f"users' mean rating fell from {check.before.mean:.3f} to "
+                f"{check.after.mean:.3f} ({check.before.n} and {check.after.n} rated; the drop's "
+                f"lower bound {check.drop_low:.3f} > drift_min_drop {c.drift_min_drop}) "
+                f"{now - check.change_at:.0f} s ago: a change of taste"
+            )
+            # Recorded in the store beside the cursor, and in every later round's figures (the
+            # registry's decision details and the published manifests' training summaries).
+            self._report(f"drift: {reason}")
+        figures = {
+            "check": check.figures(),
+            "change_at": state.change_at,
+            "detected_at": state.detected_at,
+            "collapsed_level": state.collapsed_level,
+            "detected_now": check.detected,
+        }
+        return state, figures
+
+    def training_base(
+        self, live: str, reference: str, drift: DriftState, figures: dict[str, Any]
+    ) -> str:
+        """The version this round trains from: live, or after a detected change, until live is
+        a version trained after it, the best one under the evidence since the change
+        (trainer/drift.py's restart_version). Records the choice in figures."""
+        c = self.config
+        base, reason = live, "live"
+        if drift.change_at is not None and c.drift_restart:
+            summary = self.registry.manifest(live).training_summary or {}
+            trained_after = (summary.get("drift") or {}).get("change_at") == drift.change_at
+            if trained_after:
+                reason = "live was trained after the change"
+            else:
+                # Older versions' exploration traffic counts as theirs (served at the request's
+                # own sampling); live's is at the exploration temperature, so it does not.
+                older = [v for v in self.registry.versions() if v != live]
+                outcomes = {
+                    v: o
+                    for v, o in self.store.online_outcomes(drift.change_at, explored=older).items()
+                    if v in older or v == live
+                }
+                choice = restart_version(
+                    outcomes,
+                    reference=reference,
+                    collapsed_level=drift.collapsed_level,
+                    alpha=c.drift_alpha,
+                    min_ratings=c.drift_min_ratings,
+                )
+                base, reason = choice.version, f"restart from {choice.version}: {choice.reason}"
+        figures["trained_from"] = base
+        figures["trained_from_number"] = version_number(base)
+        figures["restarted"] = base != live
+        figures["trained_from_reason"] = reason
+        return base
+
     # -- one round -----------------------------------------------------------------------------
 
     def run_round(self) -> RoundResult:
@@ -255,13 +386,19 @@ class Trainer:
         live = pointer.live
         if live is None:
             return RoundResult("skipped", "no live version in the registry: nothing to improve")
+        # Looked for on every round, a skipped one too: a trial in flight must not hide a change.
+        drift, drift_figures = self.watch_drift()
         if pointer.paused:
             return RoundResult(
-                "skipped", "publication paused by an operator: no round until resumed"
+                "skipped",
+                "publication paused by an operator: no round until resumed",
+                figures={"drift": drift_figures},
             )
         if pointer.trial is not None:
             return RoundResult(
-                "skipped", f"{pointer.trial.version} is on trial: waiting for its verdict"
+                "skipped",
+                f"{pointer.trial.version} is on trial: waiting for its verdict",
+                figures={"drift": drift_figures},
             )
         cursor = self.cursor(live)
         round_number = cursor.rounds + 1
@@ -273,6 +410,7 @@ class Trainer:
             "live_version_number": version_number(live),
             **window.figures(),
             "phase_seconds": phases,
+            "drift": drift_figures,
         }
         phase("read")
         if window.new_events < c.min_feedback_events:
@@ -303,7 +441,7 @@ class Trainer:
         mismatch = behaviour_mismatch(live_policy, live, window.generations.values())
         if mismatch is not None:
             figures.update(mismatch.figures())
-        signals = learning_signals(window, live_policy.tokenizer, c)
+        signals = learning_signals(window, live_policy.tokenizer, c, drift.change_at)
         figures.update(signals.figures)
         experience, skipped_corrections = build_experience(
             live_policy.tokenizer, signals.examples, signals.corrections
@@ -323,7 +461,17 @@ class Trainer:
             )
         self._check_stop()
 
-        candidate = self._trainable(copy.deepcopy(live_policy), live)
+        base = self.training_base(live, reference_version, drift, drift_figures)
+        candidate = self._trainable(
+            copy.deepcopy(live_policy if base == live else self.policy(base)), base
+        )
+        if base != live:
+            # The carried coefficient was adapted to live's distance from the reference; a
+            # restart starts elsewhere (often at the reference itself), so the controller does.
+            kl = AdaptiveKLController(
+                min(c.kl_coef, c.kl_coef_max), c.kl_target, c.kl_horizon, c.kl_coef_max
+            )
+            figures["kl_coef"] = kl.value
         try:
             update = self._update(candidate, reference, experience, kl.value)
         except TrainingDiverged as exc:
@@ -367,7 +515,7 @@ class Trainer:
             return self._finish_without_candidate(
                 "refused", report.summary, live, window, cursor, kl, figures, record=True
             )
-        version = self._publish(candidate, live, window, figures, report.summary)
+        version = self._publish(candidate, base, window, figures, report.summary)
         try:
             deployed = self._deploy(version, live, report.summary, figures)
         except LiveChanged as exc:
@@ -412,7 +560,7 @@ class Trainer:
     def _publish(
         self,
         candidate: Policy,
-        live: str,
+        parent: str,
         window: Window,
         figures: dict[str, Any],
         reason: str,
@@ -427,7 +575,7 @@ class Trainer:
                     "config": describe(self.config),
                 }
             )
-            save_checkpoint(candidate, staging, parent_version=live, training_summary=summary)
+            save_checkpoint(candidate, staging, parent_version=parent, training_summary=summary)
             version = self.registry.publish(staging, reason=reason, details=json_safe(figures))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -551,6 +699,8 @@ class Trainer:
                 promoted_at=self._promoted_at(live),
                 live_since=found if found is not None else self._started_at,
                 candidates=candidates,
+                # Ratings from before a detected change of taste judge the old taste.
+                not_before=self.drift_state().change_at,
             )
             if outcome is None:
                 return None

@@ -77,6 +77,32 @@ class TrainerMetrics:
             "Reward model pairwise accuracy on held-out pairs",
             registry=r,
         )
+        self.drift_changes = Counter(
+            PREFIX + "drift_changes_total",
+            "Changes of users' taste detected (a sharp drop of the served rating)",
+            registry=r,
+        )
+        self.drift_drop_low = Gauge(
+            PREFIX + "drift_drop_lower_bound",
+            "Largest lower bound on a drop of the served mean rating ([-1, 1]) at the last look",
+            registry=r,
+        )
+        self.drift_restarted = Gauge(
+            PREFIX + "drift_restarted",
+            "1 when the last round trained from another version than live (after a change)",
+            registry=r,
+        )
+        self.drift_trained_from = Gauge(
+            PREFIX + "drift_trained_from_version",
+            "Number of the version the last round trained from",
+            registry=r,
+        )
+        self.drift_stale_share = Gauge(
+            PREFIX + "drift_stale_events_ratio",
+            "Share of the last round's feedback events from before the detected change point "
+            "(each weighed drift_stale_weight)",
+            registry=r,
+        )
         self.logprob_mismatch = Gauge(
             PREFIX + "behaviour_logprob_mismatch_nats",
             "|logged behaviour log-prob - trainer recompute| per token on the live version's "
@@ -235,6 +261,22 @@ class TrainerMetrics:
             registry=r,
         )
 
+    def observe_drift(self, figures: dict[str, Any]) -> None:
+        """The drift detector's last look, what the round trained from, and how much of its
+        window predates a detected change."""
+        drift = figures.get("drift") or {}
+        drop = (drift.get("check") or {}).get("drop_low")
+        if isinstance(drop, float) and math.isfinite(drop):
+            self.drift_drop_low.set(drop)
+        if "trained_from" in drift:
+            self.drift_restarted.set(1 if drift.get("restarted") else 0)
+            number = drift.get("trained_from_number")
+            if isinstance(number, int):
+                self.drift_trained_from.set(number)
+        stale = figures.get("stale_data") or {}
+        if stale.get("events"):
+            self.drift_stale_share.set(stale["stale_events"] / stale["events"])
+
     def observe_learning_knobs(self, figures: dict[str, Any]) -> None:
         for key, gauge in (
             ("candidate_sampled_entropy_nats", self.candidate_sampled_entropy),
@@ -331,3 +373,4 @@ class TrainerMetrics:
         for phase, seconds in (figures.get("phase_seconds") or {}).items():
             self.phase_seconds.labels(phase).set(seconds)
         self.observe_learning_knobs(figures)
+        self.observe_drift(figures)

@@ -14,7 +14,7 @@ from typing import Any
 from feedloop.core.store.base import GenerationRecord
 from feedloop.core.tokenizer import Tokenizer
 from feedloop.trainer.config import TrainConfig
-from feedloop.trainer.data import Window
+from feedloop.trainer.data import Window, before_change, stale_weight
 from feedloop.trainer.reward_model import (
     FittedRewardModel,
     fit_reward_model,
@@ -26,6 +26,8 @@ from feedloop.trainer.rewards import (
     age_weights,
     client_weights,
     correction_targets,
+    event_key,
+    event_time,
     feedback_kinds,
     preference_pairs,
     rated_generations,
@@ -59,8 +61,15 @@ class LearningSignals:
     figures: dict[str, Any]
 
 
-def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> LearningSignals:
-    """Rewards for the window's training generations, its held-out ratings and corrections."""
+def learning_signals(
+    window: Window, tokenizer: Tokenizer, c: TrainConfig, change_at: float | None = None
+) -> LearningSignals:
+    """Rewards for the window's training generations, its held-out ratings and corrections.
+
+    change_at: a change of users' taste detected then (trainer/drift.py): feedback given
+    before it, and unrated generations served before it, weigh c.drift_stale_weight; rated
+    generations served before it leave the gate's held-out set.
+    """
     figures: dict[str, Any] = {}
     notes = list(window.notes)
     kinds = feedback_kinds(window.events)
@@ -74,6 +83,10 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
         kind_power=c.feedback_kind_balance,
     )
     figures.update(balance)
+    stale = c.drift_stale_weight
+    stale_events = [e for e in window.events if before_change(event_time(e), change_at)]
+    for e in stale_events:
+        weights[event_key(e)] = weights.get(event_key(e), 1.0) * stale
     rated = rated_generations(window.events, weights, c.aggregation)
     figures["reward_by_arm"] = reward_by_arm(rated, window.generations)
     pairs = preference_pairs(window.events, window.generations, weights, rated)
@@ -81,6 +94,11 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
     # round (reward model, calibration, policy) sees them.
     gate_heldout = {
         gid for gid in rated if gid in window.generations and is_heldout(gid, c.heldout_share)
+    }
+    # Held out by id, but judged by the taste before the change: the gate leaves them out
+    # (they stay out of training too, as every held-out generation does).
+    stale_heldout = {
+        gid for gid in gate_heldout if before_change(window.generations[gid].created_at, change_at)
     }
     rm: FittedRewardModel | None = None
     if len(pairs) >= c.rm_min_pairs:
@@ -133,10 +151,12 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
             examples.append((g, rated[gid].reward, rated[gid].weight))
             sources["rating"] += 1
         elif gid in rm_rewards:
-            examples.append((g, rm_rewards[gid], 1.0))
+            examples.append((g, rm_rewards[gid], stale_weight(g.created_at, change_at, stale)))
             sources["reward-model"] += 1
         elif c.unrated == "default":
-            examples.append((g, c.unrated_default_reward, 1.0))
+            examples.append(
+                (g, c.unrated_default_reward, stale_weight(g.created_at, change_at, stale))
+            )
             sources["default"] += 1
         else:
             sources["left-out"] += 1
@@ -149,7 +169,17 @@ def learning_signals(window: Window, tokenizer: Tokenizer, c: TrainConfig) -> Le
     heldout = [
         (g, rated[g.generation_id].reward)
         for g in window.generations.values()
-        if g.generation_id in gate_heldout
+        if g.generation_id in gate_heldout and g.generation_id not in stale_heldout
     ]
+    if change_at is not None:
+        figures["stale_data"] = {
+            "change_at": change_at,
+            "weight": stale,
+            "stale_events": len(stale_events),
+            "events": len(window.events),
+            "stale_examples": sum(before_change(g.created_at, change_at) for g, _, _ in examples),
+            "examples": len(examples),
+            "heldout_left_out": len(stale_heldout),
+        }
     corrections = correction_targets(window.events, window.generations, weights)
     return LearningSignals(examples, heldout, corrections, rm, notes, figures)
