@@ -1,6 +1,6 @@
 """Benchmark the rating console in a real browser: a scripted rater, no think time.
 
-    flock /work/wt/bench.lock .venv/bin/python bench/bench_console.py            # 40 rounds
+    .venv/bin/python bench/bench_console.py            # 40 rounds
     .venv/bin/python bench/bench_console.py --rounds 80 --json out.json
     .venv/bin/python bench/bench_console.py --rounds 0 --screenshots docs/console
 

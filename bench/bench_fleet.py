@@ -1,7 +1,7 @@
 """Benchmark a fleet: generations/s of 1, 2 and 3 `feedloop serve` replicas on one PostgreSQL
 store and registry, and what each event costs PostgreSQL.
 
-    flock /work/wt/bench.lock .venv/bin/python bench/bench_fleet.py             # ~2 minutes
+    .venv/bin/python bench/bench_fleet.py             # ~2 minutes
     python bench/bench_fleet.py --repeats 5 --duration-s 10 --json out.json
 
 Three replicas start once on a database of their own (created and dropped here, so its

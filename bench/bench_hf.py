@@ -1,6 +1,6 @@
 """Benchmark the Hugging Face policy's sampler against transformers' own `model.generate`.
 
-    flock /work/wt/bench.lock .venv/bin/python bench/bench_hf.py --checkpoint DIR
+    .venv/bin/python bench/bench_hf.py --checkpoint DIR
     (DIR: e.g. what `feedloop pretrain --architecture hf-causal-lm --output DIR` writes)
 
 Both arms sample the same model, the same prompts (keywords from the corpus's test split, in

@@ -1,7 +1,7 @@
 """Benchmark a LoRA adapter publication against a full checkpoint of the same HF model: bytes
 published and the server's swap time.
 
-    flock /work/wt/bench.lock .venv/bin/python bench/bench_lora.py [--width 64 --layers 2]
+    .venv/bin/python bench/bench_lora.py [--width 64 --layers 2]
 
 The model is the tiny GPT-2 `feedloop pretrain --architecture hf-causal-lm` builds (its default
 sizes; --width/--layers make a larger one), with random weights (sizes and times do not depend

@@ -1,6 +1,6 @@
 """What charging the rate limit per streamed event costs, against charging the stream once.
 
-    flock /work/wt/bench.lock .venv/bin/python bench/bench_ratelimit.py [--events 20000]
+    .venv/bin/python bench/bench_ratelimit.py [--events 20000]
         [--streams 4] [--rounds 5]
 
 Two in-process servers side by side (each its own SQLite store, the same tiny policy), both
