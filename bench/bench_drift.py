@@ -63,7 +63,7 @@ from feedloop.demo.phases import (
     served_mean,
     time_below,
 )
-from feedloop.demo.population import PopulationConfig, demo_prompts, parse_mix
+from feedloop.demo.population import PopulationConfig, demo_prompts
 from feedloop.demo.tastes import policy_initial_shares, set_share, taste_names, taste_sets
 
 SCENARIOS = ("none", "abrupt", "twice", "gradual")
@@ -135,16 +135,7 @@ def run_demo(
         *(f"--server-arg={a}" for a in args.server_arg),
     ]
     ns = build_parser().parse_args(argv)
-    config = PopulationConfig(
-        preference=ns.preference,
-        users=ns.users,
-        rate_rps=ns.rate_rps,
-        candidates=ns.candidates,
-        feedback_mix=parse_mix(ns.feedback_mix),
-        noise_sd=ns.noise_sd,
-        scale=ns.scale,
-        seed=ns.seed,
-    )
+    config = PopulationConfig.from_options(ns)
     demo = Demo(ns, config)
     scrapes: list[dict[str, float]] = []
     try:

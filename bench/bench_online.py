@@ -63,7 +63,7 @@ from feedloop.demo.phases import (
     regression,
     versions_in,
 )
-from feedloop.demo.population import PopulationConfig, parse_mix
+from feedloop.demo.population import PopulationConfig
 
 TRIAL_SHARE = 0.1
 BETTER_BY = 0.05  # a version serves the new taste better: by more than this in true reward
@@ -186,16 +186,7 @@ def demo_args(args: argparse.Namespace, preference: str, *extra: str) -> argpars
 
 
 def start_demo(demo_ns: argparse.Namespace, data_dir: Path, checkpoint: Path) -> Demo:
-    config = PopulationConfig(
-        preference=demo_ns.preference,
-        users=demo_ns.users,
-        rate_rps=demo_ns.rate_rps,
-        candidates=demo_ns.candidates,
-        feedback_mix=parse_mix(demo_ns.feedback_mix),
-        noise_sd=demo_ns.noise_sd,
-        scale=demo_ns.scale,
-        seed=demo_ns.seed,
-    )
+    config = PopulationConfig.from_options(demo_ns)
     demo = Demo(demo_ns, config)
     demo.start(data_dir, checkpoint)
     return demo

@@ -298,7 +298,7 @@ def main(argv: list[str]) -> int:
     try:
         parse_preference(args.preference)
         parse_taste_changes(args.taste_change)
-        mix = parse_mix(args.feedback_mix)
+        parse_mix(args.feedback_mix)
         if args.users < 1 or args.rate_rps <= 0 or args.duration_s <= 0 or args.candidates < 1:
             raise ValueError("--users, --rate-rps, --duration-s and --candidates must be positive")
         if args.drift_at_s is not None and args.drift_at_s < 0:
@@ -312,16 +312,7 @@ def main(argv: list[str]) -> int:
         except (ValueError, OSError, subprocess.CalledProcessError) as exc:
             print(f"feedloop demo: --drift: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    config = PopulationConfig(
-        preference=args.preference,
-        users=args.users,
-        rate_rps=args.rate_rps,
-        candidates=args.candidates,
-        feedback_mix=mix,
-        noise_sd=args.noise_sd,
-        scale=args.scale,
-        seed=args.seed,
-    )
+    config = PopulationConfig.from_options(args)  # after --drift has chosen the tastes
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     demo = Demo(args, config)
     temporary = args.data_dir is None

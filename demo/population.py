@@ -13,7 +13,7 @@ import random
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from feedloop.client.client import FeedloopClient
 from feedloop.client.errors import FeedloopClientError
@@ -39,6 +39,21 @@ class PopulationConfig:
     noise_sd: float
     scale: str
     seed: int
+
+    @classmethod
+    def from_options(cls, ns: Any) -> PopulationConfig:
+        """The population `feedloop demo`'s parsed options describe (demo.options.build_parser;
+        ValueError for a bad --feedback-mix)."""
+        return cls(
+            preference=ns.preference,
+            users=ns.users,
+            rate_rps=ns.rate_rps,
+            candidates=ns.candidates,
+            feedback_mix=parse_mix(ns.feedback_mix),
+            noise_sd=ns.noise_sd,
+            scale=ns.scale,
+            seed=ns.seed,
+        )
 
 
 def parse_mix(text: str) -> dict[str, float]:
