@@ -63,7 +63,11 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_gate_estimates.py",
         "tests/test_learning_knobs.py",
     ),
-    "trainer/signals.py": ("tests/test_heldout_isolation.py", "tests/test_exploration_learning.py"),
+    "trainer/signals.py": (
+        "tests/test_heldout_isolation.py",
+        "tests/test_exploration_learning.py",
+        "tests/test_trainer_drift.py",
+    ),
     "trainer/rewards.py": (
         "tests/test_rewards.py",
         "tests/test_heldout_isolation.py",
@@ -77,7 +81,11 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_reward_model_heldout.py",
         "tests/test_heldout_isolation.py",
     ),
-    "trainer/data.py": ("tests/test_data_window.py", "tests/test_trainer_data.py"),
+    "trainer/data.py": (
+        "tests/test_data_window.py",
+        "tests/test_trainer_data.py",
+        "tests/test_trainer_drift.py",
+    ),
     "core/sampling.py": (
         "tests/test_sampling_draws.py",
         "tests/test_sampling.py",
