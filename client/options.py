@@ -130,6 +130,11 @@ class ClientOptions:
     tls_server_name: str | None = None  # expected name in the server certificate, if not target's
     timeout_s: float = 10.0  # default deadline of one call, retries included
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Longest wait between the channel's attempts to reconnect to a server it lost. gRPC's own
+    # default grows to 120 s, so a replica restarted after a few seconds down would get its
+    # traffic back only when a doubling backoff next fired; a fleet behind one client wants it
+    # back within seconds. Reconnect attempts are one TCP handshake each: cheap.
+    max_reconnect_backoff_s: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", normalise_target(self.target))
@@ -140,6 +145,8 @@ class ClientOptions:
             )
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if self.max_reconnect_backoff_s <= 0:
+            raise ValueError("max_reconnect_backoff_s must be positive")
         if (self.client_cert_path is None) != (self.client_key_path is None):
             raise ValueError("mutual TLS needs both client_cert_path and client_key_path")
 
@@ -174,7 +181,8 @@ class ClientOptions:
         )
 
     def channel_args(self) -> list[tuple[str, str | int]]:
-        """The channel's options: the retrying service config, and TLS's expected name."""
+        """The channel's options: the retrying service config, the reconnect backoff's bound,
+        and TLS's expected name."""
         policy = self.load_balancing
         if policy is None and names_several_servers(self.grpc_target):
             policy = "round_robin"
@@ -184,7 +192,13 @@ class ClientOptions:
         args: list[tuple[str, str | int]] = [
             ("grpc.enable_retries", 1),
             ("grpc.service_config", service_config_json(self.retry, policy)),
+            ("grpc.max_reconnect_backoff_ms", round(self.max_reconnect_backoff_s * 1000)),
         ]
+        # gRPC's first reconnect waits 1 s; never longer than the bound asked for.
+        if self.max_reconnect_backoff_s < 1.0:
+            args.append(
+                ("grpc.initial_reconnect_backoff_ms", round(self.max_reconnect_backoff_s * 1000))
+            )
         if self.tls_server_name:
             args.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return args

@@ -294,7 +294,9 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
 class FakeServer:
     """Start with `with FakeServer() as fake:`; `fake.target` is its 127.0.0.1 address."""
 
-    def __init__(self, credentials: grpc.ServerCredentials | None = None) -> None:
+    def __init__(
+        self, credentials: grpc.ServerCredentials | None = None, *, port: int = 0
+    ) -> None:
         self.script = Script()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_GenerationServicer_to_server(Generation(self.script), self.server)
@@ -304,9 +306,9 @@ class FakeServer:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if credentials is None:
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         else:
-            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+            self.port = self.server.add_secure_port(f"127.0.0.1:{port}", credentials)
         self.target = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> FakeServer:

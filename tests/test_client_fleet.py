@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
 from client_fake_server import FakeServer
 
-from feedloop.client import AsyncFeedloopClient, FeedloopClient
-from feedloop.client.options import ClientOptions, fleet_target, normalise_target
+from feedloop.client import AsyncFeedloopClient, FeedloopClient, FeedloopClientError
+from feedloop.client.options import ClientOptions, RetryPolicy, fleet_target, normalise_target
+
+NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 @pytest.fixture
@@ -126,3 +129,47 @@ def test_a_fleet_target_keeps_the_retry_policy_in_its_one_service_config() -> No
     (config,) = configs
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert config["methodConfig"][0]["retryPolicy"]["maxAttempts"] >= 2
+
+
+def seconds_until_a_call_succeeds(client: FeedloopClient, limit_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        try:
+            client.generate("ocean", timeout_s=0.2)
+            return time.monotonic() - start
+        except FeedloopClientError:
+            time.sleep(0.02)
+    return float("inf")
+
+
+@pytest.mark.slow
+def test_a_restarted_server_gets_its_calls_back_within_the_reconnect_bound() -> None:
+    # gRPC's own reconnect backoff doubles to 120 s: after 6 s down, the next attempt to reach
+    # the server would come 1 to 4 s after it is back. The client bounds it (0.3 s here).
+    with FakeServer() as first:
+        port = first.port
+        with FeedloopClient(
+            first.target, timeout_s=2, max_reconnect_backoff_s=0.3, retry=NO_RETRY
+        ) as client:
+            client.generate("ocean")
+            first.__exit__(None, None, None)
+            down_until = time.monotonic() + 6.0
+            while time.monotonic() < down_until:  # callers keep trying while it is down
+                with contextlib.suppress(FeedloopClientError):
+                    client.generate("ocean", timeout_s=0.2)
+                time.sleep(0.05)
+            with FakeServer(port=port) as again:
+                back_s = seconds_until_a_call_succeeds(client, limit_s=10)
+                assert again.script.calls.count("Generate") == 1
+    assert back_s < 1.5, back_s
+
+
+def test_the_reconnect_bound_reaches_the_channel_and_is_checked() -> None:
+    args = dict(ClientOptions(target="127.0.0.1:1").channel_args())
+    assert args["grpc.max_reconnect_backoff_ms"] == 2000  # the default bound
+    assert "grpc.initial_reconnect_backoff_ms" not in args  # gRPC's 1 s first wait is below it
+    short = dict(ClientOptions(target="127.0.0.1:1", max_reconnect_backoff_s=0.25).channel_args())
+    assert short["grpc.max_reconnect_backoff_ms"] == 250
+    assert short["grpc.initial_reconnect_backoff_ms"] == 250
+    with pytest.raises(ValueError, match="max_reconnect_backoff_s"):
+        ClientOptions(max_reconnect_backoff_s=0)
