@@ -294,9 +294,7 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
 class FakeServer:
     """Start with `with FakeServer() as fake:`; `fake.target` is its 127.0.0.1 address."""
 
-    def __init__(
-        self, credentials: grpc.ServerCredentials | None = None, *, port: int = 0
-    ) -> None:
+    def __init__(self, credentials: grpc.ServerCredentials | None = None, *, port: int = 0) -> None:
         self.script = Script()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_GenerationServicer_to_server(Generation(self.script), self.server)
