@@ -237,3 +237,47 @@ def test_ten_heldout_pairs_are_enough_to_refuse_an_inaccurate_reward_model() -> 
     signals = learning_signals(window, TOKENIZER, config)
     assert signals.figures["rm_heldout_pairs"] == 10
     assert signals.reward_model is None
+
+
+@pytest.mark.parametrize("unrated", ["default", "reward-model"])
+def test_unrated_generations_served_before_a_change_of_taste_weigh_the_stale_weight(
+    unrated: str,
+) -> None:
+    # The rated window is served at t=0; unrated generations at t=5 and t=15; the change at 10.
+    window = rated_window()
+    served = {"old": 5.0, "new": 15.0}
+    for when, at in served.items():
+        for i in range(6):
+            gid = f"u-{when}-{i}"
+            window.generations[gid] = dataclasses.replace(
+                generation(gid, "calm good day", request=f"u-{when}"), created_at=at
+            )
+    config = TrainConfig(
+        heldout_share=SHARE, rm_min_pairs=10, rm_steps=5, unrated=unrated, drift_stale_weight=0.25
+    )
+    signals = learning_signals(window, TOKENIZER, config, change_at=10.0)
+    weights = {g.generation_id: w for g, _, w in signals.examples}
+    unrated_weights = {gid: w for gid, w in weights.items() if gid.startswith("u-")}
+    assert {gid[:5] for gid in unrated_weights} == {"u-old", "u-new"}  # both trained on
+    assert signals.figures["reward_sources"][unrated] == len(unrated_weights)
+    for gid, w in unrated_weights.items():
+        assert w == (0.25 if gid.startswith("u-old") else 1.0), (gid, w)
+    # Every rated generation and every old unrated one predates the change; the new ones not.
+    stale_examples = sum(1 for gid in weights if not gid.startswith("u-new"))
+    assert 0 < stale_examples < len(weights)
+    rated_heldout = sum(
+        1 for gid in window.generations if gid.startswith("r") and is_heldout(gid, SHARE)
+    )
+    assert signals.figures["stale_data"] == {
+        "change_at": 10.0,
+        "weight": 0.25,
+        "stale_events": len(window.events),
+        "events": len(window.events),
+        "stale_examples": stale_examples,
+        "examples": len(weights),
+        "heldout_left_out": rated_heldout,
+    }
+    # No change known: every unrated generation weighs 1 and no stale figure is reported.
+    unchanged = learning_signals(window, TOKENIZER, config)
+    assert all(w == 1.0 for g, _, w in unchanged.examples if g.generation_id.startswith("u-"))
+    assert "stale_data" not in unchanged.figures
