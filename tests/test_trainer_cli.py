@@ -212,3 +212,16 @@ def test_sigkill_at_any_instant_loses_nothing_published_and_a_restart_resumes(
         assert live_after == "v0002" and "too little data" in lines[-1]
     else:
         assert live_after == "v0002" and "published" in lines[-1]
+
+
+def test_lora_over_a_live_version_that_is_no_hugging_face_model_is_refused_at_startup(
+    env: Env,
+) -> None:
+    proc = start(env, "--once", "--lora-rank", "4")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert (
+        "feedloop train: --lora-rank 4 trains adapters over a Hugging Face causal LM "
+        "(hf-causal-lm); the live version v0001 is gru-seq2seq" in out
+    )
+    assert " round " not in out  # it never started a round

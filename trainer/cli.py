@@ -18,10 +18,15 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from feedloop.core.config import add_config_flags, config_from_args
 from feedloop.core.errors import FeedloopError
 from feedloop.core.logs import configure_logging
+
+if TYPE_CHECKING:
+    from feedloop.core.registry import ModelRegistry
+    from feedloop.trainer.config import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -39,6 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--once", action="store_true", help="run one round and exit")
     add_config_flags(parser, TrainConfig)
     return parser
+
+
+def lora_refusal(config: TrainConfig, registry: ModelRegistry) -> str | None:
+    """Why --lora-rank cannot train on this registry's live version (None: it can, or LoRA is
+    off, or nothing is live yet): said at startup, where each round would only fail on it."""
+    from feedloop.core.checkpoint import HF_ARCHITECTURE, LORA_ARCHITECTURE
+
+    live = registry.live()
+    if not config.lora_rank or live is None:
+        return None
+    architecture = registry.manifest(live).architecture
+    if architecture in (HF_ARCHITECTURE, LORA_ARCHITECTURE):
+        return None
+    return (
+        f"--lora-rank {config.lora_rank} trains adapters over a Hugging Face causal LM "
+        f"({HF_ARCHITECTURE}); the live version {live} is {architecture}: publish one "
+        "(feedloop pretrain --architecture hf-causal-lm, or serve --policy DIR) or leave "
+        "--lora-rank at 0"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -80,6 +104,12 @@ def main(argv: list[str]) -> int:
     except FeedloopError as exc:
         print(f"feedloop train: {exc}", file=sys.stderr)
         return 1
+    refusal = lora_refusal(config, registry)
+    if refusal is not None:
+        print(f"feedloop train: {refusal}", file=sys.stderr)
+        store.close()
+        registry.close()
+        return EXIT_USAGE
     metrics = TrainerMetrics()
     metrics.gate_max_kl.set(config.gate_max_kl)  # alert rules compare the KL against it
     try:
