@@ -24,10 +24,12 @@ log-probabilities of outputs served by another) serve no caller waiting for a re
 run on the main thread only while no other message waits in the pipe: a batch to sample never
 queues behind them for longer than the one score in progress.
 
-A LoRA adapter (core/hf_lora.py) is loaded over a resident base: the process keeps every Hugging
+A LoRA adapter (core/hf_lora.py) is loaded over a resident base: the process keeps each Hugging
 Face base it has loaded (`bases`, by content digest: a full version it served, or the base an
-adapter named), and an adapter's policy shares that base's tensors, so a swap to an adapter
-reads, verifies and loads only the adapter's few MB; the base stays where it is.
+adapter named) while a loaded version uses it, and an adapter's policy shares that base's
+tensors, so a swap to an adapter reads, verifies and loads only the adapter's few MB; the base
+stays where it is. An eviction that leaves a base unused drops it (a replica that moved to
+another base over months does not keep every old one in memory).
 """
 
 from __future__ import annotations
@@ -85,6 +87,19 @@ class _Models:
             return
         self.policies[version] = policy
         self.reply((call_id, OK, (manifest, policy.tokenizer)))
+
+    def drop_unused_bases(self) -> None:
+        """Forget the bases no loaded version uses (after an eviction): an adapter names its
+        base by digest, a full version holds the base's model itself. Runs on the loader thread,
+        which alone touches `bases`, so no load is between reading and extending it."""
+        loaded = list(self.policies.values())
+        for digest, base in list(self.bases.items()):
+            model = base.model
+            if not any(
+                getattr(p, "base_digest", None) == digest or getattr(p, "model", None) is model
+                for p in loaded
+            ):
+                del self.bases[digest]
 
     def sample(self, call_id: int, version: str, requests: list[SampleRequest]) -> None:
         self._compute(call_id, version, "sampling", lambda policy: policy.sample(requests))
@@ -151,6 +166,8 @@ def serve_models(conn: Connection, torch_threads: int) -> None:
                 loader.submit(models.load, *message[1:])
             elif op == EVICT:
                 models.policies.pop(message[2], None)
+                if models.bases:
+                    loader.submit(models.drop_unused_bases)
             elif op == STOP:
                 while scores:  # answer what was sent, as STOP promises
                     models.score(*scores.popleft())

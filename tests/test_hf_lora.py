@@ -339,6 +339,19 @@ def test_the_model_process_swaps_adapters_over_one_resident_base(
     assert pipe.sent[-1][1] == REFUSED and "this replica's base is" in pipe.sent[-1][2]
     assert sorted(models.policies) == ["v0001", "v0002", "v0003"]
 
+    # The base stays resident while any loaded version uses it, and goes with the last.
+    (digest,) = models.bases
+    for version in ("v0001", "v0002"):
+        models.policies.pop(version)
+        models.drop_unused_bases()
+        assert list(models.bases) == [digest]  # v0003, an adapter, still names it
+    models.policies.pop("v0003")
+    models.drop_unused_bases()
+    assert models.bases == {}
+    models.load(10, "v0001", str(registry.checkpoint_dir("v0001")))  # the full version alone
+    models.drop_unused_bases()
+    assert list(models.bases) == [digest]
+
 
 def test_a_postgresql_registry_stores_an_adapter_beside_its_base_and_keeps_the_base(
     tmp_path: Path, hf_checkpoint: Path
