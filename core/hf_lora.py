@@ -43,6 +43,7 @@ from feedloop.core.errors import CheckpointError
 from feedloop.core.hf_policy import HFCausalPolicy
 from feedloop.core.hf_tokenizer import HFTokenizer
 from feedloop.core.policy import Policy
+from feedloop.core.weights import check_tensors
 
 ARCHITECTURE = "hf-causal-lm-lora"  # core/checkpoint.py's LORA_ARCHITECTURE
 MANIFEST = hf_checkpoint.MANIFEST
@@ -276,23 +277,18 @@ def _load_adapter_state(policy: LoRAPolicy, tensors: dict[str, torch.Tensor], pa
     against the adapter its manifest declares over this base (CheckpointError)."""
     from peft import set_peft_model_state_dict
 
-    expected = policy.adapter_state()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: the adapter's tensors do not fit target modules "
-            f"{list(policy.spec.targets)} of this base (missing {missing[:2]}, "
-            f"unexpected {unexpected[:2]})"
-        )
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}; rank {policy.spec.rank} over "
-                f"this base needs {tuple(expected[name].shape)} (rank or base mismatch)"
-            )
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{path}: {name} has non-finite values")
+    check_tensors(
+        policy.adapter_state(),
+        tensors,
+        path,
+        names_mismatch=(
+            f"the adapter's tensors do not fit target modules {list(policy.spec.targets)} "
+            "of this base"
+        ),
+        shape_needs=(
+            f"; rank {policy.spec.rank} over this base needs {{shape}} (rank or base mismatch)"
+        ),
+    )
     state = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in tensors.items()}
     result = set_peft_model_state_dict(policy.model, state)
     left = list(getattr(result, "unexpected_keys", None) or [])
