@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from feedloop.core.online_eval import mean_rating
 from feedloop.core.store.outcomes import VersionOutcomes
 from feedloop.trainer.data import before_change, stale_weight
 from feedloop.trainer.drift import RatingBucket, detect_drop, restart_version
@@ -43,6 +44,29 @@ def test_a_sharp_drop_is_detected_at_the_split_where_it_happened() -> None:
     assert check.before.n == check.after.n == 400
     assert check.before.mean == pytest.approx(0.8) and check.after.mean == pytest.approx(-0.8)
     assert check.drop_low == pytest.approx(1.6 - 2 * RADIUS_400, abs=1e-4)
+    assert check.figures() == {
+        "detected": True,
+        "change_at": 20.0,
+        "before_mean": check.before.mean,
+        "after_mean": check.after.mean,
+        "before_ratings": 400,
+        "after_ratings": 400,
+        "drop_low": check.drop_low,
+        "splits": 3,
+    }
+
+
+def test_a_thin_first_bucket_does_not_end_the_search_for_the_split() -> None:
+    """The first split's earlier side has 50 ratings (< 100, not judged); the later splits
+    are judged all the same, and the drop at 30 s is found."""
+    check = detect_drop(
+        buckets((50, 0.8), (200, 0.8), (200, 0.8), (200, -0.8), (200, -0.8)),
+        min_drop=0.3,
+        alpha=0.05,
+        min_ratings=100,
+    )
+    assert check.detected and check.change_at == 30.0
+    assert (check.before.n, check.after.n) == (450, 400)
 
 
 def test_a_small_drop_is_reported_but_not_declared() -> None:
@@ -75,9 +99,64 @@ def test_sides_with_too_few_ratings_are_not_judged() -> None:
     assert check.change_at is None and check.drop_low == -math.inf
 
 
-def test_the_detector_refuses_a_bad_alpha() -> None:
-    with pytest.raises(ValueError, match="alpha"):
-        detect_drop(buckets((200, 0.8), (200, -0.8)), min_drop=0.3, alpha=0.0, min_ratings=1)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 1.5, -0.1])
+def test_the_detector_refuses_an_alpha_outside_0_1(alpha: float) -> None:
+    # with ratings and without: no radius is computed on empty buckets to catch it later
+    for sides in (buckets((200, 0.8), (200, -0.8)), buckets((0, 0.0), (0, 0.0))):
+        with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\), not "):
+            detect_drop(sides, min_drop=0.3, alpha=alpha, min_ratings=1)
+
+
+def test_one_split_of_two_buckets_is_judged_on_one_rating_a_side() -> None:
+    check = detect_drop(buckets((1, 1.0), (1, -1.0)), min_drop=0.3, alpha=0.05, min_ratings=1)
+    assert check.splits == 1 and check.change_at == 10.0
+    assert (check.before.n, check.after.n) == (1, 1) and math.isfinite(check.drop_low)
+
+
+def test_sides_of_exactly_min_ratings_are_judged() -> None:
+    check = detect_drop(buckets((200, 0.8), (200, -0.8)), min_drop=0.3, alpha=0.05, min_ratings=200)
+    assert check.detected and check.change_at == 10.0
+
+
+def test_the_change_can_be_the_first_split() -> None:
+    check = detect_drop(
+        buckets((200, 0.8), (200, -0.8), (200, -0.8)), min_drop=0.3, alpha=0.05, min_ratings=100
+    )
+    assert check.detected and check.change_at == 10.0
+
+
+def test_a_too_thin_later_side_is_not_judged_even_when_it_would_show_the_largest_drop() -> None:
+    """50 ratings at -1 after 400 at 0.8: not judged (< 100). The one judged split, at 10 s,
+    mixes the two levels on its later side and shows no confident drop."""
+    check = detect_drop(
+        buckets((200, 0.8), (200, 0.8), (50, -1.0)), min_drop=0.3, alpha=0.05, min_ratings=100
+    )
+    assert not check.detected
+    assert check.change_at == 10.0 and check.after.n == 250
+
+
+def test_quiet_buckets_leave_the_change_point_at_the_earliest_of_equal_splits() -> None:
+    """No rating in the first bucket nor between the two levels: the splits at 10 s and 20 s
+    have the same sides, and the earlier one is the change point."""
+    check = detect_drop(
+        buckets((0, 0.0), (200, 0.8), (0, 0.0), (200, -0.8)),
+        min_drop=0.3,
+        alpha=0.05,
+        min_ratings=100,
+    )
+    assert check.detected and check.change_at == 20.0
+    assert (check.before.n, check.after.n) == (200, 200)
+
+
+def test_a_drop_bound_equal_to_min_drop_is_not_declared() -> None:
+    sides = buckets((200, 0.8), (200, -0.8))
+    bound = detect_drop(sides, min_drop=0.0, alpha=0.05, min_ratings=1).drop_low
+    assert not detect_drop(sides, min_drop=bound, alpha=0.05, min_ratings=1).detected
+
+
+def test_the_detector_judges_no_side_on_zero_ratings() -> None:
+    with pytest.raises(ValueError, match="min_ratings"):
+        detect_drop(buckets((200, 0.8), (200, -0.8)), min_drop=0.3, alpha=0.05, min_ratings=0)
 
 
 # mixture_radius(200, 0.05, sigma=1), by hand: log 20 = 2.9957; 2 log 20 = 5.9915;
@@ -117,7 +196,10 @@ def test_without_a_version_confidently_above_the_collapse_the_reference_is_train
         min_ratings=100,
     )
     assert choice.version == "v0001"
-    assert "no version" in choice.reason
+    assert choice.reason == (
+        "no version's rating since the change is confidently above "
+        "the mean rating after the change point (-0.900)"
+    )
 
 
 @pytest.mark.parametrize(("mean", "chosen"), [(-0.2, "v0007"), (-0.3, "v0001")])
@@ -137,6 +219,49 @@ def test_the_references_own_rating_since_the_change_is_the_bar_when_it_has_one(
     assert choice.bar == pytest.approx(-0.5)
     assert choice.version == chosen
     assert abs(mean - RADIUS_200 - (-0.5)) > 0.02  # each case clear of the boundary
+
+
+def test_a_version_with_exactly_min_ratings_counts() -> None:
+    choice = restart_version(
+        outcomes(v0005=(300, -0.9), v0007=(100, -0.2)),
+        reference="v0001",
+        collapsed_level=-0.9,
+        alpha=0.05,
+        min_ratings=100,
+    )
+    assert choice.version == "v0007"
+
+
+def test_a_lower_bound_equal_to_the_bar_is_not_above_it() -> None:
+    versions = outcomes(v0007=(200, -0.2))
+    at_bar = mean_rating(versions["v0007"], 0.05).low
+    choice = restart_version(
+        versions, reference="v0001", collapsed_level=at_bar, alpha=0.05, min_ratings=100
+    )
+    assert choice.version == "v0001"
+
+
+def test_of_two_equally_good_versions_the_first_by_name_is_trained_from() -> None:
+    choice = restart_version(
+        outcomes(v0008=(200, -0.2), v0007=(200, -0.2)),
+        reference="v0001",
+        collapsed_level=-0.9,
+        alpha=0.05,
+        min_ratings=100,
+    )
+    assert choice.version == "v0007"
+
+
+def test_a_reference_with_exactly_min_ratings_sets_the_bar() -> None:
+    choice = restart_version(
+        outcomes(v0001=(100, -0.5), v0007=(200, -0.3)),
+        reference="v0001",
+        collapsed_level=-0.9,
+        alpha=0.05,
+        min_ratings=100,
+    )
+    assert choice.bar == pytest.approx(-0.5)
+    assert "the reference's mean rating since the change (-0.500, 100 rated)" in choice.reason
 
 
 def test_data_before_a_detected_change_weighs_the_declared_factor() -> None:

@@ -39,6 +39,12 @@ def test_the_discount_weighs_by_half_lives_and_spends_alpha_by_block() -> None:
     assert discount.weight(1050.0) == 0.25
     assert discount.rho_scale == pytest.approx(0.5)
     assert discount.alpha(0.05) == pytest.approx(0.05 / 12)
+    assert discount.as_dict() == {
+        "half_life_s": 100.0,
+        "block": 2,
+        "block_start_s": 1200.0,
+        "rho_scale": discount.rho_scale,
+    }
     # read back to the block's start less 10 half-lives, or less the lookback if shorter
     assert discount.cutoff_s(86400.0) == 200.0 and discount.cutoff_s(300.0) == 900.0
     # fixed within a block: a later look of block 2 reads from the same cutoff

@@ -85,7 +85,10 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_data_window.py",
         "tests/test_trainer_data.py",
         "tests/test_trainer_drift.py",
+        "tests/test_drift.py",
     ),
+    "trainer/drift.py": ("tests/test_drift.py", "tests/test_trainer_drift.py"),
+    "core/discount.py": ("tests/test_evidence_ages.py",),
     "core/sampling.py": (
         "tests/test_sampling_draws.py",
         "tests/test_sampling.py",

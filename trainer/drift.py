@@ -88,6 +88,8 @@ def detect_drop(
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), not {alpha}")
+    if min_ratings < 1:
+        raise ValueError(f"min_ratings must be at least 1, not {min_ratings}")
     splits = max(len(buckets) - 1, 1)
     side_alpha = alpha / (2 * splits)
     best = DropCheck(False, None, _NONE, _NONE, -math.inf, splits)
