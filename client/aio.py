@@ -304,13 +304,16 @@ class AsyncFeedloopClient:
         window_s: float | None = None,
         alpha: float | None = None,
         versions: Sequence[str] = (),
+        half_life_s: float | None = None,
         timeout_s: float | None = None,
     ) -> OnlineReportResult:
         """Online reward by version: each version's mean rating and win rates from the feedback
         of the last window_s seconds (default: an hour), with confidence sequences at level
-        1 - alpha (default 0.05); versions: only these. While a trial runs, also its rating
-        minus live's since it began."""
-        request = online_report_request(window_s, alpha, versions)
+        1 - alpha (default 0.05); versions: only these; half_life_s: also each version's
+        recent_rating, a rating a seconds old weighing 0.5 ** (a / half_life_s) (the trainer's
+        evidence_half_life_s rule). While a trial runs, also its rating minus live's since it
+        began."""
+        request = online_report_request(window_s, alpha, versions, half_life_s)
         reply = await self._unary(self._admin.GetOnlineReport, request, timeout_s)
         return OnlineReportResult.from_proto(reply)
 

@@ -278,8 +278,11 @@ def _online_text(report: OnlineReportResult) -> str:
         f"intervals at {(1 - report.alpha) * 100:g}% (time-uniform)\n"
         f"{_pointer_line(report.live_version, report.trial, False)}"
     )
+    discounted = any(v.recent_rating is not None for v in report.versions)
     table = format_table(
-        ("version", "role", "n", "mean", "interval", "win rates"),
+        ("version", "role", "n", "mean", "interval")
+        + (("recent (discounted)",) if discounted else ())
+        + ("win rates",),
         [
             (
                 v.version,
@@ -287,6 +290,9 @@ def _online_text(report: OnlineReportResult) -> str:
                 v.rating.count,
                 "-" if v.rating.mean is None else f"{v.rating.mean:+.3f}",
                 "-" if v.rating.mean is None else f"[{v.rating.low:+.3f}, {v.rating.high:+.3f}]",
+            )
+            + ((_estimate(v.recent_rating) if v.recent_rating else "-",) if discounted else ())
+            + (
                 "; ".join(
                     f"vs {opponent} {w.mean:.2f} [{w.low:.2f}, {w.high:.2f}] n={w.count}"
                     for opponent, w in v.win_rates.items()
@@ -319,7 +325,10 @@ def _online_text(report: OnlineReportResult) -> str:
 
 def run_online_report(client: FeedloopClient, args: argparse.Namespace) -> Any:
     report = client.online_report(
-        window_s=args.window_s, alpha=args.alpha, versions=args.version or ()
+        window_s=args.window_s,
+        alpha=args.alpha,
+        versions=args.version or (),
+        half_life_s=args.half_life_s,
     )
     return report if args.json else _online_text(report)
 
@@ -566,6 +575,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             "at; during a trial, the trial minus live since it began.",
             "  feedloop online-report\n"
             "  feedloop online-report --window-s 600 --alpha 0.1\n"
+            "  feedloop online-report --half-life-s 300\n"
             "  feedloop online-report --version v0003 --version v0004 --json\n",
         )
         p.add_argument(
@@ -577,6 +587,12 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             "--alpha",
             type=float,
             help="intervals cover at level 1 - alpha, alpha in (0, 1) (default: 0.05)",
+        )
+        p.add_argument(
+            "--half-life-s",
+            type=float,
+            help="also each version's rating discounted by age, a rating S seconds old weighing "
+            "half (the trainer's evidence_half_life_s, 300 by default; default: not shown)",
         )
         p.add_argument(
             "--version",
@@ -598,6 +614,12 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             "--alpha",
             type=float,
             help="intervals cover at level 1 - alpha, alpha in (0, 1) (default: 0.05)",
+        )
+        p.add_argument(
+            "--half-life-s",
+            type=float,
+            help="also each version's rating discounted by age, a rating S seconds old weighing "
+            "half (the trainer's evidence_half_life_s, 300 by default; default: not shown)",
         )
     else:
         raise KeyError(name)

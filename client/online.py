@@ -37,15 +37,20 @@ class VersionOnline:
     role: str  # "live", the trial's mode ("canary" or "shadow"), or "" for neither
     rating: OnlineEstimate  # mean rating normalised to [-1, 1], one per rated generation
     win_rates: dict[str, OnlineEstimate]  # share of pairs won, by opponent version
+    # The ratings discounted by age when the report was asked with a half-life (None without):
+    # the weighted mean, with its discounted confidence sequence.
+    recent_rating: OnlineEstimate | None = None
 
     @classmethod
     def from_proto(cls, report: pb.VersionOnlineReport, trial: TrialInfo | None) -> VersionOnline:
         role = "live" if report.live else (trial.mode if report.on_trial and trial else "")
+        recent = report.recent_rating if report.HasField("recent_rating") else None
         return cls(
             report.version,
             role,
             OnlineEstimate.from_proto(report.rating),
             {w.opponent_version: OnlineEstimate.from_proto(w.estimate) for w in report.win_rates},
+            None if recent is None else OnlineEstimate.from_proto(recent),
         )
 
 
@@ -129,9 +134,15 @@ class OnlineReportResult:
 
 
 def online_report_request(
-    window_s: float | None, alpha: float | None, versions: Sequence[str]
+    window_s: float | None,
+    alpha: float | None,
+    versions: Sequence[str],
+    half_life_s: float | None = None,
 ) -> pb.GetOnlineReportRequest:
-    """None: the server's default (the last hour, alpha 0.05)."""
+    """None: the server's default (the last hour, alpha 0.05, no discounted rating)."""
     return pb.GetOnlineReportRequest(
-        window_s=window_s or 0.0, alpha=alpha or 0.0, versions=list(versions)
+        window_s=window_s or 0.0,
+        alpha=alpha or 0.0,
+        versions=list(versions),
+        half_life_s=half_life_s or 0.0,
     )

@@ -15,12 +15,14 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feedloop import __version__
+from feedloop.core.discount import Discount
 from feedloop.core.online_eval import (
     Estimate,
     mean_rating,
@@ -140,14 +142,18 @@ def estimate_pb(estimate: Estimate) -> pb.OnlineEstimate:
     )
 
 
-def online_window(request: pb.GetOnlineReportRequest) -> tuple[float, float]:
-    """(window_s, alpha) with defaults filled in; InvalidArgument naming a bad field."""
+def online_window(request: pb.GetOnlineReportRequest) -> tuple[float, float, float]:
+    """(window_s, alpha, half_life_s) with defaults filled in; InvalidArgument naming a bad
+    field."""
     if not (math.isfinite(request.window_s) and request.window_s >= 0):
         raise InvalidArgument("window_s", f"must be seconds >= 0, got {request.window_s!r}")
     alpha = request.alpha or DEFAULT_ONLINE_ALPHA
     if not 0 < alpha < 1:  # NaN fails too
         raise InvalidArgument("alpha", f"must be in (0, 1), got {request.alpha!r}")
-    return request.window_s or DEFAULT_ONLINE_WINDOW_S, alpha
+    if not (math.isfinite(request.half_life_s) and request.half_life_s >= 0):
+        got = request.half_life_s
+        raise InvalidArgument("half_life_s", f"must be seconds >= 0 (0: off), got {got!r}")
+    return request.window_s or DEFAULT_ONLINE_WINDOW_S, alpha, request.half_life_s
 
 
 def trial_comparison(
@@ -190,11 +196,14 @@ def get_online_report(
     window_s: float,
     alpha: float,
     now: float,
+    half_life_s: float = 0.0,
 ) -> pb.OnlineReport:
     """Blocking: read the pointer and the store's outcomes in [now - window_s, now).
 
     versions: exactly these (NotFound for one the registry does not hold); empty: every version
     with feedback in the window, and live and the trial's version with or without.
+    half_life_s > 0: each version's recent_rating too, its ratings discounted by age from the
+    window's start (core/discount.py: the looks' blocks begin there).
     """
     pointer = registry.pointer()
     # A pruned version's feedback stays in the store: its online figures can still be reported.
@@ -208,14 +217,17 @@ def get_online_report(
         )
     since = now - window_s
     trial = pointer.trial
+    discount = Discount(half_life_s, now, since) if half_life_s > 0 else None
     if versions:
-        outcomes = store.online_outcomes(since, now, versions=versions)
+        outcomes = store.online_outcomes(since, now, versions=versions, discount=discount)
     else:
-        outcomes = store.online_outcomes(since, now)
+        outcomes = store.online_outcomes(since, now, discount=discount)
         for always in (pointer.live, trial.version if trial else None):
             if always is not None and always not in outcomes:
-                outcomes[always] = VersionOutcomes(always)
-    reports = online_report(outcomes, alpha)
+                outcomes[always] = VersionOutcomes(always, discount=discount)
+    # The plain report reads the same tally without its discount: one read of the store.
+    reports = online_report({v: replace(o, discount=None) for v, o in outcomes.items()}, alpha)
+    recent = {v: mean_rating(o, alpha) for v, o in outcomes.items()} if discount else {}
     newest_first = {v: i for i, v in enumerate(reversed(published))}
     order = sorted(
         reports,
@@ -236,6 +248,7 @@ def get_online_report(
                 live=version == pointer.live,
                 on_trial=trial is not None and version == trial.version,
                 rating=estimate_pb(reports[version].rating),
+                recent_rating=estimate_pb(recent[version]) if version in recent else None,
                 win_rates=[
                     pb.WinRate(opponent_version=opponent, estimate=estimate_pb(estimate))
                     for opponent, estimate in reports[version].win_rates.items()
@@ -415,7 +428,7 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
     async def GetOnlineReport(
         self, request: pb.GetOnlineReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.OnlineReport:
-        window_s, alpha = online_window(request)
+        window_s, alpha, half_life_s = online_window(request)
         versions = require_versions(request.versions, "versions")
         return await asyncio.to_thread(
             get_online_report,
@@ -425,4 +438,5 @@ class ModelAdminService(pb_grpc.ModelAdminServicer):
             window_s,
             alpha,
             time.time(),
+            half_life_s,
         )

@@ -232,6 +232,8 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "window_s: must be seconds >= 0")
         if not 0 < (request.alpha or 0.05) < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "alpha: must be in (0, 1)")
+        if request.half_life_s < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "half_life_s: must be seconds >= 0")
         known = {self.script.live_version, *self.script.previous_versions, "v0002"}
         if set(request.versions) - known:
             context.abort(grpc.StatusCode.NOT_FOUND, "versions: not in the registry")
@@ -247,6 +249,11 @@ class Admin(_Base, pb_grpc.ModelAdminServicer):
                     version=live,
                     live=True,
                     rating=pb.OnlineEstimate(count=40, mean=0.25, low=-0.125, high=0.625),
+                    recent_rating=(
+                        pb.OnlineEstimate(count=40, mean=0.5, low=-0.25, high=1.0)
+                        if request.half_life_s
+                        else None
+                    ),
                     win_rates=[
                         pb.WinRate(
                             opponent_version=other,

@@ -168,6 +168,18 @@ def test_online_report_prints_a_table_by_version_and_the_trial_comparison(capsys
     ]  # fmt: skip
     assert lines[6].split() == ["v0002", "0", "-", "-"]
     assert "trial" not in out.split("\n\n", 2)[-1]
+    assert "recent" not in out
+
+    code, out, _ = run(capsys, "online-report", "--half-life-s", "300", *target)
+    assert code == 0 and fake.script.online_requests[-1].half_life_s == 300
+    lines = out.splitlines()
+    assert lines[3].split() == [
+        "version", "role", "n", "mean", "interval", "recent", "(discounted)", "win", "rates",
+    ]  # fmt: skip
+    assert lines[5].split()[:9] == [
+        "v0001", "live", "40", "+0.250", "[-0.125,", "+0.625]", "+0.500", "[-0.250,", "+1.000]",
+    ]  # fmt: skip
+    assert lines[6].split() == ["v0002", "0", "-", "-", "-"]
 
     assert run(capsys, "canary", "start", "v0002", "--share", "0.1", *target)[0] == 0
     code, out, _ = run(capsys, "online-report", "--window-s", "600", "--alpha", "0.1", *target)

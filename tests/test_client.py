@@ -275,6 +275,12 @@ def test_online_report_reads_each_version_with_its_interval_and_the_trial_compar
     assert (other.version, other.role) == ("v0002", "")
     assert other.rating == OnlineEstimate(0, None, -1.0, 1.0)  # no ratings: no mean, not NaN
     assert report.trial is None and report.trial_comparison is None
+    assert live.recent_rating is None and sent.half_life_s == 0  # not asked for
+
+    recent = client.online_report(half_life_s=300)
+    assert fake.script.online_requests[-1].half_life_s == 300
+    assert recent.versions[0].recent_rating == OnlineEstimate(40, 0.5, -0.25, 1.0)
+    assert recent.versions[1].recent_rating is None
 
     client.start_trial("v0002", share=0.1)
     report = client.online_report(window_s=600, alpha=0.1, versions=["v0001", "v0002"])
@@ -293,6 +299,7 @@ def test_online_report_reads_each_version_with_its_interval_and_the_trial_compar
         ({"window_s": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"alpha": 1.5}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"versions": ["v0099"]}, grpc.StatusCode.NOT_FOUND),
+        ({"half_life_s": -5.0}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 def test_online_report_refusals_carry_the_servers_code(client, fields, code):

@@ -15,6 +15,7 @@ import pytest
 from server_harness import rating, running_server, seeded_registry, test_config
 from store_support import generation
 
+from feedloop.core.discount import Discount
 from feedloop.core.online_eval import (
     mean_rating,
     online_report,
@@ -101,6 +102,31 @@ async def test_the_report_is_online_eval_on_the_last_hours_outcomes(live) -> Non
                 win_rate.estimate, expected[version.version].win_rates[win_rate.opponent_version]
             )
     assert not reply.HasField("trial") and not reply.HasField("trial_comparison")
+
+
+async def test_a_half_life_adds_each_versions_rating_discounted_by_age(live) -> None:
+    """Half-life 30 s: v0002's two ratings, 30 s old, weigh 0.5 each (mean 0); v0001's +1 and
+    -0.5 are 60 s old (0.25 each) and a3's 0 counts at its latest rating, 40 s old (0.397): the
+    weighted mean is (0.25 - 0.125 + 0) / (0.25 + 0.25 + 0.397) = 0.139, below the plain 0.167
+    that weighs the older +1 alike. The interval is the discounted sequence's (on three ratings, the
+    whole range, as the plain one's)."""
+    plain = await report(live, alpha=0.1)
+    assert not any(v.HasField("recent_rating") for v in plain.versions)
+    reply = await report(live, alpha=0.1, half_life_s=30.0)
+    v0001, v0002 = reply.versions
+    until = seconds(reply.until)
+    assert v0001.rating == plain.versions[0].rating  # the plain figures are unchanged
+    w60, w40 = 0.25, 0.5 ** (40 / 30)
+    recent = v0001.recent_rating
+    assert recent.count == 3
+    assert recent.mean == pytest.approx((w60 * 1.0 + w60 * -0.5) / (2 * w60 + w40), abs=2e-3)
+    assert (v0002.recent_rating.count, v0002.recent_rating.mean) == (
+        2,
+        pytest.approx(0.0, abs=1e-6),
+    )
+    discount = Discount(30.0, until, seconds(reply.since))
+    expected = live.store.online_outcomes(seconds(reply.since), until, discount=discount)
+    assert_same(recent, mean_rating(expected["v0001"], 0.1))
 
 
 async def test_the_window_and_alpha_default_and_a_longer_window_reads_older_feedback(
@@ -205,6 +231,9 @@ async def test_a_shadow_trial_adds_its_off_policy_estimate_from_lives_rated_gene
         ({"alpha": -0.05}, grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
         ({"alpha": math.nan}, grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
         ({"versions": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "versions"),
+        ({"half_life_s": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "half_life_s"),
+        ({"half_life_s": math.nan}, grpc.StatusCode.INVALID_ARGUMENT, "half_life_s"),
+        ({"half_life_s": math.inf}, grpc.StatusCode.INVALID_ARGUMENT, "half_life_s"),
         ({"versions": ["v0001", "v0099"]}, grpc.StatusCode.NOT_FOUND, "versions"),
     ],
 )

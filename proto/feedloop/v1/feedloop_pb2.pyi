@@ -1256,11 +1256,17 @@ class GetOnlineReportRequest(_message.Message):
     WINDOW_S_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    HALF_LIFE_S_FIELD_NUMBER: _builtins.int
     window_s: _builtins.float
     """How far back to read feedback, in seconds, ending when the server answers. 0: the last hour."""
     alpha: _builtins.float
     """Every interval covers its true value with probability at least 1 - alpha; in (0, 1).
     0: 0.05.
+    """
+    half_life_s: _builtins.float
+    """Seconds after which a rating weighs half: each version's recent_rating weighs a rating
+    received a seconds ago 0.5^(a / half_life_s), the rule the trainer's decisions read
+    evidence by (its evidence_half_life_s, default 300). 0: no recent_rating. >= 0.
     """
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1274,10 +1280,11 @@ class GetOnlineReportRequest(_message.Message):
         window_s: _builtins.float = ...,
         alpha: _builtins.float = ...,
         versions: _abc.Iterable[_builtins.str] | None = ...,
+        half_life_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "versions", b"versions", "window_s", b"window_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "half_life_s", b"half_life_s", "versions", b"versions", "window_s", b"window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1364,6 +1371,7 @@ class VersionOnlineReport(_message.Message):
     ON_TRIAL_FIELD_NUMBER: _builtins.int
     RATING_FIELD_NUMBER: _builtins.int
     WIN_RATES_FIELD_NUMBER: _builtins.int
+    RECENT_RATING_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     live: _builtins.bool
     """True for the registry's live version."""
@@ -1379,6 +1387,15 @@ class VersionOnlineReport(_message.Message):
     def win_rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___WinRate]:
         """Against each version it shared a comparison or ranking with, ordered by that version."""
 
+    @_builtins.property
+    def recent_rating(self) -> Global___OnlineEstimate:
+        """The same ratings discounted by age (GetOnlineReportRequest.half_life_s; absent when it is
+        0): count is still the rated generations, mean the weighted mean, and the interval the
+        discounted confidence sequence, which spends alpha / ((j + 1)(j + 2)) at j = floor(window_s
+        / half_life_s), so it is wider than the undiscounted one on equal weight. It follows a
+        change of users' taste within a few half-lives where `rating` averages the whole window.
+        """
+
     def __init__(
         self,
         *,
@@ -1387,10 +1404,11 @@ class VersionOnlineReport(_message.Message):
         on_trial: _builtins.bool = ...,
         rating: Global___OnlineEstimate | None = ...,
         win_rates: _abc.Iterable[Global___WinRate] | None = ...,
+        recent_rating: Global___OnlineEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rating", b"rating"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rating", b"rating", "recent_rating", b"recent_rating"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "on_trial", b"on_trial", "rating", b"rating", "version", b"version", "win_rates", b"win_rates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "on_trial", b"on_trial", "rating", b"rating", "recent_rating", b"recent_rating", "version", b"version", "win_rates", b"win_rates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
