@@ -85,8 +85,8 @@ def learning_signals(
     figures.update(balance)
     stale = c.drift_stale_weight
     stale_events = [e for e in window.events if before_change(event_time(e), change_at)]
-    for e in stale_events:
-        weights[event_key(e)] = weights.get(event_key(e), 1.0) * stale
+    for e in stale_events:  # every event has its weight (client_weights covers them all)
+        weights[event_key(e)] *= stale
     rated = rated_generations(window.events, weights, c.aggregation)
     figures["reward_by_arm"] = reward_by_arm(rated, window.generations)
     pairs = preference_pairs(window.events, window.generations, weights, rated)
