@@ -29,6 +29,7 @@ or (--logprob-mismatch) a logged behaviour log-prob is further than 1e-5 from it
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -200,6 +201,7 @@ def start_processes(data_dir: Path, args: argparse.Namespace) -> tuple[Child, Ch
             "1",
             "--join-window-s",
             "0",
+            *(("--lora-rank", str(args.lora_rank)) if args.lora_rank else ()),
             *store,
         ),
         log_path=data_dir / "logs" / "train.log",
@@ -299,7 +301,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"swaps: server swaps succeeded {swaps['server_succeeded']}, refused "
         f"{swaps['server_refused']}; forced SetLive {swaps['forced']}, rollbacks "
-        f"{swaps['rollbacks']}, trainer publishes {swaps['trainer_published']}"
+        f"{swaps['rollbacks']}, trainer publishes {swaps['trainer_published']}; versions by "
+        f"architecture {swaps['architectures']}"
         + (f", swap call errors {swaps['errors']}" if swaps["errors"] else "")
     )
     res = report["resources"]
@@ -420,7 +423,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         raise SystemExit(
             f"soak: the load generator failed (exit {load_code}); see {out / 'load.log'}"
         )
-    history = DirectoryRegistry(data_dir / "registry").history()
+    registry = DirectoryRegistry(data_dir / "registry")
+    history = registry.history()
     report: dict[str, Any] = {
         "duration_s": time.monotonic() - started,
         "rates": {
@@ -440,6 +444,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
                 1
                 for d in history
                 if d.action == "published" and not d.reason.startswith(("soak", "seed"))
+            ),
+            # versions by architecture (adapters with --lora-rank: hf-causal-lm-lora)
+            "architectures": dict(
+                collections.Counter(registry.manifest(v).architecture for v in registry.versions())
             ),
         },
         "resources": {
@@ -498,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
         "version that served it and report max / mean per token (fails above 1e-5)",
     )
     parser.add_argument("--no-trainer", action="store_true", help="soak the server alone")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="the trainer publishes LoRA adapters of this rank over the served hf-causal-lm "
+        "--checkpoint (0: full versions), so the forced swaps go between the base and adapters",
+    )
     parser.add_argument(
         "--store",
         help="replay store for server and trainer: a postgresql:// URL (use a schema of its "
