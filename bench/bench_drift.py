@@ -21,9 +21,10 @@ taste each user had then) in --bucket-s buckets; after each change (gradual: fro
 the time and feedback events until the served rate is 0.15 above the new taste's base (the
 pretrained policy's share of it: the first version's rate on the new taste, what the reference
 serves) and until it reaches the level phase 1 reached (the served rate over the last 60 s
-before the change), or "not reached in N s"; the worst bucket after the change and how long the
-served rate stayed below the base (longest run and total); the server's distinct-phrase share
-and sampled entropy of what the policy served, every 15 s; the live version's held-out
+before the change), or "not reached in N s" (a gradual change: also from the move's end,
+`from_move_end`, when every user holds the new taste); the worst bucket after the change and how
+long the served rate stayed below the base (longest run and total); the server's distinct-phrase
+share and sampled entropy of what the policy served, every 15 s; the live version's held-out
 perplexity ratio to the reference at the end (and the highest of any published version); the
 trainer's drift detections and restarts. JSON is rewritten after every run, so a cut benchmark
 keeps what it measured.
@@ -94,17 +95,21 @@ DIVERSITY = ("feedloop_served_distinct_phrase_share", "feedloop_served_sampled_e
 
 def schedule(
     scenario: str, tastes: list[str], args: argparse.Namespace
-) -> tuple[list[str], list[tuple[float, str]], float]:
-    """The run's --taste-change specs, its changes as (at_s, new taste), and its duration."""
+) -> tuple[list[str], list[tuple[float, float, str]], float]:
+    """The run's --taste-change specs, its changes as (start_s, end_s, new taste): the same
+    instant for an abrupt change, the move's first and last user for a gradual one; and the
+    run's duration."""
     _, b, c = tastes
     p1, after = args.phase_s, args.after_s
     if scenario == "none":
         return [], [], p1 + after
     if scenario == "abrupt":
-        return [f"{b}@{p1:g}"], [(p1, b)], p1 + after
+        return [f"{b}@{p1:g}"], [(p1, p1, b)], p1 + after
     if scenario == "twice":
-        return [f"{b}@{p1:g}", f"{c}@{p1 + after:g}"], [(p1, b), (p1 + after, c)], p1 + 2 * after
-    return [f"{b}@{p1:g}-{p1 + args.span_s:g}"], [(p1, b)], p1 + after
+        second = p1 + after
+        specs = [f"{b}@{p1:g}", f"{c}@{second:g}"]
+        return specs, [(p1, p1, b), (second, second, c)], second + after
+    return [f"{b}@{p1:g}-{p1 + args.span_s:g}"], [(p1, p1 + args.span_s, b)], p1 + after
 
 
 def run_demo(
@@ -241,14 +246,20 @@ def measure(
     end_s = min(stats.elapsed_s(), duration)
     answered = sorted(stats.answered)
     buckets = served_buckets(answered, 0.0, end_s, args.bucket_s)
-    boundaries = [at for at, _ in changes] + [end_s]
+    boundaries = [at for at, _, _ in changes] + [end_s]
     per_change = []
-    for (at_s, taste), until in zip(changes, boundaries[1:], strict=True):
+    for (at_s, moved_s, taste), until in zip(changes, boundaries[1:], strict=True):
         level = served_mean(answered, at_s - LEVEL_WINDOW_S, at_s)
-        per_change.append(
-            {"at_s": at_s, "until_s": until, "taste": taste}
-            | after_change(buckets, at_s, bases[taste], level, until)
+        figures = {"at_s": at_s, "until_s": until, "taste": taste} | after_change(
+            buckets, at_s, bases[taste], level, until
         )
+        if moved_s > at_s:
+            # A gradual change counted from its start credits the users who still hold the old
+            # taste; from the move's end, every user holds the new one.
+            figures["from_move_end"] = {"at_s": moved_s} | after_change(
+                buckets, moved_s, bases[taste], level, until
+            )
+        per_change.append(figures)
     explored = [a.reward for a in answered if a.served_as == "exploration"]
     policy = [a.reward for a in answered if a.served_as != "exploration"]
     distinct = [s["feedloop_served_distinct_phrase_share"] for s in scrapes]
@@ -320,6 +331,12 @@ def summary_line(run: dict[str, Any]) -> str:
             f"{change['phase1_level_reached']['text']}; worst {change['worst']:.3f}; below base "
             f"{change['below_base_longest_s']:.0f} s longest"
         )
+        end = change.get("from_move_end")
+        if end is not None:
+            bits.append(
+                f"from the move's end at {end['at_s']:.0f}s: +0.15 {end['plus_015']['text']}; "
+                f"phase-1 level {end['phase1_level_reached']['text']}"
+            )
     div = run["diversity"]
     bits.append(
         f"distinct {div['distinct_share_first_min_last']} entropy "
