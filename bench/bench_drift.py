@@ -51,12 +51,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench_online import demo_args  # bench/ is on the path: this file runs as a script
+
 from feedloop.client.errors import FeedloopClientError
 from feedloop.core.config import default_data_dir
 from feedloop.core.pretrain import default_checkpoint_dir
 from feedloop.core.registry import DirectoryRegistry
 from feedloop.demo.cli import Demo
-from feedloop.demo.options import build_parser
 from feedloop.demo.phases import (
     Bucket,
     first_reaching,
@@ -123,23 +124,15 @@ def run_demo(
 ) -> tuple[Demo, list[dict[str, float]], dict[str, Any]]:
     """One demo run, scraping the server's diversity gauges; returns the demo (its stats), the
     scrapes and the registry's figures of the published versions."""
-    argv = [
-        "--preference",
+    ns = demo_args(
+        args,
         preference,
-        "--users",
-        str(args.users),
-        "--rate-rps",
-        str(args.rate_rps),
-        "--duration-s",
-        str(duration_s),
-        "--seed",
-        str(seed),
-        "--no-live",
         *(f"--taste-change={c}" for c in changes),
         *(f"--trainer-arg={a}" for a in args.trainer_arg),
         *(f"--server-arg={a}" for a in args.server_arg),
-    ]
-    ns = build_parser().parse_args(argv)
+        duration_s=duration_s,
+        seed=seed,
+    )
     config = PopulationConfig.from_options(ns)
     demo = Demo(ns, config)
     scrapes: list[dict[str, float]] = []

@@ -166,7 +166,15 @@ def count_served_as(store: Path) -> dict[str, int]:
 # -- the demo-based scenarios --------------------------------------------------------------------
 
 
-def demo_args(args: argparse.Namespace, preference: str, *extra: str) -> argparse.Namespace:
+def demo_args(
+    args: argparse.Namespace,
+    preference: str,
+    *extra: str,
+    duration_s: float | None = None,
+    seed: int | None = None,
+) -> argparse.Namespace:
+    """The demo's options for a bench run: args' users and rate; args' duration and seed unless
+    given (bench_drift's runs each have their own)."""
     return build_parser().parse_args(
         [
             "--preference",
@@ -176,10 +184,10 @@ def demo_args(args: argparse.Namespace, preference: str, *extra: str) -> argpars
             "--rate-rps",
             str(args.rate_rps),
             "--duration-s",
-            str(args.duration_s),
+            str(args.duration_s if duration_s is None else duration_s),
             "--no-live",
             "--seed",
-            str(args.seed),
+            str(args.seed if seed is None else seed),
             *extra,
         ]
     )

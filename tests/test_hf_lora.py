@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from hf_support import make_adapter
-from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
+from trainer_support import Env, fast_config, hf_env, one_torch_thread, simulation
 
 pytest.importorskip("peft")
 
@@ -42,7 +42,7 @@ from feedloop.server.model_process import OK, REFUSED, _Models
 from feedloop.trainer.algorithms import ALGORITHMS
 from feedloop.trainer.loop import Trainer
 
-__all__ = ["one_torch_thread"]
+__all__ = ["hf_env", "one_torch_thread"]
 PARAMS = SamplingParams(max_tokens=10, temperature=0.9, top_k=40, seed=5)
 
 
@@ -241,13 +241,6 @@ def test_a_prune_of_the_registry_never_deletes_a_base_an_adapter_needs(
     assert plan.keep == {"v0001": ("base",), "v0003": ("live", "reference", "last")}
     assert registry.pruned_versions() == ["v0002"]
     load_checkpoint(registry.checkpoint_dir("v0003"))  # its base still loads beside it
-
-
-@pytest.fixture
-def hf_env(tmp_path: Path, hf_checkpoint: Path) -> Iterator[Env]:
-    environment = make_env(tmp_path, hf_checkpoint)
-    yield environment
-    environment.close()
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))

@@ -22,6 +22,7 @@ from feedloop.core.registry import DirectoryRegistry
 from feedloop.core.sampling import SamplingParams
 from feedloop.core.store import open_store
 from feedloop.trainer.loop import Trainer
+from feedloop.trainer.mismatch import token_gaps
 from feedloop.v1 import feedloop_pb2 as pb
 
 __all__ = ["one_torch_thread"]
@@ -51,11 +52,7 @@ async def test_a_real_server_serves_the_hf_policy_and_swaps_to_what_the_trainer_
             [g.output_ids for g in logged],
             [SamplingParams.from_dict(g.sampling) for g in logged],
         )
-        gaps = [
-            abs(a - b)
-            for g, row in zip(logged, recomputed, strict=True)
-            for a, b in zip(g.behaviour_logprobs, row, strict=True)
-        ]
+        gaps = token_gaps([g.behaviour_logprobs for g in logged], recomputed)
         assert gaps and max(gaps) < 1e-5
         assert logged[0].text == policy.decode(logged[0].output_ids)
 

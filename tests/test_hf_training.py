@@ -3,12 +3,11 @@ figure (the logged behaviour log-probs against the trainer's recompute) as a rou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
-from trainer_support import Env, fast_config, make_env, one_torch_thread, simulation
+from trainer_support import Env, fast_config, hf_env, one_torch_thread, simulation
 
 pytest.importorskip("transformers")
 
@@ -20,14 +19,7 @@ from feedloop.trainer.loop import Trainer
 from feedloop.trainer.metrics import TrainerMetrics
 from feedloop.trainer.mismatch import summarise, token_gaps
 
-__all__ = ["one_torch_thread"]
-
-
-@pytest.fixture
-def hf_env(tmp_path: Path, hf_checkpoint: Path) -> Iterator[Env]:
-    environment = make_env(tmp_path, hf_checkpoint)
-    yield environment
-    environment.close()
+__all__ = ["hf_env", "one_torch_thread"]
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))

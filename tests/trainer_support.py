@@ -57,6 +57,14 @@ def env(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Env]:
     environment.close()
 
 
+@pytest.fixture
+def hf_env(tmp_path: Path, hf_checkpoint: Path) -> Iterator[Env]:
+    """The same, whose live version is the tiny Hugging Face policy."""
+    environment = make_env(tmp_path, hf_checkpoint)
+    yield environment
+    environment.close()
+
+
 def fast_config(root: Path, **overrides: Any) -> TrainConfig:
     """Defaults, shrunk where only the mechanics are under test (not learning)."""
     values: dict[str, Any] = dict(
